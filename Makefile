@@ -1,0 +1,80 @@
+# esft - build, test, run, bench. `make help` lists the targets.
+# Knobs (override on the command line): CC, CFLAGS, NO_CUDA=1, FUZZ_SECONDS, PYTHON.
+
+CC        ?= cc
+CXX       ?= c++
+PYTHON    ?= python3
+OPT       ?= -O2 -march=native
+WARN       = -Wall -Wextra -pedantic -Werror
+CFLAGS    ?= $(OPT) -std=c99 $(WARN)
+LDLIBS     = -lm
+BUILD     ?= build
+FUZZ_SECONDS ?= 30
+
+NVCC := $(shell command -v nvcc 2>/dev/null)
+ifeq ($(NO_CUDA),1)
+NVCC :=
+endif
+NVCCFLAGS ?= -O2 -std=c++17 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+
+TEST_SRC    = $(wildcard tests/test_*.c)
+TEST_BIN    = $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
+EXAMPLE_SRC = $(filter-out examples/esft_cli.c,$(wildcard examples/*.c))
+EXAMPLE_BIN = $(patsubst examples/%.c,$(BUILD)/examples/%,$(EXAMPLE_SRC))
+BENCH_SRC   = $(wildcard bench/bench_*.c)
+BENCH_BIN   = $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
+FUZZ_SRC    = $(wildcard tests/fuzz_*.c)
+DATA        = $(BUILD)/data/translation/expert_weights_1.txt
+
+.PHONY: all test run bench sanitize fuzz cuda features help clean deps
+
+all: features $(BUILD)/esft $(EXAMPLE_BIN) $(TEST_BIN)
+
+help:
+	@echo "make run       the end-to-end demo on the built-in data"
+	@echo "make test      the whole test suite (prints 'N passed, N failed, N skipped')"
+	@echo "make bench     benchmarks (need libopenblas-dev for the BLAS baselines)"
+	@echo "make sanitize  tests under ASan+UBSan, then valgrind"
+	@echo "make fuzz      libFuzzer targets, FUZZ_SECONDS each (needs clang)"
+	@echo "make cuda      esft_cuda.cu and its tests (needs nvcc)"
+
+features:
+	@if [ -n "$(NVCC)" ]; then echo "✓ CUDA: $(NVCC)"; else echo "✗ CUDA: nvcc not found (or NO_CUDA=1): CPU only"; fi
+	@if command -v clang >/dev/null 2>&1; then echo "✓ clang (fuzzing)"; else echo "✗ clang not found: make fuzz unavailable"; fi
+	@if $(PYTHON) -c "import numpy" 2>/dev/null; then echo "✓ numpy (oracles)"; else echo "✗ numpy missing: oracle tests skip (pip install numpy safetensors)"; fi
+
+$(BUILD)/esft: examples/esft_cli.c esft.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -I. $< -o $@ $(LDLIBS)
+
+$(BUILD)/examples/%: examples/%.c esft.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -I. $< -o $@ $(LDLIBS)
+
+$(BUILD)/tests/%: tests/%.c esft.h tests/harness.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -I. $< -o $@ $(LDLIBS) $(TEST_LDLIBS)
+
+# The vendored routing logs (data/README.md says where they come from).
+$(DATA): data/esft-translation.tar.xz
+	@mkdir -p $(BUILD)/data
+	tar xJf $< -C $(BUILD)/data
+	@touch $@
+
+test: all $(DATA)
+	@ESFT_DATA=$(BUILD)/data BUILD=$(BUILD) PYTHON=$(PYTHON) NVCC="$(NVCC)" CC="$(CC)" CXX="$(CXX)" sh tests/run_all.sh
+
+run: $(BUILD)/esft $(DATA)
+	@sh examples/run_analysis.sh $(BUILD)
+
+bench: $(BUILD)/esft $(DATA)
+	@BUILD=$(BUILD) CC="$(CC)" sh bench/run_all.sh
+
+sanitize: $(DATA)
+	@BUILD=$(BUILD)/asan ESFT_DATA=$(BUILD)/data CC="$(CC)" sh tests/sanitize.sh
+
+fuzz:
+	@BUILD=$(BUILD)/fuzz FUZZ_SECONDS=$(FUZZ_SECONDS) sh tests/fuzz.sh
+
+clean:
+	rm -rf $(BUILD)
