@@ -461,6 +461,13 @@ ESFTDEF esft_status esft_json_number(const esft_json *js, int tok, double *out);
 #define ESFT_ASSERT(x) assert(x)
 #endif
 
+/* Marks a helper that some configurations do not call. */
+#if defined(__GNUC__) || defined(__clang__)
+#define ESFT__UNUSED __attribute__((unused))
+#else
+#define ESFT__UNUSED
+#endif
+
 #ifdef __cplusplus
 #define ESFT__CAST(T, x) static_cast<T>(x)
 #else
@@ -2360,6 +2367,33 @@ ESFTDEF esft_status esft_json_number(const esft_json *js, int tok, double *out)
     buf[n] = 0;
     *out = strtod(buf, &stop);
     return *stop ? ESFT_ERR_PARSE : ESFT_OK;
+}
+
+/* ===================================================================== */
+/* CPU kernels: GEMM                                                     */
+/* ===================================================================== */
+
+/* C (M, N) = alpha * op(A) @ op(B) + beta * C, row-major, fp32.
+   op(A) is (M, K): A is (M, K) with row stride lda, or (K, M) when trans_a.
+   op(B) is (K, N): B is (K, N) with row stride ldb, or (N, K) when trans_b.
+   beta = 0 overwrites C (NaN in C is not propagated). */
+ESFT__UNUSED static void esft__sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
+                        const float *A, int lda, const float *B, int ldb, float beta,
+                        float *C, int ldc)
+{
+    int i, j, k;
+    for (i = 0; i < M; i++) {
+        float *c = C + (size_t)i * ldc;
+        for (j = 0; j < N; j++) c[j] = beta == 0.0f ? 0.0f : beta * c[j];
+        for (k = 0; k < K; k++) {
+            float a = alpha * (trans_a ? A[(size_t)k * lda + i] : A[(size_t)i * lda + k]);
+            if (trans_b) for (j = 0; j < N; j++) c[j] += a * B[(size_t)j * ldb + k];
+            else {
+                const float *b = B + (size_t)k * ldb;
+                for (j = 0; j < N; j++) c[j] += a * b[j];
+            }
+        }
+    }
 }
 
 /* ===================================================================== */
