@@ -16,6 +16,11 @@ ifeq ($(NO_CUDA),1)
 NVCC :=
 endif
 NVCCFLAGS ?= -O2 -std=c++17 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+NVCC_WARN  = -Xcompiler -Wall,-Wextra,-Werror
+# CUDA parts: built by `all` (so `make test` runs test_cuda) only when nvcc exists.
+ifneq ($(NVCC),)
+CUDA_BIN    = $(BUILD)/tests/test_cuda $(BUILD)/examples/cuda_route
+endif
 
 TEST_SRC    = $(wildcard tests/test_*.c)
 TEST_BIN    = $(patsubst tests/%.c,$(BUILD)/tests/%,$(TEST_SRC))
@@ -28,7 +33,7 @@ DATA        = $(BUILD)/data/translation/expert_weights_1.txt
 
 .PHONY: all test run bench sanitize fuzz cuda features help clean deps
 
-all: features $(BUILD)/esft $(EXAMPLE_BIN) $(TEST_BIN)
+all: features $(BUILD)/esft $(EXAMPLE_BIN) $(TEST_BIN) $(CUDA_BIN)
 
 help:
 	@echo "make run       the end-to-end demo on the built-in data"
@@ -54,6 +59,26 @@ $(BUILD)/examples/%: examples/%.c esft.h
 $(BUILD)/tests/%: tests/%.c esft.h tests/harness.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -I. $< -o $@ $(LDLIBS) $(TEST_LDLIBS)
+
+# CUDA: esft_cuda.cu compiled once, linked into its test and example.
+ifneq ($(NVCC),)
+cuda: $(CUDA_BIN)
+else
+cuda:
+	@echo "make cuda: nvcc not found (or NO_CUDA=1)"; exit 1
+endif
+
+$(BUILD)/cuda/esft_cuda.o: esft_cuda.cu esft.h
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) $(NVCC_WARN) -I. -c $< -o $@
+
+$(BUILD)/tests/test_cuda: tests/test_cuda.cu $(BUILD)/cuda/esft_cuda.o esft.h tests/harness.h
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) $(NVCC_WARN) -I. $< $(BUILD)/cuda/esft_cuda.o -o $@ -lcublas
+
+$(BUILD)/examples/cuda_route: examples/cuda_route.cu $(BUILD)/cuda/esft_cuda.o esft.h
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) $(NVCC_WARN) -I. $< $(BUILD)/cuda/esft_cuda.o -o $@ -lcublas
 
 # The vendored routing logs (data/README.md says where they come from).
 $(DATA): data/esft-translation.tar.xz

@@ -1,0 +1,163 @@
+#!/bin/sh
+# The `esft` command end to end: reproduces the ESFT authors' summary.json and
+# expert config byte-for-byte from the vendored routing logs, exit codes
+# (0 ok / 1 runtime error / 2 usage), no output file on failure, --help, and
+# well-formed heatmaps. Run by tests/run_all.sh with BUILD and ESFT_DATA set.
+BUILD=${BUILD:-build}
+ESFT_DATA=${ESFT_DATA:-$BUILD/data}
+PYTHON=${PYTHON:-python3}
+ESFT=$BUILD/esft
+LOGS=$ESFT_DATA/translation
+T=$BUILD/check_cli
+rm -rf "$T"; mkdir -p "$T"
+passed=0; failed=0; skipped=0
+pass() { echo "PASS $1"; passed=$((passed + 1)); }
+fail() { echo "FAIL $1: $2"; [ -s "$T/err" ] && sed 's/^/     /' "$T/err" | head -5; failed=$((failed + 1)); }
+skip() { echo "SKIP $1: $2"; skipped=$((skipped + 1)); }
+have_python() { "$PYTHON" -c 'import xml.etree.ElementTree' 2>/dev/null; }
+
+# expect NAME CODE [OUTPUT-THAT-MUST-NOT-EXIST] -- esft args...
+expect() {
+    name=$1; code=$2; shift 2; must_not=""
+    if [ "$1" != "--" ]; then must_not=$1; shift; fi
+    shift
+    "$ESFT" "$@" > "$T/out" 2> "$T/err"; rc=$?
+    if [ "$rc" -ne "$code" ]; then fail "$name" "exit $rc, expected $code"; return 1; fi
+    if [ -n "$must_not" ] && { [ -e "$must_not" ] || [ -e "$must_not.tmp" ]; }; then
+        fail "$name" "$must_not was written although the command failed"; return 1; fi
+    if [ "$code" -ne 0 ] && [ -s "$T/out" ]; then fail "$name" "error output on stdout, not stderr"; return 1; fi
+    if [ "$code" -ne 0 ] && [ ! -s "$T/err" ]; then fail "$name" "no message on stderr"; return 1; fi
+    pass "$name"
+}
+
+if [ ! -x "$ESFT" ] || [ ! -f "$LOGS/expert_weights_1.txt" ]; then
+    echo "FAIL setup: need $ESFT and $LOGS (run make test)"; echo "0 passed, 1 failed, 0 skipped"; exit 1
+fi
+
+# ---- the authors' files, byte for byte ----
+if expect stats_runs 0 -- stats "$LOGS" -o "$T/summary.json" &&
+   cmp "$T/summary.json" data/translation_summary.json > "$T/err" 2>&1; then
+    pass stats_reproduces_translation_summary_json
+else fail stats_reproduces_translation_summary_json "differs from data/translation_summary.json"; fi
+if expect select_runs 0 -- select "$T/summary.json" --top-p 0.2 -o "$T/config.json" &&
+   cmp "$T/config.json" data/translation_config.json > "$T/err" 2>&1; then
+    pass select_top_p_0.2_reproduces_translation_config_json
+else fail select_top_p_0.2_reproduces_translation_config_json "differs from data/translation_config.json"; fi
+# The same from the authors' own summary (what a user with only summary.json does).
+if expect select_from_authors_summary 0 -- select data/translation_summary.json --score token --top-p=0.2 -o "$T/config2.json" &&
+   cmp "$T/config2.json" data/translation_config.json > "$T/err" 2>&1; then pass select_from_authors_summary_matches
+else fail select_from_authors_summary_matches "differs"; fi
+
+# ---- other options ----
+expect stats_full_precision 0 -- stats "$LOGS" --decimals -1 -o "$T/full.json"
+if ! cmp -s "$T/full.json" "$T/summary.json" && grep -q '"0": 0.0[0-9]\{5,\}' "$T/full.json"; then pass decimals_-1_keeps_more_digits
+else fail decimals_-1_keeps_more_digits "full-precision file looks rounded"; fi
+expect stats_per_sample 0 -- stats "$LOGS" --norm per-sample -o "$T/per_sample.json"
+if ! cmp -s "$T/per_sample.json" "$T/summary.json"; then pass per_sample_differs_from_pooled
+else fail per_sample_differs_from_pooled "identical files"; fi
+expect select_gate 0 -- select "$T/summary.json" --score gate --top-p 0.2 --shared-experts --non-expert-modules -o "$T/gate.json"
+if grep -q '"shared_experts": true, "non_expert_modules": true}$' "$T/gate.json"; then pass select_flags_written
+else fail select_flags_written "flags not in $T/gate.json"; fi
+expect select_top_k 0 -- select "$T/summary.json" --top-k 3 -o "$T/topk.json"
+expect select_budget 0 -- select "$T/summary.json" --budget 100 -o "$T/budget.json"
+if have_python; then
+    if "$PYTHON" - "$T/topk.json" "$T/budget.json" > "$T/err" 2>&1 <<'PY'
+import json, sys
+topk = json.load(open(sys.argv[1]))["experts"]
+budget = json.load(open(sys.argv[2]))["experts"]
+assert len(topk) == 26 and all(len(v) == 3 for v in topk.values()), topk
+assert sum(len(v) for v in budget.values()) == 100, budget
+PY
+    then pass top_k_and_budget_counts; else fail top_k_and_budget_counts "wrong counts"; fi
+else skip top_k_and_budget_counts "no python3"; fi
+
+# ---- usage errors: exit 2, nothing written ----
+expect no_arguments 2 -- 
+expect unknown_command 2 -- frobnicate
+expect unknown_option 2 "$T/u1.json" -- stats "$LOGS" --bogus -o "$T/u1.json"
+expect missing_output 2 -- stats "$LOGS"
+expect missing_option_value 2 -- select "$T/summary.json" -o
+expect two_rules 2 "$T/u2.json" -- select "$T/summary.json" --top-p 0.2 --top-k 3 -o "$T/u2.json"
+expect no_rule 2 "$T/u3.json" -- select "$T/summary.json" -o "$T/u3.json"
+expect non_numeric_top_k 2 "$T/u4.json" -- select "$T/summary.json" --top-k three -o "$T/u4.json"
+expect bad_score_name 2 "$T/u5.json" -- select "$T/summary.json" --score logit --top-p 0.2 -o "$T/u5.json"
+expect bad_norm 2 "$T/u6.json" -- stats "$LOGS" --norm mean -o "$T/u6.json"
+expect config_on_config 2 "$T/u7.svg" -- heatmap "$T/config.json" --config "$T/config.json" -o "$T/u7.svg"
+
+# ---- runtime errors: exit 1, nothing written, the file named ----
+expect missing_log_dir 1 "$T/r1.json" -- stats "$T/no-such-dir" -o "$T/r1.json"
+expect missing_summary 1 "$T/r2.json" -- select "$T/no-such.json" --top-p 0.2 -o "$T/r2.json"
+grep -q "no-such.json" "$T/err" && pass missing_summary_names_file || fail missing_summary_names_file "file not named"
+expect top_p_zero 1 "$T/r3.json" -- select "$T/summary.json" --top-p 0 -o "$T/r3.json"
+expect top_p_above_one 1 "$T/r4.json" -- select "$T/summary.json" --top-p 1.5 -o "$T/r4.json"
+expect top_k_too_large 1 "$T/r5.json" -- select "$T/summary.json" --top-k 65 -o "$T/r5.json"
+head -c 1000 "$T/summary.json" > "$T/truncated.json"
+expect truncated_summary 1 "$T/r6.json" -- select "$T/truncated.json" --top-p 0.2 -o "$T/r6.json"
+grep -q "truncated.json:1:" "$T/err" && pass truncated_summary_names_file_and_line || fail truncated_summary_names_file_and_line "no file:line"
+mkdir -p "$T/badlogs"; cp "$LOGS/expert_weights_1.txt" "$T/badlogs/"
+printf '1\t2\t3\t4\t5\t64\t\t0.1\t0.1\t0.1\t0.1\t0.1\t0.1\n' > "$T/badlogs/expert_weights_2.txt"
+expect bad_expert_id_in_log 1 "$T/r7.json" -- stats "$T/badlogs" -o "$T/r7.json"
+grep -q "expert_weights_2.txt:1:" "$T/err" && pass bad_log_names_file_and_line || fail bad_log_names_file_and_line "no file:line"
+cp "$T/summary.json" "$T/keep.json"
+expect failure_keeps_existing_output 1 -- stats "$T/badlogs" -o "$T/keep.json"
+cmp -s "$T/keep.json" "$T/summary.json" && pass existing_output_untouched || fail existing_output_untouched "overwritten"
+echo '{"hello": 1}' > "$T/other.json"
+expect heatmap_of_unknown_json 1 "$T/r8.svg" -- heatmap "$T/other.json" -o "$T/r8.svg"
+printf '{"experts": {"0": [1]}, "shared_experts": false, "non_expert_modules": false}' > "$T/layer0.json"
+expect heatmap_config_layer_without_scores 1 "$T/r9.svg" -- heatmap "$T/summary.json" --config "$T/layer0.json" -o "$T/r9.svg"
+printf '{"experts": {"1": [70]}, "shared_experts": false, "non_expert_modules": false}' > "$T/wide.json"
+expect heatmap_config_id_beyond_scores 1 "$T/r10.svg" -- heatmap "$T/summary.json" --config "$T/wide.json" -o "$T/r10.svg"
+expect output_dir_missing 1 -- select "$T/summary.json" --top-p 0.2 -o "$T/no-such-dir/c.json"
+
+# ---- help and version ----
+for cmd in stats select heatmap; do
+    expect "help_$cmd" 0 -- help $cmd && grep -q "^usage: esft $cmd" "$T/out" || fail "help_${cmd}_text" "no usage line"
+    expect "${cmd}_--help" 0 -- $cmd --help && grep -q "^usage: esft $cmd" "$T/out" || fail "${cmd}_--help_text" "no usage line"
+done
+expect top_level_help 0 -- --help && grep -q "heatmap" "$T/out" || fail top_level_help_lists_commands "no command list"
+version=$(sed -n 's/^#define ESFT_VERSION_STRING "\(.*\)"/\1/p' esft.h)
+expect version 0 -- --version && grep -qx "esft $version" "$T/out" && pass version_matches_header ||
+    fail version_matches_header "'$(cat "$T/out")' vs $version"
+
+# ---- heatmaps: well-formed SVG with one cell per (layer, expert), outlines per selection ----
+expect heatmap_token 0 -- heatmap "$T/summary.json" --config "$T/config.json" -o "$T/token.svg"
+expect heatmap_gate 0 -- heatmap "$T/summary.json" --score gate --config "$T/gate.json" -o "$T/gate.svg"
+expect heatmap_scores_only 0 -- heatmap "$T/summary.json" -o "$T/plain.svg"
+expect heatmap_config_only 0 -- heatmap "$T/config.json" -o "$T/cfg.svg"
+if [ -x "$BUILD/examples/collect_stats" ]; then
+    mkdir -p "$T/engine"
+    "$BUILD/examples/collect_stats" "$T/engine" > "$T/err" 2>&1 && [ -s "$T/engine/summary.json" ] &&
+        [ -s "$T/engine/config.json" ] && pass example_collect_stats_runs || fail example_collect_stats_runs "failed"
+    expect engine_summary_selectable 0 -- select "$T/engine/summary.json" --top-p 0.2 -o "$T/engine/again.json"
+    cmp -s "$T/engine/again.json" "$T/engine/config.json" && pass engine_config_reproducible_by_cli ||
+        fail engine_config_reproducible_by_cli "esft select disagrees with the example's own selection"
+else skip example_collect_stats_runs "$BUILD/examples/collect_stats not built"; fi
+if have_python; then
+    # expected: cells = layers x experts, outlines = selected experts of the config
+    for spec in "token.svg 1664 83" "gate.svg 1664 $T/gate.json" "plain.svg 1664 0" \
+                "cfg.svg 1664 83" "engine/heatmap.svg 64 -"; do
+        set -- $spec
+        [ -f "$T/$1" ] || { skip "svg_$1" "not written"; continue; }
+        if "$PYTHON" - "$T/$1" "$2" "$3" > "$T/err" 2>&1 <<'PY'
+import sys, xml.etree.ElementTree as ET
+ns = "{http://www.w3.org/2000/svg}"
+root = ET.parse(sys.argv[1]).getroot()
+assert root.tag == ns + "svg", root.tag
+cells = [r for r in root.iter(ns + "rect") if r.find(ns + "title") is not None]
+assert len(cells) == int(sys.argv[2]), "cells %d != %s" % (len(cells), sys.argv[2])
+outlines = [r for g in root.iter(ns + "g") if g.get("stroke") for r in g.iter(ns + "rect")]
+want = sys.argv[3]
+if want.endswith(".json"):  # the config's selection size
+    import json
+    want = str(sum(len(v) for v in json.load(open(want))["experts"].values()))
+if want != "-":
+    assert len(outlines) == int(want), "outlines %d != %s" % (len(outlines), want)
+selected = [c for c in cells if "selected" in c.find(ns + "title").text]
+assert len(selected) == len(outlines), (len(selected), len(outlines))
+PY
+        then pass "svg_well_formed_$1"; else fail "svg_well_formed_$1" "see above"; fi
+    done
+else skip svg_well_formed "no python3"; fi
+
+echo "$passed passed, $failed failed, $skipped skipped"
+[ "$failed" -eq 0 ]

@@ -1,0 +1,503 @@
+/* test_moe.c - the MoE layer with selective expert training, AdamW, clipping.
+   Gradient checks (central differences, tests/gradcheck.h), a hand-computed
+   forward, freezing, memory accounting, bad inputs. */
+#include "esft.h"
+#define ESFT_IMPLEMENTATION
+#include "esft.h"
+#include "harness.h"
+#include "gradcheck.h"
+
+/* xorshift32: a small portable generator (the same one as tests/oracle_moe_driver.c). */
+static uint32_t rng_state = 1;
+static float rnd(void)
+{
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 17;
+    rng_state ^= rng_state << 5;
+    return (float)((rng_state >> 8) * (1.0 / 16777216.0)) * 2.0f - 1.0f; /* [-1, 1) */
+}
+static void fill(float *a, size_t n, float scale) { size_t i; for (i = 0; i < n; i++) a[i] = scale * rnd(); }
+
+/* A small layer, its inputs and everything a loss evaluation needs. */
+typedef struct fixture {
+    esft_moe_config cfg;
+    esft_moe_weights w;
+    esft_moe layer;
+    float *router, *gate, *up, *down, *sg, *su, *sd;
+    float *x, *y, *r, *dx;
+    int32_t *ref_ids;
+    void *ws;
+    size_t ws_bytes;
+    int T;
+    unsigned char trainable[16];
+} fixture;
+
+enum { TD = 8, TE = 6, TK = 2, TF = 5, TFS = 4, TT = 6 };
+
+static void fixture_init(fixture *f, int renorm, float alpha, esft_aux_mode mode, int all_trainable,
+                         esft_gating gating)
+{
+    int e;
+    size_t efd = (size_t)TE * TF * TD;
+    memset(f, 0, sizeof *f);
+    rng_state = 12345u;
+    f->T = TT;
+    f->cfg = esft_moe_config_init(TD, TE, TK, TF, TFS);
+    f->cfg.route.renormalize = renorm;
+    f->cfg.route.gating = gating;
+    if (gating == ESFT_GATING_SIGMOID) f->cfg.route.routed_scaling = 2.5f;
+    f->cfg.aux_alpha = alpha;
+    f->cfg.aux_mode = mode;
+    f->cfg.aux_seq_len = 3;
+    for (e = 0; e < TE; e++) f->trainable[e] = all_trainable || e == 1 || e == 4;
+    f->cfg.trainable_experts = f->trainable;
+    f->cfg.train_router = 1;
+    f->cfg.train_shared = 1;
+    f->router = calloc((size_t)TE * TD, 4); f->gate = calloc(efd, 4); f->up = calloc(efd, 4);
+    f->down = calloc(efd, 4); f->sg = calloc((size_t)TFS * TD, 4); f->su = calloc((size_t)TFS * TD, 4);
+    f->sd = calloc((size_t)TFS * TD, 4);
+    f->x = calloc((size_t)TT * TD, 4); f->y = calloc((size_t)TT * TD, 4);
+    f->r = calloc((size_t)TT * TD, 4); f->dx = calloc((size_t)TT * TD, 4);
+    f->ref_ids = calloc((size_t)TT * TK, 4);
+    fill(f->router, (size_t)TE * TD, 0.7f); fill(f->gate, efd, 0.5f); fill(f->up, efd, 0.5f);
+    fill(f->down, efd, 0.5f); fill(f->sg, (size_t)TFS * TD, 0.5f); fill(f->su, (size_t)TFS * TD, 0.5f);
+    fill(f->sd, (size_t)TFS * TD, 0.5f); fill(f->x, (size_t)TT * TD, 1.0f); fill(f->r, (size_t)TT * TD, 1.0f);
+    f->w.router = f->router; f->w.gate = f->gate; f->w.up = f->up; f->w.down = f->down;
+    f->w.shared_gate = f->sg; f->w.shared_up = f->su; f->w.shared_down = f->sd;
+}
+
+static void fixture_free(fixture *f)
+{
+    esft_moe_uninit(&f->layer);
+    free(f->router); free(f->gate); free(f->up); free(f->down); free(f->sg); free(f->su); free(f->sd);
+    free(f->x); free(f->y); free(f->r); free(f->dx); free(f->ref_ids); free(f->ws);
+}
+
+static int fixture_build(fixture *f)
+{
+    if (esft_moe_init(&f->layer, &f->cfg, &f->w, NULL, NULL) != ESFT_OK) return 0;
+    if (esft_moe_workspace_size(&f->cfg, f->T, &f->ws_bytes, NULL) != ESFT_OK) return 0;
+    f->ws = malloc(f->ws_bytes);
+    return f->ws != NULL;
+}
+
+/* The routing the layer's current router gives x (computed here, not by the layer). */
+static void route_of(const fixture *f, int32_t *ids)
+{
+    const float *wr = f->layer.router ? f->layer.router : f->router;
+    float logits[TT * TE], wts[TT * TK];
+    int t, e, d;
+    for (t = 0; t < f->T; t++)
+        for (e = 0; e < TE; e++) {
+            double s = 0.0;
+            for (d = 0; d < TD; d++) s += (double)f->x[t * TD + d] * wr[e * TD + d];
+            logits[t * TE + e] = (float)s;
+        }
+    esft_route(&f->cfg.route, ids, wts, NULL, logits, f->T, NULL);
+}
+
+/* L = sum(y * r) + aux, in double; NAN when the perturbation changed the top-k
+   choice (the loss is not differentiable across such a change). */
+static double loss_fn(void *ctx)
+{
+    fixture *f = (fixture *)ctx;
+    float aux = 0.0f;
+    int32_t ids[TT * TK];
+    double L = 0.0;
+    int i;
+    route_of(f, ids);
+    if (memcmp(ids, f->ref_ids, sizeof ids) != 0) return NAN;
+    if (esft_moe_forward(f->y, &aux, f->x, &f->layer, f->ws, f->ws_bytes, f->T, NULL) != ESFT_OK) return NAN;
+    for (i = 0; i < f->T * TD; i++) L += (double)f->y[i] * f->r[i];
+    return L + aux;
+}
+
+/* Forward + backward at the fixture's point: gradients into layer.grads and dx. */
+static int run_backward(fixture *f)
+{
+    float aux;
+    route_of(f, f->ref_ids);
+    esft_moe_zero_grad(&f->layer);
+    memset(f->dx, 0, (size_t)f->T * TD * 4);
+    if (esft_moe_forward(f->y, &aux, f->x, &f->layer, f->ws, f->ws_bytes, f->T, NULL) != ESFT_OK) return 0;
+    return esft_moe_backward(f->dx, &f->layer, f->r, f->x, f->ws, f->ws_bytes, f->T, NULL) == ESFT_OK;
+}
+
+/* Tolerances. The loss is evaluated in fp32 (y) and summed in double; with
+   |y| ~ 1 and 48 terms its rounding error is a few 1e-7, which the step 2h =
+   2e-2 turns into ~1e-5 at most in the quotient; the truncation error of the
+   central difference, h^2 f'''/6, is of the same order here. Measured worst
+   error over all configurations: 4.4e-6 (the test prints each one). atol 5e-5
+   plus rtol 1e-3 leaves a 10x margin and is far below a real mistake
+   (gradients are 0.05-1: a dropped term or a wrong sign shows as > 1e-2). */
+static const gc_options tol = {1e-2, 5e-5, 1e-3};
+
+#define GRADCHECK(ptr, n, ana, name)                                                      \
+    do {                                                                                  \
+        char buf_[256];                                                                   \
+        gc_result r_ = gc_check((ptr), (n), (ana), 1, loss_fn, &f, &tol);                 \
+        CHECK_MSG(r_.failed == 0, "%s", gc_describe(&r_, (name), buf_, sizeof buf_));     \
+        CHECK_MSG(r_.checked >= (n) / 2, "%s: only %lu of %lu checked", (name),           \
+                  (unsigned long)r_.checked, (unsigned long)(n));                         \
+        CHECK_MSG(r_.max_abs_grad > 1e-3, "%s: gradient is all ~0, the check proves nothing", (name)); \
+        printf("     %-32s %4lu checked, %lu skipped, max |grad| %.3f, worst err %.2e\n", (name),   \
+               (unsigned long)r_.checked, (unsigned long)r_.skipped, r_.max_abs_grad, r_.worst_err); \
+    } while (0)
+
+/* Checks every trainable tensor and x, for one configuration. */
+static void gradcheck_config(int renorm, float alpha, esft_aux_mode mode, int all_trainable,
+                             esft_gating gating)
+{
+    fixture f;
+    size_t efl = (size_t)3 * TF * TD, n_exp;
+    fixture_init(&f, renorm, alpha, mode, all_trainable, gating);
+    CHECK(fixture_build(&f));
+    CHECK(run_backward(&f));
+    n_exp = (size_t)f.layer.n_trainable_experts * efl;
+    GRADCHECK(f.x, (size_t)TT * TD, f.dx, "dx");
+    GRADCHECK(f.layer.params, n_exp, f.layer.grads, "routed experts (gate, up, down)");
+    GRADCHECK(f.layer.router, (size_t)TE * TD, f.layer.d_router, "router");
+    GRADCHECK(f.layer.shared_gate, (size_t)TFS * TD, f.layer.d_shared_gate, "shared gate");
+    GRADCHECK(f.layer.shared_up, (size_t)TFS * TD, f.layer.d_shared_up, "shared up");
+    GRADCHECK(f.layer.shared_down, (size_t)TFS * TD, f.layer.d_shared_down, "shared down");
+    fixture_free(&f);
+}
+
+TEST(gradcheck_plain) { gradcheck_config(0, 0.0f, ESFT_AUX_BATCH, 1, ESFT_GATING_SOFTMAX); }
+TEST(gradcheck_renormalised) { gradcheck_config(1, 0.0f, ESFT_AUX_BATCH, 1, ESFT_GATING_SOFTMAX); }
+TEST(gradcheck_aux_batch) { gradcheck_config(0, 0.3f, ESFT_AUX_BATCH, 1, ESFT_GATING_SOFTMAX); }
+TEST(gradcheck_aux_per_sequence) { gradcheck_config(0, 0.3f, ESFT_AUX_SEQUENCE, 1, ESFT_GATING_SOFTMAX); }
+TEST(gradcheck_renormalised_aux_batch) { gradcheck_config(1, 0.3f, ESFT_AUX_BATCH, 1, ESFT_GATING_SOFTMAX); }
+TEST(gradcheck_renormalised_aux_per_sequence) { gradcheck_config(1, 0.3f, ESFT_AUX_SEQUENCE, 1, ESFT_GATING_SOFTMAX); }
+TEST(gradcheck_sigmoid_renormalised_scaled) { gradcheck_config(1, 0.0f, ESFT_AUX_BATCH, 1, ESFT_GATING_SIGMOID); }
+/* 2 of 6 experts trainable: dx still flows through the frozen four. */
+TEST(gradcheck_selective_2_of_6) { gradcheck_config(0, 0.3f, ESFT_AUX_SEQUENCE, 0, ESFT_GATING_SOFTMAX); }
+
+/* The aux loss alone (dy = 0): its gradient reaches the router and x. */
+TEST(gradcheck_aux_loss_alone)
+{
+    fixture f;
+    fixture_init(&f, 0, 0.5f, ESFT_AUX_SEQUENCE, 1, ESFT_GATING_SOFTMAX);
+    memset(f.r, 0, sizeof(float) * TT * TD);
+    CHECK(fixture_build(&f));
+    CHECK(run_backward(&f));
+    GRADCHECK(f.layer.router, (size_t)TE * TD, f.layer.d_router, "router (aux only)");
+    GRADCHECK(f.x, (size_t)TT * TD, f.dx, "dx (aux only)");
+    fixture_free(&f);
+}
+
+/* The checker itself must catch a wrong gradient: one corrupted coordinate fails. */
+TEST(gradcheck_catches_a_wrong_gradient)
+{
+    fixture f;
+    gc_result r;
+    fixture_init(&f, 0, 0.0f, ESFT_AUX_BATCH, 1, ESFT_GATING_SOFTMAX);
+    CHECK(fixture_build(&f));
+    CHECK(run_backward(&f));
+    f.layer.d_router[7] *= 1.1f;
+    f.layer.d_router[7] += 0.05f;
+    r = gc_check(f.layer.router, (size_t)TE * TD, f.layer.d_router, 1, loss_fn, &f, &tol);
+    CHECK_EQ_INT(r.failed, 1);
+    CHECK_EQ_INT(r.worst, 7);
+    fixture_free(&f);
+}
+
+/* The aux loss value against f and P computed here from esft_route's output. */
+TEST(aux_loss_value_matches_definition)
+{
+    fixture f;
+    float aux = 0.0f, logits[TT * TE], probs[TT * TE], wts[TT * TK];
+    int32_t ids[TT * TK];
+    double want = 0.0;
+    int s, t, e, j, d, S = 3;
+    fixture_init(&f, 0, 0.25f, ESFT_AUX_SEQUENCE, 0, ESFT_GATING_SOFTMAX);
+    CHECK(fixture_build(&f));
+    CHECK_STATUS(esft_moe_forward(f.y, &aux, f.x, &f.layer, f.ws, f.ws_bytes, TT, NULL), ESFT_OK);
+    for (t = 0; t < TT; t++)
+        for (e = 0; e < TE; e++) {
+            double v = 0.0;
+            for (d = 0; d < TD; d++) v += (double)f.x[t * TD + d] * f.router[e * TD + d];
+            logits[t * TE + e] = (float)v;
+        }
+    CHECK_STATUS(esft_route(&f.cfg.route, ids, wts, probs, logits, TT, NULL), ESFT_OK);
+    for (s = 0; s < TT / S; s++) {
+        double fi[TE] = {0}, P[TE] = {0}, sum = 0.0;
+        for (t = s * S; t < (s + 1) * S; t++) {
+            for (j = 0; j < TK; j++) fi[ids[t * TK + j]] += 1.0 / (S * TK);
+            for (e = 0; e < TE; e++) P[e] += probs[t * TE + e] / S;
+        }
+        for (e = 0; e < TE; e++) sum += fi[e] * P[e];
+        want += 0.25 * TE * sum / (TT / S);
+    }
+    CHECK_NEAR(aux, want, 1e-6);
+    CHECK(aux > 0.1f); /* balanced routing gives alpha = 0.25; not a vacuous 0 */
+    fixture_free(&f);
+}
+
+/* A case small enough to do by hand: D 2, E 2, K 1, F 1, FS 1, T 2, router = I. */
+TEST(forward_hand_case)
+{
+    float router[4] = {1, 0, 0, 1};
+    float gate[4] = {1, 1, /* expert 1 */ 0, 1}, up[4] = {1, 0, /* e1 */ 1, 1};
+    float down[4] = {1, 2, /* e1 */ -1, 0.5f};
+    float sg[2] = {1, 0}, su[2] = {0, 1}, sd[2] = {0.5f, -1};
+    float x[4] = {2, 0, /* token 1 */ -1, 1}, y[4], aux;
+    esft_moe_config c = esft_moe_config_init(2, 2, 1, 1, 1);
+    esft_moe_weights w = {router, gate, up, down, sg, su, sd};
+    esft_moe m;
+    size_t bytes;
+    void *ws;
+    double s2 = 1.0 / (1.0 + exp(-2.0)), p0, silu, shared, p1, g1;
+    CHECK_STATUS(esft_moe_init(&m, &c, &w, NULL, NULL), ESFT_OK);
+    CHECK_STATUS(esft_moe_workspace_size(&c, 2, &bytes, NULL), ESFT_OK);
+    ws = malloc(bytes);
+    CHECK_STATUS(esft_moe_forward(y, &aux, x, &m, ws, bytes, 2, NULL), ESFT_OK);
+    /* token 0: logits (2, 0) -> expert 0 with p = sigmoid(2); g = 2, u = 2;
+       act = silu(2) * 2; out = act * (1, 2). Shared: g = 2, u = 0 -> 0. */
+    p0 = s2;
+    silu = 2.0 * s2;
+    CHECK_NEAR(y[0], p0 * silu * 2.0 * 1.0, 1e-5);
+    CHECK_NEAR(y[1], p0 * silu * 2.0 * 2.0, 1e-5);
+    /* token 1: logits (-1, 1) -> expert 1 with p = sigmoid(2); g = 1, u = 0 -> 0.
+       Shared: g = -1, u = 1, act = silu(-1) = -sigmoid(-1); out = act * (0.5, -1). */
+    p1 = s2;
+    g1 = 1.0 * (1.0 / (1.0 + exp(1.0)));
+    shared = -g1;
+    CHECK_NEAR(y[2], p1 * 0.0 + shared * 0.5, 1e-5);
+    CHECK_NEAR(y[3], shared * -1.0, 1e-5);
+    CHECK_NEAR(aux, 0.0, 0.0);
+    free(ws);
+    esft_moe_uninit(&m);
+}
+
+/* Same input, same bits. */
+TEST(forward_is_deterministic)
+{
+    fixture f;
+    float y2[TT * TD];
+    fixture_init(&f, 1, 0.1f, ESFT_AUX_BATCH, 0, ESFT_GATING_SOFTMAX);
+    CHECK(fixture_build(&f));
+    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, &f.layer, f.ws, f.ws_bytes, TT, NULL), ESFT_OK);
+    memcpy(y2, f.y, sizeof y2);
+    memset(f.ws, 0x7f, f.ws_bytes);
+    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, &f.layer, f.ws, f.ws_bytes, TT, NULL), ESFT_OK);
+    CHECK(memcmp(y2, f.y, sizeof y2) == 0);
+    fixture_free(&f);
+}
+
+/* Only trainable tensors own memory: N = 2 experts x 3FD, nothing else. */
+TEST(frozen_experts_own_no_gradient_memory)
+{
+    fixture f;
+    size_t n = 0;
+    const float *g, *u, *d;
+    fixture_init(&f, 0, 0.0f, ESFT_AUX_BATCH, 0, ESFT_GATING_SOFTMAX);
+    f.cfg.train_router = 0;
+    f.cfg.train_shared = 0;
+    CHECK(fixture_build(&f));
+    CHECK_STATUS(esft_moe_param_count(&f.cfg, &n, NULL), ESFT_OK);
+    CHECK_EQ_INT(n, 2 * 3 * TF * TD);
+    CHECK_EQ_INT(f.layer.n_params, n);
+    CHECK_EQ_INT(esft_moe_grad_bytes(&f.layer), n * 4);
+    CHECK(f.layer.router == NULL && f.layer.d_router == NULL && f.layer.d_shared_gate == NULL);
+    CHECK_STATUS(esft_moe_expert_weights(&f.layer, 0, &g, &u, &d, NULL), ESFT_OK);
+    CHECK(g == f.gate && u == f.up && d == f.down); /* frozen: the caller's arrays */
+    CHECK_STATUS(esft_moe_expert_weights(&f.layer, 4, &g, &u, &d, NULL), ESFT_OK);
+    CHECK(g == f.layer.params + 3 * TF * TD); /* trainable: second slot of the block */
+    CHECK(memcmp(g, f.gate + 4 * TF * TD, TF * TD * 4) == 0);
+    CHECK(run_backward(&f)); /* the backward runs with no gradient memory for them */
+    fixture_free(&f);
+}
+
+static int same_bits(const float *a, const float *b, size_t n) { return memcmp(a, b, n * 4) == 0; }
+
+/* After steps of AdamW, frozen tensors are bit-identical and trainable ones moved. */
+TEST(freezing_is_real)
+{
+    fixture f;
+    esft_adamw opt;
+    esft_adamw_config oc = esft_adamw_config_esft();
+    size_t efd = (size_t)TE * TF * TD, fd = (size_t)TF * TD, grad_bytes, opt_bytes;
+    float *copy[7];
+    const float *orig[7];
+    size_t sizes[7];
+    int i, e, step;
+    fixture_init(&f, 0, 0.001f, ESFT_AUX_SEQUENCE, 0, ESFT_GATING_SOFTMAX);
+    f.cfg.train_router = 0;
+    f.cfg.train_shared = 0;
+    CHECK(fixture_build(&f));
+    orig[0] = f.router; orig[1] = f.gate; orig[2] = f.up; orig[3] = f.down; orig[4] = f.sg; orig[5] = f.su; orig[6] = f.sd;
+    sizes[0] = (size_t)TE * TD; sizes[1] = sizes[2] = sizes[3] = efd; sizes[4] = sizes[5] = sizes[6] = (size_t)TFS * TD;
+    for (i = 0; i < 7; i++) { copy[i] = malloc(sizes[i] * 4); memcpy(copy[i], orig[i], sizes[i] * 4); }
+    oc.lr = 1e-2f; /* large enough that every trainable weight visibly moves */
+    CHECK_STATUS(esft_adamw_init(&opt, &oc, f.layer.n_params, NULL, NULL), ESFT_OK);
+    for (step = 0; step < 5; step++) {
+        CHECK(run_backward(&f));
+        CHECK_STATUS(esft_adamw_step(&opt, f.layer.params, f.layer.grads, NULL), ESFT_OK);
+    }
+    for (i = 0; i < 7; i++) CHECK_MSG(same_bits(copy[i], orig[i], sizes[i]), "frozen tensor %d changed", i);
+    for (e = 0; e < TE; e++) {
+        const float *g, *u, *d;
+        int moved = 0;
+        size_t k;
+        CHECK_STATUS(esft_moe_expert_weights(&f.layer, e, &g, &u, &d, NULL), ESFT_OK);
+        for (k = 0; k < fd; k++)
+            moved += g[k] != f.gate[e * fd + k] && u[k] != f.up[e * fd + k] && d[k] != f.down[e * fd + k];
+        if (f.trainable[e]) CHECK_MSG(moved == (int)fd, "trainable expert %d: %d of %d weights moved", e, moved, (int)fd);
+        else CHECK_MSG(moved == 0, "frozen expert %d moved", e);
+    }
+    grad_bytes = esft_moe_grad_bytes(&f.layer);
+    opt_bytes = esft_adamw_state_bytes(&opt);
+    printf("     gradient + optimizer bytes = %lu + %lu = %lu = 3 x %lu trainable params x 4\n",
+           (unsigned long)grad_bytes, (unsigned long)opt_bytes, (unsigned long)(grad_bytes + opt_bytes),
+           (unsigned long)f.layer.n_params);
+    CHECK_EQ_INT(f.layer.n_params, 2 * 3 * fd);
+    CHECK_EQ_INT(grad_bytes + opt_bytes, 3 * f.layer.n_params * 4);
+    for (i = 0; i < 7; i++) free(copy[i]);
+    esft_adamw_uninit(&opt);
+    fixture_free(&f);
+}
+
+/* AdamW against the formula, in double, for three steps. */
+TEST(adamw_matches_formula)
+{
+    esft_adamw opt;
+    esft_adamw_config c = esft_adamw_config_init();
+    float p[3] = {0.5f, -1.0f, 2.0f}, g[3] = {0.1f, -0.2f, 0.0f};
+    double P[3] = {0.5, -1.0, 2.0}, M[3] = {0}, V[3] = {0};
+    int step, i;
+    c.lr = 0.01f; c.beta1 = 0.8f; c.beta2 = 0.9f; c.eps = 1e-6f; c.weight_decay = 0.5f;
+    CHECK_STATUS(esft_adamw_init(&opt, &c, 3, NULL, NULL), ESFT_OK);
+    for (step = 1; step <= 3; step++) {
+        CHECK_STATUS(esft_adamw_step(&opt, p, g, NULL), ESFT_OK);
+        for (i = 0; i < 3; i++) {
+            M[i] = 0.8 * M[i] + 0.2 * g[i];
+            V[i] = 0.9 * V[i] + 0.1 * (double)g[i] * g[i];
+            P[i] = P[i] * (1.0 - 0.01 * 0.5) -
+                   0.01 * (M[i] / (1 - pow(0.8, step))) / (sqrt(V[i] / (1 - pow(0.9, step))) + 1e-6);
+            CHECK_NEAR(p[i], P[i], 1e-6);
+        }
+    }
+    CHECK_EQ_INT(opt.step, 3);
+    CHECK(p[2] < 2.0f); /* zero gradient: weight decay alone still shrinks it */
+    esft_adamw_uninit(&opt);
+    c = esft_adamw_config_esft();
+    CHECK_NEAR(c.lr, 1e-5, 1e-12); CHECK_NEAR(c.beta1, 0.9, 1e-7); CHECK_NEAR(c.beta2, 0.95, 1e-7);
+    CHECK_NEAR(c.weight_decay, 0.1, 1e-7);
+}
+
+TEST(clip_grad_norm_over_blocks)
+{
+    float a[2] = {3, 0}, b[1] = {4};
+    float *blocks[2] = {a, b};
+    size_t sizes[2] = {2, 1};
+    double norm = 0;
+    CHECK_STATUS(esft_clip_grad_norm(blocks, sizes, 2, 10.0f, &norm, NULL), ESFT_OK);
+    CHECK_NEAR(norm, 5.0, 1e-12);
+    CHECK(a[0] == 3.0f && b[0] == 4.0f); /* under the limit: untouched */
+    CHECK_STATUS(esft_clip_grad_norm(blocks, sizes, 2, 1.0f, &norm, NULL), ESFT_OK);
+    CHECK_NEAR(a[0], 3.0 / (5.0 + 1e-6), 1e-6);
+    CHECK_NEAR(b[0], 4.0 / (5.0 + 1e-6), 1e-6);
+    a[1] = NAN;
+    CHECK_STATUS(esft_clip_grad_norm(blocks, sizes, 2, 1.0f, &norm, NULL), ESFT_ERR_NUMERIC);
+    CHECK_STATUS(esft_clip_grad_norm(NULL, sizes, 2, 1.0f, &norm, NULL), ESFT_ERR_INVALID_ARGUMENT);
+}
+
+/* Bad configs and arguments: a clear status and nothing written. */
+TEST(bad_inputs_write_nothing)
+{
+    fixture f;
+    esft_moe bad;
+    esft_moe_config c;
+    esft_error err;
+    size_t bytes, i, n = (size_t)TT * TD;
+    float sentinel[TT * TD], aux = 42.0f;
+    fixture_init(&f, 0, 0.1f, ESFT_AUX_SEQUENCE, 0, ESFT_GATING_SOFTMAX);
+    CHECK(fixture_build(&f));
+    c = f.cfg; c.route.top_k = TE + 1;
+    CHECK_STATUS(esft_moe_init(&bad, &c, &f.w, NULL, &err), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(err.message, "top_k") != NULL);
+    c = f.cfg; c.d_model = 0;
+    CHECK_STATUS(esft_moe_workspace_size(&c, 4, &bytes, NULL), ESFT_ERR_INVALID_ARGUMENT);
+    c = f.cfg; c.aux_seq_len = 0;
+    CHECK_STATUS(esft_moe_config_validate(&c, NULL), ESFT_ERR_INVALID_ARGUMENT);
+    c = f.cfg; c.route.gating = ESFT_GATING_SIGMOID;
+    CHECK_STATUS(esft_moe_config_validate(&c, NULL), ESFT_ERR_UNSUPPORTED);
+    c = f.cfg; c.aux_alpha = NAN;
+    CHECK_STATUS(esft_moe_config_validate(&c, NULL), ESFT_ERR_INVALID_ARGUMENT);
+    { esft_moe_weights w = f.w; w.shared_down = NULL;
+      CHECK_STATUS(esft_moe_init(&bad, &f.cfg, &w, NULL, NULL), ESFT_ERR_INVALID_ARGUMENT); }
+    CHECK_STATUS(esft_moe_init(&bad, &f.cfg, NULL, NULL, NULL), ESFT_ERR_INVALID_ARGUMENT);
+
+    for (i = 0; i < n; i++) f.y[i] = sentinel[i] = -7.0f;
+    CHECK_STATUS(esft_moe_forward(NULL, NULL, f.x, &f.layer, f.ws, f.ws_bytes, TT, NULL), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(esft_moe_forward(f.y, NULL, NULL, &f.layer, f.ws, f.ws_bytes, TT, NULL), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, &f.layer, NULL, f.ws_bytes, TT, NULL), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, NULL, f.ws, f.ws_bytes, TT, NULL), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(esft_moe_forward(f.y, &aux, f.x, &f.layer, f.ws, f.ws_bytes - 1, TT, &err), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(err.message, "workspace") != NULL);
+    CHECK_STATUS(esft_moe_forward(f.y, &aux, f.x, &f.layer, f.ws, f.ws_bytes, TT - 1, &err), ESFT_ERR_SHAPE);
+    f.x[3 * TD + 5] = NAN;
+    CHECK_STATUS(esft_moe_forward(f.y, &aux, f.x, &f.layer, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_NUMERIC);
+    CHECK(strstr(err.message, "x[3][5]") != NULL);
+    f.x[3 * TD + 5] = 0.25f;
+    f.layer.router[2] = INFINITY; /* a router weight: logits become non-finite */
+    CHECK_STATUS(esft_moe_forward(f.y, &aux, f.x, &f.layer, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_NUMERIC);
+    f.layer.router[2] = 0.1f;
+    CHECK(same_bits(f.y, sentinel, n));
+    CHECK(aux == 42.0f);
+
+    /* backward: NaN in dy, nothing accumulated */
+    CHECK_STATUS(esft_moe_forward(f.y, &aux, f.x, &f.layer, f.ws, f.ws_bytes, TT, NULL), ESFT_OK);
+    esft_moe_zero_grad(&f.layer);
+    for (i = 0; i < n; i++) f.dx[i] = sentinel[i];
+    f.r[7] = NAN;
+    CHECK_STATUS(esft_moe_backward(f.dx, &f.layer, f.r, f.x, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_NUMERIC);
+    CHECK(strstr(err.message, "dy[0][7]") != NULL);
+    CHECK(same_bits(f.dx, sentinel, n));
+    for (i = 0; i < f.layer.n_params; i++) CHECK(f.layer.grads[i] == 0.0f);
+    CHECK_STATUS(esft_moe_backward(NULL, &f.layer, f.r, f.x, f.ws, f.ws_bytes, TT, NULL), ESFT_ERR_INVALID_ARGUMENT);
+
+    /* AdamW: NaN gradient, parameters untouched */
+    {
+        esft_adamw opt;
+        esft_adamw_config oc = esft_adamw_config_esft();
+        float p[2] = {1, 2}, g[2] = {0.5f, NAN};
+        CHECK_STATUS(esft_adamw_init(&opt, &oc, 2, NULL, NULL), ESFT_OK);
+        CHECK_STATUS(esft_adamw_step(&opt, p, g, NULL), ESFT_ERR_NUMERIC);
+        CHECK(p[0] == 1.0f && p[1] == 2.0f && opt.m[0] == 0.0f && opt.step == 0);
+        CHECK_STATUS(esft_adamw_step(&opt, NULL, g, NULL), ESFT_ERR_INVALID_ARGUMENT);
+        esft_adamw_uninit(&opt);
+        oc.beta2 = 1.0f;
+        CHECK_STATUS(esft_adamw_init(&opt, &oc, 2, NULL, NULL), ESFT_ERR_INVALID_ARGUMENT);
+    }
+    fixture_free(&f);
+}
+
+/* A backend without the op: ESFT_ERR_UNSUPPORTED, never a silent CPU fallback. */
+TEST(missing_backend_op_is_unsupported)
+{
+    fixture f;
+    esft_backend partial = *esft_backend_cpu();
+    esft_adamw opt;
+    esft_adamw_config oc = esft_adamw_config_esft();
+    esft_error err;
+    partial.name = "partial";
+    partial.moe_forward = NULL;
+    partial.moe_backward = NULL;
+    partial.adamw_step = NULL;
+    fixture_init(&f, 0, 0.0f, ESFT_AUX_BATCH, 0, ESFT_GATING_SOFTMAX);
+    CHECK(fixture_build(&f));
+    f.layer.backend = &partial;
+    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, &f.layer, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_UNSUPPORTED);
+    CHECK(strstr(err.message, "moe_forward") != NULL);
+    CHECK_STATUS(esft_moe_backward(f.dx, &f.layer, f.r, f.x, f.ws, f.ws_bytes, TT, NULL), ESFT_ERR_UNSUPPORTED);
+    CHECK_STATUS(esft_adamw_init(&opt, &oc, 4, NULL, NULL), ESFT_OK);
+    opt.backend = &partial;
+    { float p[4] = {0}, g[4] = {0};
+      CHECK_STATUS(esft_adamw_step(&opt, p, g, NULL), ESFT_ERR_UNSUPPORTED); }
+    esft_adamw_uninit(&opt);
+    fixture_free(&f);
+}
+
+HARNESS_MAIN()
