@@ -4,7 +4,12 @@
 CC        ?= cc
 CXX       ?= c++
 PYTHON    ?= python3
-OPT       ?= -O2 -march=native
+# -fopenmp when the compiler can build and link with it: the CPU kernels then use
+# all cores (esft_set_num_threads; same bits for any count). OPENMP= turns it off.
+ifeq ($(origin OPENMP),undefined)
+OPENMP    := $(shell echo 'int main(void){return 0;}' | $(CC) -fopenmp -x c - -o /dev/null 2>/dev/null && echo -fopenmp)
+endif
+OPT       ?= -O2 -march=native $(OPENMP)
 WARN       = -Wall -Wextra -pedantic -Werror
 CFLAGS    ?= $(OPT) -std=c99 $(WARN)
 LDLIBS     = -lm

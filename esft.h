@@ -38,14 +38,22 @@
       - MoE layer (DeepSeek-V2: router, routed + shared SwiGLU experts) forward and
         backward with selective training: gradients and optimizer state only for
         the trainable experts; load-balancing aux loss (batch or per sequence).
+      - Adapters: one low-rank primitive (down, GELU or identity, up, scale) for
+        plain LoRA and for PESC (Camelidae): a frozen dense FFN upcycled into an
+        adapter MoE (router, top-k, n GELU adapters), forward/backward to every
+        weight and input, seeded upcycling init (y == F at step 0), aux loss.
       - AdamW over the trainable block, global-norm gradient clipping.
+      - Checkpoints: safetensors read/write (validated header, positioned reads,
+        atomic writes, F32/F16/BF16), sharded index, Hugging Face MoE names
+        (DeepSeek-V2, Mixtral, Qwen-MoE, Camelidae); extract / save / merge experts.
       - A small strict JSON reader/writer of our own (no outside library).
 
    CONTENTS (same order in declarations and implementation)
       1. version & options       5. routing               9. MoE layer
       2. status & error detail   6. router statistics    10. adapters (LoRA, PESC)
       3. allocation              7. expert selection     11. optimizer
-      4. backend interface       8. ESFT file formats    12. JSON
+      4. backend interface       8. ESFT file formats    12. checkpoints (safetensors)
+                                                         13. JSON
 
    COMPILE-TIME OPTIONS (#define before including)
       ESFT_IMPLEMENTATION      emit the implementation in this translation unit
@@ -63,10 +71,11 @@
    DIMENSIONS used in shape comments
       T tokens   D model width   E routed experts   K experts per token (top-k)
       L layers   G expert groups   F routed expert hidden width   FS shared hidden width
-      N floats in a layer's trainable block
+      N floats in a layer's trainable block   R adapter rank (LoRA, PESC)
 
    CHANGES
-      0.1.0 (2026-11-25)  routing, router statistics, selection, ESFT formats, JSON.
+      0.1.0 (2026-11-25)  routing, router statistics, selection, ESFT formats, JSON;
+                          MoE layer with selective expert training, AdamW, clipping.
 */
 #ifndef ESFT_H
 #define ESFT_H
@@ -163,9 +172,21 @@ typedef struct esft_allocator {
      The CPU backend's memory is ordinary host memory.
    - An op the backend lacks is NULL; calling it returns ESFT_ERR_UNSUPPORTED.
      Nothing falls back to another backend silently.
-   To add a backend: fill an esft_backend with your functions (NULL for what you
-   do not have), return it from a constructor, and run tests/test_backend.c's
-   comparison against esft_backend_cpu(). */
+   - Ops validate nothing the public wrapper already checked (shapes, NULLs,
+     NaN in inputs, workspace size): the wrapper calls an op only with a
+     well-formed request. An op reports only its own failures.
+   - Backwards accumulate into gradients, as the CPU reference does.
+   - Results match the CPU backend within the tolerances each test states.
+   To add a backend (docs/backend.md has a worked example):
+     1. Start from a zeroed esft_backend (every op NULL: unsupported) or, for a
+        backend whose memory is host memory, from a copy of *esft_backend_cpu()
+        (ops not yet written stay the CPU's). Set api_version, name, context.
+     2. Fill the memory entries (alloc/free/upload/download, synchronize) and
+        replace ops one at a time with yours, same signatures, same semantics.
+     3. Return the table from a constructor (`const esft_backend *my_backend(...)`).
+     4. Use it: esft_route_with(b, ...), stats.backend = b, layer.backend = b,
+        opt.backend = b; every public call then runs on it.
+     5. Run the same tests through it and compare with the CPU backend. */
 #define ESFT_BACKEND_API_VERSION 1
 
 struct esft_route_config;
@@ -842,7 +863,250 @@ ESFTDEF esft_status esft_clip_grad_norm(float *const *grads,   /* (n_blocks) blo
                                         esft_error *err);
 
 /* ===================================================================== */
-/* 12. JSON                                                              */
+/* 12. checkpoints (safetensors, Hugging Face names)                     */
+/* ===================================================================== */
+
+/* safetensors (Hugging Face): an 8-byte little-endian header length N, N bytes of
+   JSON {"<name>": {"dtype": "BF16", "shape": [..], "data_offsets": [b, e]}, ...,
+   "__metadata__": {"<key>": "<string>", ...}}, then the data area; offsets are
+   relative to its start. Readers here validate everything before trusting it
+   (docs/checkpoints.md lists the rules) and read tensors with positioned reads,
+   never the whole file. Writers write "<path>.tmp" in the same directory, fsync,
+   then rename: a crash or an error never leaves a half file under the real name.
+   Sharded checkpoints are a directory of shards plus model.safetensors.index.json
+   ({"metadata": {"total_size": n}, "weight_map": {"<name>": "<shard file>"}}). */
+
+typedef enum esft_dtype {
+    ESFT_DTYPE_F32 = 0, ESFT_DTYPE_F16, ESFT_DTYPE_BF16, ESFT_DTYPE_F64,
+    ESFT_DTYPE_I64, ESFT_DTYPE_I32, ESFT_DTYPE_I16, ESFT_DTYPE_I8,
+    ESFT_DTYPE_U64, ESFT_DTYPE_U32, ESFT_DTYPE_U16, ESFT_DTYPE_U8, ESFT_DTYPE_BOOL,
+    ESFT_DTYPE_F8_E4M3, ESFT_DTYPE_F8_E5M2,
+    ESFT_DTYPE_COUNT
+} esft_dtype;
+
+/* "F32", "BF16", ... as safetensors spells them; "?" when out of range. */
+ESFTDEF const char *esft_dtype_name(esft_dtype t);
+/* Bytes per element; 0 when out of range. */
+ESFTDEF size_t esft_dtype_size(esft_dtype t);
+/* The dtype named name (exact, case-sensitive); ESFT_ERR_UNSUPPORTED if unknown. */
+ESFTDEF esft_status esft_dtype_parse(const char *name, esft_dtype *out);
+
+/* fp32 <-> bf16 / fp16 bit patterns, round to nearest, ties to even. NaN stays NaN
+   (sign and top payload bits kept, never rounded into Inf), +-Inf stays +-Inf;
+   fp16 overflow gives +-Inf, tiny values fp16 subnormals or +-0. */
+ESFTDEF uint16_t esft_f32_to_bf16(float x);
+ESFTDEF float esft_bf16_to_f32(uint16_t h);
+ESFTDEF uint16_t esft_f32_to_f16(float x);
+ESFTDEF float esft_f16_to_f32(uint16_t h);
+/* n values between file bytes (little-endian F32, F16 or BF16) and fp32.
+   Other dtypes: ESFT_ERR_UNSUPPORTED. */
+ESFTDEF esft_status esft_convert_to_f32(float *dst,      /* (n) out */
+                                        const void *src, /* (n) values of dtype */
+                                        esft_dtype dtype, size_t n);
+ESFTDEF esft_status esft_convert_from_f32(void *dst,        /* (n) values of dtype out */
+                                          const float *src, /* (n) */
+                                          esft_dtype dtype, size_t n);
+
+#define ESFT_ST_MAX_DIMS 8
+#define ESFT_ST_MAX_HEADER 100000000 /* header JSON above 100 MB is refused (as the reference does) */
+
+typedef struct esft_st_tensor {
+    const char *name;      /* owned by the file object */
+    esft_dtype dtype;
+    int n_dims;            /* 0 for a scalar */
+    int64_t shape[ESFT_ST_MAX_DIMS];
+    uint64_t n_elements;
+    uint64_t offset;       /* absolute byte offset of the data in the file */
+    uint64_t n_bytes;      /* n_elements * esft_dtype_size(dtype) */
+} esft_st_tensor;
+
+/* An open, validated safetensors file. Reads are positioned reads on one file
+   descriptor: not thread-safe; open the file once per thread instead. */
+typedef struct esft_safetensors {
+    int n_tensors;
+    esft_st_tensor *tensors;   /* (n_tensors) in data order (ascending offset) */
+    int n_metadata;
+    const char **meta_keys;    /* (n_metadata) the __metadata__ object, in file order */
+    const char **meta_values;  /* (n_metadata) */
+    uint64_t header_size;      /* N, the JSON bytes after the 8-byte length */
+    uint64_t file_size;        /* 8 + N + data bytes */
+    /* private */
+    int fd_;                         /* -1 when opened from memory */
+    const unsigned char *memory_;    /* the whole file when opened from memory */
+    int *by_name_;                   /* (n_tensors) tensor indices sorted by name */
+    char *strings_;                  /* names, keys and values */
+    esft_allocator allocator;
+} esft_safetensors;
+
+/* Opens and validates path. Pair: esft_safetensors_close. err names the file and,
+   for header problems, the byte offset in the file. */
+ESFTDEF esft_status esft_safetensors_open(esft_safetensors *st, const char *path,
+                                          const esft_allocator *allocator, esft_error *err);
+/* The same over a whole file's bytes in memory (kept, not copied: data must
+   outlive st); name is used in messages. The fuzz target's entry point. */
+ESFTDEF esft_status esft_safetensors_open_memory(esft_safetensors *st, const void *data, size_t size,
+                                                 const char *name, const esft_allocator *allocator,
+                                                 esft_error *err);
+ESFTDEF void esft_safetensors_close(esft_safetensors *st);
+/* Index of the tensor called name, or -1 (binary search). */
+ESFTDEF int esft_safetensors_find(const esft_safetensors *st, const char *name);
+/* The __metadata__ value of key, or NULL. */
+ESFTDEF const char *esft_safetensors_metadata(const esft_safetensors *st, const char *key);
+/* n bytes of tensor i starting at byte `at` of its data, raw (little-endian). */
+ESFTDEF esft_status esft_safetensors_read(const esft_safetensors *st, int i,
+                                          void *dst, /* (n) bytes out */
+                                          uint64_t at, size_t n, esft_error *err);
+/* Tensor i (F32, F16 or BF16) as fp32. No allocation: converts in small chunks. */
+ESFTDEF esft_status esft_safetensors_read_f32(const esft_safetensors *st, int i,
+                                              float *dst, /* (n_elements) out */
+                                              esft_error *err);
+/* Tensor i (I32 or I64) as int64. */
+ESFTDEF esft_status esft_safetensors_read_i64(const esft_safetensors *st, int i,
+                                              int64_t *dst, /* (n_elements) out */
+                                              esft_error *err);
+
+/* One tensor to write: bytes in the file's dtype (raw, little-endian), or fp32
+   values converted to dtype (F32, F16 or BF16) on the way out. */
+typedef struct esft_st_write_tensor {
+    const char *name;
+    esft_dtype dtype;        /* dtype in the file */
+    int n_dims;
+    int64_t shape[ESFT_ST_MAX_DIMS];
+    const void *data;        /* (n_elements) values of dtype, or NULL when f32 is given */
+    const float *f32;        /* (n_elements) or NULL */
+} esft_st_write_tensor;
+
+/* Writes a safetensors file: tensors in the order given, header padded with
+   spaces to a multiple of 8 bytes (as the reference writer does), metadata
+   (n_meta string pairs; may be 0) as __metadata__. Names must be unique, valid
+   UTF-8, not "__metadata__". Atomic (temp file, fsync, rename). */
+ESFTDEF esft_status esft_safetensors_write(const char *path, const esft_st_write_tensor *tensors,
+                                           int n, const char *const *meta_keys,
+                                           const char *const *meta_values, int n_meta,
+                                           esft_error *err);
+
+/* ---- Hugging Face tensor names ---------------------------------------- */
+
+/* What an MoE tensor is. Shapes are PyTorch Linear weights (out, in). */
+typedef enum esft_part {
+    ESFT_PART_NONE = 0,      /* not an MoE tensor: attention, norms, embeddings, dense MLP */
+    ESFT_PART_EXPERT_GATE,   /* routed expert e, SwiGLU gate projection (F, D) */
+    ESFT_PART_EXPERT_UP,     /* routed expert e, up projection (F, D) */
+    ESFT_PART_EXPERT_DOWN,   /* routed expert e, down projection (D, F) */
+    ESFT_PART_ROUTER,        /* router (E, D) */
+    ESFT_PART_SHARED_GATE,   /* shared experts, gate projection (F_s, D) */
+    ESFT_PART_SHARED_UP,     /* (F_s, D) */
+    ESFT_PART_SHARED_DOWN,   /* (D, F_s) */
+    ESFT_PART_SHARED_ROUTER, /* Qwen-MoE's shared_expert_gate (1, D) */
+    ESFT_PART_ADAPTER_DOWN,  /* PESC adapter e, W_down (R, D) */
+    ESFT_PART_ADAPTER_UP,    /* PESC adapter e, W_up (D, R) */
+    ESFT_PART_COUNT
+} esft_part;
+
+/* Naming schemes, one table row each (docs/checkpoints.md has the table). Qwen-MoE
+   names its routed experts and router like DeepSeek-V2, so those parse as
+   DeepSeek-V2; only its shared expert tensors parse as Qwen-MoE. */
+typedef enum esft_family {
+    ESFT_FAMILY_DEEPSEEK_V2 = 0, /* model.layers.{l}.mlp.experts.{e}.gate_proj.weight, ... */
+    ESFT_FAMILY_MIXTRAL,         /* model.layers.{l}.block_sparse_moe.experts.{e}.w1.weight, ... */
+    ESFT_FAMILY_QWEN_MOE,        /* ... mlp.shared_expert.gate_proj.weight, mlp.shared_expert_gate */
+    ESFT_FAMILY_CAMELIDAE,       /* model.layers.{l}.mlp.moe_adapter.experts.expert_{e}.adapter_down.weight */
+    ESFT_FAMILY_COUNT
+} esft_family;
+
+typedef struct esft_tensor_name {
+    esft_family family;
+    esft_part part;   /* ESFT_PART_NONE when the name is no MoE tensor */
+    int layer;        /* the model's layer index, -1 if none */
+    int expert;       /* routed expert / adapter index, -1 for routers and shared experts */
+} esft_tensor_name;
+
+/* Parses a tensor name. Returns 1 for an MoE tensor (out filled), 0 otherwise
+   (out->part = ESFT_PART_NONE, layer and expert -1). */
+ESFTDEF int esft_tensor_name_parse(const char *name, esft_tensor_name *out);
+/* The name of (family, part, layer, expert) into buf; ESFT_ERR_UNSUPPORTED when
+   the family has no such part, ESFT_ERR_RANGE when buf is too small. */
+ESFTDEF esft_status esft_tensor_name_format(char *buf, size_t cap, esft_family family, esft_part part,
+                                            int layer, int expert);
+ESFTDEF const char *esft_family_name(esft_family f); /* "deepseek_v2", ... */
+ESFTDEF const char *esft_part_name(esft_part p);     /* "expert.gate", ... */
+/* 1 if a tensor of this name is trained under cfg, ESFT's rule: routed experts
+   (and PESC adapters) listed in cfg; shared experts of every layer when
+   cfg->shared_experts; every other tensor (attention, norms, embeddings, routers)
+   when cfg->non_expert_modules. */
+ESFTDEF int esft_expert_config_trains(const esft_expert_config *cfg, const char *name);
+
+/* ---- checkpoints: one file or shards + index --------------------------- */
+
+typedef struct esft_checkpoint {
+    int n_shards;
+    esft_safetensors *shards;   /* (n_shards) open shards */
+    const char **shard_files;   /* (n_shards) file names inside dir, sorted */
+    const char *dir;            /* the directory holding the shards ("." for a bare name) */
+    int sharded;                /* 1 when read through model.safetensors.index.json */
+    int n_tensors;              /* over all shards */
+    const char **names;         /* (n_tensors) every tensor name, sorted */
+    int *name_shard;            /* (n_tensors) its shard */
+    int *name_tensor;           /* (n_tensors) its index in that shard */
+    uint64_t total_bytes;       /* sum of tensor bytes (the index's total_size) */
+    /* private */
+    char *strings_;
+    esft_allocator allocator;
+} esft_checkpoint;
+
+/* Opens a checkpoint: a directory with model.safetensors.index.json (every shard
+   it names is opened and checked against the index both ways), a directory with
+   model.safetensors, an .index.json file, or one .safetensors file.
+   Pair: esft_checkpoint_close. */
+ESFTDEF esft_status esft_checkpoint_open(esft_checkpoint *ck, const char *path,
+                                         const esft_allocator *allocator, esft_error *err);
+ESFTDEF void esft_checkpoint_close(esft_checkpoint *ck);
+/* Finds a tensor: 1 and its shard and index in that shard, or 0. */
+ESFTDEF int esft_checkpoint_find(const esft_checkpoint *ck, const char *name, int *shard, int *index);
+/* Writes model.safetensors.index.json for ck's tensors and shards (keys sorted,
+   total_size = tensor bytes), atomically. */
+ESFTDEF esft_status esft_checkpoint_write_index(const char *path, const esft_checkpoint *ck,
+                                                esft_error *err);
+
+/* Progress of long operations: done of total bytes; called every few MB and at the end. */
+typedef struct esft_checkpoint_options {
+    void (*progress)(void *user, uint64_t done, uint64_t total); /* (optional) */
+    void *user;
+    const esft_allocator *allocator; /* (optional) */
+} esft_checkpoint_options;
+
+/* The metadata key that holds the expert config JSON in files written here. */
+#define ESFT_METADATA_CONFIG "esft_expert_config"
+
+/* Copies the tensors that cfg trains (esft_expert_config_trains) from the base
+   checkpoint into one small safetensors file, dtypes and bytes unchanged, with
+   cfg in __metadata__. Every (layer, expert) of cfg must exist in base
+   (ESFT_ERR_RANGE names the first that does not). opt may be NULL. */
+ESFTDEF esft_status esft_checkpoint_extract(const char *base, const esft_expert_config *cfg,
+                                            const char *out_path, const esft_checkpoint_options *opt,
+                                            esft_error *err);
+/* Saves trained tensors only: each must be trained under cfg (ESFT_ERR_RANGE
+   otherwise); cfg goes into __metadata__. Give each tensor's file dtype and its
+   fp32 values (f32) or bytes (data). */
+ESFTDEF esft_status esft_checkpoint_save_trained(const char *path, const esft_expert_config *cfg,
+                                                 const esft_st_write_tensor *tensors, int n,
+                                                 esft_error *err);
+/* The expert config stored in a file's __metadata__ (ESFT_ERR_PARSE if absent or bad).
+   Pair: esft_expert_config_free. */
+ESFTDEF esft_status esft_checkpoint_read_config(const esft_safetensors *st, esft_expert_config *out,
+                                                esft_error *err);
+/* Writes base with the tensors of the trained file put in, into out_dir (created
+   if missing; must not be base's directory): every shard anew (same names,
+   same header, bytes streamed in chunks, memory bounded by a few MB whatever the
+   model size) and, for a sharded base, a new index. Every trained tensor must
+   exist in base with the same dtype and shape, checked before anything is
+   written (ESFT_ERR_SHAPE / ESFT_ERR_RANGE name the tensor). All shards are
+   written as temp files and renamed only when all succeeded. opt may be NULL. */
+ESFTDEF esft_status esft_checkpoint_merge(const char *base, const char *trained, const char *out_dir,
+                                          const esft_checkpoint_options *opt, esft_error *err);
+
+/* ===================================================================== */
+/* 13. JSON                                                              */
 /* ===================================================================== */
 
 /* A small strict JSON reader (RFC 8259): tokens in one array, no trailing commas,
@@ -1459,11 +1723,18 @@ static unsigned esft__hist_copies(uint64_t *count, uint64_t *gate_sum, const int
     int c, e;
     for (c = 0; c < ESFT__HIST_COPIES; c++) memset(h[c], 0, 2 * (size_t)E * sizeof(uint64_t));
     if (!weights) memset(fx, 0, sizeof fx);
-    for (b = 0; b + ESFT__HIST_BLOCK <= n; b += ESFT__HIST_BLOCK) {
+    for (b = 0; b < n; b += ESFT__HIST_BLOCK) {
         const int32_t *id = ids + b;
-        if (esft__block_bad(id, weights ? weights + b : NULL, E)) return 1;
-        if (weights) esft__to_fixed_block(fx, weights + b);
-        for (i = 0; i < ESFT__HIST_BLOCK; i += ESFT__HIST_COPIES) {
+        size_t m = n - b < ESFT__HIST_BLOCK ? n - b : ESFT__HIST_BLOCK;
+        if (m == ESFT__HIST_BLOCK) {
+            if (esft__block_bad(id, weights ? weights + b : NULL, E)) return 1;
+            if (weights) esft__to_fixed_block(fx, weights + b);
+        } else { /* the last, partial block */
+            if (esft__ids_bad(id, m, E) || (weights && esft__weights_bad(weights + b, m))) return 1;
+            if (weights)
+                for (i = 0; i < m; i++) fx[i] = esft__to_fixed(weights[b + i]);
+        }
+        for (i = 0; i + ESFT__HIST_COPIES <= m; i += ESFT__HIST_COPIES) {
             uint64_t *h0 = h[0] + 2 * id[i], *h1 = h[1] + 2 * id[i + 1];
             uint64_t *h2 = h[2] + 2 * id[i + 2], *h3 = h[3] + 2 * id[i + 3];
             h0[0]++; h0[1] += fx[i];
@@ -1471,11 +1742,10 @@ static unsigned esft__hist_copies(uint64_t *count, uint64_t *gate_sum, const int
             h2[0]++; h2[1] += fx[i + 2];
             h3[0]++; h3[1] += fx[i + 3];
         }
-    }
-    if (esft__ids_bad(ids + b, n - b, E) || (weights && esft__weights_bad(weights + b, n - b))) return 1;
-    for (i = b; i < n; i++) {
-        h[0][2 * ids[i]]++;
-        if (weights) h[0][2 * ids[i] + 1] += esft__to_fixed(weights[i]);
+        for (; i < m; i++) {
+            h[0][2 * id[i]]++;
+            h[0][2 * id[i] + 1] += fx[i];
+        }
     }
     for (e = 0; e < E; e++)
         for (c = 0; c < ESFT__HIST_COPIES; c++) {
@@ -1534,6 +1804,9 @@ ESFTDEF esft_status esft_stats_add(esft_stats *st, int layer, const int32_t *ids
     if (T < 0 || (T > 0 && !ids)) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "T < 0 or ids NULL");
     E = st->n_experts;
     K = st->top_k;
+    if (!st->backend || !st->backend->stats_accumulate)
+        return st->backend ? esft__missing_op(st->backend, "stats_accumulate", err)
+                           : esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "stats has no backend");
     cpu = st->backend->stats_accumulate == esft__stats_accumulate_cpu;
     count = st->scratch;
     gsum = st->scratch + E;
@@ -2152,13 +2425,139 @@ static esft_status esft__parse_log_line(esft__log_line *ln, const char *p, const
     return ESFT_OK;
 }
 
-/* One parsed line -> one sample of `layer` in st. */
-static esft_status esft__add_log_line(esft_stats *st, int layer, esft__log_line *ln,
-                                      const char *line, const char *end, esft_error *err)
+/* ---- the fast path of the log parser ---------------------------------- */
+
+/* Up to 8 bytes at p, little-endian order whatever the machine (compilers turn
+   this into one load); bytes past end read as 0, which no field accepts. */
+static uint64_t esft__load8(const char *p, const char *end)
+{
+    const unsigned char *u = (const unsigned char *)p;
+    size_t n = (size_t)(end - p), i;
+    uint64_t x = 0;
+    if (n >= 8)
+        return (uint64_t)u[0] | (uint64_t)u[1] << 8 | (uint64_t)u[2] << 16 | (uint64_t)u[3] << 24 |
+               (uint64_t)u[4] << 32 | (uint64_t)u[5] << 40 | (uint64_t)u[6] << 48 | (uint64_t)u[7] << 56;
+    for (i = 0; i < n; i++) x |= (uint64_t)u[i] << (8 * i);
+    return x;
+}
+
+/* Bit 7 of each byte of the result is set where that byte of x is not an ASCII
+   digit; no carries cross bytes. */
+static uint64_t esft__nondigits8(uint64_t x)
+{
+    uint64_t y = x ^ 0x3030303030303030u; /* digits become 0..9 */
+    return (((y & 0x7f7f7f7f7f7f7f7fu) + 0x7676767676767676u) | y) & 0x8080808080808080u;
+}
+
+/* Index of the lowest byte whose bit 7 is set in m (m != 0). */
+static int esft__first_byte(uint64_t m)
+{
+#if defined(__GNUC__) || defined(__clang__)
+    return __builtin_ctzll(m) >> 3;
+#else
+    int i = 0;
+    while (!(m & 0x80)) { m >>= 8; i++; }
+    return i;
+#endif
+}
+
+/* The value of the n (1..8) ASCII digits in the low bytes of x, first digit in
+   the lowest byte: the digits are moved to the top (leading zeros below), then
+   pairs, quads and octets are combined with three multiplications. */
+static uint32_t esft__digits8(uint64_t x, int n)
+{
+    uint64_t v = ((x ^ 0x3030303030303030u) & 0x0f0f0f0f0f0f0f0fu) << (8 * (8 - n));
+    v = (v * 2561) >> 8;                                     /* 10 * 256 + 1 */
+    v = ((v & 0x00ff00ff00ff00ffu) * 6553601) >> 16;         /* 100 * 65536 + 1 */
+    return (uint32_t)(((v & 0x0000ffff0000ffffu) * 42949672960001u) >> 32); /* 10000 * 2^32 + 1 */
+}
+
+/* 10^-k rounded to double, k = 0..6. */
+static const double esft__inv_pow10[] = {1e0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6};
+
+/* A weight at p in the common form "ddd.dddd" (at most 6 digits, within 8 bytes):
+   sets *w and returns its length; 0 for any other form. The value is the one
+   esft__scan_number gives, (float)(mantissa / 10^fraction digits), computed with
+   a multiplication by 10^-k instead of a division (a division's latency was a
+   third of the parse time): for every mantissa < 10^7 and k <= 7 the two round to
+   the same float; tests/test_log_fastpath.c checks all of them. */
+static int esft__scan_weight8(const char *p, const char *end, float *w)
+{
+    uint64_t x = esft__load8(p, end), nd = esft__nondigits8(x);
+    int a, b, frac;
+    uint32_t mant;
+    if (!nd) return 0;
+    a = esft__first_byte(nd); /* digits before the first non-digit */
+    if (((x >> (8 * a)) & 0xff) == '.') {
+        uint64_t low = ((uint64_t)1 << (8 * a)) - 1; /* a <= 7 */
+        x = (x & low) | ((x >> 8) & ~low);            /* drop the '.' */
+        b = esft__first_byte(esft__nondigits8(x));    /* all digits; the top byte is now 0 */
+        if (b == 0 || b == 7) return 0;               /* no digit, or maybe more than fit */
+        frac = b - a;
+        mant = esft__digits8(x, b);
+        *w = (float)((double)mant * esft__inv_pow10[frac]);
+        return b + 1;
+    }
+    if (a == 0) return 0;
+    *w = (float)(double)esft__digits8(x, a);
+    return a;
+}
+
+/* Where a field that ends at q leaves the line: 1 another field follows (q is at
+   a tab), 2 the line ends (*next is the start of the next line), 0 anything else. */
+static int esft__field_end(const char *q, const char *end, int at_eof, const char **next)
+{
+    if (q == end) { *next = end; return at_eof ? 2 : 0; }
+    if (*q == '\t') return 1;
+    if (*q == '\n') { *next = q + 1; return 2; }
+    if (*q == '\r' && (q + 1 == end ? at_eof : q[1] == '\n')) { *next = q + 1 == end ? end : q + 2; return 2; }
+    return 0;
+}
+
+/* Parses the line at p in one pass, finding its end as it goes (no memchr, no
+   second look at the bytes), into ln; *next is where the next line starts.
+   Returns 0 (ln then holds garbage) for anything it does not handle: an empty,
+   malformed or incomplete line (no '\n' yet and not at_eof), ids with a sign or
+   more than 7 digits. Then the exact parser reads that line again and says what
+   is wrong with it, so messages do not depend on which path ran. For every line
+   it accepts, ids and weights are the same values the exact parser gives. */
+static int esft__parse_log_line_fast(esft__log_line *ln, const char *p, const char *end, int at_eof,
+                                     const char **next)
+{
+    ln->n_ids = ln->n_weights = 0;
+    for (;;) { /* ids: digits, then a tab; a second tab starts the weights */
+        uint64_t x = esft__load8(p, end), nd = esft__nondigits8(x);
+        int n;
+        if (!nd || (n = esft__first_byte(nd)) == 0 || p + n == end || p[n] != '\t') return 0;
+        if (ln->n_ids == ln->cap && !esft__log_line_grow(ln)) return 0;
+        ln->ids[ln->n_ids++] = (int32_t)esft__digits8(x, n);
+        p += n + 1;
+        if (p < end && *p == '\t') { p++; break; }
+    }
+    for (;;) { /* weights: numbers separated by tabs, up to the end of the line */
+        float w;
+        int n = esft__scan_weight8(p, end, &w), how;
+        const char *q = p + n;
+        if (n == 0) { /* another form of number: the general scanner */
+            double d;
+            q = esft__scan_number(p, end, &d);
+            if (!q) return 0;
+            w = (float)d;
+        }
+        if (ln->n_weights == ln->cap && !esft__log_line_grow(ln)) return 0;
+        ln->weights[ln->n_weights++] = w;
+        how = esft__field_end(q, end, at_eof, next);
+        if (how == 2) return 1;
+        if (how == 0) return 0;
+        p = q + 1;
+    }
+}
+
+/* The checks after parsing, then the line is one sample of `layer` in st. */
+static esft_status esft__add_parsed_line(esft_stats *st, int layer, const esft__log_line *ln,
+                                         esft_error *err)
 {
     int K = st->top_k;
-    esft_status s = esft__parse_log_line(ln, line, end, err);
-    if (s != ESFT_OK) return s;
     if (ln->n_ids != ln->n_weights)
         return esft__fail(err, ESFT_ERR_SHAPE, "%lu expert ids but %lu weights",
                           (unsigned long)ln->n_ids, (unsigned long)ln->n_weights);
@@ -2180,23 +2579,31 @@ typedef struct esft__log_reader {
 } esft__log_reader;
 
 /* Consumes the complete lines of [data, data+size); returns bytes consumed.
-   With at_eof, a final line without '\n' is consumed too. */
+   With at_eof, a final line without '\n' is consumed too. Each line goes through
+   the one-pass fast parser; a line it declines is cut at its '\n' and read by the
+   exact parser, which also names what is wrong. */
 static esft_status esft__log_consume(esft__log_reader *r, const char *data, size_t size,
                                      int at_eof, size_t *consumed, esft_error *err)
 {
     const char *p = data, *end = data + size;
     *consumed = 0;
     while (p < end) {
-        const char *nl = ESFT__CAST(const char *, memchr(p, '\n', (size_t)(end - p)));
-        const char *line_end;
+        const char *next;
         esft_status s;
-        if (!nl && !at_eof) break;
-        line_end = nl ? nl : end;
+        if (!esft__parse_log_line_fast(&r->scratch, p, end, at_eof, &next)) {
+            const char *nl = ESFT__CAST(const char *, memchr(p, '\n', (size_t)(end - p)));
+            const char *line_end;
+            if (!nl && !at_eof) break;
+            line_end = nl ? nl : end;
+            if (line_end > p && line_end[-1] == '\r') line_end--;
+            next = nl ? nl + 1 : end;
+            s = esft__parse_log_line(&r->scratch, p, line_end, err);
+            if (s != ESFT_OK) return esft__locate(err, s, r->name, r->line + 1);
+        }
         r->line++;
-        if (line_end > p && line_end[-1] == '\r') line_end--;
-        s = esft__add_log_line(r->st, r->layer, &r->scratch, p, line_end, err);
+        s = esft__add_parsed_line(r->st, r->layer, &r->scratch, err);
         if (s != ESFT_OK) return esft__locate(err, s, r->name, r->line);
-        p = nl ? nl + 1 : end;
+        p = next;
     }
     *consumed = (size_t)(p - data);
     return ESFT_OK;
@@ -3586,7 +3993,7 @@ static esft_status esft__moe_check_call(const esft_moe *m, const void *out, cons
                                         const float *x, const char *in_name, void *workspace,
                                         size_t workspace_bytes, int T, esft_error *err)
 {
-    size_t need;
+    size_t need = 0;
     long bad;
     esft_status s;
     if (!m || !m->slot) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "layer not initialised");
@@ -3713,10 +4120,11 @@ ESFTDEF esft_status esft_adapter_init_weights(const esft_adapter_config *c, floa
 }
 
 /* The primitive, unchecked (the PESC layer calls it on gathered rows).
-   work (T, R) receives the scaled activations. */
+   work (T, R) receives the scaled activations. y = beta y + A(x): beta 1 for the
+   public accumulate, 0 for the PESC layer's scratch rows (no memset needed). */
 static void esft__adapter_forward_cpu(const esft_adapter_config *c, float *y, float *hidden,
                                       const float *x, const float *w_down, const float *w_up,
-                                      const float *row_scale, float *work, int T)
+                                      const float *row_scale, float *work, float beta, int T)
 {
     int t, r, R = c->rank;
     if (T == 0) return;
@@ -3728,7 +4136,7 @@ static void esft__adapter_forward_cpu(const esft_adapter_config *c, float *y, fl
         if (c->activation == ESFT_ACT_GELU) for (r = 0; r < R; r++) g[r] = k * esft__gelu(h[r]);
         else for (r = 0; r < R; r++) g[r] = k * h[r];
     }
-    esft__sgemm(0, 1, T, c->d_out, R, 1.0f, work, R, w_up, R, 1.0f, y, c->d_out);
+    esft__sgemm(0, 1, T, c->d_out, R, 1.0f, work, R, w_up, R, beta, y, c->d_out);
 }
 
 /* Backward, unchecked. With g = act(h), k_t = s * row_scale[t], z = dy W_up (T, R):
@@ -3771,7 +4179,7 @@ ESFTDEF esft_status esft_adapter_forward(const esft_adapter_config *c, float *y,
     if (s != ESFT_OK) return s;
     if (T > 0 && (!y || !hidden || !x || !w_down || !w_up || !work))
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "y, hidden, x, weights and work must not be NULL");
-    esft__adapter_forward_cpu(c, y, hidden, x, w_down, w_up, row_scale, work, T);
+    esft__adapter_forward_cpu(c, y, hidden, x, w_down, w_up, row_scale, work, 1.0f, T);
     return ESFT_OK;
 }
 
@@ -4069,13 +4477,17 @@ static esft_status esft__pesc_forward_cpu(void *context, const esft_pesc_config 
     (void)context;
     s->T = 0;
     if (T == 0) { s->aux_loss = 0.0f; if (aux_loss) *aux_loss = 0.0f; return ESFT_OK; }
-    if ((st = esft__pesc_check_finite(F, (size_t)T * D, "F", D, err)) != ESFT_OK) return st;
-    if ((st = esft__pesc_check_finite(u, (size_t)T * D, "u", D, err)) != ESFT_OK) return st;
-    if ((st = esft__pesc_check_finite(params, esft_pesc_param_count(c), "params", 0, err)) != ESFT_OK) return st;
-    /* router: logits = u W_r^T, then top-K with softmax over the K (renormalised) */
+    /* NaN/Inf checks cost one pass over (T, E) and one over y: a bad u or router
+       shows in the logits (route checks them), a bad F or expert weight in y;
+       only then are the inputs scanned, to name the culprit */
     esft__sgemm(0, 1, T, E, D, 1.0f, u, D, params, D, 0.0f, s->logits, E);
     rc.renormalize = 1;
-    if ((st = esft__route_cpu(NULL, &rc, s->ids, s->weights, s->probs, s->logits, T, err)) != ESFT_OK) return st;
+    if ((st = esft__route_cpu(NULL, &rc, s->ids, s->weights, s->probs, s->logits, T, err)) != ESFT_OK) {
+        if (st != ESFT_ERR_NUMERIC) return st;
+        if ((st = esft__pesc_check_finite(u, (size_t)T * D, "u", D, err)) != ESFT_OK) return st;
+        if ((st = esft__pesc_check_finite(params, (size_t)E * D, "router weight", D, err)) != ESFT_OK) return st;
+        return esft__fail(err, ESFT_ERR_NUMERIC, "router logits overflow (u or router weights too large)");
+    }
     esft__pesc_group_slots(s->order, s->offset, s->ids, T * K, E);
     s->aux_loss = esft__pesc_aux_loss(c, s, T);
     memcpy(y, F, (size_t)T * D * sizeof(float));
@@ -4085,15 +4497,20 @@ static esft_status esft__pesc_forward_cpu(void *context, const esft_pesc_config 
         if (n == 0) continue;
         esft__pesc_gather_input(c, w.xg, F, slots, n, e);
         for (j = 0; j < n; j++) w.wg[j] = s->weights[slots[j]];
-        memset(w.yg, 0, (size_t)n * D * sizeof(float));
         esft__adapter_forward_cpu(&ac, w.yg, s->hidden + (size_t)s->offset[e] * R, w.xg,
                                   params + esft_pesc_tensor_offset(c, ESFT_PESC_DOWN, e),
-                                  params + esft_pesc_tensor_offset(c, ESFT_PESC_UP, e), w.wg, w.g, n);
+                                  params + esft_pesc_tensor_offset(c, ESFT_PESC_UP, e), w.wg, w.g, 0.0f, n);
         for (j = 0; j < n; j++) { /* scatter; experts ascending, so the sum order is fixed */
             float *yt = y + (size_t)(slots[j] / K) * D;
             const float *a = w.yg + (size_t)j * D;
             for (d = 0; d < D; d++) yt[d] += a[d];
         }
+    }
+    if (esft__pesc_check_finite(y, (size_t)T * D, "y", D, err) != ESFT_OK) {
+        if ((st = esft__pesc_check_finite(F, (size_t)T * D, "F", D, err)) != ESFT_OK) return st;
+        if ((st = esft__pesc_check_finite(params, esft_pesc_param_count(c), "params", 0, err)) != ESFT_OK)
+            return st;
+        return ESFT_ERR_NUMERIC; /* finite inputs, an overflow: err names y's first bad element */
     }
     s->cfg = *c;
     s->T = T;
@@ -4382,7 +4799,1811 @@ ESFTDEF esft_status esft_clip_grad_norm(float *const *grads, const size_t *sizes
 }
 
 /* ===================================================================== */
-/* 12. JSON                                                              */
+/* 12. checkpoints (safetensors, Hugging Face names)                     */
+/* ===================================================================== */
+
+#if defined(_WIN32)
+#include <direct.h>
+#include <fcntl.h>
+#include <io.h>
+#include <sys/stat.h>
+#else
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+#if defined(__linux__)
+#include <sys/sendfile.h>
+#endif
+#endif
+
+/* ---- dtypes and conversions ------------------------------------------ */
+
+static const struct esft__dtype_info {
+    const char *name;
+    size_t size;
+} esft__dtypes[ESFT_DTYPE_COUNT] = {
+    {"F32", 4}, {"F16", 2}, {"BF16", 2}, {"F64", 8}, {"I64", 8}, {"I32", 4}, {"I16", 2},
+    {"I8", 1}, {"U64", 8}, {"U32", 4}, {"U16", 2}, {"U8", 1}, {"BOOL", 1},
+    {"F8_E4M3", 1}, {"F8_E5M2", 1},
+};
+
+static int esft__dtype_ok(esft_dtype t) { return (int)t >= 0 && (int)t < (int)ESFT_DTYPE_COUNT; }
+
+ESFTDEF const char *esft_dtype_name(esft_dtype t) { return esft__dtype_ok(t) ? esft__dtypes[t].name : "?"; }
+
+ESFTDEF size_t esft_dtype_size(esft_dtype t) { return esft__dtype_ok(t) ? esft__dtypes[t].size : 0; }
+
+ESFTDEF esft_status esft_dtype_parse(const char *name, esft_dtype *out)
+{
+    int i;
+    if (!name || !out) return ESFT_ERR_INVALID_ARGUMENT;
+    for (i = 0; i < (int)ESFT_DTYPE_COUNT; i++)
+        if (strcmp(name, esft__dtypes[i].name) == 0) { *out = (esft_dtype)i; return ESFT_OK; }
+    return ESFT_ERR_UNSUPPORTED;
+}
+
+static uint32_t esft__f32_bits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
+static float esft__bits_f32(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
+
+ESFTDEF uint16_t esft_f32_to_bf16(float x)
+{
+    uint32_t u = esft__f32_bits(x);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) { /* NaN: truncate, but never to the Inf pattern */
+        uint16_t h = (uint16_t)(u >> 16);
+        return (h & 0x7Fu) ? h : (uint16_t)(h | 0x40u);
+    }
+    /* adding 0x7FFF plus the lowest kept bit rounds half to even; a carry into the
+       exponent is the correct rounding up (to Inf above the largest bf16) */
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+ESFTDEF float esft_bf16_to_f32(uint16_t h) { return esft__bits_f32((uint32_t)h << 16); }
+
+/* Rounds m >> shift to nearest, ties to even (shift in 1..31). */
+static uint32_t esft__shift_rne(uint32_t m, uint32_t shift)
+{
+    uint32_t r = m >> shift, rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    return r + (rem > half || (rem == half && (r & 1u)));
+}
+
+ESFTDEF uint16_t esft_f32_to_f16(float x)
+{
+    uint32_t u = esft__f32_bits(x), a = u & 0x7FFFFFFFu;
+    uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);
+    if (a > 0x7F800000u) { /* NaN: keep the top 10 payload bits, never the Inf pattern */
+        uint16_t mant = (uint16_t)((a >> 13) & 0x3FFu);
+        return (uint16_t)(sign | 0x7C00u | (mant ? mant : 0x200u));
+    }
+    if (a >= 0x477FF000u) return (uint16_t)(sign | 0x7C00u); /* >= 65520 rounds to Inf */
+    if (a >= 0x38800000u) /* normal fp16 (>= 2^-14): rebias 127 -> 15, round 13 bits off */
+        return (uint16_t)(sign | esft__shift_rne(a - 0x38000000u, 13));
+    if (a < 0x33000000u) return sign; /* below 2^-25: rounds to zero */
+    /* subnormal fp16: value / 2^-24 rounded; exponent 102..112 gives shift 24..14 */
+    return (uint16_t)(sign | esft__shift_rne((a & 0x7FFFFFu) | 0x800000u, 126u - (a >> 23)));
+}
+
+ESFTDEF float esft_f16_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    if (e == 0x1Fu) return esft__bits_f32(sign | 0x7F800000u | (m << 13)); /* Inf, NaN */
+    if (e == 0) {
+        if (!m) return esft__bits_f32(sign);
+        e = 113; /* subnormal m * 2^-24: normalise */
+        while (!(m & 0x400u)) { m <<= 1; e--; }
+        return esft__bits_f32(sign | (e << 23) | ((m & 0x3FFu) << 13));
+    }
+    return esft__bits_f32(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+static uint32_t esft__le32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+static uint64_t esft__le64(const unsigned char *p)
+{
+    return (uint64_t)esft__le32(p) | ((uint64_t)esft__le32(p + 4) << 32);
+}
+
+static void esft__put_le32(unsigned char *p, uint32_t v)
+{
+    p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8);
+    p[2] = (unsigned char)(v >> 16); p[3] = (unsigned char)(v >> 24);
+}
+
+ESFTDEF esft_status esft_convert_to_f32(float *dst, const void *src, esft_dtype dtype, size_t n)
+{
+    const unsigned char *p = ESFT__CAST(const unsigned char *, src);
+    size_t i;
+    if (n && (!dst || !src)) return ESFT_ERR_INVALID_ARGUMENT;
+    switch (dtype) {
+    case ESFT_DTYPE_F32:
+        for (i = 0; i < n; i++) dst[i] = esft__bits_f32(esft__le32(p + 4 * i));
+        return ESFT_OK;
+    case ESFT_DTYPE_F16:
+        for (i = 0; i < n; i++) dst[i] = esft_f16_to_f32((uint16_t)(p[2 * i] | (p[2 * i + 1] << 8)));
+        return ESFT_OK;
+    case ESFT_DTYPE_BF16:
+        for (i = 0; i < n; i++)
+            dst[i] = esft__bits_f32(((uint32_t)p[2 * i] << 16) | ((uint32_t)p[2 * i + 1] << 24));
+        return ESFT_OK;
+    default: return ESFT_ERR_UNSUPPORTED;
+    }
+}
+
+ESFTDEF esft_status esft_convert_from_f32(void *dst, const float *src, esft_dtype dtype, size_t n)
+{
+    unsigned char *p = ESFT__CAST(unsigned char *, dst);
+    size_t i;
+    if (n && (!dst || !src)) return ESFT_ERR_INVALID_ARGUMENT;
+    if (dtype == ESFT_DTYPE_F32) {
+        for (i = 0; i < n; i++) esft__put_le32(p + 4 * i, esft__f32_bits(src[i]));
+        return ESFT_OK;
+    }
+    if (dtype != ESFT_DTYPE_F16 && dtype != ESFT_DTYPE_BF16) return ESFT_ERR_UNSUPPORTED;
+    for (i = 0; i < n; i++) {
+        uint16_t h = dtype == ESFT_DTYPE_F16 ? esft_f32_to_f16(src[i]) : esft_f32_to_bf16(src[i]);
+        p[2 * i] = (unsigned char)h;
+        p[2 * i + 1] = (unsigned char)(h >> 8);
+    }
+    return ESFT_OK;
+}
+
+/* ---- files: positioned reads, streamed atomic writes ------------------ */
+
+#if defined(_WIN32)
+#define ESFT__O_BINARY _O_BINARY
+typedef int esft__ssize;
+#define esft__sys_read(fd, p, n) _read(fd, p, (unsigned)(n))
+#define esft__sys_write(fd, p, n) _write(fd, p, (unsigned)(n))
+#define esft__sys_close _close
+#else
+#define ESFT__O_BINARY 0
+typedef ssize_t esft__ssize;
+#define esft__sys_read(fd, p, n) read(fd, p, n)
+#define esft__sys_write(fd, p, n) write(fd, p, n)
+#define esft__sys_close close
+#endif
+
+#define ESFT__IO_CHUNK ((size_t)1 << 30) /* largest single read/write call */
+
+static int esft__fd_open_read(const char *path)
+{
+#if defined(_WIN32)
+    return _open(path, _O_RDONLY | ESFT__O_BINARY);
+#else
+    return open(path, O_RDONLY);
+#endif
+}
+
+/* Size of a regular file; 0 for directories, pipes and errors. */
+static int esft__fd_size(int fd, uint64_t *size)
+{
+#if defined(_WIN32)
+    struct _stat64 s;
+    if (_fstat64(fd, &s) != 0 || !(s.st_mode & _S_IFREG)) return 0;
+#else
+    struct stat s;
+    if (fstat(fd, &s) != 0 || !S_ISREG(s.st_mode)) return 0;
+#endif
+    *size = (uint64_t)s.st_size;
+    return 1;
+}
+
+static int esft__fd_seek(int fd, uint64_t offset)
+{
+#if defined(_WIN32)
+    return _lseeki64(fd, (__int64)offset, SEEK_SET) >= 0;
+#else
+    if (sizeof(off_t) < 8 && offset > 0x7FFFFFFFu) return 0;
+    return lseek(fd, (off_t)offset, SEEK_SET) != (off_t)-1;
+#endif
+}
+
+/* Reads exactly n bytes at offset; 0 on error or an early end of file. */
+static int esft__fd_read_at(int fd, uint64_t offset, void *dst, size_t n)
+{
+    unsigned char *p = ESFT__CAST(unsigned char *, dst);
+    if (!esft__fd_seek(fd, offset)) return 0;
+    while (n > 0) {
+        esft__ssize r = esft__sys_read(fd, p, n < ESFT__IO_CHUNK ? n : ESFT__IO_CHUNK);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return 0;
+        p += r;
+        n -= (size_t)r;
+    }
+    return 1;
+}
+
+/* A whole small file (an index) into memory, NUL-terminated. Pair: a->free. */
+static esft_status esft__slurp(const char *path, const esft_allocator *a, char **out, size_t *size,
+                               esft_error *err)
+{
+    uint64_t n = 0;
+    int fd = esft__fd_open_read(path);
+    *out = NULL;
+    if (fd < 0) return esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot open: %s", strerror(errno));
+    if (!esft__fd_size(fd, &n) || n > ESFT_ST_MAX_HEADER) {
+        esft__sys_close(fd);
+        return esft__fail_at(err, ESFT_ERR_IO, path, 0, "not a regular file of at most 100 MB");
+    }
+    *out = ESFT__CAST(char *, a->alloc(a->user, (size_t)n + 1));
+    if (!*out) { esft__sys_close(fd); return esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, path, 0, "%lu bytes", (unsigned long)n); }
+    if (!esft__fd_read_at(fd, 0, *out, (size_t)n)) {
+        esft__sys_close(fd);
+        a->free(a->user, *out);
+        *out = NULL;
+        return esft__fail_at(err, ESFT_ERR_IO, path, 0, "read failed");
+    }
+    esft__sys_close(fd);
+    (*out)[n] = 0;
+    *size = (size_t)n;
+    return ESFT_OK;
+}
+
+/* A file being written: bytes go to "<path>.tmp"; commit renames it to path. */
+typedef struct esft__out {
+    int fd;
+    char path[4096];
+    char tmp[4100];
+} esft__out;
+
+static esft_status esft__out_open(esft__out *o, const char *path, esft_error *err)
+{
+    o->fd = -1;
+    o->tmp[0] = 0;
+    if (strlen(path) >= sizeof o->path)
+        return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "path too long");
+    snprintf(o->path, sizeof o->path, "%s", path);
+    snprintf(o->tmp, sizeof o->tmp, "%s.tmp", path);
+#if defined(_WIN32)
+    o->fd = _open(o->tmp, _O_WRONLY | _O_CREAT | _O_TRUNC | ESFT__O_BINARY, _S_IREAD | _S_IWRITE);
+#else
+    o->fd = open(o->tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+#endif
+    if (o->fd < 0) {
+        int e = errno;
+        o->tmp[0] = 0;
+        return esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot create %s.tmp: %s", path, strerror(e));
+    }
+    return ESFT_OK;
+}
+
+static esft_status esft__out_write(esft__out *o, const void *data, size_t n, esft_error *err)
+{
+    const unsigned char *p = ESFT__CAST(const unsigned char *, data);
+    while (n > 0) {
+        esft__ssize w = esft__sys_write(o->fd, p, n < ESFT__IO_CHUNK ? n : ESFT__IO_CHUNK);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return esft__fail_at(err, ESFT_ERR_IO, o->path, 0, "write failed: %s", strerror(errno));
+        p += w;
+        n -= (size_t)w;
+    }
+    return ESFT_OK;
+}
+
+/* Forces the bytes to disk and closes; the temp file stays until commit or abort. */
+static esft_status esft__out_finish(esft__out *o, esft_error *err)
+{
+    int ok;
+#if defined(_WIN32)
+    ok = _commit(o->fd) == 0;
+#else
+    ok = fsync(o->fd) == 0;
+#endif
+    ok = esft__sys_close(o->fd) == 0 && ok;
+    o->fd = -1;
+    if (!ok) return esft__fail_at(err, ESFT_ERR_IO, o->path, 0, "cannot flush to disk: %s", strerror(errno));
+    return ESFT_OK;
+}
+
+static esft_status esft__out_commit(esft__out *o, esft_error *err)
+{
+#if defined(_WIN32)
+    remove(o->path);
+#endif
+    if (rename(o->tmp, o->path) != 0)
+        return esft__fail_at(err, ESFT_ERR_IO, o->path, 0, "cannot rename %s: %s", o->tmp, strerror(errno));
+    o->tmp[0] = 0;
+    return ESFT_OK;
+}
+
+/* Closes and deletes the temp file, if any: nothing stays behind. */
+static void esft__out_abort(esft__out *o)
+{
+    if (o->fd >= 0) esft__sys_close(o->fd);
+    o->fd = -1;
+    if (o->tmp[0]) remove(o->tmp);
+    o->tmp[0] = 0;
+}
+
+/* Progress reporting of long copies. */
+typedef struct esft__progress {
+    const esft_checkpoint_options *opt;
+    uint64_t done, total;
+} esft__progress;
+
+static void esft__progress_add(esft__progress *pr, uint64_t n)
+{
+    pr->done += n;
+    if (pr->opt && pr->opt->progress) pr->opt->progress(pr->opt->user, pr->done, pr->total);
+}
+
+#define ESFT__COPY_CHUNK ((size_t)8 << 20) /* bytes per copy step: the memory bound of merges */
+
+/* Copies n bytes at offset of file src (or memory) into o. buf (cap bytes) is
+   the bounce buffer when the kernel cannot copy file to file itself. */
+static esft_status esft__out_copy(esft__out *o, const esft_safetensors *src, uint64_t offset, uint64_t n,
+                                  unsigned char *buf, size_t cap, esft__progress *pr, esft_error *err)
+{
+    esft_status s;
+    if (src->memory_) {
+        while (n > 0) {
+            size_t m = n < ESFT__COPY_CHUNK ? (size_t)n : ESFT__COPY_CHUNK;
+            if ((s = esft__out_write(o, src->memory_ + offset, m, err)) != ESFT_OK) return s;
+            offset += m;
+            n -= m;
+            if (pr) esft__progress_add(pr, m);
+        }
+        return ESFT_OK;
+    }
+#if defined(__linux__)
+    if (sizeof(off_t) >= 8) { /* in-kernel copy, as cp does; falls back when refused */
+        off_t at = (off_t)offset;
+        while (n > 0) {
+            size_t m = n < ESFT__COPY_CHUNK ? (size_t)n : ESFT__COPY_CHUNK;
+            ssize_t w = sendfile(o->fd, src->fd_, &at, m);
+            if (w < 0 && errno == EINTR) continue;
+            if (w < 0 && (errno == EINVAL || errno == ENOSYS)) break;
+            if (w <= 0) return esft__fail_at(err, ESFT_ERR_IO, o->path, 0, "copy failed: %s", w < 0 ? strerror(errno) : "source ended early");
+            n -= (uint64_t)w;
+            if (pr) esft__progress_add(pr, (uint64_t)w);
+        }
+        offset = (uint64_t)at;
+    }
+#endif
+    while (n > 0) {
+        size_t m = n < cap ? (size_t)n : cap;
+        if (!esft__fd_read_at(src->fd_, offset, buf, m))
+            return esft__fail_at(err, ESFT_ERR_IO, o->path, 0, "reading the source failed at byte %llu",
+                                 (unsigned long long)offset);
+        if ((s = esft__out_write(o, buf, m, err)) != ESFT_OK) return s;
+        offset += m;
+        n -= m;
+        if (pr) esft__progress_add(pr, m);
+    }
+    return ESFT_OK;
+}
+
+/* ---- JSON helpers ----------------------------------------------------- */
+
+/* 1 if s[0..n) is well-formed UTF-8 (no overlongs, surrogates or > U+10FFFF). */
+static int esft__utf8_valid(const char *text, size_t n)
+{
+    const unsigned char *s = ESFT__CAST(const unsigned char *, ESFT__CAST(const void *, text));
+    size_t i = 0, len, k;
+    while (i < n) {
+        uint32_t c = s[i], cp, min;
+        if (c < 0x80) { i++; continue; }
+        if ((c & 0xE0) == 0xC0) { len = 2; cp = c & 0x1F; min = 0x80; }
+        else if ((c & 0xF0) == 0xE0) { len = 3; cp = c & 0x0F; min = 0x800; }
+        else if ((c & 0xF8) == 0xF0) { len = 4; cp = c & 0x07; min = 0x10000; }
+        else return 0;
+        if (n - i < len) return 0;
+        for (k = 1; k < len; k++) {
+            if ((s[i + k] & 0xC0) != 0x80) return 0;
+            cp = (cp << 6) | (s[i + k] & 0x3Fu);
+        }
+        if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return 0;
+        i += len;
+    }
+    return 1;
+}
+
+/* A number token that is a plain non-negative integer below 2^63 (digits only,
+   no sign, fraction, exponent or leading zero). */
+static int esft__json_u64(const esft_json *js, int tok, uint64_t *out)
+{
+    const esft_json_token *t = js->tokens + tok;
+    uint64_t v = 0;
+    size_t i;
+    if (t->type != ESFT_JSON_NUMBER || t->end == t->start) return 0;
+    if (t->end - t->start > 1 && js->text[t->start] == '0') return 0;
+    for (i = t->start; i < t->end; i++) {
+        unsigned d = (unsigned)(js->text[i] - '0');
+        if (d > 9 || v > (0x7FFFFFFFFFFFFFFFull - d) / 10) return 0;
+        v = v * 10 + d;
+    }
+    *out = v;
+    return 1;
+}
+
+/* Decodes string token tok into the arena; NULL when it holds \u0000 or is
+   not valid UTF-8 once decoded (lone surrogates). The arena is sized so it
+   cannot run out: decoding never lengthens a string. */
+static const char *esft__arena_string(const esft_json *js, int tok, char *arena, size_t cap, size_t *used)
+{
+    const esft_json_token *t = js->tokens + tok;
+    char *dst = arena + *used;
+    size_t i, n;
+    for (i = t->start; i < t->end; i++) {
+        if (js->text[i] != '\\') continue;
+        i++;
+        if (js->text[i] == 'u' && memcmp(js->text + i + 1, "0000", 4) == 0) return NULL;
+    }
+    if (esft_json_string(js, tok, dst, cap - *used) != ESFT_OK) return NULL;
+    n = strlen(dst);
+    if (!esft__utf8_valid(dst, n)) return NULL;
+    *used += n + 1;
+    return dst;
+}
+
+/* Appends s as a JSON string literal (quotes, escapes). */
+static void esft__buf_json_string(esft__buf *b, const char *s)
+{
+    esft__buf_puts(b, "\"");
+    for (; *s; s++) {
+        unsigned char c = (unsigned char)*s;
+        if (c == '"' || c == '\\') { esft__buf_append(b, "\\", 1); esft__buf_append(b, s, 1); }
+        else if (c < 0x20) esft__buf_printf(b, "\\u%04x", (unsigned)c);
+        else esft__buf_append(b, s, 1);
+    }
+    esft__buf_puts(b, "\"");
+}
+
+static void esft__shape_string(char *buf, size_t cap, int n_dims, const int64_t *shape)
+{
+    size_t n = 0;
+    int d;
+    n += (size_t)snprintf(buf, cap, "[");
+    for (d = 0; d < n_dims && n < cap; d++)
+        n += (size_t)snprintf(buf + n, cap - n, "%s%lld", d ? ", " : "", (long long)shape[d]);
+    if (n < cap) snprintf(buf + n, cap - n, "]");
+}
+
+static int esft__cmp_str_ptr(const void *a, const void *b)
+{
+    return strcmp(*ESFT__CAST(const char *const *, a), *ESFT__CAST(const char *const *, b));
+}
+
+/* The first string that occurs twice in a sorted array, or NULL. */
+static const char *esft__first_duplicate(const char **sorted, int n)
+{
+    int i;
+    for (i = 1; i < n; i++)
+        if (strcmp(sorted[i - 1], sorted[i]) == 0) return sorted[i];
+    return NULL;
+}
+
+/* ---- safetensors: reading --------------------------------------------- */
+
+/* Fails with a header problem; offset = the byte in the file (-1 if none). */
+static esft_status esft__st_bad(esft_error *err, esft_status s, const char *file, long offset,
+                                const char *fmt, ...)
+{
+    if (err) {
+        va_list ap;
+        esft__fail_at(err, s, file, 0, "%s", "");
+        va_start(ap, fmt);
+        vsnprintf(err->message, sizeof err->message, fmt, ap);
+        va_end(ap);
+        err->offset = offset;
+    }
+    return s;
+}
+
+#define ESFT__TOK_AT(js, tok) ((long)(8 + (js)->tokens[tok].start))
+
+/* One tensor's {"dtype", "shape", "data_offsets"}; t->offset is left relative. */
+static esft_status esft__st_tensor_info(const esft_json *js, int obj, esft_st_tensor *t,
+                                        const char *file, esft_error *err)
+{
+    int i, k, dt = -1, sh = -1, off = -1;
+    uint64_t b, e, numel = 1, dim;
+    char dtype[16];
+    if (js->tokens[obj].type != ESFT_JSON_OBJECT)
+        return esft__st_bad(err, ESFT_ERR_PARSE, file, ESFT__TOK_AT(js, obj), "tensor '%s' is not a JSON object", t->name);
+    for (i = 0, k = obj + 1; i < js->tokens[obj].size; i++, k = js->tokens[k + 1].next) {
+        int *slot = esft_json_string_equals(js, k, "dtype") ? &dt
+                  : esft_json_string_equals(js, k, "shape") ? &sh
+                  : esft_json_string_equals(js, k, "data_offsets") ? &off : NULL;
+        if (!slot || *slot >= 0)
+            return esft__st_bad(err, ESFT_ERR_PARSE, file, ESFT__TOK_AT(js, k), "tensor '%s': %s field",
+                                t->name, slot ? "duplicate" : "unknown");
+        *slot = k + 1;
+    }
+    if (dt < 0 || sh < 0 || off < 0)
+        return esft__st_bad(err, ESFT_ERR_PARSE, file, ESFT__TOK_AT(js, obj), "tensor '%s' lacks %s", t->name,
+                            dt < 0 ? "dtype" : sh < 0 ? "shape" : "data_offsets");
+    if (js->tokens[dt].type != ESFT_JSON_STRING || esft_json_string(js, dt, dtype, sizeof dtype) != ESFT_OK ||
+        esft_dtype_parse(dtype, &t->dtype) != ESFT_OK) {
+        esft_json_string(js, dt, dtype, sizeof dtype); /* best effort for the message */
+        return esft__st_bad(err, ESFT_ERR_UNSUPPORTED, file, ESFT__TOK_AT(js, dt), "tensor '%s': unknown dtype '%s'",
+                            t->name, js->tokens[dt].type == ESFT_JSON_STRING ? dtype : "(not a string)");
+    }
+    if (js->tokens[sh].type != ESFT_JSON_ARRAY)
+        return esft__st_bad(err, ESFT_ERR_PARSE, file, ESFT__TOK_AT(js, sh), "tensor '%s': shape is not a list", t->name);
+    if (js->tokens[sh].size > ESFT_ST_MAX_DIMS)
+        return esft__st_bad(err, ESFT_ERR_UNSUPPORTED, file, ESFT__TOK_AT(js, sh), "tensor '%s': %d dimensions (at most %d)",
+                            t->name, js->tokens[sh].size, ESFT_ST_MAX_DIMS);
+    t->n_dims = js->tokens[sh].size;
+    for (i = 0, k = sh + 1; i < t->n_dims; i++, k = js->tokens[k].next) {
+        if (!esft__json_u64(js, k, &dim))
+            return esft__st_bad(err, ESFT_ERR_PARSE, file, ESFT__TOK_AT(js, k), "tensor '%s': a dimension is not a non-negative integer", t->name);
+        if (dim && numel > (uint64_t)-1 / dim)
+            return esft__st_bad(err, ESFT_ERR_PARSE, file, ESFT__TOK_AT(js, k), "tensor '%s': shape overflows", t->name);
+        t->shape[i] = (int64_t)dim;
+        numel *= dim;
+    }
+    if (numel > (uint64_t)-1 / esft_dtype_size(t->dtype))
+        return esft__st_bad(err, ESFT_ERR_PARSE, file, ESFT__TOK_AT(js, sh), "tensor '%s': size overflows", t->name);
+    t->n_elements = numel;
+    t->n_bytes = numel * esft_dtype_size(t->dtype);
+    if (js->tokens[off].type != ESFT_JSON_ARRAY || js->tokens[off].size != 2 ||
+        !esft__json_u64(js, off + 1, &b) || !esft__json_u64(js, js->tokens[off + 1].next, &e) || e < b)
+        return esft__st_bad(err, ESFT_ERR_PARSE, file, ESFT__TOK_AT(js, off),
+                            "tensor '%s': data_offsets must be [begin, end] with 0 <= begin <= end", t->name);
+    if (e - b != t->n_bytes) {
+        char shape[160];
+        esft__shape_string(shape, sizeof shape, t->n_dims, t->shape);
+        return esft__st_bad(err, ESFT_ERR_PARSE, file, ESFT__TOK_AT(js, off),
+                            "tensor '%s': shape %s of %s is %llu bytes but data_offsets span %llu", t->name, shape,
+                            esft_dtype_name(t->dtype), (unsigned long long)t->n_bytes, (unsigned long long)(e - b));
+    }
+    t->offset = b;
+    return ESFT_OK;
+}
+
+/* Data order; zero-byte tensors before a tensor at the same offset; names break ties. */
+static int esft__cmp_tensor_offset(const void *pa, const void *pb)
+{
+    const esft_st_tensor *a = ESFT__CAST(const esft_st_tensor *, pa), *b = ESFT__CAST(const esft_st_tensor *, pb);
+    if (a->offset != b->offset) return a->offset < b->offset ? -1 : 1;
+    if (a->n_bytes != b->n_bytes) return a->n_bytes < b->n_bytes ? -1 : 1;
+    return strcmp(a->name, b->name);
+}
+
+static int esft__cmp_tensor_name(const void *pa, const void *pb)
+{
+    const esft_st_tensor *a = *ESFT__CAST(const esft_st_tensor *const *, pa);
+    const esft_st_tensor *b = *ESFT__CAST(const esft_st_tensor *const *, pb);
+    return strcmp(a->name, b->name);
+}
+
+/* Tensors must tile the data area exactly: sorted by offset, each begins where
+   the previous ended, the last ends at the end of the file. */
+static esft_status esft__st_check_layout(esft_safetensors *st, uint64_t data_size, const char *file,
+                                         esft_error *err)
+{
+    uint64_t expect = 0;
+    int i;
+    qsort(st->tensors, (size_t)st->n_tensors, sizeof *st->tensors, esft__cmp_tensor_offset);
+    for (i = 0; i < st->n_tensors; i++) {
+        const esft_st_tensor *t = st->tensors + i;
+        if (t->offset < expect)
+            return esft__st_bad(err, ESFT_ERR_PARSE, file, -1,
+                                "tensor '%s' data_offsets [%llu, %llu] overlap tensor '%s' (ends at %llu)", t->name,
+                                (unsigned long long)t->offset, (unsigned long long)(t->offset + t->n_bytes),
+                                st->tensors[i - 1].name, (unsigned long long)expect);
+        if (t->offset > expect)
+            return esft__st_bad(err, ESFT_ERR_PARSE, file, -1, "%llu unused bytes before tensor '%s' (data_offsets begin at %llu)",
+                                (unsigned long long)(t->offset - expect), t->name, (unsigned long long)t->offset);
+        expect = t->offset + t->n_bytes;
+    }
+    if (expect > data_size)
+        return esft__st_bad(err, ESFT_ERR_PARSE, file, -1,
+                            "file truncated: the tensors need %llu data bytes, the file has %llu after the header",
+                            (unsigned long long)expect, (unsigned long long)data_size);
+    if (expect < data_size)
+        return esft__st_bad(err, ESFT_ERR_PARSE, file, -1, "%llu bytes after the last tensor (data area %llu, tensors %llu)",
+                            (unsigned long long)(data_size - expect), (unsigned long long)data_size,
+                            (unsigned long long)expect);
+    for (i = 0; i < st->n_tensors; i++) st->tensors[i].offset += 8 + st->header_size;
+    return ESFT_OK;
+}
+
+/* Name index for lookups, and the check that names are unique. */
+static esft_status esft__st_index_names(esft_safetensors *st, const char *file, esft_error *err)
+{
+    const esft_st_tensor **p;
+    int i;
+    if (st->n_tensors == 0) return ESFT_OK;
+    p = ESFT__CAST(const esft_st_tensor **, esft__calloc(&st->allocator, (size_t)st->n_tensors, sizeof *p));
+    if (!p) return esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, file, 0, "name index");
+    for (i = 0; i < st->n_tensors; i++) p[i] = st->tensors + i;
+    qsort(p, (size_t)st->n_tensors, sizeof *p, esft__cmp_tensor_name);
+    for (i = 0; i < st->n_tensors; i++) {
+        st->by_name_[i] = (int)(p[i] - st->tensors);
+        if (i && strcmp(p[i - 1]->name, p[i]->name) == 0) {
+            esft__st_bad(err, ESFT_ERR_PARSE, file, -1, "duplicate tensor name '%s'", p[i]->name);
+            esft__release(&st->allocator, p);
+            return ESFT_ERR_PARSE;
+        }
+    }
+    esft__release(&st->allocator, p);
+    return ESFT_OK;
+}
+
+/* "__metadata__": {"key": "string", ...}; keys unique. */
+static esft_status esft__st_metadata(esft_safetensors *st, const esft_json *js, int obj, char *arena,
+                                     size_t cap, size_t *used, const char *file, esft_error *err)
+{
+    int i, k;
+    const char **sorted, *dup;
+    if (js->tokens[obj].type != ESFT_JSON_OBJECT)
+        return esft__st_bad(err, ESFT_ERR_PARSE, file, ESFT__TOK_AT(js, obj), "__metadata__ is not an object");
+    for (i = 0, k = obj + 1; i < js->tokens[obj].size; i++, k = js->tokens[k + 1].next) {
+        if (js->tokens[k + 1].type != ESFT_JSON_STRING)
+            return esft__st_bad(err, ESFT_ERR_PARSE, file, ESFT__TOK_AT(js, k + 1), "__metadata__ values must be strings");
+        st->meta_keys[i] = esft__arena_string(js, k, arena, cap, used);
+        st->meta_values[i] = esft__arena_string(js, k + 1, arena, cap, used);
+        if (!st->meta_keys[i] || !st->meta_values[i])
+            return esft__st_bad(err, ESFT_ERR_PARSE, file, ESFT__TOK_AT(js, k), "__metadata__ string holds NUL or invalid UTF-8");
+    }
+    st->n_metadata = js->tokens[obj].size;
+    if (st->n_metadata < 2) return ESFT_OK;
+    sorted = ESFT__CAST(const char **, esft__calloc(&st->allocator, (size_t)st->n_metadata, sizeof *sorted));
+    if (!sorted) return esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, file, 0, "metadata");
+    memcpy(sorted, st->meta_keys, (size_t)st->n_metadata * sizeof *sorted);
+    qsort(sorted, (size_t)st->n_metadata, sizeof *sorted, esft__cmp_str_ptr);
+    dup = esft__first_duplicate(sorted, st->n_metadata);
+    if (dup) esft__st_bad(err, ESFT_ERR_PARSE, file, -1, "duplicate __metadata__ key '%s'", dup);
+    esft__release(&st->allocator, ESFT__CAST(void *, sorted));
+    return dup ? ESFT_ERR_PARSE : ESFT_OK;
+}
+
+/* Allocates the tables for n tensors, m metadata pairs and `chars` string bytes. */
+static esft_status esft__st_alloc(esft_safetensors *st, int n, int m, size_t chars, const char *file,
+                                  esft_error *err)
+{
+    st->tensors = ESFT__CAST(esft_st_tensor *, esft__calloc(&st->allocator, (size_t)n, sizeof *st->tensors));
+    st->by_name_ = ESFT__CAST(int *, esft__calloc(&st->allocator, (size_t)n, sizeof(int)));
+    st->meta_keys = ESFT__CAST(const char **, esft__calloc(&st->allocator, (size_t)m, sizeof(char *)));
+    st->meta_values = ESFT__CAST(const char **, esft__calloc(&st->allocator, (size_t)m, sizeof(char *)));
+    st->strings_ = ESFT__CAST(char *, esft__calloc(&st->allocator, chars, 1));
+    if (!st->tensors || !st->by_name_ || !st->meta_keys || !st->meta_values || !st->strings_)
+        return esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, file, 0, "header tables (%d tensors)", n);
+    return ESFT_OK;
+}
+
+/* Parses and validates the header JSON (n bytes); data_size = bytes after it. */
+static esft_status esft__st_parse(esft_safetensors *st, const char *hdr, size_t n, uint64_t data_size,
+                                  const char *file, esft_error *err)
+{
+    esft_json js;
+    int i, k, meta = -1, n_t = 0, t = 0;
+    size_t cap, used = 0;
+    esft_status s;
+    if (!esft__utf8_valid(hdr, n))
+        return esft__st_bad(err, ESFT_ERR_PARSE, file, 8, "header is not valid UTF-8");
+    s = esft_json_parse(&js, hdr, n, &st->allocator, err);
+    if (s != ESFT_OK) {
+        char why[256] = "";
+        if (err) snprintf(why, sizeof why, "%s", err->message);
+        return esft__st_bad(err, s, file, err ? err->offset + 8 : -1, "header: %s", why);
+    }
+    if (js.tokens[0].type != ESFT_JSON_OBJECT) { s = esft__st_bad(err, ESFT_ERR_PARSE, file, 8, "header is not a JSON object"); goto done; }
+    for (i = 0, k = 1; i < js.tokens[0].size; i++, k = js.tokens[k + 1].next) {
+        if (!esft_json_string_equals(&js, k, "__metadata__")) { n_t++; continue; }
+        if (meta >= 0) { s = esft__st_bad(err, ESFT_ERR_PARSE, file, ESFT__TOK_AT(&js, k), "two __metadata__ entries"); goto done; }
+        meta = k + 1;
+    }
+    cap = n + (size_t)js.n_tokens + 1;
+    s = esft__st_alloc(st, n_t, meta >= 0 ? js.tokens[meta].size : 0, cap, file, err);
+    if (s == ESFT_OK && meta >= 0) s = esft__st_metadata(st, &js, meta, st->strings_, cap, &used, file, err);
+    for (i = 0, k = 1; s == ESFT_OK && i < js.tokens[0].size; i++, k = js.tokens[k + 1].next) {
+        esft_st_tensor *ten = st->tensors + t;
+        if (k + 1 == meta) continue;
+        ten->name = esft__arena_string(&js, k, st->strings_, cap, &used);
+        if (!ten->name) { s = esft__st_bad(err, ESFT_ERR_PARSE, file, ESFT__TOK_AT(&js, k), "tensor name holds NUL or invalid UTF-8"); break; }
+        s = esft__st_tensor_info(&js, k + 1, ten, file, err);
+        t++;
+    }
+    st->n_tensors = n_t;
+    if (s == ESFT_OK) s = esft__st_check_layout(st, data_size, file, err);
+    if (s == ESFT_OK) s = esft__st_index_names(st, file, err);
+done:
+    esft_json_free(&js);
+    return s;
+}
+
+static void esft__st_init(esft_safetensors *st, const esft_allocator *allocator)
+{
+    memset(st, 0, sizeof *st);
+    st->fd_ = -1;
+    st->allocator = esft__allocator_or_default(allocator);
+}
+
+/* The 8-byte length and its sanity checks; returns N. */
+static esft_status esft__st_header_length(const unsigned char *first8, uint64_t file_size, const char *file,
+                                          uint64_t *n, esft_error *err)
+{
+    if (file_size < 8)
+        return esft__st_bad(err, ESFT_ERR_PARSE, file, 0, "file truncated: %llu bytes, a safetensors file starts with an 8-byte header length",
+                            (unsigned long long)file_size);
+    *n = esft__le64(first8);
+    if (*n > ESFT_ST_MAX_HEADER)
+        return esft__st_bad(err, ESFT_ERR_PARSE, file, 0, "header length %llu is over the 100 MB limit", (unsigned long long)*n);
+    if (*n > file_size - 8)
+        return esft__st_bad(err, ESFT_ERR_PARSE, file, 0, "header length %llu goes beyond the end of the file (%llu bytes)",
+                            (unsigned long long)*n, (unsigned long long)file_size);
+    if (*n < 2)
+        return esft__st_bad(err, ESFT_ERR_PARSE, file, 0, "header length %llu is too short for a JSON object", (unsigned long long)*n);
+    return ESFT_OK;
+}
+
+ESFTDEF esft_status esft_safetensors_open_memory(esft_safetensors *st, const void *data, size_t size,
+                                                 const char *name, const esft_allocator *allocator,
+                                                 esft_error *err)
+{
+    const unsigned char *p = ESFT__CAST(const unsigned char *, data);
+    uint64_t n = 0;
+    esft_status s;
+    esft__error_clear(err);
+    if (!st) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "output is NULL");
+    esft__st_init(st, allocator);
+    if (!data && size) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "data is NULL");
+    if (!name) name = "<memory>";
+    s = esft__st_header_length(p, size, name, &n, err);
+    if (s != ESFT_OK) return s;
+    st->memory_ = p;
+    st->header_size = n;
+    st->file_size = size;
+    s = esft__st_parse(st, ESFT__CAST(const char *, ESFT__CAST(const void *, p + 8)), (size_t)n, size - 8 - n, name, err);
+    if (s != ESFT_OK) esft_safetensors_close(st);
+    return s;
+}
+
+ESFTDEF esft_status esft_safetensors_open(esft_safetensors *st, const char *path,
+                                          const esft_allocator *allocator, esft_error *err)
+{
+    unsigned char first8[8];
+    uint64_t size = 0, n = 0;
+    char *hdr;
+    esft_status s;
+    esft__error_clear(err);
+    if (!st || !path) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "output or path is NULL");
+    esft__st_init(st, allocator);
+    st->fd_ = esft__fd_open_read(path);
+    if (st->fd_ < 0) return esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot open: %s", strerror(errno));
+    if (!esft__fd_size(st->fd_, &size)) {
+        esft_safetensors_close(st);
+        return esft__fail_at(err, ESFT_ERR_IO, path, 0, "not a regular file");
+    }
+    if (size >= 8 && !esft__fd_read_at(st->fd_, 0, first8, 8)) {
+        esft_safetensors_close(st);
+        return esft__fail_at(err, ESFT_ERR_IO, path, 0, "read failed");
+    }
+    s = esft__st_header_length(first8, size, path, &n, err);
+    if (s != ESFT_OK) { esft_safetensors_close(st); return s; }
+    st->header_size = n;
+    st->file_size = size;
+    hdr = ESFT__CAST(char *, esft__calloc(&st->allocator, (size_t)n, 1));
+    if (!hdr) s = esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, path, 0, "header of %llu bytes", (unsigned long long)n);
+    else if (!esft__fd_read_at(st->fd_, 8, hdr, (size_t)n)) s = esft__fail_at(err, ESFT_ERR_IO, path, 0, "read failed");
+    else s = esft__st_parse(st, hdr, (size_t)n, size - 8 - n, path, err);
+    esft__release(&st->allocator, hdr);
+    if (s != ESFT_OK) esft_safetensors_close(st);
+    return s;
+}
+
+ESFTDEF void esft_safetensors_close(esft_safetensors *st)
+{
+    if (!st) return;
+    if (st->fd_ >= 0) esft__sys_close(st->fd_);
+    if (st->allocator.free) {
+        esft__release(&st->allocator, st->tensors);
+        esft__release(&st->allocator, st->by_name_);
+        esft__release(&st->allocator, ESFT__CAST(void *, st->meta_keys));
+        esft__release(&st->allocator, ESFT__CAST(void *, st->meta_values));
+        esft__release(&st->allocator, st->strings_);
+    }
+    memset(st, 0, sizeof *st);
+    st->fd_ = -1;
+}
+
+ESFTDEF int esft_safetensors_find(const esft_safetensors *st, const char *name)
+{
+    int lo = 0, hi;
+    if (!st || !name) return -1;
+    hi = st->n_tensors - 1;
+    while (lo <= hi) {
+        int mid = lo + (hi - lo) / 2, c = strcmp(st->tensors[st->by_name_[mid]].name, name);
+        if (c == 0) return st->by_name_[mid];
+        if (c < 0) lo = mid + 1;
+        else hi = mid - 1;
+    }
+    return -1;
+}
+
+ESFTDEF const char *esft_safetensors_metadata(const esft_safetensors *st, const char *key)
+{
+    int i;
+    if (!st || !key) return NULL;
+    for (i = 0; i < st->n_metadata; i++)
+        if (strcmp(st->meta_keys[i], key) == 0) return st->meta_values[i];
+    return NULL;
+}
+
+ESFTDEF esft_status esft_safetensors_read(const esft_safetensors *st, int i, void *dst, uint64_t at, size_t n,
+                                          esft_error *err)
+{
+    const esft_st_tensor *t;
+    if (!st || i < 0 || i >= st->n_tensors || (n && !dst))
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "no tensor %d or no destination", i);
+    t = st->tensors + i;
+    if (at > t->n_bytes || n > t->n_bytes - at)
+        return esft__fail(err, ESFT_ERR_RANGE, "bytes [%llu, +%lu) outside tensor '%s' (%llu bytes)",
+                          (unsigned long long)at, (unsigned long)n, t->name, (unsigned long long)t->n_bytes);
+    if (n == 0) return ESFT_OK;
+    if (st->memory_) { memcpy(dst, st->memory_ + t->offset + at, n); return ESFT_OK; }
+    if (!esft__fd_read_at(st->fd_, t->offset + at, dst, n))
+        return esft__fail(err, ESFT_ERR_IO, "reading tensor '%s' failed (file changed since it was opened?)", t->name);
+    return ESFT_OK;
+}
+
+/* Reads tensor i in chunks of whole elements and converts each chunk. */
+static esft_status esft__st_read_converted(const esft_safetensors *st, int i, void *dst, int to_f32,
+                                           esft_error *err)
+{
+    unsigned char chunk[16384];
+    const esft_st_tensor *t = st->tensors + i;
+    size_t es = esft_dtype_size(t->dtype), per = sizeof chunk / es, j;
+    uint64_t done;
+    for (done = 0; done < t->n_elements; done += per) {
+        size_t m = t->n_elements - done < per ? (size_t)(t->n_elements - done) : per;
+        esft_status s = esft_safetensors_read(st, i, chunk, done * es, m * es, err);
+        if (s != ESFT_OK) return s;
+        if (to_f32) {
+            esft_convert_to_f32(ESFT__CAST(float *, dst) + done, chunk, t->dtype, m);
+            continue;
+        }
+        for (j = 0; j < m; j++) {
+            int64_t *o = ESFT__CAST(int64_t *, dst) + done + j;
+            if (es == 4) *o = (int64_t)(int32_t)esft__le32(chunk + 4 * j);
+            else *o = (int64_t)esft__le64(chunk + 8 * j);
+        }
+    }
+    return ESFT_OK;
+}
+
+ESFTDEF esft_status esft_safetensors_read_f32(const esft_safetensors *st, int i, float *dst, esft_error *err)
+{
+    esft_dtype d;
+    if (!st || i < 0 || i >= st->n_tensors || !dst) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "no tensor %d or no destination", i);
+    d = st->tensors[i].dtype;
+    if (d != ESFT_DTYPE_F32 && d != ESFT_DTYPE_F16 && d != ESFT_DTYPE_BF16)
+        return esft__fail(err, ESFT_ERR_UNSUPPORTED, "tensor '%s' is %s, not F32, F16 or BF16", st->tensors[i].name, esft_dtype_name(d));
+    return esft__st_read_converted(st, i, dst, 1, err);
+}
+
+ESFTDEF esft_status esft_safetensors_read_i64(const esft_safetensors *st, int i, int64_t *dst, esft_error *err)
+{
+    esft_dtype d;
+    if (!st || i < 0 || i >= st->n_tensors || !dst) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "no tensor %d or no destination", i);
+    d = st->tensors[i].dtype;
+    if (d != ESFT_DTYPE_I32 && d != ESFT_DTYPE_I64)
+        return esft__fail(err, ESFT_ERR_UNSUPPORTED, "tensor '%s' is %s, not I32 or I64", st->tensors[i].name, esft_dtype_name(d));
+    return esft__st_read_converted(st, i, dst, 0, err);
+}
+
+/* ---- safetensors: writing --------------------------------------------- */
+
+/* One tensor of a file being written and where its bytes come from. */
+typedef struct esft__wt {
+    const char *name;
+    esft_dtype dtype;
+    int n_dims;
+    const int64_t *shape;
+    uint64_t n_bytes;
+    const void *data;            /* raw bytes in the file's dtype, or */
+    const float *f32;            /* fp32 values converted on the way out, or */
+    const esft_safetensors *src; /* tensor src_index of an open file, copied */
+    int src_index;
+} esft__wt;
+
+/* Names and metadata keys: present, UTF-8, unique; names not "__metadata__". */
+static esft_status esft__wt_check_names(const esft__wt *t, int n, const char *const *mk, const char *const *mv,
+                                        int n_meta, const esft_allocator *a, const char *path, esft_error *err)
+{
+    const char **sorted, *dup = NULL;
+    int i, m = n > n_meta ? n : n_meta;
+    for (i = 0; i < n; i++)
+        if (!t[i].name || !t[i].name[0] || strcmp(t[i].name, "__metadata__") == 0 ||
+            !esft__utf8_valid(t[i].name, strlen(t[i].name)))
+            return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "tensor %d: name is missing, empty, not UTF-8 or __metadata__", i);
+    for (i = 0; i < n_meta; i++)
+        if (!mk || !mv || !mk[i] || !mv[i] || !esft__utf8_valid(mk[i], strlen(mk[i])) ||
+            !esft__utf8_valid(mv[i], strlen(mv[i])))
+            return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "metadata pair %d is missing or not UTF-8", i);
+    if (m < 2) return ESFT_OK;
+    sorted = ESFT__CAST(const char **, esft__calloc(a, (size_t)m, sizeof *sorted));
+    if (!sorted) return esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, path, 0, "name check");
+    for (i = 0; i < n; i++) sorted[i] = t[i].name;
+    qsort(sorted, (size_t)n, sizeof *sorted, esft__cmp_str_ptr);
+    dup = esft__first_duplicate(sorted, n);
+    if (dup) esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "duplicate tensor name '%s'", dup);
+    if (!dup && n_meta > 1) {
+        memcpy(sorted, mk, (size_t)n_meta * sizeof *sorted);
+        qsort(sorted, (size_t)n_meta, sizeof *sorted, esft__cmp_str_ptr);
+        dup = esft__first_duplicate(sorted, n_meta);
+        if (dup) esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "duplicate metadata key '%s'", dup);
+    }
+    esft__release(a, ESFT__CAST(void *, sorted));
+    return dup ? ESFT_ERR_INVALID_ARGUMENT : ESFT_OK;
+}
+
+/* The header JSON, padded with spaces so the data area starts 8-byte aligned. */
+static void esft__st_header_json(esft__buf *b, const esft__wt *t, int n, const char *const *mk,
+                                 const char *const *mv, int n_meta)
+{
+    uint64_t off = 0;
+    int i, d;
+    esft__buf_puts(b, "{");
+    if (n_meta > 0) {
+        esft__buf_puts(b, "\"__metadata__\":{");
+        for (i = 0; i < n_meta; i++) {
+            if (i) esft__buf_puts(b, ",");
+            esft__buf_json_string(b, mk[i]);
+            esft__buf_puts(b, ":");
+            esft__buf_json_string(b, mv[i]);
+        }
+        esft__buf_puts(b, "}");
+    }
+    for (i = 0; i < n; i++) {
+        if (i || n_meta > 0) esft__buf_puts(b, ",");
+        esft__buf_json_string(b, t[i].name);
+        esft__buf_printf(b, ":{\"dtype\":\"%s\",\"shape\":[", esft_dtype_name(t[i].dtype));
+        for (d = 0; d < t[i].n_dims; d++) esft__buf_printf(b, "%s%lld", d ? "," : "", (long long)t[i].shape[d]);
+        esft__buf_printf(b, "],\"data_offsets\":[%llu,%llu]}", (unsigned long long)off,
+                         (unsigned long long)(off + t[i].n_bytes));
+        off += t[i].n_bytes;
+    }
+    esft__buf_puts(b, "}");
+    while ((b->size + 8) % 8) esft__buf_append(b, " ", 1);
+}
+
+/* Streams one tensor's bytes into o. */
+static esft_status esft__wt_emit(esft__out *o, const esft__wt *t, unsigned char *bounce, size_t cap,
+                                 esft__progress *pr, esft_error *err)
+{
+    unsigned char conv[16384];
+    size_t es, per;
+    uint64_t done;
+    esft_status s = ESFT_OK;
+    if (t->src)
+        return esft__out_copy(o, t->src, t->src->tensors[t->src_index].offset, t->n_bytes, bounce, cap, pr, err);
+    if (!t->f32) {
+        s = esft__out_write(o, t->data, (size_t)t->n_bytes, err);
+        if (s == ESFT_OK && pr) esft__progress_add(pr, t->n_bytes);
+        return s;
+    }
+    es = esft_dtype_size(t->dtype);
+    per = sizeof conv / es;
+    for (done = 0; done < t->n_bytes / es && s == ESFT_OK; done += per) {
+        size_t m = t->n_bytes / es - done < per ? (size_t)(t->n_bytes / es - done) : per;
+        esft_convert_from_f32(conv, t->f32 + done, t->dtype, m);
+        s = esft__out_write(o, conv, m * es, err);
+    }
+    if (s == ESFT_OK && pr) esft__progress_add(pr, t->n_bytes);
+    return s;
+}
+
+/* Writes a whole safetensors file atomically from a list of tensors. */
+static esft_status esft__st_write(const char *path, const esft__wt *t, int n, const char *const *mk,
+                                  const char *const *mv, int n_meta, esft__progress *pr,
+                                  const esft_allocator *a, esft_error *err)
+{
+    esft__buf hdr;
+    esft__out o;
+    unsigned char len8[8], *bounce = NULL;
+    size_t cap = 0;
+    int i;
+    esft_status s = esft__wt_check_names(t, n, mk, mv, n_meta, a, path, err);
+    if (s != ESFT_OK) return s;
+    for (i = 0; i < n; i++) /* a bounce buffer only when the kernel copy may be refused */
+        if (t[i].src && !t[i].src->memory_ && t[i].n_bytes > cap)
+            cap = t[i].n_bytes < ESFT__COPY_CHUNK ? (size_t)t[i].n_bytes : ESFT__COPY_CHUNK;
+    if (cap && !(bounce = ESFT__CAST(unsigned char *, a->alloc(a->user, cap))))
+        return esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, path, 0, "copy buffer");
+    esft__buf_init(&hdr, a);
+    esft__st_header_json(&hdr, t, n, mk, mv, n_meta);
+    if (hdr.failed) s = esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, path, 0, "header of %d tensors", n);
+    if (s == ESFT_OK) s = esft__out_open(&o, path, err);
+    if (s == ESFT_OK) {
+        esft__put_le32(len8, (uint32_t)hdr.size);
+        esft__put_le32(len8 + 4, (uint32_t)((uint64_t)hdr.size >> 32));
+        s = esft__out_write(&o, len8, 8, err);
+        if (s == ESFT_OK) s = esft__out_write(&o, hdr.data, hdr.size, err);
+        for (i = 0; i < n && s == ESFT_OK; i++) s = esft__wt_emit(&o, t + i, bounce, cap, pr, err);
+        if (s == ESFT_OK) s = esft__out_finish(&o, err);
+        if (s == ESFT_OK) s = esft__out_commit(&o, err);
+        esft__out_abort(&o);
+    }
+    esft__buf_free(&hdr);
+    if (bounce) a->free(a->user, bounce);
+    return s;
+}
+
+/* A public tensor description as a write entry, its byte size checked. */
+static esft_status esft__wt_from(esft__wt *w, const esft_st_write_tensor *t, int i, const char *path,
+                                 esft_error *err)
+{
+    uint64_t numel = 1;
+    int d;
+    memset(w, 0, sizeof *w);
+    if (!esft__dtype_ok(t->dtype) || t->n_dims < 0 || t->n_dims > ESFT_ST_MAX_DIMS)
+        return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "tensor %d: bad dtype or n_dims %d", i, t->n_dims);
+    for (d = 0; d < t->n_dims; d++) {
+        uint64_t dim = (uint64_t)t->shape[d];
+        if (t->shape[d] < 0 || (dim && numel > (uint64_t)-1 / dim))
+            return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "tensor %d: negative or overflowing shape", i);
+        numel *= dim;
+    }
+    if (numel > ((uint64_t)-1 >> 1) / esft_dtype_size(t->dtype) || (uint64_t)(size_t)(numel * esft_dtype_size(t->dtype)) != numel * esft_dtype_size(t->dtype))
+        return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "tensor %d: too large", i);
+    if (t->f32 && t->dtype != ESFT_DTYPE_F32 && t->dtype != ESFT_DTYPE_F16 && t->dtype != ESFT_DTYPE_BF16)
+        return esft__fail_at(err, ESFT_ERR_UNSUPPORTED, path, 0, "tensor %d: fp32 values are written as F32, F16 or BF16, not %s",
+                             i, esft_dtype_name(t->dtype));
+    if (numel && !t->f32 && !t->data)
+        return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "tensor %d has no data", i);
+    w->name = t->name;
+    w->dtype = t->dtype;
+    w->n_dims = t->n_dims;
+    w->shape = t->shape;
+    w->n_bytes = numel * esft_dtype_size(t->dtype);
+    w->data = t->data;
+    w->f32 = t->f32;
+    return ESFT_OK;
+}
+
+static esft_status esft__write_public(const char *path, const esft_st_write_tensor *tensors, int n,
+                                      const char *const *mk, const char *const *mv, int n_meta, esft_error *err)
+{
+    esft_allocator a = esft__allocator_or_default(NULL);
+    esft__wt *w;
+    int i;
+    esft_status s = ESFT_OK;
+    if (!path || n < 0 || (n && !tensors) || n_meta < 0)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "path, tensors or counts invalid");
+    w = ESFT__CAST(esft__wt *, esft__calloc(&a, (size_t)n, sizeof *w));
+    if (!w) return esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, path, 0, "%d tensors", n);
+    for (i = 0; i < n && s == ESFT_OK; i++) s = esft__wt_from(w + i, tensors + i, i, path, err);
+    if (s == ESFT_OK) s = esft__st_write(path, w, n, mk, mv, n_meta, NULL, &a, err);
+    esft__release(&a, w);
+    return s;
+}
+
+ESFTDEF esft_status esft_safetensors_write(const char *path, const esft_st_write_tensor *tensors, int n,
+                                           const char *const *meta_keys, const char *const *meta_values,
+                                           int n_meta, esft_error *err)
+{
+    esft__error_clear(err);
+    return esft__write_public(path, tensors, n, meta_keys, meta_values, n_meta, err);
+}
+
+/* A small file written whole, atomically. */
+static esft_status esft__write_whole(const char *path, const char *data, size_t size, esft_error *err)
+{
+    esft__out o;
+    esft_status s = esft__out_open(&o, path, err);
+    if (s != ESFT_OK) return s;
+    s = esft__out_write(&o, data, size, err);
+    if (s == ESFT_OK) s = esft__out_finish(&o, err);
+    if (s == ESFT_OK) s = esft__out_commit(&o, err);
+    esft__out_abort(&o);
+    return s;
+}
+
+/* ---- Hugging Face tensor names ---------------------------------------- */
+
+static const char *const esft__family_names[ESFT_FAMILY_COUNT] = {"deepseek_v2", "mixtral", "qwen_moe", "camelidae"};
+
+static const char *const esft__part_names[ESFT_PART_COUNT] = {
+    "none", "expert.gate", "expert.up", "expert.down", "router", "shared.gate", "shared.up",
+    "shared.down", "shared.router", "adapter.down", "adapter.up"};
+
+/* One row per naming scheme: the name of each part ({l} layer, {e} expert),
+   NULL where the family has no such tensor. A new MoE family is one new row. */
+static const char *const esft__name_table[ESFT_FAMILY_COUNT][ESFT_PART_COUNT] = {
+    /* DeepSeek-V2 / V3, ESFT */
+    {NULL, "model.layers.{l}.mlp.experts.{e}.gate_proj.weight", "model.layers.{l}.mlp.experts.{e}.up_proj.weight",
+     "model.layers.{l}.mlp.experts.{e}.down_proj.weight", "model.layers.{l}.mlp.gate.weight",
+     "model.layers.{l}.mlp.shared_experts.gate_proj.weight", "model.layers.{l}.mlp.shared_experts.up_proj.weight",
+     "model.layers.{l}.mlp.shared_experts.down_proj.weight", NULL, NULL, NULL},
+    /* Mixtral: w1 gate, w3 up, w2 down */
+    {NULL, "model.layers.{l}.block_sparse_moe.experts.{e}.w1.weight",
+     "model.layers.{l}.block_sparse_moe.experts.{e}.w3.weight",
+     "model.layers.{l}.block_sparse_moe.experts.{e}.w2.weight", "model.layers.{l}.block_sparse_moe.gate.weight",
+     NULL, NULL, NULL, NULL, NULL, NULL},
+    /* Qwen1.5-MoE / Qwen2-MoE */
+    {NULL, "model.layers.{l}.mlp.experts.{e}.gate_proj.weight", "model.layers.{l}.mlp.experts.{e}.up_proj.weight",
+     "model.layers.{l}.mlp.experts.{e}.down_proj.weight", "model.layers.{l}.mlp.gate.weight",
+     "model.layers.{l}.mlp.shared_expert.gate_proj.weight", "model.layers.{l}.mlp.shared_expert.up_proj.weight",
+     "model.layers.{l}.mlp.shared_expert.down_proj.weight", "model.layers.{l}.mlp.shared_expert_gate.weight", NULL, NULL},
+    /* Camelidae (PESC adapters after a dense FFN) */
+    {NULL, NULL, NULL, NULL, "model.layers.{l}.mlp.moe_adapter.router.weight", NULL, NULL, NULL, NULL,
+     "model.layers.{l}.mlp.moe_adapter.experts.expert_{e}.adapter_down.weight",
+     "model.layers.{l}.mlp.moe_adapter.experts.expert_{e}.adapter_up.weight"},
+};
+
+/* Matches name against a pattern; {l} and {e} take decimal numbers (no leading
+   zeros, at most 6 digits). */
+static int esft__name_match(const char *pat, const char *s, int *layer, int *expert)
+{
+    *layer = *expert = -1;
+    while (*pat) {
+        if (pat[0] == '{' && (pat[1] == 'l' || pat[1] == 'e') && pat[2] == '}') {
+            int v = 0, digits = 0;
+            if (*s < '0' || *s > '9' || (s[0] == '0' && s[1] >= '0' && s[1] <= '9')) return 0;
+            for (; *s >= '0' && *s <= '9'; s++) {
+                if (++digits > 6) return 0;
+                v = v * 10 + (*s - '0');
+            }
+            *(pat[1] == 'l' ? layer : expert) = v;
+            pat += 3;
+        } else if (*pat++ != *s++) {
+            return 0;
+        }
+    }
+    return *s == 0;
+}
+
+ESFTDEF int esft_tensor_name_parse(const char *name, esft_tensor_name *out)
+{
+    int f, p, l, e;
+    esft_tensor_name none;
+    none.family = ESFT_FAMILY_DEEPSEEK_V2;
+    none.part = ESFT_PART_NONE;
+    none.layer = none.expert = -1;
+    if (out) *out = none;
+    if (!name) return 0;
+    for (f = 0; f < (int)ESFT_FAMILY_COUNT; f++)
+        for (p = 1; p < (int)ESFT_PART_COUNT; p++) {
+            const char *pat = esft__name_table[f][p];
+            if (!pat || !esft__name_match(pat, name, &l, &e)) continue;
+            if (out) {
+                out->family = (esft_family)f;
+                out->part = (esft_part)p;
+                out->layer = l;
+                out->expert = e;
+            }
+            return 1;
+        }
+    return 0;
+}
+
+ESFTDEF esft_status esft_tensor_name_format(char *buf, size_t cap, esft_family family, esft_part part,
+                                            int layer, int expert)
+{
+    const char *pat;
+    size_t n = 0;
+    if (!buf || cap == 0 || (int)family < 0 || family >= ESFT_FAMILY_COUNT || (int)part < 0 || part >= ESFT_PART_COUNT)
+        return ESFT_ERR_INVALID_ARGUMENT;
+    buf[0] = 0;
+    pat = esft__name_table[family][part];
+    if (!pat) return ESFT_ERR_UNSUPPORTED;
+    if (layer < 0 || (strstr(pat, "{e}") && expert < 0)) return ESFT_ERR_INVALID_ARGUMENT;
+    while (*pat) {
+        int w;
+        if (pat[0] == '{' && (pat[1] == 'l' || pat[1] == 'e') && pat[2] == '}') {
+            w = snprintf(buf + n, cap - n, "%d", pat[1] == 'l' ? layer : expert);
+            pat += 3;
+        } else {
+            w = snprintf(buf + n, cap - n, "%c", *pat++);
+        }
+        if (w < 0 || (size_t)w >= cap - n) { buf[0] = 0; return ESFT_ERR_RANGE; }
+        n += (size_t)w;
+    }
+    return ESFT_OK;
+}
+
+ESFTDEF const char *esft_family_name(esft_family f)
+{
+    return (int)f >= 0 && f < ESFT_FAMILY_COUNT ? esft__family_names[f] : "?";
+}
+
+ESFTDEF const char *esft_part_name(esft_part p)
+{
+    return (int)p >= 0 && p < ESFT_PART_COUNT ? esft__part_names[p] : "?";
+}
+
+static int esft__part_is_routed(esft_part p)
+{
+    return p == ESFT_PART_EXPERT_GATE || p == ESFT_PART_EXPERT_UP || p == ESFT_PART_EXPERT_DOWN ||
+           p == ESFT_PART_ADAPTER_DOWN || p == ESFT_PART_ADAPTER_UP;
+}
+
+static int esft__part_is_shared(esft_part p)
+{
+    return p == ESFT_PART_SHARED_GATE || p == ESFT_PART_SHARED_UP || p == ESFT_PART_SHARED_DOWN;
+}
+
+ESFTDEF int esft_expert_config_trains(const esft_expert_config *cfg, const char *name)
+{
+    esft_tensor_name tn;
+    if (!cfg || !name) return 0;
+    esft_tensor_name_parse(name, &tn);
+    if (esft__part_is_routed(tn.part)) return esft_expert_config_has(cfg, tn.layer, tn.expert);
+    if (esft__part_is_shared(tn.part)) return cfg->shared_experts != 0;
+    return cfg->non_expert_modules != 0;
+}
+
+/* ---- checkpoints: one file or shards + index --------------------------- */
+
+typedef struct esft__ck_entry {
+    const char *name;
+    const char *file; /* index entries: the shard named for it */
+    int shard, tensor;
+} esft__ck_entry;
+
+static int esft__cmp_ck_entry(const void *a, const void *b)
+{
+    return strcmp(ESFT__CAST(const esft__ck_entry *, a)->name, ESFT__CAST(const esft__ck_entry *, b)->name);
+}
+
+static int esft__is_file(const char *path)
+{
+    uint64_t size;
+    int ok, fd = esft__fd_open_read(path);
+    if (fd < 0) return 0;
+    ok = esft__fd_size(fd, &size);
+    esft__sys_close(fd);
+    return ok;
+}
+
+static const char *esft__basename(const char *path)
+{
+    const char *slash = strrchr(path, '/'), *back = strrchr(path, '\\');
+    if (back && (!slash || back > slash)) slash = back;
+    return slash ? slash + 1 : path;
+}
+
+/* A shard named by an index: a plain file name in the index's directory. */
+static int esft__shard_name_ok(const char *s)
+{
+    return s[0] && !strchr(s, '/') && !strchr(s, '\\') && strcmp(s, ".") != 0 && strcmp(s, "..") != 0;
+}
+
+/* ck->strings_ = dir, NUL, then room for `extra` bytes; returns the room. */
+static char *esft__ck_strings(esft_checkpoint *ck, const char *path_in_dir, size_t extra)
+{
+    const char *base = esft__basename(path_in_dir);
+    size_t dlen = (size_t)(base - path_in_dir);
+    char *p = ESFT__CAST(char *, esft__calloc(&ck->allocator, dlen + 2 + extra, 1));
+    if (!p) return NULL;
+    ck->strings_ = p;
+    if (dlen == 0) memcpy(p, ".", 2);
+    else {
+        memcpy(p, path_in_dir, dlen > 1 ? dlen - 1 : 1); /* drop the separator unless it is the root */
+    }
+    ck->dir = p;
+    return p + dlen + 2;
+}
+
+/* Opens shard s (ck->shard_files[s]) in ck->dir. */
+static esft_status esft__ck_open_shard(esft_checkpoint *ck, int s, esft_error *err)
+{
+    char path[4200];
+    if ((size_t)snprintf(path, sizeof path, "%s/%s", ck->dir, ck->shard_files[s]) >= sizeof path)
+        return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, ck->shard_files[s], 0, "path too long");
+    return esft_safetensors_open(ck->shards + s, path, &ck->allocator, err);
+}
+
+static esft_status esft__ck_alloc_shards(esft_checkpoint *ck, int n, esft_error *err)
+{
+    int i;
+    ck->shards = ESFT__CAST(esft_safetensors *, esft__calloc(&ck->allocator, (size_t)n, sizeof *ck->shards));
+    ck->shard_files = ESFT__CAST(const char **, esft__calloc(&ck->allocator, (size_t)n, sizeof(char *)));
+    if (!ck->shards || !ck->shard_files) return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "%d shards", n);
+    for (i = 0; i < n; i++) ck->shards[i].fd_ = -1;
+    ck->n_shards = n;
+    return ESFT_OK;
+}
+
+/* The sorted name table over all shards; a name in two shards is an error. */
+static esft_status esft__ck_build_names(esft_checkpoint *ck, esft_error *err)
+{
+    esft__ck_entry *e;
+    int s, i, n = 0;
+    for (s = 0; s < ck->n_shards; s++) n += ck->shards[s].n_tensors;
+    e = ESFT__CAST(esft__ck_entry *, esft__calloc(&ck->allocator, (size_t)n, sizeof *e));
+    ck->names = ESFT__CAST(const char **, esft__calloc(&ck->allocator, (size_t)n, sizeof(char *)));
+    ck->name_shard = ESFT__CAST(int *, esft__calloc(&ck->allocator, (size_t)n, sizeof(int)));
+    ck->name_tensor = ESFT__CAST(int *, esft__calloc(&ck->allocator, (size_t)n, sizeof(int)));
+    if (!e || !ck->names || !ck->name_shard || !ck->name_tensor) {
+        esft__release(&ck->allocator, e);
+        return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "name table of %d tensors", n);
+    }
+    for (s = 0, n = 0; s < ck->n_shards; s++)
+        for (i = 0; i < ck->shards[s].n_tensors; i++, n++) {
+            e[n].name = ck->shards[s].tensors[i].name;
+            e[n].shard = s;
+            e[n].tensor = i;
+            ck->total_bytes += ck->shards[s].tensors[i].n_bytes;
+        }
+    qsort(e, (size_t)n, sizeof *e, esft__cmp_ck_entry);
+    for (i = 0; i < n; i++) {
+        if (i && strcmp(e[i - 1].name, e[i].name) == 0) {
+            esft__fail_at(err, ESFT_ERR_PARSE, ck->dir, 0, "tensor '%s' is in two shards: %s and %s", e[i].name,
+                          ck->shard_files[e[i - 1].shard], ck->shard_files[e[i].shard]);
+            esft__release(&ck->allocator, e);
+            return ESFT_ERR_PARSE;
+        }
+        ck->names[i] = e[i].name;
+        ck->name_shard[i] = e[i].shard;
+        ck->name_tensor[i] = e[i].tensor;
+    }
+    ck->n_tensors = n;
+    esft__release(&ck->allocator, e);
+    return ESFT_OK;
+}
+
+static esft_status esft__ck_open_single(esft_checkpoint *ck, const char *path, esft_error *err)
+{
+    char *room = esft__ck_strings(ck, path, strlen(esft__basename(path)) + 1);
+    esft_status s;
+    if (!room) return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "checkpoint");
+    if ((s = esft__ck_alloc_shards(ck, 1, err)) != ESFT_OK) return s;
+    memcpy(room, esft__basename(path), strlen(esft__basename(path)) + 1);
+    ck->shard_files[0] = room;
+    if ((s = esft__ck_open_shard(ck, 0, err)) != ESFT_OK) return s;
+    return esft__ck_build_names(ck, err);
+}
+
+/* Index entries against the shards, both ways (e sorted by name). */
+static esft_status esft__ck_check_index(const esft_checkpoint *ck, const esft__ck_entry *e, int n, const char *index,
+                                        esft_error *err)
+{
+    int i = 0, j = 0;
+    while (i < ck->n_tensors || j < n) {
+        int c = i == ck->n_tensors ? 1 : j == n ? -1 : strcmp(ck->names[i], e[j].name);
+        if (c < 0)
+            return esft__fail_at(err, ESFT_ERR_PARSE, index, 0, "shard %s holds tensor '%s' that the index does not list",
+                                 ck->shard_files[ck->name_shard[i]], ck->names[i]);
+        if (c > 0)
+            return esft__fail_at(err, ESFT_ERR_PARSE, index, 0, "the index puts tensor '%s' in %s, but no shard holds it",
+                                 e[j].name, e[j].file);
+        if (strcmp(ck->shard_files[ck->name_shard[i]], e[j].file) != 0)
+            return esft__fail_at(err, ESFT_ERR_PARSE, index, 0, "the index puts tensor '%s' in %s, but it is in %s", e[j].name,
+                                 e[j].file, ck->shard_files[ck->name_shard[i]]);
+        i++;
+        j++;
+    }
+    return ESFT_OK;
+}
+
+/* weight_map entries into e (n of them), strings into the arena. */
+static esft_status esft__ck_parse_index(const esft_json *js, esft__ck_entry *e, char *arena, size_t cap,
+                                        const char *index, esft_error *err)
+{
+    int wm = js->tokens[0].type == ESFT_JSON_OBJECT ? esft_json_find(js, 0, "weight_map") : -1, i, k;
+    size_t used = 0;
+    if (wm < 0 || js->tokens[wm].type != ESFT_JSON_OBJECT)
+        return esft__fail_at(err, ESFT_ERR_PARSE, index, 0, "no \"weight_map\" object");
+    for (i = 0, k = wm + 1; i < js->tokens[wm].size; i++, k = js->tokens[k + 1].next) {
+        e[i].name = esft__arena_string(js, k, arena, cap, &used);
+        e[i].file = js->tokens[k + 1].type == ESFT_JSON_STRING ? esft__arena_string(js, k + 1, arena, cap, &used) : NULL;
+        if (!e[i].name || !e[i].file || !esft__shard_name_ok(e[i].file)) {
+            esft__fail_at(err, ESFT_ERR_PARSE, index, 0, "weight_map entry %d: the shard must be a file name in the same directory", i);
+            if (err) err->offset = (long)js->tokens[k].start;
+            return ESFT_ERR_PARSE;
+        }
+    }
+    return ESFT_OK;
+}
+
+/* The distinct shard files of the index, sorted, as ck's shards. */
+static esft_status esft__ck_shards_from_index(esft_checkpoint *ck, const esft__ck_entry *e, int n, const char *index,
+                                              esft_error *err)
+{
+    const char **files = ESFT__CAST(const char **, esft__calloc(&ck->allocator, (size_t)n, sizeof(char *)));
+    int i, m = 0;
+    esft_status s;
+    if (!files) return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "shard list");
+    for (i = 0; i < n; i++) files[i] = e[i].file;
+    qsort(files, (size_t)n, sizeof *files, esft__cmp_str_ptr);
+    for (i = 0; i < n; i++)
+        if (!m || strcmp(files[m - 1], files[i]) != 0) files[m++] = files[i];
+    s = m ? esft__ck_alloc_shards(ck, m, err) : esft__fail_at(err, ESFT_ERR_PARSE, index, 0, "the index lists no tensors");
+    if (s == ESFT_OK) memcpy(ck->shard_files, files, (size_t)m * sizeof *files);
+    esft__release(&ck->allocator, ESFT__CAST(void *, files));
+    for (i = 0; i < m && s == ESFT_OK; i++) s = esft__ck_open_shard(ck, i, err);
+    return s;
+}
+
+static esft_status esft__ck_open_index(esft_checkpoint *ck, const char *index, esft_error *err)
+{
+    char *text = NULL, *arena;
+    size_t size = 0, cap;
+    esft__ck_entry *e = NULL;
+    esft_json js;
+    int n, i;
+    const char *dup;
+    esft_status s = esft__slurp(index, &ck->allocator, &text, &size, err);
+    if (s != ESFT_OK) return s;
+    s = esft_json_parse(&js, text, size, &ck->allocator, err);
+    if (s != ESFT_OK) {
+        esft__release(&ck->allocator, text);
+        if (err) snprintf(err->file, sizeof err->file, "%s", index);
+        return s;
+    }
+    cap = size + (size_t)js.n_tokens + 1;
+    arena = esft__ck_strings(ck, index, cap);
+    n = js.tokens[0].type == ESFT_JSON_OBJECT && esft_json_find(&js, 0, "weight_map") >= 0
+            ? js.tokens[esft_json_find(&js, 0, "weight_map")].size : 0;
+    e = ESFT__CAST(esft__ck_entry *, esft__calloc(&ck->allocator, (size_t)n, sizeof *e));
+    if (!arena || !e) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "index of %d entries", n);
+    if (s == ESFT_OK) s = esft__ck_parse_index(&js, e, arena, cap, index, err);
+    if (s == ESFT_OK) {
+        qsort(e, (size_t)n, sizeof *e, esft__cmp_ck_entry);
+        for (i = 1, dup = NULL; i < n && !dup; i++)
+            if (strcmp(e[i - 1].name, e[i].name) == 0) dup = e[i].name;
+        if (dup) s = esft__fail_at(err, ESFT_ERR_PARSE, index, 0, "the index lists tensor '%s' twice", dup);
+    }
+    if (s == ESFT_OK) s = esft__ck_shards_from_index(ck, e, n, index, err);
+    if (s == ESFT_OK) s = esft__ck_build_names(ck, err);
+    if (s == ESFT_OK) s = esft__ck_check_index(ck, e, n, index, err);
+    ck->sharded = 1;
+    esft__release(&ck->allocator, e);
+    esft_json_free(&js);
+    esft__release(&ck->allocator, text);
+    return s;
+}
+
+ESFTDEF esft_status esft_checkpoint_open(esft_checkpoint *ck, const char *path, const esft_allocator *allocator,
+                                         esft_error *err)
+{
+    char buf[4200];
+    size_t n;
+    esft_status s;
+    esft__error_clear(err);
+    if (!ck || !path) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "checkpoint or path is NULL");
+    memset(ck, 0, sizeof *ck);
+    ck->allocator = esft__allocator_or_default(allocator);
+    n = strlen(path);
+    if (n == 0 || n > 4000) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "path empty or too long");
+    snprintf(buf, sizeof buf, "%s/model.safetensors.index.json", path);
+    if (esft__is_file(buf)) s = esft__ck_open_index(ck, buf, err);
+    else if (n > 11 && strcmp(path + n - 11, ".index.json") == 0) s = esft__ck_open_index(ck, path, err);
+    else {
+        snprintf(buf, sizeof buf, "%s/model.safetensors", path);
+        s = esft__ck_open_single(ck, esft__is_file(buf) ? buf : path, err);
+    }
+    if (s != ESFT_OK) esft_checkpoint_close(ck);
+    return s;
+}
+
+ESFTDEF void esft_checkpoint_close(esft_checkpoint *ck)
+{
+    int i;
+    if (!ck || !ck->allocator.free) return;
+    for (i = 0; ck->shards && i < ck->n_shards; i++) esft_safetensors_close(ck->shards + i);
+    esft__release(&ck->allocator, ck->shards);
+    esft__release(&ck->allocator, ESFT__CAST(void *, ck->shard_files));
+    esft__release(&ck->allocator, ESFT__CAST(void *, ck->names));
+    esft__release(&ck->allocator, ck->name_shard);
+    esft__release(&ck->allocator, ck->name_tensor);
+    esft__release(&ck->allocator, ck->strings_);
+    memset(ck, 0, sizeof *ck);
+}
+
+ESFTDEF int esft_checkpoint_find(const esft_checkpoint *ck, const char *name, int *shard, int *index)
+{
+    int lo = 0, hi;
+    if (!ck || !name) return 0;
+    hi = ck->n_tensors - 1;
+    while (lo <= hi) {
+        int mid = lo + (hi - lo) / 2, c = strcmp(ck->names[mid], name);
+        if (c == 0) {
+            if (shard) *shard = ck->name_shard[mid];
+            if (index) *index = ck->name_tensor[mid];
+            return 1;
+        }
+        if (c < 0) lo = mid + 1;
+        else hi = mid - 1;
+    }
+    return 0;
+}
+
+/* The index JSON as Hugging Face writes it (indent 2, keys sorted). */
+static void esft__ck_index_json(esft__buf *b, const esft_checkpoint *ck)
+{
+    int i;
+    esft__buf_printf(b, "{\n  \"metadata\": {\n    \"total_size\": %llu\n  },\n  \"weight_map\": {\n",
+                     (unsigned long long)ck->total_bytes);
+    for (i = 0; i < ck->n_tensors; i++) {
+        esft__buf_puts(b, "    ");
+        esft__buf_json_string(b, ck->names[i]);
+        esft__buf_puts(b, ": ");
+        esft__buf_json_string(b, ck->shard_files[ck->name_shard[i]]);
+        esft__buf_puts(b, i + 1 < ck->n_tensors ? ",\n" : "\n");
+    }
+    esft__buf_puts(b, "  }\n}\n");
+}
+
+ESFTDEF esft_status esft_checkpoint_write_index(const char *path, const esft_checkpoint *ck, esft_error *err)
+{
+    esft__buf b;
+    esft_status s;
+    esft__error_clear(err);
+    if (!path || !ck) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "path or checkpoint is NULL");
+    esft__buf_init(&b, &ck->allocator);
+    esft__ck_index_json(&b, ck);
+    s = b.failed ? esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, path, 0, "index") : esft__write_whole(path, b.data, b.size, err);
+    esft__buf_free(&b);
+    return s;
+}
+
+/* ---- extract, save, merge --------------------------------------------- */
+
+/* The expert config as JSON, the same text esft_expert_config_write writes. */
+static void esft__config_json(esft__buf *b, const esft_expert_config *cfg)
+{
+    int l, j, first = 1;
+    esft__buf_puts(b, "{\"experts\": {");
+    for (l = 0; l < cfg->n_layers; l++) {
+        if (!cfg->layer_present[l]) continue;
+        esft__buf_printf(b, "%s\"%d\": [", first ? "" : ", ", l);
+        first = 0;
+        for (j = cfg->offset[l]; j < cfg->offset[l + 1]; j++)
+            esft__buf_printf(b, "%s%d", j > cfg->offset[l] ? ", " : "", (int)cfg->ids[j]);
+        esft__buf_puts(b, "]");
+    }
+    esft__buf_printf(b, "}, \"shared_experts\": %s, \"non_expert_modules\": %s}",
+                     cfg->shared_experts ? "true" : "false", cfg->non_expert_modules ? "true" : "false");
+}
+
+static int esft__config_ok(const esft_expert_config *cfg)
+{
+    return cfg && cfg->n_layers > 0 && cfg->offset && cfg->layer_present && (cfg->ids || cfg->offset[cfg->n_layers] == 0);
+}
+
+/* Marks the config entries (layer, expert) that tensor name belongs to. */
+static void esft__config_mark(const esft_expert_config *cfg, const char *name, unsigned char *seen)
+{
+    esft_tensor_name tn;
+    int j;
+    if (!esft_tensor_name_parse(name, &tn) || !esft__part_is_routed(tn.part) || tn.layer >= cfg->n_layers) return;
+    for (j = cfg->offset[tn.layer]; j < cfg->offset[tn.layer + 1]; j++)
+        if (cfg->ids[j] == tn.expert) seen[j] = 1;
+}
+
+/* Every (layer, expert) of cfg was seen. */
+static esft_status esft__config_all_seen(const esft_expert_config *cfg, const unsigned char *seen, const char *base,
+                                         esft_error *err)
+{
+    int l, j;
+    for (l = 0; l < cfg->n_layers; l++)
+        for (j = cfg->offset[l]; j < cfg->offset[l + 1]; j++)
+            if (!seen[j])
+                return esft__fail_at(err, ESFT_ERR_RANGE, base, 0,
+                                     "the config selects expert %d of layer %d, but the checkpoint has no tensor of it",
+                                     (int)cfg->ids[j], l);
+    return ESFT_OK;
+}
+
+ESFTDEF esft_status esft_checkpoint_extract(const char *base, const esft_expert_config *cfg, const char *out_path,
+                                            const esft_checkpoint_options *opt, esft_error *err)
+{
+    esft_checkpoint ck;
+    esft__wt *w = NULL;
+    unsigned char *seen = NULL;
+    esft__buf meta;
+    esft__progress pr;
+    const char *keys[2] = {"format", ESFT_METADATA_CONFIG}, *values[2];
+    int sh, i, n = 0;
+    esft_status s;
+    esft__error_clear(err);
+    if (!base || !out_path || !esft__config_ok(cfg))
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "base, config or output path missing or empty");
+    s = esft_checkpoint_open(&ck, base, opt ? opt->allocator : NULL, err);
+    if (s != ESFT_OK) return s;
+    esft__buf_init(&meta, &ck.allocator);
+    memset(&pr, 0, sizeof pr);
+    pr.opt = opt;
+    w = ESFT__CAST(esft__wt *, esft__calloc(&ck.allocator, (size_t)ck.n_tensors, sizeof *w));
+    seen = ESFT__CAST(unsigned char *, esft__calloc(&ck.allocator, (size_t)cfg->offset[cfg->n_layers] + 1, 1));
+    if (!w || !seen) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "extract plan");
+    for (sh = 0; s == ESFT_OK && sh < ck.n_shards; sh++)
+        for (i = 0; i < ck.shards[sh].n_tensors; i++) {
+            const esft_st_tensor *t = ck.shards[sh].tensors + i;
+            if (!esft_expert_config_trains(cfg, t->name)) continue;
+            esft__config_mark(cfg, t->name, seen);
+            w[n].name = t->name;
+            w[n].dtype = t->dtype;
+            w[n].n_dims = t->n_dims;
+            w[n].shape = t->shape;
+            w[n].n_bytes = t->n_bytes;
+            w[n].src = ck.shards + sh;
+            w[n].src_index = i;
+            pr.total += t->n_bytes;
+            n++;
+        }
+    if (s == ESFT_OK) s = esft__config_all_seen(cfg, seen, base, err);
+    if (s == ESFT_OK && n == 0) s = esft__fail_at(err, ESFT_ERR_RANGE, base, 0, "the config selects no tensor of the checkpoint");
+    if (s == ESFT_OK) {
+        esft__config_json(&meta, cfg);
+        values[0] = "pt";
+        values[1] = meta.data;
+        s = meta.failed ? esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "metadata")
+                        : esft__st_write(out_path, w, n, keys, values, 2, &pr, &ck.allocator, err);
+    }
+    esft__buf_free(&meta);
+    esft__release(&ck.allocator, w);
+    esft__release(&ck.allocator, seen);
+    esft_checkpoint_close(&ck);
+    return s;
+}
+
+ESFTDEF esft_status esft_checkpoint_save_trained(const char *path, const esft_expert_config *cfg,
+                                                 const esft_st_write_tensor *tensors, int n, esft_error *err)
+{
+    esft__buf meta;
+    const char *keys[2] = {"format", ESFT_METADATA_CONFIG}, *values[2];
+    int i;
+    esft_status s;
+    esft__error_clear(err);
+    if (!path || !esft__config_ok(cfg) || n < 0 || (n && !tensors))
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "path, config or tensors missing");
+    for (i = 0; i < n; i++)
+        if (!tensors[i].name || !esft_expert_config_trains(cfg, tensors[i].name))
+            return esft__fail_at(err, ESFT_ERR_RANGE, path, 0, "tensor '%s' is not trained under the expert config (only trained tensors are saved)",
+                                 tensors[i].name ? tensors[i].name : "(null)");
+    esft__buf_init(&meta, &cfg->allocator);
+    esft__config_json(&meta, cfg);
+    values[0] = "pt";
+    values[1] = meta.data;
+    s = meta.failed ? esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "metadata")
+                    : esft__write_public(path, tensors, n, keys, values, 2, err);
+    esft__buf_free(&meta);
+    return s;
+}
+
+ESFTDEF esft_status esft_checkpoint_read_config(const esft_safetensors *st, esft_expert_config *out, esft_error *err)
+{
+    const char *text;
+    esft__error_clear(err);
+    if (!st || !out) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "file or output is NULL");
+    memset(out, 0, sizeof *out);
+    text = esft_safetensors_metadata(st, ESFT_METADATA_CONFIG);
+    if (!text) return esft__fail(err, ESFT_ERR_PARSE, "no \"%s\" in the file's __metadata__", ESFT_METADATA_CONFIG);
+    return esft_expert_config_parse(text, strlen(text), "__metadata__." ESFT_METADATA_CONFIG, out, err);
+}
+
+/* Which base tensor each trained tensor replaces: repl[first[s] + i] = index in
+   tr, or -1. Every trained tensor must match its base tensor's dtype and shape. */
+static esft_status esft__merge_plan(const esft_checkpoint *ck, const esft_safetensors *tr, int *repl, int *first,
+                                    const char *trained, esft_error *err)
+{
+    int s, j, n = 0;
+    for (s = 0; s < ck->n_shards; s++) { first[s] = n; n += ck->shards[s].n_tensors; }
+    for (j = 0; j < n; j++) repl[j] = -1;
+    for (j = 0; j < tr->n_tensors; j++) {
+        const esft_st_tensor *t = tr->tensors + j, *b;
+        char ts[160], bs[160];
+        int i;
+        if (!esft_checkpoint_find(ck, t->name, &s, &i))
+            return esft__fail_at(err, ESFT_ERR_RANGE, trained, 0, "tensor '%s' is not in the base checkpoint", t->name);
+        b = ck->shards[s].tensors + i;
+        esft__shape_string(ts, sizeof ts, t->n_dims, t->shape);
+        esft__shape_string(bs, sizeof bs, b->n_dims, b->shape);
+        if (t->dtype != b->dtype || strcmp(ts, bs) != 0)
+            return esft__fail_at(err, ESFT_ERR_SHAPE, trained, 0, "tensor '%s': trained %s %s, base %s %s (refusing to merge)",
+                                 t->name, esft_dtype_name(t->dtype), ts, esft_dtype_name(b->dtype), bs);
+        repl[first[s] + i] = j;
+    }
+    return ESFT_OK;
+}
+
+/* One output shard: the base shard's bytes (header included, verbatim: dtypes,
+   shapes and offsets are unchanged) with the replaced tensors' spans taken from
+   the trained file. Runs of unchanged tensors are copied in one go. */
+static esft_status esft__merge_shard(esft__out *o, const esft_safetensors *b, const int *repl,
+                                     const esft_safetensors *tr, unsigned char *buf, esft__progress *pr,
+                                     esft_error *err)
+{
+    uint64_t start = 0, end = 8 + b->header_size;
+    int i;
+    esft_status s;
+    for (i = 0; i < b->n_tensors; i++) {
+        const esft_st_tensor *t = b->tensors + i;
+        if (repl[i] < 0) { end = t->offset + t->n_bytes; continue; }
+        if ((s = esft__out_copy(o, b, start, end - start, buf, ESFT__COPY_CHUNK, pr, err)) != ESFT_OK) return s;
+        s = esft__out_copy(o, tr, tr->tensors[repl[i]].offset, t->n_bytes, buf, ESFT__COPY_CHUNK, pr, err);
+        if (s != ESFT_OK) return s;
+        start = end = t->offset + t->n_bytes;
+    }
+    return esft__out_copy(o, b, start, end - start, buf, ESFT__COPY_CHUNK, pr, err);
+}
+
+/* Creates dir if missing; refuses the base checkpoint's own directory. */
+static esft_status esft__merge_dir(const char *dir, const char *base_dir, esft_error *err)
+{
+#if defined(_WIN32)
+    if (_mkdir(dir) != 0 && errno != EEXIST)
+        return esft__fail_at(err, ESFT_ERR_IO, dir, 0, "cannot create the directory: %s", strerror(errno));
+    if (strcmp(dir, base_dir) == 0)
+#else
+    struct stat a, b;
+    if (mkdir(dir, 0755) != 0 && errno != EEXIST)
+        return esft__fail_at(err, ESFT_ERR_IO, dir, 0, "cannot create the directory: %s", strerror(errno));
+    if (stat(dir, &a) == 0 && stat(base_dir, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino)
+#endif
+        return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, dir, 0, "the output directory is the base checkpoint's; choose another");
+    return ESFT_OK;
+}
+
+/* Writes every shard (and the index) as temp files, then renames them all. */
+static esft_status esft__merge_write(const esft_checkpoint *ck, const esft_safetensors *tr, const int *repl,
+                                     const int *first, const char *out_dir, esft__out *outs, unsigned char *buf,
+                                     esft__progress *pr, esft_error *err)
+{
+    char path[4200];
+    int sh;
+    esft_status s = ESFT_OK;
+    for (sh = 0; sh <= ck->n_shards && s == ESFT_OK; sh++) {
+        const char *file = sh < ck->n_shards ? ck->shard_files[sh] : "model.safetensors.index.json";
+        if (sh == ck->n_shards && !ck->sharded) break;
+        if ((size_t)snprintf(path, sizeof path, "%s/%s", out_dir, file) >= sizeof path)
+            return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, out_dir, 0, "path too long");
+        if ((s = esft__out_open(outs + sh, path, err)) != ESFT_OK) break;
+        if (sh < ck->n_shards) s = esft__merge_shard(outs + sh, ck->shards + sh, repl + first[sh], tr, buf, pr, err);
+        else {
+            esft__buf b;
+            esft__buf_init(&b, &ck->allocator);
+            esft__ck_index_json(&b, ck);
+            s = b.failed ? esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "index") : esft__out_write(outs + sh, b.data, b.size, err);
+            esft__buf_free(&b);
+        }
+        if (s == ESFT_OK) s = esft__out_finish(outs + sh, err);
+    }
+    for (sh = 0; sh <= ck->n_shards && s == ESFT_OK; sh++)
+        if (outs[sh].tmp[0]) s = esft__out_commit(outs + sh, err);
+    return s;
+}
+
+ESFTDEF esft_status esft_checkpoint_merge(const char *base, const char *trained, const char *out_dir,
+                                          const esft_checkpoint_options *opt, esft_error *err)
+{
+    esft_checkpoint ck;
+    esft_safetensors tr;
+    int *repl = NULL, *first = NULL, sh;
+    esft__out *outs = NULL;
+    unsigned char *buf = NULL;
+    esft__progress pr;
+    esft_status s;
+    esft__error_clear(err);
+    if (!base || !trained || !out_dir) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "base, trained or out_dir is NULL");
+    s = esft_checkpoint_open(&ck, base, opt ? opt->allocator : NULL, err);
+    if (s != ESFT_OK) return s;
+    s = esft_safetensors_open(&tr, trained, &ck.allocator, err);
+    if (s != ESFT_OK) { esft_checkpoint_close(&ck); return s; }
+    memset(&pr, 0, sizeof pr);
+    pr.opt = opt;
+    for (sh = 0; sh < ck.n_shards; sh++) pr.total += ck.shards[sh].file_size;
+    repl = ESFT__CAST(int *, esft__calloc(&ck.allocator, (size_t)ck.n_tensors, sizeof(int)));
+    first = ESFT__CAST(int *, esft__calloc(&ck.allocator, (size_t)ck.n_shards, sizeof(int)));
+    outs = ESFT__CAST(esft__out *, esft__calloc(&ck.allocator, (size_t)ck.n_shards + 1, sizeof *outs));
+    buf = ESFT__CAST(unsigned char *, esft__calloc(&ck.allocator, ESFT__COPY_CHUNK, 1));
+    if (!repl || !first || !outs || !buf) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "merge buffers");
+    for (sh = 0; outs && sh <= ck.n_shards; sh++) outs[sh].fd = -1;
+    if (s == ESFT_OK) s = esft__merge_plan(&ck, &tr, repl, first, trained, err);
+    if (s == ESFT_OK) s = esft__merge_dir(out_dir, ck.dir, err);
+    if (s == ESFT_OK) s = esft__merge_write(&ck, &tr, repl, first, out_dir, outs, buf, &pr, err);
+    for (sh = 0; outs && sh <= ck.n_shards; sh++) esft__out_abort(outs + sh); /* temp files left by a failure */
+    esft__release(&ck.allocator, repl);
+    esft__release(&ck.allocator, first);
+    esft__release(&ck.allocator, outs);
+    esft__release(&ck.allocator, buf);
+    esft_safetensors_close(&tr);
+    esft_checkpoint_close(&ck);
+    return s;
+}
+
+/* ===================================================================== */
+/* 13. JSON                                                              */
 /* ===================================================================== */
 
 #define ESFT__JSON_MAX_DEPTH 64
@@ -4816,6 +7037,9 @@ enum { ESFT__MR = 12, ESFT__NR = 32 };
 #include <immintrin.h>
 #define ESFT__GEMM_AVX2 1
 enum { ESFT__MR = 6, ESFT__NR = 16 };
+#elif (defined(__GNUC__) || defined(__clang__)) && !defined(ESFT_NO_SIMD)
+#define ESFT__GEMM_VEC 1
+enum { ESFT__MR = 6, ESFT__NR = 8 };
 #else
 enum { ESFT__MR = 4, ESFT__NR = 16 };
 #endif
@@ -4906,10 +7130,48 @@ static void esft__gemm_micro(int kc, const float *pa, /* (KC, MR) packed */
 #undef ESFT__OUT
 }
 #undef ESFT__ROWS
+#elif defined(ESFT__GEMM_VEC)
+/* GCC/Clang vector extensions, for any target without AVX2 (SSE2-only x86
+   builds, ARM, ...): a 6 x 8 tile in six 8-float vectors, which fit 16 SSE or
+   NEON registers. No fused multiply-add (ISO C mode does not contract), so the
+   last bits differ from the AVX kernels, never between thread counts. */
+typedef float esft__v8 __attribute__((vector_size(32)));
+#define ESFT__ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+static void esft__gemm_micro(int kc, const float *pa, /* (KC, MR) packed */
+                             const float *pb,         /* (KC, NR) packed */
+                             float *c, size_t ldc,    /* (MR, NR) tile of C */
+                             int mode, float beta)
+{
+#define ESFT__DECL(r) esft__v8 c##r = zero;
+#define ESFT__FMA(r)                                                              \
+    { float s = pa[r]; esft__v8 a = {s, s, s, s, s, s, s, s}; c##r += a * b; }
+#define ESFT__OUT(r)                                                               \
+    { float *cr = c + (size_t)(r) * ldc; esft__v8 old;                             \
+      memcpy(&old, cr, sizeof old);                                                \
+      if (mode == ESFT__GEMM_ADD) c##r = old + c##r;                               \
+      else if (mode == ESFT__GEMM_BETA) c##r = vbeta * old + c##r;                 \
+      memcpy(cr, &c##r, sizeof c##r); }
+    esft__v8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
+    esft__v8 vbeta = {beta, beta, beta, beta, beta, beta, beta, beta};
+    int k;
+    ESFT__ROWS(ESFT__DECL)
+    for (k = 0; k < kc; k++) {
+        esft__v8 b;
+        memcpy(&b, pb, sizeof b);
+        ESFT__ROWS(ESFT__FMA)
+        pa += ESFT__MR;
+        pb += ESFT__NR;
+    }
+    ESFT__ROWS(ESFT__OUT)
+#undef ESFT__DECL
+#undef ESFT__FMA
+#undef ESFT__OUT
+}
+#undef ESFT__ROWS
 #else
-/* Portable C: the accumulator tile lives in a local array the compiler can keep
-   in vector registers; no fused multiply-add, so results differ in the last bits
-   from the SIMD kernels (but not between thread counts). */
+/* Portable C (any compiler, ESFT_NO_SIMD): the accumulator tile lives in a local
+   array the compiler may keep in vector registers; no fused multiply-add, so the
+   last bits differ from the SIMD kernels (never between thread counts). */
 static void esft__gemm_micro(int kc, const float *pa, /* (KC, MR) packed */
                              const float *pb,         /* (KC, NR) packed */
                              float *c, size_t ldc,    /* (MR, NR) tile of C */
@@ -5075,11 +7337,17 @@ static esft__gemm_blocks esft__gemm_blocks_for(int M, int N, int K)
     return b;
 }
 
-/* Floats of scratch one thread needs (packed A block, packed B panel, and slack
-   to align to 64 bytes). */
+/* Floats of the packed A block, rounded up so that B's panel after it stays
+   64-byte aligned (the micro-kernel makes aligned loads from it). */
+static size_t esft__gemm_a_floats(esft__gemm_blocks b)
+{
+    return ((size_t)b.mc * b.kc + 15) / 16 * 16;
+}
+
+/* Floats of scratch one thread needs: A block, B panel, slack to align. */
 static size_t esft__gemm_thread_floats(esft__gemm_blocks b)
 {
-    return (size_t)b.mc * b.kc + (size_t)b.kc * b.nc + 16;
+    return esft__gemm_a_floats(b) + (size_t)b.kc * b.nc + 16;
 }
 
 /* C[m0..m1, n0..n1] (m0, n0 on the tile grid) with one thread's scratch. The B
@@ -5091,7 +7359,7 @@ static void esft__sgemm_part(int trans_a, int trans_b, int m0, int m1, int n0, i
                              float beta, float *C, int ldc, esft__gemm_blocks bs, float *ws)
 {
     float *pa = ESFT__CAST(float *, (void *)(((uintptr_t)ws + 63) & ~(uintptr_t)63));
-    float *pb = pa + (size_t)bs.mc * bs.kc;
+    float *pb = pa + esft__gemm_a_floats(bs);
     int k0, j0, i0, jr, ir;
     for (k0 = 0; k0 < K; k0 += bs.kc) {
         int kc = K - k0 < bs.kc ? K - k0 : bs.kc;

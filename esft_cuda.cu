@@ -15,7 +15,10 @@
       2. memory
       3. routing kernel
       4. router-statistics kernel
-      5. the table and its constructor
+      5. GEMMs (cuBLAS) and scratch
+      6. MoE layer: forward and backward
+      7. AdamW
+      8. the table and its constructor
 
    Rules kept throughout
       - Every CUDA/cuBLAS failure becomes ESFT_ERR_BACKEND with CUDA's own text in
@@ -30,6 +33,7 @@
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "esft.h"
@@ -43,6 +47,10 @@ typedef struct esft_cuda__context {
     cudaStream_t stream;            /* every op and copy runs here */
     cublasHandle_t blas;            /* created on first use (GEMM ops) */
     unsigned long long *flag;       /* device: first bad element of an op, ~0 = none */
+    void *scratch;                  /* device: op scratch beyond the caller's workspace */
+    size_t scratch_bytes;
+    int32_t *host;                  /* host: small per-op tables (expert slots, offsets) */
+    size_t host_count;
     char device_name[256];
 } esft_cuda__context;
 
@@ -327,21 +335,15 @@ __global__ static void esft_cuda__route_kernel(int32_t *ids, float *weights, flo
     esft_cuda__select(ids + (size_t)t * p.K, weights + (size_t)t * p.K, sel, prob, p, lane);
 }
 
-static esft_status esft_cuda__route(void *context, const esft_route_config *cfg, int32_t *ids, float *weights,
-                                    float *probs, const float *logits, int T, esft_error *err)
+/* Launches the routing kernel and reports non-finite logits (device memory
+   already checked by the caller). */
+static esft_status esft_cuda__route_run(esft_cuda__context *c, const esft_route_config *cfg, int32_t *ids,
+                                        float *weights, float *probs, const float *logits, int T, esft_error *err)
 {
-    esft_cuda__context *c = (esft_cuda__context *)context;
     esft_cuda__route_params p;
     size_t smem;
     unsigned long long bad;
     esft_status s;
-    if (T == 0) return ESFT_OK;
-    if ((s = esft_cuda__need_device(ids, "ids", err)) != ESFT_OK ||
-        (s = esft_cuda__need_device(weights, "weights", err)) != ESFT_OK ||
-        (s = esft_cuda__need_device(probs, "probs", err)) != ESFT_OK ||
-        (s = esft_cuda__need_device(logits, "logits", err)) != ESFT_OK ||
-        (s = esft_cuda__need_device(cfg->selection_bias, "selection_bias", err)) != ESFT_OK)
-        return s;
     p.E = cfg->n_experts;
     p.K = cfg->top_k;
     p.sigmoid = cfg->gating == ESFT_GATING_SIGMOID;
@@ -363,6 +365,20 @@ static esft_status esft_cuda__route(void *context, const esft_route_config *cfg,
         return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "router logit of token %llu, expert %llu is not finite",
                                bad / (unsigned long long)p.E, bad % (unsigned long long)p.E);
     return ESFT_OK;
+}
+
+static esft_status esft_cuda__route(void *context, const esft_route_config *cfg, int32_t *ids, float *weights,
+                                    float *probs, const float *logits, int T, esft_error *err)
+{
+    esft_status s;
+    if (T == 0) return ESFT_OK;
+    if ((s = esft_cuda__need_device(ids, "ids", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(weights, "weights", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(probs, "probs", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(logits, "logits", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(cfg->selection_bias, "selection_bias", err)) != ESFT_OK)
+        return s;
+    return esft_cuda__route_run((esft_cuda__context *)context, cfg, ids, weights, probs, logits, T, err);
 }
 
 /* ===================================================================== */
@@ -443,7 +459,721 @@ static esft_status esft_cuda__stats_accumulate(void *context, uint64_t *count, u
 }
 
 /* ===================================================================== */
-/* 5. the table and its constructor                                      */
+/* 5. GEMMs (cuBLAS) and scratch                                         */
+/* ===================================================================== */
+
+/* cuBLAS results as statuses, with cuBLAS's own name and text. */
+static esft_status esft_cuda__check_blas(cublasStatus_t st, const char *what, esft_error *err)
+{
+    if (st == CUBLAS_STATUS_SUCCESS) return ESFT_OK;
+    return esft_cuda__fail(err, st == CUBLAS_STATUS_ALLOC_FAILED ? ESFT_ERR_OUT_OF_MEMORY : ESFT_ERR_BACKEND,
+                           "cublas: %s: %s (%s)", what, cublasGetStatusString(st), cublasGetStatusName(st));
+}
+
+/* The cuBLAS handle, made on first use and bound to the backend's stream. */
+static esft_status esft_cuda__blas(esft_cuda__context *c, esft_error *err)
+{
+    esft_status s;
+    if (c->blas) return ESFT_OK;
+    s = esft_cuda__check_blas(cublasCreate(&c->blas), "cublasCreate", err);
+    if (s == ESFT_OK) s = esft_cuda__check_blas(cublasSetStream(c->blas, c->stream), "cublasSetStream", err);
+    if (s != ESFT_OK && c->blas) {
+        (void)cublasDestroy(c->blas);
+        c->blas = NULL;
+    }
+    return s;
+}
+
+/* The math of the expert and shared-expert GEMMs, from ESFT_CUDA_MATH (read at
+   each op, so a program can switch): "bf16" (default: bf16 tensor-core products
+   of the fp32 tensors, fp32 accumulation; weights stay fp32 masters), "tf32", or
+   "fp32" (full fp32, for comparisons with the CPU). Router GEMMs are always
+   fp32: the top-K selection must not flip on rounding. */
+static esft_status esft_cuda__math(cublasComputeType_t *out, esft_error *err)
+{
+    const char *m = getenv("ESFT_CUDA_MATH");
+    if (!m || !*m || strcmp(m, "bf16") == 0) *out = CUBLAS_COMPUTE_32F_FAST_16BF;
+    else if (strcmp(m, "tf32") == 0) *out = CUBLAS_COMPUTE_32F_FAST_TF32;
+    else if (strcmp(m, "fp32") == 0) *out = CUBLAS_COMPUTE_32F;
+    else return esft_cuda__fail(err, ESFT_ERR_INVALID_ARGUMENT, "ESFT_CUDA_MATH=%s: use bf16, tf32 or fp32", m);
+    return ESFT_OK;
+}
+
+/* esft__sgemm's contract on the GPU: row-major C (M, N) = alpha op(A) op(B) +
+   beta C, op(X) = X^T when tX. cuBLAS is column-major, where a row-major matrix
+   reads as its transpose, so this computes C^T = op(B)^T op(A)^T. */
+static esft_status esft_cuda__gemm(esft_cuda__context *c, cublasComputeType_t math, int ta, int tb, int M, int N,
+                                   int K, float alpha, const float *A, int lda, const float *B, int ldb, float beta,
+                                   float *C, int ldc, esft_error *err)
+{
+    if (M == 0 || N == 0) return ESFT_OK;
+    return esft_cuda__check_blas(cublasGemmEx(c->blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                              N, M, K, &alpha, B, CUDA_R_32F, ldb, A, CUDA_R_32F, lda, &beta, C,
+                                              CUDA_R_32F, ldc, math, CUBLAS_GEMM_DEFAULT),
+                                 "cublasGemmEx", err);
+}
+
+/* At least `bytes` of device scratch, kept between ops (grown, never shrunk). */
+static esft_status esft_cuda__scratch(esft_cuda__context *c, size_t bytes, void **out, esft_error *err)
+{
+    if (bytes > c->scratch_bytes) {
+        esft_status s;
+        if (c->scratch) (void)cudaFree(c->scratch);
+        c->scratch = NULL;
+        c->scratch_bytes = 0;
+        s = esft_cuda__check(cudaMalloc(&c->scratch, bytes), "cudaMalloc scratch", err);
+        if (s != ESFT_OK) return s;
+        c->scratch_bytes = bytes;
+    }
+    *out = c->scratch;
+    return ESFT_OK;
+}
+
+/* At least n int32 of host memory for small tables, kept between ops. */
+static esft_status esft_cuda__host_table(esft_cuda__context *c, size_t n, esft_error *err)
+{
+    if (n > c->host_count) {
+        int32_t *p = (int32_t *)realloc(c->host, n * sizeof(int32_t));
+        if (!p) return esft_cuda__fail(err, ESFT_ERR_OUT_OF_MEMORY, "cuda: host table of %lu ints", (unsigned long)n);
+        c->host = p;
+        c->host_count = n;
+    }
+    return ESFT_OK;
+}
+
+/* ===================================================================== */
+/* 6. MoE layer: forward and backward                                    */
+/* ===================================================================== */
+
+/* The workspace is the caller's, sized by esft_moe_workspace_size(), and this
+   backend uses esft.h's layout region for region (esft__moe_ws_layout): the
+   size query stays the one truth, and a forward on one backend can be followed
+   by the backward on another. Keep the two in step. */
+typedef struct esft_cuda__moe_ws {
+    float *probs, *weights;
+    int32_t *ids, *perm, *pos, *offsets, *cursor;
+    float *xg, *g, *u, *o, *a, *b, *d, *gs, *us, *as, *bs, *logits, *dw, *aux_coef;
+    double *aux_tmp;
+    float *route_tmp;
+} esft_cuda__moe_ws;
+
+static char *esft_cuda__carve(char *base, size_t *off, size_t count, size_t elem)
+{
+    size_t start = (*off + 63) & ~(size_t)63;
+    *off = start + count * elem;
+    return base + start;
+}
+
+static void esft_cuda__moe_ws_at(esft_cuda__moe_ws *w, const esft_moe_config *c, int T, void *workspace)
+{
+    uintptr_t u = (uintptr_t)workspace;
+    char *p = (char *)workspace + ((64 - (u & 63)) & 63);
+    size_t off = 0, t = (size_t)T, E = (size_t)c->route.n_experts, K = (size_t)c->route.top_k;
+    size_t D = (size_t)c->d_model, F = (size_t)c->d_expert, FS = (size_t)c->d_shared, tk = t * K;
+    size_t G = (size_t)(c->route.n_group > 0 ? c->route.n_group : 1);
+    size_t n_seq = c->aux_mode == ESFT_AUX_SEQUENCE && c->aux_seq_len > 0 ? t / (size_t)c->aux_seq_len + 1 : 1;
+    w->probs = (float *)esft_cuda__carve(p, &off, t * E, sizeof(float));
+    w->weights = (float *)esft_cuda__carve(p, &off, tk, sizeof(float));
+    w->ids = (int32_t *)esft_cuda__carve(p, &off, tk, sizeof(int32_t));
+    w->perm = (int32_t *)esft_cuda__carve(p, &off, tk, sizeof(int32_t));
+    w->pos = (int32_t *)esft_cuda__carve(p, &off, tk, sizeof(int32_t));
+    w->offsets = (int32_t *)esft_cuda__carve(p, &off, E + 1, sizeof(int32_t));
+    w->cursor = (int32_t *)esft_cuda__carve(p, &off, E, sizeof(int32_t));
+    w->xg = (float *)esft_cuda__carve(p, &off, tk * D, sizeof(float));
+    w->g = (float *)esft_cuda__carve(p, &off, tk * F, sizeof(float));
+    w->u = (float *)esft_cuda__carve(p, &off, tk * F, sizeof(float));
+    w->o = (float *)esft_cuda__carve(p, &off, tk * D, sizeof(float));
+    w->a = (float *)esft_cuda__carve(p, &off, tk * F, sizeof(float));
+    w->b = (float *)esft_cuda__carve(p, &off, tk * F, sizeof(float));
+    w->d = (float *)esft_cuda__carve(p, &off, tk * D, sizeof(float));
+    w->gs = (float *)esft_cuda__carve(p, &off, t * FS, sizeof(float));
+    w->us = (float *)esft_cuda__carve(p, &off, t * FS, sizeof(float));
+    w->as = (float *)esft_cuda__carve(p, &off, t * FS, sizeof(float));
+    w->bs = (float *)esft_cuda__carve(p, &off, t * FS, sizeof(float));
+    w->logits = (float *)esft_cuda__carve(p, &off, t * E, sizeof(float));
+    w->dw = (float *)esft_cuda__carve(p, &off, tk, sizeof(float));
+    w->aux_coef = (float *)esft_cuda__carve(p, &off, n_seq * E, sizeof(float));
+    w->aux_tmp = (double *)esft_cuda__carve(p, &off, 2 * E, sizeof(double));
+    w->route_tmp = (float *)esft_cuda__carve(p, &off, 3 * E + 2 * G, sizeof(float));
+}
+
+/* --- elementwise kernels: the CPU's formulas, one thread per element --- */
+
+__device__ static float esft_cuda__sigmoid(float v) { return 1.0f / (1.0f + expf(-v)); }
+
+/* act = silu(g) * u (esft__swiglu_forward). */
+__global__ static void esft_cuda__swiglu_kernel(float *act, const float *g, const float *u, size_t n)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        act[i] = g[i] * esft_cuda__sigmoid(g[i]) * u[i];
+}
+
+/* From dact in b and the saved g, u: b <- dg, a <- du (esft__swiglu_backward). */
+__global__ static void esft_cuda__swiglu_back_kernel(float *a, float *b, const float *g, const float *u, size_t n)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float s = esft_cuda__sigmoid(g[i]), silu = g[i] * s, da = b[i];
+        b[i] = da * u[i] * (s * (1.0f + g[i] * (1.0f - s)));
+        a[i] = da * silu;
+    }
+}
+
+static unsigned esft_cuda__grid(size_t n, unsigned threads)
+{
+    size_t blocks = (n + threads - 1) / threads;
+    return (unsigned)(blocks > 65535 * 8 ? 65535 * 8 : blocks ? blocks : 1);
+}
+
+/* --- the permutation by expert: a stable counting sort in three kernels ---
+   Slots are cut into chunks of ESFT_CUDA__CHUNK; (1) per-chunk histograms,
+   (2) one block turns them into each chunk's first position per expert and
+   writes offsets, (3) one warp per chunk places its slots in order, 32 at a
+   time, ranking equal experts with __match_any_sync. Stable, so perm and pos
+   are the CPU's exactly (slot order within an expert). */
+#define ESFT_CUDA__CHUNK 1024
+
+__global__ static void esft_cuda__hist_kernel(int32_t *counts, const int32_t *ids, int n, int E)
+{
+    extern __shared__ int32_t esft_cuda__hist_smem[];
+    int start = blockIdx.x * ESFT_CUDA__CHUNK, end = min(n, start + ESFT_CUDA__CHUNK);
+    for (int e = threadIdx.x; e < E; e += blockDim.x) esft_cuda__hist_smem[e] = 0;
+    __syncthreads();
+    for (int i = start + threadIdx.x; i < end; i += blockDim.x) atomicAdd(esft_cuda__hist_smem + ids[i], 1);
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) counts[(size_t)blockIdx.x * E + e] = esft_cuda__hist_smem[e];
+}
+
+__global__ static void esft_cuda__scan_kernel(int32_t *counts, int32_t *offsets, int n_chunks, int E)
+{
+    extern __shared__ int32_t esft_cuda__scan_smem[]; /* (E + 1) */
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        int run = 0;
+        for (int b = 0; b < n_chunks; b++) {
+            int v = counts[(size_t)b * E + e];
+            counts[(size_t)b * E + e] = run;
+            run += v;
+        }
+        esft_cuda__scan_smem[e + 1] = run;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        esft_cuda__scan_smem[0] = 0;
+        for (int e = 0; e < E; e++) esft_cuda__scan_smem[e + 1] += esft_cuda__scan_smem[e];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e <= E; e += blockDim.x) offsets[e] = esft_cuda__scan_smem[e];
+    for (int e = threadIdx.x; e < E; e += blockDim.x)
+        for (int b = 0; b < n_chunks; b++) counts[(size_t)b * E + e] += esft_cuda__scan_smem[e];
+}
+
+__global__ static void esft_cuda__place_kernel(int32_t *perm, int32_t *pos, const int32_t *ids,
+                                               const int32_t *base, int n, int E)
+{
+    extern __shared__ int32_t esft_cuda__place_smem[]; /* (E) next position per expert */
+    int lane = threadIdx.x, start = blockIdx.x * ESFT_CUDA__CHUNK, end = min(n, start + ESFT_CUDA__CHUNK);
+    for (int e = lane; e < E; e += 32) esft_cuda__place_smem[e] = base[(size_t)blockIdx.x * E + e];
+    __syncwarp();
+    for (int i0 = start; i0 < end; i0 += 32) {
+        int i = i0 + lane, id = i < end ? ids[i] : -1;
+        unsigned peers = __match_any_sync(0xffffffffu, id);
+        int rank = __popc(peers & ((1u << lane) - 1u));
+        if (id >= 0) {
+            int p = esft_cuda__place_smem[id] + rank;
+            perm[p] = i;
+            pos[i] = p;
+        }
+        __syncwarp();
+        if (id >= 0 && lane == __ffs(peers) - 1) esft_cuda__place_smem[id] += __popc(peers);
+        __syncwarp();
+    }
+}
+
+static esft_status esft_cuda__permute(esft_cuda__context *c, esft_cuda__moe_ws *w, int n, int E, esft_error *err)
+{
+    int n_chunks = (n + ESFT_CUDA__CHUNK - 1) / ESFT_CUDA__CHUNK;
+    void *scratch;
+    esft_status s = esft_cuda__scratch(c, (size_t)n_chunks * E * sizeof(int32_t), &scratch, err);
+    int32_t *counts = (int32_t *)scratch;
+    size_t smem = (size_t)(E + 1) * sizeof(int32_t);
+    if (s != ESFT_OK) return s;
+    esft_cuda__hist_kernel<<<n_chunks, 256, smem, c->stream>>>(counts, w->ids, n, E);
+    esft_cuda__scan_kernel<<<1, 256, smem, c->stream>>>(counts, w->offsets, n_chunks, E);
+    esft_cuda__place_kernel<<<n_chunks, 32, smem, c->stream>>>(w->perm, w->pos, w->ids, counts, n, E);
+    return esft_cuda__launched("permutation kernels", err);
+}
+
+/* --- gather, combine, scatter: one block per row, threads over D --- */
+
+/* xg[p] = x[token of slot perm[p]]. */
+__global__ static void esft_cuda__gather_kernel(float *xg, const float *x, const int32_t *perm, int K, int D)
+{
+    const float *src = x + (size_t)(perm[blockIdx.x] / K) * D;
+    float *dst = xg + (size_t)blockIdx.x * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) dst[d] = src[d];
+}
+
+/* y[t] += sum_j w[t,j] o[pos[t,j]], in slot order as the CPU (deterministic). */
+__global__ static void esft_cuda__combine_kernel(float *y, const float *o, const float *weights, const int32_t *pos,
+                                                 int K, int D)
+{
+    size_t t = blockIdx.x;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float acc = y[t * D + d];
+        for (int j = 0; j < K; j++) acc += weights[t * K + j] * o[(size_t)pos[t * K + j] * D + d];
+        y[t * D + d] = acc;
+    }
+}
+
+/* dx[t] += sum_j d[pos[t,j]], in slot order. */
+__global__ static void esft_cuda__scatter_kernel(float *dx, const float *dd, const int32_t *pos, int K, int D)
+{
+    size_t t = blockIdx.x;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float acc = dx[t * D + d];
+        for (int j = 0; j < K; j++) acc += dd[(size_t)pos[t * K + j] * D + d];
+        dx[t * D + d] = acc;
+    }
+}
+
+/* Row r of the sorted slots: dO = w * dy[t] into dd, and dL/dw = dy[t] . o. */
+__global__ static void esft_cuda__dout_kernel(float *dd, float *dw, const float *dy, const float *o,
+                                              const float *weights, const int32_t *perm, int K, int D)
+{
+    __shared__ float part[32];
+    size_t r = blockIdx.x;
+    int slot = perm[r], lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const float *g = dy + (size_t)(slot / K) * D, *orow = o + r * D;
+    float wt = weights[slot], dot = 0.0f;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        dd[r * D + d] = wt * g[d];
+        dot += g[d] * orow[d];
+    }
+    dot = esft_cuda__warp_sum(dot);
+    if (lane == 0) part[warp] = dot;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float sum = 0.0f;
+        for (int i = 0; i < (int)(blockDim.x / 32); i++) sum += part[i];
+        dw[slot] = sum;
+    }
+}
+
+/* --- auxiliary loss --- */
+
+/* One block per sequence, threads over experts: the CPU's exact double sums
+   (counts are integers, P adds the same floats in the same order), so the
+   per-(sequence, expert) loss terms and coefficients are the CPU's bits. */
+__global__ static void esft_cuda__aux_kernel(double *terms, float *coef, const int32_t *ids, const float *probs,
+                                             int S, int K, int E, double scale)
+{
+    int s = blockIdx.x;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        double cnt = 0.0, P = 0.0, f;
+        for (int t = s * S; t < (s + 1) * S; t++) {
+            for (int j = 0; j < K; j++) cnt += ids[(size_t)t * K + j] == e ? 1.0 : 0.0;
+            P = __dadd_rn(P, (double)probs[(size_t)t * E + e]);
+        }
+        f = __ddiv_rn(cnt, (double)S * K);
+        terms[(size_t)s * E + e] = __dmul_rn(__dmul_rn(scale, f), __ddiv_rn(P, (double)S));
+        coef[(size_t)s * E + e] = (float)__ddiv_rn(__dmul_rn(scale, f), (double)S);
+    }
+}
+
+/* Loss = the terms added one by one in (sequence, expert) order, as the CPU. */
+static esft_status esft_cuda__aux_forward(esft_cuda__context *c, const esft_moe_config *cfg, esft_cuda__moe_ws *w,
+                                          int T, float *aux_loss, esft_error *err)
+{
+    int E = cfg->route.n_experts, K = cfg->route.top_k;
+    int S = cfg->aux_mode == ESFT_AUX_SEQUENCE ? cfg->aux_seq_len : T, n_seq = T / S, i;
+    size_t n = (size_t)n_seq * E;
+    double loss = 0.0, *terms;
+    void *scratch;
+    esft_status s;
+    if (cfg->aux_alpha == 0.0f) { *aux_loss = 0.0f; return ESFT_OK; }
+    if ((s = esft_cuda__scratch(c, n * sizeof(double), &scratch, err)) != ESFT_OK) return s;
+    esft_cuda__aux_kernel<<<n_seq, 128, 0, c->stream>>>((double *)scratch, w->aux_coef, w->ids, w->probs, S, K, E,
+                                                         (double)cfg->aux_alpha * E / n_seq);
+    if ((s = esft_cuda__launched("aux kernel", err)) != ESFT_OK) return s;
+    terms = (double *)malloc(n * sizeof(double));
+    if (!terms) return esft_cuda__fail(err, ESFT_ERR_OUT_OF_MEMORY, "cuda: %lu aux terms", (unsigned long)n);
+    s = esft_cuda__check(cudaMemcpyAsync(terms, scratch, n * sizeof(double), cudaMemcpyDeviceToHost, c->stream),
+                         "download aux terms", err);
+    if (s == ESFT_OK) s = esft_cuda__finish(c, "aux kernel", err);
+    for (i = 0; s == ESFT_OK && i < (int)n; i++) loss += terms[i];
+    free(terms);
+    if (s == ESFT_OK) *aux_loss = (float)loss;
+    return s;
+}
+
+/* --- router backward: one warp per token (esft__moe_route_backward_token) --- */
+
+__global__ static void esft_cuda__route_back_kernel(float *dl_all, const float *probs, const int32_t *ids_all,
+                                                    const float *dw_all, const float *aux_coef, int T, int E, int K,
+                                                    int S, int renormalize, int sigmoid, float scale)
+{
+    int lane = threadIdx.x % 32, t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    float *dl;
+    const float *p, *dw, *aux;
+    const int32_t *ids;
+    if (t >= T) return;
+    dl = dl_all + (size_t)t * E;
+    p = probs + (size_t)t * E;
+    ids = ids_all + (size_t)t * K;
+    dw = dw_all + (size_t)t * K;
+    aux = aux_coef ? aux_coef + (size_t)(t / S) * E : NULL;
+    for (int e = lane; e < E; e += 32) dl[e] = aux ? aux[e] : 0.0f; /* dL/dp first */
+    __syncwarp();
+    if (lane == 0) {
+        if (renormalize) {
+            float s = 0.0f, dot = 0.0f;
+            for (int j = 0; j < K; j++) s += p[ids[j]];
+            s += 1e-20f;
+            for (int j = 0; j < K; j++) dot += dw[j] * p[ids[j]];
+            for (int j = 0; j < K; j++) dl[ids[j]] += scale * (dw[j] / s - dot / (s * s));
+        } else {
+            for (int j = 0; j < K; j++) dl[ids[j]] += scale * dw[j];
+        }
+    }
+    __syncwarp();
+    if (!sigmoid) {
+        float dot = 0.0f;
+        for (int e = lane; e < E; e += 32) dot += p[e] * dl[e];
+        dot = esft_cuda__warp_sum(dot);
+        for (int e = lane; e < E; e += 32) dl[e] = p[e] * (dl[e] - dot);
+    } else {
+        for (int e = lane; e < E; e += 32) dl[e] *= p[e] * (1.0f - p[e]);
+    }
+}
+
+/* --- the layer --- */
+
+/* Expert e's gate, up, down (its trainable copy or the frozen tensors) and its
+   gradients (NULL when frozen), from the slot table on the host. */
+static void esft_cuda__expert(const esft_moe *m, const int32_t *slot, int e, const float **W, float **G)
+{
+    size_t fd = (size_t)m->cfg.d_expert * (size_t)m->cfg.d_model;
+    for (int i = 0; i < 3; i++) {
+        if (slot[e] >= 0) {
+            W[i] = m->params + ((size_t)slot[e] * 3 + (size_t)i) * fd;
+            G[i] = m->grads + ((size_t)slot[e] * 3 + (size_t)i) * fd;
+        } else {
+            const float *base = i == 0 ? m->frozen.gate : i == 1 ? m->frozen.up : m->frozen.down;
+            W[i] = base + (size_t)e * fd;
+            G[i] = NULL;
+        }
+    }
+}
+
+static const float *esft_cuda__router_w(const esft_moe *m) { return m->router ? m->router : m->frozen.router; }
+static const float *esft_cuda__shared_w(const esft_moe *m, int i)
+{
+    if (i == 0) return m->shared_gate ? m->shared_gate : m->frozen.shared_gate;
+    if (i == 1) return m->shared_up ? m->shared_up : m->frozen.shared_up;
+    return m->shared_down ? m->shared_down : m->frozen.shared_down;
+}
+
+/* Checks the memory space of the layer's tensors and of the call's arrays. */
+static esft_status esft_cuda__moe_check(const esft_moe *m, const void *out, const float *in, const float *x,
+                                        const void *workspace, esft_error *err)
+{
+    const esft_moe_config *c = &m->cfg;
+    esft_status s;
+    if ((s = esft_cuda__need_device(out, "output", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(in, "input", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(x, "x", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(workspace, "workspace", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(esft_cuda__router_w(m), "router weight", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(m->frozen.gate, "expert weights", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(m->frozen.up, "expert weights", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(m->frozen.down, "expert weights", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(m->n_params ? m->params : NULL, "layer params", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(m->n_params ? m->grads : NULL, "layer grads", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(c->route.selection_bias, "selection_bias", err)) != ESFT_OK)
+        return s;
+    if (c->d_shared > 0)
+        for (int i = 0; i < 3; i++)
+            if ((s = esft_cuda__need_device(esft_cuda__shared_w(m, i), "shared weights", err)) != ESFT_OK) return s;
+    return ESFT_OK;
+}
+
+/* Host copies of the slot table (E) and the expert offsets (E + 1): the
+   per-expert GEMMs are launched from the host. */
+static esft_status esft_cuda__moe_tables(esft_cuda__context *c, const esft_moe *m, const esft_cuda__moe_ws *w,
+                                         int32_t **slot, int32_t **offsets, esft_error *err)
+{
+    int E = m->cfg.route.n_experts;
+    esft_status s = esft_cuda__host_table(c, 2 * (size_t)E + 1, err);
+    if (s != ESFT_OK) return s;
+    *slot = c->host;
+    *offsets = c->host + E;
+    s = esft_cuda__check(cudaMemcpyAsync(*slot, m->slot, (size_t)E * sizeof(int32_t), cudaMemcpyDefault, c->stream),
+                         "read expert slots", err);
+    if (s == ESFT_OK)
+        s = esft_cuda__check(cudaMemcpyAsync(*offsets, w->offsets, (size_t)(E + 1) * sizeof(int32_t),
+                                             cudaMemcpyDeviceToHost, c->stream), "read expert offsets", err);
+    if (s == ESFT_OK) s = esft_cuda__finish(c, "read expert tables", err);
+    return s;
+}
+
+/* Routed experts forward: gate and up GEMMs per expert, one fused SwiGLU over
+   all rows, then the down GEMMs. */
+static esft_status esft_cuda__experts_forward(esft_cuda__context *c, const esft_moe *m, esft_cuda__moe_ws *w,
+                                              const int32_t *slot, const int32_t *off, int T,
+                                              cublasComputeType_t math, esft_error *err)
+{
+    int D = m->cfg.d_model, F = m->cfg.d_expert, E = m->cfg.route.n_experts, K = m->cfg.route.top_k;
+    size_t nf = (size_t)T * K * F;
+    esft_status s = ESFT_OK;
+    for (int e = 0; e < E && s == ESFT_OK; e++) {
+        int n = off[e + 1] - off[e];
+        size_t rf = (size_t)off[e] * F, rd = (size_t)off[e] * D;
+        const float *W[3];
+        float *G[3];
+        if (n == 0) continue;
+        esft_cuda__expert(m, slot, e, W, G);
+        s = esft_cuda__gemm(c, math, 0, 1, n, F, D, 1.0f, w->xg + rd, D, W[0], D, 0.0f, w->g + rf, F, err);
+        if (s == ESFT_OK)
+            s = esft_cuda__gemm(c, math, 0, 1, n, F, D, 1.0f, w->xg + rd, D, W[1], D, 0.0f, w->u + rf, F, err);
+    }
+    if (s != ESFT_OK) return s;
+    esft_cuda__swiglu_kernel<<<esft_cuda__grid(nf, 256), 256, 0, c->stream>>>(w->a, w->g, w->u, nf);
+    if ((s = esft_cuda__launched("swiglu kernel", err)) != ESFT_OK) return s;
+    for (int e = 0; e < E && s == ESFT_OK; e++) {
+        int n = off[e + 1] - off[e];
+        const float *W[3];
+        float *G[3];
+        if (n == 0) continue;
+        esft_cuda__expert(m, slot, e, W, G);
+        s = esft_cuda__gemm(c, math, 0, 1, n, D, F, 1.0f, w->a + (size_t)off[e] * F, F, W[2], F, 0.0f,
+                            w->o + (size_t)off[e] * D, D, err);
+    }
+    return s;
+}
+
+/* The shared SwiGLU block writes y (or y = 0 without one). */
+static esft_status esft_cuda__shared_forward(esft_cuda__context *c, const esft_moe *m, esft_cuda__moe_ws *w,
+                                             float *y, const float *x, int T, cublasComputeType_t math,
+                                             esft_error *err)
+{
+    int D = m->cfg.d_model, FS = m->cfg.d_shared;
+    size_t n = (size_t)T * FS;
+    esft_status s;
+    if (FS == 0) return esft_cuda__check(cudaMemsetAsync(y, 0, (size_t)T * D * sizeof(float), c->stream), "memset y", err);
+    s = esft_cuda__gemm(c, math, 0, 1, T, FS, D, 1.0f, x, D, esft_cuda__shared_w(m, 0), D, 0.0f, w->gs, FS, err);
+    if (s == ESFT_OK)
+        s = esft_cuda__gemm(c, math, 0, 1, T, FS, D, 1.0f, x, D, esft_cuda__shared_w(m, 1), D, 0.0f, w->us, FS, err);
+    if (s != ESFT_OK) return s;
+    esft_cuda__swiglu_kernel<<<esft_cuda__grid(n, 256), 256, 0, c->stream>>>(w->as, w->gs, w->us, n);
+    if ((s = esft_cuda__launched("swiglu kernel", err)) != ESFT_OK) return s;
+    return esft_cuda__gemm(c, math, 0, 1, T, D, FS, 1.0f, w->as, FS, esft_cuda__shared_w(m, 2), FS, 0.0f, y, D, err);
+}
+
+static esft_status esft_cuda__moe_forward(void *context, const esft_moe *m, float *y, float *aux_loss, const float *x,
+                                          void *workspace, int T, esft_error *err)
+{
+    esft_cuda__context *c = (esft_cuda__context *)context;
+    const esft_moe_config *cfg = &m->cfg;
+    int D = cfg->d_model, E = cfg->route.n_experts, K = cfg->route.top_k, n = T * K;
+    int32_t *slot, *off;
+    cublasComputeType_t math;
+    esft_cuda__moe_ws w;
+    esft_status s;
+    if ((s = esft_cuda__moe_check(m, y, x, x, workspace, err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
+    esft_cuda__moe_ws_at(&w, cfg, T, workspace);
+    /* router in fp32, then the routing kernel (which reports non-finite logits) */
+    s = esft_cuda__gemm(c, CUBLAS_COMPUTE_32F, 0, 1, T, E, D, 1.0f, x, D, esft_cuda__router_w(m), D, 0.0f, w.logits,
+                        E, err);
+    if (s == ESFT_OK) s = esft_cuda__route_run(c, &cfg->route, w.ids, w.weights, w.probs, w.logits, T, err);
+    if (s == ESFT_OK) s = esft_cuda__permute(c, &w, n, E, err);
+    if (s == ESFT_OK) s = esft_cuda__moe_tables(c, m, &w, &slot, &off, err);
+    if (s != ESFT_OK) return s;
+    esft_cuda__gather_kernel<<<n, 128, 0, c->stream>>>(w.xg, x, w.perm, K, D);
+    if ((s = esft_cuda__launched("gather kernel", err)) != ESFT_OK) return s;
+    s = esft_cuda__experts_forward(c, m, &w, slot, off, T, math, err);
+    if (s == ESFT_OK) s = esft_cuda__shared_forward(c, m, &w, y, x, T, math, err);
+    if (s != ESFT_OK) return s;
+    esft_cuda__combine_kernel<<<T, 128, 0, c->stream>>>(y, w.o, w.weights, w.pos, K, D);
+    if ((s = esft_cuda__launched("combine kernel", err)) != ESFT_OK) return s;
+    s = esft_cuda__aux_forward(c, cfg, &w, T, aux_loss, err);
+    if (s == ESFT_OK) s = esft_cuda__finish(c, "moe forward", err);
+    return s;
+}
+
+/* Routed experts backward: fills w->dw, accumulates into dx, and into the
+   gradients of trainable experts only (frozen experts skip every dW GEMM). */
+static esft_status esft_cuda__experts_backward(esft_cuda__context *c, const esft_moe *m, esft_cuda__moe_ws *w,
+                                               const int32_t *slot, const int32_t *off, float *dx, const float *dy,
+                                               int T, cublasComputeType_t math, esft_error *err)
+{
+    int D = m->cfg.d_model, F = m->cfg.d_expert, E = m->cfg.route.n_experts, K = m->cfg.route.top_k;
+    int n_all = T * K, any_trainable = 0;
+    size_t nf = (size_t)n_all * F;
+    esft_status s = ESFT_OK;
+    const float *W[3];
+    float *G[3];
+    esft_cuda__dout_kernel<<<n_all, 128, 0, c->stream>>>(w->d, w->dw, dy, w->o, w->weights, w->perm, K, D);
+    if ((s = esft_cuda__launched("dout kernel", err)) != ESFT_OK) return s;
+    for (int e = 0; e < E && s == ESFT_OK; e++) { /* b = dO Wd */
+        int n = off[e + 1] - off[e];
+        if (n == 0) continue;
+        esft_cuda__expert(m, slot, e, W, G);
+        any_trainable |= G[0] != NULL;
+        s = esft_cuda__gemm(c, math, 0, 0, n, F, D, 1.0f, w->d + (size_t)off[e] * D, D, W[2], F, 0.0f,
+                            w->b + (size_t)off[e] * F, F, err);
+    }
+    if (s == ESFT_OK && any_trainable) { /* dWd += dO^T act, trainable experts only */
+        esft_cuda__swiglu_kernel<<<esft_cuda__grid(nf, 256), 256, 0, c->stream>>>(w->a, w->g, w->u, nf);
+        s = esft_cuda__launched("swiglu kernel", err);
+        for (int e = 0; e < E && s == ESFT_OK; e++) {
+            int n = off[e + 1] - off[e];
+            esft_cuda__expert(m, slot, e, W, G);
+            if (n == 0 || !G[2]) continue;
+            s = esft_cuda__gemm(c, math, 1, 0, D, F, n, 1.0f, w->d + (size_t)off[e] * D, D, w->a + (size_t)off[e] * F,
+                                F, 1.0f, G[2], F, err);
+        }
+    }
+    if (s != ESFT_OK) return s;
+    esft_cuda__swiglu_back_kernel<<<esft_cuda__grid(nf, 256), 256, 0, c->stream>>>(w->a, w->b, w->g, w->u, nf);
+    if ((s = esft_cuda__launched("swiglu backward kernel", err)) != ESFT_OK) return s;
+    for (int e = 0; e < E && s == ESFT_OK; e++) {
+        int n = off[e + 1] - off[e];
+        size_t rf = (size_t)off[e] * F, rd = (size_t)off[e] * D;
+        if (n == 0) continue;
+        esft_cuda__expert(m, slot, e, W, G);
+        if (G[0]) { /* dWg += dg^T xg, dWu += du^T xg */
+            s = esft_cuda__gemm(c, math, 1, 0, F, D, n, 1.0f, w->b + rf, F, w->xg + rd, D, 1.0f, G[0], D, err);
+            if (s == ESFT_OK)
+                s = esft_cuda__gemm(c, math, 1, 0, F, D, n, 1.0f, w->a + rf, F, w->xg + rd, D, 1.0f, G[1], D, err);
+        }
+        if (s == ESFT_OK) /* input gradient of the expert's rows: dg Wg + du Wu */
+            s = esft_cuda__gemm(c, math, 0, 0, n, D, F, 1.0f, w->b + rf, F, W[0], D, 0.0f, w->d + rd, D, err);
+        if (s == ESFT_OK)
+            s = esft_cuda__gemm(c, math, 0, 0, n, D, F, 1.0f, w->a + rf, F, W[1], D, 1.0f, w->d + rd, D, err);
+    }
+    if (s != ESFT_OK) return s;
+    esft_cuda__scatter_kernel<<<T, 128, 0, c->stream>>>(dx, w->d, w->pos, K, D);
+    return esft_cuda__launched("scatter kernel", err);
+}
+
+/* Shared block backward (esft__moe_shared_backward). */
+static esft_status esft_cuda__shared_backward(esft_cuda__context *c, const esft_moe *m, esft_cuda__moe_ws *w,
+                                              float *dx, const float *dy, const float *x, int T,
+                                              cublasComputeType_t math, esft_error *err)
+{
+    int D = m->cfg.d_model, FS = m->cfg.d_shared;
+    size_t n = (size_t)T * FS;
+    unsigned grid = esft_cuda__grid(n, 256);
+    esft_status s;
+    if (FS == 0) return ESFT_OK;
+    s = esft_cuda__gemm(c, math, 0, 0, T, FS, D, 1.0f, dy, D, esft_cuda__shared_w(m, 2), FS, 0.0f, w->bs, FS, err);
+    if (s == ESFT_OK && m->d_shared_down) {
+        esft_cuda__swiglu_kernel<<<grid, 256, 0, c->stream>>>(w->as, w->gs, w->us, n);
+        s = esft_cuda__launched("swiglu kernel", err);
+        if (s == ESFT_OK)
+            s = esft_cuda__gemm(c, math, 1, 0, D, FS, T, 1.0f, dy, D, w->as, FS, 1.0f, m->d_shared_down, FS, err);
+    }
+    if (s != ESFT_OK) return s;
+    esft_cuda__swiglu_back_kernel<<<grid, 256, 0, c->stream>>>(w->as, w->bs, w->gs, w->us, n);
+    if ((s = esft_cuda__launched("swiglu backward kernel", err)) != ESFT_OK) return s;
+    if (m->d_shared_gate) {
+        s = esft_cuda__gemm(c, math, 1, 0, FS, D, T, 1.0f, w->bs, FS, x, D, 1.0f, m->d_shared_gate, D, err);
+        if (s == ESFT_OK)
+            s = esft_cuda__gemm(c, math, 1, 0, FS, D, T, 1.0f, w->as, FS, x, D, 1.0f, m->d_shared_up, D, err);
+    }
+    if (s == ESFT_OK)
+        s = esft_cuda__gemm(c, math, 0, 0, T, D, FS, 1.0f, w->bs, FS, esft_cuda__shared_w(m, 0), D, 1.0f, dx, D, err);
+    if (s == ESFT_OK)
+        s = esft_cuda__gemm(c, math, 0, 0, T, D, FS, 1.0f, w->as, FS, esft_cuda__shared_w(m, 1), D, 1.0f, dx, D, err);
+    return s;
+}
+
+static esft_status esft_cuda__moe_backward(void *context, const esft_moe *m, float *dx, const float *dy,
+                                           const float *x, void *workspace, int T, esft_error *err)
+{
+    esft_cuda__context *c = (esft_cuda__context *)context;
+    const esft_moe_config *cfg = &m->cfg;
+    int D = cfg->d_model, E = cfg->route.n_experts, K = cfg->route.top_k;
+    int S = cfg->aux_mode == ESFT_AUX_SEQUENCE ? cfg->aux_seq_len : T;
+    int32_t *slot, *off;
+    cublasComputeType_t math;
+    esft_cuda__moe_ws w;
+    esft_status s;
+    if ((s = esft_cuda__moe_check(m, dx, dy, x, workspace, err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
+    esft_cuda__moe_ws_at(&w, cfg, T, workspace);
+    if ((s = esft_cuda__moe_tables(c, m, &w, &slot, &off, err)) != ESFT_OK) return s;
+    s = esft_cuda__experts_backward(c, m, &w, slot, off, dx, dy, T, math, err);
+    if (s == ESFT_OK) s = esft_cuda__shared_backward(c, m, &w, dx, dy, x, T, math, err);
+    if (s != ESFT_OK) return s;
+    esft_cuda__route_back_kernel<<<(T + 3) / 4, 128, 0, c->stream>>>(
+        w.logits, w.probs, w.ids, w.dw, cfg->aux_alpha > 0.0f ? w.aux_coef : NULL, T, E, K, S,
+        cfg->route.renormalize != 0, cfg->route.gating == ESFT_GATING_SIGMOID, cfg->route.routed_scaling);
+    if ((s = esft_cuda__launched("router backward kernel", err)) != ESFT_OK) return s;
+    s = esft_cuda__gemm(c, CUBLAS_COMPUTE_32F, 0, 0, T, D, E, 1.0f, w.logits, E, esft_cuda__router_w(m), D, 1.0f, dx,
+                        D, err);
+    if (s == ESFT_OK && m->d_router)
+        s = esft_cuda__gemm(c, CUBLAS_COMPUTE_32F, 1, 0, E, D, T, 1.0f, w.logits, E, x, D, 1.0f, m->d_router, D, err);
+    if (s == ESFT_OK) s = esft_cuda__finish(c, "moe backward", err);
+    return s;
+}
+
+/* ===================================================================== */
+/* 7. AdamW                                                              */
+/* ===================================================================== */
+
+/* One pass over the block: reads p, g, m, v and writes p, m, v — 28 bytes per
+   parameter, the minimum. The CPU's float operations in the CPU's order, each
+   rounded on its own (the _rn intrinsics forbid fused multiply-adds), and the
+   scalar factors computed on the host by the CPU's formulas: the result is the
+   CPU's bits. (esft_adamw_step has checked the gradients for NaN/Inf.) */
+typedef struct esft_cuda__adamw_params {
+    float b1, b2, one_minus_b1, one_minus_b2, decay, step_size, bc2_sqrt, eps;
+} esft_cuda__adamw_params;
+
+__global__ static void esft_cuda__adamw_kernel(float *p, const float *g, float *m, float *v, size_t n,
+                                               esft_cuda__adamw_params a)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float gi = g[i];
+        float mi = __fadd_rn(__fmul_rn(a.b1, m[i]), __fmul_rn(a.one_minus_b1, gi));
+        float vi = __fadd_rn(__fmul_rn(a.b2, v[i]), __fmul_rn(__fmul_rn(a.one_minus_b2, gi), gi));
+        float den = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), a.bc2_sqrt), a.eps);
+        p[i] = __fsub_rn(__fmul_rn(p[i], a.decay), __fdiv_rn(__fmul_rn(a.step_size, mi), den));
+        m[i] = mi;
+        v[i] = vi;
+    }
+}
+
+static esft_status esft_cuda__adamw_step(void *context, const esft_adamw_config *cfg, float *params,
+                                         const float *grads, float *m, float *v, size_t n, long step,
+                                         esft_error *err)
+{
+    esft_cuda__context *c = (esft_cuda__context *)context;
+    esft_cuda__adamw_params a;
+    double bc1 = 1.0 - pow((double)cfg->beta1, (double)step);
+    double bc2 = 1.0 - pow((double)cfg->beta2, (double)step);
+    esft_status s;
+    if (n == 0) return ESFT_OK;
+    if ((s = esft_cuda__need_device(params, "params", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(grads, "grads", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(m, "m", err)) != ESFT_OK || (s = esft_cuda__need_device(v, "v", err)) != ESFT_OK)
+        return s;
+    a.b1 = cfg->beta1;
+    a.b2 = cfg->beta2;
+    a.one_minus_b1 = 1.0f - cfg->beta1;
+    a.one_minus_b2 = 1.0f - cfg->beta2;
+    a.decay = 1.0f - cfg->lr * cfg->weight_decay;
+    a.step_size = (float)(cfg->lr / bc1);
+    a.bc2_sqrt = (float)sqrt(bc2);
+    a.eps = cfg->eps;
+    esft_cuda__adamw_kernel<<<esft_cuda__grid(n, 256), 256, 0, c->stream>>>(params, grads, m, v, n, a);
+    if ((s = esft_cuda__launched("adamw kernel", err)) != ESFT_OK) return s;
+    return esft_cuda__finish(c, "adamw step", err);
+}
+
+/* ===================================================================== */
+/* 8. the table and its constructor                                      */
 /* ===================================================================== */
 
 /* nvcc takes designated initializers only in declaration order, so the table is
@@ -459,9 +1189,11 @@ static const esft_backend esft_cuda__backend = {
     /* .synchronize = */ esft_cuda__synchronize,
     /* .route = */ esft_cuda__route,
     /* .stats_accumulate = */ esft_cuda__stats_accumulate,
-    /* .moe_forward = */ NULL,  /* not yet: ESFT_ERR_UNSUPPORTED through esft.h's dispatch */
-    /* .moe_backward = */ NULL,
-    /* .adamw_step = */ NULL,
+    /* .moe_forward = */ esft_cuda__moe_forward,
+    /* .moe_backward = */ esft_cuda__moe_backward,
+    /* .adamw_step = */ esft_cuda__adamw_step,
+    /* .adapter_forward = */ NULL,  /* not yet: ESFT_ERR_UNSUPPORTED through esft.h's dispatch */
+    /* .adapter_backward = */ NULL,
 };
 
 static int esft_cuda__ready;

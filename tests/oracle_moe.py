@@ -10,6 +10,7 @@ expert and uses closed forms, so the two share no code and little structure.
 Prints PASS/FAIL per case and the closing "N passed, N failed, N skipped".
 """
 import os
+import shlex
 import subprocess
 import sys
 
@@ -188,11 +189,15 @@ def main():
     os.makedirs(tmp, exist_ok=True)
     exe = os.path.join(tmp, "oracle_moe_driver")
     src = os.path.join(ROOT, "tests", "oracle_moe_driver.c")
-    cmd = [CC, "-O2", "-std=c99", "-I" + ROOT, src, "-o", exe, "-lm"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
+    cmd = shlex.split(CC) + ["-O2", "-std=c99", "-I" + ROOT, src, "-o", exe, "-lm"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        why = r.stderr if r.returncode != 0 else None
+    except OSError as e:
+        why = str(e)
+    if why is not None:
         print("FAIL build_driver: " + " ".join(cmd))
-        print("     " + r.stderr.replace("\n", "\n     "))
+        print("     " + why.replace("\n", "\n     "))
         print("0 passed, 1 failed, 0 skipped")
         return 1
     passed = failed = 0

@@ -107,5 +107,8 @@ int main(int argc, char **argv)
     fwrite(m.grads, 4, m.n_params, out);
     if (fclose(out) != 0) { perror(argv[15]); return 1; }
     esft_moe_uninit(&m);
+    free(x); free(dy); free(y); free(dx); free(ws); free(ids);
+    free((void *)w.router); free((void *)w.gate); free((void *)w.up); free((void *)w.down);
+    free((void *)w.shared_gate); free((void *)w.shared_up); free((void *)w.shared_down);
     return 0;
 }

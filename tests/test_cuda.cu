@@ -412,4 +412,360 @@ TEST(cuda_stats_rejects_bad_ids_and_host_memory)
                  ESFT_ERR_INVALID_ARGUMENT);
 }
 
+/* ---------------------------------------------------------------------- */
+/* MoE layer: CPU vs CUDA, forward and backward                            */
+/* ---------------------------------------------------------------------- */
+
+/* esft_moe_forward/_backward check x and dy on the host and esft_moe_init
+   fills the parameter block with memcpy, so the CUDA layer lives in managed
+   memory (host- and device-addressable): an allocator over cudaMallocManaged. */
+static void *managed_alloc(void *user, size_t n)
+{
+    void *p = NULL;
+    (void)user;
+    return cudaMallocManaged(&p, n ? n : 1) == cudaSuccess ? p : NULL;
+}
+static void managed_free(void *user, void *p) { (void)user; cudaFree(p); }
+
+/* A managed copy of n floats (or n zero bytes when src is NULL), freed with the pool. */
+static void *managed(const void *src, size_t bytes)
+{
+    void *p = managed_alloc(NULL, bytes);
+    if (!p || pool_n == 64) return NULL;
+    pool[pool_n++] = p;
+    if (src) memcpy(p, src, bytes);
+    else memset(p, 0, bytes);
+    return p;
+}
+
+static float *random_floats(size_t n, float lo, float hi)
+{
+    float *x = (float *)malloc(n * sizeof(float));
+    size_t i;
+    for (i = 0; i < n; i++) x[i] = rng_uniform(lo, hi);
+    return x;
+}
+
+/* NMSE = sum (a - r)^2 / sum r^2 and the worst |a - r| relative to max |r|;
+   prints both and the first elements beyond max_tol. 1 when within both. */
+static int close_enough(const char *what, const float *got, const float *ref, size_t n, double nmse_tol,
+                        double max_tol)
+{
+    double num = 0, den = 0, worst = 0, peak = 0, nmse;
+    size_t i;
+    int shown = 0;
+    for (i = 0; i < n; i++) peak = fabs(ref[i]) > peak ? fabs(ref[i]) : peak;
+    for (i = 0; i < n; i++) {
+        double d = fabs((double)got[i] - ref[i]);
+        num += d * d;
+        den += (double)ref[i] * ref[i];
+        if (d > worst) worst = d;
+        if (!(d <= max_tol * peak) && shown++ < 5)
+            printf("    %s[%lu]: cuda %.9g cpu %.9g\n", what, (unsigned long)i, got[i], ref[i]);
+    }
+    nmse = den > 0 ? num / den : num;
+    printf("    %-8s n %-7lu NMSE %.3g (tol %.0e)  worst |d| %.3g = %.3g of max|ref| (tol %.0e)\n", what,
+           (unsigned long)n, nmse, nmse_tol, worst, peak > 0 ? worst / peak : worst, max_tol);
+    return nmse <= nmse_tol && shown == 0;
+}
+
+typedef struct moe_case {
+    esft_moe_config cfg;
+    unsigned char trainable[64];
+    float bias[64];
+    int use_bias, T;
+    const char *label;
+} moe_case;
+
+/* Runs one case through both backends (ESFT_CUDA_MATH = math) and compares y,
+   aux, dx (accumulated onto a non-zero start) and the gradient block. With
+   cross_check, also runs the CPU backward on the CUDA forward's workspace: the
+   two backends must agree on its layout. */
+static int compare_moe(moe_case *mc, const char *math, double nmse_tol, double max_tol, int cross_check)
+{
+    esft_moe_config cfg = mc->cfg;
+    int D = cfg.d_model, E = cfg.route.n_experts, F = cfg.d_expert, FS = cfg.d_shared, T = mc->T, ok = 1;
+    size_t nr = (size_t)E * D, ne = (size_t)E * F * D, ns = (size_t)FS * D, td = (size_t)T * D, ws_bytes = 0;
+    float *router = random_floats(nr, -2.0f / sqrtf((float)D), 2.0f / sqrtf((float)D));
+    float *gate = random_floats(ne, -1.0f / sqrtf((float)D), 1.0f / sqrtf((float)D));
+    float *up = random_floats(ne, -1.0f / sqrtf((float)D), 1.0f / sqrtf((float)D));
+    float *down = random_floats(ne, -1.0f / sqrtf((float)F), 1.0f / sqrtf((float)F));
+    float *sg = random_floats(ns + 1, -1.0f / sqrtf((float)D), 1.0f / sqrtf((float)D));
+    float *su = random_floats(ns + 1, -1.0f / sqrtf((float)D), 1.0f / sqrtf((float)D));
+    float *sd = random_floats(ns + 1, -1.0f / sqrtf((float)(FS + 1)), 1.0f / sqrtf((float)(FS + 1)));
+    float *x = random_floats(td, -1.0f, 1.0f), *dy = random_floats(td, -1.0f, 1.0f);
+    float *dx0 = random_floats(td, -0.5f, 0.5f);
+    float *y_c = (float *)malloc(td * 4), *dx_c = (float *)malloc(td * 4), aux_c = 0, aux_g = 0;
+    float *y_g, *dx_g, *x_g, *dy_g;
+    void *ws_c, *ws_g;
+    esft_moe_weights wc, wg;
+    esft_moe lc, lg;
+    esft_allocator man = {NULL, managed_alloc, managed_free};
+    esft_error e;
+    memset(&lc, 0, sizeof lc);
+    memset(&lg, 0, sizeof lg);
+    setenv("ESFT_CUDA_MATH", math, 1);
+    printf("  %s, ESFT_CUDA_MATH=%s\n", mc->label, math);
+    cfg.trainable_experts = mc->trainable;
+    wc.router = router; wc.gate = gate; wc.up = up; wc.down = down;
+    wc.shared_gate = FS ? sg : NULL; wc.shared_up = FS ? su : NULL; wc.shared_down = FS ? sd : NULL;
+    wg.router = (const float *)managed(router, nr * 4);
+    wg.gate = (const float *)managed(gate, ne * 4);
+    wg.up = (const float *)managed(up, ne * 4);
+    wg.down = (const float *)managed(down, ne * 4);
+    wg.shared_gate = FS ? (const float *)managed(sg, ns * 4) : NULL;
+    wg.shared_up = FS ? (const float *)managed(su, ns * 4) : NULL;
+    wg.shared_down = FS ? (const float *)managed(sd, ns * 4) : NULL;
+    x_g = (float *)managed(x, td * 4);
+    dy_g = (float *)managed(dy, td * 4);
+    y_g = (float *)managed(NULL, td * 4);
+    dx_g = (float *)managed(dx0, td * 4);
+    memcpy(dx_c, dx0, td * 4);
+    cmp_msg[0] = 0;
+    if (esft_moe_workspace_size(&cfg, T, &ws_bytes, &e) != ESFT_OK) {
+        snprintf(cmp_msg, sizeof cmp_msg, "%s: workspace size: %.200s", mc->label, e.message);
+        ok = 0;
+    }
+    ws_c = malloc(ws_bytes);
+    ws_g = managed(NULL, ws_bytes);
+    if (ok && (!wg.router || !wg.gate || !wg.up || !wg.down || !x_g || !dy_g || !y_g || !dx_g || !ws_g ||
+               (mc->use_bias && !(cfg.route.selection_bias = (const float *)managed(mc->bias, (size_t)E * 4))))) {
+        snprintf(cmp_msg, sizeof cmp_msg, "%s: managed allocation failed", mc->label);
+        ok = 0;
+    }
+    if (ok) {
+        esft_moe_config cfg_c = cfg;
+        if (mc->use_bias) cfg_c.route.selection_bias = mc->bias;
+        if (esft_moe_init(&lc, &cfg_c, &wc, NULL, &e) != ESFT_OK || esft_moe_init(&lg, &cfg, &wg, &man, &e) != ESFT_OK) {
+            snprintf(cmp_msg, sizeof cmp_msg, "%s: esft_moe_init: %.200s", mc->label, e.message);
+            ok = 0;
+        }
+        lg.backend = gpu();
+    }
+    if (ok && (esft_moe_forward(y_c, &aux_c, x, &lc, ws_c, ws_bytes, T, &e) != ESFT_OK ||
+               esft_moe_forward(y_g, &aux_g, x_g, &lg, ws_g, ws_bytes, T, &e) != ESFT_OK)) {
+        snprintf(cmp_msg, sizeof cmp_msg, "%s: forward: %.200s", mc->label, e.message);
+        ok = 0;
+    }
+    if (ok && (esft_moe_backward(dx_c, &lc, dy, x, ws_c, ws_bytes, T, &e) != ESFT_OK ||
+               esft_moe_backward(dx_g, &lg, dy_g, x_g, ws_g, ws_bytes, T, &e) != ESFT_OK)) {
+        snprintf(cmp_msg, sizeof cmp_msg, "%s: backward: %.200s", mc->label, e.message);
+        ok = 0;
+    }
+    if (ok) {
+        int good = close_enough("y", y_g, y_c, td, nmse_tol, max_tol);
+        printf("    aux      cuda %.9g cpu %.9g\n", aux_g, aux_c);
+        good &= fabs(aux_g - aux_c) <= 1e-5 * fabs(aux_c) + 1e-9;
+        good &= close_enough("dx", dx_g, dx_c, td, nmse_tol, max_tol);
+        good &= lg.n_params == lc.n_params;
+        if (lc.n_params) good &= close_enough("grads", lg.grads, lc.grads, lc.n_params, nmse_tol, max_tol);
+        if (!good) {
+            snprintf(cmp_msg, sizeof cmp_msg, "%s (%s): CUDA and CPU differ beyond tolerance (see above)", mc->label,
+                     math);
+            ok = 0;
+        }
+    }
+    if (ok && cross_check) { /* CPU backward on the CUDA forward's saved workspace */
+        memcpy(dx_g, dx0, td * 4);
+        esft_moe_zero_grad(&lg);
+        lg.backend = esft_backend_cpu();
+        if (esft_moe_backward(dx_g, &lg, dy_g, x_g, ws_g, ws_bytes, T, &e) != ESFT_OK) {
+            snprintf(cmp_msg, sizeof cmp_msg, "%s: cpu backward on cuda workspace: %.200s", mc->label, e.message);
+            ok = 0;
+        } else {
+            int good;
+            printf("    cross-check: CPU backward from the CUDA forward's workspace\n");
+            good = close_enough("dx", dx_g, dx_c, td, nmse_tol, max_tol);
+            if (lc.n_params) good &= close_enough("grads", lg.grads, lc.grads, lc.n_params, nmse_tol, max_tol);
+            if (!good) {
+                snprintf(cmp_msg, sizeof cmp_msg, "%s: workspace layouts of the backends disagree", mc->label);
+                ok = 0;
+            }
+        }
+    }
+    esft_moe_uninit(&lc);
+    esft_moe_uninit(&lg);
+    free(router); free(gate); free(up); free(down); free(sg); free(su); free(sd);
+    free(x); free(dy); free(dx0); free(y_c); free(dx_c); free(ws_c);
+    return ok;
+}
+
+/* Tolerances. fp32: only the summation order differs (cuBLAS vs the naive
+   GEMM) and expf's last bits: NMSE 1e-8 and 1e-4 of the largest value are
+   orders of magnitude above what is expected (~1e-13, ~1e-6). bf16 products
+   (8-bit mantissas, fp32 sums): expected NMSE ~1e-5; 5e-4 and 5 % leave room
+   and still catch any real error (a wrong row or expert gives NMSE ~1). */
+#define MOE_FP32_NMSE 1e-8
+#define MOE_FP32_MAX 1e-4
+#define MOE_BF16_NMSE 5e-4
+#define MOE_BF16_MAX 5e-2
+
+/* DeepSeek-V2 shape in small: softmax, per-sequence aux loss, shared block,
+   4 of 16 experts trainable, router and shared block trainable. */
+static moe_case moe_case_v2(void)
+{
+    moe_case mc;
+    memset(&mc, 0, sizeof mc);
+    mc.cfg = esft_moe_config_init(64, 16, 4, 32, 48);
+    mc.cfg.aux_alpha = 0.01f;
+    mc.cfg.aux_mode = ESFT_AUX_SEQUENCE;
+    mc.cfg.aux_seq_len = 32;
+    mc.cfg.train_router = 1;
+    mc.cfg.train_shared = 1;
+    mc.trainable[1] = mc.trainable[5] = mc.trainable[6] = mc.trainable[11] = 1;
+    mc.T = 128;
+    mc.label = "V2-like D64 E16 K4 F32 FS48 seq-aux";
+    return mc;
+}
+
+/* DeepSeek-V3 routing: sigmoid, bias, groups, renormalised, scaled; no shared
+   block; 3 of 32 experts trainable, router frozen. */
+static moe_case moe_case_v3(void)
+{
+    moe_case mc;
+    int i;
+    memset(&mc, 0, sizeof mc);
+    mc.cfg = esft_moe_config_init(48, 32, 6, 24, 0);
+    mc.cfg.route.gating = ESFT_GATING_SIGMOID;
+    mc.cfg.route.renormalize = 1;
+    mc.cfg.route.n_group = 4;
+    mc.cfg.route.topk_group = 2;
+    mc.cfg.route.group_score = ESFT_GROUP_SCORE_TOP2_SUM;
+    mc.cfg.route.routed_scaling = 2.5f;
+    for (i = 0; i < 32; i++) mc.bias[i] = rng_uniform(-0.05f, 0.05f);
+    mc.use_bias = 1;
+    mc.trainable[0] = mc.trainable[3] = mc.trainable[31] = 1;
+    mc.T = 100;
+    mc.label = "V3-like D48 E32 K6 G4/2 sigmoid bias";
+    return mc;
+}
+
+/* Everything frozen (inference and dx only): no weight gradient at all. */
+static moe_case moe_case_frozen(void)
+{
+    moe_case mc;
+    memset(&mc, 0, sizeof mc);
+    mc.cfg = esft_moe_config_init(32, 8, 2, 16, 16);
+    mc.cfg.route.renormalize = 1;
+    mc.cfg.aux_alpha = 0.001f;
+    mc.T = 64;
+    mc.label = "frozen D32 E8 K2 renorm batch-aux";
+    return mc;
+}
+
+TEST(cuda_moe_fp32_matches_cpu)
+{
+    moe_case a, b, c;
+    NEED_GPU();
+    rng_seed(20);
+    a = moe_case_v2();
+    CHECK_MSG(compare_moe(&a, "fp32", MOE_FP32_NMSE, MOE_FP32_MAX, 1), "%s", cmp_msg);
+    pool_release();
+    b = moe_case_v3();
+    CHECK_MSG(compare_moe(&b, "fp32", MOE_FP32_NMSE, MOE_FP32_MAX, 1), "%s", cmp_msg);
+    pool_release();
+    c = moe_case_frozen();
+    CHECK_MSG(compare_moe(&c, "fp32", MOE_FP32_NMSE, MOE_FP32_MAX, 1), "%s", cmp_msg);
+}
+
+TEST(cuda_moe_bf16_within_tolerance)
+{
+    moe_case a, b;
+    NEED_GPU();
+    rng_seed(21);
+    a = moe_case_v2();
+    CHECK_MSG(compare_moe(&a, "bf16", MOE_BF16_NMSE, MOE_BF16_MAX, 0), "%s", cmp_msg);
+    pool_release();
+    b = moe_case_v3();
+    CHECK_MSG(compare_moe(&b, "tf32", MOE_BF16_NMSE, MOE_BF16_MAX, 0), "%s", cmp_msg);
+    unsetenv("ESFT_CUDA_MATH");
+}
+
+TEST(cuda_moe_rejects_bad_math_and_host_memory)
+{
+    moe_case a;
+    NEED_GPU();
+    rng_seed(22);
+    a = moe_case_frozen();
+    CHECK(!compare_moe(&a, "fp64", 1, 1, 0));
+    CHECK_MSG(strstr(cmp_msg, "ESFT_CUDA_MATH=fp64") != NULL, "message: %s", cmp_msg);
+    unsetenv("ESFT_CUDA_MATH");
+    {
+        esft_moe_config cfg = esft_moe_config_init(8, 4, 2, 4, 0);
+        float w[4 * 4 * 8], r[4 * 8], x[16 * 8], y[16 * 8];
+        esft_moe_weights wh;
+        esft_moe layer;
+        esft_error e;
+        size_t bytes = 0;
+        void *ws;
+        memset(w, 0, sizeof w); memset(r, 0, sizeof r); memset(x, 0, sizeof x);
+        memset(&wh, 0, sizeof wh);
+        wh.router = r; wh.gate = w; wh.up = w; wh.down = w;
+        CHECK_STATUS(esft_moe_init(&layer, &cfg, &wh, NULL, &e), ESFT_OK);
+        CHECK_STATUS(esft_moe_workspace_size(&cfg, 16, &bytes, &e), ESFT_OK);
+        ws = malloc(bytes);
+        layer.backend = gpu();
+        CHECK_STATUS(esft_moe_forward(y, NULL, x, &layer, ws, bytes, 16, &e), ESFT_ERR_INVALID_ARGUMENT);
+        free(ws);
+        esft_moe_uninit(&layer);
+        CHECK_MSG(strstr(e.message, "host memory") != NULL, "message: %s", e.message);
+    }
+}
+
+/* ---------------------------------------------------------------------- */
+/* AdamW: bit-identical                                                    */
+/* ---------------------------------------------------------------------- */
+
+TEST(cuda_adamw_bit_identical_to_cpu)
+{
+    const size_t n = 100003; /* odd: no assumption of a multiple of anything */
+    const esft_backend *cpu = esft_backend_cpu();
+    esft_adamw_config cfg = esft_adamw_config_init();
+    float *p = NULL, *g = NULL, *m = NULL, *v = NULL, *back = NULL;
+    void *dp, *dg, *dm, *dv;
+    float *host[4];
+    void *dev4[4];
+    esft_error e;
+    long step;
+    int k, diff = 0;
+    size_t i;
+    NEED_GPU();
+    rng_seed(30);
+    cfg.lr = 1e-2f;
+    p = random_floats(n, -1.0f, 1.0f);
+    g = random_floats(n, -1e-2f, 1e-2f);
+    m = random_floats(n, -1e-3f, 1e-3f);
+    v = random_floats(n, 0.0f, 1e-4f);
+    g[7] = 0.0f; v[7] = 0.0f; /* the eps-only denominator */
+    back = (float *)malloc(n * 4);
+    dp = dev(p, n * 4); dg = dev(g, n * 4); dm = dev(m, n * 4); dv = dev(v, n * 4);
+    CHECK(dp && dg && dm && dv && back);
+    for (step = 1; step <= 3; step++) {
+        CHECK_STATUS(cpu->adamw_step(cpu->context, &cfg, p, g, m, v, n, step, &e), ESFT_OK);
+        CHECK_STATUS(gpu()->adamw_step(gpu()->context, &cfg, (float *)dp, (const float *)dg, (float *)dm, (float *)dv,
+                                       n, step, &e), ESFT_OK);
+    }
+    host[0] = p; host[1] = m; host[2] = v; host[3] = NULL;
+    dev4[0] = dp; dev4[1] = dm; dev4[2] = dv;
+    for (k = 0; k < 3; k++) {
+        CHECK(get(back, dev4[k], n * 4));
+        for (i = 0; i < n; i++)
+            if (memcmp(back + i, host[k] + i, 4) != 0 && diff++ < 5)
+                printf("  %s[%lu]: cuda %.9g cpu %.9g\n", k == 0 ? "p" : k == 1 ? "m" : "v", (unsigned long)i,
+                       back[i], host[k][i]);
+    }
+    printf("  adamw n %lu, 3 steps: %d of p, m, v differ in any bit\n", (unsigned long)n, diff);
+    free(p); free(g); free(m); free(v); free(back);
+    CHECK_EQ_INT(diff, 0);
+    CHECK_STATUS(gpu()->adamw_step(gpu()->context, &cfg, (float *)dp, (const float *)dg, (float *)dm, (float *)dv, 0, 4,
+                                   &e), ESFT_OK); /* n = 0 */
+}
+
+TEST(cuda_adapter_ops_absent_until_implemented)
+{
+    NEED_GPU();
+    /* NULL, so esft.h answers ESFT_ERR_UNSUPPORTED; never a stub that says OK */
+    CHECK(gpu()->adapter_forward == NULL && gpu()->adapter_backward == NULL);
+}
+
 HARNESS_MAIN()

@@ -1,0 +1,65 @@
+#!/bin/sh
+# `make sanitize`: every tests/test_*.c built with -fsanitize=address,undefined
+# -fno-sanitize-recover=all -g into $BUILD and run; then every one built plainly
+# (-O1 -g) and run under valgrind --error-exitcode=1 --leak-check=full.
+# Any sanitizer report, valgrind error, leak or failed test fails its line.
+# Called with BUILD (default build/asan), ESFT_DATA, CC. Run from the repository
+# root. Prints "N passed, N failed, N skipped" last (the tests' own counts,
+# summed over both passes); exit 1 when anything failed.
+BUILD=${BUILD:-build/asan}
+CC=${CC:-cc}
+export ESFT_DATA BUILD
+mkdir -p "$BUILD/logs"
+passed=0; failed=0; skipped=0
+
+# Adds one run's closing line to the totals (as tests/run_all.sh does).
+tally() { # label exit-status logfile
+    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$3" | tail -n 1)
+    if [ -z "$line" ]; then
+        echo "FAIL $1: no result line (exit $2); see $3"; tail -15 "$3"; failed=$((failed + 1)); return
+    fi
+    p=$(echo "$line" | sed -E 's/^([0-9]+) passed.*/\1/')
+    f=$(echo "$line" | sed -E 's/.* ([0-9]+) failed.*/\1/')
+    s=$(echo "$line" | sed -nE 's/.* ([0-9]+) skipped.*/\1/p'); s=${s:-0}
+    if [ "$2" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
+    passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
+    printf '%-36s %s\n' "$1" "$line"
+    if [ "$f" -ne 0 ]; then grep -E '^(FAIL|     )|ERROR|runtime error|definitely lost|Invalid' "$3" | head -20; fi
+}
+
+build() { # src out flags...
+    src=$1; out=$2; shift 2
+    $CC -std=c99 "$@" -I. "$src" -o "$out" -lm 2>"$out.build.log"
+}
+
+# 1. AddressSanitizer + UndefinedBehaviorSanitizer
+export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:halt_on_error=1:strict_string_checks=1}
+export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+for src in tests/test_*.c; do
+    name=$(basename "$src" .c)
+    out=$BUILD/$name
+    if ! build "$src" "$out" -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all; then
+        echo "FAIL asan/$name: build failed"; tail -15 "$out.build.log"; failed=$((failed + 1)); continue
+    fi
+    "$out" >"$BUILD/logs/asan_$name.log" 2>&1; rc=$?
+    tally "asan/$name" $rc "$BUILD/logs/asan_$name.log"
+done
+
+# 2. valgrind on plain builds (catches what ASan does not: uninitialised reads)
+if command -v valgrind >/dev/null 2>&1; then
+    for src in tests/test_*.c; do
+        name=$(basename "$src" .c)
+        out=$BUILD/${name}_vg
+        if ! build "$src" "$out" -g -O1; then
+            echo "FAIL valgrind/$name: build failed"; tail -15 "$out.build.log"; failed=$((failed + 1)); continue
+        fi
+        valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect \
+            "$out" >"$BUILD/logs/valgrind_$name.log" 2>&1; rc=$?
+        tally "valgrind/$name" $rc "$BUILD/logs/valgrind_$name.log"
+    done
+else
+    echo "SKIP valgrind: not installed (apt-get install valgrind)"; skipped=$((skipped + 1))
+fi
+
+echo "$passed passed, $failed failed, $skipped skipped"
+[ "$failed" -eq 0 ]
