@@ -2427,6 +2427,11 @@ static esft_status esft__parse_log_line(esft__log_line *ln, const char *p, const
 
 /* ---- the fast path of the log parser ---------------------------------- */
 
+#if (defined(__SSE2__) || defined(_M_X64) || defined(_M_AMD64)) && !defined(ESFT_NO_SIMD)
+#include <emmintrin.h>
+#define ESFT__SSE2 1
+#endif
+
 /* Up to 8 bytes at p, little-endian order whatever the machine (compilers turn
    this into one load); bytes past end read as 0, which no field accepts. */
 static uint64_t esft__load8(const char *p, const char *end)
@@ -2449,14 +2454,26 @@ static uint64_t esft__nondigits8(uint64_t x)
     return (((y & 0x7f7f7f7f7f7f7f7fu) + 0x7676767676767676u) | y) & 0x8080808080808080u;
 }
 
-/* Index of the lowest byte whose bit 7 is set in m (m != 0). */
-static int esft__first_byte(uint64_t m)
+/* Bit 7 of each byte of the result is set where that byte of x is zero (exact). */
+static uint64_t esft__zero_bytes8(uint64_t x)
+{
+    return ~(((x & 0x7f7f7f7f7f7f7f7fu) + 0x7f7f7f7f7f7f7f7fu) | x) & 0x8080808080808080u;
+}
+
+/* Bit-7 flags of the low n bytes (0 <= n <= 8). */
+static uint64_t esft__low_flags(size_t n)
+{
+    return n >= 8 ? 0x8080808080808080u : 0x8080808080808080u & (((uint64_t)1 << (8 * n)) - 1);
+}
+
+/* Index of the lowest set bit of m (m != 0). */
+static int esft__ctz64(uint64_t m)
 {
 #if defined(__GNUC__) || defined(__clang__)
-    return __builtin_ctzll(m) >> 3;
+    return __builtin_ctzll(m);
 #else
     int i = 0;
-    while (!(m & 0x80)) { m >>= 8; i++; }
+    while (!(m & 1)) { m >>= 1; i++; }
     return i;
 #endif
 }
@@ -2464,7 +2481,7 @@ static int esft__first_byte(uint64_t m)
 /* The value of the n (1..8) ASCII digits in the low bytes of x, first digit in
    the lowest byte: the digits are moved to the top (leading zeros below), then
    pairs, quads and octets are combined with three multiplications. */
-static uint32_t esft__digits8(uint64_t x, int n)
+static uint32_t esft__digits8(uint64_t x, size_t n)
 {
     uint64_t v = ((x ^ 0x3030303030303030u) & 0x0f0f0f0f0f0f0f0fu) << (8 * (8 - n));
     v = (v * 2561) >> 8;                                     /* 10 * 256 + 1 */
@@ -2472,84 +2489,128 @@ static uint32_t esft__digits8(uint64_t x, int n)
     return (uint32_t)(((v & 0x0000ffff0000ffffu) * 42949672960001u) >> 32); /* 10000 * 2^32 + 1 */
 }
 
+/* Bit i is set where byte i of [p, p + 64) is a tab or a newline; bytes at or
+   past end never are. Fields are then found by walking the set bits, so where
+   one field starts does not wait for the previous one to be parsed. */
+static uint64_t esft__separators64(const char *p, const char *end)
+{
+    size_t avail = (size_t)(end - p), i;
+    uint64_t mask = 0;
+#ifdef ESFT__SSE2
+    if (avail >= 64) {
+        const __m128i tab = _mm_set1_epi8('\t'), nl = _mm_set1_epi8('\n');
+        for (i = 0; i < 4; i++) {
+            __m128i v = _mm_loadu_si128((const __m128i *)(const void *)(p + 16 * i));
+            int m = _mm_movemask_epi8(_mm_or_si128(_mm_cmpeq_epi8(v, tab), _mm_cmpeq_epi8(v, nl)));
+            mask |= (uint64_t)(unsigned)m << (16 * i);
+        }
+        return mask;
+    }
+#endif
+    for (i = 0; i < 8 && 8 * i < avail; i++) {
+        uint64_t x = esft__load8(p + 8 * i, end);
+        uint64_t m = esft__zero_bytes8(x ^ 0x0909090909090909u) | esft__zero_bytes8(x ^ 0x0a0a0a0a0a0a0a0au);
+        mask |= (((m >> 7) * 0x0102040810204080u) >> 56) << (8 * i); /* gathers the 8 flags */
+    }
+    return mask;
+}
+
+/* An expert id of n bytes at p: 1..7 digits; -1 for anything else. */
+static int32_t esft__field_id(const char *p, size_t n, const char *end)
+{
+    uint64_t x;
+    if (n < 1 || n > 7) return -1;
+    x = esft__load8(p, end);
+    if (esft__nondigits8(x) & esft__low_flags(n)) return -1;
+    return (int32_t)esft__digits8(x, n);
+}
+
 /* 10^-k rounded to double, k = 0..6. */
 static const double esft__inv_pow10[] = {1e0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6};
 
-/* A weight at p in the common form "ddd.dddd" (at most 6 digits, within 8 bytes):
-   sets *w and returns its length; 0 for any other form. The value is the one
+/* A weight of n bytes at p; 1 when it is a number (*w set), else 0. The common
+   form, at most 7 bytes of digits with at most one '.', is decoded from one 8-byte
+   load; anything else goes to esft__scan_number. The value is the one
    esft__scan_number gives, (float)(mantissa / 10^fraction digits), computed with
-   a multiplication by 10^-k instead of a division (a division's latency was a
-   third of the parse time): for every mantissa < 10^7 and k <= 7 the two round to
-   the same float; tests/test_log_fastpath.c checks all of them. */
-static int esft__scan_weight8(const char *p, const char *end, float *w)
+   a multiplication by 10^-k instead of a division (whose latency cost a third of
+   the parse time): for every mantissa < 10^7 and k <= 7 the two round to the same
+   float; tests/test_log_fastpath.c checks all of them. */
+static int esft__field_weight(const char *p, size_t n, const char *end, float *w)
 {
-    uint64_t x = esft__load8(p, end), nd = esft__nondigits8(x);
-    int a, b, frac;
-    uint32_t mant;
-    if (!nd) return 0;
-    a = esft__first_byte(nd); /* digits before the first non-digit */
-    if (((x >> (8 * a)) & 0xff) == '.') {
-        uint64_t low = ((uint64_t)1 << (8 * a)) - 1; /* a <= 7 */
-        x = (x & low) | ((x >> 8) & ~low);            /* drop the '.' */
-        b = esft__first_byte(esft__nondigits8(x));    /* all digits; the top byte is now 0 */
-        if (b == 0 || b == 7) return 0;               /* no digit, or maybe more than fit */
-        frac = b - a;
-        mant = esft__digits8(x, b);
-        *w = (float)((double)mant * esft__inv_pow10[frac]);
-        return b + 1;
+    double d;
+    if (n >= 1 && n <= 7) {
+        uint64_t x = esft__load8(p, end), low = esft__low_flags(n);
+        uint64_t dots = esft__zero_bytes8(x ^ 0x2e2e2e2e2e2e2e2eu) & low;
+        if (!dots && !(esft__nondigits8(x) & low)) {
+            *w = (float)esft__digits8(x, n);
+            return 1;
+        }
+        if (dots && !(dots & (dots - 1)) && n >= 2) { /* one '.': drop it */
+            int a = esft__ctz64(dots) >> 3;
+            uint64_t below = ((uint64_t)1 << (8 * a)) - 1;
+            x = (x & below) | ((x >> 8) & ~below);
+            if (!(esft__nondigits8(x) & esft__low_flags(n - 1))) {
+                *w = (float)((double)esft__digits8(x, n - 1) * esft__inv_pow10[n - 1 - (size_t)a]);
+                return 1;
+            }
+        }
     }
-    if (a == 0) return 0;
-    *w = (float)(double)esft__digits8(x, a);
-    return a;
+    if (esft__scan_number(p, p + n, &d) != p + n) return 0;
+    *w = (float)d;
+    return 1;
 }
 
-/* Where a field that ends at q leaves the line: 1 another field follows (q is at
-   a tab), 2 the line ends (*next is the start of the next line), 0 anything else. */
-static int esft__field_end(const char *q, const char *end, int at_eof, const char **next)
-{
-    if (q == end) { *next = end; return at_eof ? 2 : 0; }
-    if (*q == '\t') return 1;
-    if (*q == '\n') { *next = q + 1; return 2; }
-    if (*q == '\r' && (q + 1 == end ? at_eof : q[1] == '\n')) { *next = q + 1 == end ? end : q + 2; return 2; }
-    return 0;
-}
-
-/* Parses the line at p in one pass, finding its end as it goes (no memchr, no
-   second look at the bytes), into ln; *next is where the next line starts.
-   Returns 0 (ln then holds garbage) for anything it does not handle: an empty,
-   malformed or incomplete line (no '\n' yet and not at_eof), ids with a sign or
-   more than 7 digits. Then the exact parser reads that line again and says what
-   is wrong with it, so messages do not depend on which path ran. For every line
-   it accepts, ids and weights are the same values the exact parser gives. */
+/* Parses the line at p in one pass, finding its end as it goes, into ln; *next
+   is where the next line starts. Returns 0 (ln then holds garbage) for anything
+   it does not handle: an empty, malformed or incomplete line (no '\n' yet and not
+   at_eof), ids with a sign or more than 7 digits. Then the exact parser reads
+   that line again and says what is wrong with it, so messages do not depend on
+   which path ran. For every line it accepts, ids and weights are the values the
+   exact parser gives. */
 static int esft__parse_log_line_fast(esft__log_line *ln, const char *p, const char *end, int at_eof,
                                      const char **next)
 {
+    const char *block = p, *field = p;
+    uint64_t seps = esft__separators64(block, end);
+    int in_weights = 0;
     ln->n_ids = ln->n_weights = 0;
-    for (;;) { /* ids: digits, then a tab; a second tab starts the weights */
-        uint64_t x = esft__load8(p, end), nd = esft__nondigits8(x);
-        int n;
-        if (!nd || (n = esft__first_byte(nd)) == 0 || p + n == end || p[n] != '\t') return 0;
-        if (ln->n_ids == ln->cap && !esft__log_line_grow(ln)) return 0;
-        ln->ids[ln->n_ids++] = (int32_t)esft__digits8(x, n);
-        p += n + 1;
-        if (p < end && *p == '\t') { p++; break; }
-    }
-    for (;;) { /* weights: numbers separated by tabs, up to the end of the line */
-        float w;
-        int n = esft__scan_weight8(p, end, &w), how;
-        const char *q = p + n;
-        if (n == 0) { /* another form of number: the general scanner */
-            double d;
-            q = esft__scan_number(p, end, &d);
-            if (!q) return 0;
-            w = (float)d;
+    for (;;) {
+        const char *s; /* the separator after the field, or end */
+        while (!seps && (size_t)(end - block) > 64) {
+            block += 64;
+            seps = esft__separators64(block, end);
         }
-        if (ln->n_weights == ln->cap && !esft__log_line_grow(ln)) return 0;
-        ln->weights[ln->n_weights++] = w;
-        how = esft__field_end(q, end, at_eof, next);
-        if (how == 2) return 1;
-        if (how == 0) return 0;
-        p = q + 1;
+        if (seps) {
+            s = block + esft__ctz64(seps);
+            seps &= seps - 1;
+        } else s = end;
+        if (!in_weights) { /* ids: digits, then a tab; an empty field (a second tab) starts the weights */
+            int32_t id;
+            if (s == end || *s != '\t') return 0;
+            if (s == field) {
+                if (ln->n_ids == 0) return 0;
+                in_weights = 1;
+            } else {
+                if ((id = esft__field_id(field, (size_t)(s - field), end)) < 0) return 0;
+                if (ln->n_ids == ln->cap && !esft__log_line_grow(ln)) return 0;
+                ln->ids[ln->n_ids++] = id;
+            }
+        } else { /* weights: numbers separated by tabs, up to the end of the line */
+            const char *field_end = s;
+            int last = s == end || *s == '\n';
+            float w;
+            if (s == end && !at_eof) return 0;
+            if (last && field_end > field && field_end[-1] == '\r') field_end--;
+            if (field_end == field || !esft__field_weight(field, (size_t)(field_end - field), end, &w))
+                return 0;
+            if (ln->n_weights == ln->cap && !esft__log_line_grow(ln)) return 0;
+            ln->weights[ln->n_weights++] = w;
+            if (last) {
+                *next = s == end ? end : s + 1;
+                return 1;
+            }
+        }
+        field = s + 1;
     }
 }
 
@@ -3407,6 +3468,23 @@ static void esft__sgemm(int trans_a, int trans_b, int M, int N, int K, float alp
                         const float *A, int lda, const float *B, int ldb, float beta,
                         float *C, int ldc);
 
+/* Work-sharing over experts and rows when built with OpenMP (-fopenmp), on
+   esft_get_num_threads() threads. Every iteration writes its own rows, so the
+   result has the same bits for any thread count. The GEMMs called inside a
+   parallel loop run on one thread each (OpenMP does not nest by default). */
+#if defined(_OPENMP)
+#if defined(_MSC_VER) && !defined(__clang__)
+#define ESFT__MOE_PRAGMA(x) __pragma(x)
+#else
+#define ESFT__MOE_PRAGMA(x) _Pragma(#x)
+#endif
+#define ESFT__MOE_FOR_DYNAMIC(nt) ESFT__MOE_PRAGMA(omp parallel for num_threads(nt) schedule(dynamic, 1))
+#define ESFT__MOE_FOR_STATIC(nt) ESFT__MOE_PRAGMA(omp parallel for num_threads(nt) schedule(static))
+#else
+#define ESFT__MOE_FOR_DYNAMIC(nt)
+#define ESFT__MOE_FOR_STATIC(nt)
+#endif
+
 ESFTDEF esft_moe_config esft_moe_config_init(int d_model, int n_experts, int top_k,
                                              int d_expert, int d_shared)
 {
@@ -3758,6 +3836,30 @@ static void esft__swiglu_backward(float *a, float *b, const float *g, const floa
     }
 }
 
+/* The same over rows x cols, rows shared among nt threads (the shared block). */
+static void esft__swiglu_forward_rows(float *act, const float *g, const float *u, int rows, int cols, int nt)
+{
+    int r;
+    (void)nt;
+    ESFT__MOE_FOR_STATIC(nt)
+    for (r = 0; r < rows; r++) {
+        size_t o = (size_t)r * cols;
+        esft__swiglu_forward(act + o, g + o, u + o, (size_t)cols);
+    }
+}
+
+static void esft__swiglu_backward_rows(float *a, float *b, const float *g, const float *u, int rows, int cols,
+                                       int nt)
+{
+    int r;
+    (void)nt;
+    ESFT__MOE_FOR_STATIC(nt)
+    for (r = 0; r < rows; r++) {
+        size_t o = (size_t)r * cols;
+        esft__swiglu_backward(a + o, b + o, g + o, u + o, (size_t)cols);
+    }
+}
+
 /* Counting sort of the T*K slots by expert: perm lists slots expert by
    expert (in slot order within an expert), pos is its inverse. */
 static void esft__moe_permute(esft__moe_ws *w, int T, int K, int E)
@@ -3800,11 +3902,13 @@ static float esft__moe_aux_forward(esft__moe_ws *w, const esft_moe_config *c, in
 }
 
 /* Routed experts: for each expert, its rows of xg through gate/up, SwiGLU, down. */
-static void esft__moe_experts_forward(const esft_moe *m, esft__moe_ws *w)
+static void esft__moe_experts_forward(const esft_moe *m, esft__moe_ws *w, int nt)
 {
     const esft_moe_config *c = &m->cfg;
-    int D = c->d_model, F = c->d_expert, e;
-    for (e = 0; e < c->route.n_experts; e++) {
+    int D = c->d_model, F = c->d_expert, E = c->route.n_experts, e;
+    (void)nt;
+    ESFT__MOE_FOR_DYNAMIC(nt)
+    for (e = 0; e < E; e++) {
         int r0 = w->offsets[e], n = w->offsets[e + 1] - r0;
         const float *W[3];
         float *G[3];
@@ -3830,7 +3934,8 @@ static esft_status esft__moe_forward_cpu(void *context, const esft_moe *m, float
                                          const float *x, void *workspace, int T, esft_error *err)
 {
     const esft_moe_config *c = &m->cfg;
-    int D = c->d_model, E = c->route.n_experts, K = c->route.top_k, FS = c->d_shared, t, j;
+    int D = c->d_model, E = c->route.n_experts, K = c->route.top_k, FS = c->d_shared, t, r;
+    int nt = esft_get_num_threads();
     size_t i, te = (size_t)T * E;
     esft__moe_ws w;
     (void)context;
@@ -3844,20 +3949,23 @@ static esft_status esft__moe_forward_cpu(void *context, const esft_moe *m, float
         esft__route_token(&c->route, w.ids + (size_t)t * K, w.weights + (size_t)t * K,
                           w.probs + (size_t)t * E, w.logits + (size_t)t * E, w.route_tmp);
     esft__moe_permute(&w, T, K, E);
-    for (i = 0; i < (size_t)T * K; i++)
-        memcpy(w.xg + i * D, x + (size_t)(w.perm[i] / K) * D, (size_t)D * sizeof(float));
-    esft__moe_experts_forward(m, &w);
+    ESFT__MOE_FOR_STATIC(nt)
+    for (r = 0; r < T * K; r++)
+        memcpy(w.xg + (size_t)r * D, x + (size_t)(w.perm[r] / K) * D, (size_t)D * sizeof(float));
+    esft__moe_experts_forward(m, &w, nt);
     if (FS > 0) {
         esft__sgemm(0, 1, T, FS, D, 1.0f, x, D, esft__moe_shared_w(m, 0), D, 0.0f, w.gs, FS);
         esft__sgemm(0, 1, T, FS, D, 1.0f, x, D, esft__moe_shared_w(m, 1), D, 0.0f, w.us, FS);
-        esft__swiglu_forward(w.as, w.gs, w.us, (size_t)T * FS);
+        esft__swiglu_forward_rows(w.as, w.gs, w.us, T, FS, nt);
         esft__sgemm(0, 1, T, D, FS, 1.0f, w.as, FS, esft__moe_shared_w(m, 2), FS, 0.0f, y, D);
     } else {
         memset(y, 0, (size_t)T * D * sizeof(float));
     }
     /* combine in slot order per token: the same bits whatever the expert order */
+    ESFT__MOE_FOR_STATIC(nt)
     for (t = 0; t < T; t++) {
         float *yt = y + (size_t)t * D;
+        int j;
         for (j = 0; j < K; j++) {
             size_t slot = (size_t)t * K + j;
             const float *o = w.o + (size_t)w.pos[slot] * D;
@@ -3872,12 +3980,15 @@ static esft_status esft__moe_forward_cpu(void *context, const esft_moe *m, float
 
 /* Routed experts backward. Fills w->dw (dL/d routing weight) and accumulates
    into dx and into the gradients of trainable experts. */
-static void esft__moe_experts_backward(const esft_moe *m, esft__moe_ws *w, float *dx, const float *dy, int T)
+static void esft__moe_experts_backward(const esft_moe *m, esft__moe_ws *w, float *dx, const float *dy, int T,
+                                       int nt)
 {
     const esft_moe_config *c = &m->cfg;
-    int D = c->d_model, F = c->d_expert, K = c->route.top_k, e, t, j, d;
-    for (e = 0; e < c->route.n_experts; e++) {
-        int r0 = w->offsets[e], n = w->offsets[e + 1] - r0, r;
+    int D = c->d_model, F = c->d_expert, K = c->route.top_k, E = c->route.n_experts, e, t;
+    (void)nt;
+    ESFT__MOE_FOR_DYNAMIC(nt)
+    for (e = 0; e < E; e++) {
+        int r0 = w->offsets[e], n = w->offsets[e + 1] - r0, r, d;
         const float *W[3];
         float *G[3];
         size_t rf = (size_t)r0 * F, rd = (size_t)r0 * D;
@@ -3903,8 +4014,10 @@ static void esft__moe_experts_backward(const esft_moe *m, esft__moe_ws *w, float
         esft__sgemm(0, 0, n, D, F, 1.0f, w->b + rf, F, W[0], D, 0.0f, w->d + rd, D);
         esft__sgemm(0, 0, n, D, F, 1.0f, w->a + rf, F, W[1], D, 1.0f, w->d + rd, D);
     }
+    ESFT__MOE_FOR_STATIC(nt)
     for (t = 0; t < T; t++) { /* scatter in slot order: deterministic */
         float *g = dx + (size_t)t * D;
+        int j, d;
         for (j = 0; j < K; j++) {
             const float *src = w->d + (size_t)w->pos[(size_t)t * K + j] * D;
             for (d = 0; d < D; d++) g[d] += src[d];
@@ -3914,17 +4027,16 @@ static void esft__moe_experts_backward(const esft_moe *m, esft__moe_ws *w, float
 
 /* Shared SwiGLU block backward: accumulates into dx and, by flag, its grads. */
 static void esft__moe_shared_backward(const esft_moe *m, esft__moe_ws *w, float *dx, const float *dy,
-                                      const float *x, int T)
+                                      const float *x, int T, int nt)
 {
     int D = m->cfg.d_model, FS = m->cfg.d_shared;
-    size_t n = (size_t)T * FS;
     if (FS == 0) return;
     esft__sgemm(0, 0, T, FS, D, 1.0f, dy, D, esft__moe_shared_w(m, 2), FS, 0.0f, w->bs, FS);
     if (m->d_shared_down) {
-        esft__swiglu_forward(w->as, w->gs, w->us, n);
+        esft__swiglu_forward_rows(w->as, w->gs, w->us, T, FS, nt);
         esft__sgemm(1, 0, D, FS, T, 1.0f, dy, D, w->as, FS, 1.0f, m->d_shared_down, FS);
     }
-    esft__swiglu_backward(w->as, w->bs, w->gs, w->us, n);
+    esft__swiglu_backward_rows(w->as, w->bs, w->gs, w->us, T, FS, nt);
     if (m->d_shared_gate) {
         esft__sgemm(1, 0, FS, D, T, 1.0f, w->bs, FS, x, D, 1.0f, m->d_shared_gate, D);
         esft__sgemm(1, 0, FS, D, T, 1.0f, w->as, FS, x, D, 1.0f, m->d_shared_up, D);
@@ -3963,12 +4075,12 @@ static esft_status esft__moe_backward_cpu(void *context, const esft_moe *m, floa
 {
     const esft_moe_config *c = &m->cfg;
     int D = c->d_model, E = c->route.n_experts, K = c->route.top_k, t;
-    int S = c->aux_mode == ESFT_AUX_SEQUENCE ? c->aux_seq_len : T;
+    int S = c->aux_mode == ESFT_AUX_SEQUENCE ? c->aux_seq_len : T, nt = esft_get_num_threads();
     esft__moe_ws w;
     (void)context; (void)err;
     esft__moe_ws_at(&w, c, T, workspace);
-    esft__moe_experts_backward(m, &w, dx, dy, T);
-    esft__moe_shared_backward(m, &w, dx, dy, x, T);
+    esft__moe_experts_backward(m, &w, dx, dy, T, nt);
+    esft__moe_shared_backward(m, &w, dx, dy, x, T, nt);
     for (t = 0; t < T; t++) {
         const float *aux = c->aux_alpha > 0.0f ? w.aux_coef + (size_t)(t / S) * E : NULL;
         esft__moe_route_backward_token(&c->route, w.logits + (size_t)t * E, w.probs + (size_t)t * E,
@@ -5289,6 +5401,10 @@ static esft_status esft__st_bad(esft_error *err, esft_status s, const char *file
         vsnprintf(err->message, sizeof err->message, fmt, ap);
         va_end(ap);
         err->offset = offset;
+        if (offset >= 0) { /* the place, for callers that print only the message */
+            size_t n = strlen(err->message);
+            snprintf(err->message + n, sizeof err->message - n, " (at byte %ld)", offset);
+        }
     }
     return s;
 }
@@ -5480,8 +5596,11 @@ static esft_status esft__st_parse(esft_safetensors *st, const char *hdr, size_t 
     s = esft_json_parse(&js, hdr, n, &st->allocator, err);
     if (s != ESFT_OK) {
         char why[256] = "";
+        long at = err ? err->offset + 8 : -1;
         if (err) snprintf(why, sizeof why, "%s", err->message);
-        return esft__st_bad(err, s, file, err ? err->offset + 8 : -1, "header: %s", why);
+        esft__st_bad(err, s, file, -1, "header: %s (the JSON starts at byte 8)", why);
+        if (err) err->offset = at;
+        return s;
     }
     if (js.tokens[0].type != ESFT_JSON_OBJECT) { s = esft__st_bad(err, ESFT_ERR_PARSE, file, 8, "header is not a JSON object"); goto done; }
     for (i = 0, k = 1; i < js.tokens[0].size; i++, k = js.tokens[k + 1].next) {
@@ -6927,7 +7046,7 @@ ESFTDEF esft_status esft_json_number(const esft_json *js, int tok, double *out)
      for each K block (KC)             C is updated once per K block, in order
        for each N panel (NC)           pack op(B) rows k..k+KC, cols j..j+NC
          for each M block (MC)         pack alpha*op(A) rows i..i+MC (stays in L2)
-           for each NR column strip    its packed B strip (KC x NR) stays in L1
+           for each NR column strip    its packed B strip (KC x NR), L1/L2
              for each MR row strip     micro-kernel: an MR x NR tile in registers
 
    Packed panels are zero-padded to whole tiles, and an edge tile runs through a
@@ -7026,9 +7145,9 @@ ESFTDEF void esft_release_thread_scratch(void) {}
 
 #else /* the packed kernels */
 
-/* Register tile (MR x NR) and cache blocks. KC x NR floats of B about fit L1, MC x KC
-   of A fit L2 with room to spare, KC x NC of B sits in L3 (tuned on a 2-core
-   Zen 4: bench/bench_gemm.c). */
+/* Register tile (MR x NR) and cache blocks: a KC x NR strip of B is read from
+   L1/L2, MC x KC of A stays in L2, KC x NC of B sits in L3 (tuned on a 2-core
+   Zen 4 with bench/bench_gemm.c; KC 256..512 all within a few per cent). */
 #if defined(__AVX512F__) && !defined(ESFT_NO_SIMD)
 #include <immintrin.h>
 #define ESFT__GEMM_AVX512 1
@@ -7043,7 +7162,7 @@ enum { ESFT__MR = 6, ESFT__NR = 8 };
 #else
 enum { ESFT__MR = 4, ESFT__NR = 16 };
 #endif
-#ifndef ESFT__KC /* (tuning knobs for bench/bench_gemm.c) */
+#ifndef ESFT__KC /* (-D to tune) */
 #define ESFT__KC 384
 #endif
 #ifndef ESFT__MC
@@ -7132,32 +7251,35 @@ static void esft__gemm_micro(int kc, const float *pa, /* (KC, MR) packed */
 #undef ESFT__ROWS
 #elif defined(ESFT__GEMM_VEC)
 /* GCC/Clang vector extensions, for any target without AVX2 (SSE2-only x86
-   builds, ARM, ...): a 6 x 8 tile in six 8-float vectors, which fit 16 SSE or
-   NEON registers. No fused multiply-add (ISO C mode does not contract), so the
-   last bits differ from the AVX kernels, never between thread counts. */
-typedef float esft__v8 __attribute__((vector_size(32)));
+   builds, ARM, ...): a 6 x 8 tile in twelve 4-float vectors (the native width
+   there; wider ones end up on the stack), which fit 16 SSE or NEON registers. No
+   fused multiply-add (ISO C mode does not contract), so the last bits differ
+   from the AVX kernels, never between thread counts. */
+typedef float esft__v4 __attribute__((vector_size(16)));
 #define ESFT__ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
 static void esft__gemm_micro(int kc, const float *pa, /* (KC, MR) packed */
                              const float *pb,         /* (KC, NR) packed */
                              float *c, size_t ldc,    /* (MR, NR) tile of C */
                              int mode, float beta)
 {
-#define ESFT__DECL(r) esft__v8 c##r = zero;
+#define ESFT__DECL(r) esft__v4 c##r##a = zero, c##r##b = zero;
 #define ESFT__FMA(r)                                                              \
-    { float s = pa[r]; esft__v8 a = {s, s, s, s, s, s, s, s}; c##r += a * b; }
+    { float s = pa[r]; esft__v4 a = {s, s, s, s}; c##r##a += a * b0; c##r##b += a * b1; }
 #define ESFT__OUT(r)                                                               \
-    { float *cr = c + (size_t)(r) * ldc; esft__v8 old;                             \
-      memcpy(&old, cr, sizeof old);                                                \
-      if (mode == ESFT__GEMM_ADD) c##r = old + c##r;                               \
-      else if (mode == ESFT__GEMM_BETA) c##r = vbeta * old + c##r;                 \
-      memcpy(cr, &c##r, sizeof c##r); }
-    esft__v8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
-    esft__v8 vbeta = {beta, beta, beta, beta, beta, beta, beta, beta};
+    { float *cr = c + (size_t)(r) * ldc; esft__v4 o0, o1;                          \
+      memcpy(&o0, cr, sizeof o0); memcpy(&o1, cr + 4, sizeof o1);                  \
+      if (mode == ESFT__GEMM_ADD) c##r##a = o0 + c##r##a, c##r##b = o1 + c##r##b;  \
+      else if (mode == ESFT__GEMM_BETA)                                            \
+          c##r##a = vbeta * o0 + c##r##a, c##r##b = vbeta * o1 + c##r##b;          \
+      memcpy(cr, &c##r##a, sizeof c##r##a); memcpy(cr + 4, &c##r##b, sizeof c##r##b); }
+    esft__v4 zero = {0, 0, 0, 0};
+    esft__v4 vbeta = {beta, beta, beta, beta};
     int k;
     ESFT__ROWS(ESFT__DECL)
     for (k = 0; k < kc; k++) {
-        esft__v8 b;
-        memcpy(&b, pb, sizeof b);
+        esft__v4 b0, b1;
+        memcpy(&b0, pb, sizeof b0);
+        memcpy(&b1, pb + 4, sizeof b1);
         ESFT__ROWS(ESFT__FMA)
         pa += ESFT__MR;
         pb += ESFT__NR;
@@ -7411,6 +7533,7 @@ static void esft__sgemm_ws(int trans_a, int trans_b, int M, int N, int K, float 
         esft__gemm_scale(M, N, beta, C, ldc);
         return;
     }
+    ESFT_ASSERT(ws);
     bs = esft__gemm_blocks_for(M, N, K);
     /* Split the dimension with more tiles; small products stay on one thread. */
     m_tiles = (M + ESFT__MR - 1) / ESFT__MR;

@@ -8,6 +8,9 @@
        esft stats LOGDIR -o summary.json           routing logs -> scores
        esft select summary.json --top-p 0.2 -o config.json
        esft heatmap summary.json --config config.json -o map.svg
+       esft inspect MODEL_DIR                       tensors, dtypes, experts
+       esft extract MODEL_DIR --config config.json -o experts.safetensors
+       esft merge MODEL_DIR trained.safetensors -o MERGED_DIR
        esft help CMD | esft CMD --help | esft --help | esft --version
 
    Exit status: 0 success, 1 runtime error (bad file, bad value), 2 usage error.
@@ -431,6 +434,275 @@ static int cmd_heatmap(const char *name, int argc, char **argv)
     return s == ESFT_OK ? EXIT_OK : cli_fail(name, s, &err);
 }
 
+/* ---- esft inspect / extract / merge (checkpoints) ---------------------- */
+
+/* "1.5 GB", "12.0 MB", "512 B" */
+static const char *cli_bytes(uint64_t n, char *buf, size_t cap)
+{
+    static const char *unit[] = {"B", "KB", "MB", "GB", "TB"};
+    double v = (double)n;
+    int u = 0;
+    while (v >= 1000.0 && u < 4) { v /= 1000.0; u++; }
+    if (u == 0) snprintf(buf, cap, "%llu B", (unsigned long long)n);
+    else snprintf(buf, cap, "%.1f %s", v, unit[u]);
+    return buf;
+}
+
+/* Progress on stderr for long copies: a line every 10 %, only above 64 MB. */
+typedef struct cli_progress {
+    const char *cmd;
+    int last; /* last tenth printed */
+} cli_progress;
+
+static void cli_progress_cb(void *user, uint64_t done, uint64_t total)
+{
+    cli_progress *p = (cli_progress *)user;
+    int tenth = total ? (int)(done * 10 / total) : 10;
+    char a[32], b[32];
+    if (total < ((uint64_t)64 << 20) || tenth <= p->last) return;
+    p->last = tenth;
+    fprintf(stderr, "esft %s: %3d%% (%s of %s)\n", p->cmd, tenth * 10, cli_bytes(done, a, sizeof a),
+            cli_bytes(total, b, sizeof b));
+}
+
+typedef struct cli_moe_key {
+    int layer, expert;
+} cli_moe_key;
+
+static int cli_cmp_key(const void *pa, const void *pb)
+{
+    const cli_moe_key *a = (const cli_moe_key *)pa, *b = (const cli_moe_key *)pb;
+    if (a->layer != b->layer) return a->layer < b->layer ? -1 : 1;
+    return a->expert < b->expert ? -1 : a->expert > b->expert;
+}
+
+/* Per layer: which routed experts (or adapters) have tensors, as ranges. */
+static void cli_print_experts(const esft_checkpoint *ck)
+{
+    cli_moe_key *k = (cli_moe_key *)malloc(((size_t)ck->n_tensors + 1) * sizeof *k);
+    int i, n = 0, shared = 0, routers = 0, fam[ESFT_FAMILY_COUNT] = {0};
+    if (!k) return;
+    for (i = 0; i < ck->n_tensors; i++) {
+        esft_tensor_name tn;
+        if (!esft_tensor_name_parse(ck->names[i], &tn)) continue;
+        fam[tn.family]++;
+        if (tn.part == ESFT_PART_ROUTER) routers++;
+        else if (tn.part == ESFT_PART_SHARED_DOWN) shared++; /* one per layer */
+        if (tn.expert >= 0) { k[n].layer = tn.layer; k[n].expert = tn.expert; n++; }
+    }
+    qsort(k, (size_t)n, sizeof *k, cli_cmp_key);
+    printf("MoE tensors:");
+    for (i = 0; i < (int)ESFT_FAMILY_COUNT; i++)
+        if (fam[i]) printf(" %d %s", fam[i], esft_family_name((esft_family)i));
+    printf("%s; %d routers; shared experts in %d layers\n", n || routers ? "" : " none", routers, shared);
+    for (i = 0; i < n;) { /* one line per layer: expert id ranges */
+        int layer = k[i].layer, count = 0, start = -1, prev = -2;
+        printf("  layer %d experts:", layer);
+        for (; i < n && k[i].layer == layer; i++) {
+            if (k[i].expert == prev) continue; /* same expert, another part */
+            if (k[i].expert != prev + 1) {
+                if (start >= 0) printf(start == prev ? " %d" : " %d-%d", start, prev);
+                start = k[i].expert;
+            }
+            prev = k[i].expert;
+            count++;
+        }
+        printf(start == prev ? " %d" : " %d-%d", start, prev);
+        printf(" (%d)\n", count);
+    }
+    free(k);
+}
+
+static const char inspect_help[] =
+    "usage: esft inspect FILE|DIR [--summary]\n"
+    "\n"
+    "Validates a safetensors checkpoint and describes it: every tensor (name,\n"
+    "dtype, shape, bytes, shard), the metadata, the MoE tensors it holds by\n"
+    "family (DeepSeek-V2, Mixtral, Qwen-MoE, Camelidae) and, per layer, which\n"
+    "experts have tensors; an ESFT expert config in the metadata is shown too.\n"
+    "\n"
+    "  FILE|DIR        a .safetensors file, a directory with\n"
+    "                  model.safetensors.index.json (shards) or model.safetensors,\n"
+    "                  or an .index.json file\n"
+    "  -s, --summary   no tensor list, only the totals and the expert map\n"
+    "\n"
+    "A malformed file is an error (exit 1) naming the file and the byte offset.\n";
+
+static int cmd_inspect(const char *name, int argc, char **argv)
+{
+    const char *in = NULL, *v;
+    int i, s, summary = 0;
+    esft_checkpoint ck;
+    esft_error err;
+    esft_status st;
+    char b1[32];
+    uint64_t by_dtype[ESFT_DTYPE_COUNT] = {0};
+    memset(&err, 0, sizeof err);
+    for (i = 1; i < argc; i++) {
+        if (cli_option(argc, argv, &i, "-s", 0, &v) || cli_option(argc, argv, &i, "--summary", 0, &v)) summary = 1;
+        else if (cli_positional(name, argv[i], &in, "checkpoint")) return EXIT_USAGE;
+    }
+    if (!in) return cli_usage(name, "missing the FILE or DIR to inspect%s%s", "", "");
+    st = esft_checkpoint_open(&ck, in, NULL, &err);
+    if (st != ESFT_OK) return cli_fail(name, st, &err);
+    printf("%s: %s, %d tensor%s, %s of tensor data\n", in,
+           ck.sharded ? "sharded checkpoint (model.safetensors.index.json)" : "safetensors file", ck.n_tensors,
+           ck.n_tensors == 1 ? "" : "s", cli_bytes(ck.total_bytes, b1, sizeof b1));
+    for (s = 0; s < ck.n_shards; s++) {
+        const esft_safetensors *sh = ck.shards + s;
+        printf("shard %s: %d tensors, %s\n", ck.shard_files[s], sh->n_tensors, cli_bytes(sh->file_size, b1, sizeof b1));
+        for (i = 0; i < sh->n_metadata; i++) {
+            const char *val = sh->meta_values[i];
+            printf("  metadata %s = %.*s%s\n", sh->meta_keys[i], 100, val, strlen(val) > 100 ? "..." : "");
+        }
+        for (i = 0; i < sh->n_tensors; i++) by_dtype[sh->tensors[i].dtype] += sh->tensors[i].n_bytes;
+    }
+    if (!summary) {
+        printf("%-64s %-7s %-18s %12s  %s\n", "name", "dtype", "shape", "bytes", "shard");
+        for (i = 0; i < ck.n_tensors; i++) {
+            const esft_st_tensor *t = ck.shards[ck.name_shard[i]].tensors + ck.name_tensor[i];
+            char shape[96];
+            int d, n = 0;
+            n += snprintf(shape, sizeof shape, "[");
+            for (d = 0; d < t->n_dims && n < (int)sizeof shape; d++)
+                n += snprintf(shape + n, sizeof shape - (size_t)n, "%s%lld", d ? ", " : "", (long long)t->shape[d]);
+            if (n < (int)sizeof shape) snprintf(shape + n, sizeof shape - (size_t)n, "]");
+            printf("%-64s %-7s %-18s %12llu  %d\n", t->name, esft_dtype_name(t->dtype), shape,
+                   (unsigned long long)t->n_bytes, ck.name_shard[i]);
+        }
+    }
+    printf("bytes by dtype:");
+    for (i = 0; i < (int)ESFT_DTYPE_COUNT; i++)
+        if (by_dtype[i]) printf(" %s %s", esft_dtype_name((esft_dtype)i), cli_bytes(by_dtype[i], b1, sizeof b1));
+    printf("\n");
+    cli_print_experts(&ck);
+    if (ck.n_shards == 1) {
+        esft_expert_config cfg;
+        if (esft_checkpoint_read_config(ck.shards, &cfg, NULL) == ESFT_OK) {
+            printf("expert config in metadata: %d experts, shared_experts %s, non_expert_modules %s\n",
+                   esft_expert_config_count(&cfg), cfg.shared_experts ? "true" : "false",
+                   cfg.non_expert_modules ? "true" : "false");
+            esft_expert_config_free(&cfg);
+        }
+    }
+    esft_checkpoint_close(&ck);
+    return EXIT_OK;
+}
+
+static const char extract_help[] =
+    "usage: esft extract BASE --config CONFIG.json -o EXPERTS.safetensors [-q]\n"
+    "\n"
+    "Copies the tensors an ESFT expert config trains out of a base checkpoint into\n"
+    "one small safetensors file (dtypes and bytes unchanged; the config goes into\n"
+    "its __metadata__): the routed experts it lists (config layers are the\n"
+    "model's layer indices), the shared experts of every layer if\n"
+    "\"shared_experts\" is true, every other tensor if \"non_expert_modules\" is.\n"
+    "\n"
+    "  BASE              checkpoint directory (sharded or not) or .safetensors file\n"
+    "  --config FILE     the expert config (esft select writes one)\n"
+    "  -o, --output FILE the experts file to write (atomically)\n"
+    "  -q, --quiet       no progress or summary on stderr\n"
+    "\n"
+    "An expert the config names but the checkpoint lacks is an error (exit 1).\n";
+
+static int cmd_extract(const char *name, int argc, char **argv)
+{
+    const char *base = NULL, *config = NULL, *out = NULL, *v;
+    int i, r, quiet = 0;
+    esft_expert_config cfg;
+    esft_checkpoint_options opt;
+    cli_progress pr;
+    esft_safetensors st;
+    esft_error err;
+    esft_status s;
+    char b1[32];
+    memset(&err, 0, sizeof err);
+    for (i = 1; i < argc; i++) {
+        if ((r = cli_option(argc, argv, &i, "--config", 1, &v))) {
+            if (r < 0) return CLI_MISSING_VALUE(name, "--config");
+            config = v;
+        } else if ((r = cli_option(argc, argv, &i, "-o", 1, &v)) || (r = cli_option(argc, argv, &i, "--output", 1, &v))) {
+            if (r < 0) return CLI_MISSING_VALUE(name, "-o");
+            out = v;
+        } else if (cli_option(argc, argv, &i, "-q", 0, &v) || cli_option(argc, argv, &i, "--quiet", 0, &v)) {
+            quiet = 1;
+        } else if (cli_positional(name, argv[i], &base, "base checkpoint")) {
+            return EXIT_USAGE;
+        }
+    }
+    if (!base) return cli_usage(name, "missing the BASE checkpoint%s%s", "", "");
+    if (!config) return cli_usage(name, "missing --config CONFIG.json%s%s", "", "");
+    if (!out) return cli_usage(name, "missing -o EXPERTS.safetensors%s%s", "", "");
+    s = esft_expert_config_read(config, &cfg, &err);
+    if (s != ESFT_OK) return cli_fail(name, s, &err);
+    memset(&opt, 0, sizeof opt);
+    pr.cmd = name;
+    pr.last = 0;
+    if (!quiet) { opt.progress = cli_progress_cb; opt.user = &pr; }
+    s = esft_checkpoint_extract(base, &cfg, out, &opt, &err);
+    if (s == ESFT_OK && !quiet && esft_safetensors_open(&st, out, NULL, NULL) == ESFT_OK) {
+        fprintf(stderr, "esft extract: %d tensors of %d experts, %s -> %s\n", st.n_tensors,
+                esft_expert_config_count(&cfg), cli_bytes(st.file_size, b1, sizeof b1), out);
+        esft_safetensors_close(&st);
+    }
+    esft_expert_config_free(&cfg);
+    return s == ESFT_OK ? EXIT_OK : cli_fail(name, s, &err);
+}
+
+static const char merge_help[] =
+    "usage: esft merge BASE TRAINED -o OUTDIR [-q]\n"
+    "\n"
+    "Puts the tensors of TRAINED (a safetensors file, e.g. saved trained experts)\n"
+    "into the base checkpoint and writes the result to OUTDIR: every shard under\n"
+    "its own name plus, for a sharded base, model.safetensors.index.json. Copies\n"
+    "stream in chunks of a few MB whatever the model size. Every TRAINED tensor\n"
+    "must exist in BASE with the same dtype and shape, checked before anything is\n"
+    "written; shards are written as temp files and renamed only when all succeed.\n"
+    "Copy config.json and the tokenizer files yourself.\n"
+    "\n"
+    "  BASE              checkpoint directory (sharded or not) or .safetensors file\n"
+    "  TRAINED           safetensors file of replacement tensors\n"
+    "  -o, --output DIR  the new checkpoint's directory (created; not BASE's)\n"
+    "  -q, --quiet       no progress or summary on stderr\n";
+
+static int cmd_merge(const char *name, int argc, char **argv)
+{
+    const char *base = NULL, *trained = NULL, *out = NULL, *v;
+    int i, r, quiet = 0;
+    esft_checkpoint_options opt;
+    cli_progress pr;
+    esft_safetensors st;
+    esft_error err;
+    esft_status s;
+    memset(&err, 0, sizeof err);
+    for (i = 1; i < argc; i++) {
+        if ((r = cli_option(argc, argv, &i, "-o", 1, &v)) || (r = cli_option(argc, argv, &i, "--output", 1, &v))) {
+            if (r < 0) return CLI_MISSING_VALUE(name, "-o");
+            out = v;
+        } else if (cli_option(argc, argv, &i, "-q", 0, &v) || cli_option(argc, argv, &i, "--quiet", 0, &v)) {
+            quiet = 1;
+        } else if (argv[i][0] == '-' && argv[i][1]) {
+            return cli_usage(name, "unknown option '%s'%s", argv[i], "");
+        } else if (!base) {
+            base = argv[i];
+        } else if (cli_positional(name, argv[i], &trained, "trained file")) {
+            return EXIT_USAGE;
+        }
+    }
+    if (!base || !trained) return cli_usage(name, "give BASE and TRAINED%s%s", "", "");
+    if (!out) return cli_usage(name, "missing -o OUTDIR%s%s", "", "");
+    memset(&opt, 0, sizeof opt);
+    pr.cmd = name;
+    pr.last = 0;
+    if (!quiet) { opt.progress = cli_progress_cb; opt.user = &pr; }
+    s = esft_checkpoint_merge(base, trained, out, &opt, &err);
+    if (s == ESFT_OK && !quiet && esft_safetensors_open(&st, trained, NULL, NULL) == ESFT_OK) {
+        fprintf(stderr, "esft merge: %d tensors of %s put into %s -> %s\n", st.n_tensors, trained, base, out);
+        esft_safetensors_close(&st);
+    }
+    return s == ESFT_OK ? EXIT_OK : cli_fail(name, s, &err);
+}
+
 /* ---- the command table ------------------------------------------------- */
 
 typedef struct cli_command {
@@ -445,7 +717,10 @@ static const cli_command commands[] = {
     {"stats", "routing logs -> summary.json (token and gate scores per layer and expert)", cmd_stats, stats_help},
     {"select", "summary.json -> expert config (top-p, top-k or a global budget)", cmd_select, select_help},
     {"heatmap", "summary.json or expert config -> SVG picture of layers x experts", cmd_heatmap, heatmap_help},
-    /* Checkpoints (safetensors) go here: inspect, extract, merge. */
+    /* Checkpoints (safetensors): look inside, take the experts out, put them back. */
+    {"inspect", "safetensors file or sharded checkpoint -> tensors, dtypes, shapes, experts", cmd_inspect, inspect_help},
+    {"extract", "base checkpoint + expert config -> small file of the selected experts", cmd_extract, extract_help},
+    {"merge", "base checkpoint + trained experts -> new checkpoint (shards + index)", cmd_merge, merge_help},
 };
 #define N_COMMANDS ((int)(sizeof commands / sizeof commands[0]))
 

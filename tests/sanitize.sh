@@ -9,7 +9,7 @@
 BUILD=${BUILD:-build/asan}
 CC=${CC:-cc}
 export ESFT_DATA BUILD
-mkdir -p "$BUILD/logs"
+mkdir -p "$BUILD/logs" "$BUILD/tests" # tests that write files put them in $BUILD/tests
 passed=0; failed=0; skipped=0
 
 # Adds one run's closing line to the totals (as tests/run_all.sh does).
@@ -37,7 +37,7 @@ export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:halt_on_error=1:strict_string
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 for src in tests/test_*.c; do
     name=$(basename "$src" .c)
-    out=$BUILD/$name
+    out=$BUILD/tests/$name
     if ! build "$src" "$out" -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all; then
         echo "FAIL asan/$name: build failed"; tail -15 "$out.build.log"; failed=$((failed + 1)); continue
     fi
@@ -49,7 +49,7 @@ done
 if command -v valgrind >/dev/null 2>&1; then
     for src in tests/test_*.c; do
         name=$(basename "$src" .c)
-        out=$BUILD/${name}_vg
+        out=$BUILD/tests/${name}_vg
         if ! build "$src" "$out" -g -O1; then
             echo "FAIL valgrind/$name: build failed"; tail -15 "$out.build.log"; failed=$((failed + 1)); continue
         fi

@@ -285,6 +285,28 @@ TEST(forward_is_deterministic)
     fixture_free(&f);
 }
 
+/* Same bits on 1 and 3 threads (forward, dx, gradients); meaningful when
+   built with -fopenmp, as make does. */
+TEST(same_bits_for_any_thread_count)
+{
+    fixture f;
+    float y1[TT * TD], dx1[TT * TD], *g1;
+    fixture_init(&f, 1, 0.2f, ESFT_AUX_SEQUENCE, 0, ESFT_GATING_SOFTMAX);
+    CHECK(fixture_build(&f));
+    g1 = malloc(f.layer.n_params * 4);
+    esft_set_num_threads(1);
+    CHECK(run_backward(&f));
+    memcpy(y1, f.y, sizeof y1); memcpy(dx1, f.dx, sizeof dx1); memcpy(g1, f.layer.grads, f.layer.n_params * 4);
+    esft_set_num_threads(3);
+    CHECK(run_backward(&f));
+    esft_set_num_threads(0);
+    CHECK(memcmp(y1, f.y, sizeof y1) == 0);
+    CHECK(memcmp(dx1, f.dx, sizeof dx1) == 0);
+    CHECK(memcmp(g1, f.layer.grads, f.layer.n_params * 4) == 0);
+    free(g1);
+    fixture_free(&f);
+}
+
 /* Only trainable tensors own memory: N = 2 experts x 3FD, nothing else. */
 TEST(frozen_experts_own_no_gradient_memory)
 {
