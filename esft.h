@@ -2793,28 +2793,19 @@ ESFTDEF esft_status esft_stats_read_log_dir(esft_stats *st, const char *dir, int
 
 /* ---- summary.json and expert configs --------------------------------- */
 
-/* Formats a score as Python's json.dump writes round(x, decimals) (decimals >= 0:
-   fixed digits, trailing zeros dropped, at least one kept) or repr(x) (-1:
-   shortest text that reads back to the same double). */
+/* Formats a score as Python's json.dump writes round(x, decimals) (decimals >= 0)
+   or x (-1): repr(), the shortest text that reads back to the same double, so
+   round(1e-5, 6) is "1e-05" as in Python. (Python also switches to an exponent
+   from 1e16 up; %g does so only past 17 digits. Scores never get there.) */
 static void esft__format_score(char *out, size_t cap, double x, int decimals)
 {
-    if (decimals >= 0) {
-        size_t n;
-        snprintf(out, cap, "%.*f", decimals, x);
-        if (!strchr(out, '.')) { strncat(out, ".0", cap - strlen(out) - 1); return; }
-        n = strlen(out);
-        while (n > 2 && out[n - 1] == '0' && out[n - 2] != '.') out[--n] = 0;
-        if (strcmp(out, "-0.0") == 0) snprintf(out, cap, "-0.0");
-        return;
+    int prec;
+    if (decimals >= 0) x = esft__round_decimals(x, decimals);
+    for (prec = 1; prec <= 17; prec++) {
+        snprintf(out, cap, "%.*g", prec, x);
+        if (strtod(out, NULL) == x) break;
     }
-    {
-        int prec;
-        for (prec = 1; prec <= 17; prec++) {
-            snprintf(out, cap, "%.*g", prec, x);
-            if (strtod(out, NULL) == x) break;
-        }
-        if (!strpbrk(out, ".eEn")) strncat(out, ".0", cap - strlen(out) - 1);
-    }
+    if (!strpbrk(out, ".eEn")) strncat(out, ".0", cap - strlen(out) - 1);
 }
 
 /* Present layers ordered as Python sorts their decimal keys as strings ("1" <
@@ -6676,8 +6667,10 @@ static esft_status esft__merge_write(const esft_checkpoint *ck, const esft_safet
             s = b.failed ? esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "index") : esft__out_write(outs + sh, b.data, b.size, err);
             esft__buf_free(&b);
         }
-        if (s == ESFT_OK) s = esft__out_finish(outs + sh, err);
     }
+    /* fsync only now: the kernel writes one shard back while the next is copied */
+    for (sh = 0; sh <= ck->n_shards && s == ESFT_OK; sh++)
+        if (outs[sh].fd >= 0) s = esft__out_finish(outs + sh, err);
     for (sh = 0; sh <= ck->n_shards && s == ESFT_OK; sh++)
         if (outs[sh].tmp[0]) s = esft__out_commit(outs + sh, err);
     return s;
