@@ -1582,7 +1582,9 @@ ESFTDEF void esft_stats_uninit(esft_stats *st)
 
 ESFTDEF void esft_stats_reset(esft_stats *st)
 {
-    size_t le = (size_t)st->n_layers * (size_t)st->n_experts;
+    size_t le;
+    if (!st || !st->count) return;
+    le = (size_t)st->n_layers * (size_t)st->n_experts;
     memset(st->count, 0, le * sizeof(uint64_t));
     memset(st->gate_sum, 0, le * sizeof(uint64_t));
     memset(st->token_frac_sum, 0, le * sizeof(uint64_t));
@@ -1947,7 +1949,9 @@ static double esft__round_decimals(double x, int decimals)
 
 ESFTDEF void esft_scores_round(esft_scores *sc, int decimals)
 {
-    size_t i, le = (size_t)sc->n_layers * (size_t)sc->n_experts;
+    size_t i, le;
+    if (!sc || !sc->token || !sc->gate) return;
+    le = (size_t)sc->n_layers * (size_t)sc->n_experts;
     for (i = 0; i < le; i++) {
         sc->token[i] = esft__round_decimals(sc->token[i], decimals);
         sc->gate[i] = esft__round_decimals(sc->gate[i], decimals);
@@ -2522,6 +2526,10 @@ static int32_t esft__field_id(const char *p, size_t n, const char *end)
     if (n < 1 || n > 7) return -1;
     x = esft__load8(p, end);
     if (esft__nondigits8(x) & esft__low_flags(n)) return -1;
+    if (n <= 2) { /* most ids: one or two digits, no multiplications */
+        int32_t d0 = (int32_t)(x & 0x0f), d1 = (int32_t)((x >> 8) & 0x0f);
+        return n == 1 ? d0 : d0 * 10 + d1;
+    }
     return (int32_t)esft__digits8(x, n);
 }
 
@@ -2533,11 +2541,18 @@ static const double esft__inv_pow10[] = {1e0, 1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6
    load; anything else goes to esft__scan_number. The value is the one
    esft__scan_number gives, (float)(mantissa / 10^fraction digits), computed with
    a multiplication by 10^-k instead of a division (whose latency cost a third of
-   the parse time): for every mantissa < 10^7 and k <= 7 the two round to the same
+   the parse time): for every mantissa < 10^7 and k <= 6 the two round to the same
    float; tests/test_log_fastpath.c checks all of them. */
 static int esft__field_weight(const char *p, size_t n, const char *end, float *w)
 {
     double d;
+    if (n >= 3 && n <= 7 && p[0] == '0' && p[1] == '.') { /* "0.ddddd", a probability */
+        uint64_t x = esft__load8(p, end) >> 16;
+        if (!(esft__nondigits8(x) & esft__low_flags(n - 2))) {
+            *w = (float)((double)esft__digits8(x, n - 2) * esft__inv_pow10[n - 2]);
+            return 1;
+        }
+    }
     if (n >= 1 && n <= 7) {
         uint64_t x = esft__load8(p, end), low = esft__low_flags(n);
         uint64_t dots = esft__zero_bytes8(x ^ 0x2e2e2e2e2e2e2e2eu) & low;
@@ -3469,12 +3484,20 @@ static void esft__sgemm(int trans_a, int trans_b, int M, int N, int K, float alp
 #else
 #define ESFT__MOE_PRAGMA(x) _Pragma(#x)
 #endif
-#define ESFT__MOE_FOR_DYNAMIC(nt) ESFT__MOE_PRAGMA(omp parallel for num_threads(nt) schedule(dynamic, 1))
-#define ESFT__MOE_FOR_STATIC(nt) ESFT__MOE_PRAGMA(omp parallel for num_threads(nt) schedule(static))
+#define ESFT__MOE_FOR_DYNAMIC(nt) ESFT__MOE_PRAGMA(omp parallel for if(nt > 1) num_threads(nt) schedule(dynamic, 1))
+#define ESFT__MOE_FOR_STATIC(nt) ESFT__MOE_PRAGMA(omp parallel for if(nt > 1) num_threads(nt) schedule(static))
 #else
 #define ESFT__MOE_FOR_DYNAMIC(nt)
 #define ESFT__MOE_FOR_STATIC(nt)
 #endif
+
+/* Threads for one call: a small layer runs on one (starting a team costs more
+   than its work, and far more when the machine is busy). */
+static int esft__moe_threads(const esft_moe_config *c, int T)
+{
+    double work = (double)T * c->route.top_k * c->d_expert * c->d_model;
+    return work < 4194304.0 ? 1 : esft_get_num_threads();
+}
 
 ESFTDEF esft_moe_config esft_moe_config_init(int d_model, int n_experts, int top_k,
                                              int d_expert, int d_shared)
@@ -3926,7 +3949,7 @@ static esft_status esft__moe_forward_cpu(void *context, const esft_moe *m, float
 {
     const esft_moe_config *c = &m->cfg;
     int D = c->d_model, E = c->route.n_experts, K = c->route.top_k, FS = c->d_shared, t, r;
-    int nt = esft_get_num_threads();
+    int nt = esft__moe_threads(c, T);
     size_t i, te = (size_t)T * E;
     esft__moe_ws w;
     (void)context;
@@ -4066,7 +4089,7 @@ static esft_status esft__moe_backward_cpu(void *context, const esft_moe *m, floa
 {
     const esft_moe_config *c = &m->cfg;
     int D = c->d_model, E = c->route.n_experts, K = c->route.top_k, t;
-    int S = c->aux_mode == ESFT_AUX_SEQUENCE ? c->aux_seq_len : T, nt = esft_get_num_threads();
+    int S = c->aux_mode == ESFT_AUX_SEQUENCE ? c->aux_seq_len : T, nt = esft__moe_threads(c, T);
     esft__moe_ws w;
     (void)context; (void)err;
     esft__moe_ws_at(&w, c, T, workspace);
@@ -5233,7 +5256,7 @@ static void esft__progress_add(esft__progress *pr, uint64_t n)
     if (pr->opt && pr->opt->progress) pr->opt->progress(pr->opt->user, pr->done, pr->total);
 }
 
-#define ESFT__COPY_CHUNK ((size_t)8 << 20) /* bytes per copy step: the memory bound of merges */
+#define ESFT__COPY_CHUNK ((size_t)2 << 20) /* bytes per copy step: the memory bound of merges */
 
 /* Copies n bytes at offset of file src (or memory) into o. buf (cap bytes) is
    the bounce buffer when the kernel cannot copy file to file itself. */
@@ -7601,7 +7624,7 @@ static void esft__sgemm_naive(int trans_a, int trans_b, int M, int N, int K, flo
    (one when called from inside an OpenMP parallel region). Same bits for any
    thread count. Only if its scratch cannot be allocated does it fall back to a
    slow unpacked loop (correct; the last bits may differ). */
-ESFT__UNUSED static void esft__sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
+static void esft__sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
                         const float *A, /* (M, K), or (K, M) if trans_a; stride lda */
                         int lda,
                         const float *B, /* (K, N), or (N, K) if trans_b; stride ldb */

@@ -4,7 +4,9 @@
 A faithful re-implementation of what deepseek-ai/ESFT's generate_expert_config.py
 does per routing-log line: split on "\\t\\t", int() every id, float() every weight,
 then two np.add.at calls per line (gate sums, and token counts as 1/TOP_K each).
-Timed on the same bytes the C benchmark reads, from memory, single process.
+Timed on the same bytes the C benchmark reads, from memory, single thread, in
+thread CPU time (time.thread_time, as the C side), so other processes on a shared
+machine do not count.
 
 Usage: esft_python_baseline.py LOGDIR [REPEATS]
 Prints (one "key value" per line, read by bench_stats.c):
@@ -95,16 +97,16 @@ def main():
 
     parse_times, accum_times = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         run_pipeline(texts, n_layers)
-        parse_times.append(time.perf_counter() - t0)
+        parse_times.append(time.thread_time() - t0)
 
         gate = np.zeros((n_layers + 1, N_EXPERTS))
         token = np.zeros((n_layers + 1, N_EXPERTS))
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         for layer, ids, weights in parsed:
             accumulate(gate, token, layer, ids, weights)
-        accum_times.append(time.perf_counter() - t0)
+        accum_times.append(time.thread_time() - t0)
 
     print("files %d" % len(texts))
     print("bytes %d" % n_bytes)

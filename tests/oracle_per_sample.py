@@ -53,7 +53,7 @@ try:
     import numpy as np
 except ImportError:
     for name in ("translation_per_sample", "translation_pooled", "synthetic_per_sample",
-                 "synthetic_pooled", "per_sample_differs_from_pooled"):
+                 "synthetic_pooled", "per_sample_differs_from_pooled", "rounded_text_matches_python"):
         report("SKIP", name, "numpy is missing (pip install numpy)")
     finish()
 
@@ -152,6 +152,34 @@ def check_dir(label, logdir, layers, experts, k, tmp):
     return want
 
 
+def check_rounded_text(logdir, layers, experts, k, tmp):
+    """--decimals D writes exactly what Python's json.dump writes for round(v, D)
+    of the full-precision values (ESFT's own files are round(v, 4) dumped)."""
+    full, why = run_esft_raw(logdir, "-1", layers, experts, k, os.path.join(tmp, "full.json"))
+    if full is None:
+        return report("FAIL", "rounded_text_matches_python", why)
+    full = json.loads(full)
+    bad = []
+    for d in (0, 2, 4, 6, 8):
+        text, why = run_esft_raw(logdir, str(d), layers, experts, k, os.path.join(tmp, f"r{d}.json"))
+        want = json.dumps({t: {l: {e: round(v, d) for e, v in row.items()} for l, row in full[t].items()}
+                           for t in full})
+        if text != want:
+            at = next((i for i, (a, b) in enumerate(zip(text or "", want)) if a != b), min(len(text or ""), len(want)))
+            bad.append(f"decimals {d}: differs at byte {at}: {(text or why)[at:at + 30]!r} vs {want[at:at + 30]!r}")
+    report("FAIL" if bad else "PASS", "rounded_text_matches_python", "; ".join(bad) or "decimals 0, 2, 4, 6, 8")
+
+
+def run_esft_raw(logdir, decimals, layers, experts, k, out_path):
+    cmd = [ESFT, "stats", logdir, "-o", out_path, "--decimals", decimals,
+           "--layers", str(layers), "--experts", str(experts), "--top-k", str(k), "-q"]
+    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if r.returncode != 0:
+        return None, f"exit {r.returncode}: {r.stderr.strip()[:300]}"
+    with open(out_path) as f:
+        return f.read(), ""
+
+
 def write_synthetic(logdir, layers, experts, k, seed):
     """Logs with very uneven samples (1 to 900 tokens), so per-sample and
     pooled differ a lot; layer 2 absent; weights in many notations."""
@@ -178,6 +206,18 @@ def write_synthetic(logdir, layers, experts, k, seed):
                 ids += chosen
                 ws += [rng.choice(notations)(rng.random()) for _ in range(k)]
             lines.append("\t".join(map(str, ids)) + "\t\t" + "\t".join(ws))
+        if layer == layers - 1:
+            # a rarely chosen expert: scores below 1e-4, which Python writes with an exponent
+            lines = []
+            for s in range(3):
+                ids, ws = [], []
+                for t in range(900):
+                    chosen = rng.sample(range(experts - 1), k)
+                    if s == 1 and t == 7:
+                        chosen[0] = experts - 1
+                    ids += chosen
+                    ws += ["0.0001" if e == experts - 1 else f"{rng.random():.4f}" for e in chosen]
+                lines.append("\t".join(map(str, ids)) + "\t\t" + "\t".join(ws))
         with open(os.path.join(logdir, f"expert_weights_{layer}.txt"), "w", newline="") as f:
             f.write(eol.join(lines) + (eol if layer != 4 else ""))
 
@@ -201,6 +241,7 @@ def main():
         diff = max(abs(want["pooled"]["token_scores"][l][e] - want["per-sample"]["token_scores"][l][e])
                    for l in want["pooled"]["token_scores"] for e in want["pooled"]["token_scores"][l])
         report("PASS" if diff > 1e-3 else "FAIL", "per_sample_differs_from_pooled", f"max difference {diff:.3g}")
+        check_rounded_text(logdir, 6, 16, 4, tmp)
     finish()
 
 

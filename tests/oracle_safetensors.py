@@ -10,10 +10,14 @@ Both ways, bit for bit:
     fp32 -> F16 rounding equals numpy's, fp32 -> BF16 equals a round-to-nearest-
     even oracle computed here from exact distances;
   * a reference file copied through esft's reader and writer loads unchanged;
-  * malformed variants are rejected by both, valid ones accepted by both.
+  * malformed variants are rejected by both, valid ones accepted by both;
+  * the `esft` command on a sharded checkpoint the reference writes: inspect,
+    extract, change the experts here, merge; the reference then loads a
+    checkpoint where exactly those experts changed (exit codes 0/1/2 too).
 
 The C side is tests/safetensors_tool.c, built here with $CC. Prints PASS/FAIL per
 check and the closing "N passed, N failed, N skipped" line."""
+import json
 import os
 import struct
 import subprocess
@@ -199,7 +203,8 @@ def test_reference_loads_files_we_write():
                     "esft_expert_config": "{\"experts\": {\"1\": [3]}}"}, meta
     assert keys == {"values.f32", "values.f16", "values.bf16", "ints.i32", "ints.i64", "scalar", "empty \u2713"}, keys
     assert f32.shape == (64, 64) and np.array_equal(f32.reshape(-1).view(np.uint32), src.view(np.uint32))
-    want16 = src.astype(np.float16).view(np.uint16)  # numpy rounds to nearest even
+    with np.errstate(over="ignore"):
+        want16 = src.astype(np.float16).view(np.uint16)  # numpy rounds to nearest even
     bad = np.nonzero(f16.view(np.uint16) != want16)[0]
     assert bad.size == 0, f"F16 of {src[bad[:3]]}: {f16.view(np.uint16)[bad[:3]]} != numpy {want16[bad[:3]]}"
     assert i32.tolist() == [0, 1, -1, 2**31 - 1, -2**31, 42, -42]
@@ -274,6 +279,70 @@ def test_bad_files_rejected_by_both_valid_accepted_by_both():
     assert not disagree, "; ".join(disagree)
 
 
+def test_cli_extract_merge_on_reference_checkpoint():
+    esft = os.path.join(BUILD, "esft")
+    if not os.path.exists(esft):
+        raise AssertionError(f"{esft} not built (make all)")
+    base, rng = os.path.join(TMP, "cli_base"), np.random.default_rng(3)
+    os.makedirs(base)
+    shards = [{}, {}]
+    for l in range(1, 4):
+        shard = shards[0 if l < 3 else 1]
+        shard[f"model.layers.{l}.mlp.gate.weight"] = rng.standard_normal((4, 8)).astype(np.float32)
+        shard[f"model.layers.{l}.self_attn.q_proj.weight"] = rng.standard_normal((8, 8)).astype(np.float16)
+        for e in range(4):
+            for p, shape in (("gate_proj", (6, 8)), ("up_proj", (6, 8)), ("down_proj", (8, 6))):
+                shard[f"model.layers.{l}.mlp.experts.{e}.{p}.weight"] = rng.standard_normal(shape).astype(np.float16)
+    shards[0]["model.embed_tokens.weight"] = rng.standard_normal((16, 8)).astype(np.float32)
+    files = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    weight_map = {}
+    for f, d in zip(files, shards):
+        save_file(d, os.path.join(base, f), metadata={"format": "pt"})
+        weight_map.update({k: f for k in d})
+    with open(os.path.join(base, "model.safetensors.index.json"), "w") as fh:
+        json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, fh)
+    cfg = os.path.join(TMP, "cli_cfg.json")
+    with open(cfg, "w") as fh:
+        fh.write('{"experts": {"1": [2], "3": [0, 3]}, "shared_experts": false, "non_expert_modules": false}')
+
+    def esft_run(*args):
+        return subprocess.run([esft, *args], capture_output=True, text=True)
+    r = esft_run("inspect", base, "--summary")
+    assert r.returncode == 0 and "layer 1 experts: 0-3 (4)" in r.stdout, r.stdout + r.stderr
+    ex, tr, out = (os.path.join(TMP, n) for n in ("cli_ex.safetensors", "cli_tr.safetensors", "cli_out"))
+    r = esft_run("extract", base, "--config", cfg, "-o", ex, "-q")
+    assert r.returncode == 0, r.stderr
+    experts = load_file(ex)
+    want = {f"model.layers.{l}.mlp.experts.{e}.{p}.weight" for l, e in ((1, 2), (3, 0), (3, 3))
+            for p in ("gate_proj", "up_proj", "down_proj")}
+    assert set(experts) == want, sorted(experts)
+    with safe_open(ex, framework="numpy") as f:
+        assert json.loads(f.metadata()["esft_expert_config"])["experts"] == {"1": [2], "3": [0, 3]}
+    trained = {k: (v + np.float16(0.5)).astype(np.float16) for k, v in experts.items()}
+    save_file(trained, tr, metadata={"format": "pt"})
+    r = esft_run("merge", base, tr, "-o", out, "-q")
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(out, "model.safetensors.index.json")) as fh:
+        assert json.load(fh)["weight_map"] == weight_map
+    for f, d in zip(files, shards):
+        got = load_file(os.path.join(out, f))
+        assert set(got) == set(d)
+        for k, v in d.items():
+            expect = trained.get(k, v)
+            assert got[k].dtype == v.dtype and got[k].tobytes() == expect.tobytes(), k
+    assert esft_run("merge", base, tr).returncode == 2
+    bad = os.path.join(TMP, "cli_bad.safetensors")
+    with open(bad, "wb") as fh:
+        fh.write(file_bytes('{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}', bytes(8)))
+    r = esft_run("inspect", bad)
+    assert r.returncode == 1 and "data_offsets span 8" in r.stderr, r.stderr
+    wrong = os.path.join(TMP, "cli_wrong.safetensors")
+    save_file({"model.layers.1.mlp.experts.2.up_proj.weight": np.zeros((6, 8), np.float32)}, wrong)
+    r = esft_run("merge", base, wrong, "-o", os.path.join(TMP, "cli_wrong_out"))
+    assert r.returncode == 1 and "trained F32 [6, 8], base F16 [6, 8]" in r.stderr, r.stderr
+    assert not os.path.exists(os.path.join(TMP, "cli_wrong_out", files[0]))
+
+
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory(prefix="esft_oracle_st_") as TMP:
         try:
@@ -284,6 +353,7 @@ if __name__ == "__main__":
             finish()
         for fn in (test_reads_reference_files_bit_exactly, test_reads_reference_bf16_all_bit_patterns,
                    test_reference_loads_files_we_write, test_copy_through_esft_loads_unchanged,
-                   test_bad_files_rejected_by_both_valid_accepted_by_both):
+                   test_bad_files_rejected_by_both_valid_accepted_by_both,
+                   test_cli_extract_merge_on_reference_checkpoint):
             run_test(fn)
     finish()

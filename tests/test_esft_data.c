@@ -10,11 +10,8 @@
 
    Other tasks: every $ESFT_DATA/<task>/ holding expert_weights_1.txt and
    summary.json is checked against its own summary.json, and against
-   $ESFT_CONFIGS/<task>.json when that variable is set. For example, the four
-   tasks the authors ship:
-       mkdir -p /tmp/esft && tar xJf more-tasks.tar.xz -C /tmp/esft
-       ESFT_DATA=/tmp/esft/results/expert_scores ESFT_CONFIGS=/tmp/esft/results/expert_configs \
-           build/tests/test_esft_data
+   $ESFT_CONFIGS/<task>.json when that variable is set. docs/testing.md has the
+   commands that check all four tasks the ESFT authors ship this way.
    Build: cc -std=c99 -I. tests/test_esft_data.c -lm (make does it). */
 #define _POSIX_C_SOURCE 200809L
 #include "esft.h"

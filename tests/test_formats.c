@@ -502,6 +502,33 @@ TEST(json_summary_shape_errors)
                      ESFT_ERR_PARSE, 1);
 }
 
+TEST(json_score_that_overflows_a_double)
+{
+    bad_summary_text("overflow", "{\"token_scores\": {\"1\": {\"0\": 0.5}},\n\"gate_scores\": {\"1\": {\"0\": 1e999}}}",
+                     ESFT_ERR_PARSE, 2);
+}
+
+TEST(json_numbers_and_strings_decode)
+{
+    static const char text[] = "[1e999, -1e-999, 0.25, \"a\\u00e9\\ud83d\\ude00\\n\"]";
+    esft_json js;
+    double v;
+    char buf[16];
+    CHECK_STATUS(esft_json_parse(&js, text, sizeof text - 1, NULL, NULL), ESFT_OK);
+    CHECK_EQ_INT(js.n_tokens, 5);
+    CHECK_EQ_INT(js.tokens[0].size, 4);
+    CHECK_STATUS(esft_json_number(&js, 1, &v), ESFT_ERR_RANGE);
+    CHECK_STATUS(esft_json_number(&js, 2, &v), ESFT_OK);
+    CHECK(v == 0.0);
+    CHECK_STATUS(esft_json_number(&js, 3, &v), ESFT_OK);
+    CHECK(v == 0.25);
+    CHECK_STATUS(esft_json_string(&js, 4, buf, sizeof buf), ESFT_OK);
+    CHECK(strcmp(buf, "a\xc3\xa9\xf0\x9f\x98\x80\n") == 0); /* UTF-8, surrogate pair joined */
+    CHECK_STATUS(esft_json_string(&js, 4, buf, 4), ESFT_ERR_RANGE);
+    CHECK_STATUS(esft_json_number(&js, 4, &v), ESFT_ERR_INVALID_ARGUMENT);
+    esft_json_free(&js);
+}
+
 TEST(json_huge_layer_and_expert_numbers_are_rejected_not_allocated)
 {
     /* 999999 x 999999 cells would be 8 TB */

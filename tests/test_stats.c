@@ -333,6 +333,22 @@ TEST(init_validates_and_reset_zeroes)
     esft_stats_uninit(&st); /* twice is harmless */
 }
 
+TEST(null_objects_are_harmless_to_reset_round_and_free)
+{
+    esft_stats st;
+    esft_scores sc;
+    memset(&st, 0, sizeof st);
+    memset(&sc, 0, sizeof sc);
+    esft_stats_reset(NULL);
+    esft_stats_reset(&st); /* never initialised */
+    esft_stats_uninit(NULL);
+    esft_scores_round(NULL, 4);
+    esft_scores_round(&sc, 4);
+    esft_scores_free(NULL);
+    CHECK_STATUS(esft_stats_scores(NULL, ESFT_NORM_POOLED, &sc), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(esft_stats_scores(&st, ESFT_NORM_POOLED, &sc), ESFT_ERR_INVALID_ARGUMENT);
+}
+
 /* A counting allocator: everything allocated is freed, and it is the one used. */
 static long live_blocks, total_allocs;
 static void *count_alloc(void *user, size_t n) { (void)user; live_blocks++; total_allocs++; return malloc(n); }
