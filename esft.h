@@ -2892,28 +2892,34 @@ ESFTDEF esft_status esft_scores_write_json(const char *path, const esft_scores *
     return esft__write_buf_atomic(path, &b, err);
 }
 
+/* The expert config as ESFT's JSON text (layer keys in their string order). */
+static void esft__config_json(esft__buf *b, const esft_expert_config *cfg)
+{
+    int *order, n_order, i, j;
+    order = ESFT__CAST(int *, esft__calloc(&b->allocator, (size_t)cfg->n_layers, sizeof(int)));
+    if (!order) { b->failed = 1; return; }
+    n_order = esft__layers_in_key_order(order, cfg->layer_present, cfg->n_layers);
+    esft__buf_puts(b, "{\"experts\": {");
+    for (i = 0; i < n_order; i++) {
+        int l = order[i];
+        esft__buf_printf(b, "%s\"%d\": [", i ? ", " : "", l);
+        for (j = cfg->offset[l]; j < cfg->offset[l + 1]; j++)
+            esft__buf_printf(b, "%s%d", j > cfg->offset[l] ? ", " : "", (int)cfg->ids[j]);
+        esft__buf_puts(b, "]");
+    }
+    esft__buf_printf(b, "}, \"shared_experts\": %s, \"non_expert_modules\": %s}",
+                     cfg->shared_experts ? "true" : "false", cfg->non_expert_modules ? "true" : "false");
+    esft__release(&b->allocator, order);
+}
+
 ESFTDEF esft_status esft_expert_config_write(const char *path, const esft_expert_config *cfg,
                                              esft_error *err)
 {
     esft__buf b;
-    int *order, n_order, i, j;
     esft__error_clear(err);
     if (!path || !cfg || !cfg->offset) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "path or config is NULL");
     esft__buf_init(&b, &cfg->allocator);
-    order = ESFT__CAST(int *, esft__calloc(&b.allocator, (size_t)cfg->n_layers, sizeof(int)));
-    if (!order) return esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, path, 0, "layer order");
-    n_order = esft__layers_in_key_order(order, cfg->layer_present, cfg->n_layers);
-    esft__buf_puts(&b, "{\"experts\": {");
-    for (i = 0; i < n_order; i++) {
-        int l = order[i];
-        esft__buf_printf(&b, "%s\"%d\": [", i ? ", " : "", l);
-        for (j = cfg->offset[l]; j < cfg->offset[l + 1]; j++)
-            esft__buf_printf(&b, "%s%d", j > cfg->offset[l] ? ", " : "", (int)cfg->ids[j]);
-        esft__buf_puts(&b, "]");
-    }
-    esft__buf_printf(&b, "}, \"shared_experts\": %s, \"non_expert_modules\": %s}",
-                     cfg->shared_experts ? "true" : "false", cfg->non_expert_modules ? "true" : "false");
-    esft__release(&b.allocator, order);
+    esft__config_json(&b, cfg);
     return esft__write_buf_atomic(path, &b, err);
 }
 
@@ -6016,19 +6022,6 @@ ESFTDEF esft_status esft_safetensors_write(const char *path, const esft_st_write
     return esft__write_public(path, tensors, n, meta_keys, meta_values, n_meta, err);
 }
 
-/* A small file written whole, atomically. */
-static esft_status esft__write_whole(const char *path, const char *data, size_t size, esft_error *err)
-{
-    esft__out o;
-    esft_status s = esft__out_open(&o, path, err);
-    if (s != ESFT_OK) return s;
-    s = esft__out_write(&o, data, size, err);
-    if (s == ESFT_OK) s = esft__out_finish(&o, err);
-    if (s == ESFT_OK) s = esft__out_commit(&o, err);
-    esft__out_abort(&o);
-    return s;
-}
-
 /* ---- Hugging Face tensor names ---------------------------------------- */
 
 static const char *const esft__family_names[ESFT_FAMILY_COUNT] = {"deepseek_v2", "mixtral", "qwen_moe", "camelidae"};
@@ -6464,29 +6457,12 @@ ESFTDEF esft_status esft_checkpoint_write_index(const char *path, const esft_che
     if (!path || !ck) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "path or checkpoint is NULL");
     esft__buf_init(&b, &ck->allocator);
     esft__ck_index_json(&b, ck);
-    s = b.failed ? esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, path, 0, "index") : esft__write_whole(path, b.data, b.size, err);
+    s = b.failed ? esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, path, 0, "index") : esft__write_file_atomic(path, b.data, b.size, err);
     esft__buf_free(&b);
     return s;
 }
 
 /* ---- extract, save, merge --------------------------------------------- */
-
-/* The expert config as JSON, the same text esft_expert_config_write writes. */
-static void esft__config_json(esft__buf *b, const esft_expert_config *cfg)
-{
-    int l, j, first = 1;
-    esft__buf_puts(b, "{\"experts\": {");
-    for (l = 0; l < cfg->n_layers; l++) {
-        if (!cfg->layer_present[l]) continue;
-        esft__buf_printf(b, "%s\"%d\": [", first ? "" : ", ", l);
-        first = 0;
-        for (j = cfg->offset[l]; j < cfg->offset[l + 1]; j++)
-            esft__buf_printf(b, "%s%d", j > cfg->offset[l] ? ", " : "", (int)cfg->ids[j]);
-        esft__buf_puts(b, "]");
-    }
-    esft__buf_printf(b, "}, \"shared_experts\": %s, \"non_expert_modules\": %s}",
-                     cfg->shared_experts ? "true" : "false", cfg->non_expert_modules ? "true" : "false");
-}
 
 static int esft__config_ok(const esft_expert_config *cfg)
 {
