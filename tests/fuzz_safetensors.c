@@ -89,27 +89,4 @@ int LLVMFuzzerTestOneInput(const unsigned char *data, size_t size)
     return 0;
 }
 
-#ifndef ESFT_LIBFUZZER
-/* Replays the files named on the command line (a corpus, a crash artifact). */
-int main(int argc, char **argv)
-{
-    int i, replayed = 0;
-    for (i = 1; i < argc; i++) {
-        FILE *f = fopen(argv[i], "rb");
-        unsigned char *buf;
-        long n;
-        if (!f) { fprintf(stderr, "cannot open %s\n", argv[i]); return 2; }
-        fseek(f, 0, SEEK_END);
-        n = ftell(f);
-        fseek(f, 0, SEEK_SET);
-        buf = (unsigned char *)malloc((size_t)n + 1);
-        if (!buf || fread(buf, 1, (size_t)n, f) != (size_t)n) { fprintf(stderr, "cannot read %s\n", argv[i]); return 2; }
-        fclose(f);
-        LLVMFuzzerTestOneInput(buf, (size_t)n);
-        free(buf);
-        replayed++;
-    }
-    printf("replayed %d inputs\n", replayed);
-    return 0;
-}
-#endif
+#include "fuzz_main.h"

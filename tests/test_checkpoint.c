@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include "harness.h"
+#include "slurp.h"
 #include "esft.h"
 #define ESFT_IMPLEMENTATION
 #include "esft.h"
@@ -49,18 +50,12 @@ static int exists(const char *path)
 }
 
 /* Whole file into memory (malloc'd), size in *n; NULL if missing. */
-static unsigned char *slurp(const char *path, long *n)
+static unsigned char *slurp_bytes(const char *path, long *n)
 {
-    FILE *f = fopen(path, "rb");
-    unsigned char *p;
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    *n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    p = (unsigned char *)malloc((size_t)*n + 1);
-    if (p && fread(p, 1, (size_t)*n, f) != (size_t)*n) { free(p); p = NULL; }
-    fclose(f);
-    return p;
+    size_t size;
+    char *p = slurp(path, &size);
+    *n = (long)size;
+    return (unsigned char *)p;
 }
 
 static int spit(const char *path, const void *data, size_t n)
@@ -395,7 +390,7 @@ TEST(write_read_round_trip_file_and_memory)
     t[2].name = "ids"; t[2].dtype = ESFT_DTYPE_I32; t[2].n_dims = 1; t[2].shape[0] = 3; t[2].data = ids;
     CHECK_STATUS(esft_safetensors_write(path, t, 3, k, v, 2, NULL), ESFT_OK);
     CHECK(!exists(tmp_path("rt.safetensors.tmp")));
-    bytes = slurp(path, &n);
+    bytes = slurp_bytes(path, &n);
     CHECK(bytes != NULL);
     CHECK_EQ_INT((8 + (bytes[0] | bytes[1] << 8)) % 8, 0); /* data area 8-aligned, as the reference pads */
     CHECK_STATUS(esft_safetensors_open(&st, path, NULL, NULL), ESFT_OK);
@@ -469,7 +464,7 @@ static void expect_bad(const char *file, esft_status want, const char *word)
     if (s != want) { esft_expert_config_free(&c); HARNESS_FAIL_("%s: status %d (%s), wanted %d", file, s, msg, want); }
     if (!strstr(msg, word)) { esft_expert_config_free(&c); HARNESS_FAIL_("%s: message '%s' lacks '%s'", file, msg, word); }
     if (strcmp(err.file, file) != 0) { esft_expert_config_free(&c); HARNESS_FAIL_("error names file '%s'", err.file); }
-    bytes = slurp(file, &n);
+    bytes = slurp_bytes(file, &n);
     s = esft_safetensors_open_memory(&st, bytes, (size_t)n, "m", NULL, NULL);
     free(bytes);
     if (s != want) { esft_expert_config_free(&c); HARNESS_FAIL_("%s from memory: status %d", file, s); }
@@ -505,7 +500,7 @@ TEST(bad_files_clear_status_no_crash_no_output)
         CHECK_STATUS(esft_safetensors_open(&st, good, NULL, NULL), ESFT_OK);
         esft_safetensors_close(&st);
     }
-    bytes = slurp(good, &n);
+    bytes = slurp_bytes(good, &n);
     CHECK(spit(bad, bytes, (size_t)n - 3));                 /* truncated data */
     EXPECT_BAD(bad, ESFT_ERR_PARSE, "truncated");
     CHECK(spit(bad, bytes, 5));                             /* shorter than the length field */
@@ -767,8 +762,8 @@ TEST(extract_train_save_merge_changes_exactly_the_trained_experts)
     CHECK_EQ_INT(changed, 12);
     {   /* layer 2 (shard 2) was not trained: the same file, byte for byte */
         long n1, n2;
-        unsigned char *f1 = slurp(tmp_path("base/model-00002-of-00003.safetensors"), &n1);
-        unsigned char *f2 = slurp(tmp_path("merged/model-00002-of-00003.safetensors"), &n2);
+        unsigned char *f1 = slurp_bytes(tmp_path("base/model-00002-of-00003.safetensors"), &n1);
+        unsigned char *f2 = slurp_bytes(tmp_path("merged/model-00002-of-00003.safetensors"), &n2);
         CHECK(f1 && f2 && n1 == n2 && memcmp(f1, f2, (size_t)n1) == 0);
         free(f1);
         free(f2);

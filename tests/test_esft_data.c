@@ -18,6 +18,7 @@
 #define ESFT_IMPLEMENTATION
 #include "esft.h"
 #include "harness.h"
+#include "slurp.h"
 
 #include <dirent.h>
 #include <unistd.h>
@@ -27,22 +28,6 @@
 #define N_EXPERTS 64
 #define TOP_K 6
 
-static char *slurp(const char *path, size_t *size)
-{
-    FILE *f = fopen(path, "rb");
-    char *buf;
-    long n;
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    buf = (char *)malloc((size_t)n + 1);
-    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) { free(buf); buf = NULL; }
-    if (buf) buf[n] = 0;
-    if (size) *size = (size_t)n;
-    fclose(f);
-    return buf;
-}
 
 static int file_exists(const char *path)
 {

@@ -9,6 +9,7 @@
 #define ESFT_IMPLEMENTATION
 #include "esft.h"
 #include "harness.h"
+#include "slurp.h"
 
 #include <dirent.h>
 #include <stdlib.h>
@@ -91,22 +92,6 @@ static int ends_with(const char *s, const char *tail)
     return a >= b && strcmp(s + a - b, tail) == 0;
 }
 
-static char *slurp(const char *path, size_t *size)
-{
-    FILE *f = fopen(path, "rb");
-    char *buf;
-    long n;
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    buf = (char *)malloc((size_t)n + 1);
-    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) { free(buf); buf = NULL; }
-    if (buf) buf[n] = 0;
-    if (size) *size = (size_t)n;
-    fclose(f);
-    return buf;
-}
 
 /* ---- the two pipelines of the `esft` command, as a caller writes them ---- */
 

@@ -5,6 +5,7 @@
 #define ESFT_IMPLEMENTATION
 #include "esft.h"
 #include "harness.h"
+#include "slurp.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,21 +20,6 @@ static const char *out_path(const char *name)
 }
 
 /* The whole file as a string, or NULL when absent. Caller frees. */
-static char *slurp(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    char *s;
-    long n;
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    s = (char *)malloc((size_t)n + 1);
-    if (fread(s, 1, (size_t)n, f) != (size_t)n) n = 0;
-    s[n] = 0;
-    fclose(f);
-    return s;
-}
 
 static int count(const char *hay, const char *needle)
 {
@@ -74,7 +60,7 @@ TEST(heatmap_scores_with_selection)
     CHECK_STATUS(esft_select_top_k(&sc, ESFT_SCORE_TOKEN, 2, &cfg, &err), ESFT_OK);
     remove(path);
     CHECK_STATUS(esft_heatmap_write_svg(path, &sc, ESFT_SCORE_TOKEN, &cfg, &err), ESFT_OK);
-    svg = slurp(path);
+    svg = slurp(path, NULL);
     CHECK(svg != NULL);
     CHECK(strncmp(svg, "<?xml", 5) == 0);
     CHECK(strstr(svg, "</svg>\n") != NULL);
@@ -102,7 +88,7 @@ TEST(heatmap_top_of_scale_is_yellow)
     make_scores(&sc);
     sc.gate[8 + 7] = 0.08; /* exactly the top of a 0..0.08 scale */
     CHECK_STATUS(esft_heatmap_write_svg(path, &sc, ESFT_SCORE_GATE, NULL, &err), ESFT_OK);
-    svg = slurp(path);
+    svg = slurp(path, NULL);
     CHECK(svg != NULL);
     CHECK(strstr(svg, "fill=\"#fde725\"><title>layer 1, expert 7: gate score 0.08</title>") != NULL);
     CHECK_EQ_INT(count(svg, "selected"), 0); /* no config, no outlines or legend */
@@ -120,7 +106,7 @@ TEST(heatmap_config_alone_infers_experts)
     const char *path = out_path("heatmap_config.svg");
     CHECK_STATUS(esft_expert_config_parse(text, strlen(text), "cfg", &cfg, &err), ESFT_OK);
     CHECK_STATUS(esft_heatmap_write_svg(path, NULL, ESFT_SCORE_TOKEN, &cfg, &err), ESFT_OK);
-    svg = slurp(path);
+    svg = slurp(path, NULL);
     CHECK(svg != NULL);
     CHECK_EQ_INT(count(svg, "<title>layer 1,"), 16); /* id 9 -> 16 experts, a multiple of 8 */
     CHECK_EQ_INT(count(svg, "<title>layer 3,"), 16); /* present with nothing selected */
@@ -131,7 +117,7 @@ TEST(heatmap_config_alone_infers_experts)
     free(svg);
     cfg.n_experts = 64; /* a caller who knows E says so */
     CHECK_STATUS(esft_heatmap_write_svg(path, NULL, ESFT_SCORE_TOKEN, &cfg, &err), ESFT_OK);
-    svg = slurp(path);
+    svg = slurp(path, NULL);
     CHECK_EQ_INT(count(svg, "<title>layer 1,"), 64);
     free(svg);
     esft_expert_config_free(&cfg);
@@ -175,10 +161,10 @@ TEST(heatmap_failure_keeps_existing_file)
     const char *path = out_path("heatmap_keep.svg");
     make_scores(&sc);
     CHECK_STATUS(esft_heatmap_write_svg(path, &sc, ESFT_SCORE_TOKEN, NULL, &err), ESFT_OK);
-    before = slurp(path);
+    before = slurp(path, NULL);
     sc.gate[9] = INFINITY;
     CHECK_STATUS(esft_heatmap_write_svg(path, &sc, ESFT_SCORE_GATE, NULL, &err), ESFT_ERR_NUMERIC);
-    after = slurp(path);
+    after = slurp(path, NULL);
     CHECK(before && after && strcmp(before, after) == 0);
     free(before);
     free(after);

@@ -6,6 +6,7 @@
 #define ESFT_IMPLEMENTATION
 #include "esft.h"
 #include "harness.h"
+#include "slurp.h"
 
 static double sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
 
@@ -431,21 +432,6 @@ TEST(every_status_has_a_distinct_nonempty_string)
 
 /* ---- version ------------------------------------------------------------ */
 
-static char *slurp(const char *path)
-{
-    FILE *f = fopen(path, "rb");
-    char *buf;
-    long n;
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    buf = (char *)malloc((size_t)n + 1);
-    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) { free(buf); buf = NULL; }
-    if (buf) buf[n] = 0;
-    fclose(f);
-    return buf;
-}
 
 TEST(version_agrees_in_macros_function_header_and_changes)
 {
@@ -453,8 +439,8 @@ TEST(version_agrees_in_macros_function_header_and_changes)
     snprintf(want, sizeof want, "%d.%d.%d", ESFT_VERSION_MAJOR, ESFT_VERSION_MINOR, ESFT_VERSION_PATCH);
     CHECK(strcmp(want, ESFT_VERSION_STRING) == 0);
     CHECK(strcmp(want, esft_version()) == 0);
-    header = slurp("esft.h");
-    changes = slurp("CHANGES.md");
+    header = slurp("esft.h", NULL);
+    changes = slurp("CHANGES.md", NULL);
     CHECK_MSG(header && changes, "run from the repository root: esft.h and CHANGES.md not found");
     snprintf(line1, sizeof line1, "/* esft.h - v%s - ", want);
     CHECK_MSG(strncmp(header, line1, strlen(line1)) == 0, "line 1 of esft.h does not start \"%s\"", line1);
