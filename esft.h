@@ -75,7 +75,9 @@
 
    CHANGES
       0.1.0 (2026-11-25)  routing, router statistics, selection, ESFT formats, JSON;
-                          MoE layer with selective expert training, AdamW, clipping.
+                          MoE layer with selective expert training, AdamW, clipping;
+                          LoRA / PESC adapters; safetensors checkpoints; packed GEMM;
+                          CUDA backend (esft_cuda.cu). See CHANGES.md.
 */
 #ifndef ESFT_H
 #define ESFT_H
@@ -1698,23 +1700,6 @@ static unsigned esft__block_bad(const int32_t *ids, const float *w, int E)
     return bad;
 }
 
-/* Asks for the ids and weights of the block at `at` to be brought into cache:
-   the block being added does no loads of its own for the hardware prefetcher to
-   follow, so without this every block starts with a wait on memory. */
-static void esft__prefetch_block(const int32_t *ids, const float *weights, size_t at, size_t n)
-{
-#if defined(__GNUC__) || defined(__clang__)
-    size_t i;
-    if (at + ESFT__HIST_BLOCK > n) return;
-    for (i = 0; i < ESFT__HIST_BLOCK; i += 64 / sizeof(int32_t)) {
-        __builtin_prefetch(ids + at + i);
-        if (weights) __builtin_prefetch(weights + at + i);
-    }
-#else
-    (void)ids; (void)weights; (void)at; (void)n;
-#endif
-}
-
 static void esft__to_fixed_block(uint64_t *fx, const float *w)
 {
     int i;
@@ -1746,7 +1731,6 @@ static unsigned esft__hist_copies(uint64_t *count, uint64_t *gate_sum, const int
         const int32_t *id = ids + b;
         size_t m = n - b < ESFT__HIST_BLOCK ? n - b : ESFT__HIST_BLOCK;
         if (m == ESFT__HIST_BLOCK) {
-            esft__prefetch_block(ids, weights, b + 2 * ESFT__HIST_BLOCK, n);
             if (esft__block_bad(id, weights ? weights + b : NULL, E)) return 1;
             if (weights) esft__to_fixed_block(fx, weights + b);
         } else { /* the last, partial block */
