@@ -49,6 +49,7 @@ help:
 	@echo "make cuda      esft_cuda.cu and its tests (needs nvcc)"
 
 features:
+	@if [ -n "$(OPENMP)" ]; then echo "✓ OpenMP ($(OPENMP)): CPU kernels on all cores"; else echo "✗ OpenMP: not available (or OPENMP=): CPU kernels on one thread"; fi
 	@if [ -n "$(NVCC)" ]; then echo "✓ CUDA: $(NVCC)"; else echo "✗ CUDA: nvcc not found (or NO_CUDA=1): CPU only"; fi
 	@if command -v clang >/dev/null 2>&1; then echo "✓ clang (fuzzing)"; else echo "✗ clang not found: make fuzz unavailable"; fi
 	@if $(PYTHON) -c "import numpy" 2>/dev/null; then echo "✓ numpy (oracles)"; else echo "✗ numpy missing: oracle tests skip (pip install numpy safetensors)"; fi

@@ -1195,6 +1195,15 @@ ESFTDEF esft_status esft_json_number(const esft_json *js, int tok, double *out);
 #define ESFT__UNUSED
 #endif
 
+/* A pragma from inside a macro (C99 _Pragma; MSVC spells it __pragma), for the
+   OpenMP work-sharing macros of the MoE and GEMM sections, which expand to it
+   only when built with OpenMP (no unknown pragma under -Werror otherwise). */
+#if defined(_MSC_VER) && !defined(__clang__)
+#define ESFT__PRAGMA(x) __pragma(x)
+#else
+#define ESFT__PRAGMA(x) _Pragma(#x)
+#endif
+
 #ifdef __cplusplus
 #define ESFT__CAST(T, x) static_cast<T>(x)
 #else
@@ -3487,13 +3496,8 @@ static void esft__sgemm(int trans_a, int trans_b, int M, int N, int K, float alp
    result has the same bits for any thread count. The GEMMs called inside a
    parallel loop run on one thread each (OpenMP does not nest by default). */
 #if defined(_OPENMP)
-#if defined(_MSC_VER) && !defined(__clang__)
-#define ESFT__MOE_PRAGMA(x) __pragma(x)
-#else
-#define ESFT__MOE_PRAGMA(x) _Pragma(#x)
-#endif
-#define ESFT__MOE_FOR_DYNAMIC(nt) ESFT__MOE_PRAGMA(omp parallel for if(nt > 1) num_threads(nt) schedule(dynamic, 1))
-#define ESFT__MOE_FOR_STATIC(nt) ESFT__MOE_PRAGMA(omp parallel for if(nt > 1) num_threads(nt) schedule(static))
+#define ESFT__MOE_FOR_DYNAMIC(nt) ESFT__PRAGMA(omp parallel for if(nt > 1) num_threads(nt) schedule(dynamic, 1))
+#define ESFT__MOE_FOR_STATIC(nt) ESFT__PRAGMA(omp parallel for if(nt > 1) num_threads(nt) schedule(static))
 #else
 #define ESFT__MOE_FOR_DYNAMIC(nt)
 #define ESFT__MOE_FOR_STATIC(nt)
@@ -7061,11 +7065,6 @@ ESFTDEF esft_status esft_json_number(const esft_json *js, int tok, double *out)
 
 #if defined(_OPENMP)
 #include <omp.h>
-#if defined(_MSC_VER) && !defined(__clang__)
-#define ESFT__PRAGMA(x) __pragma(x)
-#else
-#define ESFT__PRAGMA(x) _Pragma(#x)
-#endif
 /* Expands to an OpenMP work-sharing pragma only when compiled with OpenMP, so a
    build without it sees no unknown pragma (-Wunknown-pragmas under -Werror). */
 #define ESFT__OMP_PARALLEL_FOR(n_threads) ESFT__PRAGMA(omp parallel for num_threads(n_threads) schedule(static))
@@ -7169,111 +7168,98 @@ enum { ESFT__MR = 4, ESFT__NR = 16 };
 /* How the micro-kernel combines its tile with C (see esft__gemm_tile). */
 enum { ESFT__GEMM_STORE = 0, ESFT__GEMM_BETA = 1, ESFT__GEMM_ADD = 2 };
 
+/* The SIMD micro-kernel below is written once, over a small vector vocabulary
+   that each instruction set maps to its own operations. A row of the tile is two
+   vectors (NR = 2 * ESFT__VW), so every kernel keeps 2 * MR accumulators, two B
+   vectors and one broadcast in registers.
+     esft__vf              a vector of ESFT__VW floats
+     ESFT__VZERO()         all lanes 0
+     ESFT__VBCAST(p)       *p in every lane
+     ESFT__VFMA(a, b, c)   a * b + c (fused where the instruction set has it)
+     ESFT__VADD(a, b)      a + b
+     ESFT__VLOAD(p)        load from packed B (64-byte aligned)
+     ESFT__VLOADU(p), ESFT__VSTOREU(p, v)   unaligned, for C
+     ESFT__ROWS(X)         X(r) for each of the MR rows */
 #if defined(ESFT__GEMM_AVX512)
-/* 12 x 32 tile: 24 zmm accumulators, two B vectors, one broadcast. */
+/* 12 x 32 tile in 24 zmm accumulators. */
+typedef __m512 esft__vf;
+#define ESFT__VW 16
+#define ESFT__VZERO() _mm512_setzero_ps()
+#define ESFT__VBCAST(p) _mm512_set1_ps(*(p))
+#define ESFT__VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define ESFT__VADD(a, b) _mm512_add_ps(a, b)
+#define ESFT__VLOAD(p) _mm512_load_ps(p)
+#define ESFT__VLOADU(p) _mm512_loadu_ps(p)
+#define ESFT__VSTOREU(p, v) _mm512_storeu_ps(p, v)
 #define ESFT__ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
-static void esft__gemm_micro(int kc, const float *pa, /* (KC, MR) packed */
-                             const float *pb,         /* (KC, NR) packed */
-                             float *c, size_t ldc,    /* (MR, NR) tile of C */
-                             int mode, float beta)
-{
-#define ESFT__DECL(r) __m512 c##r##a = _mm512_setzero_ps(), c##r##b = _mm512_setzero_ps();
-#define ESFT__FMA(r)                                                              \
-    { __m512 a = _mm512_set1_ps(pa[r]);                                           \
-      c##r##a = _mm512_fmadd_ps(a, b0, c##r##a); c##r##b = _mm512_fmadd_ps(a, b1, c##r##b); }
-#define ESFT__OUT(r)                                                               \
-    { float *cr = c + (size_t)(r) * ldc;                                           \
-      if (mode == ESFT__GEMM_ADD) {                                                \
-          c##r##a = _mm512_add_ps(_mm512_loadu_ps(cr), c##r##a);                   \
-          c##r##b = _mm512_add_ps(_mm512_loadu_ps(cr + 16), c##r##b);              \
-      } else if (mode == ESFT__GEMM_BETA) {                                        \
-          c##r##a = _mm512_fmadd_ps(vbeta, _mm512_loadu_ps(cr), c##r##a);          \
-          c##r##b = _mm512_fmadd_ps(vbeta, _mm512_loadu_ps(cr + 16), c##r##b);     \
-      }                                                                            \
-      _mm512_storeu_ps(cr, c##r##a); _mm512_storeu_ps(cr + 16, c##r##b); }
-    __m512 vbeta = _mm512_set1_ps(beta);
-    int k;
-    ESFT__ROWS(ESFT__DECL)
-    for (k = 0; k < kc; k++) {
-        __m512 b0 = _mm512_load_ps(pb), b1 = _mm512_load_ps(pb + 16);
-        ESFT__ROWS(ESFT__FMA)
-        pa += ESFT__MR;
-        pb += ESFT__NR;
-    }
-    ESFT__ROWS(ESFT__OUT)
-#undef ESFT__DECL
-#undef ESFT__FMA
-#undef ESFT__OUT
-}
-#undef ESFT__ROWS
 #elif defined(ESFT__GEMM_AVX2)
-/* 6 x 16 tile: 12 ymm accumulators, two B vectors, one broadcast. */
+/* 6 x 16 tile in 12 ymm accumulators. */
+typedef __m256 esft__vf;
+#define ESFT__VW 8
+#define ESFT__VZERO() _mm256_setzero_ps()
+#define ESFT__VBCAST(p) _mm256_broadcast_ss(p)
+#define ESFT__VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define ESFT__VADD(a, b) _mm256_add_ps(a, b)
+#define ESFT__VLOAD(p) _mm256_load_ps(p)
+#define ESFT__VLOADU(p) _mm256_loadu_ps(p)
+#define ESFT__VSTOREU(p, v) _mm256_storeu_ps(p, v)
 #define ESFT__ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
-static void esft__gemm_micro(int kc, const float *pa, /* (KC, MR) packed */
-                             const float *pb,         /* (KC, NR) packed */
-                             float *c, size_t ldc,    /* (MR, NR) tile of C */
-                             int mode, float beta)
-{
-#define ESFT__DECL(r) __m256 c##r##a = _mm256_setzero_ps(), c##r##b = _mm256_setzero_ps();
-#define ESFT__FMA(r)                                                              \
-    { __m256 a = _mm256_broadcast_ss(pa + (r));                                   \
-      c##r##a = _mm256_fmadd_ps(a, b0, c##r##a); c##r##b = _mm256_fmadd_ps(a, b1, c##r##b); }
-#define ESFT__OUT(r)                                                               \
-    { float *cr = c + (size_t)(r) * ldc;                                           \
-      if (mode == ESFT__GEMM_ADD) {                                                \
-          c##r##a = _mm256_add_ps(_mm256_loadu_ps(cr), c##r##a);                   \
-          c##r##b = _mm256_add_ps(_mm256_loadu_ps(cr + 8), c##r##b);               \
-      } else if (mode == ESFT__GEMM_BETA) {                                        \
-          c##r##a = _mm256_fmadd_ps(vbeta, _mm256_loadu_ps(cr), c##r##a);          \
-          c##r##b = _mm256_fmadd_ps(vbeta, _mm256_loadu_ps(cr + 8), c##r##b);      \
-      }                                                                            \
-      _mm256_storeu_ps(cr, c##r##a); _mm256_storeu_ps(cr + 8, c##r##b); }
-    __m256 vbeta = _mm256_set1_ps(beta);
-    int k;
-    ESFT__ROWS(ESFT__DECL)
-    for (k = 0; k < kc; k++) {
-        __m256 b0 = _mm256_load_ps(pb), b1 = _mm256_load_ps(pb + 8);
-        ESFT__ROWS(ESFT__FMA)
-        pa += ESFT__MR;
-        pb += ESFT__NR;
-    }
-    ESFT__ROWS(ESFT__OUT)
-#undef ESFT__DECL
-#undef ESFT__FMA
-#undef ESFT__OUT
-}
-#undef ESFT__ROWS
 #elif defined(ESFT__GEMM_VEC)
 /* GCC/Clang vector extensions, for any target without AVX2 (SSE2-only x86
    builds, ARM, ...): a 6 x 8 tile in twelve 4-float vectors (the native width
    there; wider ones end up on the stack), which fit 16 SSE or NEON registers. No
    fused multiply-add (ISO C mode does not contract), so the last bits differ
-   from the AVX kernels, never between thread counts. */
-typedef float esft__v4 __attribute__((vector_size(16)));
+   from the AVX kernels, never between thread counts. memcpy is the portable
+   unaligned load/store; compilers turn it into one vector move. */
+typedef float esft__vf __attribute__((vector_size(16)));
+#define ESFT__VW 4
+static esft__vf esft__v_set1(float s)
+{
+    esft__vf v = {s, s, s, s};
+    return v;
+}
+static esft__vf esft__v_loadu(const float *p)
+{
+    esft__vf v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static void esft__v_storeu(float *p, esft__vf v) { memcpy(p, &v, sizeof v); }
+#define ESFT__VZERO() esft__v_set1(0.0f)
+#define ESFT__VBCAST(p) esft__v_set1(*(p))
+#define ESFT__VFMA(a, b, c) ((a) * (b) + (c))
+#define ESFT__VADD(a, b) ((a) + (b))
+#define ESFT__VLOAD(p) esft__v_loadu(p)
+#define ESFT__VLOADU(p) esft__v_loadu(p)
+#define ESFT__VSTOREU(p, v) esft__v_storeu(p, v)
 #define ESFT__ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#endif
+
+#if defined(ESFT__ROWS)
 static void esft__gemm_micro(int kc, const float *pa, /* (KC, MR) packed */
                              const float *pb,         /* (KC, NR) packed */
                              float *c, size_t ldc,    /* (MR, NR) tile of C */
                              int mode, float beta)
 {
-#define ESFT__DECL(r) esft__v4 c##r##a = zero, c##r##b = zero;
+#define ESFT__DECL(r) esft__vf c##r##a = ESFT__VZERO(), c##r##b = ESFT__VZERO();
 #define ESFT__FMA(r)                                                              \
-    { float s = pa[r]; esft__v4 a = {s, s, s, s}; c##r##a += a * b0; c##r##b += a * b1; }
+    { esft__vf a = ESFT__VBCAST(pa + (r));                                        \
+      c##r##a = ESFT__VFMA(a, b0, c##r##a); c##r##b = ESFT__VFMA(a, b1, c##r##b); }
 #define ESFT__OUT(r)                                                               \
-    { float *cr = c + (size_t)(r) * ldc; esft__v4 o0, o1;                          \
-      memcpy(&o0, cr, sizeof o0); memcpy(&o1, cr + 4, sizeof o1);                  \
-      if (mode == ESFT__GEMM_ADD) c##r##a = o0 + c##r##a, c##r##b = o1 + c##r##b;  \
-      else if (mode == ESFT__GEMM_BETA)                                            \
-          c##r##a = vbeta * o0 + c##r##a, c##r##b = vbeta * o1 + c##r##b;          \
-      memcpy(cr, &c##r##a, sizeof c##r##a); memcpy(cr + 4, &c##r##b, sizeof c##r##b); }
-    esft__v4 zero = {0, 0, 0, 0};
-    esft__v4 vbeta = {beta, beta, beta, beta};
+    { float *cr = c + (size_t)(r) * ldc;                                           \
+      if (mode == ESFT__GEMM_ADD) {                                                \
+          c##r##a = ESFT__VADD(ESFT__VLOADU(cr), c##r##a);                         \
+          c##r##b = ESFT__VADD(ESFT__VLOADU(cr + ESFT__VW), c##r##b);              \
+      } else if (mode == ESFT__GEMM_BETA) {                                        \
+          c##r##a = ESFT__VFMA(vbeta, ESFT__VLOADU(cr), c##r##a);                  \
+          c##r##b = ESFT__VFMA(vbeta, ESFT__VLOADU(cr + ESFT__VW), c##r##b);       \
+      }                                                                            \
+      ESFT__VSTOREU(cr, c##r##a); ESFT__VSTOREU(cr + ESFT__VW, c##r##b); }
+    esft__vf vbeta = ESFT__VBCAST(&beta);
     int k;
     ESFT__ROWS(ESFT__DECL)
     for (k = 0; k < kc; k++) {
-        esft__v4 b0, b1;
-        memcpy(&b0, pb, sizeof b0);
-        memcpy(&b1, pb + 4, sizeof b1);
+        esft__vf b0 = ESFT__VLOAD(pb), b1 = ESFT__VLOAD(pb + ESFT__VW);
         ESFT__ROWS(ESFT__FMA)
         pa += ESFT__MR;
         pb += ESFT__NR;

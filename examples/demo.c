@@ -131,43 +131,41 @@ static void check(esft_status s, const esft_error *err, const char *what)
 /* matrix products (row-parallel: the same bits for any thread count)     */
 /* ---------------------------------------------------------------------- */
 
-/* c (M, N) += a (M, Kd) b (Kd, N) */
+/* c (M, N) += a (M, Kd) b (Kd, N), N a multiple of 16 (every width here is).
+   16 output columns are kept in a small array across the whole k loop: a loop
+   of constant length that compilers vectorise at -O2. */
 static void mm_nn(float *c, const float *a, const float *b, int M, int N, int Kd)
 {
     int i;
     DEMO_PARALLEL_FOR
     for (i = 0; i < M; i++) {
-        float *ci = c + (size_t)i * N;
-        int j, k;
-        for (k = 0; k < Kd; k++) {
-            const float aik = a[(size_t)i * Kd + k], *bk = b + (size_t)k * N;
-            for (j = 0; j < N; j++) ci[j] += aik * bk[j];
+        int j0, j, k;
+        for (j0 = 0; j0 < N; j0 += 16) {
+            float acc[16], *ci = c + (size_t)i * N + j0;
+            memcpy(acc, ci, sizeof acc);
+            for (k = 0; k < Kd; k++) {
+                const float aik = a[(size_t)i * Kd + k], *bk = b + (size_t)k * N + j0;
+                for (j = 0; j < 16; j++) acc[j] += aik * bk[j];
+            }
+            memcpy(ci, acc, sizeof acc);
         }
     }
 }
 
-/* c (M, N) += a^T b, a (T, M), b (T, N): a weight gradient dW += dy^T x */
-static void mm_tn(float *c, const float *a, const float *b, int M, int N, int T)
-{
-    int i;
-    DEMO_PARALLEL_FOR
-    for (i = 0; i < M; i++) {
-        float *ci = c + (size_t)i * N;
-        int j, t;
-        for (t = 0; t < T; t++) {
-            const float ati = a[(size_t)t * M + i], *bt = b + (size_t)t * N;
-            if (ati == 0.0f) continue;
-            for (j = 0; j < N; j++) ci[j] += ati * bt[j];
-        }
-    }
-}
-
-/* wt (Kd, N) = w^T, w (N, Kd): x w^T is then mm_nn(x, wt) with a vector inner loop */
+/* wt (Kd, N) = w^T, w (N, Kd) */
 static void transpose(float *wt, const float *w, int N, int Kd)
 {
     int i, k;
     for (i = 0; i < N; i++)
         for (k = 0; k < Kd; k++) wt[(size_t)k * N + i] = w[(size_t)i * Kd + k];
+}
+
+/* c (M, N) += a^T b, a (T, M), b (T, N): a weight gradient dW += dy^T x.
+   at: M*T floats of scratch for a^T. */
+static void mm_tn(float *c, const float *a, const float *b, int M, int N, int T, float *at)
+{
+    transpose(at, a, T, M);
+    mm_nn(c, at, b, M, N, T);
 }
 
 /* y (T, N) = x (T, Kd) w^T + b, w (N, Kd), b (N) or NULL; wt: Kd*N scratch */
@@ -369,6 +367,7 @@ typedef struct acts {
     float o[TE * D], ro[TE], logits[TE * V];
     float dlogits[TE * V], dh[TE * D], dn[TE * D], dm[TE * D], dx0[TE * DIN];
     float wt[V * D > D * DIN ? V * D : D * DIN];
+    float at[TE * V];                   /* scratch of mm_tn */
     float rlogits[TE * E];
     void *ws[NL];
     size_t ws_bytes;
@@ -598,7 +597,7 @@ static void backward(run *rn, acts *a, int T)
     float *dense = rn->dense, *dd = rn->ddense;
     int t, c, l, j;
     if (dd) {
-        mm_tn(dd + OFF_WOUT, a->dlogits, a->o, V, D, T);
+        mm_tn(dd + OFF_WOUT, a->dlogits, a->o, V, D, T, a->at);
         for (t = 0; t < T; t++)
             for (j = 0; j < V; j++) dd[OFF_BOUT + j] += a->dlogits[(size_t)t * V + j];
     }
@@ -621,7 +620,7 @@ static void backward(run *rn, acts *a, int T)
         rms_backward(a->dh, a->dn, a->n[l], a->r[l], T);
     }
     if (!dd) return; /* embedding and projection frozen: nothing below needs dh */
-    mm_tn(dd + OFF_WIN, a->dh, a->x0, D, DIN, T);
+    mm_tn(dd + OFF_WIN, a->dh, a->x0, D, DIN, T, a->at);
     for (t = 0; t < T; t++)
         for (j = 0; j < D; j++) dd[OFF_BIN + j] += a->dh[(size_t)t * D + j];
     memset(a->dx0, 0, (size_t)T * DIN * sizeof(float));
@@ -684,10 +683,10 @@ static float lr_at(float peak, int s, int n)
 }
 
 /* Trains rn for n_steps batches of TB positions of tx. Each position first
-   picks one of the n_parts ranges of tx->pos uniformly (a task of the mix),
-   then a position in it. Prints the loss now and then. */
-static void train(run *rn, acts *a, const text *tx, const size_t *part_begin, const size_t *part_end, int n_parts,
-                  int n_steps, float peak_lr, int verbose)
+   picks one of the n_parts ranges of tx->pos (a task of the mix) with
+   probability part_share[k] (they sum to 1), then a position in it. Prints the loss now and then. */
+static void train(run *rn, acts *a, const text *tx, const size_t *part_begin, const size_t *part_end,
+                  const double *part_share, int n_parts, int n_steps, float peak_lr, int verbose)
 {
     int32_t pos[TB];
     int s, t, print_every = n_steps / 4 > 0 ? n_steps / 4 : 1;
@@ -696,8 +695,14 @@ static void train(run *rn, acts *a, const text *tx, const size_t *part_begin, co
         double aux, loss;
         long correct = 0;
         for (t = 0; t < TB; t++) {
-            int k = (int)(rng_next() % (unsigned long long)n_parts);
-            size_t n = part_end[k] - part_begin[k];
+            double u = (double)(rng_next() >> 11) * (1.0 / 9007199254740992.0), acc = 0.0;
+            int k;
+            size_t n;
+            for (k = 0; k < n_parts - 1; k++) {
+                acc += part_share[k];
+                if (u < acc) break;
+            }
+            n = part_end[k] - part_begin[k];
             pos[t] = tx->pos[part_begin[k] + (size_t)(rng_next() % (unsigned long long)n)];
         }
         zero_grads(rn);
@@ -709,4 +714,395 @@ static void train(run *rn, acts *a, const text *tx, const size_t *part_begin, co
             printf("      step %4d/%d  train loss %.3f bits/byte (smoothed %.3f)  aux %.4f\n", s + 1, n_steps,
                    loss / log(2.0), avg / log(2.0), aux);
     }
+}
+
+/* ---------------------------------------------------------------------- */
+/* evaluation and router statistics                                       */
+/* ---------------------------------------------------------------------- */
+
+typedef struct score {
+    double bpb; /* bits per byte: mean -log2 p(next byte); lower is better */
+    double acc; /* next-byte top-1 accuracy */
+} score;
+
+/* Scores the first max_pos positions of tx (all of them when it has fewer). */
+static score evaluate(const run *rn, acts *a, const text *tx, size_t max_pos)
+{
+    size_t n = tx->n_pos < max_pos ? tx->n_pos : max_pos, i;
+    double nats = 0.0, aux;
+    long correct = 0;
+    score sc;
+    for (i = 0; i < n; i += TE) {
+        int T = (int)(n - i < TE ? n - i : TE);
+        nats += forward(rn, a, tx->buf, tx->pos + i, T, &aux, &correct, NULL, NULL) * T;
+    }
+    sc.bpb = nats / (double)n / log(2.0);
+    sc.acc = (double)correct / (double)n;
+    return sc;
+}
+
+/* Routes every sample of tx through the model and adds each MoE layer's
+   top-K ids and weights to st as one sample per text (layers numbered from
+   1, as ESFT numbers DeepSeek's MoE layers; layer 0 is never fed). */
+static void collect_stats(const run *rn, acts *a, const text *tx, esft_stats *st)
+{
+    size_t max_len = 0, first = 0, c;
+    int32_t *ids[NL], *ip[NL];
+    float *wts[NL], *wp[NL];
+    esft_error err;
+    int i, l;
+    long correct = 0;
+    double aux;
+    for (i = 0; i < tx->n_samples; i++) if (tx->len[i] > max_len) max_len = tx->len[i];
+    for (l = 0; l < NL; l++) {
+        ids[l] = NEW(int32_t, max_len * K);
+        wts[l] = NEW(float, max_len * K);
+    }
+    for (i = 0; i < tx->n_samples; first += tx->len[i], i++) {
+        for (c = 0; c < tx->len[i]; c += TE) {
+            int T = (int)(tx->len[i] - c < TE ? tx->len[i] - c : TE);
+            for (l = 0; l < NL; l++) {
+                ip[l] = ids[l] + c * K;
+                wp[l] = wts[l] + c * K;
+            }
+            forward(rn, a, tx->buf, tx->pos + first + c, T, &aux, &correct, ip, wp);
+        }
+        for (l = 0; l < NL; l++)
+            check(esft_stats_add(st, l + 1, ids[l], wts[l], NULL, (int)tx->len[i], &err), &err, "stats");
+    }
+    for (l = 0; l < NL; l++) {
+        free(ids[l]);
+        free(wts[l]);
+    }
+}
+
+/* ---------------------------------------------------------------------- */
+/* the pipeline                                                           */
+/* ---------------------------------------------------------------------- */
+
+typedef struct options {
+    int quick, threads, target, pre_steps, ft_steps;
+    const char *data, *out;
+    double top_p, ft_lr, target_share;
+} options;
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: demo [--quick] [--task NAME] [--top-p P] [--data DIR] [--out DIR] [--threads N]\n"
+            "\n"
+            "ESFT and PESC end to end on a tiny byte-level MoE language model trained on\n"
+            "the ESFT authors' task text (CPU only). Pre-trains on a mix of the tasks\n"
+            "intent, law, summary, translation; collects router statistics on the target\n"
+            "task; selects experts by token and gate score (top-p); fine-tunes four ways\n"
+            "(ESFT-Token, ESFT-Gate, full, PESC) and prints the comparison table.\n"
+            "\n"
+            "  --quick        CI size: few steps, short evaluation (seconds, not minutes)\n"
+            "  --task NAME    target task (default translation)\n"
+            "  --top-p P      ESFT selection threshold, 0 < P <= 1 (default 0.25)\n"
+            "  --data DIR     the text slices (default data/text)\n"
+            "  --out DIR      summary.json, expert configs, heatmaps, results.tsv (default build/run)\n"
+            "  --threads N    CPU threads (default: all; the numbers do not depend on it)\n"
+            "  -h, --help     this text\n");
+}
+
+static int parse_args(options *o, int argc, char **argv)
+{
+    int i, k;
+    o->quick = 0;
+    o->threads = 0;
+    o->target = 3;
+    o->data = "data/text";
+    o->out = "build/run";
+    o->top_p = 0.25;
+    o->pre_steps = o->ft_steps = 0;
+    o->ft_lr = 0.0;
+    o->target_share = 0.1;
+    for (i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "-h") || !strcmp(a, "--help")) { usage(stdout); exit(0); }
+        else if (!strcmp(a, "--quick")) o->quick = 1;
+        else if (v && !strcmp(a, "--data")) { o->data = v; i++; }
+        else if (v && !strcmp(a, "--out")) { o->out = v; i++; }
+        else if (v && !strcmp(a, "--threads")) { o->threads = atoi(v); i++; }
+        else if (v && !strcmp(a, "--pre-steps")) { o->pre_steps = atoi(v); i++; }
+        else if (v && !strcmp(a, "--ft-steps")) { o->ft_steps = atoi(v); i++; }
+        else if (v && !strcmp(a, "--ft-lr")) { o->ft_lr = atof(v); i++; }
+        else if (v && !strcmp(a, "--target-share")) { o->target_share = atof(v); i++; }
+        else if (v && !strcmp(a, "--top-p")) {
+            o->top_p = atof(v);
+            i++;
+            if (!(o->top_p > 0.0 && o->top_p <= 1.0)) { fprintf(stderr, "demo: --top-p must be in (0, 1]\n"); return 0; }
+        } else if (v && !strcmp(a, "--task")) {
+            for (k = 0; k < N_TASKS && strcmp(v, task_names[k]); k++) {}
+            if (k == N_TASKS) { fprintf(stderr, "demo: unknown task '%s' (intent, law, summary, translation)\n", v); return 0; }
+            o->target = k;
+            i++;
+        } else {
+            fprintf(stderr, "demo: unknown or incomplete option '%s' (try --help)\n", a);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static void make_dirs(const char *path)
+{
+    char buf[1024];
+    size_t i, n = strlen(path);
+    if (n >= sizeof buf) return;
+    memcpy(buf, path, n + 1);
+    for (i = 1; i <= n; i++)
+        if (buf[i] == '/' || buf[i] == '\0') {
+            char keep = buf[i];
+            buf[i] = '\0';
+            mkdir(buf, 0755);
+            buf[i] = keep;
+        }
+}
+
+/* Concatenates the tasks' training texts into one; part k = task k's positions. */
+static void make_mix(text *mix, const text *tr, size_t *begin, size_t *end)
+{
+    size_t off = 0, i;
+    int k;
+    memset(mix, 0, sizeof *mix);
+    for (k = 0; k < N_TASKS; k++) mix->n_pos += tr[k].n_pos;
+    mix->pos = NEW(int32_t, mix->n_pos);
+    mix->n_pos = 0;
+    for (k = 0; k < N_TASKS; k++) {
+        begin[k] = mix->n_pos;
+        text_append(mix, (const char *)tr[k].buf, tr[k].n);
+        for (i = 0; i < tr[k].n_pos; i++) mix->pos[mix->n_pos++] = (int32_t)(tr[k].pos[i] + off);
+        end[k] = mix->n_pos;
+        off += tr[k].n;
+    }
+}
+
+typedef struct result {
+    const char *name;
+    score task, general, per_task[N_TASKS];
+    size_t params, bytes;
+    double seconds;
+    int experts; /* routed experts trained, of NL * E; -1: not an expert method */
+} result;
+
+static result evaluate_all(const char *name, const run *rn, acts *a, const text *ev, int target, size_t max_pos)
+{
+    result r;
+    int k, n = 0;
+    memset(&r, 0, sizeof r);
+    r.name = name;
+    for (k = 0; k < N_TASKS; k++) {
+        r.per_task[k] = evaluate(rn, a, &ev[k], max_pos);
+        if (k == target) continue;
+        r.general.bpb += r.per_task[k].bpb;
+        r.general.acc += r.per_task[k].acc;
+        n++;
+    }
+    r.task = r.per_task[target];
+    r.general.bpb /= n;
+    r.general.acc /= n;
+    run_memory(rn, &r.params, &r.bytes);
+    r.experts = 0;
+    for (k = 0; k < NL; k++) r.experts += rn->moe[k].n_trainable_experts;
+    return r;
+}
+
+static void print_layers(const esft_expert_config *cfg)
+{
+    int l, i;
+    for (l = 1; l <= NL; l++) {
+        printf("        layer %d: experts", l);
+        for (i = cfg->offset[l]; i < cfg->offset[l + 1]; i++) printf(" %d", (int)cfg->ids[i]);
+        printf("\n");
+    }
+}
+
+int main(int argc, char **argv)
+{
+    static acts a;
+    static model md;
+    options o;
+    text tr[N_TASKS], ev[N_TASKS], mix;
+    size_t begin[N_TASKS], end[N_TASKS], one_begin, one_end, max_eval;
+    double share[N_TASKS], one_share = 1.0;
+    esft_stats st;
+    esft_scores sc;
+    esft_expert_config sel[2];
+    esft_adamw_config ocfg = esft_adamw_config_init();
+    esft_error err;
+    unsigned char masks[2][NL][E];
+    result res[5];
+    char path[1200];
+    run rn;
+    double t0 = now_s(), t;
+    float ft_lr;
+    int k, l, e, pre_steps, ft_steps, i;
+    const char *score_names[2] = {"token", "gate"};
+    FILE *f;
+
+    if (!parse_args(&o, argc, argv)) return 2;
+    if (o.threads > 0) {
+        esft_set_num_threads(o.threads);
+#if defined(_OPENMP)
+        omp_set_num_threads(o.threads);
+#endif
+    }
+    pre_steps = o.pre_steps > 0 ? o.pre_steps : o.quick ? 150 : 1500;
+    ft_steps = o.ft_steps > 0 ? o.ft_steps : o.quick ? 60 : 400;
+    ft_lr = o.ft_lr > 0.0 ? (float)o.ft_lr : 1e-3f;
+    max_eval = o.quick ? 2048 : (size_t)-1;
+    ocfg.weight_decay = 0.0f;
+
+    printf("esft demo: ESFT vs full fine-tuning vs PESC on a tiny byte-level MoE language model%s\n",
+           o.quick ? " (--quick)" : "");
+    printf("[1/5] data: %s/<task>.{train,eval}.jsonl (slices of the ESFT authors' datasets)\n", o.data);
+    for (k = 0; k < N_TASKS; k++) {
+        snprintf(path, sizeof path, "%s/%s.train.jsonl", o.data, task_names[k]);
+        if (!load_text(&tr[k], path)) return 1;
+        snprintf(path, sizeof path, "%s/%s.eval.jsonl", o.data, task_names[k]);
+        if (!load_text(&ev[k], path)) return 1;
+        printf("      %-12s train %3d texts %6lu bytes | eval %d texts %6lu bytes%s\n", task_names[k],
+               tr[k].n_samples, (unsigned long)tr[k].n_pos, ev[k].n_samples, (unsigned long)ev[k].n_pos,
+               k == o.target ? "   <- target task" : "");
+    }
+    make_mix(&mix, tr, begin, end);
+    for (k = 0; k < N_TASKS; k++)
+        share[k] = k == o.target ? o.target_share : (1.0 - o.target_share) / (N_TASKS - 1);
+
+    /* ---- 2. pre-train ---- */
+    t = now_s();
+    a.ws_bytes = 0;
+    {
+        esft_moe_config mc = moe_config();
+        check(esft_moe_workspace_size(&mc, TE, &a.ws_bytes, &err), &err, "workspace");
+        for (l = 0; l < NL; l++) a.ws[l] = xcalloc(1, a.ws_bytes);
+    }
+    model_init(&md);
+    ocfg.lr = 3e-3f;
+    run_init(&rn, &md, M_PRETRAIN, NULL, &ocfg);
+    {
+        size_t p, b;
+        run_memory(&rn, &p, &b);
+        printf("[2/5] pre-train on the mix of all four tasks: %lu parameters (%d MoE layers x %d experts, top-%d,\n"
+               "      expert width %d, one shared expert; context %d bytes), %d steps x %d bytes, AdamW lr %.0e\n",
+               (unsigned long)p, NL, E, K, F, CTX, pre_steps, TB, 3e-3);
+    }
+    train(&rn, &a, &mix, begin, end, share, N_TASKS, pre_steps, 3e-3f, 1);
+    model_take(&md, &rn);
+    run_free(&rn);
+    printf("      done in %.1f s\n", now_s() - t);
+
+    /* ---- 3. router statistics on the target task, selection ---- */
+    t = now_s();
+    run_init(&rn, &md, M_FROZEN, NULL, &ocfg);
+    res[0] = evaluate_all("pre-trained (no fine-tune)", &rn, &a, ev, o.target, max_eval);
+    res[0].experts = -1;
+    check(esft_stats_init(&st, NL + 1, E, K, NULL), NULL, "stats");
+    collect_stats(&rn, &a, &tr[o.target], &st);
+    run_free(&rn);
+    check(esft_stats_scores(&st, ESFT_NORM_POOLED, &sc), NULL, "scores");
+    make_dirs(o.out);
+    snprintf(path, sizeof path, "%s/summary.json", o.out);
+    check(esft_scores_write_json(path, &sc, 4, &err), &err, "summary.json");
+    esft_scores_round(&sc, 4); /* select from the scores as written, as ESFT does */
+    printf("[3/5] router statistics on %s's training text: %lu texts, %lu bytes routed per layer -> %s\n",
+           task_names[o.target], (unsigned long)st.n_samples[1], (unsigned long)st.n_tokens[1], path);
+    for (i = 0; i < 2; i++) {
+        check(esft_select_top_p(&sc, i == 0 ? ESFT_SCORE_TOKEN : ESFT_SCORE_GATE, o.top_p, &sel[i], &err), &err,
+              "select");
+        snprintf(path, sizeof path, "%s/config_%s.json", o.out, score_names[i]);
+        check(esft_expert_config_write(path, &sel[i], &err), &err, "expert config");
+        snprintf(path, sizeof path, "%s/heatmap_%s.svg", o.out, score_names[i]);
+        check(esft_heatmap_write_svg(path, &sc, i == 0 ? ESFT_SCORE_TOKEN : ESFT_SCORE_GATE, &sel[i], &err), &err,
+              "heatmap");
+        printf("      %s scores, top-p %.2f: %d of %d experts -> %s/config_%s.json, %s\n", score_names[i], o.top_p,
+               esft_expert_config_count(&sel[i]), NL * E, o.out, score_names[i], path);
+        print_layers(&sel[i]);
+        for (l = 0; l < NL; l++)
+            for (e = 0; e < E; e++) masks[i][l][e] = (unsigned char)esft_expert_config_has(&sel[i], l + 1, e);
+    }
+    printf("      done in %.1f s\n", now_s() - t);
+
+    /* ---- 4. fine-tune four ways from the same weights ---- */
+    printf("[4/5] fine-tune on %s: %d steps x %d bytes each, AdamW lr %.0e (same schedule for all)\n",
+           task_names[o.target], ft_steps, TB, (double)ft_lr);
+    one_begin = 0;
+    one_end = tr[o.target].n_pos;
+    for (i = 1; i <= 4; i++) {
+        static const char *names[5] = {"", "ESFT-Token", "ESFT-Gate", "Full fine-tune", "PESC adapters"};
+        static const char *what[5] = {"",
+                                      "only the token-selected experts train",
+                                      "only the gate-selected experts train",
+                                      "everything trains",
+                                      "model frozen; a PESC adapter layer (8 adapters, top-2, rank 16) after each MoE layer"};
+        method how = i <= 2 ? M_ESFT : i == 3 ? M_FULL : M_PESC;
+        ocfg.lr = ft_lr;
+        run_init(&rn, &md, how, masks[i == 2], &ocfg);
+        printf("      %s: %s\n", names[i], what[i]);
+        rng_state = 7777u; /* every method sees the same batches */
+        t = now_s();
+        train(&rn, &a, &tr[o.target], &one_begin, &one_end, &one_share, 1, ft_steps, ft_lr, 0);
+        t = now_s() - t;
+        res[i] = evaluate_all(names[i], &rn, &a, ev, o.target, max_eval);
+        res[i].seconds = t;
+        if (how == M_PESC || how == M_FULL) res[i].experts = -1;
+        run_free(&rn);
+        printf("        trained in %.1f s: %s %.3f bits/byte, general %.3f\n", t, task_names[o.target], res[i].task.bpb,
+               res[i].general.bpb);
+    }
+
+    /* ---- 5. the table ---- */
+    printf("[5/5] results (bits per byte on held-out eval text: lower is better; general = mean over the\n"
+           "      other three tasks, so a rise there is forgetting)\n\n");
+    printf("| method | %s bpb | general bpb | trainable params | grad + AdamW bytes | fine-tune time |\n",
+           task_names[o.target]);
+    printf("|---|---:|---:|---:|---:|---:|\n");
+    for (i = 0; i < 5; i++) {
+        char name[64];
+        if (res[i].experts >= 0) snprintf(name, sizeof name, "%s (%d/%d experts)", res[i].name, res[i].experts, NL * E);
+        else snprintf(name, sizeof name, "%s", res[i].name);
+        if (i == 0)
+            printf("| %s | %.3f | %.3f | 0 | 0 | - |\n", name, res[i].task.bpb, res[i].general.bpb);
+        else
+            printf("| %s | %.3f | %.3f | %lu | %lu | %.1f s |\n", name, res[i].task.bpb, res[i].general.bpb,
+                   (unsigned long)res[i].params, (unsigned long)res[i].bytes, res[i].seconds);
+    }
+    snprintf(path, sizeof path, "%s/results.tsv", o.out);
+    f = fopen(path, "w");
+    if (f) {
+        fprintf(f, "method\ttask\ttask_bpb\ttask_acc\tgeneral_bpb\tgeneral_acc");
+        for (k = 0; k < N_TASKS; k++) fprintf(f, "\t%s_bpb", task_names[k]);
+        fprintf(f, "\ttrainable_params\tgrad_adam_bytes\tseconds\n");
+        for (i = 0; i < 5; i++) {
+            fprintf(f, "%s\t%s\t%.4f\t%.4f\t%.4f\t%.4f", res[i].name, task_names[o.target], res[i].task.bpb,
+                    res[i].task.acc, res[i].general.bpb, res[i].general.acc);
+            for (k = 0; k < N_TASKS; k++) fprintf(f, "\t%.4f", res[i].per_task[k].bpb);
+            fprintf(f, "\t%lu\t%lu\t%.2f\n", (unsigned long)res[i].params, (unsigned long)res[i].bytes, res[i].seconds);
+        }
+        fclose(f);
+    }
+    printf("\nper task (bpb):");
+    for (k = 0; k < N_TASKS; k++) printf("  %s", task_names[k]);
+    printf("\n");
+    for (i = 0; i < 5; i++) {
+        printf("  %-28s", res[i].name);
+        for (k = 0; k < N_TASKS; k++) printf("  %.3f", res[i].per_task[k].bpb);
+        printf("\n");
+    }
+    printf("\noutputs in %s/: summary.json, config_token.json, config_gate.json, heatmap_token.svg,\n"
+           "heatmap_gate.svg, results.tsv. Total %.1f s.\n", o.out, now_s() - t0);
+
+    for (i = 0; i < 2; i++) esft_expert_config_free(&sel[i]);
+    esft_scores_free(&sc);
+    esft_stats_uninit(&st);
+    for (l = 0; l < NL; l++) free(a.ws[l]);
+    for (k = 0; k < N_TASKS; k++) {
+        free_text(&tr[k]);
+        free_text(&ev[k]);
+    }
+    free_text(&mix);
+    model_free(&md);
+    return 0;
 }

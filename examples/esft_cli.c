@@ -21,7 +21,8 @@
 
    Adding a command: write `static int cmd_NAME(const char *name, int argc, char **argv)`
    and its help text, then add one row to `commands[]` below. argv[0] is the
-   command's name; parse the rest with cli_option()/cli_int()/cli_double(). */
+   command's name; parse the rest with cli_text()/cli_int_option()/cli_flag()
+   (and cli_int()/cli_double()/cli_score() for values read with cli_text()). */
 #define ESFT_IMPLEMENTATION
 #include "esft.h"
 
@@ -116,7 +117,39 @@ static int cli_positional(const char *cmd, const char *arg, const char **slot, c
     return EXIT_OK;
 }
 
-#define CLI_MISSING_VALUE(cmd, flag) cli_usage(cmd, "%s needs a value%s", flag, "")
+/* A value option, with an optional second spelling ("-o", "--output"), read
+   into *out. Returns 0: not this option; 1: read; -1: no value (reported). */
+static int cli_text(const char *cmd, int argc, char **argv, int *i, const char *flag,
+                    const char *alias, const char **out)
+{
+    const char *v;
+    int r = cli_option(argc, argv, i, flag, 1, &v);
+    if (r == 0 && alias) r = cli_option(argc, argv, i, alias, 1, &v);
+    if (r < 0) cli_usage(cmd, "%s needs a value%s", flag, "");
+    else if (r > 0) *out = v;
+    return r;
+}
+
+/* An integer option: 0 not this option; 1 read; -1 usage error (reported). */
+static int cli_int_option(const char *cmd, int argc, char **argv, int *i, const char *flag, int *out)
+{
+    const char *v;
+    int r = cli_text(cmd, argc, argv, i, flag, NULL, &v);
+    return r > 0 && cli_int(cmd, flag, v, out) != EXIT_OK ? -1 : r;
+}
+
+/* A flag (no value) under either spelling (alias may be NULL). */
+static int cli_flag(int argc, char **argv, int *i, const char *flag, const char *alias)
+{
+    const char *v;
+    return cli_option(argc, argv, i, flag, 0, &v) || (alias && cli_option(argc, argv, i, alias, 0, &v));
+}
+
+/* A required argument or option that was not given. */
+static int cli_missing(const char *cmd, const char *what)
+{
+    return cli_usage(cmd, "missing %s%s", what, "");
+}
 
 /* ---- esft stats -------------------------------------------------------- */
 
@@ -156,30 +189,25 @@ static int cmd_stats(const char *name, int argc, char **argv)
     unsigned long long samples = 0, tokens = 0;
     memset(&err, 0, sizeof err);
     for (i = 1; i < argc; i++) {
-        if ((r = cli_option(argc, argv, &i, "-o", 1, &v)) || (r = cli_option(argc, argv, &i, "--output", 1, &v))) {
-            if (r < 0) return CLI_MISSING_VALUE(name, "-o");
-            out = v;
-        } else if ((r = cli_option(argc, argv, &i, "--norm", 1, &v))) {
-            if (r < 0) return CLI_MISSING_VALUE(name, "--norm");
+        if ((r = cli_text(name, argc, argv, &i, "-o", "--output", &out)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--top-k", &k)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--experts", &experts)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--layers", &layers)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--decimals", &decimals))) {
+            if (r < 0) return EXIT_USAGE;
+        } else if ((r = cli_text(name, argc, argv, &i, "--norm", NULL, &v))) {
+            if (r < 0) return EXIT_USAGE;
             if (strcmp(v, "pooled") == 0) norm = ESFT_NORM_POOLED;
             else if (strcmp(v, "per-sample") == 0) norm = ESFT_NORM_PER_SAMPLE;
             else return cli_usage(name, "--norm expects pooled or per-sample, got '%s'%s", v, "");
-        } else if ((r = cli_option(argc, argv, &i, "--top-k", 1, &v))) {
-            if (r < 0 || cli_int(name, "--top-k", v, &k)) return r < 0 ? CLI_MISSING_VALUE(name, "--top-k") : EXIT_USAGE;
-        } else if ((r = cli_option(argc, argv, &i, "--experts", 1, &v))) {
-            if (r < 0 || cli_int(name, "--experts", v, &experts)) return r < 0 ? CLI_MISSING_VALUE(name, "--experts") : EXIT_USAGE;
-        } else if ((r = cli_option(argc, argv, &i, "--layers", 1, &v))) {
-            if (r < 0 || cli_int(name, "--layers", v, &layers)) return r < 0 ? CLI_MISSING_VALUE(name, "--layers") : EXIT_USAGE;
-        } else if ((r = cli_option(argc, argv, &i, "--decimals", 1, &v))) {
-            if (r < 0 || cli_int(name, "--decimals", v, &decimals)) return r < 0 ? CLI_MISSING_VALUE(name, "--decimals") : EXIT_USAGE;
-        } else if (cli_option(argc, argv, &i, "-q", 0, &v) || cli_option(argc, argv, &i, "--quiet", 0, &v)) {
+        } else if (cli_flag(argc, argv, &i, "-q", "--quiet")) {
             quiet = 1;
         } else if (cli_positional(name, argv[i], &dir, "log directory")) {
             return EXIT_USAGE;
         }
     }
-    if (!dir) return cli_usage(name, "missing the log directory%s%s", "", "");
-    if (!out) return cli_usage(name, "missing -o SUMMARY.json%s%s", "", "");
+    if (!dir) return cli_missing(name, "the log directory");
+    if (!out) return cli_missing(name, "-o SUMMARY.json");
     if (decimals < -1 || decimals > 17) return cli_usage(name, "--decimals must be -1..17%s%s", "", "");
     memset(&err, 0, sizeof err);
     if (k < 1 || experts < 1 || layers < 1 || k > experts) {
@@ -251,32 +279,31 @@ static int cmd_select(const char *name, int argc, char **argv)
         const char *rules[3] = {"--top-p", "--top-k", "--budget"};
         int j, matched = 0;
         for (j = 0; j < 3 && !matched; j++) {
-            if ((r = cli_option(argc, argv, &i, rules[j], 1, &v)) == 0) continue;
-            if (r < 0) return CLI_MISSING_VALUE(name, rules[j]);
+            if ((r = cli_text(name, argc, argv, &i, rules[j], NULL, &v)) == 0) continue;
+            if (r < 0) return EXIT_USAGE;
             if (rule) return cli_usage(name, "give one of --top-p, --top-k, --budget (got %s and %s)", rule, rules[j]);
             rule = rules[j];
             rule_value = v;
             matched = 1;
         }
         if (matched) continue;
-        if ((r = cli_option(argc, argv, &i, "-o", 1, &v)) || (r = cli_option(argc, argv, &i, "--output", 1, &v))) {
-            if (r < 0) return CLI_MISSING_VALUE(name, "-o");
-            out = v;
-        } else if ((r = cli_option(argc, argv, &i, "--score", 1, &v))) {
-            if (r < 0 || cli_score(name, v, &which)) return r < 0 ? CLI_MISSING_VALUE(name, "--score") : EXIT_USAGE;
-        } else if (cli_option(argc, argv, &i, "--shared-experts", 0, &v)) {
+        if ((r = cli_text(name, argc, argv, &i, "-o", "--output", &out))) {
+            if (r < 0) return EXIT_USAGE;
+        } else if ((r = cli_text(name, argc, argv, &i, "--score", NULL, &v))) {
+            if (r < 0 || cli_score(name, v, &which)) return EXIT_USAGE;
+        } else if (cli_flag(argc, argv, &i, "--shared-experts", NULL)) {
             shared = 1;
-        } else if (cli_option(argc, argv, &i, "--non-expert-modules", 0, &v)) {
+        } else if (cli_flag(argc, argv, &i, "--non-expert-modules", NULL)) {
             non_expert = 1;
-        } else if (cli_option(argc, argv, &i, "-q", 0, &v) || cli_option(argc, argv, &i, "--quiet", 0, &v)) {
+        } else if (cli_flag(argc, argv, &i, "-q", "--quiet")) {
             quiet = 1;
         } else if (cli_positional(name, argv[i], &in, "summary file")) {
             return EXIT_USAGE;
         }
     }
-    if (!in) return cli_usage(name, "missing the summary.json to select from%s%s", "", "");
-    if (!rule) return cli_usage(name, "missing the rule: --top-p P, --top-k K or --budget N%s%s", "", "");
-    if (!out) return cli_usage(name, "missing -o CONFIG.json%s%s", "", "");
+    if (!in) return cli_missing(name, "the summary.json to select from");
+    if (!rule) return cli_missing(name, "the rule: --top-p P, --top-k K or --budget N");
+    if (!out) return cli_missing(name, "-o CONFIG.json");
     if (strcmp(rule, "--top-p") == 0 ? cli_double(name, rule, rule_value, &p) : cli_int(name, rule, rule_value, &n))
         return EXIT_USAGE;
     s = esft_scores_read_json(in, &sc, &err);
@@ -389,22 +416,18 @@ static int cmd_heatmap(const char *name, int argc, char **argv)
     char *text;
     size_t size = 0;
     for (i = 1; i < argc; i++) {
-        if ((r = cli_option(argc, argv, &i, "-o", 1, &v)) || (r = cli_option(argc, argv, &i, "--output", 1, &v))) {
-            if (r < 0) return CLI_MISSING_VALUE(name, "-o");
-            out = v;
-        } else if ((r = cli_option(argc, argv, &i, "--score", 1, &v))) {
-            if (r < 0 || cli_score(name, v, &which)) return r < 0 ? CLI_MISSING_VALUE(name, "--score") : EXIT_USAGE;
-        } else if ((r = cli_option(argc, argv, &i, "--config", 1, &v))) {
-            if (r < 0) return CLI_MISSING_VALUE(name, "--config");
-            config = v;
-        } else if ((r = cli_option(argc, argv, &i, "--experts", 1, &v))) {
-            if (r < 0 || cli_int(name, "--experts", v, &experts)) return r < 0 ? CLI_MISSING_VALUE(name, "--experts") : EXIT_USAGE;
+        if ((r = cli_text(name, argc, argv, &i, "-o", "--output", &out)) ||
+            (r = cli_text(name, argc, argv, &i, "--config", NULL, &config)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--experts", &experts))) {
+            if (r < 0) return EXIT_USAGE;
+        } else if ((r = cli_text(name, argc, argv, &i, "--score", NULL, &v))) {
+            if (r < 0 || cli_score(name, v, &which)) return EXIT_USAGE;
         } else if (cli_positional(name, argv[i], &in, "input file")) {
             return EXIT_USAGE;
         }
     }
-    if (!in) return cli_usage(name, "missing the summary.json or expert config to draw%s%s", "", "");
-    if (!out) return cli_usage(name, "missing -o MAP.svg%s%s", "", "");
+    if (!in) return cli_missing(name, "the summary.json or expert config to draw");
+    if (!out) return cli_missing(name, "-o MAP.svg");
     if (!(text = cli_read_file(in, &size, &err))) return cli_fail(name, ESFT_ERR_IO, &err);
     kind = cli_json_kind(text, size, in, &err);
     if (kind == 0) s = err.status ? err.status : ESFT_ERR_PARSE;
@@ -463,6 +486,17 @@ static void cli_progress_cb(void *user, uint64_t done, uint64_t total)
     p->last = tenth;
     fprintf(stderr, "esft %s: %3d%% (%s of %s)\n", p->cmd, tenth * 10, cli_bytes(done, a, sizeof a),
             cli_bytes(total, b, sizeof b));
+}
+
+/* Checkpoint options that report progress into *pr, unless quiet. */
+static esft_checkpoint_options cli_progress_options(cli_progress *pr, const char *cmd, int quiet)
+{
+    esft_checkpoint_options opt;
+    memset(&opt, 0, sizeof opt);
+    pr->cmd = cmd;
+    pr->last = 0;
+    if (!quiet) { opt.progress = cli_progress_cb; opt.user = pr; }
+    return opt;
 }
 
 typedef struct cli_moe_key {
@@ -530,7 +564,7 @@ static const char inspect_help[] =
 
 static int cmd_inspect(const char *name, int argc, char **argv)
 {
-    const char *in = NULL, *v;
+    const char *in = NULL;
     int i, s, summary = 0;
     esft_checkpoint ck;
     esft_error err;
@@ -539,10 +573,10 @@ static int cmd_inspect(const char *name, int argc, char **argv)
     uint64_t by_dtype[ESFT_DTYPE_COUNT] = {0};
     memset(&err, 0, sizeof err);
     for (i = 1; i < argc; i++) {
-        if (cli_option(argc, argv, &i, "-s", 0, &v) || cli_option(argc, argv, &i, "--summary", 0, &v)) summary = 1;
+        if (cli_flag(argc, argv, &i, "-s", "--summary")) summary = 1;
         else if (cli_positional(name, argv[i], &in, "checkpoint")) return EXIT_USAGE;
     }
-    if (!in) return cli_usage(name, "missing the FILE or DIR to inspect%s%s", "", "");
+    if (!in) return cli_missing(name, "the FILE or DIR to inspect");
     st = esft_checkpoint_open(&ck, in, NULL, &err);
     if (st != ESFT_OK) return cli_fail(name, st, &err);
     printf("%s: %s, %d tensor%s, %s of tensor data\n", in,
@@ -607,7 +641,7 @@ static const char extract_help[] =
 
 static int cmd_extract(const char *name, int argc, char **argv)
 {
-    const char *base = NULL, *config = NULL, *out = NULL, *v;
+    const char *base = NULL, *config = NULL, *out = NULL;
     int i, r, quiet = 0;
     esft_expert_config cfg;
     esft_checkpoint_options opt;
@@ -618,27 +652,21 @@ static int cmd_extract(const char *name, int argc, char **argv)
     char b1[32];
     memset(&err, 0, sizeof err);
     for (i = 1; i < argc; i++) {
-        if ((r = cli_option(argc, argv, &i, "--config", 1, &v))) {
-            if (r < 0) return CLI_MISSING_VALUE(name, "--config");
-            config = v;
-        } else if ((r = cli_option(argc, argv, &i, "-o", 1, &v)) || (r = cli_option(argc, argv, &i, "--output", 1, &v))) {
-            if (r < 0) return CLI_MISSING_VALUE(name, "-o");
-            out = v;
-        } else if (cli_option(argc, argv, &i, "-q", 0, &v) || cli_option(argc, argv, &i, "--quiet", 0, &v)) {
+        if ((r = cli_text(name, argc, argv, &i, "--config", NULL, &config)) ||
+            (r = cli_text(name, argc, argv, &i, "-o", "--output", &out))) {
+            if (r < 0) return EXIT_USAGE;
+        } else if (cli_flag(argc, argv, &i, "-q", "--quiet")) {
             quiet = 1;
         } else if (cli_positional(name, argv[i], &base, "base checkpoint")) {
             return EXIT_USAGE;
         }
     }
-    if (!base) return cli_usage(name, "missing the BASE checkpoint%s%s", "", "");
-    if (!config) return cli_usage(name, "missing --config CONFIG.json%s%s", "", "");
-    if (!out) return cli_usage(name, "missing -o EXPERTS.safetensors%s%s", "", "");
+    if (!base) return cli_missing(name, "the BASE checkpoint");
+    if (!config) return cli_missing(name, "--config CONFIG.json");
+    if (!out) return cli_missing(name, "-o EXPERTS.safetensors");
     s = esft_expert_config_read(config, &cfg, &err);
     if (s != ESFT_OK) return cli_fail(name, s, &err);
-    memset(&opt, 0, sizeof opt);
-    pr.cmd = name;
-    pr.last = 0;
-    if (!quiet) { opt.progress = cli_progress_cb; opt.user = &pr; }
+    opt = cli_progress_options(&pr, name, quiet);
     s = esft_checkpoint_extract(base, &cfg, out, &opt, &err);
     if (s == ESFT_OK && !quiet && esft_safetensors_open(&st, out, NULL, NULL) == ESFT_OK) {
         fprintf(stderr, "esft extract: %d tensors of %d experts, %s -> %s\n", st.n_tensors,
@@ -667,7 +695,7 @@ static const char merge_help[] =
 
 static int cmd_merge(const char *name, int argc, char **argv)
 {
-    const char *base = NULL, *trained = NULL, *out = NULL, *v;
+    const char *base = NULL, *trained = NULL, *out = NULL;
     int i, r, quiet = 0;
     esft_checkpoint_options opt;
     cli_progress pr;
@@ -676,10 +704,9 @@ static int cmd_merge(const char *name, int argc, char **argv)
     esft_status s;
     memset(&err, 0, sizeof err);
     for (i = 1; i < argc; i++) {
-        if ((r = cli_option(argc, argv, &i, "-o", 1, &v)) || (r = cli_option(argc, argv, &i, "--output", 1, &v))) {
-            if (r < 0) return CLI_MISSING_VALUE(name, "-o");
-            out = v;
-        } else if (cli_option(argc, argv, &i, "-q", 0, &v) || cli_option(argc, argv, &i, "--quiet", 0, &v)) {
+        if ((r = cli_text(name, argc, argv, &i, "-o", "--output", &out))) {
+            if (r < 0) return EXIT_USAGE;
+        } else if (cli_flag(argc, argv, &i, "-q", "--quiet")) {
             quiet = 1;
         } else if (argv[i][0] == '-' && argv[i][1]) {
             return cli_usage(name, "unknown option '%s'%s", argv[i], "");
@@ -690,11 +717,8 @@ static int cmd_merge(const char *name, int argc, char **argv)
         }
     }
     if (!base || !trained) return cli_usage(name, "give BASE and TRAINED%s%s", "", "");
-    if (!out) return cli_usage(name, "missing -o OUTDIR%s%s", "", "");
-    memset(&opt, 0, sizeof opt);
-    pr.cmd = name;
-    pr.last = 0;
-    if (!quiet) { opt.progress = cli_progress_cb; opt.user = &pr; }
+    if (!out) return cli_missing(name, "-o OUTDIR");
+    opt = cli_progress_options(&pr, name, quiet);
     s = esft_checkpoint_merge(base, trained, out, &opt, &err);
     if (s == ESFT_OK && !quiet && esft_safetensors_open(&st, trained, NULL, NULL) == ESFT_OK) {
         fprintf(stderr, "esft merge: %d tensors of %s put into %s -> %s\n", st.n_tensors, trained, base, out);

@@ -5,21 +5,13 @@
 BUILD=${BUILD:-build}
 PYTHON=${PYTHON:-python3}
 export ESFT_DATA BUILD
-passed=0; failed=0; skipped=0
 log=$BUILD/test-logs
 mkdir -p "$log"
+. "$(dirname "$0")/tally.sh"
 
 # Adds the closing "N passed, N failed, N skipped" line of one suite's output.
 tally() { # name status logfile
-    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$3" | tail -n 1)
-    if [ -z "$line" ]; then
-        echo "FAIL $1: no result line (exit $2); see $3"; failed=$((failed + 1)); return
-    fi
-    p=$(echo "$line" | sed -E 's/^([0-9]+) passed.*/\1/')
-    f=$(echo "$line" | sed -E 's/.* ([0-9]+) failed.*/\1/')
-    s=$(echo "$line" | sed -nE 's/.* ([0-9]+) skipped.*/\1/p'); s=${s:-0}
-    if [ "$2" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
-    passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
+    if ! tally_add "$3" "$2"; then echo "FAIL $1: no result line (exit $2); see $3"; return; fi
     printf '%-28s %s\n' "$1" "$line"
     if [ "$f" -ne 0 ]; then grep -E '^(FAIL|     )' "$3"; fi
 }

@@ -10,19 +10,11 @@ BUILD=${BUILD:-build/asan}
 CC=${CC:-cc}
 export ESFT_DATA BUILD
 mkdir -p "$BUILD/logs" "$BUILD/tests" # tests that write files put them in $BUILD/tests
-passed=0; failed=0; skipped=0
+. "$(dirname "$0")/tally.sh"
 
-# Adds one run's closing line to the totals (as tests/run_all.sh does).
+# Adds one run's closing line to the totals.
 tally() { # label exit-status logfile
-    line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$3" | tail -n 1)
-    if [ -z "$line" ]; then
-        echo "FAIL $1: no result line (exit $2); see $3"; tail -15 "$3"; failed=$((failed + 1)); return
-    fi
-    p=$(echo "$line" | sed -E 's/^([0-9]+) passed.*/\1/')
-    f=$(echo "$line" | sed -E 's/.* ([0-9]+) failed.*/\1/')
-    s=$(echo "$line" | sed -nE 's/.* ([0-9]+) skipped.*/\1/p'); s=${s:-0}
-    if [ "$2" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
-    passed=$((passed + p)); failed=$((failed + f)); skipped=$((skipped + s))
+    if ! tally_add "$3" "$2"; then echo "FAIL $1: no result line (exit $2); see $3"; tail -15 "$3"; return; fi
     printf '%-36s %s\n' "$1" "$line"
     if [ "$f" -ne 0 ]; then grep -E '^(FAIL|     )|ERROR|runtime error|definitely lost|Invalid' "$3" | head -20; fi
 }

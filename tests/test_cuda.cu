@@ -169,6 +169,16 @@ static float *random_logits(int T, int E, float lo, float hi)
     return x;
 }
 
+/* compare_route on T tokens of logits uniform in [lo, hi), drawn from the
+   generator as the caller seeded it; cmp_msg says what went wrong. */
+static int compare_random_route(const esft_route_config *cfg, int T, float lo, float hi, const char *label)
+{
+    float *x = random_logits(T, cfg->n_experts, lo, hi);
+    int ok = compare_route(cfg, x, T, label, 0);
+    free(x);
+    return ok;
+}
+
 TEST(cuda_constructor_gives_backend_or_reason)
 {
     esft_error e;
@@ -191,73 +201,50 @@ TEST(cuda_constructor_gives_backend_or_reason)
 TEST(cuda_route_softmax_deepseek_v2_lite)
 {
     esft_route_config cfg = esft_route_config_deepseek_v2_lite();
-    float *x;
-    int ok;
     NEED_GPU();
     rng_seed(1);
-    x = random_logits(1000, cfg.n_experts, -4.0f, 4.0f);
-    ok = compare_route(&cfg, x, 1000, "softmax E64 K6", 0);
-    free(x);
-    CHECK_MSG(ok, "%s", cmp_msg);
+    CHECK_MSG(compare_random_route(&cfg, 1000, -4.0f, 4.0f, "softmax E64 K6"), "%s", cmp_msg);
 }
 
 TEST(cuda_route_softmax_renormalised)
 {
     esft_route_config cfg = esft_route_config_init(8, 2); /* Mixtral */
-    float *x;
-    int ok;
     NEED_GPU();
     cfg.renormalize = 1;
     rng_seed(2);
-    x = random_logits(777, 8, -3.0f, 3.0f);
-    ok = compare_route(&cfg, x, 777, "softmax renorm E8 K2", 0);
-    free(x);
-    CHECK_MSG(ok, "%s", cmp_msg);
+    CHECK_MSG(compare_random_route(&cfg, 777, -3.0f, 3.0f, "softmax renorm E8 K2"), "%s", cmp_msg);
 }
 
 TEST(cuda_route_sigmoid_deepseek_v3_groups_bias_scaling)
 {
-    float bias[256], *x;
+    float bias[256];
     esft_route_config cfg;
-    int i, ok;
+    int i;
     NEED_GPU();
     rng_seed(3);
     for (i = 0; i < 256; i++) bias[i] = rng_uniform(-0.1f, 0.1f);
     cfg = esft_route_config_deepseek_v3(bias);
-    x = random_logits(513, 256, -5.0f, 5.0f);
-    ok = compare_route(&cfg, x, 513, "sigmoid V3 E256 K8 G8/4 top2", 0);
-    free(x);
-    CHECK_MSG(ok, "%s", cmp_msg);
+    CHECK_MSG(compare_random_route(&cfg, 513, -5.0f, 5.0f, "sigmoid V3 E256 K8 G8/4 top2"), "%s", cmp_msg);
 }
 
 TEST(cuda_route_group_limited_greedy)
 {
     esft_route_config cfg = esft_route_config_init(64, 6);
-    float *x;
-    int ok;
     NEED_GPU();
     cfg.n_group = 8;
     cfg.topk_group = 3;
     cfg.group_score = ESFT_GROUP_SCORE_MAX;
     cfg.renormalize = 1;
     rng_seed(4);
-    x = random_logits(300, 64, -4.0f, 4.0f);
-    ok = compare_route(&cfg, x, 300, "softmax E64 K6 G8/3 max", 0);
-    free(x);
-    CHECK_MSG(ok, "%s", cmp_msg);
+    CHECK_MSG(compare_random_route(&cfg, 300, -4.0f, 4.0f, "softmax E64 K6 G8/3 max"), "%s", cmp_msg);
 }
 
 TEST(cuda_route_many_experts)
 {
     esft_route_config cfg = esft_route_config_init(1024, 16);
-    float *x;
-    int ok;
     NEED_GPU();
     rng_seed(5);
-    x = random_logits(64, 1024, -6.0f, 6.0f);
-    ok = compare_route(&cfg, x, 64, "softmax E1024 K16", 0);
-    free(x);
-    CHECK_MSG(ok, "%s", cmp_msg);
+    CHECK_MSG(compare_random_route(&cfg, 64, -6.0f, 6.0f, "softmax E1024 K16"), "%s", cmp_msg);
 }
 
 /* Logits from {0, 0.5, 1}: equal logits give bit-equal probabilities on both

@@ -100,15 +100,54 @@ static const char *data_dir(void)
     return d && d[0] ? d : NULL;
 }
 
+/* Skips the test without data (a macro: SKIP returns from the test). */
+#define NEED_DATA()                                                                     \
+    do {                                                                                \
+        if (!data_dir()) SKIP("ESFT_DATA is unset (make test sets it to build/data)"); \
+    } while (0)
+
+/* $ESFT_DATA/translation: the vendored task's routing logs. */
+static const char *translation_dir(void)
+{
+    static char dir[1024];
+    snprintf(dir, sizeof dir, "%s/translation", data_dir());
+    return dir;
+}
+
+/* A scratch file name in $TMPDIR (else /tmp), unique to this process. */
+static void temp_path(char *out, size_t cap, const char *stem)
+{
+    const char *tmp = getenv("TMPDIR");
+    snprintf(out, cap, "%s/esft_%s_%ld.json", tmp && tmp[0] ? tmp : "/tmp", stem, (long)getpid());
+}
+
+/* Whether the file just written at `written` has the bytes of `ref` (it is
+   removed either way); on a difference, `why` says where. */
+static int same_bytes(const char *written, const char *ref, char *why, size_t cap)
+{
+    size_t na, nb, i = 0;
+    char *a = slurp(written, &na), *b = slurp(ref, &nb);
+    int same;
+    remove(written);
+    if (!a || !b) snprintf(why, cap, "cannot read %s", a ? ref : written);
+    else {
+        while (i < na && i < nb && a[i] == b[i]) i++;
+        snprintf(why, cap, "files differ at byte %lu (sizes %lu and %lu): ...%.40s", (unsigned long)i,
+                 (unsigned long)na, (unsigned long)nb, a + (i > 20 ? i - 20 : 0));
+    }
+    same = a && b && na == nb && i == na;
+    free(a);
+    free(b);
+    return same;
+}
+
 TEST(translation_stats_reproduce_every_value_of_summary_json)
 {
-    char dir[1024];
     esft_scores mine, ref;
     esft_error err;
     task_check tc;
-    if (!data_dir()) SKIP("ESFT_DATA is unset (make test sets it to build/data)");
-    snprintf(dir, sizeof dir, "%s/translation", data_dir());
-    CHECK_STATUS(task_scores(dir, &mine, 1, &err), ESFT_OK);
+    NEED_DATA();
+    CHECK_STATUS(task_scores(translation_dir(), &mine, 1, &err), ESFT_OK);
     CHECK_STATUS(esft_scores_read_json("data/translation_summary.json", &ref, &err), ESFT_OK);
     CHECK_EQ_INT(ref.n_experts, N_EXPERTS);
     compare_scores(&tc, &mine, &ref);
@@ -121,58 +160,34 @@ TEST(translation_stats_reproduce_every_value_of_summary_json)
 
 TEST(translation_summary_json_is_byte_identical)
 {
-    char dir[1024], out[1100];
+    char out[1100], why[200];
     esft_scores mine;
     esft_error err;
-    char *a, *b;
-    size_t na, nb;
-    const char *tmp = getenv("TMPDIR");
-    if (!data_dir()) SKIP("ESFT_DATA is unset (make test sets it to build/data)");
-    snprintf(dir, sizeof dir, "%s/translation", data_dir());
-    snprintf(out, sizeof out, "%s/esft_summary_%ld.json", tmp && tmp[0] ? tmp : "/tmp", (long)getpid());
-    CHECK_STATUS(task_scores(dir, &mine, 0, &err), ESFT_OK);
+    NEED_DATA();
+    temp_path(out, sizeof out, "summary");
+    CHECK_STATUS(task_scores(translation_dir(), &mine, 0, &err), ESFT_OK);
     CHECK_STATUS(esft_scores_write_json(out, &mine, 4, &err), ESFT_OK); /* rounds as it writes */
     esft_scores_free(&mine);
-    a = slurp(out, &na);
-    b = slurp("data/translation_summary.json", &nb);
-    remove(out);
-    CHECK(a && b);
-    {
-        size_t i = 0;
-        while (i < na && i < nb && a[i] == b[i]) i++;
-        CHECK_MSG(na == nb && i == na, "files differ at byte %lu (sizes %lu and %lu): ...%.40s",
-                  (unsigned long)i, (unsigned long)na, (unsigned long)nb, a + (i > 20 ? i - 20 : 0));
-    }
-    free(a);
-    free(b);
+    CHECK_MSG(same_bytes(out, "data/translation_summary.json", why, sizeof why), "%s", why);
 }
 
 TEST(translation_top_p_reproduces_the_expert_config)
 {
-    char dir[1024], first[256] = "", out[1100];
+    char first[256] = "", out[1100], why[200];
     esft_scores mine;
     esft_expert_config cfg, ref;
     esft_error err;
-    char *a, *b;
-    size_t na, nb;
-    const char *tmp = getenv("TMPDIR");
-    if (!data_dir()) SKIP("ESFT_DATA is unset (make test sets it to build/data)");
-    snprintf(dir, sizeof dir, "%s/translation", data_dir());
-    CHECK_STATUS(task_scores(dir, &mine, 1, &err), ESFT_OK);
+    NEED_DATA();
+    CHECK_STATUS(task_scores(translation_dir(), &mine, 1, &err), ESFT_OK);
     CHECK_STATUS(esft_select_top_p(&mine, ESFT_SCORE_TOKEN, 0.2, &cfg, &err), ESFT_OK);
     CHECK_STATUS(esft_expert_config_read("data/translation_config.json", &ref, &err), ESFT_OK);
     CHECK_MSG(compare_configs(&cfg, &ref, first, sizeof first) == 0, "%s", first);
     CHECK_EQ_INT(esft_expert_config_count(&cfg), esft_expert_config_count(&ref));
     CHECK_EQ_INT(esft_expert_config_count(&cfg), 83); /* SOURCE.md: translation 83 of 1664 */
     /* and the written file is the authors' file, byte for byte */
-    snprintf(out, sizeof out, "%s/esft_config_%ld.json", tmp && tmp[0] ? tmp : "/tmp", (long)getpid());
+    temp_path(out, sizeof out, "config");
     CHECK_STATUS(esft_expert_config_write(out, &cfg, &err), ESFT_OK);
-    a = slurp(out, &na);
-    b = slurp("data/translation_config.json", &nb);
-    remove(out);
-    CHECK(a && b && na == nb && memcmp(a, b, na) == 0);
-    free(a);
-    free(b);
+    CHECK_MSG(same_bytes(out, "data/translation_config.json", why, sizeof why), "%s", why);
     esft_expert_config_free(&cfg);
     esft_expert_config_free(&ref);
     esft_scores_free(&mine);
@@ -180,15 +195,13 @@ TEST(translation_top_p_reproduces_the_expert_config)
 
 TEST(translation_per_sample_scores_are_close_to_pooled_but_not_equal)
 {
-    char dir[1024];
     esft_stats st;
     esft_scores pooled, per;
     size_t i, differ = 0;
     double worst = 0.0;
-    if (!data_dir()) SKIP("ESFT_DATA is unset (make test sets it to build/data)");
-    snprintf(dir, sizeof dir, "%s/translation", data_dir());
+    NEED_DATA();
     CHECK_STATUS(esft_stats_init(&st, N_LAYERS, N_EXPERTS, TOP_K, NULL), ESFT_OK);
-    CHECK_STATUS(esft_stats_read_log_dir(&st, dir, NULL, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_read_log_dir(&st, translation_dir(), NULL, NULL), ESFT_OK);
     CHECK_EQ_INT(st.n_samples[1], 40); /* SOURCE.md: 40 samples */
     CHECK_STATUS(esft_stats_scores(&st, ESFT_NORM_POOLED, &pooled), ESFT_OK);
     CHECK_STATUS(esft_stats_scores(&st, ESFT_NORM_PER_SAMPLE, &per), ESFT_OK);
@@ -211,7 +224,7 @@ TEST(every_task_under_esft_data_reproduces_its_summary_and_config)
     struct dirent *ent;
     int tasks = 0;
     const char *configs = getenv("ESFT_CONFIGS");
-    if (!data_dir()) SKIP("ESFT_DATA is unset (make test sets it to build/data)");
+    NEED_DATA();
     d = opendir(data_dir());
     CHECK_MSG(d != NULL, "cannot open %s", data_dir());
     while ((ent = readdir(d)) != NULL) {

@@ -63,6 +63,13 @@ static const char *join(const char *dir, const char *file)
     return b;
 }
 
+/* The path of FILE in a fresh, empty directory NAME; NULL if it cannot be made. */
+static const char *fresh_file(const char *name, const char *file)
+{
+    const char *dir = fresh_dir(name);
+    return dir ? join(dir, file) : NULL;
+}
+
 static int write_text(const char *path, const char *text, size_t n)
 {
     FILE *f = fopen(path, "wb");
@@ -296,11 +303,10 @@ TEST(log_bigger_than_a_chunk_with_a_line_longer_than_a_chunk)
     big_log b;
     esft_stats from_file, from_memory;
     esft_error err;
-    const char *dir = fresh_dir("big"), *path;
-    CHECK(dir != NULL);
+    const char *path = fresh_file("big", "expert_weights_2.txt");
+    CHECK(path != NULL);
     make_big_log(&b, "\n");
     CHECK_MSG(b.size > 3u * (1u << 20), "generated only %lu bytes", (unsigned long)b.size);
-    path = join(dir, "expert_weights_2.txt");
     CHECK(write_text(path, b.text, b.size));
     CHECK_STATUS(esft_stats_init(&from_file, PL_LAYERS, PL_EXPERTS, PL_K, NULL), ESFT_OK);
     CHECK_STATUS(esft_stats_init(&from_memory, PL_LAYERS, PL_EXPERTS, PL_K, NULL), ESFT_OK);
@@ -572,6 +578,13 @@ static void make_scores(esft_scores *sc, int L, int E, const double *token)
     for (l = 0; l < L; l++) sc->layer_present[l] = 1;
 }
 
+/* One layer of four experts scored 0.1 .. 0.4: something for a writer to write. */
+static void make_small_scores(esft_scores *sc)
+{
+    static const double t[4] = {0.1, 0.2, 0.3, 0.4};
+    make_scores(sc, 1, 4, t);
+}
+
 TEST(p_k_and_budget_out_of_range_write_nothing)
 {
     static const double t[8] = {0.125, 0.25, 0.25, 0.375, 0.5, 0.3, 0.1, 0.1};
@@ -609,13 +622,11 @@ TEST(p_k_and_budget_out_of_range_write_nothing)
 
 TEST(writing_into_a_missing_directory_is_an_io_error_leaving_nothing)
 {
-    static const double t[4] = {0.1, 0.2, 0.3, 0.4};
     esft_scores sc;
     esft_error err;
-    const char *dir = fresh_dir("nodir"), *out;
-    CHECK(dir != NULL);
-    out = join(dir, "missing/summary.json");
-    make_scores(&sc, 1, 4, t);
+    const char *out = fresh_file("nodir", "missing/summary.json");
+    CHECK(out != NULL);
+    make_small_scores(&sc);
     CHECK_STATUS(esft_scores_write_json(out, &sc, 4, &err), ESFT_ERR_IO);
     CHECK(strcmp(err.file, out) == 0);
     CHECK(no_output(out));
@@ -624,14 +635,12 @@ TEST(writing_into_a_missing_directory_is_an_io_error_leaving_nothing)
 
 TEST(non_finite_scores_are_not_written)
 {
-    static const double t[4] = {0.1, 0.2, 0.3, 0.4};
     esft_scores sc;
     esft_error err;
     int decimals;
-    const char *dir = fresh_dir("nan_scores"), *out;
-    CHECK(dir != NULL);
-    out = join(dir, "summary.json");
-    make_scores(&sc, 1, 4, t);
+    const char *out = fresh_file("nan_scores", "summary.json");
+    CHECK(out != NULL);
+    make_small_scores(&sc);
     sc.gate[2] = NAN;
     for (decimals = -1; decimals <= 4; decimals += 5) {
         CHECK_STATUS(esft_scores_write_json(out, &sc, decimals, &err), ESFT_ERR_NUMERIC);
@@ -645,15 +654,13 @@ TEST(non_finite_scores_are_not_written)
 
 TEST(an_existing_file_is_replaced_only_on_success)
 {
-    static const double t[4] = {0.1, 0.2, 0.3, 0.4};
     esft_scores sc;
     size_t n;
     char *back;
-    const char *dir = fresh_dir("replace"), *out;
-    CHECK(dir != NULL);
-    out = join(dir, "summary.json");
+    const char *out = fresh_file("replace", "summary.json");
+    CHECK(out != NULL);
     CHECK(write_text(out, "old", 3));
-    make_scores(&sc, 1, 4, t);
+    make_small_scores(&sc);
     sc.token[0] = NAN;
     CHECK(esft_scores_write_json(out, &sc, 4, NULL) != ESFT_OK);
     back = slurp(out, &n);
@@ -673,10 +680,9 @@ TEST(scores_json_round_trip_full_precision_and_rounded)
 {
     enum { L = 5, E = 7 };
     esft_scores sc, back, rounded;
-    const char *dir = fresh_dir("rt_scores"), *path;
+    const char *path = fresh_file("rt_scores", "summary.json");
     int l, i;
-    CHECK(dir != NULL);
-    path = join(dir, "summary.json");
+    CHECK(path != NULL);
     CHECK_STATUS(esft_scores_alloc(&sc, L, E, NULL), ESFT_OK);
     rng_state = 99;
     for (i = 0; i < L * E; i++) {
@@ -722,9 +728,8 @@ TEST(summary_keys_are_in_pythons_string_order)
     static const double t[12 * 2] = {0};
     esft_scores sc;
     char *text;
-    const char *dir = fresh_dir("keyorder"), *path;
-    CHECK(dir != NULL);
-    path = join(dir, "summary.json");
+    const char *path = fresh_file("keyorder", "summary.json");
+    CHECK(path != NULL);
     make_scores(&sc, 12, 2, t);
     sc.layer_present[0] = 0;
     CHECK_STATUS(esft_scores_write_json(path, &sc, 4, NULL), ESFT_OK);
@@ -742,10 +747,9 @@ TEST(config_json_round_trip)
     esft_expert_config cfg, back;
     esft_scores sc;
     static const double t[3 * 4] = {0.5, 0.2, 0.2, 0.1, 0.1, 0.1, 0.1, 0.7, 0.25, 0.25, 0.25, 0.25};
-    const char *dir = fresh_dir("rt_config"), *path;
+    const char *path = fresh_file("rt_config", "config.json");
     int l, i;
-    CHECK(dir != NULL);
-    path = join(dir, "config.json");
+    CHECK(path != NULL);
     make_scores(&sc, 3, 4, t);
     sc.layer_present[0] = 0;
     CHECK_STATUS(esft_select_top_p(&sc, ESFT_SCORE_GATE, 0.6, &cfg, NULL), ESFT_OK);

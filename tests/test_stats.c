@@ -53,6 +53,15 @@ static const float A_w[6] = {0.5f, 0.25f, 0.5f, 0.125f, 0.25f, 0.75f};
 static const int32_t B_ids[2] = {2, 3};
 static const float B_w[2] = {0.5f, 0.5f};
 
+/* A fresh accumulator (n_layers, E 4, K 2) holding samples A then B in `layer`;
+   0 if any step fails. */
+static int stats_of_a_and_b(esft_stats *st, int n_layers, int layer)
+{
+    return esft_stats_init(st, n_layers, 4, 2, NULL) == ESFT_OK &&
+           esft_stats_add(st, layer, A_ids, A_w, NULL, 3, NULL) == ESFT_OK &&
+           esft_stats_add(st, layer, B_ids, B_w, NULL, 1, NULL) == ESFT_OK;
+}
+
 TEST(exact_counts_and_fixed_point_sums)
 {
     esft_stats st;
@@ -77,9 +86,7 @@ TEST(pooled_scores_hand_computed)
 {
     esft_stats st;
     esft_scores sc;
-    CHECK_STATUS(esft_stats_init(&st, 2, 4, 2, NULL), ESFT_OK);
-    CHECK_STATUS(esft_stats_add(&st, 1, A_ids, A_w, NULL, 3, NULL), ESFT_OK);
-    CHECK_STATUS(esft_stats_add(&st, 1, B_ids, B_w, NULL, 1, NULL), ESFT_OK);
+    CHECK(stats_of_a_and_b(&st, 2, 1));
     CHECK_STATUS(esft_stats_scores(&st, ESFT_NORM_POOLED, &sc), ESFT_OK);
     /* N = 4 tokens, K = 2: token score count/8; gate score sum/4 */
     CHECK(!sc.layer_present[0] && sc.layer_present[1]);
@@ -99,9 +106,7 @@ TEST(per_sample_scores_hand_computed_and_differ_from_pooled)
 {
     esft_stats st;
     esft_scores ps, po;
-    CHECK_STATUS(esft_stats_init(&st, 1, 4, 2, NULL), ESFT_OK);
-    CHECK_STATUS(esft_stats_add(&st, 0, A_ids, A_w, NULL, 3, NULL), ESFT_OK);
-    CHECK_STATUS(esft_stats_add(&st, 0, B_ids, B_w, NULL, 1, NULL), ESFT_OK);
+    CHECK(stats_of_a_and_b(&st, 1, 0));
     CHECK_STATUS(esft_stats_scores(&st, ESFT_NORM_PER_SAMPLE, &ps), ESFT_OK);
     CHECK_STATUS(esft_stats_scores(&st, ESFT_NORM_POOLED, &po), ESFT_OK);
     /* sample A: counts 1,3,1,1 over K*N = 6; B: 0,0,1,1 over 2. Mean of the two. */
@@ -125,9 +130,7 @@ TEST(token_scores_sum_to_one_per_layer)
     esft_stats st;
     esft_scores sc;
     int norm, e;
-    CHECK_STATUS(esft_stats_init(&st, 1, 4, 2, NULL), ESFT_OK);
-    CHECK_STATUS(esft_stats_add(&st, 0, A_ids, A_w, NULL, 3, NULL), ESFT_OK);
-    CHECK_STATUS(esft_stats_add(&st, 0, B_ids, B_w, NULL, 1, NULL), ESFT_OK);
+    CHECK(stats_of_a_and_b(&st, 1, 0));
     for (norm = 0; norm < 2; norm++) {
         double sum = 0.0;
         CHECK_STATUS(esft_stats_scores(&st, (esft_norm)norm, &sc), ESFT_OK);
