@@ -36,12 +36,14 @@ BENCH_BIN   = $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 FUZZ_SRC    = $(wildcard tests/fuzz_*.c)
 DATA        = $(BUILD)/data/translation/expert_weights_1.txt
 
-.PHONY: all test run bench sanitize fuzz cuda features help clean deps
+.PHONY: all test run analysis bench sanitize fuzz cuda features help clean deps
 
 all: features $(BUILD)/esft $(EXAMPLE_BIN) $(TEST_BIN) $(CUDA_BIN)
 
 help:
-	@echo "make run       the end-to-end demo on the built-in data"
+	@echo "make run       the end-to-end demo: a tiny MoE LM on real task text, ESFT vs full vs PESC"
+	@echo "               (CPU, about a minute; DEMO_FLAGS=--quick for seconds, =--help for options)"
+	@echo "make analysis  ESFT expert analysis of the authors' DeepSeek-V2-Lite routing logs"
 	@echo "make test      the whole test suite (prints 'N passed, N failed, N skipped')"
 	@echo "make bench     benchmarks (need libopenblas-dev for the BLAS baselines)"
 	@echo "make sanitize  tests under ASan+UBSan, then valgrind"
@@ -95,7 +97,13 @@ $(DATA): data/esft-translation.tar.xz
 test: all $(DATA)
 	@ESFT_DATA=$(BUILD)/data BUILD=$(BUILD) PYTHON=$(PYTHON) NVCC="$(NVCC)" CC="$(CC)" CXX="$(CXX)" sh tests/run_all.sh
 
-run: $(BUILD)/esft $(DATA)
+# The demo (examples/demo.c, docs/demo.md); outputs in $(BUILD)/run/.
+DEMO_FLAGS ?=
+run: $(BUILD)/examples/demo
+	@$(BUILD)/examples/demo --out $(BUILD)/run $(DEMO_FLAGS)
+
+# The ESFT analysis of the vendored routing logs; outputs in $(BUILD)/analysis/.
+analysis: $(BUILD)/esft $(DATA)
 	@sh examples/run_analysis.sh $(BUILD)
 
 bench: $(BUILD)/esft $(DATA)

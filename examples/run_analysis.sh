@@ -1,17 +1,17 @@
 #!/bin/sh
-# run_analysis.sh BUILD - what `make run` does until the end-to-end demo lands:
+# run_analysis.sh BUILD - what `make analysis` does:
 # the ESFT expert analysis of the vendored translation task, with the `esft`
 # command. Router statistics from the routing logs, expert selection by token
-# and by gate score (top-p 0.2), heatmaps; a short report; outputs in BUILD/run/.
+# and by gate score (top-p 0.2), heatmaps; a short report; outputs in BUILD/analysis/.
 set -e
 BUILD=${1:-build}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 ESFT=$BUILD/esft
 LOGS=$BUILD/data/translation
-OUT=$BUILD/run
+OUT=$BUILD/analysis
 P=0.2
 for need in "$ESFT" "$LOGS/expert_weights_1.txt"; do
-    [ -e "$need" ] || { echo "run_analysis.sh: $need is missing (run 'make run')" >&2; exit 1; }
+    [ -e "$need" ] || { echo "run_analysis.sh: $need is missing (run 'make analysis')" >&2; exit 1; }
 done
 mkdir -p "$OUT"
 
