@@ -23,6 +23,11 @@
    and its help text, then add one row to `commands[]` below. argv[0] is the
    command's name; parse the rest with cli_text()/cli_int_option()/cli_flag()
    (and cli_int()/cli_double()/cli_score() for values read with cli_text()). */
+/* A POSIX program: posix_fadvise lets esft merge/extract start writing finished
+   chunks to disk while copying (see docs/checkpoints.md). */
+#ifndef _POSIX_C_SOURCE
+#define _POSIX_C_SOURCE 200809L
+#endif
 #define ESFT_IMPLEMENTATION
 #include "esft.h"
 
