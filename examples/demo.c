@@ -1,6 +1,6 @@
 /* demo.c - the end-to-end demo behind `make run`: ESFT and PESC on a tiny
    byte-level Mixture-of-Experts language model, trained on real ESFT task text,
-   CPU only, a few minutes on 2 cores.
+   CPU only, about a minute on one core (--quick: seconds).
 
    Build and run (from the repository root; -fopenmp optional):
        cc -O2 examples/demo.c -o demo -lm && ./demo            (or: make run)
@@ -11,7 +11,8 @@
      1. reads the vendored task text data/text/<task>.{train,eval}.jsonl
         (slices of the datasets the ESFT authors ship; data/README.md) with the
         header's JSON reader;
-     2. pre-trains the model on a mix of the four tasks (everything trainable);
+     2. pre-trains the model on a mix of the four tasks (everything trainable;
+        the target task is 10 % of the mix, so the base model knows a little of it);
      3. runs the target task's training text through it, feeds the routing of
         every MoE layer to esft_stats_add (one sample per text), writes
         summary.json, selects experts by token and by gate score (top-p), writes
@@ -1045,7 +1046,7 @@ int main(int argc, char **argv)
                                       "model frozen; a PESC adapter layer (8 adapters, top-2, rank 16) after each MoE layer"};
         method how = i <= 2 ? M_ESFT : i == 3 ? M_FULL : M_PESC;
         ocfg.lr = ft_lr;
-        run_init(&rn, &md, how, masks[i == 2], &ocfg);
+        run_init(&rn, &md, how, masks[i == 2 ? 1 : 0], &ocfg); /* token or gate selection */
         printf("      %s: %s\n", names[i], what[i]);
         rng_state = 7777u; /* every method sees the same batches */
         t = now_s();
