@@ -305,7 +305,10 @@ ESFTDEF esft_route_config esft_route_config_init(int n_experts, int top_k);
 ESFTDEF esft_route_config esft_route_config_deepseek_v2_lite(void); /* E 64, K 6 */
 ESFTDEF esft_route_config esft_route_config_deepseek_v3(const float *bias); /* E 256, K 8, G 8/4, 2.5 */
 
-/* Validates cfg: sizes, groups dividing E, K reachable within the kept groups. */
+/* Validates cfg: sizes, groups dividing E, K reachable within the kept groups, and
+   every selection_bias entry finite (so the bias, when given, must be host memory
+   here). esft_route_with checks the sizes only, as the bias may live on a device;
+   the CPU backend checks the bias when it routes. */
 ESFTDEF esft_status esft_route_config_validate(const esft_route_config *cfg, esft_error *err);
 
 /* Router logits -> top-K expert ids and weights, per token.
@@ -332,8 +335,15 @@ ESFTDEF esft_status esft_route_with(const esft_backend *b, const esft_route_conf
 /* Weight sums are kept in fixed point: a weight w adds round(w * 2^32) to a
    64-bit integer. Integer sums are exact and associative, so accumulators merged
    in any order (threads, files, machines) give the same bits. Resolution
-   2^-32 ~ 2.3e-10 per weight; capacity 2^31 units of weight per (layer, expert). */
+   2^-32 ~ 2.3e-10 per weight; capacity 2^32 units of weight per (layer, expert)
+   (4e9 tokens of weight 1), beyond which a sum would wrap silently. */
 #define ESFT_FIXED_ONE 4294967296.0
+
+/* The largest gate weight accepted. Gate weights are router probabilities times
+   a routed scaling factor (1 to 16 in real models), so 2^16 is far above any real
+   model's; a larger weight is a bug upstream (logits passed as weights), and a
+   few of them would wrap the fixed-point sums. Refused with ESFT_ERR_RANGE. */
+#define ESFT_MAX_GATE_WEIGHT 65536.0f
 
 typedef enum esft_norm {
     ESFT_NORM_POOLED = 0,     /* pool all tokens of a layer (reproduces ESFT's summary.json) */
@@ -370,8 +380,8 @@ ESFTDEF void esft_stats_reset(esft_stats *st);
 /* Adds one sample's routing at one layer: T tokens, K ids and weights each.
    mask (optional): tokens with mask[t] == 0 are not counted (e.g. the prompt).
    weights may be NULL (token scores only; gate sums then stay 0).
-   Validates everything first (ids in [0,E), weights finite and >= 0, layer in
-   range); on error nothing is added. */
+   Validates everything first (ids in [0,E), weights finite in [0,
+   ESFT_MAX_GATE_WEIGHT], layer in range); on error nothing is added. */
 ESFTDEF esft_status esft_stats_add(esft_stats *st, int layer,
                                    const int32_t *ids,        /* (T, K) */
                                    const float *weights,      /* (T, K) or NULL */
@@ -447,14 +457,15 @@ ESFTDEF esft_status esft_stats_read_log(esft_stats *st, int layer, const char *p
 ESFTDEF esft_status esft_stats_read_log_memory(esft_stats *st, int layer, const char *data,
                                                size_t size, const char *name, esft_error *err);
 /* Every expert_weights_<L>.txt in dir, layer L each. Layers found are reported
-   through n_files (optional). */
+   through n_files (optional). A file for a layer L >= n_layers (probed up to
+   n_layers + 1023) is ESFT_ERR_RANGE naming it, before anything is read. */
 ESFTDEF esft_status esft_stats_read_log_dir(esft_stats *st, const char *dir, int *n_files,
                                             esft_error *err);
 
 /* summary.json: {"token_scores": {"<L>": {"<e>": s, ...}, ...}, "gate_scores": {...}}.
    decimals >= 0 rounds on writing (ESFT's files use 4); -1 writes full precision
    (shortest round-trip). Keys are written in ESFT's order, so a rounded file is
-   byte-identical to theirs. Files are written to "<path>.tmp" and renamed. */
+   byte-identical to theirs. Files are written to "<path>.tmp.<pid>.<n>" and renamed. */
 ESFTDEF esft_status esft_scores_write_json(const char *path, const esft_scores *sc,
                                            int decimals, esft_error *err);
 ESFTDEF esft_status esft_scores_read_json(const char *path, esft_scores *out, esft_error *err);
@@ -474,7 +485,8 @@ ESFTDEF esft_status esft_expert_config_parse(const char *text, size_t size, cons
    layer numbers and expert ids on the axes, the selected count per layer.
    sc may be NULL to draw a config alone (outlines and selection ranks; E is
    selected->n_experts, or the highest id rounded up to a multiple of 8 when 0);
-   selected may be NULL to draw scores alone. Written to "<path>.tmp" and renamed. */
+   selected may be NULL to draw scores alone. Over 4096 experts or 65536 cells:
+   ESFT_ERR_RANGE. Written to "<path>.tmp.<pid>.<n>" and renamed. */
 ESFTDEF esft_status esft_heatmap_write_svg(const char *path, const esft_scores *sc, esft_score which,
                                            const esft_expert_config *selected, esft_error *err);
 
@@ -873,7 +885,7 @@ ESFTDEF esft_status esft_clip_grad_norm(float *const *grads,   /* (n_blocks) blo
    "__metadata__": {"<key>": "<string>", ...}}, then the data area; offsets are
    relative to its start. Readers here validate everything before trusting it
    (docs/checkpoints.md lists the rules) and read tensors with positioned reads,
-   never the whole file. Writers write "<path>.tmp" in the same directory, fsync,
+   never the whole file. Writers write "<path>.tmp.<pid>.<n>" in the same directory, fsync,
    then rename: a crash or an error never leaves a half file under the real name.
    Sharded checkpoints are a directory of shards plus model.safetensors.index.json
    ({"metadata": {"total_size": n}, "weight_map": {"<name>": "<shard file>"}}). */
@@ -1167,6 +1179,7 @@ ESFTDEF esft_status esft_json_number(const esft_json *js, int tok, double *out);
 #define ESFT_IMPLEMENTATION_DONE
 
 #include <errno.h>
+#include <locale.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -1276,6 +1289,51 @@ static void esft__error_clear(esft_error *err)
     }
 }
 
+/* ---- numbers as text, whatever the locale ----------------------------- */
+
+/* printf and strtod follow the host's LC_NUMERIC: under a comma-decimal locale
+   (de_DE, fr_FR, ...) they write "0,25", which is not JSON, and stop reading
+   "0.25" at the '.'. Files always use '.', so every number in or out of a file
+   goes through these two, which swap the locale's decimal point for '.'. */
+
+/* The locale's decimal point; "." when it is "." or unknown. */
+static const char *esft__decimal_point(void)
+{
+    const struct lconv *lc = localeconv();
+    return lc && lc->decimal_point && lc->decimal_point[0] ? lc->decimal_point : ".";
+}
+
+/* x as printf's "%.*f" (fixed) or "%.*g" would write it in the C locale. */
+static void esft__dtoa(char *out, size_t cap, double x, int prec, int fixed)
+{
+    const char *dp = esft__decimal_point();
+    char *at;
+    if (fixed) snprintf(out, cap, "%.*f", prec, x);
+    else snprintf(out, cap, "%.*g", prec, x);
+    if (strcmp(dp, ".") == 0 || (at = strstr(out, dp)) == NULL) return;
+    *at = '.';
+    memmove(at + 1, at + strlen(dp), strlen(at + strlen(dp)) + 1);
+}
+
+/* Reads s[0..n) as strtod would in the C locale; 1 only if all n bytes are the
+   number (callers have checked the characters; a locale decimal point such as
+   ',' is refused, as the C locale would). */
+static int esft__strtod(const char *s, size_t n, double *out)
+{
+    const char *dp = esft__decimal_point();
+    size_t dn = strlen(dp), i, j = 0;
+    char buf[600], *stop;
+    for (i = 0; i < n; i++) {
+        if (j + dn + 1 > sizeof buf) return 0;
+        if (s[i] == '.') { memcpy(buf + j, dp, dn); j += dn; continue; }
+        if (s[i] == 0 || (strcmp(dp, ".") != 0 && strchr(dp, s[i]) != NULL)) return 0;
+        buf[j++] = s[i];
+    }
+    buf[j] = 0;
+    *out = strtod(buf, &stop);
+    return j > 0 && stop == buf + j;
+}
+
 /* ===================================================================== */
 /* 3. allocation                                                         */
 /* ===================================================================== */
@@ -1369,7 +1427,9 @@ ESFTDEF esft_route_config esft_route_config_deepseek_v3(const float *bias)
 
 static int esft__grouped(const esft_route_config *c) { return c->n_group > 1; }
 
-ESFTDEF esft_status esft_route_config_validate(const esft_route_config *c, esft_error *err)
+/* Everything of esft_route_config_validate but the bias, which is not read here:
+   it may be device memory (the backend doors use this). */
+static esft_status esft__route_config_sizes(const esft_route_config *c, esft_error *err)
 {
     if (!c) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "route config is NULL");
     if (c->n_experts < 1) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "n_experts %d < 1", c->n_experts);
@@ -1397,6 +1457,24 @@ ESFTDEF esft_status esft_route_config_validate(const esft_route_config *c, esft_
                               c->topk_group * per_group, c->topk_group);
     }
     return ESFT_OK;
+}
+
+/* A NaN bias would make every comparison of the selection false (the choice then
+   depends on the order of the loop), an Inf one would pin an expert. */
+static esft_status esft__route_bias_check(const esft_route_config *c, esft_error *err)
+{
+    int j;
+    for (j = 0; c->selection_bias && j < c->n_experts; j++)
+        if (!isfinite(c->selection_bias[j]))
+            return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "selection_bias[%d] is %s", j,
+                              isnan(c->selection_bias[j]) ? "NaN" : "Inf");
+    return ESFT_OK;
+}
+
+ESFTDEF esft_status esft_route_config_validate(const esft_route_config *c, esft_error *err)
+{
+    esft_status s = esft__route_config_sizes(c, err);
+    return s != ESFT_OK ? s : esft__route_bias_check(c, err);
 }
 
 /* True when a ranks before b: higher score, ties to the lower index. */
@@ -1495,7 +1573,9 @@ static esft_status esft__route_cpu(void *context, const esft_route_config *c, in
        choice, [2E,3E) allowed mask (bytes), then G group scores and G group ids */
     size_t floats = (size_t)E * 3 + (size_t)G * 2;
     float *scratch;
+    esft_status s = esft__route_bias_check(c, err);
     (void)context;
+    if (s != ESFT_OK) return s;
     for (t = 0; t < T; t++)
         for (j = 0; j < E; j++)
             if (!isfinite(logits[(size_t)t * E + j]))
@@ -1517,7 +1597,7 @@ static esft_status esft__route_check(const esft_route_config *c, const int32_t *
                                      const float *weights, const float *logits, int T,
                                      esft_error *err)
 {
-    esft_status s = esft_route_config_validate(c, err);
+    esft_status s = esft__route_config_sizes(c, err);
     if (s != ESFT_OK) return s;
     if (T < 0) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "T = %d < 0", T);
     if (T > 0 && (!ids || !weights || !logits))
@@ -1604,11 +1684,11 @@ ESFTDEF void esft_stats_reset(esft_stats *st)
     memset(st->n_samples, 0, (size_t)st->n_layers * sizeof(uint64_t));
 }
 
-/* A weight in fixed point. Callers have checked 0 <= w < 2^31. */
+/* A weight in fixed point. Callers have checked 0 <= w <= ESFT_MAX_GATE_WEIGHT. */
 static uint64_t esft__to_fixed(float w) { return (uint64_t)((double)w * ESFT_FIXED_ONE + 0.5); }
 
 /* Fast checks over n values: nonzero if any id is outside [0, E) / any weight is
-   not a finite number in [0, 2^31). Branch-free and in blocks of constant length,
+   not a finite number in [0, ESFT_MAX_GATE_WEIGHT]. Branch-free and in blocks of constant length,
    so compilers vectorize them even at -O2; the exact culprit is searched for only
    when one of these says there is one. */
 #define ESFT__CHECK_BLOCK 64
@@ -1629,8 +1709,8 @@ static unsigned esft__weights_bad(const float *w, size_t n)
     unsigned bad = 0;
     for (; i + ESFT__CHECK_BLOCK <= n; i += ESFT__CHECK_BLOCK)
         for (j = 0; j < ESFT__CHECK_BLOCK; j++)
-            bad |= (unsigned)!((w[i + j] >= 0.0f) & (w[i + j] < 2147483648.0f));
-    for (; i < n; i++) bad |= (unsigned)!((w[i] >= 0.0f) & (w[i] < 2147483648.0f));
+            bad |= (unsigned)!((w[i + j] >= 0.0f) & (w[i + j] <= ESFT_MAX_GATE_WEIGHT));
+    for (; i < n; i++) bad |= (unsigned)!((w[i] >= 0.0f) & (w[i] <= ESFT_MAX_GATE_WEIGHT));
     return bad;
 }
 
@@ -1646,9 +1726,10 @@ static esft_status esft__stats_check_routing(const int32_t *ids, const float *we
         if (ids[i] < 0 || ids[i] >= E)
             return esft__fail(err, ESFT_ERR_RANGE, "token %lu: expert id %ld outside [0, %d)", t,
                               (long)ids[i], E);
-        if (weights && !(weights[i] >= 0.0f && weights[i] < 2147483648.0f))
+        if (weights && !(weights[i] >= 0.0f && weights[i] <= ESFT_MAX_GATE_WEIGHT))
             return esft__fail(err, isnan(weights[i]) || isinf(weights[i]) ? ESFT_ERR_NUMERIC : ESFT_ERR_RANGE,
-                              "token %lu: weight %g is not a finite number >= 0", t, (double)weights[i]);
+                              "token %lu: weight %g is not a finite number in [0, %g]", t, (double)weights[i],
+                              (double)ESFT_MAX_GATE_WEIGHT);
     }
     return ESFT_OK;
 }
@@ -1705,7 +1786,7 @@ static unsigned esft__block_bad(const int32_t *ids, const float *w, int E)
     unsigned bad = 0;
     for (i = 0; i < ESFT__HIST_BLOCK; i++) bad |= (uint32_t)ids[i] >= (uint32_t)E;
     if (w)
-        for (i = 0; i < ESFT__HIST_BLOCK; i++) bad |= (unsigned)!((w[i] >= 0.0f) & (w[i] < 2147483648.0f));
+        for (i = 0; i < ESFT__HIST_BLOCK; i++) bad |= (unsigned)!((w[i] >= 0.0f) & (w[i] <= ESFT_MAX_GATE_WEIGHT));
     return bad;
 }
 
@@ -1792,7 +1873,8 @@ static esft_status esft__stats_accumulate_cpu(void *context, uint64_t *count, ui
                                ? esft__hist_copies(count, gate_sum, run_ids, run_w, n, E)
                                : esft__hist_simple(count, gate_sum, run_ids, run_w, n, E);
             if (bad)
-                return esft__fail(err, ESFT_ERR_RANGE, "expert id outside [0, %d) or weight not finite >= 0", E);
+                return esft__fail(err, ESFT_ERR_RANGE, "expert id outside [0, %d) or weight not finite in [0, %g]",
+                                  E, (double)ESFT_MAX_GATE_WEIGHT);
         }
         t = t1;
     }
@@ -1953,9 +2035,11 @@ ESFTDEF esft_status esft_stats_scores(const esft_stats *st, esft_norm norm, esft
    value, which is what printf's %.*f does; parsed back to the nearest double. */
 static double esft__round_decimals(double x, int decimals)
 {
-    char buf[64];
-    snprintf(buf, sizeof buf, "%.*f", decimals, x);
-    return strtod(buf, NULL);
+    char buf[400]; /* %.*f of DBL_MAX has 309 digits */
+    double r = x;
+    esft__dtoa(buf, sizeof buf, x, decimals, 1);
+    esft__strtod(buf, strlen(buf), &r);
+    return r;
 }
 
 ESFTDEF void esft_scores_round(esft_scores *sc, int decimals)
@@ -2212,47 +2296,83 @@ static void esft__buf_printf(esft__buf *b, const char *fmt, ...)
 }
 
 #if defined(_WIN32)
+#include <fcntl.h>
 #include <io.h>
+#include <process.h>
+#include <sys/stat.h>
 #else
 #include <fcntl.h>
 #include <unistd.h>
 #endif
 
-/* Writes all bytes to a new file and forces them to disk. */
-static int esft__write_and_sync(const char *tmp, const char *data, size_t size)
+/* Creates the temp file of path, "<path>.tmp.<pid>.<n>" with the first n not
+   taken, exclusively (O_CREAT | O_EXCL): two writers of the same path, in two
+   processes or two threads, never share or truncate one temp file, and a file or
+   link already there is never opened. Fills tmp (cap bytes) and *fd. */
+static esft_status esft__open_temp(const char *path, char *tmp, size_t cap, int *fd, esft_error *err)
 {
+    unsigned n;
 #if defined(_WIN32)
-    FILE *f = fopen(tmp, "wb");
-    int ok;
-    if (!f) return 0;
-    ok = fwrite(data, 1, size, f) == size;
-    ok = fflush(f) == 0 && ok;
-    ok = _commit(_fileno(f)) == 0 && ok;
-    return fclose(f) == 0 && ok;
+    long pid = (long)_getpid();
 #else
-    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644), ok = 1;
-    if (fd < 0) return 0;
+    long pid = (long)getpid();
+#endif
+    *fd = -1;
+    for (n = 0; n < 10000; n++) {
+        if ((size_t)snprintf(tmp, cap, "%s.tmp.%ld.%u", path, pid, n) >= cap) {
+            tmp[0] = 0;
+            return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "path too long");
+        }
+#if defined(_WIN32)
+        *fd = _open(tmp, _O_WRONLY | _O_CREAT | _O_EXCL | _O_BINARY, _S_IREAD | _S_IWRITE);
+#else
+        *fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL, 0644);
+#endif
+        if (*fd >= 0) return ESFT_OK;
+        if (errno != EEXIST) break;
+    }
+    {
+        int e = errno;
+        esft_status s = esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot create %s: %s", tmp, strerror(e));
+        tmp[0] = 0;
+        return s;
+    }
+}
+
+/* Writes all bytes to the new file fd, forces them to disk and closes it. */
+static int esft__write_and_sync(int fd, const char *data, size_t size)
+{
+    int ok = 1;
     while (ok && size > 0) {
+#if defined(_WIN32)
+        int n = _write(fd, data, size < (1u << 30) ? (unsigned)size : (1u << 30));
+#else
         ssize_t n = write(fd, data, size);
+#endif
         if (n < 0 && errno == EINTR) continue;
         ok = n > 0;
         if (ok) { data += n; size -= (size_t)n; }
     }
+#if defined(_WIN32)
+    ok = _commit(fd) == 0 && ok;
+    return _close(fd) == 0 && ok;
+#else
     ok = fsync(fd) == 0 && ok;
     return close(fd) == 0 && ok;
 #endif
 }
 
-/* Writes bytes to "<path>.tmp", flushes them to disk, then renames over path:
-   a crash or error never leaves a half-written file under the real name. */
+/* Writes bytes to a fresh temp file (esft__open_temp), flushes them to disk, then
+   renames it over path: a crash or error never leaves a half-written file under
+   the real name, and a failure removes the temp file. */
 static esft_status esft__write_file_atomic(const char *path, const char *data, size_t size,
                                            esft_error *err)
 {
-    char tmp[4096];
-    int ok;
-    if ((size_t)snprintf(tmp, sizeof tmp, "%s.tmp", path) >= sizeof tmp)
-        return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "path too long");
-    ok = esft__write_and_sync(tmp, data, size);
+    char tmp[4200];
+    int ok, fd;
+    esft_status s = esft__open_temp(path, tmp, sizeof tmp, &fd, err);
+    if (s != ESFT_OK) return s;
+    ok = esft__write_and_sync(fd, data, size);
 #if defined(_WIN32)
     if (ok) remove(path);
 #endif
@@ -2275,37 +2395,12 @@ static esft_status esft__write_buf_atomic(const char *path, esft__buf *b, esft_e
     return s;
 }
 
-/* Reads a whole file into memory (for JSON files; logs are streamed). */
-static esft_status esft__read_file(const char *path, const esft_allocator *a, char **out,
-                                   size_t *size, esft_error *err)
-{
-    FILE *f;
-    long n;
-    char *data;
-    *out = NULL;
-    *size = 0;
-    f = fopen(path, "rb");
-    if (!f) return esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot open: %s", strerror(errno));
-    if (fseek(f, 0, SEEK_END) != 0 || (n = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {
-        fclose(f);
-        return esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot size the file (not a regular file?)");
-    }
-    data = ESFT__CAST(char *, a->alloc(a->user, (size_t)n + 1));
-    if (!data) {
-        fclose(f);
-        return esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, path, 0, "%ld bytes", n);
-    }
-    if (fread(data, 1, (size_t)n, f) != (size_t)n) {
-        fclose(f);
-        a->free(a->user, data);
-        return esft__fail_at(err, ESFT_ERR_IO, path, 0, "read failed");
-    }
-    fclose(f);
-    data[n] = 0;
-    *out = data;
-    *size = (size_t)n;
-    return ESFT_OK;
-}
+/* Reads a whole regular file of at most max_bytes into memory, NUL-terminated
+   (JSON files, checkpoint indexes; logs are streamed). Defined with the other
+   file helpers in the checkpoints section. Pair: a->free. */
+#define ESFT__MAX_TEXT_FILE ((uint64_t)256 << 20) /* summary.json of a 1000-layer model is ~10 MB */
+static esft_status esft__read_file(const char *path, uint64_t max_bytes, const esft_allocator *a, char **out,
+                                   size_t *size, esft_error *err);
 
 /* Sets where a failure happened, keeping the message. */
 static esft_status esft__locate(esft_error *err, esft_status s, const char *file, long line)
@@ -2331,7 +2426,6 @@ static const char *esft__scan_number(const char *p, const char *end, double *out
     const char *start = p;
     uint64_t mant = 0;
     int digits = 0, frac = 0, neg = 0, simple = 1;
-    char tmp[64];
     size_t n;
     if (p < end && (*p == '-' || *p == '+')) { neg = *p == '-'; p++; }
     while (p < end && *p >= '0' && *p <= '9') { mant = mant * 10 + (uint64_t)(*p - '0'); digits++; p++; }
@@ -2359,14 +2453,7 @@ static const char *esft__scan_number(const char *p, const char *end, double *out
         return p;
     }
     n = (size_t)(p - start);
-    if (n >= sizeof tmp) return NULL;
-    memcpy(tmp, start, n);
-    tmp[n] = 0;
-    {
-        char *stop;
-        *out = strtod(tmp, &stop);
-        if (stop != tmp + n) return NULL;
-    }
+    if (n >= 64 || !esft__strtod(start, n, out)) return NULL;
     return p;
 }
 
@@ -2783,6 +2870,19 @@ ESFTDEF esft_status esft_stats_read_log(esft_stats *st, int layer, const char *p
     return esft__log_reader_end(&r, st, s, err);
 }
 
+/* Layers past the accumulator's probed for a log file (a wrong n_layers). */
+#define ESFT__LOG_PROBE_BEYOND 1024
+
+/* Writes dir/expert_weights_<layer>.txt to path; 1 if that file can be opened. */
+static int esft__log_file_exists(char *path, size_t cap, const char *dir, int layer)
+{
+    FILE *probe;
+    snprintf(path, cap, "%s/expert_weights_%d.txt", dir, layer);
+    probe = fopen(path, "rb");
+    if (probe) fclose(probe);
+    return probe != NULL;
+}
+
 ESFTDEF esft_status esft_stats_read_log_dir(esft_stats *st, const char *dir, int *n_files,
                                             esft_error *err)
 {
@@ -2793,21 +2893,19 @@ ESFTDEF esft_status esft_stats_read_log_dir(esft_stats *st, const char *dir, int
     esft__error_clear(err);
     if (n_files) *n_files = 0;
     if (!st || !st->count || !dir) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "stats or dir is NULL");
+    /* A log of a layer the accumulator lacks means n_layers is wrong: refuse it
+       before reading anything, even when the layers in between have no file. */
+    for (layer = st->n_layers; layer < st->n_layers + ESFT__LOG_PROBE_BEYOND; layer++)
+        if (esft__log_file_exists(path, sizeof path, dir, layer))
+            return esft__fail_at(err, ESFT_ERR_RANGE, path, 0, "layer %d is beyond the %d layers of the accumulator",
+                                 layer, st->n_layers);
     if (esft_stats_init(&all, st->n_layers, st->n_experts, st->top_k, &st->allocator) != ESFT_OK)
         return esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, dir, 0, "accumulator");
     all.backend = st->backend;
-    for (layer = 0; layer <= st->n_layers && s == ESFT_OK; layer++) {
-        FILE *probe;
-        snprintf(path, sizeof path, "%s/expert_weights_%d.txt", dir, layer);
-        probe = fopen(path, "rb");
-        if (!probe) continue;
-        fclose(probe);
-        if (layer == st->n_layers)
-            s = esft__fail_at(err, ESFT_ERR_RANGE, path, 0,
-                              "layer %d is beyond the %d layers of the accumulator", layer, st->n_layers);
-        else if ((s = esft_stats_read_log(&all, layer, path, err)) == ESFT_OK)
+    for (layer = 0; layer < st->n_layers && s == ESFT_OK; layer++)
+        if (esft__log_file_exists(path, sizeof path, dir, layer) &&
+            (s = esft_stats_read_log(&all, layer, path, err)) == ESFT_OK)
             found++;
-    }
     if (s == ESFT_OK && !found)
         s = esft__fail_at(err, ESFT_ERR_IO, dir, 0, "no expert_weights_<L>.txt files for layers 0..%d",
                           st->n_layers - 1);
@@ -2828,8 +2926,9 @@ static void esft__format_score(char *out, size_t cap, double x, int decimals)
     int prec;
     if (decimals >= 0) x = esft__round_decimals(x, decimals);
     for (prec = 1; prec <= 17; prec++) {
-        snprintf(out, cap, "%.*g", prec, x);
-        if (strtod(out, NULL) == x) break;
+        double back;
+        esft__dtoa(out, cap, x, prec, 0);
+        if (esft__strtod(out, strlen(out), &back) && back == x) break;
     }
     if (!strpbrk(out, ".eEn")) strncat(out, ".0", cap - strlen(out) - 1);
 }
@@ -3074,7 +3173,7 @@ static esft_status esft__text_read(esft__text *t, const char *path, esft_error *
     t->allocator = esft__allocator_or_default(NULL);
     t->data = NULL;
     if (!path) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "path is NULL");
-    return esft__read_file(path, &t->allocator, &t->data, &t->size, err);
+    return esft__read_file(path, ESFT__MAX_TEXT_FILE, &t->allocator, &t->data, &t->size, err);
 }
 
 static void esft__text_free(esft__text *t) { esft__release(&t->allocator, t->data); }
@@ -3089,20 +3188,30 @@ ESFTDEF esft_status esft_scores_read_json(const char *path, esft_scores *out, es
     return s;
 }
 
-/* One layer's id list of an expert config: integers in [0, limit), no repeats. */
+/* One layer's id list of an expert config: integers in [0, ESFT__MAX_INDEX), no
+   repeats. seen (ESFT__MAX_INDEX bits, zero on entry) finds repeats in one pass
+   (a pairwise check is quadratic: minutes for a list of 10^6 ids); its bits are
+   cleared again before returning, so one bitmap serves every layer of a parse. */
 static esft_status esft__parse_id_list(const esft_json *js, int arr, const char *name, int32_t *dst,
-                                       esft_error *err)
+                                       unsigned char *seen, esft_error *err)
 {
     int j, m, k = arr + 1;
+    esft_status s = ESFT_OK;
     for (j = 0; j < js->tokens[arr].size; j++, k = js->tokens[k].next) {
         double v;
-        if (esft_json_number(js, k, &v) != ESFT_OK || v != floor(v) || v < 0 || v >= ESFT__MAX_INDEX)
-            return esft__json_fail(js, k, err, name, ESFT_ERR_PARSE, "%s is not a non-negative integer", "expert id");
+        if (esft_json_number(js, k, &v) != ESFT_OK || v != floor(v) || v < 0 || v >= ESFT__MAX_INDEX) {
+            s = esft__json_fail(js, k, err, name, ESFT_ERR_PARSE, "%s is not a non-negative integer", "expert id");
+            break;
+        }
         dst[j] = (int32_t)v;
-        for (m = 0; m < j; m++)
-            if (dst[m] == dst[j]) return esft__json_fail(js, k, err, name, ESFT_ERR_PARSE, "%s listed twice", "expert id");
+        if (seen[dst[j] >> 3] & (1u << (dst[j] & 7))) {
+            s = esft__json_fail(js, k, err, name, ESFT_ERR_PARSE, "%s listed twice", "expert id");
+            break;
+        }
+        seen[dst[j] >> 3] |= (unsigned char)(1u << (dst[j] & 7));
     }
-    return ESFT_OK;
+    for (m = 0; m < j; m++) seen[dst[m] >> 3] = 0;
+    return s;
 }
 
 static esft_status esft__parse_flag(const esft_json *js, const char *key, const char *name, int *out,
@@ -3124,6 +3233,7 @@ ESFTDEF esft_status esft_expert_config_parse(const char *text, size_t size, cons
     int ex, i, k, L = 0;
     size_t total = 0;
     int *count = NULL;
+    unsigned char *seen = NULL; /* (ESFT__MAX_INDEX bits) for esft__parse_id_list */
     esft_status s;
     esft__error_clear(err);
     if (!out) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "output is NULL");
@@ -3160,14 +3270,17 @@ ESFTDEF esft_status esft_expert_config_parse(const char *text, size_t size, cons
         count[layer] = js.tokens[k + 1].size;
     }
     for (i = 0; i < L; i++) out->offset[i + 1] = out->offset[i] + count[i];
+    seen = ESFT__CAST(unsigned char *, esft__calloc(&out->allocator, (ESFT__MAX_INDEX + 7) / 8, 1));
+    if (!seen) { s = esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, name, 0, "config"); goto done; }
     for (i = 0, k = ex + 1; i < js.tokens[ex].size && s == ESFT_OK; i++, k = js.tokens[k + 1].next) {
         long layer = esft__json_index_key(&js, k, ESFT__MAX_INDEX);
-        s = esft__parse_id_list(&js, k + 1, name, out->ids + out->offset[layer], err);
+        s = esft__parse_id_list(&js, k + 1, name, out->ids + out->offset[layer], seen, err);
     }
     if (s == ESFT_OK) s = esft__parse_flag(&js, "shared_experts", name, &out->shared_experts, err);
     if (s == ESFT_OK) s = esft__parse_flag(&js, "non_expert_modules", name, &out->non_expert_modules, err);
 done:
     if (count) esft__release(&out->allocator, count);
+    if (seen) esft__release(&out->allocator, seen);
     if (s != ESFT_OK) esft_expert_config_free(out);
     esft_json_free(&js);
     return s;
@@ -3256,6 +3369,11 @@ static esft_status esft__heatmap_check_config(const esft__heatmap *h, const char
     return ESFT_OK;
 }
 
+/* Largest picture drawn: ~120 bytes of SVG per cell, so at most ~8 MB. Real models
+   have at most a few hundred experts and ~100 layers (DeepSeek-V3: 58 x 256). */
+#define ESFT__HEATMAP_MAX_EXPERTS 4096
+#define ESFT__HEATMAP_MAX_CELLS 65536L
+
 /* Grid dimensions, scale and layout from the inputs; validates them on the way. */
 static esft_status esft__heatmap_plan(esft__heatmap *h, const char *path, esft_error *err)
 {
@@ -3274,6 +3392,9 @@ static esft_status esft__heatmap_plan(esft__heatmap *h, const char *path, esft_e
         h->E = h->cfg->n_experts > 0 ? h->cfg->n_experts : (max_id / 8 + 1) * 8;
         present = h->cfg->layer_present;
     }
+    if (h->E > ESFT__HEATMAP_MAX_EXPERTS) /* an id of 10^6 in a config would make a 330 MB picture */
+        return esft__fail_at(err, ESFT_ERR_RANGE, path, 0, "a heatmap of %d experts is too wide to draw "
+                             "(at most %d)", h->E, ESFT__HEATMAP_MAX_EXPERTS);
     if (h->cfg) {
         esft_status s = esft__heatmap_check_config(h, path, err);
         if (s != ESFT_OK) return s;
@@ -3290,6 +3411,9 @@ static esft_status esft__heatmap_plan(esft__heatmap *h, const char *path, esft_e
         h->rows[h->n_rows++] = l;
     }
     if (h->n_rows == 0) return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "no layer to draw");
+    if ((long)h->n_rows * h->E > ESFT__HEATMAP_MAX_CELLS)
+        return esft__fail_at(err, ESFT_ERR_RANGE, path, 0, "a heatmap of %d layers x %d experts is too large "
+                             "to draw (at most %ld cells)", h->n_rows, h->E, (long)ESFT__HEATMAP_MAX_CELLS);
     h->step = esft__nice_step(vmax > 0.0 ? vmax : 1.0, 5);
     h->vmax = ceil((vmax > 0.0 ? vmax : 1.0) / h->step - 1e-9) * h->step;
     /* square cells, ~900 px of grid for 64 experts; wider grids get smaller cells */
@@ -3342,8 +3466,11 @@ static void esft__heatmap_cells(esft__buf *b, const esft__heatmap *h)
             else if (rank) { rgb[0] = 255; rgb[1] = 214; rgb[2] = 102; }
             esft__buf_printf(b, "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"#%02x%02x%02x\">"
                              "<title>layer %d, expert %d", x, y, c - 1, c - 1, rgb[0], rgb[1], rgb[2], l, e);
-            if (h->table) esft__buf_printf(b, ": %s score %.4g", h->which == ESFT_SCORE_GATE ? "gate" : "token",
-                                           h->table[(size_t)l * h->E + e]);
+            if (h->table) {
+                char v[32];
+                esft__dtoa(v, sizeof v, h->table[(size_t)l * h->E + e], 4, 0);
+                esft__buf_printf(b, ": %s score %s", h->which == ESFT_SCORE_GATE ? "gate" : "token", v);
+            }
             if (rank) esft__buf_printf(b, ", selected (#%d)", rank);
             esft__buf_puts(b, "</title></rect>\n");
         }
@@ -3355,8 +3482,8 @@ static void esft__heatmap_cells(esft__buf *b, const esft__heatmap *h)
         int l = h->rows[r];
         for (e = 0; e < h->E; e++)
             if (esft__config_rank(h->cfg, l, e))
-                esft__buf_printf(b, "<rect x=\"%.1f\" y=\"%.1f\" width=\"%d\" height=\"%d\"/>\n",
-                                 h->left + e * c + 0.5, h->top + r * c + 0.5, c - 2, c - 2);
+                esft__buf_printf(b, "<rect x=\"%d.5\" y=\"%d.5\" width=\"%d\" height=\"%d\"/>\n",
+                                 h->left + e * c, h->top + r * c, c - 2, c - 2);
     }
     esft__buf_puts(b, "</g>\n");
     if (h->table || c < 12) return;
@@ -3416,16 +3543,23 @@ static void esft__heatmap_colorbar(esft__buf *b, const esft__heatmap *h)
                      h->which == ESFT_SCORE_GATE ? "gate" : "token");
     for (i = 0; i < slices; i++) { /* slices, not a gradient: every renderer draws rects the same */
         int rgb[3];
+        char y[32], hh[32];
         esft__ramp((i + 0.5) / slices, rgb);
-        esft__buf_printf(b, "<rect x=\"%d\" y=\"%.2f\" width=\"14\" height=\"%.2f\" fill=\"#%02x%02x%02x\"/>\n", x,
-                         h->top + h->bar_h - (i + 1) * slice_h, slice_h + 0.3, rgb[0], rgb[1], rgb[2]);
+        esft__dtoa(y, sizeof y, h->top + h->bar_h - (i + 1) * slice_h, 2, 1);
+        esft__dtoa(hh, sizeof hh, slice_h + 0.3, 2, 1);
+        esft__buf_printf(b, "<rect x=\"%d\" y=\"%s\" width=\"14\" height=\"%s\" fill=\"#%02x%02x%02x\"/>\n", x,
+                         y, hh, rgb[0], rgb[1], rgb[2]);
     }
     esft__buf_printf(b, "</g>\n<rect x=\"%d\" y=\"%d\" width=\"14\" height=\"%d\" fill=\"none\" stroke=\"#222\" "
                      "stroke-width=\"0.5\"/>\n<g font-size=\"11\" fill=\"#222\">\n", x, h->top, h->bar_h);
     for (v = 0.0; v <= h->vmax + h->step * 1e-6; v += h->step) {
         double y = h->top + h->bar_h - v / h->vmax * h->bar_h;
-        esft__buf_printf(b, "<line x1=\"%d\" y1=\"%.1f\" x2=\"%d\" y2=\"%.1f\" stroke=\"#222\"/>"
-                         "<text x=\"%d\" y=\"%.1f\">%.*f</text>\n", x + 14, y, x + 18, y, x + 21, y + 4, decimals, v);
+        char y0[32], y1[32], label[64];
+        esft__dtoa(y0, sizeof y0, y, 1, 1);
+        esft__dtoa(y1, sizeof y1, y + 4, 1, 1);
+        esft__dtoa(label, sizeof label, v, decimals, 1);
+        esft__buf_printf(b, "<line x1=\"%d\" y1=\"%s\" x2=\"%d\" y2=\"%s\" stroke=\"#222\"/>"
+                         "<text x=\"%d\" y=\"%s\">%s</text>\n", x + 14, y0, x + 18, y0, x + 21, y1, label);
     }
     esft__buf_puts(b, "</g>\n");
 }
@@ -3434,10 +3568,12 @@ static void esft__heatmap_colorbar(esft__buf *b, const esft__heatmap *h)
 static void esft__heatmap_legend(esft__buf *b, const esft__heatmap *h)
 {
     int y = h->top + h->grid_h + 50, total = h->n_rows * h->E;
+    char pct[32];
+    esft__dtoa(pct, sizeof pct, 100.0 * h->n_selected / total, 1, 1);
     esft__buf_printf(b, "<rect x=\"%d\" y=\"%d\" width=\"13\" height=\"13\" fill=\"%s\" stroke=\"#ff2a00\" "
                      "stroke-width=\"2.5\"/>\n<text x=\"%d\" y=\"%d\" font-size=\"12\">selected for training: %d of "
-                     "%d experts (%.1f%%) over %d layers</text>\n", h->left, y, h->table ? "none" : "#ffd666",
-                     h->left + 20, y + 11, h->n_selected, total, 100.0 * h->n_selected / total, h->n_rows);
+                     "%d experts (%s%%) over %d layers</text>\n", h->left, y, h->table ? "none" : "#ffd666",
+                     h->left + 20, y + 11, h->n_selected, total, pct, h->n_rows);
 }
 
 ESFTDEF esft_status esft_heatmap_write_svg(const char *path, const esft_scores *sc, esft_score which,
@@ -3547,7 +3683,7 @@ ESFTDEF esft_status esft_moe_config_validate(const esft_moe_config *c, esft_erro
     if (c->d_model < 1 || c->d_expert < 1 || c->d_shared < 0)
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "D %d, F %d must be >= 1 and FS %d >= 0",
                           c->d_model, c->d_expert, c->d_shared);
-    s = esft_route_config_validate(&c->route, err);
+    s = esft__route_config_sizes(&c->route, err); /* the bias may be on a device: its backend checks it */
     if (s != ESFT_OK) return s;
     if (!(c->aux_alpha >= 0.0f) || !isfinite(c->aux_alpha))
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "aux_alpha must be finite and >= 0");
@@ -3964,7 +4100,9 @@ static esft_status esft__moe_forward_cpu(void *context, const esft_moe *m, float
     int nt = esft__moe_threads(c, T);
     size_t i, te = (size_t)T * E;
     esft__moe_ws w;
+    esft_status s = esft__route_bias_check(&c->route, err); /* host memory on this backend */
     (void)context;
+    if (s != ESFT_OK) return s;
     esft__moe_ws_at(&w, c, T, workspace);
     esft__sgemm(0, 1, T, E, D, 1.0f, x, D, esft__moe_router_w(m), D, 0.0f, w.logits, E);
     for (i = 0; i < te; i++)
@@ -4615,15 +4753,17 @@ static esft_status esft__pesc_forward_cpu(void *context, const esft_pesc_config 
     (void)context;
     s->T = 0;
     if (T == 0) { s->aux_loss = 0.0f; if (aux_loss) *aux_loss = 0.0f; return ESFT_OK; }
-    /* NaN/Inf checks cost one pass over (T, E) and one over y: a bad u or router
-       shows in the logits (route checks them), a bad F or expert weight in y;
-       only then are the inputs scanned, to name the culprit */
+    /* F and the parameters are checked before y is written, so a failed call
+       leaves y as it was (one pass each, cheap next to the adapters); a bad u
+       shows in the logits (route checks them) and is named only then. Finite
+       inputs that overflow are caught in y itself, after it is written. */
+    if ((st = esft__pesc_check_finite(F, (size_t)T * D, "F", D, err)) != ESFT_OK) return st;
+    if ((st = esft__pesc_check_finite(params, esft_pesc_param_count(c), "params", 0, err)) != ESFT_OK) return st;
     esft__sgemm(0, 1, T, E, D, 1.0f, u, D, params, D, 0.0f, s->logits, E);
     rc.renormalize = 1;
     if ((st = esft__route_cpu(NULL, &rc, s->ids, s->weights, s->probs, s->logits, T, err)) != ESFT_OK) {
         if (st != ESFT_ERR_NUMERIC) return st;
         if ((st = esft__pesc_check_finite(u, (size_t)T * D, "u", D, err)) != ESFT_OK) return st;
-        if ((st = esft__pesc_check_finite(params, (size_t)E * D, "router weight", D, err)) != ESFT_OK) return st;
         return esft__fail(err, ESFT_ERR_NUMERIC, "router logits overflow (u or router weights too large)");
     }
     esft__pesc_group_slots(s->order, s->offset, s->ids, T * K, E);
@@ -4644,12 +4784,8 @@ static esft_status esft__pesc_forward_cpu(void *context, const esft_pesc_config 
             for (d = 0; d < D; d++) yt[d] += a[d];
         }
     }
-    if (esft__pesc_check_finite(y, (size_t)T * D, "y", D, err) != ESFT_OK) {
-        if ((st = esft__pesc_check_finite(F, (size_t)T * D, "F", D, err)) != ESFT_OK) return st;
-        if ((st = esft__pesc_check_finite(params, esft_pesc_param_count(c), "params", 0, err)) != ESFT_OK)
-            return st;
+    if (esft__pesc_check_finite(y, (size_t)T * D, "y", D, err) != ESFT_OK)
         return ESFT_ERR_NUMERIC; /* finite inputs, an overflow: err names y's first bad element */
-    }
     s->cfg = *c;
     s->T = T;
     if (aux_loss) *aux_loss = s->aux_loss;
@@ -4704,9 +4840,12 @@ static esft_status esft__pesc_backward_cpu(void *context, const esft_pesc_config
     size_t i;
     esft__pesc_work w = esft__pesc_work_split(c, s->work, (size_t)T);
     esft_adapter_config ac = esft__pesc_expert_config(c);
+    esft_status st;
     (void)context;
     if (T == 0) return ESFT_OK;
     if (!isfinite(daux)) return esft__fail(err, ESFT_ERR_NUMERIC, "daux is not finite");
+    /* before any gradient is touched: a NaN in dy would spread into all of them */
+    if ((st = esft__pesc_check_finite(dy, (size_t)T * D, "dy", D, err)) != ESFT_OK) return st;
     for (e = 0; e < E; e++) {
         const int32_t *slots = s->order + s->offset[e];
         const float *down = params + esft_pesc_tensor_offset(c, ESFT_PESC_DOWN, e);
@@ -5154,17 +5293,26 @@ static int esft__fd_read_at(int fd, uint64_t offset, void *dst, size_t n)
     return 1;
 }
 
-/* A whole small file (an index) into memory, NUL-terminated. Pair: a->free. */
-static esft_status esft__slurp(const char *path, const esft_allocator *a, char **out, size_t *size,
-                               esft_error *err)
+/* A whole small file into memory (declared near the top of the implementation).
+   Only a regular file: a directory or device has no meaningful size (ftell of a
+   directory is LLONG_MAX on Linux), and the limit keeps a wrong path from
+   allocating gigabytes. */
+static esft_status esft__read_file(const char *path, uint64_t max_bytes, const esft_allocator *a, char **out,
+                                   size_t *size, esft_error *err)
 {
     uint64_t n = 0;
     int fd = esft__fd_open_read(path);
     *out = NULL;
+    *size = 0;
     if (fd < 0) return esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot open: %s", strerror(errno));
-    if (!esft__fd_size(fd, &n) || n > ESFT_ST_MAX_HEADER) {
+    if (!esft__fd_size(fd, &n)) {
         esft__sys_close(fd);
-        return esft__fail_at(err, ESFT_ERR_IO, path, 0, "not a regular file of at most 100 MB");
+        return esft__fail_at(err, ESFT_ERR_IO, path, 0, "not a regular file");
+    }
+    if (n > max_bytes || n >= (uint64_t)(size_t)-1) {
+        esft__sys_close(fd);
+        return esft__fail_at(err, ESFT_ERR_IO, path, 0, "file of %llu bytes is over the limit of %llu bytes",
+                             (unsigned long long)n, (unsigned long long)max_bytes);
     }
     *out = ESFT__CAST(char *, a->alloc(a->user, (size_t)n + 1));
     if (!*out) { esft__sys_close(fd); return esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, path, 0, "%lu bytes", (unsigned long)n); }
@@ -5180,12 +5328,13 @@ static esft_status esft__slurp(const char *path, const esft_allocator *a, char *
     return ESFT_OK;
 }
 
-/* A file being written: bytes go to "<path>.tmp"; commit renames it to path. */
+/* A file being written: bytes go to a fresh "<path>.tmp.<pid>.<n>"
+   (esft__open_temp); commit renames it to path. */
 typedef struct esft__out {
     int fd;
     uint64_t written, kicked; /* bytes written; bytes handed to writeback so far */
     char path[4096];
-    char tmp[4100];
+    char tmp[4200];
 } esft__out;
 
 #define ESFT__WRITEBACK_STEP ((uint64_t)2 << 20) /* bytes between writeback starts (Linux) */
@@ -5222,18 +5371,7 @@ static esft_status esft__out_open(esft__out *o, const char *path, esft_error *er
     if (strlen(path) >= sizeof o->path)
         return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "path too long");
     snprintf(o->path, sizeof o->path, "%s", path);
-    snprintf(o->tmp, sizeof o->tmp, "%s.tmp", path);
-#if defined(_WIN32)
-    o->fd = _open(o->tmp, _O_WRONLY | _O_CREAT | _O_TRUNC | ESFT__O_BINARY, _S_IREAD | _S_IWRITE);
-#else
-    o->fd = open(o->tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-#endif
-    if (o->fd < 0) {
-        int e = errno;
-        o->tmp[0] = 0;
-        return esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot create %s.tmp: %s", path, strerror(e));
-    }
-    return ESFT_OK;
+    return esft__open_temp(path, o->tmp, sizeof o->tmp, &o->fd, err);
 }
 
 static esft_status esft__out_write(esft__out *o, const void *data, size_t n, esft_error *err)
@@ -6383,7 +6521,7 @@ static esft_status esft__ck_open_index(esft_checkpoint *ck, const char *index, e
     esft_json js;
     int n, i;
     const char *dup;
-    esft_status s = esft__slurp(index, &ck->allocator, &text, &size, err);
+    esft_status s = esft__read_file(index, ESFT_ST_MAX_HEADER, &ck->allocator, &text, &size, err);
     if (s != ESFT_OK) return s;
     s = esft_json_parse(&js, text, size, &ck->allocator, err);
     if (s != ESFT_OK) {
@@ -7051,17 +7189,12 @@ ESFTDEF int esft_json_find(const esft_json *js, int obj, const char *key)
 
 ESFTDEF esft_status esft_json_number(const esft_json *js, int tok, double *out)
 {
-    char buf[512];
     size_t n;
-    char *stop;
     if (!js || !out || tok < 0 || tok >= js->n_tokens || js->tokens[tok].type != ESFT_JSON_NUMBER)
         return ESFT_ERR_INVALID_ARGUMENT;
     n = js->tokens[tok].end - js->tokens[tok].start;
-    if (n >= sizeof buf) return ESFT_ERR_RANGE;
-    memcpy(buf, js->text + js->tokens[tok].start, n);
-    buf[n] = 0;
-    *out = strtod(buf, &stop);
-    if (*stop) return ESFT_ERR_PARSE;
+    if (n >= 512) return ESFT_ERR_RANGE;
+    if (!esft__strtod(js->text + js->tokens[tok].start, n, out)) return ESFT_ERR_PARSE;
     return isfinite(*out) ? ESFT_OK : ESFT_ERR_RANGE; /* 1e999 is valid JSON but no number here */
 }
 

@@ -17,7 +17,7 @@
    Messages go to stderr, naming file:line where the library knows them; help
    and --version, which the user asked for, go to stdout. An output file is
    written only when the whole command succeeds (the library writes to
-   "<path>.tmp" and renames). docs/cli.md is the manual.
+   "<path>.tmp.<pid>.<n>" and renames). docs/cli.md is the manual.
 
    Adding a command: write `static int cmd_NAME(const char *name, int argc, char **argv)`
    and its help text, then add one row to `commands[]` below. argv[0] is the

@@ -7,6 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <dirent.h>
+#include <unistd.h>
 #include "harness.h"
 #include "slurp.h"
 #include "esft.h"
@@ -47,6 +49,23 @@ static int exists(const char *path)
     FILE *f = fopen(path, "rb");
     if (f) fclose(f);
     return f != NULL;
+}
+
+/* 1 if a temp file of path ("<path>.tmp.<pid>.<n>", or any "<path>.tmp*") is on disk. */
+static int temp_left(const char *path)
+{
+    char dir[1200];
+    const char *slash = strrchr(path, '/'), *base = slash ? slash + 1 : path;
+    size_t nb = strlen(base);
+    DIR *d;
+    struct dirent *ent;
+    int found = 0;
+    snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - path) : 1, slash ? path : ".");
+    if ((d = opendir(dir)) == NULL) return 0;
+    while ((ent = readdir(d)) != NULL)
+        found |= strncmp(ent->d_name, base, nb) == 0 && strncmp(ent->d_name + nb, ".tmp", 4) == 0;
+    closedir(d);
+    return found;
 }
 
 /* Whole file into memory (malloc'd), size in *n; NULL if missing. */
@@ -219,6 +238,39 @@ static esft_expert_config parse_config(const char *json)
 
 /* ---- conversions ------------------------------------------------------ */
 
+/* The checkpoint writer creates its temp file exclusively under a fresh name: a
+   file at "<path>.tmp" (the old fixed name, e.g. another writer's) or at the
+   first candidate "<path>.tmp.<pid>.0" is neither truncated nor renamed. */
+TEST(writer_never_opens_an_existing_temp_name)
+{
+    const char *path = tmp_path("excl.safetensors");
+    char old_tmp[1300], first[1300];
+    float a[2] = {1.5f, -2.0f};
+    esft_st_write_tensor t;
+    char *text;
+    memset(&t, 0, sizeof t);
+    t.name = "w"; t.dtype = ESFT_DTYPE_F32; t.n_dims = 1; t.shape[0] = 2; t.f32 = a;
+    snprintf(old_tmp, sizeof old_tmp, "%s.tmp", path);
+    snprintf(first, sizeof first, "%s.tmp.%ld.0", path, (long)getpid());
+    CHECK(spit(old_tmp, "keep", 4));
+    CHECK(spit(first, "mine", 4));
+    CHECK_STATUS(esft_safetensors_write(path, &t, 1, NULL, NULL, 0, NULL), ESFT_OK);
+    text = slurp(old_tmp, NULL);
+    CHECK_MSG(text && strcmp(text, "keep") == 0, "the old fixed temp name was overwritten");
+    free(text);
+    text = slurp(first, NULL);
+    CHECK_MSG(text && strcmp(text, "mine") == 0, "an existing .tmp.<pid>.0 was overwritten");
+    free(text);
+    {
+        esft_safetensors st;
+        CHECK_STATUS(esft_safetensors_open(&st, path, NULL, NULL), ESFT_OK);
+        esft_safetensors_close(&st);
+    }
+    remove(old_tmp);
+    remove(first);
+    CHECK(!temp_left(path));
+}
+
 TEST(dtype_names_sizes_and_parse)
 {
     esft_dtype d;
@@ -389,7 +441,7 @@ TEST(write_read_round_trip_file_and_memory)
     t[1].name = "f32"; t[1].dtype = ESFT_DTYPE_F32; t[1].n_dims = 1; t[1].shape[0] = 6; t[1].f32 = a;
     t[2].name = "ids"; t[2].dtype = ESFT_DTYPE_I32; t[2].n_dims = 1; t[2].shape[0] = 3; t[2].data = ids;
     CHECK_STATUS(esft_safetensors_write(path, t, 3, k, v, 2, NULL), ESFT_OK);
-    CHECK(!exists(tmp_path("rt.safetensors.tmp")));
+    CHECK(!temp_left(tmp_path("rt.safetensors")));
     bytes = slurp_bytes(path, &n);
     CHECK(bytes != NULL);
     CHECK_EQ_INT((8 + (bytes[0] | bytes[1] << 8)) % 8, 0); /* data area 8-aligned, as the reference pads */
@@ -440,7 +492,7 @@ TEST(write_refuses_bad_tensors_and_leaves_nothing)
     t[1].shape[0] = 2; t[1].f32 = NULL;
     CHECK_STATUS(esft_safetensors_write(path, t, 2, NULL, NULL, 0, NULL), ESFT_ERR_INVALID_ARGUMENT);
     CHECK(!exists(path));
-    CHECK(!exists(tmp_path("refused.safetensors.tmp")));
+    CHECK(!temp_left(tmp_path("refused.safetensors")));
     CHECK_STATUS(esft_safetensors_write(tmp_path("nodir/x.safetensors"), t, 1, NULL, NULL, 0, &err), ESFT_ERR_IO);
 }
 
@@ -472,10 +524,10 @@ static void expect_bad(const char *file, esft_status want, const char *word)
     esft_expert_config_free(&c);
     CHECK_STATUS(s, want);
     CHECK(!exists(out));
-    CHECK(!exists(tmp_path("bad_out.safetensors.tmp")));
+    CHECK(!temp_left(tmp_path("bad_out.safetensors")));
     CHECK_STATUS(esft_checkpoint_merge(tmp_path("good_small.safetensors"), file, outdir, NULL, NULL), want);
     CHECK(!exists(tmp_path("bad_outdir/good_small.safetensors")));
-    CHECK(!exists(tmp_path("bad_outdir/good_small.safetensors.tmp")));
+    CHECK(!temp_left(tmp_path("bad_outdir/good_small.safetensors")));
 }
 
 #define EXPECT_BAD(file, want, word)                   \
@@ -768,8 +820,8 @@ TEST(extract_train_save_merge_changes_exactly_the_trained_experts)
         free(f1);
         free(f2);
     }
-    CHECK(!exists(tmp_path("merged/model-00001-of-00003.safetensors.tmp")));
-    CHECK(!exists(tmp_path("merged/model.safetensors.index.json.tmp")));
+    CHECK(!temp_left(tmp_path("merged/model-00001-of-00003.safetensors")));
+    CHECK(!temp_left(tmp_path("merged/model.safetensors.index.json")));
     esft_checkpoint_close(&b);
     esft_checkpoint_close(&m);
     free(params);
@@ -857,8 +909,7 @@ static int dir_has_outputs(const char *dir)
     for (s = 0; s < 3; s++) {
         snprintf(p, sizeof p, "%s/%s", dir, shard_file(s));
         if (exists(p)) return 1;
-        snprintf(p, sizeof p, "%s/%s.tmp", dir, shard_file(s));
-        if (exists(p)) return 1;
+        if (temp_left(p)) return 1;
     }
     snprintf(p, sizeof p, "%s/model.safetensors.index.json", dir);
     return exists(p);

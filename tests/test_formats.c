@@ -1,6 +1,6 @@
 /* test_formats.c - the ESFT file formats and selection rules: every bad input of
-   issue 3 (status, err.file/err.line naming the place, no output file or .tmp
-   left), JSON round trips, logs bigger than the 1 MiB read chunk, CRLF, and the
+   issue 3 (status, err.file/err.line naming the place, no output file or
+   <path>.tmp* left), JSON round trips, logs bigger than the 1 MiB read chunk, CRLF, and the
    top-p / top-k / budget rules. Files are generated in a temporary directory
    ($TMPDIR or /tmp, removed at exit).
    Build: cc -std=c99 -I. tests/test_formats.c -lm (make does it). */
@@ -12,6 +12,7 @@
 #include "slurp.h"
 
 #include <dirent.h>
+#include <locale.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -85,12 +86,27 @@ static int exists(const char *path)
     return stat(path, &sb) == 0;
 }
 
-/* Neither path nor path.tmp is on disk. */
+/* 1 if a temp file of path ("<path>.tmp" and anything after it) is on disk. */
+static int temp_left(const char *path)
+{
+    char dir[800];
+    const char *slash = strrchr(path, '/'), *base = slash ? slash + 1 : path;
+    size_t nb = strlen(base);
+    DIR *d;
+    struct dirent *ent;
+    int found = 0;
+    snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - path) : 1, slash ? path : ".");
+    if ((d = opendir(dir)) == NULL) return 0;
+    while ((ent = readdir(d)) != NULL)
+        found |= strncmp(ent->d_name, base, nb) == 0 && strncmp(ent->d_name + nb, ".tmp", 4) == 0;
+    closedir(d);
+    return found;
+}
+
+/* Neither path nor any path.tmp* is on disk. */
 static int no_output(const char *path)
 {
-    char tmp[800];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    return !exists(path) && !exists(tmp);
+    return !exists(path) && !temp_left(path);
 }
 
 static int ends_with(const char *s, const char *tail)
@@ -410,7 +426,7 @@ TEST(good_summary_is_accepted)
     CHECK_EQ_INT(cfg.ids[cfg.offset[1] + 1], 2);
     CHECK_EQ_INT(cfg.ids[cfg.offset[2]], 0);
     esft_expert_config_free(&cfg);
-    CHECK(!exists(join(dir, "config.json.tmp")));
+    CHECK(!temp_left(join(dir, "config.json")));
 }
 
 TEST(json_empty_file)        { bad_summary_text("j_empty", "", ESFT_ERR_PARSE, 1); }
@@ -854,6 +870,164 @@ TEST(budget_picks_the_best_pairs_across_layers)
     CHECK(!esft_expert_config_has(&cfg, 1, 2));
     esft_expert_config_free(&cfg);
     esft_scores_free(&sc);
+}
+
+/* ---- reviewer's defects: locale, file limits, temp files, id lists, log dirs ---- */
+
+/* Under a comma-decimal locale (de_DE), printf would write "0,25" and strtod stop
+   at the '.': files must still say 0.25 and read back. Skipped where the locale
+   is not installed (apt-get install locales; locale-gen de_DE.UTF-8). */
+TEST(numbers_ignore_a_comma_decimal_locale)
+{
+    static const char log[] = "0\t1\t\t0.5\t0.25\n1\t0\t\t1.5e-1\t0.125\n"; /* 1.5e-1: strtod path */
+    esft_scores sc, back;
+    esft_stats st;
+    esft_json js;
+    esft_error err;
+    const char *path = fresh_file("locale", "summary.json"), *num = "[0.5, 2.5e-3]";
+    char *text;
+    double v = 0.0;
+    int i;
+    CHECK(path != NULL);
+    if (!setlocale(LC_NUMERIC, "de_DE.UTF-8") && !setlocale(LC_NUMERIC, "de_DE.utf8"))
+        SKIP("locale de_DE.UTF-8 not installed");
+    CHECK_MSG(strcmp(localeconv()->decimal_point, ",") == 0, "decimal point '%s'", localeconv()->decimal_point);
+    CHECK_STATUS(esft_scores_alloc(&sc, 2, 4, NULL), ESFT_OK);
+    sc.layer_present[1] = 1;
+    for (i = 0; i < 4; i++) { sc.token[4 + i] = 0.25; sc.gate[4 + i] = (i + 1) / 8.0; }
+    CHECK_STATUS(esft_scores_write_json(path, &sc, 4, &err), ESFT_OK);
+    text = slurp(path, NULL);
+    CHECK(text != NULL && strstr(text, "0.25") != NULL && strstr(text, "0,") == NULL);
+    CHECK_MSG(text && strstr(text, "\"0\": 0.25, ") != NULL, "%s", text ? text : "");
+    free(text);
+    CHECK_STATUS(esft_scores_read_json(path, &back, &err), ESFT_OK);
+    for (i = 0; i < 4; i++) CHECK(back.token[4 + i] == 0.25 && back.gate[4 + i] == sc.gate[4 + i]);
+    esft_scores_free(&back);
+    CHECK_STATUS(esft_scores_write_json(path, &sc, -1, &err), ESFT_OK); /* shortest round trip */
+    CHECK_STATUS(esft_scores_read_json(path, &back, &err), ESFT_OK);
+    for (i = 0; i < 4; i++) CHECK(back.gate[4 + i] == sc.gate[4 + i]);
+    esft_scores_free(&back);
+    esft_scores_round(&sc, 1); /* 0.125 and 0.25 are exact: ties to even, as Python */
+    CHECK(sc.gate[4] == 0.1 && sc.gate[5] == 0.2);
+    CHECK_STATUS(esft_json_parse(&js, num, strlen(num), NULL, NULL), ESFT_OK);
+    CHECK_STATUS(esft_json_number(&js, 1, &v), ESFT_OK);
+    CHECK(v == 0.5);
+    CHECK_STATUS(esft_json_number(&js, 2, &v), ESFT_OK);
+    CHECK(v == 2.5e-3);
+    esft_json_free(&js);
+    CHECK_STATUS(esft_stats_init(&st, 1, 2, 2, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_read_log_memory(&st, 0, log, sizeof log - 1, "log", &err), ESFT_OK);
+    CHECK(st.gate_sum[0] == (uint64_t)((0.5 + (double)0.125f) * 4294967296.0 + 0.5));
+    CHECK(st.gate_sum[1] == (uint64_t)(((double)0.25f + (double)(float)1.5e-1) * 4294967296.0 + 0.5) ||
+          st.gate_sum[1] == esft__to_fixed(0.25f) + esft__to_fixed((float)1.5e-1));
+    esft_stats_uninit(&st);
+    esft_scores_free(&sc);
+    setlocale(LC_NUMERIC, "C");
+}
+
+/* JSON readers take regular files only, and not huge ones (a directory used to
+   read as LLONG_MAX bytes). */
+TEST(json_readers_refuse_directories_and_huge_files)
+{
+    const char *dir = fresh_dir("read_limits");
+    esft_scores sc;
+    esft_expert_config cfg;
+    esft_error err;
+    FILE *f;
+    CHECK(dir != NULL);
+    CHECK_STATUS(esft_scores_read_json(dir, &sc, &err), ESFT_ERR_IO);
+    CHECK_MSG(strstr(err.message, "not a regular file") != NULL, "%s", err.message);
+    CHECK_STATUS(esft_expert_config_read(dir, &cfg, &err), ESFT_ERR_IO);
+    CHECK_MSG(strstr(err.message, "not a regular file") != NULL, "%s", err.message);
+    f = fopen(join(dir, "huge.json"), "wb"); /* sparse: 300 MB of size, no blocks */
+    CHECK(f != NULL);
+    if (!f) return;
+    fclose(f);
+    CHECK(truncate(join(dir, "huge.json"), 300L << 20) == 0);
+    CHECK_STATUS(esft_expert_config_read(join(dir, "huge.json"), &cfg, &err), ESFT_ERR_IO);
+    CHECK_MSG(strstr(err.message, "314572800 bytes is over the limit of 268435456") != NULL, "%s", err.message);
+    CHECK(ends_with(err.file, "huge.json"));
+}
+
+/* The temp file is "<path>.tmp.<pid>.<n>", created exclusively: a link planted at
+   "<path>.tmp" (the old fixed name) or at the first candidate is never followed. */
+TEST(writers_never_open_an_existing_temp_name)
+{
+    const char *dir = fresh_dir("tmpname");
+    char out[700], planted[760], victim[700], *text;
+    esft_expert_config cfg;
+    const char *json = "{\"experts\": {\"0\": [3, 1]}}";
+    CHECK(dir != NULL);
+    snprintf(out, sizeof out, "%s", join(dir, "config.json"));
+    snprintf(victim, sizeof victim, "%s", join(dir, "victim"));
+    CHECK(write_text(victim, "keep", 4));
+    snprintf(planted, sizeof planted, "%s.tmp", out);
+    CHECK(symlink(victim, planted) == 0);
+    snprintf(planted, sizeof planted, "%s.tmp.%ld.0", out, (long)getpid());
+    CHECK(symlink(victim, planted) == 0);
+    CHECK_STATUS(esft_expert_config_parse(json, strlen(json), "cfg", &cfg, NULL), ESFT_OK);
+    CHECK_STATUS(esft_expert_config_write(out, &cfg, NULL), ESFT_OK);
+    esft_expert_config_free(&cfg);
+    text = slurp(victim, NULL);
+    CHECK_MSG(text && strcmp(text, "keep") == 0, "the planted link was followed: %s", text ? text : "");
+    free(text);
+    text = slurp(out, NULL);
+    CHECK(text && strstr(text, "[3, 1]") != NULL);
+    free(text);
+    CHECK(unlink(planted) == 0);
+    snprintf(planted, sizeof planted, "%s.tmp", out);
+    CHECK(unlink(planted) == 0);
+    CHECK(!temp_left(out)); /* nothing of ours is left */
+}
+
+/* Repeats are found with a bitmap: in a long list, at its end, and only within a
+   layer (each layer starts with a clean bitmap). */
+TEST(config_id_lists_repeats_found_in_one_pass)
+{
+    enum { N = 200000 };
+    size_t cap = (size_t)N * 8 + 200, n = 0;
+    char *text = (char *)malloc(cap);
+    esft_expert_config cfg;
+    esft_error err;
+    int i;
+    CHECK(text != NULL);
+    if (!text) return;
+    n += (size_t)sprintf(text + n, "{\"experts\": {\"1\": [");
+    for (i = 0; i < N; i++) n += (size_t)sprintf(text + n, i ? ", %d" : "%d", N - 1 - i);
+    n += (size_t)sprintf(text + n, "], \"2\": [0, 199999, 7]}}");
+    CHECK_STATUS(esft_expert_config_parse(text, n, "long", &cfg, &err), ESFT_OK);
+    CHECK_EQ_INT(cfg.offset[2] - cfg.offset[1], N);
+    CHECK_EQ_INT(cfg.ids[cfg.offset[2] + 1], 199999);
+    esft_expert_config_free(&cfg);
+    n = 0;
+    n += (size_t)sprintf(text + n, "{\"experts\": {\"1\": [");
+    for (i = 0; i < N; i++) n += (size_t)sprintf(text + n, i ? ", %d" : "%d", i);
+    n += (size_t)sprintf(text + n, ", 123456]}}");
+    CHECK_STATUS(esft_expert_config_parse(text, n, "dup", &cfg, &err), ESFT_ERR_PARSE);
+    CHECK_MSG(strstr(err.message, "listed twice") != NULL, "%s", err.message);
+    {
+        const char *d2 = "{\"experts\": {\"1\": [5, 6, 5], \"2\": [5]}}", *ok2 = "{\"experts\": {\"1\": [5, 6], \"2\": [6, 5]}}";
+        CHECK_STATUS(esft_expert_config_parse(d2, strlen(d2), "d2", &cfg, &err), ESFT_ERR_PARSE);
+        CHECK_STATUS(esft_expert_config_parse(ok2, strlen(ok2), "ok2", &cfg, &err), ESFT_OK);
+    }
+    esft_expert_config_free(&cfg);
+    free(text);
+}
+
+/* A log of a layer past the accumulator is refused even when the layers in
+   between have no file (layer n_layers itself missing). */
+TEST(log_file_far_beyond_the_accumulator_is_refused)
+{
+    esft_error err;
+    const char *dir = fresh_dir("far_beyond"), *out;
+    CHECK(dir != NULL);
+    CHECK(write_text(join(dir, "expert_weights_1.txt"), GOOD, strlen(GOOD)));
+    CHECK(write_text(join(dir, "expert_weights_20.txt"), GOOD, strlen(GOOD)));
+    out = join(dir, "summary.json");
+    CHECK_STATUS(stats_pipeline(dir, out, &err), ESFT_ERR_RANGE); /* PL_LAYERS = 8 */
+    CHECK_MSG(ends_with(err.file, "expert_weights_20.txt"), "%s", err.file);
+    CHECK(strstr(err.message, "layer 20") != NULL);
+    CHECK(no_output(out));
 }
 
 HARNESS_MAIN()

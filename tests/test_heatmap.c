@@ -7,6 +7,7 @@
 #include "harness.h"
 #include "slurp.h"
 
+#include <locale.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -169,6 +170,60 @@ TEST(heatmap_failure_keeps_existing_file)
     free(before);
     free(after);
     esft_scores_free(&sc);
+}
+
+/* A config alone takes E from its highest id: a 62-byte config naming expert
+   999999 used to make a 330 MB picture. Over 4096 experts or 65536 cells: refused. */
+TEST(heatmap_refuses_oversized_grids)
+{
+    const char *huge = "{\"experts\": {\"1\": [999999]}, \"shared_experts\": false}";
+    esft_expert_config cfg;
+    esft_scores sc;
+    esft_error err;
+    const char *path = out_path("heatmap_huge.svg");
+    remove(path);
+    CHECK_STATUS(esft_expert_config_parse(huge, strlen(huge), "huge", &cfg, &err), ESFT_OK);
+    CHECK_STATUS(esft_heatmap_write_svg(path, NULL, ESFT_SCORE_TOKEN, &cfg, &err), ESFT_ERR_RANGE);
+    CHECK_MSG(strstr(err.message, "1000000 experts is too wide") != NULL, "%s", err.message);
+    CHECK(!exists(path));
+    esft_expert_config_free(&cfg);
+    /* 17 layers x 4096 experts = 69632 cells > 65536 */
+    CHECK_STATUS(esft_scores_alloc(&sc, 17, 4096, NULL), ESFT_OK);
+    memset(sc.layer_present, 1, 17);
+    CHECK_STATUS(esft_heatmap_write_svg(path, &sc, ESFT_SCORE_TOKEN, NULL, &err), ESFT_ERR_RANGE);
+    CHECK_MSG(strstr(err.message, "17 layers x 4096 experts is too large") != NULL, "%s", err.message);
+    CHECK(!exists(path));
+    sc.layer_present[16] = 0; /* 16 x 4096 = 65536: the largest drawn */
+    CHECK_STATUS(esft_heatmap_write_svg(path, &sc, ESFT_SCORE_TOKEN, NULL, &err), ESFT_OK);
+    esft_scores_free(&sc);
+    remove(path);
+}
+
+/* Under a comma-decimal locale the SVG still says y="12.5", not y="12,5" (which
+   no renderer reads). Skipped where de_DE is not installed. */
+TEST(heatmap_numbers_ignore_a_comma_decimal_locale)
+{
+    esft_scores sc;
+    esft_expert_config cfg;
+    const char *sel = "{\"experts\": {\"1\": [7, 2]}}";
+    const char *path = out_path("heatmap_locale.svg"), *p;
+    char *svg;
+    int commas = 0;
+    if (!setlocale(LC_NUMERIC, "de_DE.UTF-8") && !setlocale(LC_NUMERIC, "de_DE.utf8"))
+        SKIP("locale de_DE.UTF-8 not installed");
+    make_scores(&sc);
+    CHECK_STATUS(esft_expert_config_parse(sel, strlen(sel), "sel", &cfg, NULL), ESFT_OK);
+    CHECK_STATUS(esft_heatmap_write_svg(path, &sc, ESFT_SCORE_TOKEN, &cfg, NULL), ESFT_OK);
+    svg = slurp(path, NULL);
+    CHECK(svg != NULL);
+    for (p = svg; p && *p; p++) /* a digit, a comma, a digit: a decimal comma */
+        commas += p > svg && p[-1] >= '0' && p[-1] <= '9' && *p == ',' && p[1] >= '0' && p[1] <= '9';
+    CHECK_MSG(commas == 0, "%d decimal commas in the SVG", commas);
+    CHECK(svg && strstr(svg, "score 0.125<") != NULL && strstr(svg, "(12.5%)") != NULL);
+    free(svg);
+    esft_expert_config_free(&cfg);
+    esft_scores_free(&sc);
+    setlocale(LC_NUMERIC, "C");
 }
 
 HARNESS_MAIN()

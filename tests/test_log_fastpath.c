@@ -157,6 +157,12 @@ TEST(histogram_kernel_equals_textbook_loop)
     ids[300] = 0;
     w[N - 1] = -1.0f; /* a bad weight in the partial last block */
     CHECK(esft__hist_copies(c2, g2, ids, w, N, E) != 0);
+    w[N - 1] = 1.0f;
+    w[700] = 65537.0f; /* above the largest gate weight (2^16), in a full block */
+    CHECK(esft__hist_copies(c2, g2, ids, w, N, E) != 0);
+    CHECK(esft__hist_simple(c2, g2, ids, w, N, E) != 0);
+    w[700] = 65536.0f; /* the largest accepted */
+    CHECK(esft__hist_copies(c2, g2, ids, w, N, E) == 0);
 }
 
 TEST(division_free_ratios_equal_integer_division)

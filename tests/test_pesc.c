@@ -579,6 +579,44 @@ static int write_floats(const char *dir, const char *name, const float *x, size_
     return fclose(f) != 0;
 }
 
+/* NaN/Inf inputs are refused before any output is written: y keeps its bytes when
+   F is bad (it used to receive a copy of F first), and dF, du, dparams keep theirs
+   when dy is bad (dy used to be unchecked: NaN spread into every gradient). */
+TEST(pesc_bad_input_leaves_outputs_untouched)
+{
+    enum { T = 3, D = 4, E = 3, K = 2, R = 2 };
+    pesc_case k;
+    esft_error err;
+    size_t np, i;
+    float *dF, *du, *dp;
+    int same = 1;
+    pesc_case_make(&k, T, D, E, K, R, 0.0f, 11);
+    np = esft_pesc_param_count(&k.c);
+    dF = fnew((size_t)T * D); du = fnew((size_t)T * D); dp = fnew(np);
+    for (i = 0; i < (size_t)T * D; i++) k.y[i] = dF[i] = du[i] = 7.0f;
+    for (i = 0; i < np; i++) dp[i] = 7.0f;
+    k.F[5] = NAN;
+    CHECK_STATUS(esft_pesc_forward(&k.c, k.y, NULL, k.F, k.u, k.params, &k.saved, T, NULL), ESFT_ERR_NUMERIC);
+    for (i = 0; i < (size_t)T * D; i++) same &= k.y[i] == 7.0f;
+    CHECK_MSG(same, "y was written by a forward that failed on F");
+    k.F[5] = 0.5f;
+    k.params[np - 1] = INFINITY; /* an adapter weight */
+    CHECK_STATUS(esft_pesc_forward(&k.c, k.y, NULL, k.F, k.u, k.params, &k.saved, T, NULL), ESFT_ERR_NUMERIC);
+    for (i = 0; i < (size_t)T * D; i++) same &= k.y[i] == 7.0f;
+    CHECK_MSG(same, "y was written by a forward that failed on params");
+    k.params[np - 1] = 0.0f;
+    CHECK_STATUS(esft_pesc_forward(&k.c, k.y, NULL, k.F, k.u, k.params, &k.saved, T, NULL), ESFT_OK);
+    k.dy[D + 3] = NAN;
+    CHECK_STATUS(esft_pesc_backward(&k.c, dF, du, dp, k.dy, 1.0f, &k.saved, k.F, k.u, k.params, T, &err),
+                 ESFT_ERR_NUMERIC);
+    CHECK_MSG(strstr(err.message, "dy[1][3] is NaN") != NULL, "%s", err.message);
+    for (i = 0; i < (size_t)T * D; i++) same &= dF[i] == 7.0f && du[i] == 7.0f;
+    for (i = 0; i < np; i++) same &= dp[i] == 7.0f;
+    CHECK_MSG(same, "gradients were written by a backward that failed on dy");
+    free(dF); free(du); free(dp);
+    pesc_case_free(&k);
+}
+
 /* Two cases (no dropout, dropout 0.2): inputs, the seeded init block, and the
    layer's outputs and gradients. */
 static int dump(const char *dir)

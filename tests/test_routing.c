@@ -459,4 +459,26 @@ TEST(version_agrees_in_macros_function_header_and_changes)
     free(changes);
 }
 
+/* A NaN bias made every comparison false, so the choice depended on loop order;
+   an Inf one pinned an expert. Refused by validation and by routing (whose door
+   cannot read the bias, as it may live on a device: the CPU op checks it). */
+TEST(non_finite_selection_bias_is_rejected)
+{
+    float logits[4] = {2.0f, 1.0f, 0.0f, -1.0f}, bias[4] = {0.0f, 0.0f, 0.0f, 0.0f}, w[2];
+    int32_t ids[2];
+    esft_error err;
+    esft_route_config c = esft_route_config_init(4, 2);
+    c.gating = ESFT_GATING_SIGMOID;
+    c.selection_bias = bias;
+    CHECK_STATUS(esft_route_config_validate(&c, &err), ESFT_OK);
+    bias[2] = NAN;
+    CHECK_STATUS(esft_route_config_validate(&c, &err), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_MSG(strstr(err.message, "selection_bias[2] is NaN") != NULL, "%s", err.message);
+    CHECK_STATUS(esft_route(&c, ids, w, NULL, logits, 1, &err), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_MSG(strstr(err.message, "selection_bias[2] is NaN") != NULL, "%s", err.message);
+    bias[2] = -INFINITY;
+    CHECK_STATUS(esft_route_config_validate(&c, &err), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_MSG(strstr(err.message, "selection_bias[2] is Inf") != NULL, "%s", err.message);
+}
+
 HARNESS_MAIN()

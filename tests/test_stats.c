@@ -401,4 +401,52 @@ TEST(scores_round_like_python)
     esft_scores_free(&sc);
 }
 
+/* Gate weights above 2^16 are refused (they used to be accepted up to 2^31, and a
+   few of them wrapped the fixed-point sums), with the same status and message
+   whichever path meets the weight: the plain loop (short runs), the 4-copy kernel
+   (runs >= 8E), a chunk check with a mask, and the log parser. */
+TEST(gate_weights_above_65536_are_refused_on_every_path)
+{
+    enum { T = 64, K = 2, E = 4 };
+    static int32_t ids[T * K];
+    static float w[T * K];
+    static unsigned char mask[T];
+    esft_stats st;
+    esft_error err;
+    snapshot before;
+    char want[128];
+    const unsigned char *masks[2] = {NULL, mask};
+    int Ts[2] = {3, T}, i, a, b;
+    for (i = 0; i < T * K; i++) { ids[i] = i % E; w[i] = 0.25f; }
+    for (i = 0; i < T; i++) mask[i] = 1;
+    CHECK_STATUS(esft_stats_init(&st, 1, E, K, NULL), ESFT_OK);
+    w[3] = 65536.0f; /* the largest accepted */
+    CHECK_STATUS(esft_stats_add(&st, 0, ids, w, NULL, T, &err), ESFT_OK);
+    CHECK(st.gate_sum[3] == (uint64_t)(65536.0 * ONE) + (uint64_t)(T * K / E - 1) * (uint64_t)(0.25 * ONE));
+    snap(&before, &st);
+    w[3] = 65537.0f; /* token 1 */
+    snprintf(want, sizeof want, "token 1: weight 65537 is not a finite number in [0, 65536]");
+    for (a = 0; a < 2; a++)
+        for (b = 0; b < 2; b++) {
+            CHECK_STATUS(esft_stats_add(&st, 0, ids, w, masks[b], Ts[a], &err), ESFT_ERR_RANGE);
+            CHECK_MSG(strcmp(err.message, want) == 0, "T %d mask %d: %s", Ts[a], b, err.message);
+            CHECK(unchanged(&before, &st));
+        }
+    w[3] = 3e9f; /* above 2^31: was refused before too, same message now */
+    CHECK_STATUS(esft_stats_add(&st, 0, ids, w, NULL, T, &err), ESFT_ERR_RANGE);
+    CHECK_MSG(strstr(err.message, "token 1: weight 3e+09 is not a finite number in [0, 65536]") != NULL, "%s",
+              err.message);
+    {
+        static const char log[] = "0\t1\t\t0.5\t0.25\n2\t1\t\t0.5\t65537\n"; /* line 2, token 0 */
+        static const char ok[] = "0\t1\t\t0.5\t65536.0\n";
+        CHECK_STATUS(esft_stats_read_log_memory(&st, 0, log, sizeof log - 1, "log", &err), ESFT_ERR_RANGE);
+        CHECK_EQ_INT(err.line, 2);
+        CHECK_MSG(strcmp(err.message, "token 0: weight 65537 is not a finite number in [0, 65536]") == 0, "%s",
+                  err.message);
+        CHECK(unchanged(&before, &st));
+        CHECK_STATUS(esft_stats_read_log_memory(&st, 0, ok, sizeof ok - 1, "ok", &err), ESFT_OK);
+    }
+    esft_stats_uninit(&st);
+}
+
 HARNESS_MAIN()
