@@ -11,6 +11,7 @@
 #include <unistd.h>
 #include "harness.h"
 #include "slurp.h"
+#include "temp_files.h"
 #include "esft.h"
 #define ESFT_IMPLEMENTATION
 #include "esft.h"
@@ -49,23 +50,6 @@ static int exists(const char *path)
     FILE *f = fopen(path, "rb");
     if (f) fclose(f);
     return f != NULL;
-}
-
-/* 1 if a temp file of path ("<path>.tmp.<pid>.<n>", or any "<path>.tmp*") is on disk. */
-static int temp_left(const char *path)
-{
-    char dir[1200];
-    const char *slash = strrchr(path, '/'), *base = slash ? slash + 1 : path;
-    size_t nb = strlen(base);
-    DIR *d;
-    struct dirent *ent;
-    int found = 0;
-    snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - path) : 1, slash ? path : ".");
-    if ((d = opendir(dir)) == NULL) return 0;
-    while ((ent = readdir(d)) != NULL)
-        found |= strncmp(ent->d_name, base, nb) == 0 && strncmp(ent->d_name + nb, ".tmp", 4) == 0;
-    closedir(d);
-    return found;
 }
 
 /* Whole file into memory (malloc'd), size in *n; NULL if missing. */

@@ -10,6 +10,7 @@
 #include "esft.h"
 #include "harness.h"
 #include "slurp.h"
+#include "temp_files.h"
 
 #include <dirent.h>
 #include <locale.h>
@@ -84,23 +85,6 @@ static int exists(const char *path)
 {
     struct stat sb;
     return stat(path, &sb) == 0;
-}
-
-/* 1 if a temp file of path ("<path>.tmp" and anything after it) is on disk. */
-static int temp_left(const char *path)
-{
-    char dir[800];
-    const char *slash = strrchr(path, '/'), *base = slash ? slash + 1 : path;
-    size_t nb = strlen(base);
-    DIR *d;
-    struct dirent *ent;
-    int found = 0;
-    snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - path) : 1, slash ? path : ".");
-    if ((d = opendir(dir)) == NULL) return 0;
-    while ((ent = readdir(d)) != NULL)
-        found |= strncmp(ent->d_name, base, nb) == 0 && strncmp(ent->d_name + nb, ".tmp", 4) == 0;
-    closedir(d);
-    return found;
 }
 
 /* Neither path nor any path.tmp* is on disk. */
