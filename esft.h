@@ -1755,6 +1755,48 @@ static void esft__fixed_ratio_add(uint64_t *dst, const uint64_t *num, int shift,
     }
 }
 
+/* One fixed-point ratio of the fast case of esft__fixed_ratio_add: x < 2^52 and
+   den < 2^62. The double quotient is off by at most 1; the remainder's sign and
+   size correct it without branches (a mispredicted branch per expert cost more
+   than the rest of the row), so the loop below vectorizes. */
+static uint64_t esft__ratio_small(uint64_t x, double inv, uint64_t den)
+{
+    uint64_t q = (uint64_t)((double)x * inv);
+    int64_t r = (int64_t)(x - q * den);
+    return q + (uint64_t)(r >= (int64_t)den) - (uint64_t)(r < 0);
+}
+
+/* Adds one sample's histogram (count, gsum) to the layer's rows: counts, weight
+   sums and both per-sample ratios, in one pass over the experts. When every
+   dividend is below 2^52 (always, short of samples with millions of tokens or
+   weights far above 1), the ratios take the branch-free path; otherwise
+   esft__fixed_ratio_add gives the same values. */
+static void esft__stats_fold_row(uint64_t *row_count, uint64_t *row_gate, uint64_t *token_frac,
+                                 uint64_t *gate_frac, /* (E) each, a layer's rows */
+                                 const uint64_t *count, const uint64_t *gsum, /* (E) the sample */
+                                 uint64_t n_counted, int K, int E)
+{
+    uint64_t den_t = n_counted * (uint64_t)K, den_g = n_counted, top = 0;
+    uint64_t half_t = den_t / 2, half_g = den_g / 2;
+    double inv_t = 1.0 / (double)den_t, inv_g = 1.0 / (double)den_g;
+    int e;
+    for (e = 0; e < E; e++) {
+        row_count[e] += count[e];
+        row_gate[e] += gsum[e];
+        top |= (count[e] << 32) | gsum[e];
+    }
+    /* count <= n_counted * K < 2^31, so count << 32 does not wrap; halves < 2^31. */
+    if (top >= ((uint64_t)1 << 51)) {
+        esft__fixed_ratio_add(token_frac, count, 32, den_t, E);
+        esft__fixed_ratio_add(gate_frac, gsum, 0, den_g, E);
+        return;
+    }
+    for (e = 0; e < E; e++) {
+        token_frac[e] += esft__ratio_small((count[e] << 32) + half_t, inv_t, den_t);
+        gate_frac[e] += esft__ratio_small(gsum[e] + half_g, inv_g, den_g);
+    }
+}
+
 /* ---- the CPU accumulation kernel ---------------------------------------- */
 
 /* count[ids[i]] += 1 and gate_sum[ids[i]] += fixed(weights[i]) for n assignments,
@@ -1777,7 +1819,12 @@ static unsigned esft__hist_simple(uint64_t *count, uint64_t *gate_sum, const int
 
 #define ESFT__HIST_BLOCK 256 /* checked and converted to fixed point a block at a time */
 #define ESFT__HIST_COPIES 4  /* private histograms, assignment i goes to copy i % 4 */
-#define ESFT__HIST_MAX_E 256 /* their size: 4 x 256 x 16 bytes = 16 KiB of stack */
+#define ESFT__HIST_MAX_E 256 /* their size: 4 x 256 x 8 bytes = 8 KiB of stack */
+/* A packed counter holds an expert's count above bit 48 and its weight sum below:
+   with weights <= 1 (fixed point <= 2^32) and at most 2^15 assignments between
+   flushes, the sum stays below 2^47 and the count below 2^16, so neither spills. */
+#define ESFT__HIST_SHIFT 48
+#define ESFT__HIST_FLUSH ((size_t)1 << 15)
 
 /* One block, constant trip counts: vectorized even at -O2. */
 static unsigned esft__block_bad(const int32_t *ids, const float *w, int E)
@@ -1790,62 +1837,93 @@ static unsigned esft__block_bad(const int32_t *ids, const float *w, int E)
     return bad;
 }
 
-static void esft__to_fixed_block(uint64_t *fx, const float *w)
+/* Packs a checked block: v[i] = 2^48 + fixed(w[i]). Nonzero if a weight is above 1
+   (it would not fit the packed sum); the caller then adds that block unpacked. */
+static unsigned esft__pack_block(uint64_t *v, const float *w)
 {
     int i;
-    for (i = 0; i < ESFT__HIST_BLOCK; i++) fx[i] = esft__to_fixed(w[i]);
+    unsigned big = 0;
+    for (i = 0; i < ESFT__HIST_BLOCK; i++) {
+        big |= w[i] > 1.0f;
+        v[i] = esft__to_fixed(w[i]) + ((uint64_t)1 << ESFT__HIST_SHIFT);
+    }
+    return big;
 }
 
-/* The same sums as esft__hist_simple, two to three times as fast, for E <= 256:
+/* Adds the packed copies into count and gate_sum and clears them. */
+static void esft__hist_flush(uint64_t *count, uint64_t *gate_sum, uint64_t (*h)[ESFT__HIST_MAX_E], int E)
+{
+    const uint64_t low = ((uint64_t)1 << ESFT__HIST_SHIFT) - 1;
+    int e;
+    for (e = 0; e < E; e++) {
+        uint64_t s = h[0][e] + h[1][e] + h[2][e] + h[3][e];
+        count[e] += s >> ESFT__HIST_SHIFT;
+        gate_sum[e] += s & low;
+        h[0][e] = h[1][e] = h[2][e] = h[3][e] = 0;
+    }
+}
+
+/* The same sums as esft__hist_simple, faster, for E <= 256:
    - one pass over memory: each block of ids and weights is checked while it is in
      L1, then added (checking the whole input first would read it twice);
+   - an expert's count and weight sum share one 64-bit counter (see
+     ESFT__HIST_SHIFT), so an assignment is one add to memory, not two; a block
+     with a weight above 1 (never seen from a softmax router) is added unpacked;
    - consecutive tokens often pick the same experts, and an update that reads a
      counter the previous update just wrote waits for that store; four private
      copies, filled round-robin, make neighbouring updates independent;
-   - an expert's count and weight sum sit side by side (one cache line per update);
    - weights become fixed point a block at a time with vector instructions, not
      one by one inside the scatter loop.
-   The copies are summed at the end with integer adds: the same bits as the simple
-   loop, whatever the order. Returns nonzero if an id or weight is bad; then the
-   blocks before it may have been added (callers discard the result). */
+   The copies are summed with integer adds: the same bits as the simple loop,
+   whatever the order. Returns nonzero if an id or weight is bad; then the blocks
+   before it may have been added (callers discard the result). */
 static unsigned esft__hist_copies(uint64_t *count, uint64_t *gate_sum, const int32_t *ids,
                                   const float *weights, size_t n, int E)
 {
-    uint64_t h[ESFT__HIST_COPIES][2 * ESFT__HIST_MAX_E]; /* (copy, E, {count, weight sum}) */
-    uint64_t fx[ESFT__HIST_BLOCK];
-    size_t b, i;
-    int c, e;
-    for (c = 0; c < ESFT__HIST_COPIES; c++) memset(h[c], 0, 2 * (size_t)E * sizeof(uint64_t));
-    if (!weights) memset(fx, 0, sizeof fx);
+    uint64_t h[ESFT__HIST_COPIES][ESFT__HIST_MAX_E]; /* (copy, E) packed counters */
+    uint64_t v[ESFT__HIST_BLOCK];
+    size_t b, i, packed = 0;
+    int c;
+    for (c = 0; c < ESFT__HIST_COPIES; c++) memset(h[c], 0, (size_t)E * sizeof(uint64_t));
+    if (!weights)
+        for (i = 0; i < ESFT__HIST_BLOCK; i++) v[i] = (uint64_t)1 << ESFT__HIST_SHIFT;
     for (b = 0; b < n; b += ESFT__HIST_BLOCK) {
         const int32_t *id = ids + b;
+        const float *w = weights ? weights + b : NULL;
         size_t m = n - b < ESFT__HIST_BLOCK ? n - b : ESFT__HIST_BLOCK;
+        unsigned big = 0;
         if (m == ESFT__HIST_BLOCK) {
-            if (esft__block_bad(id, weights ? weights + b : NULL, E)) return 1;
-            if (weights) esft__to_fixed_block(fx, weights + b);
+            if (esft__block_bad(id, w, E)) return 1;
+            if (w) big = esft__pack_block(v, w);
         } else { /* the last, partial block */
-            if (esft__ids_bad(id, m, E) || (weights && esft__weights_bad(weights + b, m))) return 1;
-            if (weights)
-                for (i = 0; i < m; i++) fx[i] = esft__to_fixed(weights[b + i]);
+            if (esft__ids_bad(id, m, E) || (w && esft__weights_bad(w, m))) return 1;
+            if (w)
+                for (i = 0; i < m; i++) {
+                    big |= w[i] > 1.0f;
+                    v[i] = esft__to_fixed(w[i]) + ((uint64_t)1 << ESFT__HIST_SHIFT);
+                }
         }
+        if (big) {
+            for (i = 0; i < m; i++) {
+                count[id[i]]++;
+                gate_sum[id[i]] += esft__to_fixed(w[i]);
+            }
+            continue;
+        }
+        if (packed + m > ESFT__HIST_FLUSH) {
+            esft__hist_flush(count, gate_sum, h, E);
+            packed = 0;
+        }
+        packed += m;
         for (i = 0; i + ESFT__HIST_COPIES <= m; i += ESFT__HIST_COPIES) {
-            uint64_t *h0 = h[0] + 2 * id[i], *h1 = h[1] + 2 * id[i + 1];
-            uint64_t *h2 = h[2] + 2 * id[i + 2], *h3 = h[3] + 2 * id[i + 3];
-            h0[0]++; h0[1] += fx[i];
-            h1[0]++; h1[1] += fx[i + 1];
-            h2[0]++; h2[1] += fx[i + 2];
-            h3[0]++; h3[1] += fx[i + 3];
+            h[0][id[i]] += v[i];
+            h[1][id[i + 1]] += v[i + 1];
+            h[2][id[i + 2]] += v[i + 2];
+            h[3][id[i + 3]] += v[i + 3];
         }
-        for (; i < m; i++) {
-            h[0][2 * id[i]]++;
-            h[0][2 * id[i] + 1] += fx[i];
-        }
+        for (; i < m; i++) h[0][id[i]] += v[i];
     }
-    for (e = 0; e < E; e++)
-        for (c = 0; c < ESFT__HIST_COPIES; c++) {
-            count[e] += h[c][2 * e];
-            gate_sum[e] += h[c][2 * e + 1];
-        }
+    esft__hist_flush(count, gate_sum, h, E);
     return 0;
 }
 
@@ -1890,7 +1968,7 @@ ESFTDEF esft_status esft_stats_add(esft_stats *st, int layer, const int32_t *ids
                                    const float *weights, const unsigned char *mask, int T,
                                    esft_error *err)
 {
-    int E, K, e, t, cpu;
+    int E, K, t, cpu;
     uint64_t n_counted = 0, *count, *gsum;
     esft_status s;
     if (!st || !st->count) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "stats not initialised");
@@ -1930,14 +2008,9 @@ ESFTDEF esft_status esft_stats_add(esft_stats *st, int layer, const int32_t *ids
     if (n_counted > (uint64_t)0x7fffffff / (uint64_t)K)
         return esft__fail(err, ESFT_ERR_RANGE, "a sample of %d tokens is too long", T);
     {
-        uint64_t *row_count = st->count + (size_t)layer * E;
-        uint64_t *row_gate = st->gate_sum + (size_t)layer * E;
-        for (e = 0; e < E; e++) {
-            row_count[e] += count[e];
-            row_gate[e] += gsum[e];
-        }
-        esft__fixed_ratio_add(st->token_frac_sum + (size_t)layer * E, count, 32, n_counted * (uint64_t)K, E);
-        esft__fixed_ratio_add(st->gate_frac_sum + (size_t)layer * E, gsum, 0, n_counted, E);
+        size_t row = (size_t)layer * E;
+        esft__stats_fold_row(st->count + row, st->gate_sum + row, st->token_frac_sum + row,
+                             st->gate_frac_sum + row, count, gsum, n_counted, K, E);
     }
     st->n_tokens[layer] += n_counted;
     st->n_samples[layer] += 1;
