@@ -4415,6 +4415,14 @@ static void esft__adapter_uniform(float *out, size_t n, uint64_t seed, size_t fi
 
 static float esft__gelu(float h) { return 0.5f * h * (1.0f + erff(h * 0.70710678118654752f)); }
 
+/* Threads for an elementwise pass over `work` values: below ~1M one thread (a
+   team start costs more than the pass). Every split below gives each thread
+   its own rows, so results have the same bits for any thread count. */
+static int esft__pesc_threads(double work)
+{
+    return work < 1048576.0 ? 1 : esft_get_num_threads();
+}
+
 /* d gelu / dh = Phi(h) + h phi(h). */
 static float esft__gelu_grad(float h)
 {
@@ -4475,13 +4483,16 @@ static void esft__adapter_forward_cpu(const esft_adapter_config *c, float *y, fl
                                       const float *x, const float *w_down, const float *w_up,
                                       const float *row_scale, float *work, float beta, int T)
 {
-    int t, r, R = c->rank;
+    int t, R = c->rank, nt = esft__pesc_threads((double)T * R);
     if (T == 0) return;
+    (void)nt; /* unused without OpenMP */
     esft__sgemm(0, 1, T, R, c->d_in, 1.0f, x, c->d_in, w_down, c->d_in, 0.0f, hidden, R);
+    ESFT__MOE_FOR_STATIC(nt) /* erff dominates this pass: rows split over threads */
     for (t = 0; t < T; t++) {
         const float *h = hidden + (size_t)t * R;
         float *g = work + (size_t)t * R;
         float k = c->scale * (row_scale ? row_scale[t] : 1.0f);
+        int r;
         if (c->activation == ESFT_ACT_GELU) for (r = 0; r < R; r++) g[r] = k * esft__gelu(h[r]);
         else for (r = 0; r < R; r++) g[r] = k * h[r];
     }
@@ -4496,16 +4507,19 @@ static void esft__adapter_backward_cpu(const esft_adapter_config *c, float *dx, 
                                        const float *hidden, const float *x, const float *w_down,
                                        const float *w_up, const float *row_scale, float *work, int T)
 {
-    int t, r, R = c->rank;
+    int t, R = c->rank, nt = esft__pesc_threads((double)T * R);
     int gelu = c->activation == ESFT_ACT_GELU;
     float *z = work, *kg = work + (size_t)T * R;
     if (T == 0) return;
+    (void)nt; /* unused without OpenMP */
     esft__sgemm(0, 0, T, R, c->d_out, 1.0f, dy, c->d_out, w_up, R, 0.0f, z, R);
+    ESFT__MOE_FOR_STATIC(nt) /* each row's dot and drow_scale[t] are its own */
     for (t = 0; t < T; t++) {
         const float *h = hidden + (size_t)t * R;
         float *zt = z + (size_t)t * R, *kgt = kg + (size_t)t * R;
         float k = c->scale * (row_scale ? row_scale[t] : 1.0f);
         double dot = 0.0;
+        int r;
         for (r = 0; r < R; r++) {
             float g = gelu ? esft__gelu(h[r]) : h[r];
             dot += (double)zt[r] * g;
@@ -4760,11 +4774,13 @@ static int esft__pesc_keep(uint64_t seed, int e, int t, int d, uint32_t threshol
 static void esft__pesc_gather_input(const esft_pesc_config *c, float *xg, const float *F,
                                     const int32_t *slots, int n, int e)
 {
-    int j, d, D = c->d_model, K = c->top_k;
+    int j, D = c->d_model, K = c->top_k, nt = esft__pesc_threads((double)n * D);
     uint32_t threshold = (uint32_t)((double)c->dropout * 4294967296.0);
     float keep_scale = 1.0f / (1.0f - c->dropout);
+    (void)nt; /* unused without OpenMP */
+    ESFT__MOE_FOR_STATIC(nt)
     for (j = 0; j < n; j++) {
-        int t = slots[j] / K;
+        int t = slots[j] / K, d;
         const float *f = F + (size_t)t * D;
         float *x = xg + (size_t)j * D;
         if (c->dropout == 0.0f) { memcpy(x, f, (size_t)D * sizeof(float)); continue; }
@@ -4773,11 +4789,45 @@ static void esft__pesc_gather_input(const esft_pesc_config *c, float *xg, const 
     }
 }
 
-/* width 0: report a flat index (the parameter block). */
+/* Magnitude bits of a float: NaN or Inf iff >= 0x7f800000 (exponent all ones). */
+static uint32_t esft__pesc_abs_bits(float v)
+{
+    uint32_t b;
+    memcpy(&b, &v, sizeof b);
+    return b & 0x7fffffffu;
+}
+
+/* Nonzero when x holds a NaN or Inf. An integer max of the magnitude bits
+   vectorises where isfinite's early exit does not, and 64 chunks split over the
+   threads (each writes its own slot): the checks of F, params and dy read
+   ~200 MB per call at D 4096, which the scalar loop made ~10% of the layer. */
+static int esft__pesc_any_nonfinite(const float *x, size_t n)
+{
+    uint32_t top[64];
+    size_t per = (n + 63) / 64;
+    int ch, any = 0, nt = esft__pesc_threads((double)n);
+    (void)nt; /* unused without OpenMP */
+    ESFT__MOE_FOR_STATIC(nt)
+    for (ch = 0; ch < 64; ch++) {
+        size_t i, lo = (size_t)ch * per, hi = lo + per < n ? lo + per : n;
+        uint32_t m = 0;
+        for (i = lo; i < hi; i++) {
+            uint32_t b = esft__pesc_abs_bits(x[i]);
+            m = b > m ? b : m;
+        }
+        top[ch] = m;
+    }
+    for (ch = 0; ch < 64; ch++) any |= top[ch] >= 0x7f800000u;
+    return any;
+}
+
+/* width 0: report a flat index (the parameter block). The fast scan clears the
+   common case; only a hit pays for the scalar scan that names the element. */
 static esft_status esft__pesc_check_finite(const float *x, size_t n, const char *what, int width,
                                            esft_error *err)
 {
     size_t i;
+    if (!esft__pesc_any_nonfinite(x, n)) return ESFT_OK;
     for (i = 0; i < n; i++) {
         if (isfinite(x[i])) continue;
         if (width)
@@ -4803,6 +4853,35 @@ static float esft__pesc_aux_loss(const esft_pesc_config *c, esft_pesc_saved *s, 
     return (float)((double)c->aux_alpha * E * aux);
 }
 
+/* y[t_j] += a_j over one expert's slots (distinct tokens, so rows split over
+   threads; experts go in ascending order, so each sum's order is fixed).
+   Returns nonzero if a sum came out NaN or Inf: non-finite values persist
+   through later additions, so this stands in for a pass over all of y. */
+static int esft__pesc_scatter_add(float *y, const float *a, const int32_t *slots, int n, int K, int D)
+{
+    uint32_t top[64];
+    int ch, any = 0, per = (n + 63) / 64, nt = esft__pesc_threads((double)n * D);
+    (void)nt; /* unused without OpenMP */
+    ESFT__MOE_FOR_STATIC(nt)
+    for (ch = 0; ch < 64; ch++) {
+        int j, d, hi = (ch + 1) * per < n ? (ch + 1) * per : n;
+        uint32_t m = 0;
+        for (j = ch * per; j < hi; j++) {
+            float *yt = y + (size_t)(slots[j] / K) * D;
+            const float *aj = a + (size_t)j * D;
+            for (d = 0; d < D; d++) {
+                uint32_t b;
+                yt[d] += aj[d];
+                b = esft__pesc_abs_bits(yt[d]);
+                m = b > m ? b : m;
+            }
+        }
+        top[ch] = m;
+    }
+    for (ch = 0; ch < 64; ch++) any |= top[ch] >= 0x7f800000u;
+    return any;
+}
+
 static esft_adapter_config esft__pesc_expert_config(const esft_pesc_config *c)
 {
     esft_adapter_config ac;
@@ -4818,7 +4897,7 @@ static esft_status esft__pesc_forward_cpu(void *context, const esft_pesc_config 
                                           const float *params, esft_pesc_saved *s, int T,
                                           esft_error *err)
 {
-    int D = c->d_model, E = c->n_experts, K = c->top_k, R = c->rank, e, j, d;
+    int D = c->d_model, E = c->n_experts, K = c->top_k, R = c->rank, e, j, overflow = 0;
     esft__pesc_work w = esft__pesc_work_split(c, s->work, (size_t)T);
     esft_adapter_config ac = esft__pesc_expert_config(c);
     esft_route_config rc = esft_route_config_init(E, K);
@@ -4851,13 +4930,9 @@ static esft_status esft__pesc_forward_cpu(void *context, const esft_pesc_config 
         esft__adapter_forward_cpu(&ac, w.yg, s->hidden + (size_t)s->offset[e] * R, w.xg,
                                   params + esft_pesc_tensor_offset(c, ESFT_PESC_DOWN, e),
                                   params + esft_pesc_tensor_offset(c, ESFT_PESC_UP, e), w.wg, w.g, 0.0f, n);
-        for (j = 0; j < n; j++) { /* scatter; experts ascending, so the sum order is fixed */
-            float *yt = y + (size_t)(slots[j] / K) * D;
-            const float *a = w.yg + (size_t)j * D;
-            for (d = 0; d < D; d++) yt[d] += a[d];
-        }
+        overflow |= esft__pesc_scatter_add(y, w.yg, slots, n, K, D);
     }
-    if (esft__pesc_check_finite(y, (size_t)T * D, "y", D, err) != ESFT_OK)
+    if (overflow && esft__pesc_check_finite(y, (size_t)T * D, "y", D, err) != ESFT_OK)
         return ESFT_ERR_NUMERIC; /* finite inputs, an overflow: err names y's first bad element */
     s->cfg = *c;
     s->T = T;
@@ -4891,11 +4966,13 @@ static void esft__pesc_router_grad(const esft_pesc_config *c, const esft__pesc_w
 static void esft__pesc_scatter_dx(const esft_pesc_config *c, float *dF, const float *dx,
                                   const int32_t *slots, int n, int e)
 {
-    int j, d, D = c->d_model, K = c->top_k;
+    int j, D = c->d_model, K = c->top_k, nt = esft__pesc_threads((double)n * D);
     uint32_t threshold = (uint32_t)((double)c->dropout * 4294967296.0);
     float keep_scale = 1.0f / (1.0f - c->dropout);
+    (void)nt; /* unused without OpenMP */
+    ESFT__MOE_FOR_STATIC(nt) /* one expert's slots are distinct tokens: rows are disjoint */
     for (j = 0; j < n; j++) {
-        int t = slots[j] / K;
+        int t = slots[j] / K, d;
         float *dft = dF + (size_t)t * D;
         const float *dxj = dx + (size_t)j * D;
         if (c->dropout == 0.0f) { for (d = 0; d < D; d++) dft[d] += dxj[d]; continue; }
@@ -4909,12 +4986,13 @@ static esft_status esft__pesc_backward_cpu(void *context, const esft_pesc_config
                                            esft_pesc_saved *s, const float *F, const float *u,
                                            const float *params, int T, esft_error *err)
 {
-    int D = c->d_model, E = c->n_experts, K = c->top_k, R = c->rank, e, j;
-    size_t i;
+    int D = c->d_model, E = c->n_experts, K = c->top_k, R = c->rank, e, j, t;
+    int nt = esft__pesc_threads((double)T * D);
     esft__pesc_work w = esft__pesc_work_split(c, s->work, (size_t)T);
     esft_adapter_config ac = esft__pesc_expert_config(c);
     esft_status st;
     (void)context;
+    (void)nt; /* unused without OpenMP */
     if (T == 0) return ESFT_OK;
     if (!isfinite(daux)) return esft__fail(err, ESFT_ERR_NUMERIC, "daux is not finite");
     /* before any gradient is touched: a NaN in dy would spread into all of them */
@@ -4925,6 +5003,7 @@ static esft_status esft__pesc_backward_cpu(void *context, const esft_pesc_config
         int n = s->offset[e + 1] - s->offset[e];
         if (n == 0) continue;
         esft__pesc_gather_input(c, w.xg, F, slots, n, e);
+        ESFT__MOE_FOR_STATIC(nt)
         for (j = 0; j < n; j++) {
             w.wg[j] = s->weights[slots[j]];
             w.dwg[j] = 0.0f;
@@ -4941,7 +5020,13 @@ static esft_status esft__pesc_backward_cpu(void *context, const esft_pesc_config
         esft__pesc_scatter_dx(c, dF, w.xg, slots, n, e);
         for (j = 0; j < n; j++) w.dw[slots[j]] = w.dwg[j];
     }
-    for (i = 0; i < (size_t)T * D; i++) dF[i] += dy[i]; /* the residual path y = F + ... */
+    ESFT__MOE_FOR_STATIC(nt) /* the residual path y = F + ... */
+    for (t = 0; t < T; t++) {
+        float *dft = dF + (size_t)t * D;
+        const float *dyt = dy + (size_t)t * D;
+        int d;
+        for (d = 0; d < D; d++) dft[d] += dyt[d];
+    }
     esft__pesc_router_grad(c, &w, s, daux, T);
     if (dparams) esft__sgemm(1, 0, E, D, T, 1.0f, w.dlogits, E, u, D, 1.0f, dparams, D);
     if (du) esft__sgemm(0, 0, T, D, E, 1.0f, w.dlogits, E, params, D, 1.0f, du, D);
