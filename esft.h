@@ -1159,6 +1159,215 @@ ESFTDEF esft_status esft_json_string(const esft_json *js, int tok, char *buf, si
 /* A number token as a double; ESFT_ERR_RANGE when it overflows to +-Inf (1e999). */
 ESFTDEF esft_status esft_json_number(const esft_json *js, int tok, double *out);
 
+/* ===================================================================== */
+/* 14. models: Hugging Face MoE checkpoints, forward, routing statistics  */
+/* ===================================================================== */
+
+/* Dimensions here: T tokens of one sample, V vocabulary, D model width, H query
+   heads, HK key/value heads, HD head width (GQA), L layers, E routed experts,
+   K experts per token, F routed expert hidden, FF dense MLP hidden, FS shared
+   hidden. MLA (DeepSeek): QR q_lora_rank, KR kv_lora_rank, DN qk_nope_head_dim,
+   DR qk_rope_head_dim, DV v_head_dim.
+
+   A model directory (config.json + safetensors, one file or shards) opened as
+   one frozen transformer: embeddings, L x (RMSNorm, causal self-attention with
+   the family's RoPE, residual, RMSNorm, dense SwiGLU MLP or MoE, residual),
+   final RMSNorm, lm_head. Weights stay in their file dtype (F32, BF16, F16, or
+   FP8 E4M3 with per-block weight_scale_inv) and are converted to fp32 a panel at
+   a time inside the matrix products, so memory is about the checkpoint's bytes.
+   docs/models.md lists the families, the config fields each reads, the layouts. */
+
+#ifndef ESFT_NO_MODELS
+
+#define ESFT_MODEL_MAX_LAYERS 1024
+
+typedef enum esft_model_family {
+    ESFT_MODEL_DEEPSEEK_V2 = 0, /* MLA, softmax greedy / group-limited routing, shared experts */
+    ESFT_MODEL_DEEPSEEK_V3,     /* as V2, sigmoid gating + e_score_correction_bias, noaux_tc */
+    ESFT_MODEL_QWEN2_MOE,       /* GQA + qkv bias, shared expert behind a sigmoid gate */
+    ESFT_MODEL_QWEN3_MOE,       /* GQA, per-head q_norm / k_norm */
+    ESFT_MODEL_OLMOE,           /* MHA/GQA, q_norm / k_norm over the whole projections */
+    ESFT_MODEL_MIXTRAL,         /* GQA, top-2 renormalised */
+    ESFT_MODEL_FAMILY_COUNT
+} esft_model_family;
+
+typedef enum esft_qk_norm {
+    ESFT_QK_NORM_NONE = 0,
+    ESFT_QK_NORM_HEAD,  /* RMSNorm of each head's q and k over HD (Qwen3) */
+    ESFT_QK_NORM_WHOLE  /* RMSNorm of the whole q (H HD) and k (HK HD) rows (OLMoE) */
+} esft_qk_norm;
+
+/* Rotary position embedding. Pairs (2i, 2i+1) when interleaved (DeepSeek),
+   else (i, i + n/2) (rotate_half: Llama, Qwen, Mixtral, OLMoE), frequency
+   theta^(-2i/n) over the n rotated dims; YaRN (DeepSeek's, as transformers
+   computes it) blends interpolated and original frequencies and scales cos/sin
+   by attention_factor. */
+typedef struct esft_rope_config {
+    double theta;
+    int interleaved;
+    int yarn;                  /* 0: plain RoPE */
+    double factor;             /* YaRN: context extension factor */
+    int original_max_position; /* YaRN: original_max_position_embeddings */
+    double beta_fast, beta_slow;
+    double attention_factor;   /* YaRN: multiplies cos and sin (1 = none) */
+} esft_rope_config;
+
+/* One architecture, from config.json. */
+typedef struct esft_model_config {
+    esft_model_family family;
+    int vocab;                 /* V */
+    int d_model;               /* D */
+    int n_layers;              /* L */
+    int n_heads, n_kv_heads;   /* H, HK */
+    int head_dim;              /* HD (GQA families) */
+    int mla;                   /* 1: DeepSeek multi-head latent attention */
+    int q_lora_rank;           /* QR; 0 = q_proj directly */
+    int kv_lora_rank;          /* KR */
+    int qk_nope_dim, qk_rope_dim, v_head_dim; /* DN, DR, DV */
+    int qkv_bias;              /* q/k/v projections have a bias (Qwen2-MoE) */
+    esft_qk_norm qk_norm;
+    float clip_qkv;            /* OLMoE: clamp q, k, v to +-clip; 0 = none */
+    int sliding_window;        /* keys at distance >= this are masked; 0 = none */
+    float rms_eps;
+    esft_rope_config rope;
+    double attn_scale;         /* softmax scale (1/sqrt(head dim), YaRN's mscale^2 folded in) */
+    int d_ff;                  /* FF, dense MLP layers */
+    int d_expert;              /* F */
+    int d_shared;              /* FS, 0 = no shared expert */
+    int shared_gate;           /* Qwen2-MoE: shared output times sigmoid(x . w) */
+    esft_route_config route;   /* E, K, gating, groups, renormalisation, scaling (bias per layer) */
+    int route_bias;            /* DeepSeek-V3: each MoE layer has e_score_correction_bias */
+    int tie_embeddings;        /* lm_head = embed_tokens */
+    int fp8_block_rows, fp8_block_cols; /* FP8 weight_scale_inv block; 0 = no FP8 */
+    unsigned char is_moe[ESFT_MODEL_MAX_LAYERS]; /* (L) 1 = MoE layer, 0 = dense MLP */
+} esft_model_config;
+
+/* Reads config.json's text into cfg. An unknown model_type, a missing field, or
+   a value not implemented (hidden_act other than silu, a rope type other than
+   none/default/yarn, ...) is ESFT_ERR_UNSUPPORTED / ESFT_ERR_PARSE naming the field. */
+ESFTDEF esft_status esft_model_config_parse(esft_model_config *cfg, const char *text, size_t size,
+                                            const char *name, esft_error *err);
+ESFTDEF esft_status esft_model_config_read(esft_model_config *cfg, const char *path, esft_error *err);
+ESFTDEF const char *esft_model_family_name(esft_model_family f); /* the model_type */
+/* Layers that are MoE layers (those ESFT scores and trains). */
+ESFTDEF int esft_model_config_moe_layers(const esft_model_config *cfg);
+
+/* A frozen matrix (rows, cols) as the file stores it, row-major. FP8 matrices
+   carry their dequantisation scales: value = fp8 * scale[r / BR][c / BC]. */
+typedef struct esft_matrix {
+    esft_dtype dtype;          /* F32, BF16, F16 or F8_E4M3 */
+    int rows, cols;
+    const void *data;          /* (rows, cols) values of dtype */
+    const float *scale;        /* (ceil(rows/BR), ceil(cols/BC)) FP8 only, else NULL */
+    int block_rows, block_cols;/* BR, BC */
+} esft_matrix;
+
+/* The weights of one decoder layer (absent ones have data NULL). */
+typedef struct esft_model_layer {
+    esft_matrix attn_norm, ffn_norm;          /* (1, D) */
+    esft_matrix q, k, v, o;                   /* GQA: (H HD, D) (HK HD, D) (HK HD, D) (D, H HD) */
+    esft_matrix q_bias, k_bias, v_bias;       /* (1, H HD) (1, HK HD) (1, HK HD) */
+    esft_matrix q_norm, k_norm;               /* (1, HD) per head, or (1, H HD) (1, HK HD) whole */
+    esft_matrix q_a, q_a_norm, q_b;           /* MLA: (QR, D) (1, QR) (H (DN+DR), QR); q = (H (DN+DR), D) */
+    esft_matrix kv_a, kv_a_norm, kv_b;        /* MLA: (KR+DR, D) (1, KR) (H (DN+DV), KR); o (D, H DV) */
+    esft_matrix mlp_gate, mlp_up, mlp_down;   /* dense: (FF, D) (FF, D) (D, FF) */
+    esft_matrix router;                       /* (E, D) */
+    esft_matrix router_bias;                  /* (1, E) DeepSeek-V3 e_score_correction_bias */
+    esft_matrix *expert_gate, *expert_up, *expert_down; /* (E) each (F, D) (F, D) (D, F) */
+    esft_matrix shared_gate, shared_up, shared_down;    /* (FS, D) (FS, D) (D, FS) */
+    esft_matrix shared_router;                /* (1, D) Qwen2-MoE shared_expert_gate */
+} esft_model_layer;
+
+typedef struct esft_model {
+    esft_model_config cfg;
+    esft_matrix embed;          /* (V, D) */
+    esft_matrix final_norm;     /* (1, D) */
+    esft_matrix lm_head;        /* (V, D), the embedding when tied */
+    esft_model_layer *layers;   /* (L) */
+    int fused_experts;          /* experts read from 3-D gate_up_proj / down_proj tensors */
+    uint64_t weight_bytes;      /* bytes of weights held in memory */
+    /* private */
+    void **blobs_;
+    int n_blobs_, cap_blobs_;
+    esft_allocator allocator;
+} esft_model;
+
+/* Opens dir (config.json plus model.safetensors or a sharded index) and reads
+   every weight the forward uses into memory in its file dtype. Tensors the
+   architecture does not use (rotary buffers, DeepSeek-V3's MTP layers) are
+   skipped; a missing or misshapen one is an error naming it. Pair: esft_model_close. */
+ESFTDEF esft_status esft_model_open(esft_model *m, const char *dir, const esft_allocator *allocator,
+                                    esft_error *err);
+ESFTDEF void esft_model_close(esft_model *m);
+
+/* Called by the forward for each MoE layer with the routing it used. */
+typedef void (*esft_route_fn)(void *user, int layer,
+                              const int32_t *ids,    /* (T, K) */
+                              const float *weights,  /* (T, K) as multiplied into the outputs */
+                              int T, int K);
+
+/* What one forward computes besides the hidden states. Every member optional. */
+typedef struct esft_model_run {
+    const int32_t *labels;       /* (T) Hugging Face labels: position t predicts labels[t+1];
+                                    -100 = not scored. NULL: no loss */
+    float *logits;               /* (T, V) out, every position */
+    esft_stats *stats;           /* routing of each MoE layer added at the model's layer index */
+    const unsigned char *stats_mask; /* (T) tokens counted in stats; NULL = all */
+    esft_route_fn on_route;      /* and/or a callback */
+    void *user;
+} esft_model_run;
+
+/* One sample through the model. loss_sum (optional) receives the sum of the
+   cross-entropies (nats) of the scored positions and n_scored their number (the
+   mean is loss_sum / n_scored, pooled over samples as transformers does over a
+   batch). Ids must be < V; a non-finite router logit or logit is ESFT_ERR_NUMERIC.
+   Threads: esft_set_num_threads; the same bits for any count. Attention works on
+   blocks of 64 queries: no (T, T) matrix is formed. */
+ESFTDEF esft_status esft_model_forward(const esft_model *m, const int32_t *ids, /* (T) */
+                                       int T, const esft_model_run *run,
+                                       double *loss_sum, int64_t *n_scored, esft_error *err);
+
+/* ---- data: JSONL samples ----------------------------------------------- */
+
+/* Samples of token ids, one JSON object a line: {"input_ids": [...], "labels":
+   [...]}. labels is optional (then every id is its own label); -100 marks a
+   position that is not scored. Blank lines are skipped. */
+typedef struct esft_dataset {
+    int n_samples;
+    int64_t *offset;     /* (n_samples + 1): sample s is [offset[s], offset[s+1]) */
+    int32_t *ids;        /* (offset[n]) */
+    int32_t *labels;     /* (offset[n]) */
+    esft_allocator allocator;
+} esft_dataset;
+
+/* Reads path. max_samples > 0 stops after that many; vocab > 0 checks every id
+   and label (ESFT_ERR_RANGE with the line). Errors name the file and line.
+   Pair: esft_dataset_free. */
+ESFTDEF esft_status esft_dataset_read_jsonl(esft_dataset *ds, const char *path, int max_samples, int vocab,
+                                            const esft_allocator *allocator, esft_error *err);
+ESFTDEF esft_status esft_dataset_parse_jsonl(esft_dataset *ds, const char *text, size_t size,
+                                             const char *name, int max_samples, int vocab,
+                                             const esft_allocator *allocator, esft_error *err);
+ESFTDEF void esft_dataset_free(esft_dataset *ds);
+
+/* ---- a float32 .npy written as it streams ---------------------------- */
+
+/* rows x cols float32, C order, NumPy format 1.0; rows appended in order and the
+   file renamed into place by commit only when all rows came (abort removes it). */
+typedef struct esft_npy_writer {
+    int64_t rows, cols, written;
+    void *impl_;
+    esft_allocator allocator;
+} esft_npy_writer;
+ESFTDEF esft_status esft_npy_open(esft_npy_writer *w, const char *path, int64_t rows, int64_t cols,
+                                  esft_error *err);
+ESFTDEF esft_status esft_npy_append(esft_npy_writer *w, const float *data, /* (n, cols) */
+                                    int64_t n, esft_error *err);
+ESFTDEF esft_status esft_npy_commit(esft_npy_writer *w, esft_error *err);
+ESFTDEF void esft_npy_abort(esft_npy_writer *w);
+
+#endif /* ESFT_NO_MODELS */
+
 /* ---------------------------------------------------------------------- */
 /* end of API                                                             */
 /* ---------------------------------------------------------------------- */
@@ -7355,6 +7564,1513 @@ ESFTDEF esft_status esft_json_number(const esft_json *js, int tok, double *out)
     if (!esft__strtod(js->text + js->tokens[tok].start, n, out)) return ESFT_ERR_PARSE;
     return isfinite(*out) ? ESFT_OK : ESFT_ERR_RANGE; /* 1e999 is valid JSON but no number here */
 }
+
+/* ===================================================================== */
+/* 14. models                                                            */
+/* ===================================================================== */
+
+#ifndef ESFT_NO_MODELS
+
+/* ---- config.json -------------------------------------------------------- */
+
+/* Reads fields of one JSON object; the first failure sticks (later reads are
+   no-ops), so a family's parser reads like the list of its fields. */
+typedef struct esft__cfg_reader {
+    const esft_json *js;
+    int obj;
+    const char *name;
+    esft_error *err;
+    esft_status status;
+} esft__cfg_reader;
+
+static int esft__cfg_token(esft__cfg_reader *r, const char *key)
+{
+    int t = r->status == ESFT_OK ? esft_json_find(r->js, r->obj, key) : -1;
+    return t >= 0 && r->js->tokens[t].type == ESFT_JSON_NULL ? -1 : t;
+}
+
+static void esft__cfg_fail(esft__cfg_reader *r, esft_status s, const char *key, const char *why)
+{
+    if (r->status != ESFT_OK) return;
+    r->status = esft__fail_at(r->err, s, r->name, 0, "field \"%s\": %s", key, why);
+}
+
+/* A number; def when absent or null (required: absent is an error). */
+static double esft__cfg_number(esft__cfg_reader *r, const char *key, double def, int required)
+{
+    int t = esft__cfg_token(r, key);
+    double v = def;
+    if (t < 0) {
+        if (required) esft__cfg_fail(r, ESFT_ERR_PARSE, key, "missing");
+        return def;
+    }
+    if (r->js->tokens[t].type != ESFT_JSON_NUMBER || esft_json_number(r->js, t, &v) != ESFT_OK)
+        esft__cfg_fail(r, ESFT_ERR_PARSE, key, "not a finite number");
+    return v;
+}
+
+/* A whole number in [lo, hi]. */
+static int esft__cfg_int(esft__cfg_reader *r, const char *key, int def, int required, int lo, int hi)
+{
+    double v = esft__cfg_number(r, key, def, required);
+    if (r->status == ESFT_OK && (v != floor(v) || v < lo || v > hi)) {
+        char why[96];
+        snprintf(why, sizeof why, "%g is not a whole number in [%d, %d]", v, lo, hi);
+        esft__cfg_fail(r, ESFT_ERR_PARSE, key, why);
+    }
+    return r->status == ESFT_OK ? (int)v : def;
+}
+
+static int esft__cfg_bool(esft__cfg_reader *r, const char *key, int def)
+{
+    int t = esft__cfg_token(r, key);
+    if (t < 0) return def;
+    if (r->js->tokens[t].type == ESFT_JSON_TRUE) return 1;
+    if (r->js->tokens[t].type == ESFT_JSON_FALSE) return 0;
+    esft__cfg_fail(r, ESFT_ERR_PARSE, key, "not true or false");
+    return def;
+}
+
+/* 1 if the field is absent/null or equals one of the allowed strings (then
+   *which is its index, -1 when absent); a string outside the list is
+   ESFT_ERR_UNSUPPORTED. */
+static int esft__cfg_choice(esft__cfg_reader *r, const char *key, const char *const *allowed, int n,
+                            int *which)
+{
+    int t = esft__cfg_token(r, key), i;
+    *which = -1;
+    if (t < 0) return 1;
+    if (r->js->tokens[t].type != ESFT_JSON_STRING) {
+        esft__cfg_fail(r, ESFT_ERR_PARSE, key, "not a string");
+        return 0;
+    }
+    for (i = 0; i < n; i++)
+        if (esft_json_string_equals(r->js, t, allowed[i])) { *which = i; return 1; }
+    {
+        char value[64], why[160];
+        if (esft_json_string(r->js, t, value, sizeof value) != ESFT_OK) snprintf(value, sizeof value, "(long)");
+        snprintf(why, sizeof why, "\"%s\" is not implemented", value);
+        esft__cfg_fail(r, ESFT_ERR_UNSUPPORTED, key, why);
+    }
+    return 0;
+}
+
+/* A field that, when present and true (or non-null), asks for something not implemented. */
+static void esft__cfg_refuse_true(esft__cfg_reader *r, const char *key)
+{
+    int t = esft__cfg_token(r, key);
+    if (t >= 0 && r->js->tokens[t].type != ESFT_JSON_FALSE)
+        esft__cfg_fail(r, ESFT_ERR_UNSUPPORTED, key, "only false/null is implemented");
+}
+
+static double esft__yarn_mscale(double scale, double mscale)
+{
+    return scale <= 1.0 ? 1.0 : 0.1 * mscale * log(scale) + 1.0;
+}
+
+/* rope_theta and rope scaling: transformers v5 writes one "rope_parameters"
+   object, earlier versions rope_theta plus "rope_scaling". rope_dim is the
+   number of rotated dims (YaRN's correction range depends on it). Returns
+   YaRN's mscale_all_dim (0 when none) for the softmax scale. */
+static double esft__cfg_rope(esft__cfg_reader *r, esft_model_config *c, int max_positions)
+{
+    static const char *const types[] = {"default", "yarn"};
+    esft__cfg_reader s = *r;
+    int t = esft__cfg_token(r, "rope_parameters"), type = -1;
+    double factor, cfg_factor, mscale, mscale_all;
+    if (t < 0) t = esft__cfg_token(r, "rope_scaling");
+    c->rope.theta = esft__cfg_number(r, "rope_theta", 10000.0, 0);
+    c->rope.attention_factor = 1.0;
+    if (t < 0) return 0.0;
+    if (r->js->tokens[t].type != ESFT_JSON_OBJECT) {
+        esft__cfg_fail(r, ESFT_ERR_PARSE, "rope_scaling", "not an object");
+        return 0.0;
+    }
+    s.obj = t;
+    if (esft__cfg_token(&s, "rope_theta") >= 0) c->rope.theta = esft__cfg_number(&s, "rope_theta", 0, 1);
+    if (esft__cfg_token(&s, "rope_type") >= 0) esft__cfg_choice(&s, "rope_type", types, 2, &type);
+    else esft__cfg_choice(&s, "type", types, 2, &type);
+    if (s.status != ESFT_OK) { r->status = s.status; return 0.0; }
+    if (type != 1) return 0.0;
+    c->rope.yarn = 1;
+    factor = cfg_factor = esft__cfg_number(&s, "factor", 1.0, 1);
+    c->rope.original_max_position = esft__cfg_int(&s, "original_max_position_embeddings", max_positions, 0, 1,
+                                                  0x7FFFFFFF);
+    /* transformers: with an original length given, the factor that sets the
+       attention scaling is the ratio of the two lengths (DeepSeek-V3's rule) */
+    if (esft__cfg_token(&s, "original_max_position_embeddings") >= 0 && max_positions > 0)
+        factor = (double)max_positions / c->rope.original_max_position;
+    c->rope.factor = factor;
+    c->rope.beta_fast = esft__cfg_number(&s, "beta_fast", 32.0, 0);
+    c->rope.beta_slow = esft__cfg_number(&s, "beta_slow", 1.0, 0);
+    mscale = esft__cfg_number(&s, "mscale", 0.0, 0);
+    mscale_all = esft__cfg_number(&s, "mscale_all_dim", 0.0, 0);
+    if (esft__cfg_token(&s, "attention_factor") >= 0)
+        c->rope.attention_factor = esft__cfg_number(&s, "attention_factor", 1.0, 1);
+    else if (mscale != 0.0 && mscale_all != 0.0)
+        c->rope.attention_factor = esft__yarn_mscale(factor, mscale) / esft__yarn_mscale(factor, mscale_all);
+    else
+        c->rope.attention_factor = esft__yarn_mscale(factor, 1.0);
+    if (esft__cfg_bool(&s, "truncate", 1) != 1) esft__cfg_fail(&s, ESFT_ERR_UNSUPPORTED, "truncate", "only true");
+    if (s.status != ESFT_OK) r->status = s.status;
+    return mscale_all != 0.0 ? esft__yarn_mscale(cfg_factor, mscale_all) : 0.0;
+}
+
+/* Fields every family shares. */
+static void esft__cfg_common(esft__cfg_reader *r, esft_model_config *c)
+{
+    static const char *const acts[] = {"silu"};
+    int which;
+    c->vocab = esft__cfg_int(r, "vocab_size", 0, 1, 1, 0x7FFFFFFF);
+    c->d_model = esft__cfg_int(r, "hidden_size", 0, 1, 1, 1 << 20);
+    c->n_layers = esft__cfg_int(r, "num_hidden_layers", 0, 1, 1, ESFT_MODEL_MAX_LAYERS);
+    c->n_heads = esft__cfg_int(r, "num_attention_heads", 0, 1, 1, 1 << 16);
+    c->n_kv_heads = esft__cfg_int(r, "num_key_value_heads", c->n_heads, 0, 1, 1 << 16);
+    c->rms_eps = (float)esft__cfg_number(r, "rms_norm_eps", 1e-6, 0);
+    c->tie_embeddings = esft__cfg_bool(r, "tie_word_embeddings", 0);
+    esft__cfg_choice(r, "hidden_act", acts, 1, &which);
+    if (r->status == ESFT_OK && c->n_heads % c->n_kv_heads != 0)
+        esft__cfg_fail(r, ESFT_ERR_PARSE, "num_key_value_heads", "does not divide num_attention_heads");
+}
+
+/* The MoE / dense pattern of Qwen's configs: decoder_sparse_step and mlp_only_layers. */
+static void esft__cfg_qwen_layers(esft__cfg_reader *r, esft_model_config *c)
+{
+    int step = esft__cfg_int(r, "decoder_sparse_step", 1, 0, 1, 1 << 20), l, t, i, k;
+    for (l = 0; l < c->n_layers; l++) c->is_moe[l] = (unsigned char)((l + 1) % step == 0);
+    t = esft__cfg_token(r, "mlp_only_layers");
+    if (t < 0) return;
+    if (r->js->tokens[t].type != ESFT_JSON_ARRAY) {
+        esft__cfg_fail(r, ESFT_ERR_PARSE, "mlp_only_layers", "not an array");
+        return;
+    }
+    for (i = 0, k = t + 1; i < r->js->tokens[t].size; i++, k = r->js->tokens[k].next) {
+        double v;
+        if (r->js->tokens[k].type != ESFT_JSON_NUMBER || esft_json_number(r->js, k, &v) != ESFT_OK ||
+            v != floor(v) || v < 0 || v >= c->n_layers) {
+            esft__cfg_fail(r, ESFT_ERR_PARSE, "mlp_only_layers", "holds something that is not a layer index");
+            return;
+        }
+        c->is_moe[(int)v] = 0;
+    }
+}
+
+static void esft__cfg_deepseek(esft__cfg_reader *r, esft_model_config *c, int v3)
+{
+    static const char *const methods[] = {"greedy", "group_limited_greedy", "noaux_tc"};
+    static const char *const scorings[] = {"softmax", "sigmoid"};
+    int method, scoring, first_dense, freq, E, K, l, max_pos;
+    double mscale_all, scaling;
+    c->mla = 1;
+    c->q_lora_rank = esft__cfg_int(r, "q_lora_rank", 0, 0, 1, 1 << 20);
+    c->kv_lora_rank = esft__cfg_int(r, "kv_lora_rank", 0, 1, 1, 1 << 20);
+    c->qk_nope_dim = esft__cfg_int(r, "qk_nope_head_dim", 0, 1, 0, 1 << 16);
+    c->qk_rope_dim = esft__cfg_int(r, "qk_rope_head_dim", 0, 1, 2, 1 << 16);
+    c->v_head_dim = esft__cfg_int(r, "v_head_dim", 0, 1, 1, 1 << 16);
+    c->n_kv_heads = c->n_heads;
+    c->d_ff = esft__cfg_int(r, "intermediate_size", 0, 1, 1, 1 << 24);
+    c->d_expert = esft__cfg_int(r, "moe_intermediate_size", 0, 1, 1, 1 << 24);
+    c->d_shared = c->d_expert * esft__cfg_int(r, "n_shared_experts", 0, 0, 0, 1 << 10);
+    E = esft__cfg_int(r, "n_routed_experts", 0, 1, 1, 1 << 16);
+    K = esft__cfg_int(r, "num_experts_per_tok", 0, 1, 1, 1 << 16);
+    first_dense = esft__cfg_int(r, "first_k_dense_replace", 0, 0, 0, 1 << 20);
+    freq = esft__cfg_int(r, "moe_layer_freq", 1, 0, 1, 1 << 20);
+    esft__cfg_choice(r, "topk_method", methods, 3, &method);
+    esft__cfg_choice(r, "scoring_func", scorings, 2, &scoring);
+    esft__cfg_refuse_true(r, "attention_bias");
+    c->rope.interleaved = v3 ? esft__cfg_bool(r, "rope_interleave", 1) : 1;
+    max_pos = esft__cfg_int(r, "max_position_embeddings", 0, 0, 0, 0x7FFFFFFF);
+    if (r->status != ESFT_OK) return;
+    c->route = esft_route_config_init(E, K);
+    if (method < 0) method = v3 ? 2 : 0;
+    if (scoring < 0) scoring = v3 ? 1 : 0;
+    if (method == 2 && !v3) { esft__cfg_fail(r, ESFT_ERR_UNSUPPORTED, "topk_method", "noaux_tc is DeepSeek-V3's"); return; }
+    if (v3 && method != 2) { esft__cfg_fail(r, ESFT_ERR_UNSUPPORTED, "topk_method", "DeepSeek-V3 routes with noaux_tc"); return; }
+    c->route.gating = scoring == 1 ? ESFT_GATING_SIGMOID : ESFT_GATING_SOFTMAX;
+    if (method >= 1) {
+        c->route.n_group = esft__cfg_int(r, "n_group", 1, 1, 1, E);
+        c->route.topk_group = esft__cfg_int(r, "topk_group", 1, 1, 1, E);
+        c->route.group_score = method == 2 ? ESFT_GROUP_SCORE_TOP2_SUM : ESFT_GROUP_SCORE_MAX;
+    }
+    c->route_bias = v3;
+    c->route.renormalize = K > 1 && esft__cfg_bool(r, "norm_topk_prob", v3);
+    scaling = esft__cfg_number(r, "routed_scaling_factor", 1.0, 0);
+    /* DeepSeek-V2 scales only weights it did not renormalise; V3 scales always */
+    c->route.routed_scaling = (float)(!v3 && c->route.renormalize ? 1.0 : scaling);
+    for (l = 0; l < c->n_layers; l++) c->is_moe[l] = (unsigned char)(l >= first_dense && l % freq == 0);
+    mscale_all = esft__cfg_rope(r, c, max_pos);
+    c->attn_scale = 1.0 / sqrt((double)(c->qk_nope_dim + c->qk_rope_dim));
+    if (mscale_all != 0.0) c->attn_scale *= mscale_all * mscale_all;
+}
+
+static void esft__cfg_gqa(esft__cfg_reader *r, esft_model_config *c)
+{
+    c->head_dim = esft__cfg_int(r, "head_dim", r->status == ESFT_OK ? c->d_model / c->n_heads : 0, 0, 2, 1 << 16);
+    if (r->status == ESFT_OK && c->head_dim % 2) esft__cfg_fail(r, ESFT_ERR_UNSUPPORTED, "head_dim", "odd");
+    c->attn_scale = 1.0 / sqrt((double)c->head_dim);
+    c->rope.interleaved = 0;
+    esft__cfg_rope(r, c, esft__cfg_int(r, "max_position_embeddings", 0, 0, 0, 0x7FFFFFFF));
+    if (esft__cfg_number(r, "partial_rotary_factor", 1.0, 0) != 1.0)
+        esft__cfg_fail(r, ESFT_ERR_UNSUPPORTED, "partial_rotary_factor", "only 1");
+}
+
+static void esft__cfg_route_plain(esft__cfg_reader *r, esft_model_config *c, const char *experts_key,
+                                  int renormalize_default)
+{
+    int E = esft__cfg_int(r, experts_key, 0, 1, 1, 1 << 16);
+    int K = esft__cfg_int(r, "num_experts_per_tok", 0, 1, 1, 1 << 16);
+    if (r->status != ESFT_OK) return;
+    c->route = esft_route_config_init(E, K);
+    c->route.renormalize = esft__cfg_bool(r, "norm_topk_prob", renormalize_default);
+}
+
+static void esft__cfg_family(esft__cfg_reader *r, esft_model_config *c)
+{
+    int l;
+    esft__cfg_common(r, c);
+    if (r->status != ESFT_OK) return;
+    switch (c->family) {
+    case ESFT_MODEL_DEEPSEEK_V2:
+    case ESFT_MODEL_DEEPSEEK_V3:
+        esft__cfg_deepseek(r, c, c->family == ESFT_MODEL_DEEPSEEK_V3);
+        break;
+    case ESFT_MODEL_QWEN2_MOE:
+    case ESFT_MODEL_QWEN3_MOE:
+        esft__cfg_gqa(r, c);
+        esft__cfg_route_plain(r, c, "num_experts", c->family == ESFT_MODEL_QWEN3_MOE);
+        c->d_ff = esft__cfg_int(r, "intermediate_size", 0, 1, 1, 1 << 24);
+        c->d_expert = esft__cfg_int(r, "moe_intermediate_size", 0, 1, 1, 1 << 24);
+        esft__cfg_refuse_true(r, "use_sliding_window");
+        if (c->family == ESFT_MODEL_QWEN2_MOE) {
+            c->qkv_bias = 1;
+            c->d_shared = esft__cfg_int(r, "shared_expert_intermediate_size", 0, 0, 0, 1 << 24);
+            c->shared_gate = c->d_shared > 0;
+        } else {
+            c->qk_norm = ESFT_QK_NORM_HEAD;
+            esft__cfg_refuse_true(r, "attention_bias");
+        }
+        esft__cfg_qwen_layers(r, c);
+        break;
+    case ESFT_MODEL_OLMOE:
+        esft__cfg_gqa(r, c);
+        esft__cfg_route_plain(r, c, "num_experts", 0);
+        c->d_expert = esft__cfg_int(r, "intermediate_size", 0, 1, 1, 1 << 24);
+        c->qk_norm = ESFT_QK_NORM_WHOLE;
+        c->clip_qkv = (float)esft__cfg_number(r, "clip_qkv", 0.0, 0);
+        esft__cfg_refuse_true(r, "attention_bias");
+        for (l = 0; l < c->n_layers; l++) c->is_moe[l] = 1;
+        break;
+    case ESFT_MODEL_MIXTRAL:
+        esft__cfg_gqa(r, c);
+        esft__cfg_route_plain(r, c, "num_local_experts", 1);
+        c->route.renormalize = 1;
+        c->d_expert = esft__cfg_int(r, "intermediate_size", 0, 1, 1, 1 << 24);
+        c->sliding_window = esft__cfg_int(r, "sliding_window", 0, 0, 0, 0x7FFFFFFF);
+        for (l = 0; l < c->n_layers; l++) c->is_moe[l] = 1;
+        break;
+    default:
+        break;
+    }
+}
+
+/* FP8 checkpoints: quantization_config {"quant_method": "fp8", "weight_block_size": [BR, BC]}. */
+static void esft__cfg_quantization(esft__cfg_reader *r, esft_model_config *c)
+{
+    static const char *const methods[] = {"fp8"};
+    static const char *const formats[] = {"e4m3"};
+    esft__cfg_reader q = *r;
+    int t = esft__cfg_token(r, "quantization_config"), which, b;
+    if (t < 0) return;
+    q.obj = t;
+    if (r->js->tokens[t].type != ESFT_JSON_OBJECT) {
+        esft__cfg_fail(r, ESFT_ERR_PARSE, "quantization_config", "not an object");
+        return;
+    }
+    esft__cfg_choice(&q, "quant_method", methods, 1, &which);
+    if (q.status == ESFT_OK && which < 0) esft__cfg_fail(&q, ESFT_ERR_UNSUPPORTED, "quant_method", "missing");
+    esft__cfg_choice(&q, "fmt", formats, 1, &which);
+    b = esft__cfg_token(&q, "weight_block_size");
+    c->fp8_block_rows = c->fp8_block_cols = 128;
+    if (b >= 0) {
+        const esft_json_token *tk = q.js->tokens + b;
+        double v0, v1;
+        if (tk->type != ESFT_JSON_ARRAY || tk->size != 2 || esft_json_number(q.js, b + 1, &v0) != ESFT_OK ||
+            esft_json_number(q.js, b + 2, &v1) != ESFT_OK || v0 < 1 || v1 < 1 || v0 != floor(v0) ||
+            v1 != floor(v1) || v0 > 1 << 20 || v1 > 1 << 20)
+            esft__cfg_fail(&q, ESFT_ERR_PARSE, "weight_block_size", "not two positive whole numbers");
+        else {
+            c->fp8_block_rows = (int)v0;
+            c->fp8_block_cols = (int)v1;
+        }
+    }
+    if (q.status != ESFT_OK) r->status = q.status;
+}
+
+ESFTDEF const char *esft_model_family_name(esft_model_family f)
+{
+    static const char *const names[ESFT_MODEL_FAMILY_COUNT] = {"deepseek_v2", "deepseek_v3", "qwen2_moe",
+                                                              "qwen3_moe", "olmoe", "mixtral"};
+    return (int)f >= 0 && f < ESFT_MODEL_FAMILY_COUNT ? names[f] : "?";
+}
+
+ESFTDEF int esft_model_config_moe_layers(const esft_model_config *cfg)
+{
+    int l, n = 0;
+    if (!cfg) return 0;
+    for (l = 0; l < cfg->n_layers && l < ESFT_MODEL_MAX_LAYERS; l++) n += cfg->is_moe[l] != 0;
+    return n;
+}
+
+ESFTDEF esft_status esft_model_config_parse(esft_model_config *cfg, const char *text, size_t size,
+                                            const char *name, esft_error *err)
+{
+    esft_json js;
+    esft__cfg_reader r;
+    esft_status s;
+    int t, f;
+    if (!cfg || (!text && size)) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL config or text");
+    memset(cfg, 0, sizeof *cfg);
+    if (!name) name = "config.json";
+    s = esft_json_parse(&js, text, size, NULL, err);
+    if (s != ESFT_OK) return esft__locate(err, s, name, err ? err->line : 0);
+    r.js = &js;
+    r.obj = 0;
+    r.name = name;
+    r.err = err;
+    r.status = js.tokens[0].type == ESFT_JSON_OBJECT
+                   ? ESFT_OK
+                   : esft__fail_at(err, ESFT_ERR_PARSE, name, 0, "config.json is not a JSON object");
+    t = esft__cfg_token(&r, "model_type");
+    if (r.status == ESFT_OK && t < 0) esft__cfg_fail(&r, ESFT_ERR_PARSE, "model_type", "missing");
+    for (f = 0; r.status == ESFT_OK && f < ESFT_MODEL_FAMILY_COUNT; f++)
+        if (esft_json_string_equals(&js, t, esft_model_family_name((esft_model_family)f))) break;
+    if (r.status == ESFT_OK && f == ESFT_MODEL_FAMILY_COUNT) {
+        char value[64], why[200];
+        if (esft_json_string(&js, t, value, sizeof value) != ESFT_OK) snprintf(value, sizeof value, "?");
+        snprintf(why, sizeof why, "\"%s\" is not one of deepseek_v2, deepseek_v3, qwen2_moe, qwen3_moe, olmoe, mixtral",
+                 value);
+        esft__cfg_fail(&r, ESFT_ERR_UNSUPPORTED, "model_type", why);
+    }
+    if (r.status == ESFT_OK) {
+        cfg->family = (esft_model_family)f;
+        esft__cfg_family(&r, cfg);
+        esft__cfg_quantization(&r, cfg);
+    }
+    if (r.status == ESFT_OK) {
+        esft_route_config rc = cfg->route;
+        esft_error e2;
+        if (esft_route_config_validate(&rc, &e2) != ESFT_OK)
+            r.status = esft__fail_at(err, ESFT_ERR_PARSE, name, 0, "routing: %s", e2.message);
+    }
+    esft_json_free(&js);
+    return r.status;
+}
+
+ESFTDEF esft_status esft_model_config_read(esft_model_config *cfg, const char *path, esft_error *err)
+{
+    esft_allocator a = esft__allocator_or_default(NULL);
+    char *text;
+    size_t n;
+    esft_status s;
+    if (!cfg || !path) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL config or path");
+    s = esft__read_file(path, (uint64_t)16 << 20, &a, &text, &n, err);
+    if (s != ESFT_OK) return s;
+    s = esft_model_config_parse(cfg, text, n, path, err);
+    a.free(a.user, text);
+    return s;
+}
+
+/* ---- matrices in their file dtype ----------------------------------------- */
+
+/* FP8 E4M3 (the "fn" variant: no infinities, S.1111.111 is NaN) to fp32. */
+static float esft__fp8_e4m3_to_f32(unsigned char b)
+{
+    uint32_t sign = (uint32_t)(b & 0x80u) << 24, e = (b >> 3) & 0xFu, m = b & 0x7u;
+    if (e == 0xFu && m == 0x7u) return esft__bits_f32(sign | 0x7FC00000u);
+    if (e == 0) {
+        float v = (float)m * (1.0f / 512.0f); /* subnormal: m * 2^-9 */
+        return sign ? -v : v;
+    }
+    return esft__bits_f32(sign | ((e + 120u) << 23) | (m << 20));
+}
+
+/* Rows r0 .. r0+n of W as fp32 into dst (n, cols). */
+static void esft__matrix_rows_f32(float *dst, const esft_matrix *W, int r0, int n)
+{
+    size_t cols = (size_t)W->cols, count = (size_t)n * cols;
+    if (W->dtype != ESFT_DTYPE_F8_E4M3) {
+        const unsigned char *src = ESFT__CAST(const unsigned char *, W->data) +
+                                   (size_t)r0 * cols * esft_dtype_size(W->dtype);
+        (void)esft_convert_to_f32(dst, src, W->dtype, count);
+        return;
+    }
+    {
+        const unsigned char *src = ESFT__CAST(const unsigned char *, W->data) + (size_t)r0 * cols;
+        int scale_cols = (W->cols + W->block_cols - 1) / W->block_cols, r;
+        for (r = 0; r < n; r++) {
+            const float *srow = W->scale + (size_t)((r0 + r) / W->block_rows) * scale_cols;
+            size_t c;
+            for (c = 0; c < cols; c++)
+                dst[(size_t)r * cols + c] = esft__fp8_e4m3_to_f32(src[(size_t)r * cols + c]) * srow[c / W->block_cols];
+        }
+    }
+}
+
+/* Floats of one thread's conversion panel: rows of a non-fp32 matrix are turned
+   into fp32 this many at a time right before the product reads them (1 MB:
+   stays in L2/L3; a panel of >= 32 rows keeps the GEMM's packing cost at a few
+   per cent of its arithmetic). */
+#define ESFT__PANEL_FLOATS ((size_t)256 * 1024)
+
+static int esft__panel_rows(const esft_matrix *W)
+{
+    size_t rows = ESFT__PANEL_FLOATS / (size_t)W->cols;
+    if (rows >= 32) rows -= rows % 32;
+    return rows < 1 ? 1 : rows > (size_t)W->rows ? W->rows : (int)rows;
+}
+
+/* y (T, W.rows) = x (T, W.cols) W^T, y's rows ldy apart and x's ldx. W in any
+   of its dtypes; panel holds ESFT__PANEL_FLOATS (unused for fp32 W). */
+static void esft__matmul(float *y, int ldy, const float *x, int ldx, int T, const esft_matrix *W, float *panel)
+{
+    int r0, step;
+    if (W->dtype == ESFT_DTYPE_F32) {
+        esft__sgemm(0, 1, T, W->rows, W->cols, 1.0f, x, ldx, ESFT__CAST(const float *, W->data), W->cols, 0.0f, y,
+                    ldy);
+        return;
+    }
+    step = esft__panel_rows(W);
+    for (r0 = 0; r0 < W->rows; r0 += step) {
+        int n = W->rows - r0 < step ? W->rows - r0 : step;
+        esft__matrix_rows_f32(panel, W, r0, n);
+        esft__sgemm(0, 1, T, n, W->cols, 1.0f, x, ldx, panel, W->cols, 0.0f, y + r0, ldy);
+    }
+}
+
+/* A vector (norm weights, biases) is read as fp32 at load; this is its data. */
+static const float *esft__vec(const esft_matrix *v) { return ESFT__CAST(const float *, v->data); }
+
+/* ---- loading ------------------------------------------------------------- */
+
+typedef struct esft__loader {
+    esft_model *m;
+    esft_checkpoint ck;
+    esft_error *err;
+} esft__loader;
+
+static void *esft__model_blob(esft_model *m, size_t bytes)
+{
+    void *p;
+    if (m->n_blobs_ == m->cap_blobs_) {
+        int cap = m->cap_blobs_ ? 2 * m->cap_blobs_ : 256;
+        void **grown = ESFT__CAST(void **, esft__calloc(&m->allocator, (size_t)cap, sizeof(void *)));
+        if (!grown) return NULL;
+        if (m->n_blobs_) memcpy(grown, m->blobs_, (size_t)m->n_blobs_ * sizeof(void *));
+        esft__release(&m->allocator, m->blobs_);
+        m->blobs_ = grown;
+        m->cap_blobs_ = cap;
+    }
+    p = m->allocator.alloc(m->allocator.user, bytes ? bytes : 1);
+    if (p) m->blobs_[m->n_blobs_++] = p;
+    return p;
+}
+
+static const esft_st_tensor *esft__loader_find(esft__loader *ld, const char *name, const esft_safetensors **st,
+                                               int *index)
+{
+    int shard;
+    if (!esft_checkpoint_find(&ld->ck, name, &shard, index)) return NULL;
+    *st = &ld->ck.shards[shard];
+    return &(*st)->tensors[*index];
+}
+
+static int esft__shape_is(const esft_st_tensor *t, int n_dims, const int64_t *dims)
+{
+    int i;
+    if (t->n_dims != n_dims) return 0;
+    for (i = 0; i < n_dims; i++)
+        if (t->shape[i] != dims[i]) return 0;
+    return 1;
+}
+
+static esft_status esft__loader_shape_error(esft__loader *ld, const char *name, const esft_st_tensor *t,
+                                            const char *want)
+{
+    char got[160];
+    esft__shape_string(got, sizeof got, t->n_dims, t->shape);
+    return esft__fail(ld->err, ESFT_ERR_SHAPE, "tensor %s has shape %s, the config says %s", name, got, want);
+}
+
+/* Reads the FP8 scales of name into out->scale. */
+static esft_status esft__load_scale(esft__loader *ld, esft_matrix *out, const char *name)
+{
+    const esft_model_config *c = &ld->m->cfg;
+    char sname[300];
+    const esft_safetensors *st;
+    const esft_st_tensor *t;
+    int i;
+    int64_t dims[2];
+    float *scale;
+    if (!c->fp8_block_rows)
+        return esft__fail(ld->err, ESFT_ERR_UNSUPPORTED,
+                          "tensor %s is F8_E4M3 but config.json has no fp8 quantization_config", name);
+    snprintf(sname, sizeof sname, "%s_scale_inv", name);
+    t = esft__loader_find(ld, sname, &st, &i);
+    if (!t)
+        return esft__fail(ld->err, ESFT_ERR_PARSE, "tensor %s is F8_E4M3 without its scale %s: FP8 is never read raw",
+                          name, sname);
+    dims[0] = (out->rows + c->fp8_block_rows - 1) / c->fp8_block_rows;
+    dims[1] = (out->cols + c->fp8_block_cols - 1) / c->fp8_block_cols;
+    if (!esft__shape_is(t, 2, dims)) {
+        char want[64];
+        snprintf(want, sizeof want, "(%lld, %lld) for %dx%d blocks", (long long)dims[0], (long long)dims[1],
+                 c->fp8_block_rows, c->fp8_block_cols);
+        return esft__loader_shape_error(ld, sname, t, want);
+    }
+    scale = ESFT__CAST(float *, esft__model_blob(ld->m, (size_t)t->n_elements * sizeof(float)));
+    if (!scale) return esft__fail(ld->err, ESFT_ERR_OUT_OF_MEMORY, "scales of %s", name);
+    if (esft_safetensors_read_f32(st, i, scale, ld->err) != ESFT_OK) return ld->err ? ld->err->status : ESFT_ERR_IO;
+    for (i = 0; i < (int)t->n_elements; i++)
+        if (!isfinite(scale[i]))
+            return esft__fail(ld->err, ESFT_ERR_NUMERIC, "tensor %s: scale %d is not finite", sname, i);
+    out->scale = scale;
+    out->block_rows = c->fp8_block_rows;
+    out->block_cols = c->fp8_block_cols;
+    ld->m->weight_bytes += t->n_bytes;
+    return ESFT_OK;
+}
+
+/* Loads tensor name of n_dims dims (1: a vector of cols; 2: (rows, cols); 3:
+   (planes, rows, cols), returned as one (planes*rows, cols) matrix). as_f32:
+   converted to fp32 (vectors, routers); otherwise kept in its file dtype.
+   A missing tensor is an error when required, else out->data stays NULL. */
+static esft_status esft__load(esft__loader *ld, esft_matrix *out, const char *name, int n_dims, int planes,
+                              int rows, int cols, int required, int as_f32)
+{
+    const esft_safetensors *st;
+    const esft_st_tensor *t;
+    int64_t dims[3];
+    int i;
+    void *blob;
+    memset(out, 0, sizeof *out);
+    t = esft__loader_find(ld, name, &st, &i);
+    if (!t) return required ? esft__fail(ld->err, ESFT_ERR_PARSE, "tensor %s is missing from the checkpoint", name)
+                            : ESFT_OK;
+    dims[0] = n_dims == 3 ? planes : n_dims == 2 ? rows : cols;
+    dims[1] = n_dims == 3 ? rows : cols;
+    dims[2] = cols;
+    if (!esft__shape_is(t, n_dims, dims) && !(n_dims == 1 && rows == 1 && t->n_dims == 2 && t->shape[0] == 1 &&
+                                             t->shape[1] == cols)) {
+        char want[96];
+        esft__shape_string(want, sizeof want, n_dims, dims);
+        return esft__loader_shape_error(ld, name, t, want);
+    }
+    out->rows = n_dims == 3 ? planes * rows : n_dims == 2 ? rows : 1;
+    out->cols = cols;
+    if (t->dtype != ESFT_DTYPE_F32 && t->dtype != ESFT_DTYPE_BF16 && t->dtype != ESFT_DTYPE_F16 &&
+        t->dtype != ESFT_DTYPE_F8_E4M3)
+        return esft__fail(ld->err, ESFT_ERR_UNSUPPORTED, "tensor %s is %s; weights must be F32, BF16, F16 or F8_E4M3",
+                          name, esft_dtype_name(t->dtype));
+    if (as_f32 || t->dtype == ESFT_DTYPE_F32) {
+        float *f;
+        if (t->dtype == ESFT_DTYPE_F8_E4M3)
+            return esft__fail(ld->err, ESFT_ERR_UNSUPPORTED, "tensor %s: FP8 is implemented for matrices only", name);
+        f = ESFT__CAST(float *, esft__model_blob(ld->m, (size_t)t->n_elements * sizeof(float)));
+        if (!f) return esft__fail(ld->err, ESFT_ERR_OUT_OF_MEMORY, "tensor %s (%llu values)", name,
+                                  (unsigned long long)t->n_elements);
+        if (esft_safetensors_read_f32(st, i, f, ld->err) != ESFT_OK) return ld->err ? ld->err->status : ESFT_ERR_IO;
+        out->dtype = ESFT_DTYPE_F32;
+        out->data = f;
+        ld->m->weight_bytes += t->n_elements * sizeof(float);
+        return ESFT_OK;
+    }
+    blob = esft__model_blob(ld->m, (size_t)t->n_bytes);
+    if (!blob) return esft__fail(ld->err, ESFT_ERR_OUT_OF_MEMORY, "tensor %s (%llu bytes)", name,
+                                 (unsigned long long)t->n_bytes);
+    if (esft_safetensors_read(st, i, blob, 0, (size_t)t->n_bytes, ld->err) != ESFT_OK)
+        return ld->err ? ld->err->status : ESFT_ERR_IO;
+    out->dtype = t->dtype;
+    out->data = blob;
+    ld->m->weight_bytes += t->n_bytes;
+    if (t->dtype == ESFT_DTYPE_F8_E4M3) {
+        if (n_dims == 3) return esft__fail(ld->err, ESFT_ERR_UNSUPPORTED, "tensor %s: fused FP8 experts", name);
+        return esft__load_scale(ld, out, name);
+    }
+    return ESFT_OK;
+}
+
+/* Loads "<prefix><suffix>". */
+static esft_status esft__load_at(esft__loader *ld, esft_matrix *out, const char *prefix, const char *suffix,
+                                 int rows, int cols, int required, int as_f32)
+{
+    char name[300];
+    snprintf(name, sizeof name, "%s%s", prefix, suffix);
+    return esft__load(ld, out, name, rows == 1 && as_f32 ? 1 : 2, 0, rows, cols, required, as_f32);
+}
+
+static esft_status esft__load_attention(esft__loader *ld, esft_model_layer *w, const char *p)
+{
+    const esft_model_config *c = &ld->m->cfg;
+    int D = c->d_model, H = c->n_heads, HK = c->n_kv_heads, HD = c->head_dim;
+    esft_status s;
+    if (c->mla) {
+        int dq = c->qk_nope_dim + c->qk_rope_dim;
+        if (c->q_lora_rank) {
+            if ((s = esft__load_at(ld, &w->q_a, p, "self_attn.q_a_proj.weight", c->q_lora_rank, D, 1, 0)) ||
+                (s = esft__load_at(ld, &w->q_a_norm, p, "self_attn.q_a_layernorm.weight", 1, c->q_lora_rank, 1, 1)) ||
+                (s = esft__load_at(ld, &w->q_b, p, "self_attn.q_b_proj.weight", H * dq, c->q_lora_rank, 1, 0)))
+                return s;
+        } else if ((s = esft__load_at(ld, &w->q, p, "self_attn.q_proj.weight", H * dq, D, 1, 0)))
+            return s;
+        if ((s = esft__load_at(ld, &w->kv_a, p, "self_attn.kv_a_proj_with_mqa.weight", c->kv_lora_rank + c->qk_rope_dim,
+                               D, 1, 0)) ||
+            (s = esft__load_at(ld, &w->kv_a_norm, p, "self_attn.kv_a_layernorm.weight", 1, c->kv_lora_rank, 1, 1)) ||
+            (s = esft__load_at(ld, &w->kv_b, p, "self_attn.kv_b_proj.weight", H * (c->qk_nope_dim + c->v_head_dim),
+                               c->kv_lora_rank, 1, 0)))
+            return s;
+        return esft__load_at(ld, &w->o, p, "self_attn.o_proj.weight", D, H * c->v_head_dim, 1, 0);
+    }
+    if ((s = esft__load_at(ld, &w->q, p, "self_attn.q_proj.weight", H * HD, D, 1, 0)) ||
+        (s = esft__load_at(ld, &w->k, p, "self_attn.k_proj.weight", HK * HD, D, 1, 0)) ||
+        (s = esft__load_at(ld, &w->v, p, "self_attn.v_proj.weight", HK * HD, D, 1, 0)) ||
+        (s = esft__load_at(ld, &w->o, p, "self_attn.o_proj.weight", D, H * HD, 1, 0)))
+        return s;
+    if (c->qkv_bias &&
+        ((s = esft__load_at(ld, &w->q_bias, p, "self_attn.q_proj.bias", 1, H * HD, 1, 1)) ||
+         (s = esft__load_at(ld, &w->k_bias, p, "self_attn.k_proj.bias", 1, HK * HD, 1, 1)) ||
+         (s = esft__load_at(ld, &w->v_bias, p, "self_attn.v_proj.bias", 1, HK * HD, 1, 1))))
+        return s;
+    if (c->qk_norm != ESFT_QK_NORM_NONE) {
+        int whole = c->qk_norm == ESFT_QK_NORM_WHOLE;
+        if ((s = esft__load_at(ld, &w->q_norm, p, "self_attn.q_norm.weight", 1, whole ? H * HD : HD, 1, 1)) ||
+            (s = esft__load_at(ld, &w->k_norm, p, "self_attn.k_norm.weight", 1, whole ? HK * HD : HD, 1, 1)))
+            return s;
+    }
+    return ESFT_OK;
+}
+
+/* The experts of one layer: per-expert tensors (the names released checkpoints
+   use), or the fused 3-D gate_up_proj (E, 2F, D) / down_proj (E, D, F) that
+   transformers v5 keeps in memory; each expert is then a view of its slice. */
+static esft_status esft__load_experts(esft__loader *ld, esft_model_layer *w, const char *moe)
+{
+    const esft_model_config *c = &ld->m->cfg;
+    int E = c->route.n_experts, F = c->d_expert, D = c->d_model, e, shard, idx;
+    int mixtral = strstr(moe, "block_sparse_moe") != NULL;
+    char name[300];
+    esft_status s;
+    size_t bytes = (size_t)E * sizeof(esft_matrix);
+    w->expert_gate = ESFT__CAST(esft_matrix *, esft__model_blob(ld->m, 3 * bytes));
+    if (!w->expert_gate) return esft__fail(ld->err, ESFT_ERR_OUT_OF_MEMORY, "expert table");
+    w->expert_up = w->expert_gate + E;
+    w->expert_down = w->expert_up + E;
+    snprintf(name, sizeof name, "%sexperts.gate_up_proj", moe);
+    if (esft_checkpoint_find(&ld->ck, name, &shard, &idx)) {
+        esft_matrix gu, dn;
+        size_t esz;
+        if ((s = esft__load(ld, &gu, name, 3, E, 2 * F, D, 1, 0))) return s;
+        snprintf(name, sizeof name, "%sexperts.down_proj", moe);
+        if ((s = esft__load(ld, &dn, name, 3, E, D, F, 1, 0))) return s;
+        esz = esft_dtype_size(gu.dtype);
+        for (e = 0; e < E; e++) {
+            const unsigned char *g = ESFT__CAST(const unsigned char *, gu.data) + (size_t)e * 2 * F * D * esz;
+            w->expert_gate[e] = gu;
+            w->expert_gate[e].rows = F;
+            w->expert_gate[e].data = g;
+            w->expert_up[e] = w->expert_gate[e];
+            w->expert_up[e].data = g + (size_t)F * D * esz;
+            w->expert_down[e] = dn;
+            w->expert_down[e].rows = D;
+            w->expert_down[e].data = ESFT__CAST(const unsigned char *, dn.data) + (size_t)e * D * F * esft_dtype_size(dn.dtype);
+        }
+        ld->m->fused_experts = 1;
+        return ESFT_OK;
+    }
+    for (e = 0; e < E; e++) {
+        char p[160];
+        snprintf(p, sizeof p, "%sexperts.%d.", moe, e);
+        if ((s = esft__load_at(ld, &w->expert_gate[e], p, mixtral ? "w1.weight" : "gate_proj.weight", F, D, 1, 0)) ||
+            (s = esft__load_at(ld, &w->expert_up[e], p, mixtral ? "w3.weight" : "up_proj.weight", F, D, 1, 0)) ||
+            (s = esft__load_at(ld, &w->expert_down[e], p, mixtral ? "w2.weight" : "down_proj.weight", D, F, 1, 0)))
+            return s;
+    }
+    return ESFT_OK;
+}
+
+static esft_status esft__load_ffn(esft__loader *ld, esft_model_layer *w, const char *p, int layer)
+{
+    const esft_model_config *c = &ld->m->cfg;
+    int D = c->d_model, E = c->route.n_experts, FS = c->d_shared, shard, idx;
+    char moe[128], name[300];
+    esft_status s;
+    if (!c->is_moe[layer]) {
+        if ((s = esft__load_at(ld, &w->mlp_gate, p, "mlp.gate_proj.weight", c->d_ff, D, 1, 0)) ||
+            (s = esft__load_at(ld, &w->mlp_up, p, "mlp.up_proj.weight", c->d_ff, D, 1, 0)))
+            return s;
+        return esft__load_at(ld, &w->mlp_down, p, "mlp.down_proj.weight", D, c->d_ff, 1, 0);
+    }
+    /* Mixtral's released checkpoints say block_sparse_moe; the others mlp */
+    snprintf(moe, sizeof moe, "%smlp.", p);
+    snprintf(name, sizeof name, "%sblock_sparse_moe.gate.weight", p);
+    if (c->family == ESFT_MODEL_MIXTRAL && esft_checkpoint_find(&ld->ck, name, &shard, &idx))
+        snprintf(moe, sizeof moe, "%sblock_sparse_moe.", p);
+    if ((s = esft__load_at(ld, &w->router, moe, "gate.weight", E, D, 1, 1))) return s;
+    if (c->route_bias && (s = esft__load_at(ld, &w->router_bias, moe, "gate.e_score_correction_bias", 1, E, 1, 1)))
+        return s;
+    if ((s = esft__load_experts(ld, w, moe))) return s;
+    if (FS > 0) {
+        const char *sh = c->family == ESFT_MODEL_QWEN2_MOE ? "shared_expert." : "shared_experts.";
+        char q[160];
+        snprintf(q, sizeof q, "%s%s", moe, sh);
+        if ((s = esft__load_at(ld, &w->shared_gate, q, "gate_proj.weight", FS, D, 1, 0)) ||
+            (s = esft__load_at(ld, &w->shared_up, q, "up_proj.weight", FS, D, 1, 0)) ||
+            (s = esft__load_at(ld, &w->shared_down, q, "down_proj.weight", D, FS, 1, 0)))
+            return s;
+        if (c->shared_gate && (s = esft__load_at(ld, &w->shared_router, moe, "shared_expert_gate.weight", 1, D, 1, 1)))
+            return s;
+    }
+    return ESFT_OK;
+}
+
+static esft_status esft__load_model(esft__loader *ld)
+{
+    esft_model *m = ld->m;
+    const esft_model_config *c = &m->cfg;
+    int l;
+    esft_status s;
+    if ((s = esft__load(ld, &m->embed, "model.embed_tokens.weight", 2, 0, c->vocab, c->d_model, 1, 0)) ||
+        (s = esft__load(ld, &m->final_norm, "model.norm.weight", 1, 0, 1, c->d_model, 1, 1)))
+        return s;
+    if (c->tie_embeddings) m->lm_head = m->embed;
+    else if ((s = esft__load(ld, &m->lm_head, "lm_head.weight", 2, 0, c->vocab, c->d_model, 1, 0)))
+        return s;
+    m->layers = ESFT__CAST(esft_model_layer *, esft__model_blob(m, (size_t)c->n_layers * sizeof(esft_model_layer)));
+    if (!m->layers) return esft__fail(ld->err, ESFT_ERR_OUT_OF_MEMORY, "layer table");
+    memset(m->layers, 0, (size_t)c->n_layers * sizeof(esft_model_layer));
+    for (l = 0; l < c->n_layers; l++) {
+        esft_model_layer *w = &m->layers[l];
+        char p[64];
+        snprintf(p, sizeof p, "model.layers.%d.", l);
+        if ((s = esft__load_at(ld, &w->attn_norm, p, "input_layernorm.weight", 1, c->d_model, 1, 1)) ||
+            (s = esft__load_at(ld, &w->ffn_norm, p, "post_attention_layernorm.weight", 1, c->d_model, 1, 1)) ||
+            (s = esft__load_attention(ld, w, p)) || (s = esft__load_ffn(ld, w, p, l)))
+            return s;
+    }
+    return ESFT_OK;
+}
+
+ESFTDEF void esft_model_close(esft_model *m)
+{
+    int i;
+    if (!m) return;
+    for (i = 0; i < m->n_blobs_; i++) esft__release(&m->allocator, m->blobs_[i]);
+    esft__release(&m->allocator, m->blobs_);
+    memset(m, 0, sizeof *m);
+}
+
+ESFTDEF esft_status esft_model_open(esft_model *m, const char *dir, const esft_allocator *allocator,
+                                    esft_error *err)
+{
+    esft__loader ld;
+    char path[4200];
+    esft_status s;
+    if (!m || !dir) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL model or directory");
+    memset(m, 0, sizeof *m);
+    m->allocator = esft__allocator_or_default(allocator);
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    s = esft_model_config_read(&m->cfg, path, err);
+    if (s != ESFT_OK) return s;
+    ld.m = m;
+    ld.err = err;
+    s = esft_checkpoint_open(&ld.ck, dir, allocator, err);
+    if (s != ESFT_OK) return s;
+    s = esft__load_model(&ld);
+    esft_checkpoint_close(&ld.ck);
+    if (s != ESFT_OK) {
+        esft_allocator a = m->allocator;
+        esft_model_close(m);
+        m->allocator = a;
+    }
+    return s;
+}
+
+/* ---- forward ------------------------------------------------------------- */
+
+/* Query rows per attention block: a (64, T) score block per thread. */
+#define ESFT__ATTN_BLOCK 64
+/* Positions per lm_head block (logits of 64 positions at a time when not kept). */
+#define ESFT__HEAD_BLOCK 64
+
+/* Scratch of one forward over T tokens, carved from one allocation. */
+typedef struct esft__fwd {
+    float *x, *h, *a;        /* (T, D) residual stream, normed input, sublayer output */
+    float *q, *k, *v, *ao;   /* attention: (T, H DQ) (T, HKV DQ) (T, HKV DV) (T, H DV) */
+    float *lat;              /* (T, QR + KR + DR) MLA latents */
+    float *kvb;              /* (T, H (DN + DV)) MLA kv_b output */
+    float *cos_, *sin_;      /* (T, R/2) rotary tables */
+    float *scores;           /* (nt, ATTN_BLOCK, T) */
+    float *g, *u;            /* (T K or T, max(F, FF, FS)) SwiGLU */
+    float *xg, *o;           /* (T K, D) gathered inputs, expert outputs */
+    float *logits;           /* (T, E) router; (HEAD_BLOCK, V) head */
+    float *sg;               /* (T) shared gate */
+    float *panels;           /* (nt, PANEL_FLOATS) */
+    float *route_tmp;        /* (3E + 2G) */
+    int32_t *ids, *offsets, *perm, *pos; /* (T K) (E + 1) (T K) (T K) */
+    float *weights;          /* (T K) */
+    int nt;
+} esft__fwd;
+
+static size_t esft__max3(size_t a, size_t b, size_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
+
+/* Lays out (or, with base NULL, sizes) the scratch. Returns its bytes. */
+static size_t esft__fwd_layout(esft__fwd *f, const esft_model_config *c, int T, int nt, unsigned char *base)
+{
+    size_t at = 0, t = (size_t)T, K = (size_t)c->route.top_k, E = (size_t)c->route.n_experts, D = (size_t)c->d_model;
+    size_t H = (size_t)c->n_heads, dq, dk_heads, dv, hid, rot, lat;
+    if (c->mla) {
+        dq = (size_t)(c->qk_nope_dim + c->qk_rope_dim);
+        dk_heads = H;
+        dv = (size_t)c->v_head_dim;
+        rot = (size_t)c->qk_rope_dim;
+    } else {
+        dq = dv = (size_t)c->head_dim;
+        dk_heads = (size_t)c->n_kv_heads;
+        rot = dq;
+    }
+    lat = c->mla ? (size_t)(c->q_lora_rank + c->kv_lora_rank + c->qk_rope_dim) : 0;
+    hid = esft__max3((size_t)c->d_expert * (E ? K : 0), (size_t)c->d_ff, (size_t)c->d_shared);
+#define ESFT__CARVE(field, type, count)                                                      \
+    do {                                                                                     \
+        at = (at + 63) & ~(size_t)63;                                                        \
+        if (base) f->field = ESFT__CAST(type *, (void *)(base + at));                        \
+        at += (size_t)(count) * sizeof(type);                                                \
+    } while (0)
+    ESFT__CARVE(x, float, t * D);
+    ESFT__CARVE(h, float, t * D);
+    ESFT__CARVE(a, float, t * D);
+    ESFT__CARVE(q, float, t * H * dq);
+    ESFT__CARVE(k, float, t * dk_heads * dq);
+    ESFT__CARVE(v, float, t * dk_heads * dv);
+    ESFT__CARVE(ao, float, t * H * dv);
+    ESFT__CARVE(lat, float, t * lat);
+    ESFT__CARVE(kvb, float, c->mla ? t * H * (size_t)(c->qk_nope_dim + c->v_head_dim) : 0);
+    ESFT__CARVE(cos_, float, t * rot / 2);
+    ESFT__CARVE(sin_, float, t * rot / 2);
+    ESFT__CARVE(scores, float, (size_t)nt * ESFT__ATTN_BLOCK * t);
+    ESFT__CARVE(g, float, t * hid);
+    ESFT__CARVE(u, float, t * hid);
+    ESFT__CARVE(xg, float, E ? t * K * D : 0);
+    ESFT__CARVE(o, float, E ? t * K * D : 0);
+    ESFT__CARVE(logits, float, t * E > (size_t)ESFT__HEAD_BLOCK * c->vocab ? t * E : (size_t)ESFT__HEAD_BLOCK * c->vocab);
+    ESFT__CARVE(sg, float, t);
+    ESFT__CARVE(panels, float, (size_t)nt * ESFT__PANEL_FLOATS);
+    ESFT__CARVE(route_tmp, float, 3 * E + 2 * (size_t)(c->route.n_group > 0 ? c->route.n_group : 1));
+    ESFT__CARVE(ids, int32_t, t * K);
+    ESFT__CARVE(offsets, int32_t, E + 1);
+    ESFT__CARVE(perm, int32_t, t * K);
+    ESFT__CARVE(pos, int32_t, t * K);
+    ESFT__CARVE(weights, float, t * K);
+#undef ESFT__CARVE
+    if (base) f->nt = nt;
+    return at + 64;
+}
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+static int esft__thread_id(void)
+{
+#if defined(_OPENMP)
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* y = RMSNorm(x) * w over rows of n (fp32 as transformers computes it). */
+static void esft__rmsnorm_rows(float *y, int ldy, const float *x, int ldx, const float *w, int rows, int n, float eps,
+                               int nt)
+{
+    int r;
+    (void)nt;
+    ESFT__MOE_FOR_STATIC(nt)
+    for (r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * ldx;
+        float *yr = y + (size_t)r * ldy;
+        double ss = 0.0;
+        float inv;
+        int i;
+        for (i = 0; i < n; i++) ss += (double)xr[i] * xr[i];
+        inv = 1.0f / sqrtf((float)(ss / n) + eps);
+        for (i = 0; i < n; i++) yr[i] = w[i] * (xr[i] * inv);
+    }
+}
+
+/* The rotary tables cos/sin (T, R/2) of positions 0..T-1. */
+static void esft__rope_tables(float *cs, float *sn, const esft_rope_config *rc, int R, int T)
+{
+    int half = R / 2, i, t;
+    double low = 0.0, high = 0.0;
+    if (rc->yarn) {
+        /* YaRN: dims rotating fewer than beta_slow times over the original
+           context are interpolated (theta / factor), those rotating more than
+           beta_fast times kept, a linear ramp between */
+        double two_log_base = 2.0 * log(rc->theta), L = (double)rc->original_max_position;
+        low = floor(R * log(L / (rc->beta_fast * 2.0 * 3.14159265358979323846)) / two_log_base);
+        high = ceil(R * log(L / (rc->beta_slow * 2.0 * 3.14159265358979323846)) / two_log_base);
+        if (low < 0) low = 0;
+        if (high > R - 1) high = R - 1;
+        if (low == high) high += 0.001;
+    }
+    for (i = 0; i < half; i++) {
+        float inv = (float)(1.0 / pow(rc->theta, (double)(2 * i) / R));
+        if (rc->yarn) {
+            float ramp = (float)(((double)i - low) / (high - low)), keep;
+            ramp = ramp < 0.0f ? 0.0f : ramp > 1.0f ? 1.0f : ramp;
+            keep = 1.0f - ramp; /* share of the original frequency */
+            inv = (inv / (float)rc->factor) * (1.0f - keep) + inv * keep;
+        }
+        for (t = 0; t < T; t++) {
+            float angle = (float)t * inv; /* fp32 as transformers computes positions * inv_freq */
+            cs[(size_t)t * half + i] = (float)(cos((double)angle) * rc->attention_factor);
+            sn[(size_t)t * half + i] = (float)(sin((double)angle) * rc->attention_factor);
+        }
+    }
+}
+
+/* Rotates R dims of each of n_heads heads of every row (stride ld, head stride hs). */
+static void esft__rope_apply(float *x, int ld, int n_heads, int hs, int T, int R, int interleaved, const float *cs,
+                             const float *sn, int nt)
+{
+    int t, half = R / 2;
+    (void)nt;
+    ESFT__MOE_FOR_STATIC(nt)
+    for (t = 0; t < T; t++) {
+        const float *c = cs + (size_t)t * half, *s = sn + (size_t)t * half;
+        int hh, i;
+        for (hh = 0; hh < n_heads; hh++) {
+            float *p = x + (size_t)t * ld + (size_t)hh * hs;
+            for (i = 0; i < half; i++) {
+                int i1 = interleaved ? 2 * i : i, i2 = interleaved ? 2 * i + 1 : i + half;
+                float x1 = p[i1], x2 = p[i2];
+                p[i1] = x1 * c[i] - x2 * s[i];
+                p[i2] = x2 * c[i] + x1 * s[i];
+            }
+        }
+    }
+}
+
+/* Causal softmax attention, one (query block, head) at a time: scores of the
+   block against the keys it may see, softmax, times V. out (T, H DV). */
+static void esft__attention(float *out, const float *q, const float *k, const float *v, const esft_model_config *c,
+                            int T, int H, int HK, int dq, int dv, float *scores, int nt)
+{
+    int n_blocks = (T + ESFT__ATTN_BLOCK - 1) / ESFT__ATTN_BLOCK, jobs = n_blocks * H, job;
+    int window = c->sliding_window;
+    float scale = (float)c->attn_scale;
+    (void)nt;
+    ESFT__MOE_FOR_DYNAMIC(nt)
+    for (job = 0; job < jobs; job++) {
+        int hh = job % H, b = job / H, q0 = b * ESFT__ATTN_BLOCK, kvh = hh / (H / HK);
+        int nq = T - q0 < ESFT__ATTN_BLOCK ? T - q0 : ESFT__ATTN_BLOCK, nk = q0 + nq, i;
+        float *S = scores + (size_t)esft__thread_id() * ESFT__ATTN_BLOCK * T;
+        esft__sgemm(0, 1, nq, nk, dq, scale, q + (size_t)q0 * H * dq + (size_t)hh * dq, H * dq,
+                    k + (size_t)kvh * dq, HK * dq, 0.0f, S, nk);
+        for (i = 0; i < nq; i++) {
+            float *row = S + (size_t)i * nk, mx = -INFINITY, sum = 0.0f;
+            int j, last = q0 + i, first = window > 0 && last - window + 1 > 0 ? last - window + 1 : 0;
+            for (j = first; j <= last; j++) mx = row[j] > mx ? row[j] : mx;
+            for (j = 0; j < nk; j++) {
+                float e = j >= first && j <= last ? expf(row[j] - mx) : 0.0f;
+                row[j] = e;
+                sum += e;
+            }
+            for (j = first; j <= last; j++) row[j] /= sum;
+        }
+        esft__sgemm(0, 0, nq, dv, nk, 1.0f, S, nk, v + (size_t)kvh * dv, HK * dv, 0.0f,
+                    out + (size_t)q0 * H * dv + (size_t)hh * dv, H * dv);
+    }
+}
+
+static void esft__add_bias_rows(float *y, const esft_matrix *b, int T, int n)
+{
+    int t, i;
+    if (!b->data) return;
+    for (t = 0; t < T; t++)
+        for (i = 0; i < n; i++) y[(size_t)t * n + i] += esft__vec(b)[i];
+}
+
+static void esft__clamp(float *x, size_t n, float clip)
+{
+    size_t i;
+    for (i = 0; i < n; i++) x[i] = x[i] > clip ? clip : x[i] < -clip ? -clip : x[i];
+}
+
+/* a (T, D) = self-attention of h (T, D), GQA families. */
+static void esft__attn_gqa(esft__fwd *f, const esft_model_config *c, const esft_model_layer *w, int T)
+{
+    int H = c->n_heads, HK = c->n_kv_heads, HD = c->head_dim, D = c->d_model, nt = f->nt;
+    esft__matmul(f->q, H * HD, f->h, D, T, &w->q, f->panels);
+    esft__matmul(f->k, HK * HD, f->h, D, T, &w->k, f->panels);
+    esft__matmul(f->v, HK * HD, f->h, D, T, &w->v, f->panels);
+    esft__add_bias_rows(f->q, &w->q_bias, T, H * HD);
+    esft__add_bias_rows(f->k, &w->k_bias, T, HK * HD);
+    esft__add_bias_rows(f->v, &w->v_bias, T, HK * HD);
+    if (c->qk_norm == ESFT_QK_NORM_WHOLE) {
+        esft__rmsnorm_rows(f->q, H * HD, f->q, H * HD, esft__vec(&w->q_norm), T, H * HD, c->rms_eps, nt);
+        esft__rmsnorm_rows(f->k, HK * HD, f->k, HK * HD, esft__vec(&w->k_norm), T, HK * HD, c->rms_eps, nt);
+    } else if (c->qk_norm == ESFT_QK_NORM_HEAD) {
+        esft__rmsnorm_rows(f->q, HD, f->q, HD, esft__vec(&w->q_norm), T * H, HD, c->rms_eps, nt);
+        esft__rmsnorm_rows(f->k, HD, f->k, HD, esft__vec(&w->k_norm), T * HK, HD, c->rms_eps, nt);
+    }
+    if (c->clip_qkv > 0.0f) {
+        esft__clamp(f->q, (size_t)T * H * HD, c->clip_qkv);
+        esft__clamp(f->k, (size_t)T * HK * HD, c->clip_qkv);
+        esft__clamp(f->v, (size_t)T * HK * HD, c->clip_qkv);
+    }
+    esft__rope_apply(f->q, H * HD, H, HD, T, HD, c->rope.interleaved, f->cos_, f->sin_, nt);
+    esft__rope_apply(f->k, HK * HD, HK, HD, T, HD, c->rope.interleaved, f->cos_, f->sin_, nt);
+    esft__attention(f->ao, f->q, f->k, f->v, c, T, H, HK, HD, HD, f->scores, nt);
+    esft__matmul(f->a, D, f->ao, H * HD, T, &w->o, f->panels);
+}
+
+/* a (T, D) = multi-head latent attention of h (DeepSeek-V2/V3): q from h (or
+   through the q_lora bottleneck), one compressed kv latent + a shared rotary
+   key per token, expanded per head by kv_b. */
+static void esft__attn_mla(esft__fwd *f, const esft_model_config *c, const esft_model_layer *w, int T)
+{
+    int H = c->n_heads, D = c->d_model, DN = c->qk_nope_dim, DR = c->qk_rope_dim, DV = c->v_head_dim;
+    int QR = c->q_lora_rank, KR = c->kv_lora_rank, dq = DN + DR, nt = f->nt, LW = QR + KR + DR, t;
+    float *qa = f->lat, *kva = f->lat + QR;
+    if (QR) {
+        esft__matmul(qa, LW, f->h, D, T, &w->q_a, f->panels);
+        esft__rmsnorm_rows(qa, LW, qa, LW, esft__vec(&w->q_a_norm), T, QR, c->rms_eps, nt);
+        esft__matmul(f->q, H * dq, qa, LW, T, &w->q_b, f->panels);
+    } else {
+        esft__matmul(f->q, H * dq, f->h, D, T, &w->q, f->panels);
+    }
+    esft__matmul(kva, LW, f->h, D, T, &w->kv_a, f->panels);
+    esft__rmsnorm_rows(kva, LW, kva, LW, esft__vec(&w->kv_a_norm), T, KR, c->rms_eps, nt);
+    esft__matmul(f->kvb, H * (DN + DV), kva, LW, T, &w->kv_b, f->panels);
+    esft__rope_apply(f->q + DN, H * dq, H, dq, T, DR, c->rope.interleaved, f->cos_, f->sin_, nt);
+    esft__rope_apply(kva + KR, LW, 1, DR, T, DR, c->rope.interleaved, f->cos_, f->sin_, nt);
+    for (t = 0; t < T; t++) {
+        int hh;
+        for (hh = 0; hh < H; hh++) {
+            const float *src = f->kvb + ((size_t)t * H + hh) * (DN + DV);
+            float *kd = f->k + ((size_t)t * H + hh) * dq;
+            memcpy(kd, src, (size_t)DN * sizeof(float));
+            memcpy(kd + DN, kva + (size_t)t * LW + KR, (size_t)DR * sizeof(float));
+            memcpy(f->v + ((size_t)t * H + hh) * DV, src + DN, (size_t)DV * sizeof(float));
+        }
+    }
+    esft__attention(f->ao, f->q, f->k, f->v, c, T, H, H, dq, DV, f->scores, nt);
+    esft__matmul(f->a, D, f->ao, H * DV, T, &w->o, f->panels);
+}
+
+/* out (n, D) = SwiGLU MLP of in (n, D): down(silu(gate in) * up in). */
+static void esft__swiglu_mlp(float *out, const float *in, int n, int D, const esft_matrix *gate, const esft_matrix *up,
+                             const esft_matrix *down, float *g, float *u, float *panel)
+{
+    int F = gate->rows;
+    esft__matmul(g, F, in, D, n, gate, panel);
+    esft__matmul(u, F, in, D, n, up, panel);
+    esft__swiglu_forward(g, g, u, (size_t)n * F);
+    esft__matmul(out, D, g, F, n, down, panel);
+}
+
+/* Routes h (T, D) through layer w's router: ids and weights (T, K). */
+static esft_status esft__moe_route(esft__fwd *f, const esft_model_config *c, const esft_model_layer *w, int layer,
+                                   int T, esft_error *err)
+{
+    int E = c->route.n_experts, K = c->route.top_k, t;
+    size_t i, te = (size_t)T * E;
+    esft_route_config rc = c->route;
+    float *probs = f->route_tmp; /* the first E floats of the scratch hold one token's probabilities */
+    rc.selection_bias = w->router_bias.data ? esft__vec(&w->router_bias) : NULL;
+    esft__sgemm(0, 1, T, E, c->d_model, 1.0f, f->h, c->d_model, esft__vec(&w->router), c->d_model, 0.0f, f->logits, E);
+    for (i = 0; i < te; i++)
+        if (!isfinite(f->logits[i]))
+            return esft__fail(err, ESFT_ERR_NUMERIC, "layer %d: router logit of token %lu, expert %lu is not finite",
+                              layer, (unsigned long)(i / E), (unsigned long)(i % E));
+    for (t = 0; t < T; t++)
+        esft__route_token(&rc, f->ids + (size_t)t * K, f->weights + (size_t)t * K, probs, f->logits + (size_t)t * E,
+                          f->route_tmp);
+    return ESFT_OK;
+}
+
+/* a (T, D) = MoE of h: routed experts over their tokens (grouped by a counting
+   sort), plus the shared expert(s), combined per token in slot order. */
+static void esft__moe_ffn(esft__fwd *f, const esft_model_config *c, const esft_model_layer *w, int T)
+{
+    int E = c->route.n_experts, K = c->route.top_k, D = c->d_model, F = c->d_expert, FS = c->d_shared;
+    int nt = f->nt, TK = T * K, e, r, t;
+    (void)nt;
+    memset(f->offsets, 0, (size_t)(E + 1) * sizeof(int32_t));
+    for (r = 0; r < TK; r++) f->offsets[f->ids[r] + 1]++;
+    for (e = 0; e < E; e++) f->offsets[e + 1] += f->offsets[e];
+    {
+        int32_t *fill = f->pos; /* borrowed as the running cursor, then overwritten */
+        for (e = 0; e < E; e++) fill[e] = f->offsets[e];
+        for (r = 0; r < TK; r++) f->perm[fill[f->ids[r]]++] = r;
+        for (r = 0; r < TK; r++) f->pos[f->perm[r]] = r;
+    }
+    ESFT__MOE_FOR_STATIC(nt)
+    for (r = 0; r < TK; r++)
+        memcpy(f->xg + (size_t)r * D, f->h + (size_t)(f->perm[r] / K) * D, (size_t)D * sizeof(float));
+    ESFT__MOE_FOR_DYNAMIC(nt)
+    for (e = 0; e < E; e++) {
+        int r0 = f->offsets[e], n = f->offsets[e + 1] - r0;
+        float *panel = f->panels + (size_t)esft__thread_id() * ESFT__PANEL_FLOATS;
+        if (n == 0) continue;
+        esft__swiglu_mlp(f->o + (size_t)r0 * D, f->xg + (size_t)r0 * D, n, D, &w->expert_gate[e], &w->expert_up[e],
+                         &w->expert_down[e], f->g + (size_t)r0 * F, f->u + (size_t)r0 * F, panel);
+    }
+    if (FS > 0) {
+        esft__swiglu_mlp(f->a, f->h, T, D, &w->shared_gate, &w->shared_up, &w->shared_down, f->g, f->u, f->panels);
+        if (w->shared_router.data) {
+            esft__sgemm(0, 1, T, 1, D, 1.0f, f->h, D, esft__vec(&w->shared_router), D, 0.0f, f->sg, 1);
+            for (t = 0; t < T; t++) {
+                float s = esft__sigmoidf(f->sg[t]);
+                int d;
+                for (d = 0; d < D; d++) f->a[(size_t)t * D + d] *= s;
+            }
+        }
+    } else {
+        memset(f->a, 0, (size_t)T * D * sizeof(float));
+    }
+    ESFT__MOE_FOR_STATIC(nt)
+    for (t = 0; t < T; t++) {
+        float *at = f->a + (size_t)t * D;
+        int j, d;
+        for (j = 0; j < K; j++) {
+            size_t slot = (size_t)t * K + j;
+            const float *o = f->o + (size_t)f->pos[slot] * D;
+            float wt = f->weights[slot];
+            for (d = 0; d < D; d++) at[d] += wt * o[d];
+        }
+    }
+}
+
+/* Cross-entropy of rows t0 .. t0+n of logits (n, V) against labels[t+1]. */
+static esft_status esft__head_loss(const float *logits, int t0, int n, int V, const int32_t *labels, int T,
+                                   double *loss, int64_t *count, esft_error *err)
+{
+    int i;
+    for (i = 0; i < n; i++) {
+        int t = t0 + i, j, y;
+        const float *row = logits + (size_t)i * V;
+        double mx = -INFINITY, sum = 0.0;
+        for (j = 0; j < V; j++)
+            if (!isfinite(row[j])) return esft__fail(err, ESFT_ERR_NUMERIC, "logit %d of position %d is not finite", j, t);
+        if (!labels || t + 1 >= T || labels[t + 1] == -100) continue;
+        y = labels[t + 1];
+        for (j = 0; j < V; j++) mx = row[j] > mx ? row[j] : mx;
+        for (j = 0; j < V; j++) sum += exp((double)row[j] - mx);
+        *loss += mx + log(sum) - row[y];
+        (*count)++;
+    }
+    return ESFT_OK;
+}
+
+static esft_status esft__forward_check(const esft_model *m, const int32_t *ids, int T, const esft_model_run *run,
+                                       esft_error *err)
+{
+    int t, V = m->cfg.vocab;
+    if (!m->layers) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "model not open");
+    if (!ids || T < 1) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "no tokens (T = %d)", T);
+    for (t = 0; t < T; t++)
+        if (ids[t] < 0 || ids[t] >= V) return esft__fail(err, ESFT_ERR_RANGE, "token %d: id %d is not in [0, %d)", t, (int)ids[t], V);
+    if (run && run->labels)
+        for (t = 0; t < T; t++)
+            if (run->labels[t] != -100 && (run->labels[t] < 0 || run->labels[t] >= V))
+                return esft__fail(err, ESFT_ERR_RANGE, "token %d: label %d is neither -100 nor in [0, %d)", t,
+                                  (int)run->labels[t], V);
+    if (run && run->stats &&
+        (run->stats->n_layers < m->cfg.n_layers || run->stats->n_experts != m->cfg.route.n_experts ||
+         run->stats->top_k != m->cfg.route.top_k))
+        return esft__fail(err, ESFT_ERR_SHAPE, "stats of %d layers, E %d, K %d for a model of %d layers, E %d, K %d",
+                          run->stats->n_layers, run->stats->n_experts, run->stats->top_k, m->cfg.n_layers,
+                          m->cfg.route.n_experts, m->cfg.route.top_k);
+    return ESFT_OK;
+}
+
+static esft_status esft__forward_layers(const esft_model *m, esft__fwd *f, int T, const esft_model_run *run,
+                                        esft_error *err)
+{
+    const esft_model_config *c = &m->cfg;
+    int D = c->d_model, l;
+    size_t n = (size_t)T * D, i;
+    esft_status s;
+    for (l = 0; l < c->n_layers; l++) {
+        const esft_model_layer *w = &m->layers[l];
+        esft__rmsnorm_rows(f->h, D, f->x, D, esft__vec(&w->attn_norm), T, D, c->rms_eps, f->nt);
+        if (c->mla) esft__attn_mla(f, c, w, T);
+        else esft__attn_gqa(f, c, w, T);
+        for (i = 0; i < n; i++) f->x[i] += f->a[i];
+        esft__rmsnorm_rows(f->h, D, f->x, D, esft__vec(&w->ffn_norm), T, D, c->rms_eps, f->nt);
+        if (c->is_moe[l]) {
+            if ((s = esft__moe_route(f, c, w, l, T, err)) != ESFT_OK) return s;
+            if (run && run->stats &&
+                (s = esft_stats_add(run->stats, l, f->ids, f->weights, run->stats_mask, T, err)) != ESFT_OK)
+                return s;
+            if (run && run->on_route) run->on_route(run->user, l, f->ids, f->weights, T, c->route.top_k);
+            esft__moe_ffn(f, c, w, T);
+        } else {
+            esft__swiglu_mlp(f->a, f->h, T, D, &w->mlp_gate, &w->mlp_up, &w->mlp_down, f->g, f->u, f->panels);
+        }
+        for (i = 0; i < n; i++) f->x[i] += f->a[i];
+    }
+    return ESFT_OK;
+}
+
+ESFTDEF esft_status esft_model_forward(const esft_model *m, const int32_t *ids, int T, const esft_model_run *run,
+                                       double *loss_sum, int64_t *n_scored, esft_error *err)
+{
+    const esft_model_config *c;
+    esft__fwd f;
+    unsigned char *base;
+    size_t bytes;
+    int nt = esft_get_num_threads(), t, V, D;
+    double loss = 0.0;
+    int64_t count = 0;
+    esft_status s;
+    if (!m) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL model");
+    if ((s = esft__forward_check(m, ids, T, run, err)) != ESFT_OK) return s;
+    c = &m->cfg;
+    V = c->vocab;
+    D = c->d_model;
+    bytes = esft__fwd_layout(&f, c, T, nt, NULL);
+    base = ESFT__CAST(unsigned char *, m->allocator.alloc(m->allocator.user, bytes));
+    if (!base) return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "forward scratch of %lu bytes for %d tokens",
+                                 (unsigned long)bytes, T);
+    esft__fwd_layout(&f, c, T, nt, ESFT__CAST(unsigned char *, (void *)(((uintptr_t)base + 63) & ~(uintptr_t)63)));
+    for (t = 0; t < T; t++) esft__matrix_rows_f32(f.x + (size_t)t * D, &m->embed, ids[t], 1);
+    esft__rope_tables(f.cos_, f.sin_, &c->rope, c->mla ? c->qk_rope_dim : c->head_dim, T);
+    s = esft__forward_layers(m, &f, T, run, err);
+    if (s == ESFT_OK) esft__rmsnorm_rows(f.h, D, f.x, D, esft__vec(&m->final_norm), T, D, c->rms_eps, nt);
+    for (t = 0; s == ESFT_OK && t < T; t += ESFT__HEAD_BLOCK) {
+        int n = T - t < ESFT__HEAD_BLOCK ? T - t : ESFT__HEAD_BLOCK;
+        float *out = run && run->logits ? run->logits + (size_t)t * V : f.logits;
+        esft__matmul(out, V, f.h + (size_t)t * D, D, n, &m->lm_head, f.panels);
+        s = esft__head_loss(out, t, n, V, run ? run->labels : NULL, T, &loss, &count, err);
+    }
+    m->allocator.free(m->allocator.user, base);
+    if (s != ESFT_OK) return s;
+    if (loss_sum) *loss_sum = loss;
+    if (n_scored) *n_scored = count;
+    return ESFT_OK;
+}
+
+/* ---- JSONL samples ------------------------------------------------------- */
+
+/* Reads a whole-number array token into dst (when given); its length in *n. */
+static esft_status esft__jsonl_ints(const esft_json *js, int tok, int32_t *dst, int *n, int allow_ignore, int vocab,
+                                    const char *name, long line, const char *key, esft_error *err)
+{
+    int i, k;
+    if (js->tokens[tok].type != ESFT_JSON_ARRAY)
+        return esft__fail_at(err, ESFT_ERR_PARSE, name, line, "\"%s\" is not an array", key);
+    *n = js->tokens[tok].size;
+    for (i = 0, k = tok + 1; i < *n; i++, k = js->tokens[k].next) {
+        double v;
+        if (js->tokens[k].type != ESFT_JSON_NUMBER || esft_json_number(js, k, &v) != ESFT_OK || v != floor(v) ||
+            v < -2147483648.0 || v > 2147483647.0)
+            return esft__fail_at(err, ESFT_ERR_PARSE, name, line, "\"%s\"[%d] is not a whole number", key, i);
+        if ((v < 0 && !(allow_ignore && v == -100)) || (vocab > 0 && v >= vocab))
+            return esft__fail_at(err, ESFT_ERR_RANGE, name, line, "\"%s\"[%d] = %.0f is not a token id%s (vocab %d)",
+                                 key, i, v, allow_ignore ? " or -100" : "", vocab);
+        if (dst) dst[i] = (int32_t)v;
+    }
+    return ESFT_OK;
+}
+
+/* One line: its ids (and labels, or a copy of the ids) into dst when given. */
+static esft_status esft__jsonl_line(const char *text, size_t len, const char *name, long line, int vocab,
+                                    int32_t *ids, int32_t *labels, int *n, esft_error *err)
+{
+    esft_json js;
+    int ti, tl, nl = 0;
+    esft_status s = esft_json_parse(&js, text, len, NULL, err);
+    if (s != ESFT_OK) return esft__locate(err, s, name, line);
+    ti = js.tokens[0].type == ESFT_JSON_OBJECT ? esft_json_find(&js, 0, "input_ids") : -1;
+    tl = js.tokens[0].type == ESFT_JSON_OBJECT ? esft_json_find(&js, 0, "labels") : -1;
+    if (ti < 0) s = esft__fail_at(err, ESFT_ERR_PARSE, name, line, "no \"input_ids\" array");
+    if (s == ESFT_OK) s = esft__jsonl_ints(&js, ti, ids, n, 0, vocab, name, line, "input_ids", err);
+    if (s == ESFT_OK && *n == 0) s = esft__fail_at(err, ESFT_ERR_PARSE, name, line, "\"input_ids\" is empty");
+    if (s == ESFT_OK && tl >= 0 && js.tokens[tl].type != ESFT_JSON_NULL) {
+        s = esft__jsonl_ints(&js, tl, labels, &nl, 1, vocab, name, line, "labels", err);
+        if (s == ESFT_OK && nl != *n)
+            s = esft__fail_at(err, ESFT_ERR_SHAPE, name, line, "%d labels for %d input_ids", nl, *n);
+    } else if (s == ESFT_OK && labels) {
+        memcpy(labels, ids, (size_t)*n * sizeof(int32_t));
+    }
+    esft_json_free(&js);
+    return s;
+}
+
+/* Walks the lines: with ds->ids NULL counts samples and ids, else fills them. */
+static esft_status esft__jsonl_pass(esft_dataset *ds, const char *text, size_t size, const char *name,
+                                    int max_samples, int vocab, int64_t *total, esft_error *err)
+{
+    size_t at = 0;
+    long line = 0;
+    int n_samples = 0;
+    *total = 0;
+    while (at < size && (max_samples <= 0 || n_samples < max_samples)) {
+        const char *nl = ESFT__CAST(const char *, memchr(text + at, '\n', size - at));
+        size_t end = nl ? (size_t)(nl - text) : size, i;
+        int blank = 1, n = 0;
+        line++;
+        for (i = at; i < end; i++)
+            if (text[i] != ' ' && text[i] != '\t' && text[i] != '\r') { blank = 0; break; }
+        if (!blank) {
+            int32_t *ids = ds->ids ? ds->ids + *total : NULL, *labels = ds->ids ? ds->labels + *total : NULL;
+            esft_status s = esft__jsonl_line(text + at, end - at, name, line, vocab, ids, labels, &n, err);
+            if (s != ESFT_OK) return s;
+            if (*total + n > (int64_t)1 << 40) return esft__fail_at(err, ESFT_ERR_RANGE, name, line, "too many tokens");
+            *total += n;
+            if (ds->offset) ds->offset[n_samples + 1] = *total;
+            n_samples++;
+        }
+        at = end + 1;
+    }
+    ds->n_samples = n_samples;
+    return ESFT_OK;
+}
+
+ESFTDEF void esft_dataset_free(esft_dataset *ds)
+{
+    if (!ds) return;
+    esft__release(&ds->allocator, ds->offset);
+    esft__release(&ds->allocator, ds->ids);
+    esft__release(&ds->allocator, ds->labels);
+    memset(ds, 0, sizeof *ds);
+}
+
+ESFTDEF esft_status esft_dataset_parse_jsonl(esft_dataset *ds, const char *text, size_t size, const char *name,
+                                             int max_samples, int vocab, const esft_allocator *allocator,
+                                             esft_error *err)
+{
+    int64_t total;
+    esft_status s;
+    if (!ds || (!text && size)) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL dataset or text");
+    memset(ds, 0, sizeof *ds);
+    ds->allocator = esft__allocator_or_default(allocator);
+    if (!name) name = "data";
+    s = esft__jsonl_pass(ds, text, size, name, max_samples, vocab, &total, err);
+    if (s != ESFT_OK) return s;
+    if (ds->n_samples == 0) return esft__fail_at(err, ESFT_ERR_PARSE, name, 0, "no samples");
+    ds->offset = ESFT__CAST(int64_t *, esft__calloc(&ds->allocator, (size_t)ds->n_samples + 1, sizeof(int64_t)));
+    ds->ids = ESFT__CAST(int32_t *, esft__calloc(&ds->allocator, (size_t)total, sizeof(int32_t)));
+    ds->labels = ESFT__CAST(int32_t *, esft__calloc(&ds->allocator, (size_t)total, sizeof(int32_t)));
+    if (!ds->offset || !ds->ids || !ds->labels) {
+        esft_dataset_free(ds);
+        return esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, name, 0, "%lld tokens", (long long)total);
+    }
+    s = esft__jsonl_pass(ds, text, size, name, max_samples, vocab, &total, err);
+    if (s != ESFT_OK) {
+        esft_allocator a = ds->allocator;
+        esft_dataset_free(ds);
+        ds->allocator = a;
+    }
+    return s;
+}
+
+ESFTDEF esft_status esft_dataset_read_jsonl(esft_dataset *ds, const char *path, int max_samples, int vocab,
+                                            const esft_allocator *allocator, esft_error *err)
+{
+    esft_allocator a = esft__allocator_or_default(allocator);
+    char *text;
+    size_t n;
+    esft_status s;
+    if (!ds || !path) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL dataset or path");
+    memset(ds, 0, sizeof *ds);
+    s = esft__read_file(path, (uint64_t)4 << 30, &a, &text, &n, err);
+    if (s != ESFT_OK) return s;
+    s = esft_dataset_parse_jsonl(ds, text, n, path, max_samples, vocab, allocator, err);
+    a.free(a.user, text);
+    return s;
+}
+
+/* ---- .npy ---------------------------------------------------------------- */
+
+ESFTDEF esft_status esft_npy_open(esft_npy_writer *w, const char *path, int64_t rows, int64_t cols, esft_error *err)
+{
+    char head[128];
+    unsigned char pre[10];
+    int n, total;
+    esft__out *o;
+    esft_status s;
+    if (!w || !path || rows < 0 || cols < 0) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "bad .npy arguments");
+    memset(w, 0, sizeof *w);
+    w->allocator = esft__allocator_or_default(NULL);
+    o = ESFT__CAST(esft__out *, esft__calloc(&w->allocator, 1, sizeof *o));
+    if (!o) return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, ".npy writer");
+    if ((s = esft__out_open(o, path, err)) != ESFT_OK) {
+        esft__release(&w->allocator, o);
+        return s;
+    }
+    /* format 1.0: magic, version, header length, a Python dict literal padded
+       with spaces and a newline so the data starts 64-byte aligned */
+    n = snprintf(head, sizeof head, "{'descr': '<f4', 'fortran_order': False, 'shape': (%lld, %lld), }",
+                 (long long)rows, (long long)cols);
+    total = (10 + n + 1 + 63) / 64 * 64;
+    memset(head + n, ' ', (size_t)(total - 10 - n - 1));
+    head[total - 10 - 1] = '\n';
+    memcpy(pre, "\x93NUMPY\x01\x00", 8);
+    pre[8] = (unsigned char)((total - 10) & 0xFF);
+    pre[9] = (unsigned char)((total - 10) >> 8);
+    w->rows = rows;
+    w->cols = cols;
+    w->impl_ = o;
+    if ((s = esft__out_write(o, pre, 10, err)) != ESFT_OK || (s = esft__out_write(o, head, (size_t)(total - 10), err)) != ESFT_OK)
+        esft_npy_abort(w);
+    return s;
+}
+
+ESFTDEF esft_status esft_npy_append(esft_npy_writer *w, const float *data, int64_t n, esft_error *err)
+{
+    esft_status s;
+    if (!w || !w->impl_ || (!data && n) || n < 0 || w->written + n > w->rows)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, ".npy append of %lld rows past %lld", (long long)n,
+                          w ? (long long)w->rows : 0LL);
+    s = esft__out_write(ESFT__CAST(esft__out *, w->impl_), data, (size_t)(n * w->cols) * sizeof(float), err);
+    if (s != ESFT_OK) esft_npy_abort(w);
+    else w->written += n;
+    return s;
+}
+
+ESFTDEF esft_status esft_npy_commit(esft_npy_writer *w, esft_error *err)
+{
+    esft__out *o;
+    esft_status s;
+    if (!w || !w->impl_) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "no open .npy");
+    o = ESFT__CAST(esft__out *, w->impl_);
+    if (w->written != w->rows) {
+        s = esft__fail_at(err, ESFT_ERR_SHAPE, o->path, 0, "%lld of %lld rows written", (long long)w->written,
+                          (long long)w->rows);
+        esft_npy_abort(w);
+        return s;
+    }
+    s = esft__out_finish(o, err);
+    if (s == ESFT_OK) s = esft__out_commit(o, err);
+    if (s != ESFT_OK) esft__out_abort(o);
+    esft__release(&w->allocator, o);
+    w->impl_ = NULL;
+    return s;
+}
+
+ESFTDEF void esft_npy_abort(esft_npy_writer *w)
+{
+    if (!w || !w->impl_) return;
+    esft__out_abort(ESFT__CAST(esft__out *, w->impl_));
+    esft__release(&w->allocator, w->impl_);
+    w->impl_ = NULL;
+}
+
+#endif /* ESFT_NO_MODELS */
 
 /* ===================================================================== */
 /* CPU kernels: GEMM                                                     */

@@ -180,7 +180,25 @@ static const char stats_help[] =
     "  -q, --quiet           no summary line on success\n"
     "\n"
     "example:\n"
-    "  esft stats build/data/translation -o summary.json\n";
+    "  esft stats build/data/translation -o summary.json\n"
+    "\n"
+    "With --data, esft stats runs a model instead (the second form):\n"
+"\n"
+    "usage: esft stats MODEL_DIR --data FILE.jsonl -o SUMMARY.json [options]\n"
+    "\n"
+    "Router statistics from the model itself: runs the Hugging Face checkpoint\n"
+    "MODEL_DIR over the samples (see esft eval) and counts the routing each MoE\n"
+    "layer's forward used; layers are numbered by the model's layer index, as\n"
+    "ESFT numbers them.\n"
+    "  --data FILE        the samples (JSONL; see esft help eval)\n"
+    "  --tokens all|labelled\n"
+    "                     which tokens count: every token (default, as ESFT's\n"
+    "                     scoring runs did) or only those whose label is not -100\n"
+    "  --max-samples N    only the first N samples\n"
+    "  --norm, --decimals, -q as above\n";
+
+static int cmd_stats_model(const char *name, int argc, char **argv);
+static int cli_has_option(int argc, char **argv, const char *flag);
 
 static int cmd_stats(const char *name, int argc, char **argv)
 {
@@ -192,6 +210,7 @@ static int cmd_stats(const char *name, int argc, char **argv)
     esft_error err;
     esft_status s;
     unsigned long long samples = 0, tokens = 0;
+    if (cli_has_option(argc, argv, "--data")) return cmd_stats_model(name, argc, argv);
     memset(&err, 0, sizeof err);
     for (i = 1; i < argc; i++) {
         if ((r = cli_text(name, argc, argv, &i, "-o", "--output", &out)) ||
@@ -567,6 +586,8 @@ static const char inspect_help[] =
     "\n"
     "A malformed file is an error (exit 1) naming the file and the byte offset.\n";
 
+static int cli_print_architecture(const char *dir);
+
 static int cmd_inspect(const char *name, int argc, char **argv)
 {
     const char *in = NULL;
@@ -584,6 +605,7 @@ static int cmd_inspect(const char *name, int argc, char **argv)
     if (!in) return cli_missing(name, "the FILE or DIR to inspect");
     st = esft_checkpoint_open(&ck, in, NULL, &err);
     if (st != ESFT_OK) return cli_fail(name, st, &err);
+    cli_print_architecture(in);
     printf("%s: %s, %d tensor%s, %s of tensor data\n", in,
            ck.sharded ? "sharded checkpoint (model.safetensors.index.json)" : "safetensors file", ck.n_tensors,
            ck.n_tensors == 1 ? "" : "s", cli_bytes(ck.total_bytes, b1, sizeof b1));
@@ -732,6 +754,280 @@ static int cmd_merge(const char *name, int argc, char **argv)
     return s == ESFT_OK ? EXIT_OK : cli_fail(name, s, &err);
 }
 
+/* ---- models: esft eval, esft stats MODEL_DIR --data ------------------------ */
+
+#include <time.h>
+
+static double cli_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+/* Progress with an ETA on stderr: nothing for the first 3 s, then a line at
+   most every 5 s (long runs only; quiet turns it off). */
+typedef struct cli_eta {
+    const char *cmd;
+    double start, last;
+    int quiet;
+} cli_eta;
+
+static void cli_eta_begin(cli_eta *e, const char *cmd, int quiet)
+{
+    e->cmd = cmd;
+    e->start = e->last = cli_now();
+    e->quiet = quiet;
+}
+
+static void cli_eta_tick(cli_eta *e, long long done, long long total, const char *unit)
+{
+    double now = cli_now(), rate;
+    if (e->quiet || now - e->start < 3.0 || now - e->last < 5.0 || done <= 0) return;
+    e->last = now;
+    rate = done / (now - e->start);
+    fprintf(stderr, "esft %s: %lld of %lld %s, %.0f %s/s, about %.0f s left\n", e->cmd, done, total, unit, rate, unit,
+            (double)(total - done) / rate);
+}
+
+/* 1 if argv holds the option (as "--x" or "--x=..."). */
+static int cli_has_option(int argc, char **argv, const char *flag)
+{
+    int i;
+    size_t n = strlen(flag);
+    for (i = 1; i < argc; i++)
+        if (strncmp(argv[i], flag, n) == 0 && (argv[i][n] == 0 || argv[i][n] == '=')) return 1;
+    return 0;
+}
+
+/* Opens MODEL_DIR and reads the data; prints what failed. */
+static int cli_open_model(const char *cmd, const char *dir, const char *data, int max_samples, esft_model *m,
+                          esft_dataset *ds, int quiet)
+{
+    esft_error err;
+    esft_status s;
+    double t0 = cli_now();
+    char b1[32];
+    memset(&err, 0, sizeof err);
+    s = esft_model_open(m, dir, NULL, &err);
+    if (s != ESFT_OK) return cli_fail(cmd, s, &err);
+    if (!quiet)
+        fprintf(stderr, "esft %s: %s: %s, %d layers (%d MoE), %s of weights, opened in %.1f s\n", cmd, dir,
+                esft_model_family_name(m->cfg.family), m->cfg.n_layers, esft_model_config_moe_layers(&m->cfg),
+                cli_bytes(m->weight_bytes, b1, sizeof b1), cli_now() - t0);
+    s = esft_dataset_read_jsonl(ds, data, max_samples, m->cfg.vocab, NULL, &err);
+    if (s != ESFT_OK) {
+        esft_model_close(m);
+        return cli_fail(cmd, s, &err);
+    }
+    return EXIT_OK;
+}
+
+static const char eval_help[] =
+    "usage: esft eval MODEL_DIR --data FILE.jsonl [--logits OUT.npy] [--max-samples N] [-q]\n"
+    "\n"
+    "Runs a Hugging Face MoE checkpoint (config.json + safetensors; families\n"
+    "deepseek_v2, deepseek_v3, qwen2_moe, qwen3_moe, olmoe, mixtral) over the\n"
+    "samples of FILE.jsonl and prints, on stdout:\n"
+    "  loss <mean cross-entropy in nats> tokens <scored targets>\n"
+    "the mean over every scored target of every sample (position t predicts\n"
+    "labels[t+1]; labels of -100 are not scored), as transformers computes it.\n"
+    "\n"
+    "  --data FILE        one sample a line: {\"input_ids\": [...], \"labels\": [...]}\n"
+    "                     (labels optional: then every token is scored)\n"
+    "  --logits OUT.npy   every position's logits, float32, shape (positions, vocab),\n"
+    "                     samples concatenated in file order\n"
+    "  --max-samples N    only the first N samples\n"
+    "  -q, --quiet        no progress on stderr\n";
+
+static int cmd_eval(const char *name, int argc, char **argv)
+{
+    const char *dir = NULL, *data = NULL, *logits_path = NULL;
+    int i, r, max_samples = 0, quiet = 0, sidx;
+    esft_model m;
+    esft_dataset ds;
+    esft_npy_writer npy;
+    esft_error err;
+    esft_status s = ESFT_OK;
+    float *logits = NULL;
+    double loss = 0.0;
+    long long scored = 0, max_len = 0;
+    cli_eta eta;
+    memset(&err, 0, sizeof err);
+    for (i = 1; i < argc; i++) {
+        if ((r = cli_text(name, argc, argv, &i, "--data", NULL, &data)) ||
+            (r = cli_text(name, argc, argv, &i, "--logits", NULL, &logits_path)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--max-samples", &max_samples))) {
+            if (r < 0) return EXIT_USAGE;
+        } else if (cli_flag(argc, argv, &i, "-q", "--quiet")) {
+            quiet = 1;
+        } else if (cli_positional(name, argv[i], &dir, "model directory")) {
+            return EXIT_USAGE;
+        }
+    }
+    if (!dir) return cli_missing(name, "the MODEL_DIR");
+    if (!data) return cli_missing(name, "--data FILE.jsonl");
+    if (max_samples < 0) return cli_usage(name, "--max-samples must be >= 1%s%s", "", "");
+    if ((r = cli_open_model(name, dir, data, max_samples, &m, &ds, quiet)) != EXIT_OK) return r;
+    for (sidx = 0; sidx < ds.n_samples; sidx++) {
+        long long n = ds.offset[sidx + 1] - ds.offset[sidx];
+        if (n > max_len) max_len = n;
+    }
+    if (logits_path) {
+        logits = (float *)malloc((size_t)max_len * (size_t)m.cfg.vocab * sizeof(float));
+        if (!logits) s = ESFT_ERR_OUT_OF_MEMORY;
+        else s = esft_npy_open(&npy, logits_path, ds.offset[ds.n_samples], m.cfg.vocab, &err);
+    }
+    cli_eta_begin(&eta, name, quiet);
+    for (sidx = 0; s == ESFT_OK && sidx < ds.n_samples; sidx++) {
+        esft_model_run run;
+        double ls = 0.0;
+        int64_t ns = 0;
+        int T = (int)(ds.offset[sidx + 1] - ds.offset[sidx]);
+        memset(&run, 0, sizeof run);
+        run.labels = ds.labels + ds.offset[sidx];
+        run.logits = logits;
+        s = esft_model_forward(&m, ds.ids + ds.offset[sidx], T, &run, &ls, &ns, &err);
+        if (s == ESFT_OK && logits) s = esft_npy_append(&npy, logits, T, &err);
+        loss += ls;
+        scored += ns;
+        cli_eta_tick(&eta, ds.offset[sidx + 1], ds.offset[ds.n_samples], "tokens");
+    }
+    if (s == ESFT_OK && logits) s = esft_npy_commit(&npy, &err);
+    else if (logits_path && logits) esft_npy_abort(&npy);
+    free(logits);
+    if (s == ESFT_OK) {
+        printf("loss %.9g tokens %lld\n", scored ? loss / (double)scored : 0.0, scored);
+        if (!quiet)
+            fprintf(stderr, "esft eval: %d samples, %lld tokens in %.1f s (%.0f tokens/s)%s%s\n", ds.n_samples,
+                    (long long)ds.offset[ds.n_samples], cli_now() - eta.start,
+                    ds.offset[ds.n_samples] / (cli_now() - eta.start), logits_path ? "; logits -> " : "",
+                    logits_path ? logits_path : "");
+    }
+    esft_dataset_free(&ds);
+    esft_model_close(&m);
+    return s == ESFT_OK ? EXIT_OK : cli_fail(name, s, &err);
+}
+
+
+static int cmd_stats_model(const char *name, int argc, char **argv)
+{
+    const char *dir = NULL, *data = NULL, *out = NULL, *v;
+    int i, r, max_samples = 0, quiet = 0, decimals = 4, labelled = 0, sidx;
+    esft_norm norm = ESFT_NORM_POOLED;
+    esft_model m;
+    esft_dataset ds;
+    esft_stats st;
+    esft_scores sc;
+    esft_error err;
+    esft_status s;
+    unsigned char *mask = NULL;
+    cli_eta eta;
+    memset(&err, 0, sizeof err);
+    for (i = 1; i < argc; i++) {
+        if ((r = cli_text(name, argc, argv, &i, "--data", NULL, &data)) ||
+            (r = cli_text(name, argc, argv, &i, "-o", "--output", &out)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--max-samples", &max_samples)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--decimals", &decimals))) {
+            if (r < 0) return EXIT_USAGE;
+        } else if ((r = cli_text(name, argc, argv, &i, "--tokens", NULL, &v))) {
+            if (r < 0) return EXIT_USAGE;
+            if (strcmp(v, "all") == 0) labelled = 0;
+            else if (strcmp(v, "labelled") == 0 || strcmp(v, "labeled") == 0) labelled = 1;
+            else return cli_usage(name, "--tokens expects all or labelled, got '%s'%s", v, "");
+        } else if ((r = cli_text(name, argc, argv, &i, "--norm", NULL, &v))) {
+            if (r < 0) return EXIT_USAGE;
+            if (strcmp(v, "pooled") == 0) norm = ESFT_NORM_POOLED;
+            else if (strcmp(v, "per-sample") == 0) norm = ESFT_NORM_PER_SAMPLE;
+            else return cli_usage(name, "--norm expects pooled or per-sample, got '%s'%s", v, "");
+        } else if (cli_flag(argc, argv, &i, "-q", "--quiet")) {
+            quiet = 1;
+        } else if (cli_positional(name, argv[i], &dir, "model directory")) {
+            return EXIT_USAGE;
+        }
+    }
+    if (!dir) return cli_missing(name, "the MODEL_DIR");
+    if (!data) return cli_missing(name, "--data FILE.jsonl");
+    if (!out) return cli_missing(name, "-o SUMMARY.json");
+    if (decimals < -1 || decimals > 17) return cli_usage(name, "--decimals must be -1..17%s%s", "", "");
+    if (max_samples < 0) return cli_usage(name, "--max-samples must be >= 1%s%s", "", "");
+    if ((r = cli_open_model(name, dir, data, max_samples, &m, &ds, quiet)) != EXIT_OK) return r;
+    s = esft_stats_init(&st, m.cfg.n_layers, m.cfg.route.n_experts, m.cfg.route.top_k, NULL);
+    if (s == ESFT_OK && labelled) {
+        mask = (unsigned char *)malloc((size_t)ds.offset[ds.n_samples] + 1);
+        if (!mask) s = ESFT_ERR_OUT_OF_MEMORY;
+        else
+            for (i = 0; i < (int)ds.offset[ds.n_samples]; i++) mask[i] = ds.labels[i] != -100;
+    }
+    cli_eta_begin(&eta, name, quiet);
+    for (sidx = 0; s == ESFT_OK && sidx < ds.n_samples; sidx++) {
+        esft_model_run run;
+        memset(&run, 0, sizeof run);
+        run.stats = &st;
+        run.stats_mask = mask ? mask + ds.offset[sidx] : NULL;
+        s = esft_model_forward(&m, ds.ids + ds.offset[sidx], (int)(ds.offset[sidx + 1] - ds.offset[sidx]), &run, NULL,
+                               NULL, &err);
+        cli_eta_tick(&eta, ds.offset[sidx + 1], ds.offset[ds.n_samples], "tokens");
+    }
+    if (s == ESFT_OK && (s = esft_stats_scores(&st, norm, &sc)) == ESFT_OK) {
+        s = esft_scores_write_json(out, &sc, decimals, &err);
+        esft_scores_free(&sc);
+    }
+    if (s == ESFT_OK && !quiet)
+        fprintf(stderr, "esft stats: %d samples, %lld tokens (%s counted) through %d MoE layers in %.1f s; %s scores -> %s\n",
+                ds.n_samples, (long long)ds.offset[ds.n_samples], labelled ? "labelled" : "all",
+                esft_model_config_moe_layers(&m.cfg), cli_now() - eta.start,
+                norm == ESFT_NORM_POOLED ? "pooled" : "per-sample", out);
+    free(mask);
+    esft_stats_uninit(&st);
+    esft_dataset_free(&ds);
+    esft_model_close(&m);
+    return s == ESFT_OK ? EXIT_OK : cli_fail(name, s, &err);
+}
+
+/* The architecture of MODEL_DIR/config.json, for esft inspect; 0 when there is none. */
+static int cli_print_architecture(const char *dir)
+{
+    char path[4200];
+    esft_model_config c;
+    esft_error err;
+    esft_status s;
+    FILE *probe;
+    int l, first = -1, dense = 0;
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    if (!(probe = fopen(path, "rb"))) return 0;
+    fclose(probe);
+    memset(&err, 0, sizeof err);
+    s = esft_model_config_read(&c, path, &err);
+    if (s != ESFT_OK) {
+        printf("architecture: config.json not usable: %s (%s)\n", err.message, esft_status_string(s));
+        return 1;
+    }
+    for (l = 0; l < c.n_layers; l++) {
+        if (c.is_moe[l] && first < 0) first = l;
+        dense += !c.is_moe[l];
+    }
+    printf("architecture: %s, %d layers (%d MoE from layer %d, %d dense), hidden %d, vocab %d%s\n",
+           esft_model_family_name(c.family), c.n_layers, c.n_layers - dense, first, dense, c.d_model, c.vocab,
+           c.tie_embeddings ? ", tied embeddings" : "");
+    if (c.mla)
+        printf("attention: MLA, %d heads, q_lora_rank %d, kv_lora_rank %d, qk nope/rope %d/%d, v %d\n", c.n_heads,
+               c.q_lora_rank, c.kv_lora_rank, c.qk_nope_dim, c.qk_rope_dim, c.v_head_dim);
+    else
+        printf("attention: %s, %d heads, %d kv heads, head_dim %d%s%s\n", c.n_kv_heads == c.n_heads ? "MHA" : "GQA",
+               c.n_heads, c.n_kv_heads, c.head_dim, c.qkv_bias ? ", qkv bias" : "",
+               c.qk_norm == ESFT_QK_NORM_HEAD ? ", per-head q/k norm" : c.qk_norm == ESFT_QK_NORM_WHOLE ? ", q/k norm" : "");
+    printf("rope: theta %g%s%s\n", c.rope.theta, c.rope.interleaved ? ", interleaved" : "",
+           c.rope.yarn ? ", YaRN" : "");
+    printf("experts: %d routed (hidden %d), top-%d, %s gating%s%s, scaling %g%s; shared hidden %d%s\n",
+           c.route.n_experts, c.d_expert, c.route.top_k, c.route.gating == ESFT_GATING_SIGMOID ? "sigmoid" : "softmax",
+           c.route.renormalize ? ", renormalised" : "", c.route.n_group > 1 ? ", group-limited" : "",
+           (double)c.route.routed_scaling, c.route_bias ? ", selection bias" : "", c.d_shared,
+           c.shared_gate ? " (sigmoid-gated)" : "");
+    if (c.fp8_block_rows) printf("quantization: FP8 E4M3, %dx%d blocks\n", c.fp8_block_rows, c.fp8_block_cols);
+    return 1;
+}
+
 /* ---- the command table ------------------------------------------------- */
 
 typedef struct cli_command {
@@ -743,13 +1039,15 @@ typedef struct cli_command {
 
 static const cli_command commands[] = {
     /* ESFT analysis: which experts does a task use? */
-    {"stats", "routing logs -> summary.json (token and gate scores per layer and expert)", cmd_stats, stats_help},
+    {"stats", "routing logs, or a model run over data -> summary.json (token and gate scores)", cmd_stats, stats_help},
     {"select", "summary.json -> expert config (top-p, top-k or a global budget)", cmd_select, select_help},
     {"heatmap", "summary.json or expert config -> SVG picture of layers x experts", cmd_heatmap, heatmap_help},
     /* Checkpoints (safetensors): look inside, take the experts out, put them back. */
     {"inspect", "safetensors file or sharded checkpoint -> tensors, dtypes, shapes, experts", cmd_inspect, inspect_help},
     {"extract", "base checkpoint + expert config -> small file of the selected experts", cmd_extract, extract_help},
     {"merge", "base checkpoint + trained experts -> new checkpoint (shards + index)", cmd_merge, merge_help},
+    /* Models (Hugging Face MoE checkpoints): run them, measure their routing. */
+    {"eval", "model directory + JSONL samples -> mean loss (and logits as .npy)", cmd_eval, eval_help},
 };
 #define N_COMMANDS ((int)(sizeof commands / sizeof commands[0]))
 
@@ -773,7 +1071,12 @@ static void cli_overview(FILE *to)
                 "Typical use:\n"
                 "  esft stats LOGDIR -o summary.json\n"
                 "  esft select summary.json --top-p 0.2 -o config.json\n"
-                "  esft heatmap summary.json --config config.json -o map.svg\n");
+                "  esft heatmap summary.json --config config.json -o map.svg\n"
+                "From a Hugging Face MoE checkpoint:\n"
+                "  esft inspect MODEL_DIR\n"
+                "  esft eval MODEL_DIR --data task.jsonl\n"
+                "  esft stats MODEL_DIR --data task.jsonl -o summary.json\n"
+                "  esft extract MODEL_DIR --config config.json -o experts.safetensors\n");
 }
 
 static int is_help(const char *a) { return strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0; }
