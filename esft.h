@@ -7762,7 +7762,7 @@ static void esft__cfg_deepseek(esft__cfg_reader *r, esft_model_config *c, int v3
     int method, scoring, first_dense, freq, E, K, l, max_pos;
     double mscale_all, scaling;
     c->mla = 1;
-    c->q_lora_rank = esft__cfg_int(r, "q_lora_rank", 0, 0, 1, 1 << 20);
+    c->q_lora_rank = esft__cfg_int(r, "q_lora_rank", 0, 0, 0, 1 << 20); /* null or 0: no q LoRA */
     c->kv_lora_rank = esft__cfg_int(r, "kv_lora_rank", 0, 1, 1, 1 << 20);
     c->qk_nope_dim = esft__cfg_int(r, "qk_nope_head_dim", 0, 1, 0, 1 << 16);
     c->qk_rope_dim = esft__cfg_int(r, "qk_rope_head_dim", 0, 1, 2, 1 << 16);
@@ -7817,8 +7817,12 @@ static void esft__cfg_gqa(esft__cfg_reader *r, esft_model_config *c)
 static void esft__cfg_route_plain(esft__cfg_reader *r, esft_model_config *c, const char *experts_key,
                                   int renormalize_default)
 {
-    int E = esft__cfg_int(r, experts_key, 0, 1, 1, 1 << 16);
-    int K = esft__cfg_int(r, "num_experts_per_tok", 0, 1, 1, 1 << 16);
+    int E, K;
+    /* transformers v5 writes Qwen3-MoE's expert count as num_local_experts */
+    if (esft__cfg_token(r, experts_key) < 0 && esft__cfg_token(r, "num_local_experts") >= 0)
+        experts_key = "num_local_experts";
+    E = esft__cfg_int(r, experts_key, 0, 1, 1, 1 << 16);
+    K = esft__cfg_int(r, "num_experts_per_tok", 0, 1, 1, 1 << 16);
     if (r->status != ESFT_OK) return;
     c->route = esft_route_config_init(E, K);
     c->route.renormalize = esft__cfg_bool(r, "norm_topk_prob", renormalize_default);
