@@ -54,6 +54,7 @@
       3. allocation              7. expert selection     11. optimizer
       4. backend interface       8. ESFT file formats    12. checkpoints (safetensors)
                                                          13. JSON
+                                                         14. models (Hugging Face MoE)
 
    COMPILE-TIME OPTIONS (#define before including)
       ESFT_IMPLEMENTATION      emit the implementation in this translation unit
@@ -66,6 +67,7 @@
                                <cblas.h>; link your CBLAS, e.g. -lopenblas)
       ESFT_NO_SIMD             portable C micro-kernel even where AVX2/AVX-512 is on
       ESFT_NO_THREAD_LOCAL     no thread-local GEMM scratch (allocated per call)
+      ESFT_NO_MODELS           leave out section 14 (model forward, JSONL data, .npy)
       (compiler flag) -fopenmp the CPU kernels use all cores; esft_set_num_threads
 
    DIMENSIONS used in shape comments
@@ -8642,6 +8644,8 @@ static void esft__attn_gqa(esft__fwd *f, const esft_model_config *c, const esft_
 /* a (T, D) = multi-head latent attention of h (DeepSeek-V2/V3): q from h (or
    through the q_lora bottleneck), one compressed kv latent + a shared rotary
    key per token, expanded per head by kv_b. */
+#define ESFT__MLA_NORM_EPS 1e-6f
+
 static void esft__attn_mla(esft__fwd *f, const esft_model_config *c, const esft_model_layer *w, int T)
 {
     int H = c->n_heads, D = c->d_model, DN = c->qk_nope_dim, DR = c->qk_rope_dim, DV = c->v_head_dim;
@@ -8649,13 +8653,14 @@ static void esft__attn_mla(esft__fwd *f, const esft_model_config *c, const esft_
     float *qa = f->lat, *kva = f->lat + QR;
     if (QR) {
         esft__matmul(qa, LW, f->h, D, T, &w->q_a, f->panels);
-        esft__rmsnorm_rows(qa, LW, qa, LW, esft__vec(&w->q_a_norm), T, QR, c->rms_eps, nt);
+        /* DeepSeek builds q_a_layernorm and kv_a_layernorm with the default eps, not rms_norm_eps */
+        esft__rmsnorm_rows(qa, LW, qa, LW, esft__vec(&w->q_a_norm), T, QR, ESFT__MLA_NORM_EPS, nt);
         esft__matmul(f->q, H * dq, qa, LW, T, &w->q_b, f->panels);
     } else {
         esft__matmul(f->q, H * dq, f->h, D, T, &w->q, f->panels);
     }
     esft__matmul(kva, LW, f->h, D, T, &w->kv_a, f->panels);
-    esft__rmsnorm_rows(kva, LW, kva, LW, esft__vec(&w->kv_a_norm), T, KR, c->rms_eps, nt);
+    esft__rmsnorm_rows(kva, LW, kva, LW, esft__vec(&w->kv_a_norm), T, KR, ESFT__MLA_NORM_EPS, nt);
     esft__matmul(f->kvb, H * (DN + DV), kva, LW, T, &w->kv_b, f->panels);
     esft__rope_apply(f->q + DN, H * dq, H, dq, T, DR, c->rope.interleaved, f->cos_, f->sin_, nt);
     esft__rope_apply(kva + KR, LW, 1, DR, T, DR, c->rope.interleaved, f->cos_, f->sin_, nt);
