@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""esft eval against transformers on one random OLMoE-shaped checkpoint (issue 9).
+
+Default shape: OLMoE-1B-7B at 1/4 width (hidden 512, 16 layers, 64 experts, top-8,
+expert hidden 256, 4 heads of 128, vocab 50304), bf16 weights, one 1024-token sample.
+Writes the checkpoint under build/bench_models/, then times (same machine, same run):
+  transformers forward (torch fp32 compute on the bf16 weights upcast, eager, no grad)
+  esft eval (fp32 compute, bf16 weights in memory)
+and reports the ratio, esft's peak RSS (/usr/bin/time or getrusage) against the
+checkpoint's bytes, and the loss difference. Needs torch + transformers.
+  python3 bench/bench_models.py [--width-div 4] [--tokens 1024] [--layers 16]
+"""
+import argparse, json, os, resource, subprocess, sys, time
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--width-div", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--esft", default="build/esft")
+    ap.add_argument("--out", default="build/bench_models")
+    ap.add_argument("--reps", type=int, default=3)
+    a = ap.parse_args()
+    import torch
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+    torch.manual_seed(0)
+    torch.set_num_threads(a.threads)
+    div = a.width_div
+    cfg = OlmoeConfig(vocab_size=50304, hidden_size=2048 // div, intermediate_size=1024 // div,
+                      num_hidden_layers=a.layers, num_attention_heads=16 // div, num_key_value_heads=16 // div,
+                      num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096,
+                      tie_word_embeddings=False)
+    d = os.path.join(a.out, "olmoe_div%d_L%d" % (div, a.layers))
+    if not os.path.exists(os.path.join(d, "config.json")):
+        m = OlmoeForCausalLM(cfg).to(torch.bfloat16)
+        for p in m.parameters():
+            torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+        m.save_pretrained(d)
+    ids = torch.randint(0, cfg.vocab_size, (1, a.tokens), generator=torch.Generator().manual_seed(1))
+    data = os.path.join(d, "bench.jsonl")
+    with open(data, "w") as f:
+        f.write(json.dumps({"input_ids": ids[0].tolist()}) + "\n")
+    ckpt_bytes = sum(os.path.getsize(os.path.join(d, x)) for x in os.listdir(d) if x.endswith(".safetensors"))
+
+    m = OlmoeForCausalLM.from_pretrained(d, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = m(input_ids=ids, labels=ids)  # warm-up
+        t_hf = []
+        for _ in range(a.reps):
+            t0 = time.perf_counter(); out = m(input_ids=ids, labels=ids); t_hf.append(time.perf_counter() - t0)
+    hf_loss = float(out.loss)
+    del m, out
+
+    t_esft, loss, rss = [], None, 0
+    for _ in range(a.reps):
+        t0 = time.perf_counter()
+        r = subprocess.run([a.esft, "eval", d, "--data", data, "-q"], capture_output=True, text=True)
+        t_esft.append(time.perf_counter() - t0)
+        if r.returncode:
+            sys.exit("esft eval failed: " + r.stderr)
+        loss = float(r.stdout.split()[1])
+        rss = max(rss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+    # esft's time includes opening the checkpoint; time the open alone too
+    r = subprocess.run([a.esft, "eval", d, "--data", data, "--max-samples", "1"], capture_output=True, text=True)
+    print("shape: OLMoE-1B-7B / %d width: hidden %d, %d layers, 64 experts top-8, F %d, vocab %d; %d tokens; %d threads"
+          % (div, cfg.hidden_size, a.layers, cfg.intermediate_size, cfg.vocab_size, a.tokens, a.threads))
+    print("checkpoint: %.1f MB bf16" % (ckpt_bytes / 1e6))
+    print("transformers forward (fp32, eager): best %.3f s  (runs %s)" % (min(t_hf), " ".join("%.3f" % t for t in t_hf)))
+    print("esft eval (open + forward + loss):  best %.3f s  (runs %s)" % (min(t_esft), " ".join("%.3f" % t for t in t_esft)))
+    print("speed-up esft / transformers: %.2fx" % (min(t_hf) / min(t_esft)))
+    print("loss: esft %.6f transformers %.6f |diff| %.2e" % (loss, hf_loss, abs(loss - hf_loss)))
+    print("esft peak RSS %.1f MB = %.2fx the checkpoint bytes" % (rss / 1e6, rss / ckpt_bytes))
+    print(r.stderr.strip())
+
+if __name__ == "__main__":
+    main()
