@@ -502,7 +502,9 @@ ESFTDEF esft_status esft_heatmap_write_svg(const char *path, const esft_scores *
        p   = softmax(x W_r^T)                 router probabilities  (T, E)
        ids, w = top-K of p (esft_route)       optional renormalisation, scaling
        E_e(x) = W_down,e (silu(W_gate,e x) * (W_up,e x))
-       y   = sum_j w_j E_{ids_j}(x) + S(x)    S: the same SwiGLU, width FS
+       y   = sum_j w_j E_{ids_j}(x) + c(x) S(x)   S: the same SwiGLU, width FS
+       c(x) = 1, or sigmoid(x . w_s) when shared_gated (Qwen2-MoE's
+              shared_expert_gate, one scalar per token)
 
    Dimensions: T tokens, D model, E routed experts, K per token, F hidden width
    of one routed expert (moe_intermediate_size), FS hidden width of the shared
@@ -513,6 +515,7 @@ ESFTDEF esft_status esft_heatmap_write_svg(const char *path, const esft_scores *
        gate, up     (E, F, D)   ...mlp.experts.{e}.{gate,up}_proj.weight, expert-major
        down         (E, D, F)   ...mlp.experts.{e}.down_proj.weight
        shared gate, up (FS, D), shared down (D, FS)   ...mlp.shared_experts.*
+       shared router w_s (1, D)   Qwen2-MoE ...mlp.shared_expert_gate.weight
 
    Selective training (ESFT): only the experts marked trainable, and the router
    and shared block when their flags are set, are copied into ONE contiguous
@@ -523,6 +526,7 @@ ESFTDEF esft_status esft_heatmap_write_svg(const char *path, const esft_scores *
        for each trainable expert e, increasing id: gate (F, D), up (F, D), down (D, F)
        router (E, D)                                    if train_router
        shared gate (FS, D), up (FS, D), down (D, FS)    if train_shared
+       shared router (1, D)                             if train_shared and shared_gated
 
    Load-balancing auxiliary loss (DeepSeek-V2; ESFT trains with alpha 0.001):
        batch:        L = alpha * E * sum_i f_i P_i over all T tokens
@@ -551,7 +555,8 @@ typedef struct esft_moe_config {
     int aux_seq_len;              /* ESFT_AUX_SEQUENCE: tokens per sequence; T % it == 0 */
     const unsigned char *trainable_experts; /* (E) nonzero = train; NULL = none */
     int train_router;             /* ESFT's non_expert_modules (router part) */
-    int train_shared;             /* ESFT's shared_experts */
+    int train_shared;             /* ESFT's shared_experts (with the shared router when gated) */
+    int shared_gated;             /* Qwen2-MoE: shared output times sigmoid(x . shared_router) */
 } esft_moe_config;
 
 /* The layer's weights as the caller holds them (see the layout above). */
@@ -563,6 +568,7 @@ typedef struct esft_moe_weights {
     const float *shared_gate; /* (FS, D), NULL when FS = 0 */
     const float *shared_up;   /* (FS, D) */
     const float *shared_down; /* (D, FS) */
+    const float *shared_router; /* (1, D) when cfg.shared_gated, else unused */
 } esft_moe_weights;
 
 typedef struct esft_moe {
@@ -575,9 +581,9 @@ typedef struct esft_moe {
     int32_t *slot;                /* (E) index among trainable experts, -1 = frozen */
     int n_trainable_experts;
     float *router;                /* views into params, NULL when frozen */
-    float *shared_gate, *shared_up, *shared_down;
+    float *shared_gate, *shared_up, *shared_down, *shared_router;
     float *d_router;              /* views into grads, NULL when frozen */
-    float *d_shared_gate, *d_shared_up, *d_shared_down;
+    float *d_shared_gate, *d_shared_up, *d_shared_down, *d_shared_router;
     esft_allocator allocator;
 } esft_moe;
 
@@ -1016,6 +1022,9 @@ typedef enum esft_part {
     ESFT_PART_SHARED_ROUTER, /* Qwen-MoE's shared_expert_gate (1, D) */
     ESFT_PART_ADAPTER_DOWN,  /* PESC adapter e, W_down (R, D) */
     ESFT_PART_ADAPTER_UP,    /* PESC adapter e, W_up (D, R) */
+    ESFT_PART_FUSED_GATE_UP, /* every routed expert in one 3-D tensor (E, 2F, D): rows [0, F) of
+                                plane e are expert e's gate, [F, 2F) its up (transformers v5) */
+    ESFT_PART_FUSED_DOWN,    /* every routed expert's down projection, (E, D, F) */
     ESFT_PART_COUNT
 } esft_part;
 
@@ -1038,13 +1047,21 @@ typedef struct esft_tensor_name {
 } esft_tensor_name;
 
 /* Parses a tensor name. Returns 1 for an MoE tensor (out filled), 0 otherwise
-   (out->part = ESFT_PART_NONE, layer and expert -1). */
+   (out->part = ESFT_PART_NONE, layer and expert -1). Fused 3-D expert tensors
+   parse with expert -1; esft_fused_slice says where one expert lies in them. */
 ESFTDEF int esft_tensor_name_parse(const char *name, esft_tensor_name *out);
 /* The name of (family, part, layer, expert) into buf; ESFT_ERR_UNSUPPORTED when
    the family has no such part, ESFT_ERR_RANGE when buf is too small. */
 ESFTDEF esft_status esft_tensor_name_format(char *buf, size_t cap, esft_family family, esft_part part,
                                             int layer, int expert);
 ESFTDEF const char *esft_family_name(esft_family f); /* "deepseek_v2", ... */
+/* Where routed expert e's part (ESFT_PART_EXPERT_GATE, _UP or _DOWN) lies in a
+   fused tensor of shape fused_shape (3 dims: (E, 2F, D) for the gate/up tensor,
+   (E, D, F) for down): its first element (*at, in elements, row-major) and its
+   own shape (F, D) or (D, F). Each slice is contiguous. 1 on success, 0 when
+   part is no expert projection, e is outside [0, E) or the shape does not fit. */
+ESFTDEF int esft_fused_slice(const int64_t *fused_shape, int n_dims, esft_part part, int e, uint64_t *at,
+                             int64_t shape[2]);
 ESFTDEF const char *esft_part_name(esft_part p);     /* "expert.gate", ... */
 /* 1 if a tensor of this name is trained under cfg, ESFT's rule: routed experts
    (and PESC adapters) listed in cfg; shared experts of every layer when
@@ -3946,6 +3963,7 @@ ESFTDEF esft_moe_config esft_moe_config_init(int d_model, int n_experts, int top
     c.trainable_experts = NULL;
     c.train_router = 0;
     c.train_shared = 0;
+    c.shared_gated = 0;
     return c;
 }
 
@@ -3977,6 +3995,8 @@ ESFTDEF esft_status esft_moe_config_validate(const esft_moe_config *c, esft_erro
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "per-sequence aux loss needs aux_seq_len >= 1");
     if (c->aux_alpha > 0.0f && c->route.gating != ESFT_GATING_SOFTMAX)
         return esft__fail(err, ESFT_ERR_UNSUPPORTED, "the auxiliary loss is implemented for softmax gating only");
+    if (c->shared_gated && c->d_shared == 0)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "shared_gated needs a shared block (FS = 0)");
     return ESFT_OK;
 }
 
@@ -3988,7 +4008,7 @@ static size_t esft__moe_expert_floats(const esft_moe_config *c)
 
 static size_t esft__moe_shared_floats(const esft_moe_config *c)
 {
-    return (size_t)3 * (size_t)c->d_shared * (size_t)c->d_model;
+    return ((size_t)3 * (size_t)c->d_shared + (c->shared_gated ? 1 : 0)) * (size_t)c->d_model;
 }
 
 /* Sizes of the config's tensors must fit size_t (and GEMM dimensions int). */
@@ -4025,6 +4045,8 @@ static esft_status esft__moe_check_weights(const esft_moe_config *c, const esft_
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "router and expert weights must not be NULL");
     if (c->d_shared > 0 && (!w->shared_gate || !w->shared_up || !w->shared_down))
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "FS = %d but a shared weight is NULL", c->d_shared);
+    if (c->shared_gated && !w->shared_router)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "shared_gated but shared_router is NULL");
     return ESFT_OK;
 }
 
@@ -4046,6 +4068,10 @@ static void esft__moe_set_views(esft_moe *m)
         m->d_shared_gate = m->grads + off;
         m->d_shared_up = m->grads + off + sd;
         m->d_shared_down = m->grads + off + 2 * sd;
+        if (c->shared_gated) {
+            m->shared_router = m->params + off + 3 * sd;
+            m->d_shared_router = m->grads + off + 3 * sd;
+        }
     }
 }
 
@@ -4069,6 +4095,7 @@ static void esft__moe_copy_trainable(esft_moe *m, const esft_moe_weights *w)
         memcpy(m->shared_up, w->shared_up, sd * sizeof(float));
         memcpy(m->shared_down, w->shared_down, sd * sizeof(float));
     }
+    if (m->shared_router) memcpy(m->shared_router, w->shared_router, (size_t)c->d_model * sizeof(float));
 }
 
 ESFTDEF esft_status esft_moe_init(esft_moe *m, const esft_moe_config *cfg, const esft_moe_weights *w,
@@ -4170,6 +4197,10 @@ typedef struct esft__moe_ws {
     float *d;          /* (TK, D) scratch: output gradients, then input gradients */
     float *gs, *us;    /* (T, FS) saved shared pre-activations */
     float *as, *bs;    /* (T, FS) scratch */
+    float *so;         /* (T, D) saved shared output before its gate (shared_gated only) */
+    float *sig;        /* (T) saved gate sigmoid(x . w_s) (shared_gated only) */
+    float *dys;        /* (T, D) scratch: the shared block's output gradient (shared_gated only) */
+    float *dz;         /* (T) scratch: gradient of the gate's logit (shared_gated only) */
     float *logits;     /* (T, E) scratch: logits, then their gradient */
     float *dw;         /* (T, K) scratch: gradient of the routing weights */
     float *aux_coef;   /* (n_seq, E) saved: dL_aux / dp for tokens of a sequence */
@@ -4224,6 +4255,10 @@ static int esft__moe_ws_layout(esft__moe_ws *w, const esft_moe_config *c, int T,
     w->us = ESFT__CAST(float *, esft__carve(p, &off, t * FS, sizeof(float), &ok));
     w->as = ESFT__CAST(float *, esft__carve(p, &off, t * FS, sizeof(float), &ok));
     w->bs = ESFT__CAST(float *, esft__carve(p, &off, t * FS, sizeof(float), &ok));
+    w->so = ESFT__CAST(float *, esft__carve(p, &off, c->shared_gated ? t * D : 0, sizeof(float), &ok));
+    w->sig = ESFT__CAST(float *, esft__carve(p, &off, c->shared_gated ? t : 0, sizeof(float), &ok));
+    w->dys = ESFT__CAST(float *, esft__carve(p, &off, c->shared_gated ? t * D : 0, sizeof(float), &ok));
+    w->dz = ESFT__CAST(float *, esft__carve(p, &off, c->shared_gated ? t : 0, sizeof(float), &ok));
     w->logits = ESFT__CAST(float *, esft__carve(p, &off, t * E, sizeof(float), &ok));
     w->dw = ESFT__CAST(float *, esft__carve(p, &off, tk, sizeof(float), &ok));
     w->aux_coef = ESFT__CAST(float *, esft__carve(p, &off, (size_t)esft__moe_n_seq(c, T) * E,
@@ -4373,7 +4408,32 @@ static const float *esft__moe_shared_w(const esft_moe *m, int i)
 {
     if (i == 0) return m->shared_gate ? m->shared_gate : m->frozen.shared_gate;
     if (i == 1) return m->shared_up ? m->shared_up : m->frozen.shared_up;
-    return m->shared_down ? m->shared_down : m->frozen.shared_down;
+    if (i == 2) return m->shared_down ? m->shared_down : m->frozen.shared_down;
+    return m->shared_router ? m->shared_router : m->frozen.shared_router;
+}
+
+/* The shared block's output into y: S(x), or sigmoid(x . w_s) S(x) when gated
+   (S(x) and the gate saved for the backward). */
+static void esft__moe_shared_forward(const esft_moe *m, esft__moe_ws *w, float *y, const float *x, int T,
+                                     int nt)
+{
+    int D = m->cfg.d_model, FS = m->cfg.d_shared, t;
+    float *out = m->cfg.shared_gated ? w->so : y;
+    esft__sgemm(0, 1, T, FS, D, 1.0f, x, D, esft__moe_shared_w(m, 0), D, 0.0f, w->gs, FS);
+    esft__sgemm(0, 1, T, FS, D, 1.0f, x, D, esft__moe_shared_w(m, 1), D, 0.0f, w->us, FS);
+    esft__swiglu_forward_rows(w->as, w->gs, w->us, T, FS, nt);
+    esft__sgemm(0, 1, T, D, FS, 1.0f, w->as, FS, esft__moe_shared_w(m, 2), FS, 0.0f, out, D);
+    if (!m->cfg.shared_gated) return;
+    esft__sgemm(0, 1, T, 1, D, 1.0f, x, D, esft__moe_shared_w(m, 3), D, 0.0f, w->sig, 1);
+    ESFT__MOE_FOR_STATIC(nt)
+    for (t = 0; t < T; t++) {
+        float c = 1.0f / (1.0f + expf(-w->sig[t]));
+        const float *s = w->so + (size_t)t * D;
+        float *yt = y + (size_t)t * D;
+        int d;
+        w->sig[t] = c;
+        for (d = 0; d < D; d++) yt[d] = c * s[d];
+    }
 }
 
 static esft_status esft__moe_forward_cpu(void *context, const esft_moe *m, float *y, float *aux_loss,
@@ -4402,10 +4462,7 @@ static esft_status esft__moe_forward_cpu(void *context, const esft_moe *m, float
         memcpy(w.xg + (size_t)r * D, x + (size_t)(w.perm[r] / K) * D, (size_t)D * sizeof(float));
     esft__moe_experts_forward(m, &w, nt);
     if (FS > 0) {
-        esft__sgemm(0, 1, T, FS, D, 1.0f, x, D, esft__moe_shared_w(m, 0), D, 0.0f, w.gs, FS);
-        esft__sgemm(0, 1, T, FS, D, 1.0f, x, D, esft__moe_shared_w(m, 1), D, 0.0f, w.us, FS);
-        esft__swiglu_forward_rows(w.as, w.gs, w.us, T, FS, nt);
-        esft__sgemm(0, 1, T, D, FS, 1.0f, w.as, FS, esft__moe_shared_w(m, 2), FS, 0.0f, y, D);
+        esft__moe_shared_forward(m, &w, y, x, T, nt);
     } else {
         memset(y, 0, (size_t)T * D * sizeof(float));
     }
@@ -4473,12 +4530,37 @@ static void esft__moe_experts_backward(const esft_moe *m, esft__moe_ws *w, float
     }
 }
 
+/* The gate of a gated shared block: with z = x . w_s, c = sigmoid(z) and
+   y = c S(x), dL/dz = (dy . S(x)) c (1 - c), into dx (+= dz w_s) and, by flag,
+   the shared router's gradient (+= sum_t dz_t x_t). Returns the gradient that
+   reaches S(x): c dy, in w->dys. */
+static const float *esft__moe_shared_gate_backward(const esft_moe *m, esft__moe_ws *w, float *dx,
+                                                   const float *dy, const float *x, int T, int nt)
+{
+    int D = m->cfg.d_model, t;
+    const float *ws = esft__moe_shared_w(m, 3);
+    (void)nt;
+    ESFT__MOE_FOR_STATIC(nt)
+    for (t = 0; t < T; t++) {
+        const float *g = dy + (size_t)t * D, *s = w->so + (size_t)t * D;
+        float *gS = w->dys + (size_t)t * D, *dxt = dx + (size_t)t * D, c = w->sig[t], dot = 0.0f, dz;
+        int d;
+        for (d = 0; d < D; d++) { dot += g[d] * s[d]; gS[d] = c * g[d]; }
+        dz = dot * c * (1.0f - c);
+        for (d = 0; d < D; d++) dxt[d] += dz * ws[d];
+        w->dz[t] = dz;
+    }
+    if (m->d_shared_router) esft__sgemm(1, 0, 1, D, T, 1.0f, w->dz, 1, x, D, 1.0f, m->d_shared_router, D);
+    return w->dys;
+}
+
 /* Shared SwiGLU block backward: accumulates into dx and, by flag, its grads. */
 static void esft__moe_shared_backward(const esft_moe *m, esft__moe_ws *w, float *dx, const float *dy,
                                       const float *x, int T, int nt)
 {
     int D = m->cfg.d_model, FS = m->cfg.d_shared;
     if (FS == 0) return;
+    if (m->cfg.shared_gated) dy = esft__moe_shared_gate_backward(m, w, dx, dy, x, T, nt);
     esft__sgemm(0, 0, T, FS, D, 1.0f, dy, D, esft__moe_shared_w(m, 2), FS, 0.0f, w->bs, FS);
     if (m->d_shared_down) {
         esft__swiglu_forward_rows(w->as, w->gs, w->us, T, FS, nt);
@@ -6383,6 +6465,7 @@ typedef struct esft__wt {
     const float *f32;            /* fp32 values converted on the way out, or */
     const esft_safetensors *src; /* tensor src_index of an open file, copied */
     int src_index;
+    uint64_t src_at;             /* from this byte of it (a slice of a fused tensor) */
 } esft__wt;
 
 /* Names and metadata keys: present, UTF-8, unique; names not "__metadata__". */
@@ -6455,7 +6538,8 @@ static esft_status esft__wt_emit(esft__out *o, const esft__wt *t, unsigned char 
     uint64_t done;
     esft_status s = ESFT_OK;
     if (t->src)
-        return esft__out_copy(o, t->src, t->src->tensors[t->src_index].offset, t->n_bytes, bounce, cap, pr, err);
+        return esft__out_copy(o, t->src, t->src->tensors[t->src_index].offset + t->src_at, t->n_bytes, bounce, cap,
+                              pr, err);
     if (!t->f32) {
         s = esft__out_write(o, t->data, (size_t)t->n_bytes, err);
         if (s == ESFT_OK && pr) esft__progress_add(pr, t->n_bytes);
@@ -6571,7 +6655,7 @@ static const char *const esft__family_names[ESFT_FAMILY_COUNT] = {"deepseek_v2",
 
 static const char *const esft__part_names[ESFT_PART_COUNT] = {
     "none", "expert.gate", "expert.up", "expert.down", "router", "shared.gate", "shared.up",
-    "shared.down", "shared.router", "adapter.down", "adapter.up"};
+    "shared.down", "shared.router", "adapter.down", "adapter.up", "experts.gate_up", "experts.down"};
 
 /* One row per naming scheme: the name of each part ({l} layer, {e} expert),
    NULL where the family has no such tensor. A new MoE family is one new row. */
@@ -6580,7 +6664,8 @@ static const char *const esft__name_table[ESFT_FAMILY_COUNT][ESFT_PART_COUNT] = 
     {NULL, "model.layers.{l}.mlp.experts.{e}.gate_proj.weight", "model.layers.{l}.mlp.experts.{e}.up_proj.weight",
      "model.layers.{l}.mlp.experts.{e}.down_proj.weight", "model.layers.{l}.mlp.gate.weight",
      "model.layers.{l}.mlp.shared_experts.gate_proj.weight", "model.layers.{l}.mlp.shared_experts.up_proj.weight",
-     "model.layers.{l}.mlp.shared_experts.down_proj.weight", NULL, NULL, NULL},
+     "model.layers.{l}.mlp.shared_experts.down_proj.weight", NULL, NULL, NULL,
+     "model.layers.{l}.mlp.experts.gate_up_proj", "model.layers.{l}.mlp.experts.down_proj"},
     /* Mixtral: w1 gate, w3 up, w2 down */
     {NULL, "model.layers.{l}.block_sparse_moe.experts.{e}.w1.weight",
      "model.layers.{l}.block_sparse_moe.experts.{e}.w3.weight",
@@ -6590,7 +6675,8 @@ static const char *const esft__name_table[ESFT_FAMILY_COUNT][ESFT_PART_COUNT] = 
     {NULL, "model.layers.{l}.mlp.experts.{e}.gate_proj.weight", "model.layers.{l}.mlp.experts.{e}.up_proj.weight",
      "model.layers.{l}.mlp.experts.{e}.down_proj.weight", "model.layers.{l}.mlp.gate.weight",
      "model.layers.{l}.mlp.shared_expert.gate_proj.weight", "model.layers.{l}.mlp.shared_expert.up_proj.weight",
-     "model.layers.{l}.mlp.shared_expert.down_proj.weight", "model.layers.{l}.mlp.shared_expert_gate.weight", NULL, NULL},
+     "model.layers.{l}.mlp.shared_expert.down_proj.weight", "model.layers.{l}.mlp.shared_expert_gate.weight", NULL, NULL,
+     "model.layers.{l}.mlp.experts.gate_up_proj", "model.layers.{l}.mlp.experts.down_proj"},
     /* Camelidae (PESC adapters after a dense FFN) */
     {NULL, NULL, NULL, NULL, "model.layers.{l}.mlp.moe_adapter.router.weight", NULL, NULL, NULL, NULL,
      "model.layers.{l}.mlp.moe_adapter.experts.expert_{e}.adapter_down.weight",
@@ -6684,6 +6770,30 @@ static int esft__part_is_routed(esft_part p)
            p == ESFT_PART_ADAPTER_DOWN || p == ESFT_PART_ADAPTER_UP;
 }
 
+static int esft__part_is_fused(esft_part p)
+{
+    return p == ESFT_PART_FUSED_GATE_UP || p == ESFT_PART_FUSED_DOWN;
+}
+
+/* The fused tensor that holds a per-expert part. */
+static esft_part esft__part_fused_of(esft_part p)
+{
+    if (p == ESFT_PART_EXPERT_GATE || p == ESFT_PART_EXPERT_UP) return ESFT_PART_FUSED_GATE_UP;
+    return p == ESFT_PART_EXPERT_DOWN ? ESFT_PART_FUSED_DOWN : ESFT_PART_NONE;
+}
+
+ESFTDEF int esft_fused_slice(const int64_t *fs, int n_dims, esft_part part, int e, uint64_t *at, int64_t shape[2])
+{
+    int gate_up = part == ESFT_PART_EXPERT_GATE || part == ESFT_PART_EXPERT_UP;
+    if (!fs || !at || !shape || n_dims != 3 || e < 0 || e >= fs[0] || fs[1] < 1 || fs[2] < 1) return 0;
+    if (!gate_up && part != ESFT_PART_EXPERT_DOWN) return 0;
+    if (gate_up && fs[1] % 2) return 0;
+    shape[0] = gate_up ? fs[1] / 2 : fs[1];
+    shape[1] = fs[2];
+    *at = ((uint64_t)e * (uint64_t)fs[1] + (part == ESFT_PART_EXPERT_UP ? (uint64_t)shape[0] : 0)) * (uint64_t)fs[2];
+    return 1;
+}
+
 static int esft__part_is_shared(esft_part p)
 {
     return p == ESFT_PART_SHARED_GATE || p == ESFT_PART_SHARED_UP || p == ESFT_PART_SHARED_DOWN;
@@ -6695,6 +6805,7 @@ ESFTDEF int esft_expert_config_trains(const esft_expert_config *cfg, const char 
     if (!cfg || !name) return 0;
     esft_tensor_name_parse(name, &tn);
     if (esft__part_is_routed(tn.part)) return esft_expert_config_has(cfg, tn.layer, tn.expert);
+    if (esft__part_is_fused(tn.part)) return 0; /* the experts in it are, slice by slice */
     if (esft__part_is_shared(tn.part)) return cfg->shared_experts != 0;
     return cfg->non_expert_modules != 0;
 }
@@ -7022,6 +7133,88 @@ static void esft__config_mark(const esft_expert_config *cfg, const char *name, u
         if (cfg->ids[j] == tn.expert) seen[j] = 1;
 }
 
+/* The extract plan: write entries, and names and shapes for fused slices. */
+typedef struct esft__extract_plan {
+    esft__wt *w;
+    int n;
+    char (*names)[160];   /* (cap_slices) per-expert names of fused slices */
+    int64_t (*shapes)[2]; /* (cap_slices) their shapes */
+    int n_slices, cap_slices;
+} esft__extract_plan;
+
+/* The slices of a fused tensor (layer tn->layer) that cfg selects, as
+   per-expert tensors named as the family names them one by one, so the
+   trained file looks the same whatever the base layout. */
+static esft_status esft__extract_fused(esft__extract_plan *pl, const esft_expert_config *cfg,
+                                       const esft_tensor_name *tn, const esft_safetensors *sh, int i,
+                                       unsigned char *seen, const char *base, esft_error *err)
+{
+    static const esft_part gate_up[2] = {ESFT_PART_EXPERT_GATE, ESFT_PART_EXPERT_UP}, down[1] = {ESFT_PART_EXPERT_DOWN};
+    const esft_st_tensor *t = sh->tensors + i;
+    const esft_part *parts = tn->part == ESFT_PART_FUSED_GATE_UP ? gate_up : down;
+    int n_parts = tn->part == ESFT_PART_FUSED_GATE_UP ? 2 : 1, j, k;
+    size_t es = esft_dtype_size(t->dtype);
+    if (tn->layer >= cfg->n_layers) return ESFT_OK;
+    for (j = cfg->offset[tn->layer]; j < cfg->offset[tn->layer + 1]; j++) {
+        int e = cfg->ids[j];
+        if (e >= t->shape[0]) continue; /* reported by esft__config_all_seen */
+        for (k = 0; k < n_parts; k++) {
+            esft__wt *w = pl->w + pl->n;
+            uint64_t at;
+            if (pl->n_slices >= pl->cap_slices) return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "extract plan");
+            if (!esft_fused_slice(t->shape, t->n_dims, parts[k], e, &at, pl->shapes[pl->n_slices]))
+                return esft__fail_at(err, ESFT_ERR_SHAPE, base, 0, "fused expert tensor '%s' has shape %d-D, not (E, 2F, D) or (E, D, F)",
+                                     t->name, t->n_dims);
+            if (esft_tensor_name_format(pl->names[pl->n_slices], sizeof pl->names[0], tn->family, parts[k], tn->layer, e) != ESFT_OK)
+                return esft__fail_at(err, ESFT_ERR_UNSUPPORTED, base, 0, "no per-expert name for '%s'", t->name);
+            w->name = pl->names[pl->n_slices];
+            w->dtype = t->dtype;
+            w->n_dims = 2;
+            w->shape = pl->shapes[pl->n_slices];
+            w->n_bytes = (uint64_t)w->shape[0] * (uint64_t)w->shape[1] * es;
+            w->src = sh;
+            w->src_index = i;
+            w->src_at = at * es;
+            pl->n++;
+            pl->n_slices++;
+        }
+        seen[j] = 1;
+    }
+    return ESFT_OK;
+}
+
+/* Every tensor of ck that cfg trains, whole or (fused experts) slice by slice. */
+static esft_status esft__extract_collect(esft__extract_plan *pl, const esft_checkpoint *ck, const esft_expert_config *cfg,
+                                         unsigned char *seen, esft__progress *pr, const char *base, esft_error *err)
+{
+    int sh, i, before;
+    esft_status s = ESFT_OK;
+    for (sh = 0; s == ESFT_OK && sh < ck->n_shards; sh++)
+        for (i = 0; s == ESFT_OK && i < ck->shards[sh].n_tensors; i++) {
+            const esft_st_tensor *t = ck->shards[sh].tensors + i;
+            esft_tensor_name tn;
+            esft__wt *w = pl->w + pl->n;
+            before = pl->n;
+            if (esft_tensor_name_parse(t->name, &tn) && esft__part_is_fused(tn.part)) {
+                s = esft__extract_fused(pl, cfg, &tn, ck->shards + sh, i, seen, base, err);
+                for (; before < pl->n; before++) pr->total += pl->w[before].n_bytes;
+                continue;
+            }
+            if (!esft_expert_config_trains(cfg, t->name)) continue;
+            esft__config_mark(cfg, t->name, seen);
+            w->name = t->name;
+            w->dtype = t->dtype;
+            w->n_dims = t->n_dims;
+            w->shape = t->shape;
+            w->n_bytes = t->n_bytes;
+            w->src = ck->shards + sh;
+            w->src_index = i;
+            pr->total += t->n_bytes;
+            pl->n++;
+        }
+    return s;
+}
+
 /* Every (layer, expert) of cfg was seen. */
 static esft_status esft__config_all_seen(const esft_expert_config *cfg, const unsigned char *seen, const char *base,
                                          esft_error *err)
@@ -7040,12 +7233,12 @@ ESFTDEF esft_status esft_checkpoint_extract(const char *base, const esft_expert_
                                             const esft_checkpoint_options *opt, esft_error *err)
 {
     esft_checkpoint ck;
-    esft__wt *w = NULL;
+    esft__extract_plan pl;
     unsigned char *seen = NULL;
     esft__buf meta;
     esft__progress pr;
     const char *keys[2] = {"format", ESFT_METADATA_CONFIG}, *values[2];
-    int sh, i, n = 0;
+    size_t n_selected;
     esft_status s;
     esft__error_clear(err);
     if (!base || !out_path || !esft__config_ok(cfg))
@@ -7054,36 +7247,29 @@ ESFTDEF esft_status esft_checkpoint_extract(const char *base, const esft_expert_
     if (s != ESFT_OK) return s;
     esft__buf_init(&meta, &ck.allocator);
     memset(&pr, 0, sizeof pr);
+    memset(&pl, 0, sizeof pl);
     pr.opt = opt;
-    w = ESFT__CAST(esft__wt *, esft__calloc(&ck.allocator, (size_t)ck.n_tensors, sizeof *w));
-    seen = ESFT__CAST(unsigned char *, esft__calloc(&ck.allocator, (size_t)cfg->offset[cfg->n_layers] + 1, 1));
-    if (!w || !seen) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "extract plan");
-    for (sh = 0; s == ESFT_OK && sh < ck.n_shards; sh++)
-        for (i = 0; i < ck.shards[sh].n_tensors; i++) {
-            const esft_st_tensor *t = ck.shards[sh].tensors + i;
-            if (!esft_expert_config_trains(cfg, t->name)) continue;
-            esft__config_mark(cfg, t->name, seen);
-            w[n].name = t->name;
-            w[n].dtype = t->dtype;
-            w[n].n_dims = t->n_dims;
-            w[n].shape = t->shape;
-            w[n].n_bytes = t->n_bytes;
-            w[n].src = ck.shards + sh;
-            w[n].src_index = i;
-            pr.total += t->n_bytes;
-            n++;
-        }
+    n_selected = (size_t)cfg->offset[cfg->n_layers];
+    pl.cap_slices = (int)(3 * n_selected); /* gate, up, down of each selected expert, at most */
+    pl.w = ESFT__CAST(esft__wt *, esft__calloc(&ck.allocator, (size_t)ck.n_tensors + 3 * n_selected, sizeof *pl.w));
+    pl.names = ESFT__CAST(char(*)[160], esft__calloc(&ck.allocator, 3 * n_selected + 1, sizeof *pl.names));
+    pl.shapes = ESFT__CAST(int64_t(*)[2], esft__calloc(&ck.allocator, 3 * n_selected + 1, sizeof *pl.shapes));
+    seen = ESFT__CAST(unsigned char *, esft__calloc(&ck.allocator, n_selected + 1, 1));
+    if (!pl.w || !pl.names || !pl.shapes || !seen) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "extract plan");
+    if (s == ESFT_OK) s = esft__extract_collect(&pl, &ck, cfg, seen, &pr, base, err);
     if (s == ESFT_OK) s = esft__config_all_seen(cfg, seen, base, err);
-    if (s == ESFT_OK && n == 0) s = esft__fail_at(err, ESFT_ERR_RANGE, base, 0, "the config selects no tensor of the checkpoint");
+    if (s == ESFT_OK && pl.n == 0) s = esft__fail_at(err, ESFT_ERR_RANGE, base, 0, "the config selects no tensor of the checkpoint");
     if (s == ESFT_OK) {
         esft__config_json(&meta, cfg);
         values[0] = "pt";
         values[1] = meta.data;
         s = meta.failed ? esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "metadata")
-                        : esft__st_write(out_path, w, n, keys, values, 2, &pr, &ck.allocator, err);
+                        : esft__st_write(out_path, pl.w, pl.n, keys, values, 2, &pr, &ck.allocator, err);
     }
     esft__buf_free(&meta);
-    esft__release(&ck.allocator, w);
+    esft__release(&ck.allocator, pl.w);
+    esft__release(&ck.allocator, pl.names);
+    esft__release(&ck.allocator, pl.shapes);
     esft__release(&ck.allocator, seen);
     esft_checkpoint_close(&ck);
     return s;
@@ -7124,50 +7310,95 @@ ESFTDEF esft_status esft_checkpoint_read_config(const esft_safetensors *st, esft
     return esft_expert_config_parse(text, strlen(text), "__metadata__." ESFT_METADATA_CONFIG, out, err);
 }
 
-/* Which base tensor each trained tensor replaces: repl[first[s] + i] = index in
-   tr, or -1. Every trained tensor must match its base tensor's dtype and shape. */
-static esft_status esft__merge_plan(const esft_checkpoint *ck, const esft_safetensors *tr, int *repl, int *first,
+/* One span of a base shard that the merge takes from the trained file: the
+   whole of a base tensor, or one expert's slice of a fused 3-D tensor. */
+typedef struct esft__patch {
+    int shard;
+    uint64_t pos;   /* absolute byte position in the base shard file */
+    uint64_t n;     /* bytes */
+    int tr;         /* tensor index in the trained file */
+} esft__patch;
+
+static int esft__cmp_patch(const void *pa, const void *pb)
+{
+    const esft__patch *a = (const esft__patch *)pa, *b = (const esft__patch *)pb;
+    if (a->shard != b->shard) return a->shard < b->shard ? -1 : 1;
+    return a->pos < b->pos ? -1 : a->pos > b->pos;
+}
+
+/* Where a trained per-expert tensor goes in a base that keeps its experts in
+   fused 3-D tensors: 1 with shard, tensor and byte offset, 0 if nowhere. */
+static int esft__merge_find_fused(const esft_checkpoint *ck, const esft_st_tensor *t, int *shard, int *index,
+                                  uint64_t *at, int64_t shape[2])
+{
+    esft_tensor_name tn;
+    char fused[160];
+    const esft_st_tensor *b;
+    if (!esft_tensor_name_parse(t->name, &tn) || esft__part_fused_of(tn.part) == ESFT_PART_NONE) return 0;
+    if (esft_tensor_name_format(fused, sizeof fused, tn.family, esft__part_fused_of(tn.part), tn.layer, -1) != ESFT_OK ||
+        !esft_checkpoint_find(ck, fused, shard, index))
+        return 0;
+    b = ck->shards[*shard].tensors + *index;
+    if (!esft_fused_slice(b->shape, b->n_dims, tn.part, tn.expert, at, shape)) return 0;
+    *at *= esft_dtype_size(b->dtype);
+    return 1;
+}
+
+/* The spans each trained tensor replaces, sorted by shard and position. Every
+   trained tensor must match its base tensor (or fused slice) in dtype and
+   shape, and no two may write the same bytes. */
+static esft_status esft__merge_plan(const esft_checkpoint *ck, const esft_safetensors *tr, esft__patch *pt,
                                     const char *trained, esft_error *err)
 {
-    int s, j, n = 0;
-    for (s = 0; s < ck->n_shards; s++) { first[s] = n; n += ck->shards[s].n_tensors; }
-    for (j = 0; j < n; j++) repl[j] = -1;
+    int j;
     for (j = 0; j < tr->n_tensors; j++) {
         const esft_st_tensor *t = tr->tensors + j, *b;
         char ts[160], bs[160];
-        int i;
-        if (!esft_checkpoint_find(ck, t->name, &s, &i))
+        int64_t slice[2];
+        uint64_t at = 0;
+        int s, i, whole = esft_checkpoint_find(ck, t->name, &s, &i);
+        if (!whole && !esft__merge_find_fused(ck, t, &s, &i, &at, slice))
             return esft__fail_at(err, ESFT_ERR_RANGE, trained, 0, "tensor '%s' is not in the base checkpoint", t->name);
         b = ck->shards[s].tensors + i;
         esft__shape_string(ts, sizeof ts, t->n_dims, t->shape);
-        esft__shape_string(bs, sizeof bs, b->n_dims, b->shape);
+        if (whole) esft__shape_string(bs, sizeof bs, b->n_dims, b->shape);
+        else esft__shape_string(bs, sizeof bs, 2, slice);
         if (t->dtype != b->dtype || strcmp(ts, bs) != 0)
-            return esft__fail_at(err, ESFT_ERR_SHAPE, trained, 0, "tensor '%s': trained %s %s, base %s %s (refusing to merge)",
-                                 t->name, esft_dtype_name(t->dtype), ts, esft_dtype_name(b->dtype), bs);
-        repl[first[s] + i] = j;
+            return esft__fail_at(err, ESFT_ERR_SHAPE, trained, 0, "tensor '%s': trained %s %s, base %s %s%s (refusing to merge)",
+                                 t->name, esft_dtype_name(t->dtype), ts, esft_dtype_name(b->dtype), bs,
+                                 whole ? "" : " (its slice of a fused tensor)");
+        pt[j].shard = s;
+        pt[j].pos = b->offset + at;
+        pt[j].n = t->n_bytes;
+        pt[j].tr = j;
     }
+    qsort(pt, (size_t)tr->n_tensors, sizeof *pt, esft__cmp_patch);
+    for (j = 1; j < tr->n_tensors; j++)
+        if (pt[j].shard == pt[j - 1].shard && pt[j - 1].pos + pt[j - 1].n > pt[j].pos)
+            return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, trained, 0, "tensors '%s' and '%s' write the same bytes of the base",
+                                 tr->tensors[pt[j - 1].tr].name, tr->tensors[pt[j].tr].name);
     return ESFT_OK;
 }
 
 /* One output shard: the base shard's bytes (header included, verbatim: dtypes,
-   shapes and offsets are unchanged) with the replaced tensors' spans taken from
-   the trained file. Runs of unchanged tensors are copied in one go. */
-static esft_status esft__merge_shard(esft__out *o, const esft_safetensors *b, const int *repl,
+   shapes and offsets are unchanged) with the n patched spans taken from the
+   trained file. Runs of unchanged bytes are copied in one go. */
+static esft_status esft__merge_shard(esft__out *o, const esft_safetensors *b, const esft__patch *pt, int n,
                                      const esft_safetensors *tr, unsigned char *buf, esft__progress *pr,
                                      esft_error *err)
 {
-    uint64_t start = 0, end = 8 + b->header_size;
+    uint64_t at = 0, end = 8 + b->header_size;
     int i;
     esft_status s;
-    for (i = 0; i < b->n_tensors; i++) {
-        const esft_st_tensor *t = b->tensors + i;
-        if (repl[i] < 0) { end = t->offset + t->n_bytes; continue; }
-        if ((s = esft__out_copy(o, b, start, end - start, buf, ESFT__COPY_CHUNK, pr, err)) != ESFT_OK) return s;
-        s = esft__out_copy(o, tr, tr->tensors[repl[i]].offset, t->n_bytes, buf, ESFT__COPY_CHUNK, pr, err);
+    for (i = 0; i < b->n_tensors; i++)
+        if (b->tensors[i].offset + b->tensors[i].n_bytes > end) end = b->tensors[i].offset + b->tensors[i].n_bytes;
+    for (i = 0; i < n; i++) {
+        if ((s = esft__out_copy(o, b, at, pt[i].pos - at, buf, ESFT__COPY_CHUNK, pr, err)) != ESFT_OK) return s;
+        s = esft__out_copy(o, tr, tr->tensors[pt[i].tr].offset, pt[i].n, buf, ESFT__COPY_CHUNK, pr, err);
         if (s != ESFT_OK) return s;
-        start = end = t->offset + t->n_bytes;
+        at = pt[i].pos + pt[i].n;
     }
-    return esft__out_copy(o, b, start, end - start, buf, ESFT__COPY_CHUNK, pr, err);
+    return esft__out_copy(o, b, at, end - at, buf, ESFT__COPY_CHUNK, pr, err);
 }
 
 /* Creates dir if missing; refuses the base checkpoint's own directory. */
@@ -7188,12 +7419,12 @@ static esft_status esft__merge_dir(const char *dir, const char *base_dir, esft_e
 }
 
 /* Writes every shard (and the index) as temp files, then renames them all. */
-static esft_status esft__merge_write(const esft_checkpoint *ck, const esft_safetensors *tr, const int *repl,
-                                     const int *first, const char *out_dir, esft__out *outs, unsigned char *buf,
+static esft_status esft__merge_write(const esft_checkpoint *ck, const esft_safetensors *tr, const esft__patch *pt,
+                                     const char *out_dir, esft__out *outs, unsigned char *buf,
                                      esft__progress *pr, esft_error *err)
 {
     char path[4200];
-    int sh;
+    int sh, first = 0, n;
     esft_status s = ESFT_OK;
     for (sh = 0; sh <= ck->n_shards && s == ESFT_OK; sh++) {
         const char *file = sh < ck->n_shards ? ck->shard_files[sh] : "model.safetensors.index.json";
@@ -7201,8 +7432,11 @@ static esft_status esft__merge_write(const esft_checkpoint *ck, const esft_safet
         if ((size_t)snprintf(path, sizeof path, "%s/%s", out_dir, file) >= sizeof path)
             return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, out_dir, 0, "path too long");
         if ((s = esft__out_open(outs + sh, path, err)) != ESFT_OK) break;
-        if (sh < ck->n_shards) s = esft__merge_shard(outs + sh, ck->shards + sh, repl + first[sh], tr, buf, pr, err);
-        else {
+        if (sh < ck->n_shards) {
+            for (n = 0; first + n < tr->n_tensors && pt[first + n].shard == sh; n++) {}
+            s = esft__merge_shard(outs + sh, ck->shards + sh, pt + first, n, tr, buf, pr, err);
+            first += n;
+        } else {
             esft__buf b;
             esft__buf_init(&b, &ck->allocator);
             esft__ck_index_json(&b, ck);
@@ -7224,7 +7458,8 @@ ESFTDEF esft_status esft_checkpoint_merge(const char *base, const char *trained,
 {
     esft_checkpoint ck;
     esft_safetensors tr;
-    int *repl = NULL, *first = NULL, sh;
+    esft__patch *pt = NULL;
+    int sh;
     esft__out *outs = NULL;
     unsigned char *buf = NULL;
     esft__progress pr;
@@ -7238,18 +7473,16 @@ ESFTDEF esft_status esft_checkpoint_merge(const char *base, const char *trained,
     memset(&pr, 0, sizeof pr);
     pr.opt = opt;
     for (sh = 0; sh < ck.n_shards; sh++) pr.total += ck.shards[sh].file_size;
-    repl = ESFT__CAST(int *, esft__calloc(&ck.allocator, (size_t)ck.n_tensors, sizeof(int)));
-    first = ESFT__CAST(int *, esft__calloc(&ck.allocator, (size_t)ck.n_shards, sizeof(int)));
+    pt = ESFT__CAST(esft__patch *, esft__calloc(&ck.allocator, (size_t)tr.n_tensors + 1, sizeof *pt));
     outs = ESFT__CAST(esft__out *, esft__calloc(&ck.allocator, (size_t)ck.n_shards + 1, sizeof *outs));
     buf = ESFT__CAST(unsigned char *, esft__calloc(&ck.allocator, ESFT__COPY_CHUNK, 1));
-    if (!repl || !first || !outs || !buf) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "merge buffers");
+    if (!pt || !outs || !buf) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "merge buffers");
     for (sh = 0; outs && sh <= ck.n_shards; sh++) outs[sh].fd = -1;
-    if (s == ESFT_OK) s = esft__merge_plan(&ck, &tr, repl, first, trained, err);
+    if (s == ESFT_OK) s = esft__merge_plan(&ck, &tr, pt, trained, err);
     if (s == ESFT_OK) s = esft__merge_dir(out_dir, ck.dir, err);
-    if (s == ESFT_OK) s = esft__merge_write(&ck, &tr, repl, first, out_dir, outs, buf, &pr, err);
+    if (s == ESFT_OK) s = esft__merge_write(&ck, &tr, pt, out_dir, outs, buf, &pr, err);
     for (sh = 0; outs && sh <= ck.n_shards; sh++) esft__out_abort(outs + sh); /* temp files left by a failure */
-    esft__release(&ck.allocator, repl);
-    esft__release(&ck.allocator, first);
+    esft__release(&ck.allocator, pt);
     esft__release(&ck.allocator, outs);
     esft__release(&ck.allocator, buf);
     esft_safetensors_close(&tr);
@@ -8714,8 +8947,7 @@ static esft_status esft__moe_route(esft__fwd *f, const esft_model_config *c, con
 static void esft__moe_ffn(esft__fwd *f, const esft_model_config *c, const esft_model_layer *w, int T)
 {
     int E = c->route.n_experts, K = c->route.top_k, D = c->d_model, F = c->d_expert, FS = c->d_shared;
-    int nt = f->nt, TK = T * K, e, r, t;
-    (void)nt;
+    int TK = T * K, e, r, t;
     memset(f->offsets, 0, (size_t)(E + 1) * sizeof(int32_t));
     for (r = 0; r < TK; r++) f->offsets[f->ids[r] + 1]++;
     for (e = 0; e < E; e++) f->offsets[e + 1] += f->offsets[e];
@@ -8725,10 +8957,10 @@ static void esft__moe_ffn(esft__fwd *f, const esft_model_config *c, const esft_m
         for (r = 0; r < TK; r++) f->perm[fill[f->ids[r]]++] = r;
         for (r = 0; r < TK; r++) f->pos[f->perm[r]] = r;
     }
-    ESFT__MOE_FOR_STATIC(nt)
+    ESFT__MOE_FOR_STATIC(f->nt)
     for (r = 0; r < TK; r++)
         memcpy(f->xg + (size_t)r * D, f->h + (size_t)(f->perm[r] / K) * D, (size_t)D * sizeof(float));
-    ESFT__MOE_FOR_DYNAMIC(nt)
+    ESFT__MOE_FOR_DYNAMIC(f->nt)
     for (e = 0; e < E; e++) {
         int r0 = f->offsets[e], n = f->offsets[e + 1] - r0;
         float *panel = f->panels + (size_t)esft__thread_id() * ESFT__PANEL_FLOATS;
@@ -8749,7 +8981,7 @@ static void esft__moe_ffn(esft__fwd *f, const esft_model_config *c, const esft_m
     } else {
         memset(f->a, 0, (size_t)T * D * sizeof(float));
     }
-    ESFT__MOE_FOR_STATIC(nt)
+    ESFT__MOE_FOR_STATIC(f->nt)
     for (t = 0; t < T; t++) {
         float *at = f->a + (size_t)t * D;
         int j, d;

@@ -878,6 +878,8 @@ static esft_status esft_cuda__moe_check(const esft_moe *m, const void *out, cons
 {
     const esft_moe_config *c = &m->cfg;
     esft_status s;
+    if (c->shared_gated) /* Qwen2-MoE's gated shared expert: CPU backend only, for now */
+        return esft_cuda__fail(err, ESFT_ERR_UNSUPPORTED, "cuda moe: a gated shared block (shared_gated) is not implemented");
     if ((s = esft_cuda__need_device(out, "output", err)) != ESFT_OK ||
         (s = esft_cuda__need_device(in, "input", err)) != ESFT_OK ||
         (s = esft_cuda__need_device(x, "x", err)) != ESFT_OK ||

@@ -537,15 +537,28 @@ static int cli_cmp_key(const void *pa, const void *pb)
 /* Per layer: which routed experts (or adapters) have tensors, as ranges. */
 static void cli_print_experts(const esft_checkpoint *ck)
 {
-    cli_moe_key *k = (cli_moe_key *)malloc(((size_t)ck->n_tensors + 1) * sizeof *k);
-    int i, n = 0, shared = 0, routers = 0, fam[ESFT_FAMILY_COUNT] = {0};
-    if (!k) return;
+    cli_moe_key *k;
+    int i, n = 0, shared = 0, routers = 0, fused = 0, fam[ESFT_FAMILY_COUNT] = {0};
+    size_t cap = (size_t)ck->n_tensors + 1;
+    for (i = 0; i < ck->n_tensors; i++) { /* a fused tensor holds E experts */
+        const esft_st_tensor *t = ck->shards[ck->name_shard[i]].tensors + ck->name_tensor[i];
+        esft_tensor_name tn;
+        if (esft_tensor_name_parse(ck->names[i], &tn) && tn.part == ESFT_PART_FUSED_DOWN && t->n_dims == 3)
+            cap += (size_t)t->shape[0];
+    }
+    if (!(k = (cli_moe_key *)malloc(cap * sizeof *k))) return;
     for (i = 0; i < ck->n_tensors; i++) {
+        const esft_st_tensor *t = ck->shards[ck->name_shard[i]].tensors + ck->name_tensor[i];
         esft_tensor_name tn;
         if (!esft_tensor_name_parse(ck->names[i], &tn)) continue;
         fam[tn.family]++;
         if (tn.part == ESFT_PART_ROUTER) routers++;
         else if (tn.part == ESFT_PART_SHARED_DOWN) shared++; /* one per layer */
+        if (tn.part == ESFT_PART_FUSED_DOWN && t->n_dims == 3) { /* one per layer */
+            int64_t e;
+            fused++;
+            for (e = 0; e < t->shape[0]; e++) { k[n].layer = tn.layer; k[n].expert = (int)e; n++; }
+        }
         if (tn.expert >= 0) { k[n].layer = tn.layer; k[n].expert = tn.expert; n++; }
     }
     qsort(k, (size_t)n, sizeof *k, cli_cmp_key);
@@ -553,6 +566,10 @@ static void cli_print_experts(const esft_checkpoint *ck)
     for (i = 0; i < (int)ESFT_FAMILY_COUNT; i++)
         if (fam[i]) printf(" %d %s", fam[i], esft_family_name((esft_family)i));
     printf("%s; %d routers; shared experts in %d layers\n", n || routers ? "" : " none", routers, shared);
+    if (fused)
+        printf("expert layout: fused 3-D (mlp.experts.gate_up_proj (E, 2F, D), down_proj (E, D, F)) in %d layers;\n"
+               "  extract writes each selected expert as its own gate/up/down tensors, merge puts them back in their slices\n",
+               fused);
     for (i = 0; i < n;) { /* one line per layer: expert id ranges */
         int layer = k[i].layer, count = 0, start = -1, prev = -2;
         printf("  layer %d experts:", layer);
@@ -658,6 +675,8 @@ static const char extract_help[] =
     "its __metadata__): the routed experts it lists (config layers are the\n"
     "model's layer indices), the shared experts of every layer if\n"
     "\"shared_experts\" is true, every other tensor if \"non_expert_modules\" is.\n"
+    "From a base with fused 3-D experts (transformers v5), each selected expert\n"
+    "is written as its own gate_proj / up_proj / down_proj tensors.\n"
     "\n"
     "  BASE              checkpoint directory (sharded or not) or .safetensors file\n"
     "  --config FILE     the expert config (esft select writes one)\n"
@@ -713,6 +732,9 @@ static const char merge_help[] =
     "stream in chunks of a few MB whatever the model size. Every TRAINED tensor\n"
     "must exist in BASE with the same dtype and shape, checked before anything is\n"
     "written; shards are written as temp files and renamed only when all succeed.\n"
+    "A base with fused 3-D experts (mlp.experts.gate_up_proj / down_proj) takes\n"
+    "per-expert tensors (mlp.experts.{e}.gate_proj.weight, ...) into their slices;\n"
+    "no other byte changes.\n"
     "Copy config.json and the tokenizer files yourself.\n"
     "\n"
     "  BASE              checkpoint directory (sharded or not) or .safetensors file\n"

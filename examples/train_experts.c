@@ -35,7 +35,7 @@ int main(void)
     float *teacher_down = malloc(efd * sizeof(float)), *target = malloc(sizeof(float) * T * D);
     float *y = malloc(sizeof(float) * T * D), *dy = malloc(sizeof(float) * T * D), *dx = malloc(sizeof(float) * T * D);
     unsigned char trainable[E] = {0, 0, 1, 0, 0, 1, 0, 0};
-    esft_moe_weights w = {router, gate, up, down, sg, su, sd}, tw;
+    esft_moe_weights w = {router, gate, up, down, sg, su, sd, NULL}, tw;
     esft_moe_config cfg = esft_moe_config_init(D, E, K, F, FS);
     esft_moe student, teacher;
     esft_adamw opt;

@@ -83,6 +83,21 @@ if "$ESFT" inspect "$M/deepseek_v2_qlora_yarn" > "$T/out" 2> "$T/err" &&
     pass inspect_prints_the_architecture
 else fail inspect_prints_the_architecture "$(head -3 "$T/out")"; fi
 
+# Fused 3-D experts: extract then merge the unchanged experts back gives the
+# base file byte for byte; the merged directory evaluates like the base.
+printf '{"experts": {"0": [1, 6], "1": [3]}, "shared_experts": false, "non_expert_modules": false}\n' > "$T/fcfg.json"
+if "$ESFT" extract "$M/qwen2_moe_fused" --config "$T/fcfg.json" -o "$T/fused_ex.safetensors" -q > "$T/out" 2> "$T/err" &&
+   "$ESFT" inspect "$T/fused_ex.safetensors" > "$T/out" 2> "$T/err" &&
+   [ "$(grep -c 'mlp.experts.[0-9]*.\(gate\|up\|down\)_proj.weight' "$T/out")" -eq 9 ] &&
+   "$ESFT" merge "$M/qwen2_moe_fused" "$T/fused_ex.safetensors" -o "$T/fused_merged" -q > "$T/out" 2> "$T/err" &&
+   cmp -s "$M/qwen2_moe_fused/model.safetensors" "$T/fused_merged/model.safetensors"; then
+    pass fused_extract_merge_round_trip_is_byte_identical
+else fail fused_extract_merge_round_trip_is_byte_identical "$(head -3 "$T/out")"; fi
+if "$ESFT" inspect "$M/qwen2_moe_fused" > "$T/out" 2> "$T/err" && grep -q '^expert layout: fused 3-D' "$T/out" &&
+   grep -q '^  layer 1 experts: 0-7 (8)' "$T/out"; then
+    pass inspect_shows_the_fused_layout
+else fail inspect_shows_the_fused_layout "$(grep -i expert "$T/out" | head -3)"; fi
+
 # ---- failures: exit 1 (runtime) / 2 (usage), nothing on stdout, no output file ----
 expect_fail() {
     name=$1; code=$2; out=$3; shift 3

@@ -348,8 +348,9 @@ TEST(names_parse_and_format_every_table_entry)
             CHECK_EQ_INT(tn.part, p);
             CHECK_EQ_INT(tn.layer, 12);
             CHECK_EQ_INT(tn.expert, strstr(name, ".63.") || strstr(name, "expert_63") ? 63 : -1);
-            /* Qwen's routed experts and router carry DeepSeek-V2's names */
-            CHECK_EQ_INT(tn.family, (f == ESFT_FAMILY_QWEN_MOE && p <= ESFT_PART_ROUTER) ? ESFT_FAMILY_DEEPSEEK_V2 : f);
+            /* Qwen's routed experts (one by one or fused) and router carry DeepSeek-V2's names */
+            CHECK_EQ_INT(tn.family, (f == ESFT_FAMILY_QWEN_MOE && (p <= ESFT_PART_ROUTER || p == ESFT_PART_FUSED_GATE_UP ||
+                                                                  p == ESFT_PART_FUSED_DOWN)) ? ESFT_FAMILY_DEEPSEEK_V2 : f);
         }
 }
 
@@ -939,6 +940,143 @@ TEST(write_index_round_trips)
     }
     esft_checkpoint_close(&ck);
     esft_checkpoint_close(&again);
+}
+
+/* ---- fused 3-D experts (transformers v5: mlp.experts.gate_up_proj / down_proj) ---- */
+
+TEST(fused_slice_geometry)
+{
+    const int64_t gu[3] = {8, 48, 64}, dn[3] = {8, 64, 24}, odd[3] = {8, 47, 64};
+    int64_t shape[2];
+    uint64_t at;
+    CHECK(esft_fused_slice(gu, 3, ESFT_PART_EXPERT_GATE, 3, &at, shape));
+    CHECK(at == (uint64_t)3 * 48 * 64 && shape[0] == 24 && shape[1] == 64);
+    CHECK(esft_fused_slice(gu, 3, ESFT_PART_EXPERT_UP, 3, &at, shape));
+    CHECK(at == (uint64_t)3 * 48 * 64 + 24 * 64 && shape[0] == 24 && shape[1] == 64);
+    CHECK(esft_fused_slice(dn, 3, ESFT_PART_EXPERT_DOWN, 7, &at, shape));
+    CHECK(at == (uint64_t)7 * 64 * 24 && shape[0] == 64 && shape[1] == 24);
+    CHECK(!esft_fused_slice(gu, 3, ESFT_PART_EXPERT_GATE, 8, &at, shape));  /* e >= E */
+    CHECK(!esft_fused_slice(gu, 3, ESFT_PART_EXPERT_GATE, -1, &at, shape));
+    CHECK(!esft_fused_slice(odd, 3, ESFT_PART_EXPERT_UP, 0, &at, shape));  /* 2F odd */
+    CHECK(!esft_fused_slice(gu, 2, ESFT_PART_EXPERT_GATE, 0, &at, shape));  /* not 3-D */
+    CHECK(!esft_fused_slice(gu, 3, ESFT_PART_ROUTER, 0, &at, shape));
+}
+
+TEST(fused_names_parse_and_are_never_trained_whole)
+{
+    esft_tensor_name tn;
+    esft_expert_config all = parse_config("{\"experts\": {\"0\": [0, 1, 2, 3, 4, 5, 6, 7]}, \"shared_experts\": true, \"non_expert_modules\": true}");
+    CHECK(esft_tensor_name_parse("model.layers.12.mlp.experts.gate_up_proj", &tn));
+    CHECK(tn.part == ESFT_PART_FUSED_GATE_UP && tn.layer == 12 && tn.expert == -1);
+    CHECK(esft_tensor_name_parse("model.layers.0.mlp.experts.down_proj", &tn));
+    CHECK(tn.part == ESFT_PART_FUSED_DOWN && tn.layer == 0);
+    CHECK(!esft_expert_config_trains(&all, "model.layers.0.mlp.experts.gate_up_proj"));
+    CHECK(esft_expert_config_trains(&all, "model.layers.0.mlp.experts.3.gate_proj.weight"));
+    esft_expert_config_free(&all);
+}
+
+/* Bytes [at, at + n) of a file tensor. */
+static int read_span(const esft_checkpoint *ck, const char *name, uint64_t at, void *dst, size_t n)
+{
+    int s, i;
+    return esft_checkpoint_find(ck, name, &s, &i) && esft_safetensors_read(ck->shards + s, i, dst, at, n, NULL) == ESFT_OK;
+}
+
+/* Extract from a fused base gives per-expert tensors equal to the slices; a
+   trained file of per-expert tensors merges back into exactly those slices:
+   every other byte of every file is the base's. */
+TEST(fused_extract_and_merge_touch_exactly_the_slices)
+{
+    const char *base = "tests/models/qwen2_moe_fused", *ex = tmp_path("fused_experts.safetensors");
+    const char *trained = tmp_path("fused_trained.safetensors"), *out = tmp_path("fused_merged");
+    const char *both = tmp_path("fused_both.safetensors");
+    esft_expert_config cfg = parse_config("{\"experts\": {\"0\": [1, 5], \"1\": [7]}, \"shared_experts\": false, \"non_expert_modules\": false}");
+    static const char *parts[3] = {"gate_proj", "up_proj", "down_proj"};
+    static const int layer_of[3] = {0, 0, 1}, expert_of[3] = {1, 5, 7};
+    esft_safetensors st;
+    esft_checkpoint b, m;
+    esft_st_write_tensor w[9];
+    char names[9][128];
+    int64_t shapes[9][2];
+    float *vals[9];
+    unsigned char *fb, *mb;
+    long nb, nm;
+    int k, p, i, differing = 0;
+    esft_error err;
+    char path[1300];
+    CHECK_STATUS(esft_checkpoint_extract(base, &cfg, ex, NULL, &err), ESFT_OK);
+    CHECK_STATUS(esft_safetensors_open(&st, ex, NULL, NULL), ESFT_OK);
+    CHECK_EQ_INT(st.n_tensors, 9);
+    CHECK_STATUS(esft_checkpoint_open(&b, base, NULL, NULL), ESFT_OK);
+    for (k = 0; k < 3; k++)
+        for (p = 0; p < 3; p++) {
+            int j = k * 3 + p, idx;
+            char fused[96];
+            uint64_t at = (p == 2 ? (uint64_t)expert_of[k] * 64 * 24 : ((uint64_t)expert_of[k] * 48 + (p == 1 ? 24 : 0)) * 64) * 4;
+            float got[24 * 64], want[24 * 64];
+            snprintf(names[j], sizeof names[j], "model.layers.%d.mlp.experts.%d.%s.weight", layer_of[k], expert_of[k], parts[p]);
+            snprintf(fused, sizeof fused, "model.layers.%d.mlp.experts.%s", layer_of[k], p == 2 ? "down_proj" : "gate_up_proj");
+            idx = esft_safetensors_find(&st, names[j]);
+            CHECK_MSG(idx >= 0, "tensor %d missing from the extract", j);
+            if (idx < 0) continue;
+            CHECK(st.tensors[idx].shape[0] == (p == 2 ? 64 : 24) && st.tensors[idx].shape[1] == (p == 2 ? 24 : 64));
+            CHECK_STATUS(esft_safetensors_read(&st, idx, got, 0, sizeof got, NULL), ESFT_OK);
+            CHECK(read_span(&b, fused, at, want, sizeof want));
+            CHECK_MSG(memcmp(got, want, sizeof got) == 0, "tensor %d is not its slice", j);
+            shapes[j][0] = st.tensors[idx].shape[0];
+            shapes[j][1] = st.tensors[idx].shape[1];
+            vals[j] = (float *)malloc(sizeof got);
+            for (i = 0; i < 24 * 64; i++) vals[j][i] = got[i] + 1.0f + (float)j; /* "trained" */
+            memset(&w[j], 0, sizeof w[j]);
+            w[j].name = names[j]; w[j].dtype = ESFT_DTYPE_F32; w[j].n_dims = 2; w[j].shape[0] = shapes[j][0]; w[j].shape[1] = shapes[j][1]; w[j].f32 = vals[j];
+        }
+    esft_safetensors_close(&st);
+    CHECK_STATUS(esft_checkpoint_save_trained(trained, &cfg, w, 9, NULL), ESFT_OK);
+    CHECK_STATUS(esft_checkpoint_merge(base, trained, out, NULL, &err), ESFT_OK);
+    CHECK_STATUS(esft_checkpoint_open(&m, out, NULL, NULL), ESFT_OK);
+    for (k = 0; k < 9; k++) { /* each slice holds the trained values */
+        float got[24 * 64];
+        int L = layer_of[k / 3], E = expert_of[k / 3], P = k % 3;
+        char fused[96];
+        uint64_t at = (P == 2 ? (uint64_t)E * 64 * 24 : ((uint64_t)E * 48 + (P == 1 ? 24 : 0)) * 64) * 4;
+        snprintf(fused, sizeof fused, "model.layers.%d.mlp.experts.%s", L, P == 2 ? "down_proj" : "gate_up_proj");
+        CHECK(read_span(&m, fused, at, got, sizeof got));
+        CHECK_MSG(memcmp(got, vals[k], sizeof got) == 0, "slice %d of the merge is not the trained tensor", k);
+    }
+    /* byte by byte: the merged file differs from the base exactly in 9 slices */
+    snprintf(path, sizeof path, "%s/model.safetensors", base);
+    fb = slurp_bytes(path, &nb);
+    snprintf(path, sizeof path, "%s/model.safetensors", out);
+    mb = slurp_bytes(path, &nm);
+    CHECK(fb && mb && nb == nm);
+    if (fb && mb && nb == nm)
+        for (i = 0; i < nb; i++) differing += fb[i] != mb[i];
+    printf("     %d bytes differ; the 9 slices hold %d bytes\n", differing, 9 * 24 * 64 * 4);
+    CHECK(differing > 0 && differing <= 9 * 24 * 64 * 4);
+    free(fb); free(mb);
+    esft_checkpoint_close(&m);
+    /* the whole fused tensor and one of its slices in one trained file: refused */
+    {
+        esft_st_write_tensor two[2];
+        int64_t fs[3] = {8, 48, 64};
+        float *whole = (float *)calloc(8 * 48 * 64, 4);
+        two[0] = w[0];
+        memset(&two[1], 0, sizeof two[1]);
+        two[1].name = "model.layers.0.mlp.experts.gate_up_proj"; two[1].dtype = ESFT_DTYPE_F32; two[1].n_dims = 3;
+        memcpy(two[1].shape, fs, sizeof fs); two[1].f32 = whole;
+        CHECK_STATUS(esft_safetensors_write(both, two, 2, NULL, NULL, 0, NULL), ESFT_OK);
+        CHECK_STATUS(esft_checkpoint_merge(base, both, tmp_path("fused_merged_both"), NULL, &err), ESFT_ERR_INVALID_ARGUMENT);
+        CHECK(strstr(err.message, "same bytes") != NULL);
+        free(whole);
+    }
+    /* a slice of the wrong shape */
+    w[0].shape[0] = 12;
+    CHECK_STATUS(esft_safetensors_write(both, w, 1, NULL, NULL, 0, NULL), ESFT_OK);
+    CHECK_STATUS(esft_checkpoint_merge(base, both, tmp_path("fused_merged_bad"), NULL, &err), ESFT_ERR_SHAPE);
+    CHECK(strstr(err.message, "fused") != NULL);
+    for (k = 0; k < 9; k++) free(vals[k]);
+    esft_checkpoint_close(&b);
+    esft_expert_config_free(&cfg);
 }
 
 HARNESS_MAIN()

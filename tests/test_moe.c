@@ -23,7 +23,7 @@ typedef struct fixture {
     esft_moe_config cfg;
     esft_moe_weights w;
     esft_moe layer;
-    float *router, *gate, *up, *down, *sg, *su, *sd;
+    float *router, *gate, *up, *down, *sg, *su, *sd, *sr;
     float *x, *y, *r, *dx;
     int32_t *ref_ids;
     void *ws;
@@ -55,21 +55,22 @@ static void fixture_init(fixture *f, int renorm, float alpha, esft_aux_mode mode
     f->cfg.train_shared = 1;
     f->router = calloc((size_t)TE * TD, 4); f->gate = calloc(efd, 4); f->up = calloc(efd, 4);
     f->down = calloc(efd, 4); f->sg = calloc((size_t)TFS * TD, 4); f->su = calloc((size_t)TFS * TD, 4);
-    f->sd = calloc((size_t)TFS * TD, 4);
+    f->sd = calloc((size_t)TFS * TD, 4); f->sr = calloc(TD, 4);
     f->x = calloc((size_t)TT * TD, 4); f->y = calloc((size_t)TT * TD, 4);
     f->r = calloc((size_t)TT * TD, 4); f->dx = calloc((size_t)TT * TD, 4);
     f->ref_ids = calloc((size_t)TT * TK, 4);
     fill(f->router, (size_t)TE * TD, 0.7f); fill(f->gate, efd, 0.5f); fill(f->up, efd, 0.5f);
     fill(f->down, efd, 0.5f); fill(f->sg, (size_t)TFS * TD, 0.5f); fill(f->su, (size_t)TFS * TD, 0.5f);
-    fill(f->sd, (size_t)TFS * TD, 0.5f); fill(f->x, (size_t)TT * TD, 1.0f); fill(f->r, (size_t)TT * TD, 1.0f);
+    fill(f->sd, (size_t)TFS * TD, 0.5f); fill(f->sr, TD, 0.8f); fill(f->x, (size_t)TT * TD, 1.0f); fill(f->r, (size_t)TT * TD, 1.0f);
     f->w.router = f->router; f->w.gate = f->gate; f->w.up = f->up; f->w.down = f->down;
     f->w.shared_gate = f->sg; f->w.shared_up = f->su; f->w.shared_down = f->sd;
+    f->w.shared_router = f->sr; /* used only when cfg.shared_gated */
 }
 
 static void fixture_free(fixture *f)
 {
     esft_moe_uninit(&f->layer);
-    free(f->router); free(f->gate); free(f->up); free(f->down); free(f->sg); free(f->su); free(f->sd);
+    free(f->router); free(f->gate); free(f->up); free(f->down); free(f->sg); free(f->su); free(f->sd); free(f->sr);
     free(f->x); free(f->y); free(f->r); free(f->dx); free(f->ref_ids); free(f->ws);
 }
 
@@ -173,6 +174,78 @@ TEST(gradcheck_sigmoid_renormalised_scaled) { gradcheck_config(1, 0.0f, ESFT_AUX
 /* 2 of 6 experts trainable: dx still flows through the frozen four. */
 TEST(gradcheck_selective_2_of_6) { gradcheck_config(0, 0.3f, ESFT_AUX_SEQUENCE, 0, ESFT_GATING_SOFTMAX); }
 
+/* Qwen2-MoE's gated shared block: y = routed + sigmoid(x . w_s) S(x); the
+   gradient reaches w_s, the shared experts through the gate, and x by both paths. */
+TEST(gradcheck_shared_gated)
+{
+    fixture f;
+    fixture_init(&f, 1, 0.0f, ESFT_AUX_BATCH, 0, ESFT_GATING_SOFTMAX);
+    f.cfg.shared_gated = 1;
+    CHECK(fixture_build(&f));
+    CHECK(f.layer.shared_router != NULL);
+    CHECK(run_backward(&f));
+    GRADCHECK(f.x, (size_t)TT * TD, f.dx, "dx (gated shared)");
+    GRADCHECK(f.layer.shared_router, (size_t)TD, f.layer.d_shared_router, "shared router");
+    GRADCHECK(f.layer.shared_gate, (size_t)TFS * TD, f.layer.d_shared_gate, "shared gate (gated)");
+    GRADCHECK(f.layer.shared_down, (size_t)TFS * TD, f.layer.d_shared_down, "shared down (gated)");
+    GRADCHECK(f.layer.router, (size_t)TE * TD, f.layer.d_router, "router (gated shared)");
+    fixture_free(&f);
+}
+
+/* The gated forward against the ungated one: routed part R, shared part S from
+   two plain layers, then y = R + sigmoid(x . w_s) S with the gate computed here. */
+TEST(shared_gate_forward_matches_definition)
+{
+    fixture plain, gated;
+    float *y_routed = calloc((size_t)TT * TD, 4), aux;
+    int t, d;
+    double worst = 0.0, scale = 0.0;
+    fixture_init(&plain, 0, 0.0f, ESFT_AUX_BATCH, 1, ESFT_GATING_SOFTMAX);
+    fixture_init(&gated, 0, 0.0f, ESFT_AUX_BATCH, 1, ESFT_GATING_SOFTMAX);
+    gated.cfg.shared_gated = 1;
+    CHECK(fixture_build(&plain) && fixture_build(&gated) && y_routed);
+    CHECK_STATUS(esft_moe_forward(plain.y, &aux, plain.x, &plain.layer, plain.ws, plain.ws_bytes, TT, NULL), ESFT_OK);
+    CHECK_STATUS(esft_moe_forward(gated.y, &aux, gated.x, &gated.layer, gated.ws, gated.ws_bytes, TT, NULL), ESFT_OK);
+    esft_moe_uninit(&plain.layer); /* the same layer without its shared block: R alone */
+    plain.cfg.d_shared = 0;
+    plain.cfg.train_shared = 0;
+    CHECK(esft_moe_init(&plain.layer, &plain.cfg, &plain.w, NULL, NULL) == ESFT_OK);
+    CHECK_STATUS(esft_moe_forward(y_routed, &aux, plain.x, &plain.layer, plain.ws, plain.ws_bytes, TT, NULL), ESFT_OK);
+    for (t = 0; t < TT; t++) {
+        double z = 0.0, c;
+        for (d = 0; d < TD; d++) z += (double)gated.x[t * TD + d] * gated.sr[d];
+        c = 1.0 / (1.0 + exp(-z));
+        CHECK(c > 0.05 && c < 0.95); /* a gate that is neither ~0 nor ~1 */
+        for (d = 0; d < TD; d++) {
+            size_t i = (size_t)t * TD + d;
+            double want = y_routed[i] + c * ((double)plain.y[i] - y_routed[i]);
+            double e = fabs(gated.y[i] - want);
+            if (e > worst) worst = e;
+            if (fabs(want) > scale) scale = fabs(want);
+        }
+    }
+    printf("     gated shared forward: worst error %.2e (scale %.2f)\n", worst, scale);
+    CHECK(worst <= 1e-5 * scale);
+    free(y_routed);
+    fixture_free(&plain);
+    fixture_free(&gated);
+}
+
+/* A gate without its weight, or without a shared block, is refused. */
+TEST(shared_gate_needs_its_weight_and_block)
+{
+    fixture f;
+    esft_moe layer;
+    fixture_init(&f, 0, 0.0f, ESFT_AUX_BATCH, 1, ESFT_GATING_SOFTMAX);
+    f.cfg.shared_gated = 1;
+    f.w.shared_router = NULL;
+    CHECK_STATUS(esft_moe_init(&layer, &f.cfg, &f.w, NULL, NULL), ESFT_ERR_INVALID_ARGUMENT);
+    f.w.shared_router = f.sr;
+    f.cfg.d_shared = 0;
+    CHECK_STATUS(esft_moe_config_validate(&f.cfg, NULL), ESFT_ERR_INVALID_ARGUMENT);
+    fixture_free(&f);
+}
+
 /* The aux loss alone (dy = 0): its gradient reaches the router and x. */
 TEST(gradcheck_aux_loss_alone)
 {
@@ -243,7 +316,7 @@ TEST(forward_hand_case)
     float sg[2] = {1, 0}, su[2] = {0, 1}, sd[2] = {0.5f, -1};
     float x[4] = {2, 0, /* token 1 */ -1, 1}, y[4], aux;
     esft_moe_config c = esft_moe_config_init(2, 2, 1, 1, 1);
-    esft_moe_weights w = {router, gate, up, down, sg, su, sd};
+    esft_moe_weights w = {router, gate, up, down, sg, su, sd, NULL};
     esft_moe m;
     size_t bytes;
     void *ws;
