@@ -4,7 +4,7 @@
 Default shape: OLMoE-1B-7B at 1/4 width (hidden 512, 16 layers, 64 experts, top-8,
 expert hidden 256, 4 heads of 128, vocab 50304), bf16 weights, one 1024-token sample.
 Writes the checkpoint under build/bench_models/, then times (same machine, same run):
-  transformers forward (torch fp32 compute on the bf16 weights upcast, eager, no grad)
+  transformers forward (torch fp32 compute on the bf16 weights upcast, its default kernels, no grad)
   esft eval (fp32 compute, bf16 weights in memory)
 and reports the ratio, esft's peak RSS (/usr/bin/time or getrusage) against the
 checkpoint's bytes, and the loss difference. Needs torch + transformers.
@@ -43,7 +43,10 @@ def main():
         f.write(json.dumps({"input_ids": ids[0].tolist()}) + "\n")
     ckpt_bytes = sum(os.path.getsize(os.path.join(d, x)) for x in os.listdir(d) if x.endswith(".safetensors"))
 
-    m = OlmoeForCausalLM.from_pretrained(d, torch_dtype=torch.float32, attn_implementation="eager").eval()
+    # transformers' own defaults (sdpa attention, its default experts kernel): the strongest baseline
+    m = OlmoeForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    impl = "attn %s, experts %s" % (m.config._attn_implementation,
+                                    getattr(m.config, "_experts_implementation", None) or "default")
     with torch.no_grad():
         out = m(input_ids=ids, labels=ids)  # warm-up
         t_hf = []
@@ -66,7 +69,8 @@ def main():
     print("shape: OLMoE-1B-7B / %d width: hidden %d, %d layers, 64 experts top-8, F %d, vocab %d; %d tokens; %d threads"
           % (div, cfg.hidden_size, a.layers, cfg.intermediate_size, cfg.vocab_size, a.tokens, a.threads))
     print("checkpoint: %.1f MB bf16" % (ckpt_bytes / 1e6))
-    print("transformers forward (fp32, eager): best %.3f s  (runs %s)" % (min(t_hf), " ".join("%.3f" % t for t in t_hf)))
+    print("transformers %s, torch %s (%s)" % (__import__("transformers").__version__, torch.__version__, impl))
+    print("transformers forward (fp32, no grad): best %.3f s  (runs %s)" % (min(t_hf), " ".join("%.3f" % t for t in t_hf)))
     print("esft eval (open + forward + loss):  best %.3f s  (runs %s)" % (min(t_esft), " ".join("%.3f" % t for t in t_esft)))
     print("speed-up esft / transformers: %.2fx" % (min(t_hf) / min(t_esft)))
     print("loss: esft %.6f transformers %.6f |diff| %.2e" % (loss, hf_loss, abs(loss - hf_loss)))

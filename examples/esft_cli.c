@@ -779,6 +779,16 @@ static int cmd_merge(const char *name, int argc, char **argv)
 /* ---- models: esft eval, esft stats MODEL_DIR --data ------------------------ */
 
 #include <time.h>
+#include <sys/resource.h>
+
+/* Peak resident memory of this process so far (bytes; 0 if unknown): the
+   summaries report it so a user sees what a model costs (Linux gives KB). */
+static uint64_t cli_peak_rss(void)
+{
+    struct rusage ru;
+    if (getrusage(RUSAGE_SELF, &ru) != 0 || ru.ru_maxrss <= 0) return 0;
+    return (uint64_t)ru.ru_maxrss * 1024u;
+}
 
 static double cli_now(void)
 {
@@ -921,10 +931,13 @@ static int cmd_eval(const char *name, int argc, char **argv)
     if (s == ESFT_OK) {
         printf("loss %.9g tokens %lld\n", scored ? loss / (double)scored : 0.0, scored);
         if (!quiet)
-            fprintf(stderr, "esft eval: %d samples, %lld tokens in %.1f s (%.0f tokens/s)%s%s\n", ds.n_samples,
-                    (long long)ds.offset[ds.n_samples], cli_now() - eta.start,
-                    ds.offset[ds.n_samples] / (cli_now() - eta.start), logits_path ? "; logits -> " : "",
-                    logits_path ? logits_path : "");
+        {
+            char mem[32];
+            fprintf(stderr, "esft eval: %d samples, %lld tokens in %.1f s (%.0f tokens/s), peak memory %s%s%s\n",
+                    ds.n_samples, (long long)ds.offset[ds.n_samples], cli_now() - eta.start,
+                    ds.offset[ds.n_samples] / (cli_now() - eta.start), cli_bytes(cli_peak_rss(), mem, sizeof mem),
+                    logits_path ? "; logits -> " : "", logits_path ? logits_path : "");
+        }
     }
     esft_dataset_free(&ds);
     esft_model_close(&m);
@@ -996,10 +1009,13 @@ static int cmd_stats_model(const char *name, int argc, char **argv)
         esft_scores_free(&sc);
     }
     if (s == ESFT_OK && !quiet)
-        fprintf(stderr, "esft stats: %d samples, %lld tokens (%s counted) through %d MoE layers in %.1f s; %s scores -> %s\n",
+    {
+        char mem[32];
+        fprintf(stderr, "esft stats: %d samples, %lld tokens (%s counted) through %d MoE layers in %.1f s, peak memory %s; %s scores -> %s\n",
                 ds.n_samples, (long long)ds.offset[ds.n_samples], labelled ? "labelled" : "all",
-                esft_model_config_moe_layers(&m.cfg), cli_now() - eta.start,
+                esft_model_config_moe_layers(&m.cfg), cli_now() - eta.start, cli_bytes(cli_peak_rss(), mem, sizeof mem),
                 norm == ESFT_NORM_POOLED ? "pooled" : "per-sample", out);
+    }
     free(mask);
     esft_stats_uninit(&st);
     esft_dataset_free(&ds);
