@@ -6,11 +6,11 @@ expert hidden 256, 4 heads of 128, vocab 50304), bf16 weights, one 1024-token sa
 Writes the checkpoint under build/bench_models/, then times (same machine, same run):
   transformers forward (torch fp32 compute on the bf16 weights upcast, its default kernels, no grad)
   esft eval (fp32 compute, bf16 weights in memory)
-and reports the ratio, esft's peak RSS (/usr/bin/time or getrusage) against the
+and reports the ratio, esft's peak memory (its own getrusage, on stderr) against the
 checkpoint's bytes, and the loss difference. Needs torch + transformers.
   python3 bench/bench_models.py [--width-div 4] [--tokens 1024] [--layers 16]
 """
-import argparse, json, os, resource, subprocess, sys, time
+import argparse, json, os, subprocess, sys, time
 
 def main():
     ap = argparse.ArgumentParser()
@@ -21,6 +21,7 @@ def main():
     ap.add_argument("--esft", default="build/esft")
     ap.add_argument("--out", default="build/bench_models")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--experts-impl", default=None, help="transformers experts_implementation (default: its own)")
     a = ap.parse_args()
     import torch
     from transformers import OlmoeConfig, OlmoeForCausalLM
@@ -44,7 +45,8 @@ def main():
     ckpt_bytes = sum(os.path.getsize(os.path.join(d, x)) for x in os.listdir(d) if x.endswith(".safetensors"))
 
     # transformers' own defaults (sdpa attention, its default experts kernel): the strongest baseline
-    m = OlmoeForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    kw = {"experts_implementation": a.experts_impl} if a.experts_impl else {}
+    m = OlmoeForCausalLM.from_pretrained(d, dtype=torch.float32, **kw).eval()
     impl = "attn %s, experts %s" % (m.config._attn_implementation,
                                     getattr(m.config, "_experts_implementation", None) or "default")
     with torch.no_grad():
@@ -55,17 +57,17 @@ def main():
     hf_loss = float(out.loss)
     del m, out
 
-    t_esft, loss, rss = [], None, 0
+    t_esft, loss = [], None
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
     for _ in range(a.reps):
         t0 = time.perf_counter()
-        r = subprocess.run([a.esft, "eval", d, "--data", data, "-q"], capture_output=True, text=True)
+        r = subprocess.run([a.esft, "eval", d, "--data", data, "-q"], capture_output=True, text=True, env=env)
         t_esft.append(time.perf_counter() - t0)
         if r.returncode:
             sys.exit("esft eval failed: " + r.stderr)
         loss = float(r.stdout.split()[1])
-        rss = max(rss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
     # esft's time includes opening the checkpoint; time the open alone too
-    r = subprocess.run([a.esft, "eval", d, "--data", data, "--max-samples", "1"], capture_output=True, text=True)
+    r = subprocess.run([a.esft, "eval", d, "--data", data, "--max-samples", "1"], capture_output=True, text=True, env=env)
     print("shape: OLMoE-1B-7B / %d width: hidden %d, %d layers, 64 experts top-8, F %d, vocab %d; %d tokens; %d threads"
           % (div, cfg.hidden_size, a.layers, cfg.intermediate_size, cfg.vocab_size, a.tokens, a.threads))
     print("checkpoint: %.1f MB bf16" % (ckpt_bytes / 1e6))
@@ -74,7 +76,6 @@ def main():
     print("esft eval (open + forward + loss):  best %.3f s  (runs %s)" % (min(t_esft), " ".join("%.3f" % t for t in t_esft)))
     print("speed-up esft / transformers: %.2fx" % (min(t_hf) / min(t_esft)))
     print("loss: esft %.6f transformers %.6f |diff| %.2e" % (loss, hf_loss, abs(loss - hf_loss)))
-    print("esft peak RSS %.1f MB = %.2fx the checkpoint bytes" % (rss / 1e6, rss / ckpt_bytes))
     print(r.stderr.strip())
 
 if __name__ == "__main__":

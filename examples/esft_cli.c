@@ -782,10 +782,21 @@ static int cmd_merge(const char *name, int argc, char **argv)
 #include <sys/resource.h>
 
 /* Peak resident memory of this process so far (bytes; 0 if unknown): the
-   summaries report it so a user sees what a model costs (Linux gives KB). */
+   summaries report it so a user sees what a model costs. Linux: VmHWM of
+   /proc/self/status, which starts afresh at exec (getrusage's ru_maxrss keeps
+   the parent's peak across fork + exec); elsewhere getrusage (KB on Linux/BSD). */
 static uint64_t cli_peak_rss(void)
 {
     struct rusage ru;
+    char line[256];
+    unsigned long long kb = 0;
+    FILE *f = fopen("/proc/self/status", "r");
+    if (f) {
+        while (fgets(line, sizeof line, f))
+            if (sscanf(line, "VmHWM: %llu kB", &kb) == 1) break;
+        fclose(f);
+        if (kb) return (uint64_t)kb * 1024u;
+    }
     if (getrusage(RUSAGE_SELF, &ru) != 0 || ru.ru_maxrss <= 0) return 0;
     return (uint64_t)ru.ru_maxrss * 1024u;
 }
