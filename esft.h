@@ -338,7 +338,9 @@ ESFTDEF esft_status esft_route_with(const esft_backend *b, const esft_route_conf
    64-bit integer. Integer sums are exact and associative, so accumulators merged
    in any order (threads, files, machines) give the same bits. Resolution
    2^-32 ~ 2.3e-10 per weight; capacity 2^32 units of weight per (layer, expert)
-   (4e9 tokens of weight 1), beyond which a sum would wrap silently. */
+   (4e9 tokens of weight 1). esft_stats_add and esft_stats_merge refuse, with
+   ESFT_ERR_RANGE and nothing added, what would pass it (a sum would wrap), as
+   they do a single sample whose weights sum past ESFT_MAX_SAMPLE_WEIGHT. */
 #define ESFT_FIXED_ONE 4294967296.0
 
 /* The largest gate weight accepted. Gate weights are router probabilities times
@@ -346,6 +348,12 @@ ESFTDEF esft_status esft_route_with(const esft_backend *b, const esft_route_conf
    model's; a larger weight is a bug upstream (logits passed as weights), and a
    few of them would wrap the fixed-point sums. Refused with ESFT_ERR_RANGE. */
 #define ESFT_MAX_GATE_WEIGHT 65536.0f
+
+/* The most weight one sample may carry over all its tokens and experts (just
+   below 2^32, the fixed-point capacity of one expert's sum): a sample's histogram
+   could otherwise wrap. Checked only for samples of at least 2^16 assignments,
+   the smallest that can reach it; softmax weights (<= 1) never do. */
+#define ESFT_MAX_SAMPLE_WEIGHT 4.29e9
 
 typedef enum esft_norm {
     ESFT_NORM_POOLED = 0,     /* pool all tokens of a layer (reproduces ESFT's summary.json) */
@@ -383,14 +391,17 @@ ESFTDEF void esft_stats_reset(esft_stats *st);
    mask (optional): tokens with mask[t] == 0 are not counted (e.g. the prompt).
    weights may be NULL (token scores only; gate sums then stay 0).
    Validates everything first (ids in [0,E), weights finite in [0,
-   ESFT_MAX_GATE_WEIGHT], layer in range); on error nothing is added. */
+   ESFT_MAX_GATE_WEIGHT], layer in range, no sum past its capacity: see
+   ESFT_FIXED_ONE); on error nothing is added. */
 ESFTDEF esft_status esft_stats_add(esft_stats *st, int layer,
                                    const int32_t *ids,        /* (T, K) */
                                    const float *weights,      /* (T, K) or NULL */
                                    const unsigned char *mask, /* (T) or NULL */
                                    int T, esft_error *err);
 
-/* dst += src. Shapes must agree. The result does not depend on merge order. */
+/* dst += src. Shapes must agree. The result does not depend on merge order.
+   A sum that would pass its capacity is ESFT_ERR_RANGE naming the (layer, expert);
+   dst is then unchanged. */
 ESFTDEF esft_status esft_stats_merge(esft_stats *dst, const esft_stats *src, esft_error *err);
 
 /* ===================================================================== */
@@ -411,8 +422,10 @@ ESFTDEF esft_status esft_stats_scores(const esft_stats *st, esft_norm norm, esft
 ESFTDEF esft_status esft_scores_alloc(esft_scores *sc, int n_layers, int n_experts,
                                       const esft_allocator *allocator);
 ESFTDEF void esft_scores_free(esft_scores *sc);
-/* Rounds every score to `decimals` places the way Python's round() does. */
-ESFTDEF void esft_scores_round(esft_scores *sc, int decimals);
+/* Rounds every score to `decimals` places, 0..17, the way Python's round() does.
+   Other counts are ESFT_ERR_INVALID_ARGUMENT (printf would read a negative count
+   as 6 places), as are NULL scores or scores without tables; sc is then unchanged. */
+ESFTDEF esft_status esft_scores_round(esft_scores *sc, int decimals);
 
 /* Which experts of each layer to train, in selection order; ESFT's expert config. */
 typedef struct esft_expert_config {
@@ -751,6 +764,7 @@ typedef enum esft_pesc_tensor {
     ESFT_PESC_UP = 2
 } esft_pesc_tensor;
 
+/* 0 for a NULL config or one whose sizes are < 1 or whose block overflows size_t. */
 ESFTDEF size_t esft_pesc_param_count(const esft_pesc_config *c);
 /* Offset in floats of a tensor inside the block (expert ignored for the router). */
 ESFTDEF size_t esft_pesc_tensor_offset(const esft_pesc_config *c, esft_pesc_tensor which, int expert);
@@ -1461,17 +1475,29 @@ ESFTDEF const char *esft_status_string(esft_status s)
     return "unknown status";
 }
 
+/* The one place that fills a failure: every field is set, so an esft_error
+   reused after an earlier failure never keeps that failure's file, line or
+   offset (a message would then point at the wrong file). */
+static void esft__error_vset(esft_error *err, esft_status s, const char *file, long line, const char *fmt,
+                             va_list ap)
+{
+    if (!err) return;
+    memset(err, 0, sizeof *err);
+    err->status = s;
+    err->line = line;
+    err->offset = -1;
+    snprintf(err->file, sizeof err->file, "%s", file ? file : "");
+    vsnprintf(err->message, sizeof err->message, fmt, ap);
+}
+
 /* Records a failure in err (if given) and returns its status, so call sites
    read `return esft__fail(err, ESFT_ERR_RANGE, "...", ...);`. */
 static esft_status esft__fail(esft_error *err, esft_status s, const char *fmt, ...)
 {
-    if (err) {
-        va_list ap;
-        err->status = s;
-        va_start(ap, fmt);
-        vsnprintf(err->message, sizeof err->message, fmt, ap);
-        va_end(ap);
-    }
+    va_list ap;
+    va_start(ap, fmt);
+    esft__error_vset(err, s, NULL, 0, fmt, ap);
+    va_end(ap);
     return s;
 }
 
@@ -1479,16 +1505,10 @@ static esft_status esft__fail(esft_error *err, esft_status s, const char *fmt, .
 static esft_status esft__fail_at(esft_error *err, esft_status s, const char *file, long line,
                                  const char *fmt, ...)
 {
-    if (err) {
-        va_list ap;
-        err->status = s;
-        err->line = line;
-        err->offset = -1;
-        snprintf(err->file, sizeof err->file, "%s", file ? file : "");
-        va_start(ap, fmt);
-        vsnprintf(err->message, sizeof err->message, fmt, ap);
-        va_end(ap);
-    }
+    va_list ap;
+    va_start(ap, fmt);
+    esft__error_vset(err, s, file, line, fmt, ap);
+    va_end(ap);
     return s;
 }
 
@@ -1649,6 +1669,10 @@ static esft_status esft__route_config_sizes(const esft_route_config *c, esft_err
                           c->top_k, c->n_experts);
     if (c->gating != ESFT_GATING_SOFTMAX && c->gating != ESFT_GATING_SIGMOID)
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "unknown gating %d", (int)c->gating);
+    /* checked even without groups: a config that is wrong stays wrong when a
+       later edit turns the groups on */
+    if (c->group_score != ESFT_GROUP_SCORE_MAX && c->group_score != ESFT_GROUP_SCORE_TOP2_SUM)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "unknown group_score %d", (int)c->group_score);
     if (!(c->routed_scaling > 0.0f) || !isfinite(c->routed_scaling))
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "routed_scaling must be finite and > 0");
     if (esft__grouped(c)) {
@@ -2008,6 +2032,46 @@ static void esft__stats_fold_row(uint64_t *row_count, uint64_t *row_gate, uint64
     }
 }
 
+/* Nonzero if esft__stats_fold_row would wrap one of the layer's sums. The
+   per-sample ratios add at most 2^32 (token: count <= K N) and gsum[e] (gate:
+   a mean over N >= 1 tokens, rounded, is at most the sum). Branch-free over E. */
+static unsigned esft__stats_row_full(const uint64_t *row_count, const uint64_t *row_gate,
+                                     const uint64_t *token_frac, const uint64_t *gate_frac, /* (E) */
+                                     const uint64_t *count, const uint64_t *gsum, int E) /* (E) */
+{
+    const uint64_t frac_room = ~(uint64_t)0 - ((uint64_t)1 << 32);
+    unsigned full = 0;
+    int e;
+    for (e = 0; e < E; e++)
+        full |= (unsigned)(row_count[e] + count[e] < row_count[e]) | (unsigned)(row_gate[e] + gsum[e] < row_gate[e]) |
+                (unsigned)(token_frac[e] > frac_room) | (unsigned)(gate_frac[e] + gsum[e] < gate_frac[e]);
+    return full;
+}
+
+/* A sample of at least 2^16 assignments could, with large weights, wrap its own
+   histogram (2^16 weights of 2^16 are 2^64 in fixed point): its weights, all of
+   them (masked tokens too, so this bounds the counted ones), must sum to at most
+   ESFT_MAX_SAMPLE_WEIGHT. Called after the weights were checked finite. */
+static esft_status esft__stats_sample_fits(const float *w, size_t n, esft_error *err)
+{
+    double part[4] = {0.0, 0.0, 0.0, 0.0}, total;
+    size_t i = 0;
+    if (!w || n < ((size_t)1 << 16)) return ESFT_OK;
+    for (; i + 4 <= n; i += 4) {
+        part[0] += w[i];
+        part[1] += w[i + 1];
+        part[2] += w[i + 2];
+        part[3] += w[i + 3];
+    }
+    for (; i < n; i++) part[0] += w[i];
+    total = (part[0] + part[1]) + (part[2] + part[3]);
+    if (total > ESFT_MAX_SAMPLE_WEIGHT)
+        return esft__fail(err, ESFT_ERR_RANGE,
+                          "the sample's gate weights sum to %.6g, past the fixed-point capacity (%.6g per sample)",
+                          total, ESFT_MAX_SAMPLE_WEIGHT);
+    return ESFT_OK;
+}
+
 /* ---- the CPU accumulation kernel ---------------------------------------- */
 
 /* count[ids[i]] += 1 and gate_sum[ids[i]] += fixed(weights[i]) for n assignments,
@@ -2188,9 +2252,9 @@ ESFTDEF esft_status esft_stats_add(esft_stats *st, int layer, const int32_t *ids
     if (T < 0 || (T > 0 && !ids)) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "T < 0 or ids NULL");
     E = st->n_experts;
     K = st->top_k;
-    if (!st->backend || !st->backend->stats_accumulate)
-        return st->backend ? esft__missing_op(st->backend, "stats_accumulate", err)
-                           : esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "stats has no backend");
+    /* st->backend is a public field a caller may set: checked like every other door */
+    if ((s = esft_backend_check(st->backend, err)) != ESFT_OK) return s;
+    if (!st->backend->stats_accumulate) return esft__missing_op(st->backend, "stats_accumulate", err);
     cpu = st->backend->stats_accumulate == esft__stats_accumulate_cpu;
     count = st->scratch;
     gsum = st->scratch + E;
@@ -2218,14 +2282,30 @@ ESFTDEF esft_status esft_stats_add(esft_stats *st, int layer, const int32_t *ids
     if (n_counted == 0) return ESFT_OK;
     if (n_counted > (uint64_t)0x7fffffff / (uint64_t)K)
         return esft__fail(err, ESFT_ERR_RANGE, "a sample of %d tokens is too long", T);
+    if ((s = esft__stats_sample_fits(weights, (size_t)T * (size_t)K, err)) != ESFT_OK) return s;
     {
         size_t row = (size_t)layer * E;
+        if (esft__stats_row_full(st->count + row, st->gate_sum + row, st->token_frac_sum + row,
+                                 st->gate_frac_sum + row, count, gsum, E) ||
+            st->n_tokens[layer] + n_counted < n_counted || st->n_samples[layer] + 1 == 0)
+            return esft__fail(err, ESFT_ERR_RANGE,
+                              "layer %d: a sum would pass its fixed-point capacity (2^32 units of weight "
+                              "per expert); split the statistics and merge the scores instead", layer);
         esft__stats_fold_row(st->count + row, st->gate_sum + row, st->token_frac_sum + row,
                              st->gate_frac_sum + row, count, gsum, n_counted, K, E);
     }
     st->n_tokens[layer] += n_counted;
     st->n_samples[layer] += 1;
     return ESFT_OK;
+}
+
+/* The first i where a[i] + b[i] wraps, or n. */
+static size_t esft__first_wrap(const uint64_t *a, const uint64_t *b, size_t n)
+{
+    size_t i;
+    for (i = 0; i < n; i++)
+        if (a[i] + b[i] < a[i]) return i;
+    return n;
 }
 
 ESFTDEF esft_status esft_stats_merge(esft_stats *dst, const esft_stats *src, esft_error *err)
@@ -2239,6 +2319,15 @@ ESFTDEF esft_status esft_stats_merge(esft_stats *dst, const esft_stats *src, esf
                           src->n_layers, src->n_experts, src->top_k, dst->n_layers, dst->n_experts,
                           dst->top_k);
     le = (size_t)dst->n_layers * (size_t)dst->n_experts;
+    if ((i = esft__first_wrap(dst->count, src->count, le)) < le ||
+        (i = esft__first_wrap(dst->gate_sum, src->gate_sum, le)) < le ||
+        (i = esft__first_wrap(dst->token_frac_sum, src->token_frac_sum, le)) < le ||
+        (i = esft__first_wrap(dst->gate_frac_sum, src->gate_frac_sum, le)) < le)
+        return esft__fail(err, ESFT_ERR_RANGE, "layer %d expert %d: the merged sum would pass its capacity",
+                          (int)(i / (size_t)dst->n_experts), (int)(i % (size_t)dst->n_experts));
+    if ((i = esft__first_wrap(dst->n_tokens, src->n_tokens, (size_t)dst->n_layers)) < (size_t)dst->n_layers ||
+        (i = esft__first_wrap(dst->n_samples, src->n_samples, (size_t)dst->n_layers)) < (size_t)dst->n_layers)
+        return esft__fail(err, ESFT_ERR_RANGE, "layer %d: the merged token or sample count would wrap", (int)i);
     for (i = 0; i < le; i++) {
         dst->count[i] += src->count[i];
         dst->gate_sum[i] += src->gate_sum[i];
@@ -2326,15 +2415,17 @@ static double esft__round_decimals(double x, int decimals)
     return r;
 }
 
-ESFTDEF void esft_scores_round(esft_scores *sc, int decimals)
+ESFTDEF esft_status esft_scores_round(esft_scores *sc, int decimals)
 {
     size_t i, le;
-    if (!sc || !sc->token || !sc->gate) return;
+    if (!sc || !sc->token || !sc->gate) return ESFT_ERR_INVALID_ARGUMENT;
+    if (decimals < 0 || decimals > 17) return ESFT_ERR_INVALID_ARGUMENT;
     le = (size_t)sc->n_layers * (size_t)sc->n_experts;
     for (i = 0; i < le; i++) {
         sc->token[i] = esft__round_decimals(sc->token[i], decimals);
         sc->gate[i] = esft__round_decimals(sc->gate[i], decimals);
     }
+    return ESFT_OK;
 }
 
 ESFTDEF void esft_expert_config_free(esft_expert_config *cfg)
@@ -4795,9 +4886,19 @@ ESFTDEF esft_pesc_config esft_pesc_config_camelidae(int d_model)
     return esft_pesc_config_init(d_model, 8, 2, 512);
 }
 
-ESFTDEF esft_status esft_pesc_config_validate(const esft_pesc_config *c, esft_error *err)
+/* The whole block, (E (1 + 2R)) D floats, is addressable in bytes (sizes >= 1). */
+static int esft__pesc_block_fits(const esft_pesc_config *c)
 {
     size_t per_expert;
+    if (!esft__product_fits((size_t)c->rank, 2) || !esft__product_fits(2 * (size_t)c->rank + 1, (size_t)c->d_model))
+        return 0;
+    per_expert = (2 * (size_t)c->rank + 1) * (size_t)c->d_model;
+    return esft__product_fits(per_expert, (size_t)c->n_experts) &&
+           esft__product_fits(per_expert * (size_t)c->n_experts, sizeof(float));
+}
+
+ESFTDEF esft_status esft_pesc_config_validate(const esft_pesc_config *c, esft_error *err)
+{
     if (!c) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "PESC config is NULL");
     if (c->d_model < 1) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "d_model %d < 1", c->d_model);
     if (c->n_experts < 1) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "n_experts %d < 1", c->n_experts);
@@ -4810,18 +4911,14 @@ ESFTDEF esft_status esft_pesc_config_validate(const esft_pesc_config *c, esft_er
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "aux_alpha must be finite and >= 0");
     if (!(c->dropout >= 0.0f && c->dropout < 1.0f))
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "dropout %g outside [0, 1)", (double)c->dropout);
-    /* the whole block, (E (1 + 2R)) D floats, must be addressable */
-    if (!esft__product_fits((size_t)c->rank, 2) || !esft__product_fits(2 * (size_t)c->rank + 1, (size_t)c->d_model))
-        return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "PESC parameter count overflows size_t");
-    per_expert = (2 * (size_t)c->rank + 1) * (size_t)c->d_model;
-    if (!esft__product_fits(per_expert, (size_t)c->n_experts) ||
-        !esft__product_fits(per_expert * (size_t)c->n_experts, sizeof(float)))
+    if (!esft__pesc_block_fits(c))
         return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "PESC parameter count overflows size_t");
     return ESFT_OK;
 }
 
 ESFTDEF size_t esft_pesc_param_count(const esft_pesc_config *c)
 {
+    if (!c || c->d_model < 1 || c->n_experts < 1 || c->rank < 1 || !esft__pesc_block_fits(c)) return 0;
     return (size_t)c->n_experts * (size_t)c->d_model * (1 + 2 * (size_t)c->rank);
 }
 
@@ -5959,9 +6056,8 @@ static esft_status esft__st_bad(esft_error *err, esft_status s, const char *file
 {
     if (err) {
         va_list ap;
-        esft__fail_at(err, s, file, 0, "%s", "");
         va_start(ap, fmt);
-        vsnprintf(err->message, sizeof err->message, fmt, ap);
+        esft__error_vset(err, s, file, 0, fmt, ap);
         va_end(ap);
         err->offset = offset;
         if (offset >= 0) { /* the place, for callers that print only the message */

@@ -318,6 +318,11 @@ TEST(invalid_configs_are_invalid_arguments)
     c = esft_route_config_init(8, 2);
     c.gating = (esft_gating)7;
     CHECK(config_rejected(c));
+    c = esft_route_config_init(8, 2);
+    c.group_score = (esft_group_score)9;                  /* out of the enum, grouped or not */
+    CHECK(config_rejected(c));
+    c.n_group = 4; c.topk_group = 2;
+    CHECK(config_rejected(c));
 }
 
 TEST(null_pointers_and_negative_t_are_invalid_arguments)
@@ -428,6 +433,25 @@ TEST(every_status_has_a_distinct_nonempty_string)
         CHECK_MSG(j < n, "status %d (\"%s\") is missing from this test", i, s);
     }
     CHECK_EQ_INT(named, n);
+}
+
+/* The second failure must not inherit the first one's file, line or offset:
+   a caller printing "file:line: message" would point at the wrong file. */
+TEST(a_reused_error_keeps_nothing_of_an_earlier_failure)
+{
+    esft_error err;
+    esft_scores sc;
+    esft_route_config c = esft_route_config_init(4, 5);
+    const char *text = "{\n\n  \"x\": [1,";
+    CHECK(esft_scores_parse_json(text, strlen(text), "first.json", &sc, &err) != ESFT_OK);
+    CHECK_MSG(strcmp(err.file, "first.json") == 0 && err.line > 1 && err.offset >= 0,
+              "the first failure was not located: file '%s' line %ld offset %ld", err.file, err.line, err.offset);
+    CHECK_STATUS(esft_route_config_validate(&c, &err), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_EQ_INT(err.status, ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_MSG(err.file[0] == 0, "file '%s' kept from the earlier failure", err.file);
+    CHECK_EQ_INT(err.line, 0);
+    CHECK_EQ_INT(err.offset, -1);
+    CHECK(strstr(err.message, "top_k") != NULL);
 }
 
 /* ---- version ------------------------------------------------------------ */
