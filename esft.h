@@ -640,7 +640,10 @@ ESFTDEF esft_status esft_moe_workspace_size(const esft_moe_config *cfg, int T, s
 
 /* y = layer(x). aux_loss (optional) receives the auxiliary loss (0 when
    alpha = 0). Checks shapes, workspace size and that x is finite before
-   writing anything; NaN/Inf in x -> ESFT_ERR_NUMERIC, y untouched. */
+   writing anything; NaN/Inf in x -> ESFT_ERR_NUMERIC, y untouched. A y that
+   comes out NaN or Inf from a finite x (a NaN weight; a SwiGLU that overflows)
+   is ESFT_ERR_NUMERIC naming its first bad element; y then holds it, and the
+   workspace is not usable by a backward. */
 ESFTDEF esft_status esft_moe_forward(float *y,          /* (T, D) out */
                                      float *aux_loss,   /* (1) out, or NULL */
                                      const float *x,    /* (T, D) */
@@ -651,7 +654,11 @@ ESFTDEF esft_status esft_moe_forward(float *y,          /* (T, D) out */
 /* The backward of the last forward on the same x and workspace, with dL/dy
    = dy and the auxiliary loss added to L with weight 1. Accumulates into dx
    (always: through routed, shared and router paths) and into layer->grads
-   (only trainable tensors). NaN/Inf in dy -> ESFT_ERR_NUMERIC, nothing written. */
+   (only trainable tensors). NaN/Inf in dy -> ESFT_ERR_NUMERIC, nothing written.
+   The workspace must hold a successful forward of the same T (and layer
+   shape): otherwise ESFT_ERR_INVALID_ARGUMENT (ESFT_ERR_SHAPE for another
+   shape), nothing written. A dx that comes out NaN or Inf is ESFT_ERR_NUMERIC
+   (dx and the gradients then hold the bad values: discard them). */
 ESFTDEF esft_status esft_moe_backward(float *dx,        /* (T, D) += */
                                       const esft_moe *layer, /* layer->grads += */
                                       const float *dy,  /* (T, D) */
@@ -4244,6 +4251,16 @@ ESFTDEF esft_status esft_moe_expert_weights(const esft_moe *m, int e, const floa
     return ESFT_OK;
 }
 
+/* The workspace starts with a header that says which forward filled it (the
+   public wrapper writes it through the backend's upload, so it works on device
+   memory too): the regions' places depend on T, and a backward of another T
+   would read the saved ids and permutation from the wrong places. */
+#define ESFT__MOE_WS_HEADER 64
+#define ESFT__MOE_WS_MAGIC 0x4553464d /* "ESFM" */
+typedef struct esft__moe_ws_stamp {
+    int32_t magic, T, D, E, K, F, FS; /* magic = 0: no successful forward */
+} esft__moe_ws_stamp;
+
 /* The workspace, carved into regions (64-byte aligned). "saved" regions carry
    the forward's results to the backward; the others are scratch. */
 typedef struct esft__moe_ws {
@@ -4321,7 +4338,7 @@ static int esft__moe_ws_layout(esft__moe_ws *w, const esft_moe_config *c, int T,
                                                   sizeof(float), &ok));
     w->aux_tmp = ESFT__CAST(double *, esft__carve(p, &off, 2 * E, sizeof(double), &ok));
     w->route_tmp = ESFT__CAST(float *, esft__carve(p, &off, 3 * E + 2 * G, sizeof(float), &ok));
-    w->bytes = off + 64;
+    w->bytes = off + 64 + ESFT__MOE_WS_HEADER; /* alignment slack, the header */
     return ok;
 }
 
@@ -4342,14 +4359,35 @@ ESFTDEF esft_status esft_moe_workspace_size(const esft_moe_config *c, int T, siz
 }
 
 /* The workspace as the caller gave it, aligned up to 64 bytes (the size query
-   reserves the slack). */
-static void esft__moe_ws_at(esft__moe_ws *w, const esft_moe_config *c, int T, void *workspace)
+   reserves the slack): first the header, then the layout of esft__moe_ws_layout
+   (esft_cuda.cu mirrors both). */
+static char *esft__moe_ws_header(void *workspace)
 {
     uintptr_t u = (uintptr_t)workspace;
-    char *base = ESFT__CAST(char *, workspace) + ((64 - (u & 63)) & 63);
-    int ok = esft__moe_ws_layout(w, c, T, base);
+    return ESFT__CAST(char *, workspace) + ((64 - (u & 63)) & 63);
+}
+
+static void esft__moe_ws_at(esft__moe_ws *w, const esft_moe_config *c, int T, void *workspace)
+{
+    int ok = esft__moe_ws_layout(w, c, T, esft__moe_ws_header(workspace) + ESFT__MOE_WS_HEADER);
     ESFT_ASSERT(ok);
     (void)ok;
+}
+
+/* The PESC layer's threaded, vectorized finite scan (section 10); the MoE layer
+   checks its outputs with it too. */
+static esft_status esft__pesc_check_finite(const float *x, size_t n, const char *what, int width,
+                                           esft_error *err);
+
+/* An output of finite inputs that came out NaN or Inf: a weight is NaN or Inf,
+   or the values overflowed (the SwiGLU's u * silu(g) passes FLT_MAX from
+   finite g, u). ESFT_ERR_NUMERIC naming the first bad element and why. */
+static esft_status esft__moe_check_output(const float *a, size_t n, const char *what, int D, esft_error *err)
+{
+    esft_error where;
+    if (esft__pesc_check_finite(a, n, what, D, &where) == ESFT_OK) return ESFT_OK;
+    return esft__fail(err, ESFT_ERR_NUMERIC, "%s, from finite inputs: a weight is NaN or Inf, or the layer overflowed",
+                      where.message);
 }
 
 static float esft__sigmoidf(float v) { return 1.0f / (1.0f + expf(-v)); }
@@ -4514,7 +4552,7 @@ static esft_status esft__moe_forward_cpu(void *context, const esft_moe *m, float
         }
     }
     *aux_loss = esft__moe_aux_forward(&w, c, T);
-    return ESFT_OK;
+    return esft__moe_check_output(y, (size_t)T * D, "y", D, err);
 }
 
 /* Routed experts backward. Fills w->dw (dL/d routing weight) and accumulates
@@ -4616,7 +4654,7 @@ static esft_status esft__moe_backward_cpu(void *context, const esft_moe *m, floa
     int D = c->d_model, E = c->route.n_experts, K = c->route.top_k, t;
     int S = c->aux_mode == ESFT_AUX_SEQUENCE ? c->aux_seq_len : T, nt = esft__moe_threads(c, T);
     esft__moe_ws w;
-    (void)context; (void)err;
+    (void)context;
     esft__moe_ws_at(&w, c, T, workspace);
     esft__moe_experts_backward(m, &w, dx, dy, T, nt);
     esft__moe_shared_backward(m, &w, dx, dy, x, T, nt);
@@ -4627,7 +4665,9 @@ static esft_status esft__moe_backward_cpu(void *context, const esft_moe *m, floa
     }
     esft__sgemm(0, 0, T, D, E, 1.0f, w.logits, E, esft__moe_router_w(m), D, 1.0f, dx, D);
     if (m->d_router) esft__sgemm(1, 0, E, D, T, 1.0f, w.logits, E, x, D, 1.0f, m->d_router, D);
-    return ESFT_OK;
+    /* dx goes on to the layers below; the gradient block is checked by the
+       optimizer step (esft_adamw_step refuses a non-finite gradient) */
+    return esft__moe_check_output(dx, (size_t)T * D, "dx", D, err);
 }
 
 /* First non-finite value of a (n) or -1. */
@@ -4667,16 +4707,63 @@ static esft_status esft__moe_check_call(const esft_moe *m, const void *out, cons
     return ESFT_OK;
 }
 
+/* The stamp a forward of T tokens leaves (T < 0: none, before the op runs, so
+   that a failed forward leaves nothing for a backward). */
+static esft__moe_ws_stamp esft__moe_stamp_of(const esft_moe_config *c, int T)
+{
+    esft__moe_ws_stamp st;
+    memset(&st, 0, sizeof st);
+    if (T < 0) return st;
+    st.magic = ESFT__MOE_WS_MAGIC;
+    st.T = T;
+    st.D = c->d_model;
+    st.E = c->route.n_experts;
+    st.K = c->route.top_k;
+    st.F = c->d_expert;
+    st.FS = c->d_shared;
+    return st;
+}
+
+static esft_status esft__moe_stamp_write(const esft_moe *m, void *workspace, int T, esft_error *err)
+{
+    esft__moe_ws_stamp st = esft__moe_stamp_of(&m->cfg, T);
+    if (!m->backend->upload) return esft__missing_op(m->backend, "upload", err);
+    return m->backend->upload(m->backend->context, esft__moe_ws_header(workspace), &st, sizeof st);
+}
+
+/* Like PESC's saved->T: the backward must follow a successful forward of the
+   same T and shapes on this workspace. */
+static esft_status esft__moe_stamp_check(const esft_moe *m, void *workspace, int T, esft_error *err)
+{
+    esft__moe_ws_stamp want = esft__moe_stamp_of(&m->cfg, T), got;
+    esft_status s;
+    if (!m->backend->download) return esft__missing_op(m->backend, "download", err);
+    s = m->backend->download(m->backend->context, &got, esft__moe_ws_header(workspace), sizeof got);
+    if (s != ESFT_OK) return esft__fail(err, s, "cannot read the workspace header");
+    if (got.magic != ESFT__MOE_WS_MAGIC)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT,
+                          "backward of %d tokens, but the workspace holds no forward (none ran, or it failed)", T);
+    if (got.T != T)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "backward of %d tokens, the last forward had %d", T,
+                          (int)got.T);
+    if (memcmp(&got, &want, sizeof got) != 0)
+        return esft__fail(err, ESFT_ERR_SHAPE, "the workspace holds a forward of another layer shape");
+    return ESFT_OK;
+}
+
 ESFTDEF esft_status esft_moe_forward(float *y, float *aux_loss, const float *x, const esft_moe *m,
                                      void *workspace, size_t workspace_bytes, int T, esft_error *err)
 {
     float aux = 0.0f;
     esft_status s = esft__moe_check_call(m, y, x, x, "x", workspace, workspace_bytes, T, err);
-    if (s != ESFT_OK) return s;
-    if (T > 0) {
-        if (!m->backend->moe_forward) return esft__missing_op(m->backend, "moe_forward", err);
-        s = m->backend->moe_forward(m->backend->context, m, y, &aux, x, workspace, T, err);
+    if (s != ESFT_OK || T == 0) {
+        if (s == ESFT_OK && aux_loss) *aux_loss = 0.0f;
+        return s;
     }
+    if (!m->backend->moe_forward) return esft__missing_op(m->backend, "moe_forward", err);
+    if ((s = esft__moe_stamp_write(m, workspace, -1, err)) != ESFT_OK) return s;
+    s = m->backend->moe_forward(m->backend->context, m, y, &aux, x, workspace, T, err);
+    if (s == ESFT_OK) s = esft__moe_stamp_write(m, workspace, T, err);
     if (s == ESFT_OK && aux_loss) *aux_loss = aux;
     return s;
 }
@@ -4687,6 +4774,7 @@ ESFTDEF esft_status esft_moe_backward(float *dx, const esft_moe *m, const float 
     esft_status s = esft__moe_check_call(m, dx, dy, x, "dy", workspace, workspace_bytes, T, err);
     if (s != ESFT_OK || T == 0) return s;
     if (!m->backend->moe_backward) return esft__missing_op(m->backend, "moe_backward", err);
+    if ((s = esft__moe_stamp_check(m, workspace, T, err)) != ESFT_OK) return s;
     return m->backend->moe_backward(m->backend->context, m, dx, dy, x, workspace, T, err);
 }
 
