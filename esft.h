@@ -113,7 +113,10 @@ ESFTDEF const char *esft_version(void);
 
 /* Threads the CPU kernels use (built with OpenMP; otherwise always 1). 0, the
    default, means all: omp_get_max_threads(). Results have the same bits for any
-   count. Set it before starting work, not while other threads call esft. */
+   count. Set it before starting work, not while other threads call esft.
+   Counts above ESFT_MAX_THREADS are taken as ESFT_MAX_THREADS (a mistyped count
+   would otherwise ask OpenMP for millions of threads); negative counts as 0. */
+#define ESFT_MAX_THREADS 1024
 ESFTDEF void esft_set_num_threads(int n);
 ESFTDEF int esft_get_num_threads(void);
 /* Frees the packing scratch the CPU GEMM keeps for the calling thread (kept
@@ -3109,20 +3112,77 @@ static int esft__parse_log_line_fast(esft__log_line *ln, const char *p, const ch
     }
 }
 
-/* The checks after parsing, then the line is one sample of `layer` in st. */
-static esft_status esft__add_parsed_line(esft_stats *st, int layer, const esft__log_line *ln,
+/* The first token of n ids, read K at a time, that names an expert twice (*id
+   gets the expert), or -1. A router's top-K are K distinct experts, so a repeat
+   means K is wrong: K larger than the log's joins the ids of two tokens. */
+static long esft__log_first_repeat(const int32_t *ids, size_t n, int K, int32_t *id)
+{
+    size_t t, n_tok = n / (size_t)K;
+    int i, j;
+    for (t = 0; t < n_tok; t++) {
+        const int32_t *tok = ids + t * (size_t)K;
+        unsigned rep = 0;
+        for (i = 1; i < K; i++)
+            for (j = 0; j < i; j++) rep |= tok[i] == tok[j];
+        if (!rep) continue;
+        for (i = 1; i < K; i++)
+            for (j = 0; j < i; j++)
+                if (tok[i] == tok[j]) { *id = tok[i]; return (long)t; }
+    }
+    return -1;
+}
+
+/* The top-k a line of n ids looks like: the largest k <= k_max that divides n
+   with no token naming an expert twice (1 when nothing larger fits). */
+static int esft__log_guess_k(const int32_t *ids, size_t n, int k_max)
+{
+    int32_t id;
+    int k;
+    for (k = k_max; k > 1; k--)
+        if ((size_t)k <= n && n % (size_t)k == 0 && esft__log_first_repeat(ids, n, k, &id) < 0) return k;
+    return 1;
+}
+
+/* The largest id of the line (-1 for none). */
+static int32_t esft__log_max_id(const int32_t *ids, size_t n)
+{
+    int32_t m = -1;
+    size_t i;
+    for (i = 0; i < n; i++) m = ids[i] > m ? ids[i] : m;
+    return m;
+}
+
+/* The checks after parsing, then the line is one sample of `layer` in st.
+   line is its 1-based number. A wrong top-k or expert count in the caller's
+   accumulator shows as a repeat, a count that does not divide or an id out of
+   range: the messages say which K or E the line looks like. */
+static esft_status esft__add_parsed_line(esft_stats *st, int layer, long line, const esft__log_line *ln,
                                          esft_error *err)
 {
-    int K = st->top_k;
+    int K = st->top_k, E = st->n_experts;
+    int32_t id;
+    long t;
+    esft_status s;
     if (ln->n_ids != ln->n_weights)
         return esft__fail(err, ESFT_ERR_SHAPE, "%lu expert ids but %lu weights",
                           (unsigned long)ln->n_ids, (unsigned long)ln->n_weights);
     if (ln->n_ids % (size_t)K)
-        return esft__fail(err, ESFT_ERR_SHAPE, "%lu expert ids is not a multiple of top-k %d",
-                          (unsigned long)ln->n_ids, K);
+        return esft__fail(err, ESFT_ERR_SHAPE, "%lu expert ids is not a multiple of top-k %d: the line looks like top-k %d",
+                          (unsigned long)ln->n_ids, K, esft__log_guess_k(ln->ids, ln->n_ids, 2 * K > 16 ? 2 * K : 16));
     if (ln->n_ids / (size_t)K > 0x7fffffff)
         return esft__fail(err, ESFT_ERR_RANGE, "too many tokens on one line");
-    return esft_stats_add(st, layer, ln->ids, ln->weights, NULL, (int)(ln->n_ids / (size_t)K), err);
+    if (K > 1 && (t = esft__log_first_repeat(ln->ids, ln->n_ids, K, &id)) >= 0)
+        return esft__fail(err, ESFT_ERR_SHAPE,
+                          "token %ld of sample %ld at layer %d selects expert %ld twice: the log looks like top-k %d, not %d",
+                          t, line - 1, layer, (long)id, esft__log_guess_k(ln->ids, ln->n_ids, K - 1), K);
+    s = esft_stats_add(st, layer, ln->ids, ln->weights, NULL, (int)(ln->n_ids / (size_t)K), err);
+    if (s == ESFT_ERR_RANGE && (id = esft__log_max_id(ln->ids, ln->n_ids)) >= E && err) {
+        char why[sizeof err->message];
+        memcpy(why, err->message, sizeof why);
+        esft__fail(err, s, "%s: the log has ids up to %ld, so at least %ld experts, not %d", why, (long)id,
+                   (long)id + 1, E);
+    }
+    return s;
 }
 
 /* A log reader: bytes arrive in pieces, complete lines go to the accumulator. */
@@ -3157,7 +3217,7 @@ static esft_status esft__log_consume(esft__log_reader *r, const char *data, size
             if (s != ESFT_OK) return esft__locate(err, s, r->name, r->line + 1);
         }
         r->line++;
-        s = esft__add_parsed_line(r->st, r->layer, &r->scratch, err);
+        s = esft__add_parsed_line(r->st, r->layer, r->line, &r->scratch, err);
         if (s != ESFT_OK) return esft__locate(err, s, r->name, r->line);
         p = next;
     }
@@ -9317,7 +9377,10 @@ ESFTDEF void esft_npy_abort(esft_npy_writer *w)
 
 static int esft__n_threads_wanted; /* esft_set_num_threads; 0 = all */
 
-ESFTDEF void esft_set_num_threads(int n) { esft__n_threads_wanted = n < 0 ? 0 : n; }
+ESFTDEF void esft_set_num_threads(int n)
+{
+    esft__n_threads_wanted = n < 0 ? 0 : n > ESFT_MAX_THREADS ? ESFT_MAX_THREADS : n;
+}
 
 ESFTDEF int esft_get_num_threads(void)
 {

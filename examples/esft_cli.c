@@ -588,6 +588,32 @@ static const char inspect_help[] =
 
 static int cli_print_architecture(const char *dir);
 
+/* Prints up to max bytes of s (a name or value from a file) to stdout, with
+   terminal control characters escaped: bytes below 0x20, DEL and the C1
+   controls U+0080..U+009F (UTF-8 C2 80..C2 9F) as \xNN / \u00NN, and '\'
+   as "\\" so an escape in the output is always ours. A hostile tensor name
+   could otherwise move the cursor, clear the screen or set the window title.
+   Pads with spaces to width columns; returns the columns written. */
+static int cli_put_escaped(const char *s, size_t max, int width)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    size_t i;
+    int cols = 0;
+    for (i = 0; i < max && u[i]; i++) {
+        if (u[i] < 0x20 || u[i] == 0x7f) cols += printf("\\x%02x", u[i]);
+        else if (u[i] == '\\') cols += printf("\\\\");
+        else if (u[i] == 0xc2 && i + 1 < max && u[i + 1] >= 0x80 && u[i + 1] <= 0x9f) {
+            cols += printf("\\u%04x", u[i + 1]);
+            i++;
+        } else {
+            putchar(u[i]);
+            cols += (u[i] & 0xc0) != 0x80; /* a column per character, not per byte */
+        }
+    }
+    for (; cols < width; cols++) putchar(' ');
+    return cols;
+}
+
 static int cmd_inspect(const char *name, int argc, char **argv)
 {
     const char *in = NULL;
@@ -611,10 +637,16 @@ static int cmd_inspect(const char *name, int argc, char **argv)
            ck.n_tensors == 1 ? "" : "s", cli_bytes(ck.total_bytes, b1, sizeof b1));
     for (s = 0; s < ck.n_shards; s++) {
         const esft_safetensors *sh = ck.shards + s;
-        printf("shard %s: %d tensors, %s\n", ck.shard_files[s], sh->n_tensors, cli_bytes(sh->file_size, b1, sizeof b1));
+        printf("shard ");
+        cli_put_escaped(ck.shard_files[s], (size_t)-1, 0);
+        printf(": %d tensors, %s\n", sh->n_tensors, cli_bytes(sh->file_size, b1, sizeof b1));
         for (i = 0; i < sh->n_metadata; i++) {
             const char *val = sh->meta_values[i];
-            printf("  metadata %s = %.*s%s\n", sh->meta_keys[i], 100, val, strlen(val) > 100 ? "..." : "");
+            printf("  metadata ");
+            cli_put_escaped(sh->meta_keys[i], (size_t)-1, 0);
+            printf(" = ");
+            cli_put_escaped(val, 100, 0);
+            printf("%s\n", strlen(val) > 100 ? "..." : "");
         }
         for (i = 0; i < sh->n_tensors; i++) by_dtype[sh->tensors[i].dtype] += sh->tensors[i].n_bytes;
     }
@@ -628,8 +660,9 @@ static int cmd_inspect(const char *name, int argc, char **argv)
             for (d = 0; d < t->n_dims && n < (int)sizeof shape; d++)
                 n += snprintf(shape + n, sizeof shape - (size_t)n, "%s%lld", d ? ", " : "", (long long)t->shape[d]);
             if (n < (int)sizeof shape) snprintf(shape + n, sizeof shape - (size_t)n, "]");
-            printf("%-64s %-7s %-18s %12llu  %d\n", t->name, esft_dtype_name(t->dtype), shape,
-                   (unsigned long long)t->n_bytes, ck.name_shard[i]);
+            cli_put_escaped(t->name, (size_t)-1, 64);
+            printf(" %-7s %-18s %12llu  %d\n", esft_dtype_name(t->dtype), shape, (unsigned long long)t->n_bytes,
+                   ck.name_shard[i]);
         }
     }
     printf("bytes by dtype:");

@@ -178,6 +178,36 @@ TEST(log_weight_not_a_number)       { bad_log("wtext", GOOD "0\t1\t\t0.5\t0.2x\n
 TEST(log_trailing_tab)              { bad_log("trail", GOOD "0\t1\t\t0.5\t0.25\t\n", ESFT_ERR_PARSE, 2); }
 TEST(log_bad_last_line_without_newline) { bad_log("last", GOOD GOOD "0\t1\t\t0.5", ESFT_ERR_SHAPE, 3); }
 
+/* A wrong top-k or expert count used to give scores that look right: K = 4 over
+   a K = 2 log joined token pairs, some naming an expert twice (its weight
+   counted twice); an E too small was a bare range error. Now the messages say
+   what the log looks like. */
+TEST(log_read_with_a_wrong_top_k_or_expert_count_names_the_likely_one)
+{
+    static const char k2[] = "0\t1\t1\t2\t3\t4\t2\t5\t\t0.5\t0.5\t0.5\t0.5\t0.5\t0.5\t0.5\t0.5\n";
+    static const char k2_odd[] = "0\t1\t1\t2\t2\t3\t\t0.5\t0.5\t0.5\t0.5\t0.5\t0.5\n";
+    static const char e10[] = "0\t1\t\t0.5\t0.5\n0\t9\t\t0.5\t0.5\n";
+    esft_stats st;
+    esft_error err;
+    CHECK_STATUS(esft_stats_init(&st, 4, 8, 4, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_read_log_memory(&st, 1, k2, sizeof k2 - 1, "k2.txt", &err), ESFT_ERR_SHAPE);
+    CHECK_MSG(strcmp(err.message, "token 0 of sample 0 at layer 1 selects expert 1 twice: "
+                                  "the log looks like top-k 2, not 4") == 0, "%s", err.message);
+    CHECK(strcmp(err.file, "k2.txt") == 0 && err.line == 1);
+    CHECK_STATUS(esft_stats_read_log_memory(&st, 1, k2_odd, sizeof k2_odd - 1, "k2.txt", &err), ESFT_ERR_SHAPE);
+    CHECK_MSG(strstr(err.message, "not a multiple of top-k 4: the line looks like top-k 2") != NULL, "%s",
+              err.message);
+    CHECK_EQ_INT(st.n_tokens[1], 0);
+    esft_stats_uninit(&st);
+    CHECK_STATUS(esft_stats_init(&st, 4, 8, 2, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_read_log_memory(&st, 1, k2, sizeof k2 - 1, "k2.txt", &err), ESFT_OK);
+    CHECK_STATUS(esft_stats_read_log_memory(&st, 2, e10, sizeof e10 - 1, "e10.txt", &err), ESFT_ERR_RANGE);
+    CHECK_MSG(strstr(err.message, "expert id 9 outside [0, 8): the log has ids up to 9, so at least 10 experts, "
+                                  "not 8") != NULL, "%s", err.message);
+    CHECK_EQ_INT(err.line, 2);
+    esft_stats_uninit(&st);
+}
+
 TEST(log_file_for_a_layer_beyond_the_accumulator)
 {
     esft_error err;
