@@ -3375,26 +3375,24 @@ static void esft__format_score(char *out, size_t cap, double x, int decimals)
     if (!strpbrk(out, ".eEn")) strncat(out, ".0", cap - strlen(out) - 1);
 }
 
+/* Appends the present layers of v's decimal subtree (v, then v*10 .. v*10+9 and
+   theirs) to order: the digit trie in preorder is the string order of the keys. */
+static void esft__key_order_from(int *order, int *n, const unsigned char *present, int L, int64_t v)
+{
+    int d;
+    if (present[v]) order[(*n)++] = (int)v;
+    for (d = 0; d < 10 && v * 10 + d < L; d++) esft__key_order_from(order, n, present, L, v * 10 + d);
+}
+
 /* Present layers ordered as Python sorts their decimal keys as strings ("1" <
-   "10" < "2"), which is the order ESFT's files list them in. */
+   "10" < "2"), which is the order ESFT's files list them in. Linear in L (an
+   insertion sort of the key strings took 20 s for 100k layers); recursion depth
+   <= 10, the digits of an int. "0" has no subtree (no leading zeros). */
 static int esft__layers_in_key_order(int *order, const unsigned char *present, int L)
 {
-    int l, n = 0;
-    for (l = 0; l < L; l++) {
-        char a[16];
-        int j = n;
-        if (!present[l]) continue;
-        snprintf(a, sizeof a, "%d", l);
-        while (j > 0) {
-            char b[16];
-            snprintf(b, sizeof b, "%d", order[j - 1]);
-            if (strcmp(b, a) <= 0) break;
-            order[j] = order[j - 1];
-            j--;
-        }
-        order[j] = l;
-        n++;
-    }
+    int n = 0, r;
+    if (L > 0 && present[0]) order[n++] = 0;
+    for (r = 1; r <= 9 && r < L; r++) esft__key_order_from(order, &n, present, L, r);
     return n;
 }
 
@@ -7685,6 +7683,86 @@ static esft_status esft__json_value(esft__json_parser *p, int depth)
     return esft__json_error(p, "unexpected character");
 }
 
+/* One object key, decoded, for the duplicate check. */
+typedef struct esft__json_key {
+    const char *s;
+    size_t n;
+    int tok;
+} esft__json_key;
+
+static int esft__cmp_json_key(const void *pa, const void *pb)
+{
+    const esft__json_key *a = (const esft__json_key *)pa, *b = (const esft__json_key *)pb;
+    int c = memcmp(a->s, b->s, a->n < b->n ? a->n : b->n);
+    if (c) return c;
+    if (a->n != b->n) return a->n < b->n ? -1 : 1;
+    return a->tok < b->tok ? -1 : a->tok > b->tok;
+}
+
+static esft_status esft__json_decode(const esft_json *js, int tok, char *buf, size_t cap, size_t *out_len);
+
+/* The keys of object obj into keys, decoded ("a" and "\u0061" are one key, as
+   in Python), sorted; escaped keys are decoded into arena (text length + 1). */
+static void esft__json_object_keys(const esft_json *js, int obj, esft__json_key *keys, char *arena)
+{
+    int i, k;
+    size_t used = 0;
+    for (i = 0, k = obj + 1; i < js->tokens[obj].size; i++, k = js->tokens[k + 1].next) {
+        const esft_json_token *t = js->tokens + k;
+        keys[i].tok = k;
+        keys[i].s = js->text + t->start;
+        keys[i].n = t->end - t->start;
+        if (arena && memchr(keys[i].s, '\\', keys[i].n)) {
+            /* decoded <= raw, and the keys of one object fit the text: cannot fail */
+            esft__json_decode(js, k, arena + used, js->length + 1 - used, &keys[i].n);
+            keys[i].s = arena + used;
+            used += keys[i].n + 1;
+        }
+    }
+    qsort(keys, (size_t)js->tokens[obj].size, sizeof *keys, esft__cmp_json_key);
+}
+
+/* Python's json keeps the last of two equal keys; the readers here would keep
+   the first: one file, two meanings. Refused: the first repeated key, in text
+   order within the first object that has one, as a parse error at its place. */
+static esft_status esft__json_no_duplicate_keys(esft__json_parser *p)
+{
+    const esft_json *js = p->js;
+    esft__json_key *keys;
+    char *arena = NULL, what[120];
+    int i, j, max_n = 0, dup = -1, escaped;
+    for (i = 0; i < js->n_tokens; i++)
+        if (js->tokens[i].type == ESFT_JSON_OBJECT && js->tokens[i].size > max_n) max_n = js->tokens[i].size;
+    if (max_n < 2) return ESFT_OK;
+    escaped = memchr(js->text, '\\', js->length) != NULL;
+    keys = ESFT__CAST(esft__json_key *, esft__calloc(&js->allocator, (size_t)max_n, sizeof *keys));
+    if (escaped) arena = ESFT__CAST(char *, esft__calloc(&js->allocator, js->length + 1, 1));
+    if (!keys || (escaped && !arena)) {
+        esft__release(&js->allocator, keys);
+        esft__release(&js->allocator, arena);
+        return esft__fail(p->err, ESFT_ERR_OUT_OF_MEMORY, "JSON key check");
+    }
+    for (i = 0; i < js->n_tokens && dup < 0; i++) {
+        if (js->tokens[i].type != ESFT_JSON_OBJECT || js->tokens[i].size < 2) continue;
+        esft__json_object_keys(js, i, keys, arena);
+        for (j = 1; j < js->tokens[i].size; j++)
+            if (keys[j].n == keys[j - 1].n && memcmp(keys[j].s, keys[j - 1].s, keys[j].n) == 0 &&
+                (dup < 0 || keys[j].tok < dup))
+                dup = keys[j].tok; /* the later of the two: sorted by token within equal keys */
+    }
+    esft__release(&js->allocator, keys);
+    esft__release(&js->allocator, arena);
+    if (dup < 0) return ESFT_OK;
+    {
+        const esft_json_token *t = js->tokens + dup;
+        size_t n = t->end - t->start;
+        snprintf(what, sizeof what, "duplicate key \"%.*s%s\"", n > 60 ? 60 : (int)n, js->text + t->start,
+                 n > 60 ? "..." : "");
+        p->pos = t->start - 1; /* the opening quote */
+    }
+    return esft__json_error(p, what);
+}
+
 ESFTDEF esft_status esft_json_parse(esft_json *out, const char *text, size_t length,
                                     const esft_allocator *allocator, esft_error *err)
 {
@@ -7706,6 +7784,7 @@ ESFTDEF esft_status esft_json_parse(esft_json *out, const char *text, size_t len
         esft__json_skip_ws(&p);
         if (p.pos != p.n) s = esft__json_error(&p, "trailing characters after the value");
     }
+    if (s == ESFT_OK) s = esft__json_no_duplicate_keys(&p);
     if (s != ESFT_OK) esft_json_free(out);
     return s;
 }
@@ -7732,13 +7811,23 @@ static unsigned long esft__hex4(const char *h)
 
 /* Decodes a string token's escapes into buf (cap >= 1). \u escapes become UTF-8,
    surrogate pairs joined. Returns ESFT_ERR_RANGE when buf is too small. */
+static esft_status esft__json_decode(const esft_json *js, int tok, char *buf, size_t cap, size_t *out_len);
+
 ESFTDEF esft_status esft_json_string(const esft_json *js, int tok, char *buf, size_t cap)
 {
-    const esft_json_token *t;
-    size_t i, n = 0;
+    size_t len;
     if (!js || tok < 0 || tok >= js->n_tokens || !buf || cap == 0) return ESFT_ERR_INVALID_ARGUMENT;
-    t = js->tokens + tok;
-    if (t->type != ESFT_JSON_STRING) return ESFT_ERR_INVALID_ARGUMENT;
+    if (js->tokens[tok].type != ESFT_JSON_STRING) return ESFT_ERR_INVALID_ARGUMENT;
+    return esft__json_decode(js, tok, buf, cap, &len);
+}
+
+/* esft_json_string's decoding, with the decoded length (a \u0000 puts a NUL
+   inside the text, so strlen would not give it). tok is a string token. */
+static esft_status esft__json_decode(const esft_json *js, int tok, char *buf, size_t cap, size_t *out_len)
+{
+    const esft_json_token *t = js->tokens + tok;
+    size_t i, n = 0;
+    *out_len = 0;
     for (i = t->start; i < t->end; i++) {
         unsigned long cp;
         char c = js->text[i];
@@ -7775,6 +7864,7 @@ ESFTDEF esft_status esft_json_string(const esft_json *js, int tok, char *buf, si
         for (k = 0; k < len; k++) buf[n++] = utf8[k];
     }
     buf[n] = 0;
+    *out_len = n;
     return ESFT_OK;
 }
 
