@@ -113,7 +113,10 @@ ESFTDEF const char *esft_version(void);
 
 /* Threads the CPU kernels use (built with OpenMP; otherwise always 1). 0, the
    default, means all: omp_get_max_threads(). Results have the same bits for any
-   count. Set it before starting work, not while other threads call esft. */
+   count. Set it before starting work, not while other threads call esft.
+   Counts above ESFT_MAX_THREADS are taken as ESFT_MAX_THREADS (a mistyped count
+   would otherwise ask OpenMP for millions of threads); negative counts as 0. */
+#define ESFT_MAX_THREADS 1024
 ESFTDEF void esft_set_num_threads(int n);
 ESFTDEF int esft_get_num_threads(void);
 /* Frees the packing scratch the CPU GEMM keeps for the calling thread (kept
@@ -338,7 +341,9 @@ ESFTDEF esft_status esft_route_with(const esft_backend *b, const esft_route_conf
    64-bit integer. Integer sums are exact and associative, so accumulators merged
    in any order (threads, files, machines) give the same bits. Resolution
    2^-32 ~ 2.3e-10 per weight; capacity 2^32 units of weight per (layer, expert)
-   (4e9 tokens of weight 1), beyond which a sum would wrap silently. */
+   (4e9 tokens of weight 1). esft_stats_add and esft_stats_merge refuse, with
+   ESFT_ERR_RANGE and nothing added, what would pass it (a sum would wrap), as
+   they do a single sample whose weights sum past ESFT_MAX_SAMPLE_WEIGHT. */
 #define ESFT_FIXED_ONE 4294967296.0
 
 /* The largest gate weight accepted. Gate weights are router probabilities times
@@ -346,6 +351,12 @@ ESFTDEF esft_status esft_route_with(const esft_backend *b, const esft_route_conf
    model's; a larger weight is a bug upstream (logits passed as weights), and a
    few of them would wrap the fixed-point sums. Refused with ESFT_ERR_RANGE. */
 #define ESFT_MAX_GATE_WEIGHT 65536.0f
+
+/* The most weight one sample may carry over all its tokens and experts (just
+   below 2^32, the fixed-point capacity of one expert's sum): a sample's histogram
+   could otherwise wrap. Checked only for samples of at least 2^16 assignments,
+   the smallest that can reach it; softmax weights (<= 1) never do. */
+#define ESFT_MAX_SAMPLE_WEIGHT 4.29e9
 
 typedef enum esft_norm {
     ESFT_NORM_POOLED = 0,     /* pool all tokens of a layer (reproduces ESFT's summary.json) */
@@ -383,14 +394,17 @@ ESFTDEF void esft_stats_reset(esft_stats *st);
    mask (optional): tokens with mask[t] == 0 are not counted (e.g. the prompt).
    weights may be NULL (token scores only; gate sums then stay 0).
    Validates everything first (ids in [0,E), weights finite in [0,
-   ESFT_MAX_GATE_WEIGHT], layer in range); on error nothing is added. */
+   ESFT_MAX_GATE_WEIGHT], layer in range, no sum past its capacity: see
+   ESFT_FIXED_ONE); on error nothing is added. */
 ESFTDEF esft_status esft_stats_add(esft_stats *st, int layer,
                                    const int32_t *ids,        /* (T, K) */
                                    const float *weights,      /* (T, K) or NULL */
                                    const unsigned char *mask, /* (T) or NULL */
                                    int T, esft_error *err);
 
-/* dst += src. Shapes must agree. The result does not depend on merge order. */
+/* dst += src. Shapes must agree. The result does not depend on merge order.
+   A sum that would pass its capacity is ESFT_ERR_RANGE naming the (layer, expert);
+   dst is then unchanged. */
 ESFTDEF esft_status esft_stats_merge(esft_stats *dst, const esft_stats *src, esft_error *err);
 
 /* ===================================================================== */
@@ -411,8 +425,10 @@ ESFTDEF esft_status esft_stats_scores(const esft_stats *st, esft_norm norm, esft
 ESFTDEF esft_status esft_scores_alloc(esft_scores *sc, int n_layers, int n_experts,
                                       const esft_allocator *allocator);
 ESFTDEF void esft_scores_free(esft_scores *sc);
-/* Rounds every score to `decimals` places the way Python's round() does. */
-ESFTDEF void esft_scores_round(esft_scores *sc, int decimals);
+/* Rounds every score to `decimals` places, 0..17, the way Python's round() does.
+   Other counts are ESFT_ERR_INVALID_ARGUMENT (printf would read a negative count
+   as 6 places), as are NULL scores or scores without tables; sc is then unchanged. */
+ESFTDEF esft_status esft_scores_round(esft_scores *sc, int decimals);
 
 /* Which experts of each layer to train, in selection order; ESFT's expert config. */
 typedef struct esft_expert_config {
@@ -633,7 +649,10 @@ ESFTDEF esft_status esft_moe_workspace_size(const esft_moe_config *cfg, int T, s
 
 /* y = layer(x). aux_loss (optional) receives the auxiliary loss (0 when
    alpha = 0). Checks shapes, workspace size and that x is finite before
-   writing anything; NaN/Inf in x -> ESFT_ERR_NUMERIC, y untouched. */
+   writing anything; NaN/Inf in x -> ESFT_ERR_NUMERIC, y untouched. A y that
+   comes out NaN or Inf from a finite x (a NaN weight; a SwiGLU that overflows)
+   is ESFT_ERR_NUMERIC naming its first bad element; y then holds it, and the
+   workspace is not usable by a backward. */
 ESFTDEF esft_status esft_moe_forward(float *y,          /* (T, D) out */
                                      float *aux_loss,   /* (1) out, or NULL */
                                      const float *x,    /* (T, D) */
@@ -644,7 +663,11 @@ ESFTDEF esft_status esft_moe_forward(float *y,          /* (T, D) out */
 /* The backward of the last forward on the same x and workspace, with dL/dy
    = dy and the auxiliary loss added to L with weight 1. Accumulates into dx
    (always: through routed, shared and router paths) and into layer->grads
-   (only trainable tensors). NaN/Inf in dy -> ESFT_ERR_NUMERIC, nothing written. */
+   (only trainable tensors). NaN/Inf in dy -> ESFT_ERR_NUMERIC, nothing written.
+   The workspace must hold a successful forward of the same T (and layer
+   shape): otherwise ESFT_ERR_INVALID_ARGUMENT (ESFT_ERR_SHAPE for another
+   shape), nothing written. A dx that comes out NaN or Inf is ESFT_ERR_NUMERIC
+   (dx and the gradients then hold the bad values: discard them). */
 ESFTDEF esft_status esft_moe_backward(float *dx,        /* (T, D) += */
                                       const esft_moe *layer, /* layer->grads += */
                                       const float *dy,  /* (T, D) */
@@ -757,6 +780,7 @@ typedef enum esft_pesc_tensor {
     ESFT_PESC_UP = 2
 } esft_pesc_tensor;
 
+/* 0 for a NULL config or one whose sizes are < 1 or whose block overflows size_t. */
 ESFTDEF size_t esft_pesc_param_count(const esft_pesc_config *c);
 /* Offset in floats of a tensor inside the block (expert ignored for the router). */
 ESFTDEF size_t esft_pesc_tensor_offset(const esft_pesc_config *c, esft_pesc_tensor which, int expert);
@@ -1478,17 +1502,29 @@ ESFTDEF const char *esft_status_string(esft_status s)
     return "unknown status";
 }
 
+/* The one place that fills a failure: every field is set, so an esft_error
+   reused after an earlier failure never keeps that failure's file, line or
+   offset (a message would then point at the wrong file). */
+static void esft__error_vset(esft_error *err, esft_status s, const char *file, long line, const char *fmt,
+                             va_list ap)
+{
+    if (!err) return;
+    memset(err, 0, sizeof *err);
+    err->status = s;
+    err->line = line;
+    err->offset = -1;
+    snprintf(err->file, sizeof err->file, "%s", file ? file : "");
+    vsnprintf(err->message, sizeof err->message, fmt, ap);
+}
+
 /* Records a failure in err (if given) and returns its status, so call sites
    read `return esft__fail(err, ESFT_ERR_RANGE, "...", ...);`. */
 static esft_status esft__fail(esft_error *err, esft_status s, const char *fmt, ...)
 {
-    if (err) {
-        va_list ap;
-        err->status = s;
-        va_start(ap, fmt);
-        vsnprintf(err->message, sizeof err->message, fmt, ap);
-        va_end(ap);
-    }
+    va_list ap;
+    va_start(ap, fmt);
+    esft__error_vset(err, s, NULL, 0, fmt, ap);
+    va_end(ap);
     return s;
 }
 
@@ -1496,16 +1532,10 @@ static esft_status esft__fail(esft_error *err, esft_status s, const char *fmt, .
 static esft_status esft__fail_at(esft_error *err, esft_status s, const char *file, long line,
                                  const char *fmt, ...)
 {
-    if (err) {
-        va_list ap;
-        err->status = s;
-        err->line = line;
-        err->offset = -1;
-        snprintf(err->file, sizeof err->file, "%s", file ? file : "");
-        va_start(ap, fmt);
-        vsnprintf(err->message, sizeof err->message, fmt, ap);
-        va_end(ap);
-    }
+    va_list ap;
+    va_start(ap, fmt);
+    esft__error_vset(err, s, file, line, fmt, ap);
+    va_end(ap);
     return s;
 }
 
@@ -1666,6 +1696,10 @@ static esft_status esft__route_config_sizes(const esft_route_config *c, esft_err
                           c->top_k, c->n_experts);
     if (c->gating != ESFT_GATING_SOFTMAX && c->gating != ESFT_GATING_SIGMOID)
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "unknown gating %d", (int)c->gating);
+    /* checked even without groups: a config that is wrong stays wrong when a
+       later edit turns the groups on */
+    if (c->group_score != ESFT_GROUP_SCORE_MAX && c->group_score != ESFT_GROUP_SCORE_TOP2_SUM)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "unknown group_score %d", (int)c->group_score);
     if (!(c->routed_scaling > 0.0f) || !isfinite(c->routed_scaling))
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "routed_scaling must be finite and > 0");
     if (esft__grouped(c)) {
@@ -2025,6 +2059,46 @@ static void esft__stats_fold_row(uint64_t *row_count, uint64_t *row_gate, uint64
     }
 }
 
+/* Nonzero if esft__stats_fold_row would wrap one of the layer's sums. The
+   per-sample ratios add at most 2^32 (token: count <= K N) and gsum[e] (gate:
+   a mean over N >= 1 tokens, rounded, is at most the sum). Branch-free over E. */
+static unsigned esft__stats_row_full(const uint64_t *row_count, const uint64_t *row_gate,
+                                     const uint64_t *token_frac, const uint64_t *gate_frac, /* (E) */
+                                     const uint64_t *count, const uint64_t *gsum, int E) /* (E) */
+{
+    const uint64_t frac_room = ~(uint64_t)0 - ((uint64_t)1 << 32);
+    unsigned full = 0;
+    int e;
+    for (e = 0; e < E; e++)
+        full |= (unsigned)(row_count[e] + count[e] < row_count[e]) | (unsigned)(row_gate[e] + gsum[e] < row_gate[e]) |
+                (unsigned)(token_frac[e] > frac_room) | (unsigned)(gate_frac[e] + gsum[e] < gate_frac[e]);
+    return full;
+}
+
+/* A sample of at least 2^16 assignments could, with large weights, wrap its own
+   histogram (2^16 weights of 2^16 are 2^64 in fixed point): its weights, all of
+   them (masked tokens too, so this bounds the counted ones), must sum to at most
+   ESFT_MAX_SAMPLE_WEIGHT. Called after the weights were checked finite. */
+static esft_status esft__stats_sample_fits(const float *w, size_t n, esft_error *err)
+{
+    double part[4] = {0.0, 0.0, 0.0, 0.0}, total;
+    size_t i = 0;
+    if (!w || n < ((size_t)1 << 16)) return ESFT_OK;
+    for (; i + 4 <= n; i += 4) {
+        part[0] += w[i];
+        part[1] += w[i + 1];
+        part[2] += w[i + 2];
+        part[3] += w[i + 3];
+    }
+    for (; i < n; i++) part[0] += w[i];
+    total = (part[0] + part[1]) + (part[2] + part[3]);
+    if (total > ESFT_MAX_SAMPLE_WEIGHT)
+        return esft__fail(err, ESFT_ERR_RANGE,
+                          "the sample's gate weights sum to %.6g, past the fixed-point capacity (%.6g per sample)",
+                          total, ESFT_MAX_SAMPLE_WEIGHT);
+    return ESFT_OK;
+}
+
 /* ---- the CPU accumulation kernel ---------------------------------------- */
 
 /* count[ids[i]] += 1 and gate_sum[ids[i]] += fixed(weights[i]) for n assignments,
@@ -2205,9 +2279,9 @@ ESFTDEF esft_status esft_stats_add(esft_stats *st, int layer, const int32_t *ids
     if (T < 0 || (T > 0 && !ids)) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "T < 0 or ids NULL");
     E = st->n_experts;
     K = st->top_k;
-    if (!st->backend || !st->backend->stats_accumulate)
-        return st->backend ? esft__missing_op(st->backend, "stats_accumulate", err)
-                           : esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "stats has no backend");
+    /* st->backend is a public field a caller may set: checked like every other door */
+    if ((s = esft_backend_check(st->backend, err)) != ESFT_OK) return s;
+    if (!st->backend->stats_accumulate) return esft__missing_op(st->backend, "stats_accumulate", err);
     cpu = st->backend->stats_accumulate == esft__stats_accumulate_cpu;
     count = st->scratch;
     gsum = st->scratch + E;
@@ -2235,14 +2309,30 @@ ESFTDEF esft_status esft_stats_add(esft_stats *st, int layer, const int32_t *ids
     if (n_counted == 0) return ESFT_OK;
     if (n_counted > (uint64_t)0x7fffffff / (uint64_t)K)
         return esft__fail(err, ESFT_ERR_RANGE, "a sample of %d tokens is too long", T);
+    if ((s = esft__stats_sample_fits(weights, (size_t)T * (size_t)K, err)) != ESFT_OK) return s;
     {
         size_t row = (size_t)layer * E;
+        if (esft__stats_row_full(st->count + row, st->gate_sum + row, st->token_frac_sum + row,
+                                 st->gate_frac_sum + row, count, gsum, E) ||
+            st->n_tokens[layer] + n_counted < n_counted || st->n_samples[layer] + 1 == 0)
+            return esft__fail(err, ESFT_ERR_RANGE,
+                              "layer %d: a sum would pass its fixed-point capacity (2^32 units of weight "
+                              "per expert); split the statistics and merge the scores instead", layer);
         esft__stats_fold_row(st->count + row, st->gate_sum + row, st->token_frac_sum + row,
                              st->gate_frac_sum + row, count, gsum, n_counted, K, E);
     }
     st->n_tokens[layer] += n_counted;
     st->n_samples[layer] += 1;
     return ESFT_OK;
+}
+
+/* The first i where a[i] + b[i] wraps, or n. */
+static size_t esft__first_wrap(const uint64_t *a, const uint64_t *b, size_t n)
+{
+    size_t i;
+    for (i = 0; i < n; i++)
+        if (a[i] + b[i] < a[i]) return i;
+    return n;
 }
 
 ESFTDEF esft_status esft_stats_merge(esft_stats *dst, const esft_stats *src, esft_error *err)
@@ -2256,6 +2346,15 @@ ESFTDEF esft_status esft_stats_merge(esft_stats *dst, const esft_stats *src, esf
                           src->n_layers, src->n_experts, src->top_k, dst->n_layers, dst->n_experts,
                           dst->top_k);
     le = (size_t)dst->n_layers * (size_t)dst->n_experts;
+    if ((i = esft__first_wrap(dst->count, src->count, le)) < le ||
+        (i = esft__first_wrap(dst->gate_sum, src->gate_sum, le)) < le ||
+        (i = esft__first_wrap(dst->token_frac_sum, src->token_frac_sum, le)) < le ||
+        (i = esft__first_wrap(dst->gate_frac_sum, src->gate_frac_sum, le)) < le)
+        return esft__fail(err, ESFT_ERR_RANGE, "layer %d expert %d: the merged sum would pass its capacity",
+                          (int)(i / (size_t)dst->n_experts), (int)(i % (size_t)dst->n_experts));
+    if ((i = esft__first_wrap(dst->n_tokens, src->n_tokens, (size_t)dst->n_layers)) < (size_t)dst->n_layers ||
+        (i = esft__first_wrap(dst->n_samples, src->n_samples, (size_t)dst->n_layers)) < (size_t)dst->n_layers)
+        return esft__fail(err, ESFT_ERR_RANGE, "layer %d: the merged token or sample count would wrap", (int)i);
     for (i = 0; i < le; i++) {
         dst->count[i] += src->count[i];
         dst->gate_sum[i] += src->gate_sum[i];
@@ -2343,15 +2442,17 @@ static double esft__round_decimals(double x, int decimals)
     return r;
 }
 
-ESFTDEF void esft_scores_round(esft_scores *sc, int decimals)
+ESFTDEF esft_status esft_scores_round(esft_scores *sc, int decimals)
 {
     size_t i, le;
-    if (!sc || !sc->token || !sc->gate) return;
+    if (!sc || !sc->token || !sc->gate) return ESFT_ERR_INVALID_ARGUMENT;
+    if (decimals < 0 || decimals > 17) return ESFT_ERR_INVALID_ARGUMENT;
     le = (size_t)sc->n_layers * (size_t)sc->n_experts;
     for (i = 0; i < le; i++) {
         sc->token[i] = esft__round_decimals(sc->token[i], decimals);
         sc->gate[i] = esft__round_decimals(sc->gate[i], decimals);
     }
+    return ESFT_OK;
 }
 
 ESFTDEF void esft_expert_config_free(esft_expert_config *cfg)
@@ -3028,20 +3129,77 @@ static int esft__parse_log_line_fast(esft__log_line *ln, const char *p, const ch
     }
 }
 
-/* The checks after parsing, then the line is one sample of `layer` in st. */
-static esft_status esft__add_parsed_line(esft_stats *st, int layer, const esft__log_line *ln,
+/* The first token of n ids, read K at a time, that names an expert twice (*id
+   gets the expert), or -1. A router's top-K are K distinct experts, so a repeat
+   means K is wrong: K larger than the log's joins the ids of two tokens. */
+static long esft__log_first_repeat(const int32_t *ids, size_t n, int K, int32_t *id)
+{
+    size_t t, n_tok = n / (size_t)K;
+    int i, j;
+    for (t = 0; t < n_tok; t++) {
+        const int32_t *tok = ids + t * (size_t)K;
+        unsigned rep = 0;
+        for (i = 1; i < K; i++)
+            for (j = 0; j < i; j++) rep |= tok[i] == tok[j];
+        if (!rep) continue;
+        for (i = 1; i < K; i++)
+            for (j = 0; j < i; j++)
+                if (tok[i] == tok[j]) { *id = tok[i]; return (long)t; }
+    }
+    return -1;
+}
+
+/* The top-k a line of n ids looks like: the largest k <= k_max that divides n
+   with no token naming an expert twice (1 when nothing larger fits). */
+static int esft__log_guess_k(const int32_t *ids, size_t n, int k_max)
+{
+    int32_t id;
+    int k;
+    for (k = k_max; k > 1; k--)
+        if ((size_t)k <= n && n % (size_t)k == 0 && esft__log_first_repeat(ids, n, k, &id) < 0) return k;
+    return 1;
+}
+
+/* The largest id of the line (-1 for none). */
+static int32_t esft__log_max_id(const int32_t *ids, size_t n)
+{
+    int32_t m = -1;
+    size_t i;
+    for (i = 0; i < n; i++) m = ids[i] > m ? ids[i] : m;
+    return m;
+}
+
+/* The checks after parsing, then the line is one sample of `layer` in st.
+   line is its 1-based number. A wrong top-k or expert count in the caller's
+   accumulator shows as a repeat, a count that does not divide or an id out of
+   range: the messages say which K or E the line looks like. */
+static esft_status esft__add_parsed_line(esft_stats *st, int layer, long line, const esft__log_line *ln,
                                          esft_error *err)
 {
-    int K = st->top_k;
+    int K = st->top_k, E = st->n_experts;
+    int32_t id;
+    long t;
+    esft_status s;
     if (ln->n_ids != ln->n_weights)
         return esft__fail(err, ESFT_ERR_SHAPE, "%lu expert ids but %lu weights",
                           (unsigned long)ln->n_ids, (unsigned long)ln->n_weights);
     if (ln->n_ids % (size_t)K)
-        return esft__fail(err, ESFT_ERR_SHAPE, "%lu expert ids is not a multiple of top-k %d",
-                          (unsigned long)ln->n_ids, K);
+        return esft__fail(err, ESFT_ERR_SHAPE, "%lu expert ids is not a multiple of top-k %d: the line looks like top-k %d",
+                          (unsigned long)ln->n_ids, K, esft__log_guess_k(ln->ids, ln->n_ids, 2 * K > 16 ? 2 * K : 16));
     if (ln->n_ids / (size_t)K > 0x7fffffff)
         return esft__fail(err, ESFT_ERR_RANGE, "too many tokens on one line");
-    return esft_stats_add(st, layer, ln->ids, ln->weights, NULL, (int)(ln->n_ids / (size_t)K), err);
+    if (K > 1 && (t = esft__log_first_repeat(ln->ids, ln->n_ids, K, &id)) >= 0)
+        return esft__fail(err, ESFT_ERR_SHAPE,
+                          "token %ld of sample %ld at layer %d selects expert %ld twice: the log looks like top-k %d, not %d",
+                          t, line - 1, layer, (long)id, esft__log_guess_k(ln->ids, ln->n_ids, K - 1), K);
+    s = esft_stats_add(st, layer, ln->ids, ln->weights, NULL, (int)(ln->n_ids / (size_t)K), err);
+    if (s == ESFT_ERR_RANGE && (id = esft__log_max_id(ln->ids, ln->n_ids)) >= E && err) {
+        char why[sizeof err->message];
+        memcpy(why, err->message, sizeof why);
+        esft__fail(err, s, "%s: the log has ids up to %ld, so at least %ld experts, not %d", why, (long)id,
+                   (long)id + 1, E);
+    }
+    return s;
 }
 
 /* A log reader: bytes arrive in pieces, complete lines go to the accumulator. */
@@ -3076,7 +3234,7 @@ static esft_status esft__log_consume(esft__log_reader *r, const char *data, size
             if (s != ESFT_OK) return esft__locate(err, s, r->name, r->line + 1);
         }
         r->line++;
-        s = esft__add_parsed_line(r->st, r->layer, &r->scratch, err);
+        s = esft__add_parsed_line(r->st, r->layer, r->line, &r->scratch, err);
         if (s != ESFT_OK) return esft__locate(err, s, r->name, r->line);
         p = next;
     }
@@ -3234,26 +3392,24 @@ static void esft__format_score(char *out, size_t cap, double x, int decimals)
     if (!strpbrk(out, ".eEn")) strncat(out, ".0", cap - strlen(out) - 1);
 }
 
+/* Appends the present layers of v's decimal subtree (v, then v*10 .. v*10+9 and
+   theirs) to order: the digit trie in preorder is the string order of the keys. */
+static void esft__key_order_from(int *order, int *n, const unsigned char *present, int L, int64_t v)
+{
+    int d;
+    if (present[v]) order[(*n)++] = (int)v;
+    for (d = 0; d < 10 && v * 10 + d < L; d++) esft__key_order_from(order, n, present, L, v * 10 + d);
+}
+
 /* Present layers ordered as Python sorts their decimal keys as strings ("1" <
-   "10" < "2"), which is the order ESFT's files list them in. */
+   "10" < "2"), which is the order ESFT's files list them in. Linear in L (an
+   insertion sort of the key strings took 20 s for 100k layers); recursion depth
+   <= 10, the digits of an int. "0" has no subtree (no leading zeros). */
 static int esft__layers_in_key_order(int *order, const unsigned char *present, int L)
 {
-    int l, n = 0;
-    for (l = 0; l < L; l++) {
-        char a[16];
-        int j = n;
-        if (!present[l]) continue;
-        snprintf(a, sizeof a, "%d", l);
-        while (j > 0) {
-            char b[16];
-            snprintf(b, sizeof b, "%d", order[j - 1]);
-            if (strcmp(b, a) <= 0) break;
-            order[j] = order[j - 1];
-            j--;
-        }
-        order[j] = l;
-        n++;
-    }
+    int n = 0, r;
+    if (L > 0 && present[0]) order[n++] = 0;
+    for (r = 1; r <= 9 && r < L; r++) esft__key_order_from(order, &n, present, L, r);
     return n;
 }
 
@@ -4180,6 +4336,16 @@ ESFTDEF esft_status esft_moe_expert_weights(const esft_moe *m, int e, const floa
     return ESFT_OK;
 }
 
+/* The workspace starts with a header that says which forward filled it (the
+   public wrapper writes it through the backend's upload, so it works on device
+   memory too): the regions' places depend on T, and a backward of another T
+   would read the saved ids and permutation from the wrong places. */
+#define ESFT__MOE_WS_HEADER 64
+#define ESFT__MOE_WS_MAGIC 0x4553464d /* "ESFM" */
+typedef struct esft__moe_ws_stamp {
+    int32_t magic, T, D, E, K, F, FS; /* magic = 0: no successful forward */
+} esft__moe_ws_stamp;
+
 /* The workspace, carved into regions (64-byte aligned). "saved" regions carry
    the forward's results to the backward; the others are scratch. */
 typedef struct esft__moe_ws {
@@ -4265,7 +4431,7 @@ static int esft__moe_ws_layout(esft__moe_ws *w, const esft_moe_config *c, int T,
                                                   sizeof(float), &ok));
     w->aux_tmp = ESFT__CAST(double *, esft__carve(p, &off, 2 * E, sizeof(double), &ok));
     w->route_tmp = ESFT__CAST(float *, esft__carve(p, &off, 3 * E + 2 * G, sizeof(float), &ok));
-    w->bytes = off + 64;
+    w->bytes = off + 64 + ESFT__MOE_WS_HEADER; /* alignment slack, the header */
     return ok;
 }
 
@@ -4286,14 +4452,35 @@ ESFTDEF esft_status esft_moe_workspace_size(const esft_moe_config *c, int T, siz
 }
 
 /* The workspace as the caller gave it, aligned up to 64 bytes (the size query
-   reserves the slack). */
-static void esft__moe_ws_at(esft__moe_ws *w, const esft_moe_config *c, int T, void *workspace)
+   reserves the slack): first the header, then the layout of esft__moe_ws_layout
+   (esft_cuda.cu mirrors both). */
+static char *esft__moe_ws_header(void *workspace)
 {
     uintptr_t u = (uintptr_t)workspace;
-    char *base = ESFT__CAST(char *, workspace) + ((64 - (u & 63)) & 63);
-    int ok = esft__moe_ws_layout(w, c, T, base);
+    return ESFT__CAST(char *, workspace) + ((64 - (u & 63)) & 63);
+}
+
+static void esft__moe_ws_at(esft__moe_ws *w, const esft_moe_config *c, int T, void *workspace)
+{
+    int ok = esft__moe_ws_layout(w, c, T, esft__moe_ws_header(workspace) + ESFT__MOE_WS_HEADER);
     ESFT_ASSERT(ok);
     (void)ok;
+}
+
+/* The PESC layer's threaded, vectorized finite scan (section 10); the MoE layer
+   checks its outputs with it too. */
+static esft_status esft__pesc_check_finite(const float *x, size_t n, const char *what, int width,
+                                           esft_error *err);
+
+/* An output of finite inputs that came out NaN or Inf: a weight is NaN or Inf,
+   or the values overflowed (the SwiGLU's u * silu(g) passes FLT_MAX from
+   finite g, u). ESFT_ERR_NUMERIC naming the first bad element and why. */
+static esft_status esft__moe_check_output(const float *a, size_t n, const char *what, int D, esft_error *err)
+{
+    esft_error where;
+    if (esft__pesc_check_finite(a, n, what, D, &where) == ESFT_OK) return ESFT_OK;
+    return esft__fail(err, ESFT_ERR_NUMERIC, "%s, from finite inputs: a weight is NaN or Inf, or the layer overflowed",
+                      where.message);
 }
 
 static float esft__sigmoidf(float v) { return 1.0f / (1.0f + expf(-v)); }
@@ -4480,7 +4667,7 @@ static esft_status esft__moe_forward_cpu(void *context, const esft_moe *m, float
         }
     }
     *aux_loss = esft__moe_aux_forward(&w, c, T);
-    return ESFT_OK;
+    return esft__moe_check_output(y, (size_t)T * D, "y", D, err);
 }
 
 /* Routed experts backward. Fills w->dw (dL/d routing weight) and accumulates
@@ -4607,7 +4794,7 @@ static esft_status esft__moe_backward_cpu(void *context, const esft_moe *m, floa
     int D = c->d_model, E = c->route.n_experts, K = c->route.top_k, t;
     int S = c->aux_mode == ESFT_AUX_SEQUENCE ? c->aux_seq_len : T, nt = esft__moe_threads(c, T);
     esft__moe_ws w;
-    (void)context; (void)err;
+    (void)context;
     esft__moe_ws_at(&w, c, T, workspace);
     esft__moe_experts_backward(m, &w, dx, dy, T, nt);
     esft__moe_shared_backward(m, &w, dx, dy, x, T, nt);
@@ -4618,7 +4805,9 @@ static esft_status esft__moe_backward_cpu(void *context, const esft_moe *m, floa
     }
     esft__sgemm(0, 0, T, D, E, 1.0f, w.logits, E, esft__moe_router_w(m), D, 1.0f, dx, D);
     if (m->d_router) esft__sgemm(1, 0, E, D, T, 1.0f, w.logits, E, x, D, 1.0f, m->d_router, D);
-    return ESFT_OK;
+    /* dx goes on to the layers below; the gradient block is checked by the
+       optimizer step (esft_adamw_step refuses a non-finite gradient) */
+    return esft__moe_check_output(dx, (size_t)T * D, "dx", D, err);
 }
 
 /* First non-finite value of a (n) or -1. */
@@ -4658,16 +4847,63 @@ static esft_status esft__moe_check_call(const esft_moe *m, const void *out, cons
     return ESFT_OK;
 }
 
+/* The stamp a forward of T tokens leaves (T < 0: none, before the op runs, so
+   that a failed forward leaves nothing for a backward). */
+static esft__moe_ws_stamp esft__moe_stamp_of(const esft_moe_config *c, int T)
+{
+    esft__moe_ws_stamp st;
+    memset(&st, 0, sizeof st);
+    if (T < 0) return st;
+    st.magic = ESFT__MOE_WS_MAGIC;
+    st.T = T;
+    st.D = c->d_model;
+    st.E = c->route.n_experts;
+    st.K = c->route.top_k;
+    st.F = c->d_expert;
+    st.FS = c->d_shared;
+    return st;
+}
+
+static esft_status esft__moe_stamp_write(const esft_moe *m, void *workspace, int T, esft_error *err)
+{
+    esft__moe_ws_stamp st = esft__moe_stamp_of(&m->cfg, T);
+    if (!m->backend->upload) return esft__missing_op(m->backend, "upload", err);
+    return m->backend->upload(m->backend->context, esft__moe_ws_header(workspace), &st, sizeof st);
+}
+
+/* Like PESC's saved->T: the backward must follow a successful forward of the
+   same T and shapes on this workspace. */
+static esft_status esft__moe_stamp_check(const esft_moe *m, void *workspace, int T, esft_error *err)
+{
+    esft__moe_ws_stamp want = esft__moe_stamp_of(&m->cfg, T), got;
+    esft_status s;
+    if (!m->backend->download) return esft__missing_op(m->backend, "download", err);
+    s = m->backend->download(m->backend->context, &got, esft__moe_ws_header(workspace), sizeof got);
+    if (s != ESFT_OK) return esft__fail(err, s, "cannot read the workspace header");
+    if (got.magic != ESFT__MOE_WS_MAGIC)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT,
+                          "backward of %d tokens, but the workspace holds no forward (none ran, or it failed)", T);
+    if (got.T != T)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "backward of %d tokens, the last forward had %d", T,
+                          (int)got.T);
+    if (memcmp(&got, &want, sizeof got) != 0)
+        return esft__fail(err, ESFT_ERR_SHAPE, "the workspace holds a forward of another layer shape");
+    return ESFT_OK;
+}
+
 ESFTDEF esft_status esft_moe_forward(float *y, float *aux_loss, const float *x, const esft_moe *m,
                                      void *workspace, size_t workspace_bytes, int T, esft_error *err)
 {
     float aux = 0.0f;
     esft_status s = esft__moe_check_call(m, y, x, x, "x", workspace, workspace_bytes, T, err);
-    if (s != ESFT_OK) return s;
-    if (T > 0) {
-        if (!m->backend->moe_forward) return esft__missing_op(m->backend, "moe_forward", err);
-        s = m->backend->moe_forward(m->backend->context, m, y, &aux, x, workspace, T, err);
+    if (s != ESFT_OK || T == 0) {
+        if (s == ESFT_OK && aux_loss) *aux_loss = 0.0f;
+        return s;
     }
+    if (!m->backend->moe_forward) return esft__missing_op(m->backend, "moe_forward", err);
+    if ((s = esft__moe_stamp_write(m, workspace, -1, err)) != ESFT_OK) return s;
+    s = m->backend->moe_forward(m->backend->context, m, y, &aux, x, workspace, T, err);
+    if (s == ESFT_OK) s = esft__moe_stamp_write(m, workspace, T, err);
     if (s == ESFT_OK && aux_loss) *aux_loss = aux;
     return s;
 }
@@ -4678,6 +4914,7 @@ ESFTDEF esft_status esft_moe_backward(float *dx, const esft_moe *m, const float 
     esft_status s = esft__moe_check_call(m, dx, dy, x, "dy", workspace, workspace_bytes, T, err);
     if (s != ESFT_OK || T == 0) return s;
     if (!m->backend->moe_backward) return esft__missing_op(m->backend, "moe_backward", err);
+    if ((s = esft__moe_stamp_check(m, workspace, T, err)) != ESFT_OK) return s;
     return m->backend->moe_backward(m->backend->context, m, dx, dy, x, workspace, T, err);
 }
 
@@ -4877,9 +5114,19 @@ ESFTDEF esft_pesc_config esft_pesc_config_camelidae(int d_model)
     return esft_pesc_config_init(d_model, 8, 2, 512);
 }
 
-ESFTDEF esft_status esft_pesc_config_validate(const esft_pesc_config *c, esft_error *err)
+/* The whole block, (E (1 + 2R)) D floats, is addressable in bytes (sizes >= 1). */
+static int esft__pesc_block_fits(const esft_pesc_config *c)
 {
     size_t per_expert;
+    if (!esft__product_fits((size_t)c->rank, 2) || !esft__product_fits(2 * (size_t)c->rank + 1, (size_t)c->d_model))
+        return 0;
+    per_expert = (2 * (size_t)c->rank + 1) * (size_t)c->d_model;
+    return esft__product_fits(per_expert, (size_t)c->n_experts) &&
+           esft__product_fits(per_expert * (size_t)c->n_experts, sizeof(float));
+}
+
+ESFTDEF esft_status esft_pesc_config_validate(const esft_pesc_config *c, esft_error *err)
+{
     if (!c) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "PESC config is NULL");
     if (c->d_model < 1) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "d_model %d < 1", c->d_model);
     if (c->n_experts < 1) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "n_experts %d < 1", c->n_experts);
@@ -4892,18 +5139,14 @@ ESFTDEF esft_status esft_pesc_config_validate(const esft_pesc_config *c, esft_er
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "aux_alpha must be finite and >= 0");
     if (!(c->dropout >= 0.0f && c->dropout < 1.0f))
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "dropout %g outside [0, 1)", (double)c->dropout);
-    /* the whole block, (E (1 + 2R)) D floats, must be addressable */
-    if (!esft__product_fits((size_t)c->rank, 2) || !esft__product_fits(2 * (size_t)c->rank + 1, (size_t)c->d_model))
-        return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "PESC parameter count overflows size_t");
-    per_expert = (2 * (size_t)c->rank + 1) * (size_t)c->d_model;
-    if (!esft__product_fits(per_expert, (size_t)c->n_experts) ||
-        !esft__product_fits(per_expert * (size_t)c->n_experts, sizeof(float)))
+    if (!esft__pesc_block_fits(c))
         return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "PESC parameter count overflows size_t");
     return ESFT_OK;
 }
 
 ESFTDEF size_t esft_pesc_param_count(const esft_pesc_config *c)
 {
+    if (!c || c->d_model < 1 || c->n_experts < 1 || c->rank < 1 || !esft__pesc_block_fits(c)) return 0;
     return (size_t)c->n_experts * (size_t)c->d_model * (1 + 2 * (size_t)c->rank);
 }
 
@@ -6041,9 +6284,8 @@ static esft_status esft__st_bad(esft_error *err, esft_status s, const char *file
 {
     if (err) {
         va_list ap;
-        esft__fail_at(err, s, file, 0, "%s", "");
         va_start(ap, fmt);
-        vsnprintf(err->message, sizeof err->message, fmt, ap);
+        esft__error_vset(err, s, file, 0, fmt, ap);
         va_end(ap);
         err->offset = offset;
         if (offset >= 0) { /* the place, for callers that print only the message */
@@ -7674,6 +7916,86 @@ static esft_status esft__json_value(esft__json_parser *p, int depth)
     return esft__json_error(p, "unexpected character");
 }
 
+/* One object key, decoded, for the duplicate check. */
+typedef struct esft__json_key {
+    const char *s;
+    size_t n;
+    int tok;
+} esft__json_key;
+
+static int esft__cmp_json_key(const void *pa, const void *pb)
+{
+    const esft__json_key *a = (const esft__json_key *)pa, *b = (const esft__json_key *)pb;
+    int c = memcmp(a->s, b->s, a->n < b->n ? a->n : b->n);
+    if (c) return c;
+    if (a->n != b->n) return a->n < b->n ? -1 : 1;
+    return a->tok < b->tok ? -1 : a->tok > b->tok;
+}
+
+static esft_status esft__json_decode(const esft_json *js, int tok, char *buf, size_t cap, size_t *out_len);
+
+/* The keys of object obj into keys, decoded ("a" and "\u0061" are one key, as
+   in Python), sorted; escaped keys are decoded into arena (text length + 1). */
+static void esft__json_object_keys(const esft_json *js, int obj, esft__json_key *keys, char *arena)
+{
+    int i, k;
+    size_t used = 0;
+    for (i = 0, k = obj + 1; i < js->tokens[obj].size; i++, k = js->tokens[k + 1].next) {
+        const esft_json_token *t = js->tokens + k;
+        keys[i].tok = k;
+        keys[i].s = js->text + t->start;
+        keys[i].n = t->end - t->start;
+        if (arena && memchr(keys[i].s, '\\', keys[i].n)) {
+            /* decoded <= raw, and the keys of one object fit the text: cannot fail */
+            esft__json_decode(js, k, arena + used, js->length + 1 - used, &keys[i].n);
+            keys[i].s = arena + used;
+            used += keys[i].n + 1;
+        }
+    }
+    qsort(keys, (size_t)js->tokens[obj].size, sizeof *keys, esft__cmp_json_key);
+}
+
+/* Python's json keeps the last of two equal keys; the readers here would keep
+   the first: one file, two meanings. Refused: the first repeated key, in text
+   order within the first object that has one, as a parse error at its place. */
+static esft_status esft__json_no_duplicate_keys(esft__json_parser *p)
+{
+    const esft_json *js = p->js;
+    esft__json_key *keys;
+    char *arena = NULL, what[120];
+    int i, j, max_n = 0, dup = -1, escaped;
+    for (i = 0; i < js->n_tokens; i++)
+        if (js->tokens[i].type == ESFT_JSON_OBJECT && js->tokens[i].size > max_n) max_n = js->tokens[i].size;
+    if (max_n < 2) return ESFT_OK;
+    escaped = memchr(js->text, '\\', js->length) != NULL;
+    keys = ESFT__CAST(esft__json_key *, esft__calloc(&js->allocator, (size_t)max_n, sizeof *keys));
+    if (escaped) arena = ESFT__CAST(char *, esft__calloc(&js->allocator, js->length + 1, 1));
+    if (!keys || (escaped && !arena)) {
+        esft__release(&js->allocator, keys);
+        esft__release(&js->allocator, arena);
+        return esft__fail(p->err, ESFT_ERR_OUT_OF_MEMORY, "JSON key check");
+    }
+    for (i = 0; i < js->n_tokens && dup < 0; i++) {
+        if (js->tokens[i].type != ESFT_JSON_OBJECT || js->tokens[i].size < 2) continue;
+        esft__json_object_keys(js, i, keys, arena);
+        for (j = 1; j < js->tokens[i].size; j++)
+            if (keys[j].n == keys[j - 1].n && memcmp(keys[j].s, keys[j - 1].s, keys[j].n) == 0 &&
+                (dup < 0 || keys[j].tok < dup))
+                dup = keys[j].tok; /* the later of the two: sorted by token within equal keys */
+    }
+    esft__release(&js->allocator, keys);
+    esft__release(&js->allocator, arena);
+    if (dup < 0) return ESFT_OK;
+    {
+        const esft_json_token *t = js->tokens + dup;
+        size_t n = t->end - t->start;
+        snprintf(what, sizeof what, "duplicate key \"%.*s%s\"", n > 60 ? 60 : (int)n, js->text + t->start,
+                 n > 60 ? "..." : "");
+        p->pos = t->start - 1; /* the opening quote */
+    }
+    return esft__json_error(p, what);
+}
+
 ESFTDEF esft_status esft_json_parse(esft_json *out, const char *text, size_t length,
                                     const esft_allocator *allocator, esft_error *err)
 {
@@ -7695,6 +8017,7 @@ ESFTDEF esft_status esft_json_parse(esft_json *out, const char *text, size_t len
         esft__json_skip_ws(&p);
         if (p.pos != p.n) s = esft__json_error(&p, "trailing characters after the value");
     }
+    if (s == ESFT_OK) s = esft__json_no_duplicate_keys(&p);
     if (s != ESFT_OK) esft_json_free(out);
     return s;
 }
@@ -7721,13 +8044,23 @@ static unsigned long esft__hex4(const char *h)
 
 /* Decodes a string token's escapes into buf (cap >= 1). \u escapes become UTF-8,
    surrogate pairs joined. Returns ESFT_ERR_RANGE when buf is too small. */
+static esft_status esft__json_decode(const esft_json *js, int tok, char *buf, size_t cap, size_t *out_len);
+
 ESFTDEF esft_status esft_json_string(const esft_json *js, int tok, char *buf, size_t cap)
 {
-    const esft_json_token *t;
-    size_t i, n = 0;
+    size_t len;
     if (!js || tok < 0 || tok >= js->n_tokens || !buf || cap == 0) return ESFT_ERR_INVALID_ARGUMENT;
-    t = js->tokens + tok;
-    if (t->type != ESFT_JSON_STRING) return ESFT_ERR_INVALID_ARGUMENT;
+    if (js->tokens[tok].type != ESFT_JSON_STRING) return ESFT_ERR_INVALID_ARGUMENT;
+    return esft__json_decode(js, tok, buf, cap, &len);
+}
+
+/* esft_json_string's decoding, with the decoded length (a \u0000 puts a NUL
+   inside the text, so strlen would not give it). tok is a string token. */
+static esft_status esft__json_decode(const esft_json *js, int tok, char *buf, size_t cap, size_t *out_len)
+{
+    const esft_json_token *t = js->tokens + tok;
+    size_t i, n = 0;
+    *out_len = 0;
     for (i = t->start; i < t->end; i++) {
         unsigned long cp;
         char c = js->text[i];
@@ -7764,6 +8097,7 @@ ESFTDEF esft_status esft_json_string(const esft_json *js, int tok, char *buf, si
         for (k = 0; k < len; k++) buf[n++] = utf8[k];
     }
     buf[n] = 0;
+    *out_len = n;
     return ESFT_OK;
 }
 
@@ -9365,7 +9699,10 @@ ESFTDEF void esft_npy_abort(esft_npy_writer *w)
 
 static int esft__n_threads_wanted; /* esft_set_num_threads; 0 = all */
 
-ESFTDEF void esft_set_num_threads(int n) { esft__n_threads_wanted = n < 0 ? 0 : n; }
+ESFTDEF void esft_set_num_threads(int n)
+{
+    esft__n_threads_wanted = n < 0 ? 0 : n > ESFT_MAX_THREADS ? ESFT_MAX_THREADS : n;
+}
 
 ESFTDEF int esft_get_num_threads(void)
 {

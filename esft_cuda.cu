@@ -567,7 +567,8 @@ static char *esft_cuda__carve(char *base, size_t *off, size_t count, size_t elem
 static void esft_cuda__moe_ws_at(esft_cuda__moe_ws *w, const esft_moe_config *c, int T, void *workspace)
 {
     uintptr_t u = (uintptr_t)workspace;
-    char *p = (char *)workspace + ((64 - (u & 63)) & 63);
+    /* after esft.h's 64-byte header (the stamp of the forward that filled it) */
+    char *p = (char *)workspace + ((64 - (u & 63)) & 63) + 64;
     size_t off = 0, t = (size_t)T, E = (size_t)c->route.n_experts, K = (size_t)c->route.top_k;
     size_t D = (size_t)c->d_model, F = (size_t)c->d_expert, FS = (size_t)c->d_shared, tk = t * K;
     size_t G = (size_t)(c->route.n_group > 0 ? c->route.n_group : 1);

@@ -172,6 +172,10 @@ static const char stats_help[] =
     "                        pooled (default): count / (K * tokens of the layer), as\n"
     "                        ESFT's summary.json; per-sample: the paper's Eq. 6-7,\n"
     "                        the mean over samples of each sample's value\n"
+    "  --model-config FILE   the model's config.json (Hugging Face): E, K and the layer\n"
+    "                        count come from it (n_routed_experts / num_experts,\n"
+    "                        num_experts_per_tok, num_hidden_layers); an --experts,\n"
+    "                        --top-k or --layers that disagrees with it is an error\n"
     "  --top-k K             experts per token in the logs (default 6, DeepSeek-V2-Lite)\n"
     "  --experts N           routed experts per layer (default 64)\n"
     "  --layers L            layer numbers 0..L-1 are read (default 27: logs 1..26)\n"
@@ -179,8 +183,14 @@ static const char stats_help[] =
     "                        -1 writes full precision\n"
     "  -q, --quiet           no summary line on success\n"
     "\n"
+    "A wrong --top-k or --experts does not give plausible scores: a token naming an\n"
+    "expert twice, an id count that --top-k does not divide, or an id >= --experts\n"
+    "is an error saying which K or E the log looks like; experts that no token of\n"
+    "any layer selected at the top of the range get a warning naming the likely E.\n"
+    "\n"
     "example:\n"
     "  esft stats build/data/translation -o summary.json\n"
+    "  esft stats LOGDIR --model-config DeepSeek-V2-Lite/config.json -o summary.json\n"
     "\n"
     "With --data, esft stats runs a model instead (the second form):\n"
 "\n"
@@ -200,10 +210,59 @@ static const char stats_help[] =
 static int cmd_stats_model(const char *name, int argc, char **argv);
 static int cli_has_option(int argc, char **argv, const char *flag);
 
+/* One of E, K, L from the model's config.json: the value, unless the command
+   line gave another (given >= 0), which is a usage error. */
+static int cli_model_value(const char *cmd, const char *flag, int given, int model, const char *path, int *out)
+{
+    char a[64], b[600];
+    if (given >= 0 && given != model) {
+        snprintf(a, sizeof a, "%s %d", flag, given);
+        snprintf(b, sizeof b, "%d in %.500s", model, path);
+        return cli_usage(cmd, "%s disagrees with the model: %s", a, b);
+    }
+    *out = model;
+    return EXIT_OK;
+}
+
+/* --model-config: E, K and the layer count from a Hugging Face config.json, with
+   the library's reader (the one esft eval uses). given_* are the command line's
+   values, -1 where not given. */
+static int cli_stats_model_config(const char *cmd, const char *path, int given_k, int given_e, int given_l,
+                                  int *k, int *experts, int *layers)
+{
+    esft_model_config mc;
+    esft_error err;
+    esft_status s;
+    memset(&err, 0, sizeof err);
+    s = esft_model_config_read(&mc, path, &err);
+    if (s != ESFT_OK) return cli_fail(cmd, s, &err);
+    if (cli_model_value(cmd, "--top-k", given_k, mc.route.top_k, path, k) ||
+        cli_model_value(cmd, "--experts", given_e, mc.route.n_experts, path, experts) ||
+        cli_model_value(cmd, "--layers", given_l, mc.n_layers, path, layers))
+        return EXIT_USAGE;
+    return EXIT_OK;
+}
+
+/* Experts above the highest one any token of any layer selected score 0
+   everywhere: with --experts larger than the model's, that is what it looks
+   like. A warning, not an error (a short log may leave the last experts idle). */
+static void cli_warn_idle_top_experts(const char *cmd, const esft_stats *st)
+{
+    int l, e, top = -1;
+    for (l = 0; l < st->n_layers; l++)
+        for (e = st->n_experts - 1; e > top; e--)
+            if (st->count[(size_t)l * st->n_experts + e]) { top = e; break; }
+    if (top >= 0 && top + 1 < st->n_experts)
+        fprintf(stderr,
+                "esft %s: warning: no token of any layer selected an expert above %d: the logs look like "
+                "--experts %d, not %d (experts %d..%d score 0); --model-config FILE reads E from the model\n",
+                cmd, top, top + 1, st->n_experts, top + 1, st->n_experts - 1);
+}
+
 static int cmd_stats(const char *name, int argc, char **argv)
 {
-    const char *dir = NULL, *out = NULL, *v;
-    int i, r, k = 6, experts = 64, layers = 27, decimals = 4, quiet = 0, n_files = 0, l;
+    const char *dir = NULL, *out = NULL, *v, *model_config = NULL;
+    int i, r, k = -1, experts = -1, layers = -1, decimals = 4, quiet = 0, n_files = 0, l;
     esft_norm norm = ESFT_NORM_POOLED;
     esft_stats st;
     esft_scores sc;
@@ -214,6 +273,7 @@ static int cmd_stats(const char *name, int argc, char **argv)
     memset(&err, 0, sizeof err);
     for (i = 1; i < argc; i++) {
         if ((r = cli_text(name, argc, argv, &i, "-o", "--output", &out)) ||
+            (r = cli_text(name, argc, argv, &i, "--model-config", NULL, &model_config)) ||
             (r = cli_int_option(name, argc, argv, &i, "--top-k", &k)) ||
             (r = cli_int_option(name, argc, argv, &i, "--experts", &experts)) ||
             (r = cli_int_option(name, argc, argv, &i, "--layers", &layers)) ||
@@ -233,6 +293,14 @@ static int cmd_stats(const char *name, int argc, char **argv)
     if (!dir) return cli_missing(name, "the log directory");
     if (!out) return cli_missing(name, "-o SUMMARY.json");
     if (decimals < -1 || decimals > 17) return cli_usage(name, "--decimals must be -1..17%s%s", "", "");
+    if (model_config) {
+        r = cli_stats_model_config(name, model_config, k, experts, layers, &k, &experts, &layers);
+        if (r != EXIT_OK) return r;
+    } else { /* DeepSeek-V2-Lite, whose logs ESFT published */
+        if (k == -1) k = 6;
+        if (experts == -1) experts = 64;
+        if (layers == -1) layers = 27;
+    }
     memset(&err, 0, sizeof err);
     if (k < 1 || experts < 1 || layers < 1 || k > experts) {
         snprintf(err.message, sizeof err.message, "need 1 <= top-k (%d) <= experts (%d) and layers (%d) >= 1",
@@ -242,6 +310,7 @@ static int cmd_stats(const char *name, int argc, char **argv)
     s = esft_stats_init(&st, layers, experts, k, NULL);
     if (s != ESFT_OK) return cli_fail(name, s, NULL);
     s = esft_stats_read_log_dir(&st, dir, &n_files, &err);
+    if (s == ESFT_OK && !model_config) cli_warn_idle_top_experts(name, &st);
     if (s == ESFT_OK) {
         s = esft_stats_scores(&st, norm, &sc);
         if (s == ESFT_OK) {
@@ -255,7 +324,13 @@ static int cmd_stats(const char *name, int argc, char **argv)
         if (st.n_tokens[l] > tokens) tokens = st.n_tokens[l];
     }
     esft_stats_uninit(&st);
-    if (s != ESFT_OK) return cli_fail(name, s, &err);
+    if (s != ESFT_OK) {
+        cli_fail(name, s, &err);
+        if (!model_config && (s == ESFT_ERR_SHAPE || s == ESFT_ERR_RANGE) && (strstr(err.message, " looks like") || strstr(err.message, " experts, not ")))
+            fprintf(stderr, "esft %s: --top-k and --experts must be the model's: --model-config FILE reads them "
+                            "from its config.json\n", name);
+        return EXIT_RUNTIME;
+    }
     if (!quiet)
         fprintf(stderr, "esft stats: %d layer logs, up to %llu samples and %llu tokens per layer; %s scores -> %s\n",
                 n_files, samples, tokens, norm == ESFT_NORM_POOLED ? "pooled" : "per-sample", out);
@@ -605,6 +680,32 @@ static const char inspect_help[] =
 
 static int cli_print_architecture(const char *dir);
 
+/* Prints up to max bytes of s (a name or value from a file) to stdout, with
+   terminal control characters escaped: bytes below 0x20, DEL and the C1
+   controls U+0080..U+009F (UTF-8 C2 80..C2 9F) as \xNN / \u00NN, and '\'
+   as "\\" so an escape in the output is always ours. A hostile tensor name
+   could otherwise move the cursor, clear the screen or set the window title.
+   Pads with spaces to width columns; returns the columns written. */
+static int cli_put_escaped(const char *s, size_t max, int width)
+{
+    const unsigned char *u = (const unsigned char *)s;
+    size_t i;
+    int cols = 0;
+    for (i = 0; i < max && u[i]; i++) {
+        if (u[i] < 0x20 || u[i] == 0x7f) cols += printf("\\x%02x", u[i]);
+        else if (u[i] == '\\') cols += printf("\\\\");
+        else if (u[i] == 0xc2 && i + 1 < max && u[i + 1] >= 0x80 && u[i + 1] <= 0x9f) {
+            cols += printf("\\u%04x", u[i + 1]);
+            i++;
+        } else {
+            putchar(u[i]);
+            cols += (u[i] & 0xc0) != 0x80; /* a column per character, not per byte */
+        }
+    }
+    for (; cols < width; cols++) putchar(' ');
+    return cols;
+}
+
 static int cmd_inspect(const char *name, int argc, char **argv)
 {
     const char *in = NULL;
@@ -628,10 +729,16 @@ static int cmd_inspect(const char *name, int argc, char **argv)
            ck.n_tensors == 1 ? "" : "s", cli_bytes(ck.total_bytes, b1, sizeof b1));
     for (s = 0; s < ck.n_shards; s++) {
         const esft_safetensors *sh = ck.shards + s;
-        printf("shard %s: %d tensors, %s\n", ck.shard_files[s], sh->n_tensors, cli_bytes(sh->file_size, b1, sizeof b1));
+        printf("shard ");
+        cli_put_escaped(ck.shard_files[s], (size_t)-1, 0);
+        printf(": %d tensors, %s\n", sh->n_tensors, cli_bytes(sh->file_size, b1, sizeof b1));
         for (i = 0; i < sh->n_metadata; i++) {
             const char *val = sh->meta_values[i];
-            printf("  metadata %s = %.*s%s\n", sh->meta_keys[i], 100, val, strlen(val) > 100 ? "..." : "");
+            printf("  metadata ");
+            cli_put_escaped(sh->meta_keys[i], (size_t)-1, 0);
+            printf(" = ");
+            cli_put_escaped(val, 100, 0);
+            printf("%s\n", strlen(val) > 100 ? "..." : "");
         }
         for (i = 0; i < sh->n_tensors; i++) by_dtype[sh->tensors[i].dtype] += sh->tensors[i].n_bytes;
     }
@@ -645,8 +752,9 @@ static int cmd_inspect(const char *name, int argc, char **argv)
             for (d = 0; d < t->n_dims && n < (int)sizeof shape; d++)
                 n += snprintf(shape + n, sizeof shape - (size_t)n, "%s%lld", d ? ", " : "", (long long)t->shape[d]);
             if (n < (int)sizeof shape) snprintf(shape + n, sizeof shape - (size_t)n, "]");
-            printf("%-64s %-7s %-18s %12llu  %d\n", t->name, esft_dtype_name(t->dtype), shape,
-                   (unsigned long long)t->n_bytes, ck.name_shard[i]);
+            cli_put_escaped(t->name, (size_t)-1, 64);
+            printf(" %-7s %-18s %12llu  %d\n", esft_dtype_name(t->dtype), shape, (unsigned long long)t->n_bytes,
+                   ck.name_shard[i]);
         }
     }
     printf("bytes by dtype:");

@@ -162,5 +162,42 @@ PY
     done
 else skip svg_well_formed "no python3"; fi
 
+# ---- wrong answers that looked right (issue 12) ----
+# --top-k 12 over K = 6 logs joined token pairs (a token naming an expert twice,
+# its weight counted twice) and exited 0: now an error naming K = 6.
+expect stats_top_k_twice_the_logs 1 "$T/k12.json" -- stats "$LOGS" --top-k 12 -o "$T/k12.json"
+grep -q "expert_weights_1.txt:1: token 0 of sample 0 at layer 1 selects expert [0-9]* twice: the log looks like top-k 6, not 12" "$T/err" &&
+    grep -q -- "--model-config" "$T/err" && pass stats_wrong_top_k_names_the_logs_k ||
+    fail stats_wrong_top_k_names_the_logs_k "message does not name top-k 6"
+expect stats_experts_too_few 1 "$T/e60.json" -- stats "$LOGS" --experts 60 -o "$T/e60.json"
+grep -q "at least 64 experts, not 60" "$T/err" && pass stats_too_few_experts_names_the_logs_e ||
+    fail stats_too_few_experts_names_the_logs_e "message does not suggest 64"
+# --experts 72: experts 64..71 score 0 everywhere; a warning names E = 64
+expect stats_experts_too_many 0 -- stats "$LOGS" --experts 72 -o "$T/e72.json"
+grep -q "warning: .*look like --experts 64, not 72" "$T/err" && pass stats_too_many_experts_warns ||
+    fail stats_too_many_experts_warns "no warning naming 64"
+# --model-config: E, K and L from a Hugging Face config.json; the authors' file again
+sed -e 's/"n_routed_experts": 8/"n_routed_experts": 64/' -e 's/"num_experts_per_tok": 2/"num_experts_per_tok": 6/' \
+    -e 's/"num_hidden_layers": 3/"num_hidden_layers": 27/' tests/models/deepseek_v2_lite/config.json > "$T/v2lite.json"
+if expect stats_model_config 0 -- stats "$LOGS" --model-config "$T/v2lite.json" -o "$T/mc.json" &&
+   cmp "$T/mc.json" data/translation_summary.json > "$T/err" 2>&1 && ! grep -q warning "$T/err"; then
+    pass stats_model_config_reproduces_translation_summary_json
+else fail stats_model_config_reproduces_translation_summary_json "differs, or warned"; fi
+expect stats_model_config_agreeing_flags 0 -- stats "$LOGS" --model-config "$T/v2lite.json" --top-k 6 --experts 64 --layers 27 -o "$T/mc2.json"
+expect stats_model_config_conflicting_top_k 2 "$T/mc3.json" -- stats "$LOGS" --model-config "$T/v2lite.json" --top-k 4 -o "$T/mc3.json"
+grep -q -- "--top-k 4 disagrees with the model: 6 in" "$T/err" && pass stats_model_config_conflict_named ||
+    fail stats_model_config_conflict_named "no message naming both values"
+expect stats_model_config_conflicting_experts 2 "$T/mc4.json" -- stats "$LOGS" --model-config "$T/v2lite.json" --experts 72 -o "$T/mc4.json"
+expect stats_model_config_missing 1 "$T/mc5.json" -- stats "$LOGS" --model-config "$T/no-such.json" -o "$T/mc5.json"
+grep -q "no-such.json" "$T/err" && pass stats_model_config_missing_named || fail stats_model_config_missing_named "file not named"
+# inspect: control characters in tensor names and metadata are escaped, not sent to the terminal
+h='{"a\u001b[2Jb\u0007":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"__metadata__":{"k\u009bx":"v\u001b]0;pwned\u0007"}}'
+{ printf "\\$(printf %03o ${#h})\\000\\000\\000\\000\\000\\000\\000"; printf '%s' "$h"; printf '\000\000\000\000'; } > "$T/ctrl.safetensors"
+expect inspect_control_characters 0 -- inspect "$T/ctrl.safetensors"
+if ! LC_ALL=C grep -q "$(printf '[\001-\010\013-\037\177]')" "$T/out" && ! LC_ALL=C grep -q "$(printf '\302[\200-\237]')" "$T/out" &&
+   grep -qF 'a\x1b[2Jb\x07' "$T/out" && grep -qF 'k\u009bx = v\x1b]0;pwned\x07' "$T/out"; then
+    pass inspect_escapes_control_characters
+else fail inspect_escapes_control_characters "raw control bytes on stdout"; fi
+
 echo "$passed passed, $failed failed, $skipped skipped"
 [ "$failed" -eq 0 ]

@@ -16,6 +16,7 @@
 #include <locale.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 /* ---- temporary files --------------------------------------------------- */
@@ -177,6 +178,36 @@ TEST(log_negative_weight)           { bad_log("neg", GOOD "0\t1\t\t0.5\t-0.25\n"
 TEST(log_weight_not_a_number)       { bad_log("wtext", GOOD "0\t1\t\t0.5\t0.2x\n", ESFT_ERR_PARSE, 2); }
 TEST(log_trailing_tab)              { bad_log("trail", GOOD "0\t1\t\t0.5\t0.25\t\n", ESFT_ERR_PARSE, 2); }
 TEST(log_bad_last_line_without_newline) { bad_log("last", GOOD GOOD "0\t1\t\t0.5", ESFT_ERR_SHAPE, 3); }
+
+/* A wrong top-k or expert count used to give scores that look right: K = 4 over
+   a K = 2 log joined token pairs, some naming an expert twice (its weight
+   counted twice); an E too small was a bare range error. Now the messages say
+   what the log looks like. */
+TEST(log_read_with_a_wrong_top_k_or_expert_count_names_the_likely_one)
+{
+    static const char k2[] = "0\t1\t1\t2\t3\t4\t2\t5\t\t0.5\t0.5\t0.5\t0.5\t0.5\t0.5\t0.5\t0.5\n";
+    static const char k2_odd[] = "0\t1\t1\t2\t2\t3\t\t0.5\t0.5\t0.5\t0.5\t0.5\t0.5\n";
+    static const char e10[] = "0\t1\t\t0.5\t0.5\n0\t9\t\t0.5\t0.5\n";
+    esft_stats st;
+    esft_error err;
+    CHECK_STATUS(esft_stats_init(&st, 4, 8, 4, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_read_log_memory(&st, 1, k2, sizeof k2 - 1, "k2.txt", &err), ESFT_ERR_SHAPE);
+    CHECK_MSG(strcmp(err.message, "token 0 of sample 0 at layer 1 selects expert 1 twice: "
+                                  "the log looks like top-k 2, not 4") == 0, "%s", err.message);
+    CHECK(strcmp(err.file, "k2.txt") == 0 && err.line == 1);
+    CHECK_STATUS(esft_stats_read_log_memory(&st, 1, k2_odd, sizeof k2_odd - 1, "k2.txt", &err), ESFT_ERR_SHAPE);
+    CHECK_MSG(strstr(err.message, "not a multiple of top-k 4: the line looks like top-k 2") != NULL, "%s",
+              err.message);
+    CHECK_EQ_INT(st.n_tokens[1], 0);
+    esft_stats_uninit(&st);
+    CHECK_STATUS(esft_stats_init(&st, 4, 8, 2, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_read_log_memory(&st, 1, k2, sizeof k2 - 1, "k2.txt", &err), ESFT_OK);
+    CHECK_STATUS(esft_stats_read_log_memory(&st, 2, e10, sizeof e10 - 1, "e10.txt", &err), ESFT_ERR_RANGE);
+    CHECK_MSG(strstr(err.message, "expert id 9 outside [0, 8): the log has ids up to 9, so at least 10 experts, "
+                                  "not 8") != NULL, "%s", err.message);
+    CHECK_EQ_INT(err.line, 2);
+    esft_stats_uninit(&st);
+}
 
 TEST(log_file_for_a_layer_beyond_the_accumulator)
 {
@@ -451,6 +482,31 @@ TEST(json_depth_over_64)
     memset(text + 2, '[', 64);
     memset(text + 66, ']', 65);
     bad_summary("j_depth", text, 131, ESFT_ERR_PARSE, 2);
+}
+
+/* Python's json keeps the last of two equal keys, these readers kept the first:
+   the same file read two ways. Now a parse error naming the key and its place. */
+TEST(json_duplicate_keys_are_parse_errors_naming_key_and_place)
+{
+    static const char dup[] = "{\"b\": 1, \"a\": 1,\n  \"b\": 2, \"a\": 2}";
+    static const char escaped[] = "{\"a\": 1, \"\\u0061\": 2}";
+    static const char fine[] = "{\"a\": 1, \"A\": 2, \"ab\": 3, \"x\": {\"a\": 1, \"b\": {\"a\": 2}}, "
+                               "\"a\\u0000b\": 1, \"a\\u0000c\": 2, \"\\u00e9\": 1, \"\\u00e8\": 2}";
+    static const char nested[] = "[{\"k\": 1}, {\"k\": 2, \"j\": {\"q\": 1, \"q\": 1}}]";
+    esft_json js;
+    esft_error err;
+    CHECK_STATUS(esft_json_parse(&js, dup, sizeof dup - 1, NULL, &err), ESFT_ERR_PARSE);
+    CHECK_MSG(strstr(err.message, "duplicate key \"b\"") != NULL, "%s", err.message);
+    CHECK_EQ_INT(err.line, 2);
+    CHECK_EQ_INT(err.offset, 19); /* the second "b" */
+    CHECK_STATUS(esft_json_parse(&js, escaped, sizeof escaped - 1, NULL, &err), ESFT_ERR_PARSE);
+    CHECK_MSG(strstr(err.message, "duplicate key \"\\u0061\"") != NULL, "%s", err.message);
+    CHECK_STATUS(esft_json_parse(&js, nested, sizeof nested - 1, NULL, &err), ESFT_ERR_PARSE);
+    CHECK_MSG(strstr(err.message, "duplicate key \"q\"") != NULL, "%s", err.message);
+    CHECK_STATUS(esft_json_parse(&js, fine, sizeof fine - 1, NULL, &err), ESFT_OK);
+    esft_json_free(&js);
+    /* the file readers on top say it with the file's name */
+    bad_summary_text("dup_top", "{\"token_scores\": {}, \"gate_scores\": {},\n\"token_scores\": {}}", ESFT_ERR_PARSE, 2);
 }
 
 TEST(json_duplicate_layer_key_in_summary)
@@ -966,6 +1022,51 @@ TEST(writers_never_open_an_existing_temp_name)
 
 /* Repeats are found with a bitmap: in a long list, at its end, and only within a
    layer (each layer starts with a clean bitmap). */
+/* Layer keys go out in Python's string order ("1" < "10" < "2"); an insertion
+   sort of the key strings made writing 100k layers take ~20 s (quadratic). Now
+   linear: a 10 s CPU bound fails the old code and passes under valgrind. The
+   order is checked against strcmp on what was written. */
+TEST(config_of_100k_layers_is_written_in_linear_time_in_key_order)
+{
+    enum { L = 100000 };
+    size_t cap = (size_t)L * 16 + 200, n = 0, size = 0;
+    char *text = (char *)malloc(cap), *back = NULL;
+    const char *path = fresh_file("wide_config", "config.json");
+    esft_expert_config cfg;
+    esft_json js;
+    esft_error err;
+    clock_t t0;
+    int i, k, obj, ordered = 1;
+    CHECK(text != NULL && path != NULL);
+    n += (size_t)sprintf(text + n, "{\"experts\": {");
+    for (i = 0; i < L; i++) n += (size_t)sprintf(text + n, i ? ", \"%d\": [%d]" : "\"%d\": [%d]", i, i % 7);
+    n += (size_t)sprintf(text + n, "}}");
+    CHECK_STATUS(esft_expert_config_parse(text, n, "wide", &cfg, &err), ESFT_OK);
+    t0 = clock();
+    CHECK_STATUS(esft_expert_config_write(path, &cfg, &err), ESFT_OK);
+    CHECK_MSG((double)(clock() - t0) / CLOCKS_PER_SEC < 10.0, "writing took %.1f s of CPU",
+              (double)(clock() - t0) / CLOCKS_PER_SEC);
+    esft_expert_config_free(&cfg);
+    back = slurp(path, &size);
+    CHECK(back != NULL);
+    CHECK_STATUS(esft_json_parse(&js, back, size, NULL, &err), ESFT_OK);
+    obj = esft_json_find(&js, 0, "experts");
+    CHECK(obj > 0 && js.tokens[obj].size == L);
+    for (i = 1, k = obj + 1; i < L; i++) {
+        int next = js.tokens[k + 1].next;
+        size_t la = js.tokens[k].end - js.tokens[k].start, lb = js.tokens[next].end - js.tokens[next].start;
+        int c = memcmp(back + js.tokens[k].start, back + js.tokens[next].start, la < lb ? la : lb);
+        ordered &= c < 0 || (c == 0 && la < lb);
+        k = next;
+    }
+    CHECK_MSG(ordered, "layer keys are not in string order");
+    CHECK(memcmp(back, "{\"experts\": {\"0\": [0], \"1\": [1], \"10\": [3], \"100\": [2], \"1000\": [6], \"10000\": [4], "
+                       "\"10001\": [5]", 90) == 0);
+    esft_json_free(&js);
+    free(back);
+    free(text);
+}
+
 TEST(config_id_lists_repeats_found_in_one_pass)
 {
     enum { N = 200000 };

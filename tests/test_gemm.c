@@ -297,6 +297,12 @@ TEST(num_threads_knob)
     CHECK(esft_get_num_threads() >= 1);
     esft_set_num_threads(0);
     CHECK(esft_get_num_threads() >= 1);
+    esft_set_num_threads(2000000000); /* had no bound: OpenMP was asked for 2e9 threads */
+    CHECK(esft_get_num_threads() >= 1 && esft_get_num_threads() <= ESFT_MAX_THREADS);
+#if defined(_OPENMP)
+    CHECK_EQ_INT(esft_get_num_threads(), ESFT_MAX_THREADS);
+#endif
+    esft_set_num_threads(0);
 }
 
 HARNESS_MAIN()

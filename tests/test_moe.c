@@ -595,6 +595,68 @@ TEST(bad_inputs_write_nothing)
     fixture_free(&f);
 }
 
+/* The workspace's regions move with T: a backward of another T than the
+   forward's read the saved routing from the wrong places (an ASan heap overflow).
+   The forward stamps the workspace; the backward checks the stamp, as PESC
+   checks saved->T. */
+TEST(backward_needs_a_successful_forward_of_the_same_T_on_the_workspace)
+{
+    fixture f;
+    esft_error err;
+    size_t i, n = (size_t)TT * TD;
+    fixture_init(&f, 0, 0.0f, ESFT_AUX_BATCH, 0, ESFT_GATING_SOFTMAX);
+    CHECK(fixture_build(&f));
+    memset(f.ws, 0, f.ws_bytes);
+    esft_moe_zero_grad(&f.layer);
+    CHECK_STATUS(esft_moe_backward(f.dx, &f.layer, f.r, f.x, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_MSG(strstr(err.message, "holds no forward") != NULL, "%s", err.message);
+    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, &f.layer, f.ws, f.ws_bytes, TT, NULL), ESFT_OK);
+    CHECK_STATUS(esft_moe_backward(f.dx, &f.layer, f.r, f.x, f.ws, f.ws_bytes, TT - 2, &err),
+                 ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_MSG(strstr(err.message, "backward of 4 tokens, the last forward had 6") != NULL, "%s", err.message);
+    for (i = 0; i < n; i++) CHECK(f.dx[i] == 0.0f);
+    for (i = 0; i < f.layer.n_params; i++) CHECK(f.layer.grads[i] == 0.0f);
+    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, &f.layer, f.ws, f.ws_bytes, TT - 2, NULL), ESFT_OK);
+    CHECK_STATUS(esft_moe_backward(f.dx, &f.layer, f.r, f.x, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(esft_moe_backward(f.dx, &f.layer, f.r, f.x, f.ws, f.ws_bytes, TT - 2, &err), ESFT_OK);
+    /* a forward that fails inside the op leaves nothing for a backward */
+    f.layer.router[2] = INFINITY;
+    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, &f.layer, f.ws, f.ws_bytes, TT - 2, NULL), ESFT_ERR_NUMERIC);
+    f.layer.router[2] = 0.1f;
+    CHECK_STATUS(esft_moe_backward(f.dx, &f.layer, f.r, f.x, f.ws, f.ws_bytes, TT - 2, &err),
+                 ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_MSG(strstr(err.message, "failed") != NULL, "%s", err.message);
+    fixture_free(&f);
+}
+
+/* Finite inputs, non-finite outputs: a NaN weight, or values whose SwiGLU
+   passes FLT_MAX. The layer used to return ESFT_OK with NaN in y (PESC did not). */
+TEST(non_finite_outputs_of_finite_inputs_are_numeric_errors)
+{
+    fixture f;
+    esft_error err;
+    size_t i, n = (size_t)TT * TD;
+    float keep;
+    fixture_init(&f, 0, 0.0f, ESFT_AUX_BATCH, 0, ESFT_GATING_SOFTMAX);
+    CHECK(fixture_build(&f));
+    keep = f.layer.shared_gate[0];
+    f.layer.shared_gate[0] = NAN; /* every token goes through the shared block */
+    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, &f.layer, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_NUMERIC);
+    CHECK_MSG(strstr(err.message, "y[0][0] is NaN") != NULL && strstr(err.message, "weight") != NULL, "%s",
+              err.message);
+    f.layer.shared_gate[0] = keep;
+    for (i = 0; i < n; i++) f.x[i] = f.x[i] < 0 ? -1e22f : 1e22f; /* finite; g * u ~ 1e44 */
+    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, &f.layer, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_NUMERIC);
+    CHECK_MSG(strstr(err.message, "overflowed") != NULL, "%s", err.message);
+    /* backward: dy near FLT_MAX makes dx overflow */
+    fill(f.x, n, 1.0f);
+    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, &f.layer, f.ws, f.ws_bytes, TT, NULL), ESFT_OK);
+    for (i = 0; i < n; i++) f.r[i] = 3e38f;
+    CHECK_STATUS(esft_moe_backward(f.dx, &f.layer, f.r, f.x, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_NUMERIC);
+    CHECK_MSG(strstr(err.message, "dx[") != NULL, "%s", err.message);
+    fixture_free(&f);
+}
+
 /* A backend without the op: ESFT_ERR_UNSUPPORTED, never a silent CPU fallback. */
 TEST(missing_backend_op_is_unsupported)
 {

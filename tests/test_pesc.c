@@ -499,6 +499,12 @@ TEST(pesc_tensor_names_of_released_checkpoints)
     CHECK(esft_pesc_tensor_offset(&c, ESFT_PESC_DOWN, 0) == (size_t)8 * 4096);
     CHECK(esft_pesc_tensor_offset(&c, ESFT_PESC_UP, 0) == (size_t)8 * 4096 + (size_t)512 * 4096);
     CHECK(esft_pesc_tensor_offset(&c, ESFT_PESC_DOWN, 7) + (size_t)2 * 512 * 4096 == esft_pesc_param_count(&c));
+    /* a size query on no config, or on one with no block, is 0 (NULL used to crash) */
+    CHECK(esft_pesc_param_count(NULL) == 0);
+    c.rank = -3;
+    CHECK(esft_pesc_param_count(&c) == 0);
+    c = esft_pesc_config_init(0x40000000, 0x40000000, 2, 0x40000000);
+    CHECK(esft_pesc_param_count(&c) == 0); /* 2^90 floats */
 }
 
 TEST(pesc_bad_input_clear_status)

@@ -318,6 +318,11 @@ TEST(invalid_configs_are_invalid_arguments)
     c = esft_route_config_init(8, 2);
     c.gating = (esft_gating)7;
     CHECK(config_rejected(c));
+    c = esft_route_config_init(8, 2);
+    c.group_score = (esft_group_score)9;                  /* out of the enum, grouped or not */
+    CHECK(config_rejected(c));
+    c.n_group = 4; c.topk_group = 2;
+    CHECK(config_rejected(c));
 }
 
 TEST(null_pointers_and_negative_t_are_invalid_arguments)
@@ -430,6 +435,25 @@ TEST(every_status_has_a_distinct_nonempty_string)
     CHECK_EQ_INT(named, n);
 }
 
+/* The second failure must not inherit the first one's file, line or offset:
+   a caller printing "file:line: message" would point at the wrong file. */
+TEST(a_reused_error_keeps_nothing_of_an_earlier_failure)
+{
+    esft_error err;
+    esft_scores sc;
+    esft_route_config c = esft_route_config_init(4, 5);
+    const char *text = "{\n\n  \"x\": [1,";
+    CHECK(esft_scores_parse_json(text, strlen(text), "first.json", &sc, &err) != ESFT_OK);
+    CHECK_MSG(strcmp(err.file, "first.json") == 0 && err.line > 1 && err.offset >= 0,
+              "the first failure was not located: file '%s' line %ld offset %ld", err.file, err.line, err.offset);
+    CHECK_STATUS(esft_route_config_validate(&c, &err), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_EQ_INT(err.status, ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_MSG(err.file[0] == 0, "file '%s' kept from the earlier failure", err.file);
+    CHECK_EQ_INT(err.line, 0);
+    CHECK_EQ_INT(err.offset, -1);
+    CHECK(strstr(err.message, "top_k") != NULL);
+}
+
 /* ---- version ------------------------------------------------------------ */
 
 
@@ -444,8 +468,10 @@ TEST(version_agrees_in_macros_function_header_and_changes)
     CHECK_MSG(header && changes, "run from the repository root: esft.h and CHANGES.md not found");
     snprintf(line1, sizeof line1, "/* esft.h - v%s - ", want);
     CHECK_MSG(strncmp(header, line1, strlen(line1)) == 0, "line 1 of esft.h does not start \"%s\"", line1);
-    /* CHANGES.md: the first "## " heading is the current version, with a date */
+    /* CHANGES.md: the first "## " heading is the current version, with a date
+       (after an "## Unreleased" heading for changes not yet in a release) */
     h2 = strstr(changes, "\n## ");
+    if (h2 && strncmp(h2 + 4, "Unreleased", 10) == 0) h2 = strstr(h2 + 1, "\n## ");
     CHECK_MSG(h2 && strncmp(h2 + 4, want, strlen(want)) == 0, "CHANGES.md's first entry is not %s", want);
     date_c = strchr(h2, '(');
     CHECK(date_c && strlen(date_c) > 11 && date_c[5] == '-' && date_c[8] == '-' && date_c[11] == ')');

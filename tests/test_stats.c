@@ -345,11 +345,30 @@ TEST(null_objects_are_harmless_to_reset_round_and_free)
     esft_stats_reset(NULL);
     esft_stats_reset(&st); /* never initialised */
     esft_stats_uninit(NULL);
-    esft_scores_round(NULL, 4);
-    esft_scores_round(&sc, 4);
+    CHECK_STATUS(esft_scores_round(NULL, 4), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(esft_scores_round(&sc, 4), ESFT_ERR_INVALID_ARGUMENT);
     esft_scores_free(NULL);
     CHECK_STATUS(esft_stats_scores(NULL, ESFT_NORM_POOLED, &sc), ESFT_ERR_INVALID_ARGUMENT);
     CHECK_STATUS(esft_stats_scores(&st, ESFT_NORM_POOLED, &sc), ESFT_ERR_INVALID_ARGUMENT);
+}
+
+/* printf reads a negative precision as 6 places: -1 used to round to 6 places
+   and say nothing. Counts outside 0..17 are refused and leave the scores alone. */
+TEST(rounding_to_a_negative_or_huge_count_of_places_is_refused)
+{
+    esft_scores sc;
+    CHECK_STATUS(esft_scores_alloc(&sc, 1, 2, NULL), ESFT_OK);
+    sc.token[0] = sc.gate[0] = 0.123456789;
+    sc.token[1] = sc.gate[1] = 0.5;
+    CHECK_STATUS(esft_scores_round(&sc, -1), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(esft_scores_round(&sc, 18), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK(sc.token[0] == 0.123456789 && sc.gate[0] == 0.123456789);
+    CHECK_STATUS(esft_scores_round(&sc, 17), ESFT_OK);
+    CHECK_STATUS(esft_scores_round(&sc, 4), ESFT_OK);
+    CHECK(sc.token[0] == 0.1235 && sc.gate[0] == 0.1235);
+    CHECK_STATUS(esft_scores_round(&sc, 0), ESFT_OK);
+    CHECK(sc.token[0] == 0.0 && sc.token[1] == 0.0); /* 0.5 ties to even, as Python */
+    esft_scores_free(&sc);
 }
 
 /* A counting allocator: everything allocated is freed, and it is the one used. */
@@ -446,6 +465,86 @@ TEST(gate_weights_above_65536_are_refused_on_every_path)
         CHECK(unchanged(&before, &st));
         CHECK_STATUS(esft_stats_read_log_memory(&st, 0, ok, sizeof ok - 1, "ok", &err), ESFT_OK);
     }
+    esft_stats_uninit(&st);
+}
+
+/* The fixed-point sums have a capacity (2^64 raw, 2^32 units of weight per
+   expert): past it they used to wrap silently to a small number. */
+TEST(a_sum_past_its_fixed_point_capacity_is_a_range_error_adding_nothing)
+{
+    esft_stats st, other;
+    esft_error err;
+    snapshot before;
+    CHECK(stats_of_a_and_b(&st, 1, 0));
+    st.gate_sum[1] = ~(uint64_t)0 - (uint64_t)(0.5 * ONE); /* room for half a unit; A adds 1 */
+    snap(&before, &st);
+    CHECK_STATUS(esft_stats_add(&st, 0, A_ids, A_w, NULL, 3, &err), ESFT_ERR_RANGE);
+    CHECK_MSG(strstr(err.message, "capacity") != NULL, "%s", err.message);
+    CHECK(unchanged(&before, &st));
+    st.gate_sum[1] = 0;
+    st.count[2] = ~(uint64_t)0; /* every array is guarded, counts too */
+    CHECK_STATUS(esft_stats_add(&st, 0, A_ids, A_w, NULL, 3, &err), ESFT_ERR_RANGE);
+    st.count[2] = 0;
+    st.token_frac_sum[3] = ~(uint64_t)0 - 5;
+    CHECK_STATUS(esft_stats_add(&st, 0, A_ids, NULL, NULL, 3, &err), ESFT_ERR_RANGE);
+    st.token_frac_sum[3] = 0;
+    CHECK_STATUS(esft_stats_add(&st, 0, A_ids, A_w, NULL, 3, &err), ESFT_OK);
+    /* merge: checked before anything is added */
+    CHECK(stats_of_a_and_b(&other, 1, 0));
+    st.gate_frac_sum[2] = ~(uint64_t)0 - 1;
+    snap(&before, &st);
+    CHECK_STATUS(esft_stats_merge(&st, &other, &err), ESFT_ERR_RANGE);
+    CHECK_MSG(strstr(err.message, "layer 0 expert 2") != NULL, "%s", err.message);
+    CHECK(unchanged(&before, &st));
+    st.gate_frac_sum[2] = 0;
+    st.n_samples[0] = ~(uint64_t)0;
+    CHECK_STATUS(esft_stats_merge(&st, &other, &err), ESFT_ERR_RANGE);
+    st.n_samples[0] = 0;
+    CHECK_STATUS(esft_stats_merge(&st, &other, &err), ESFT_OK);
+    esft_stats_uninit(&other);
+    esft_stats_uninit(&st);
+}
+
+/* One sample can wrap its own histogram: 2^16 weights of 2^16 on one expert are
+   2^64 in fixed point, which used to add 0 and return OK. */
+TEST(one_sample_whose_weights_pass_the_capacity_is_refused)
+{
+    enum { T = 1 << 16 };
+    int32_t *ids = (int32_t *)malloc(2 * T * sizeof *ids);
+    float *w = (float *)malloc(2 * T * sizeof *w);
+    esft_stats st;
+    esft_error err;
+    int t;
+    CHECK(ids && w);
+    for (t = 0; t < 2 * T; t++) { ids[t] = t % 2; w[t] = t % 2 ? 1.0f : 65536.0f; }
+    CHECK_STATUS(esft_stats_init(&st, 1, 2, 2, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_add(&st, 0, ids, w, NULL, T, &err), ESFT_ERR_RANGE);
+    CHECK_MSG(strstr(err.message, "capacity") != NULL, "%s", err.message);
+    CHECK_EQ_INT(st.n_tokens[0], 0);
+    CHECK(st.gate_sum[0] == 0 && st.count[0] == 0);
+    for (t = 0; t < 2 * T; t += 2) w[t] = 32768.0f; /* half of it fits: 2^63 */
+    CHECK_STATUS(esft_stats_add(&st, 0, ids, w, NULL, T, &err), ESFT_OK);
+    CHECK(st.gate_sum[0] == (uint64_t)1 << 63);
+    esft_stats_uninit(&st);
+    free(ids);
+    free(w);
+}
+
+/* A backend a caller sets on the accumulator is checked like at every other door. */
+TEST(stats_add_checks_the_backend_api_version)
+{
+    esft_backend copy = *esft_backend_cpu();
+    esft_stats st;
+    esft_error err;
+    char want[64];
+    CHECK_STATUS(esft_stats_init(&st, 1, 4, 2, NULL), ESFT_OK);
+    copy.api_version = ESFT_BACKEND_API_VERSION + 7;
+    st.backend = &copy;
+    CHECK_STATUS(esft_stats_add(&st, 0, A_ids, A_w, NULL, 3, &err), ESFT_ERR_UNSUPPORTED);
+    snprintf(want, sizeof want, "api_version %d, this esft.h expects %d", ESFT_BACKEND_API_VERSION + 7,
+             ESFT_BACKEND_API_VERSION);
+    CHECK_MSG(strstr(err.message, want) != NULL, "%s", err.message);
+    CHECK_EQ_INT(st.n_tokens[0], 0);
     esft_stats_uninit(&st);
 }
 
