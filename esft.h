@@ -68,6 +68,7 @@
       ESFT_NO_SIMD             portable C micro-kernel even where AVX2/AVX-512 is on
       ESFT_NO_THREAD_LOCAL     no thread-local GEMM scratch (allocated per call)
       ESFT_NO_MODELS           leave out section 14 (model forward, JSONL data, .npy)
+      ESFT_LOG_MAX_LINE        longest routing-log line read (default 64 MiB)
       (compiler flag) -fopenmp the CPU kernels use all cores; esft_set_num_threads
 
    DIMENSIONS used in shape comments
@@ -1126,10 +1127,22 @@ ESFTDEF esft_status esft_checkpoint_read_config(const esft_safetensors *st, esft
 /* Writes base with the tensors of the trained file put in, into out_dir (created
    if missing; must not be base's directory): every shard anew (same names,
    same header, bytes streamed in chunks, memory bounded by a few MB whatever the
-   model size) and, for a sharded base, a new index. Every trained tensor must
+   model size) and, for a sharded base, the index. Every trained tensor must
    exist in base with the same dtype and shape, checked before anything is
    written (ESFT_ERR_SHAPE / ESFT_ERR_RANGE name the tensor). All shards are
-   written as temp files and renamed only when all succeeded. opt may be NULL. */
+   written as temp files and renamed only when all succeeded. opt may be NULL.
+   The index is the base's, byte for byte (its "metadata" kept: total_size,
+   total_parameters). The commit is detectably all-or-nothing: once every temp
+   file is on disk, out_dir/ESFT_MERGE_RECORD says "renaming", then the renames
+   run, then it says "complete"; a merge killed in between leaves "renaming",
+   and esft_checkpoint_open of that directory is then ESFT_ERR_IO naming an
+   interrupted merge (merge again to repair it). Before writing, merge removes
+   its own temp files left by killed runs ("<one of its output files>.tmp.<pid>.<n>")
+   and refuses (ESFT_ERR_INVALID_ARGUMENT) an out_dir holding checkpoint files
+   (*.safetensors, *.index.json) unless its record names the same base shards
+   (names and sizes): an earlier merge of the same base. Other files there
+   (config.json, tokenizer files) are left alone. */
+#define ESFT_MERGE_RECORD "esft_merge.json"
 ESFTDEF esft_status esft_checkpoint_merge(const char *base, const char *trained, const char *out_dir,
                                           const esft_checkpoint_options *opt, esft_error *err);
 
@@ -5613,6 +5626,7 @@ ESFTDEF esft_status esft_clip_grad_norm(float *const *grads, const size_t *sizes
 #include <io.h>
 #include <sys/stat.h>
 #else
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -6896,6 +6910,18 @@ static int esft__is_file(const char *path)
     return ok;
 }
 
+/* 1 if something is at path (not opened: a FIFO would wait). */
+static int esft__fd_exists(const char *path)
+{
+#if defined(_WIN32)
+    struct _stat64 sb;
+    return _stat64(path, &sb) == 0;
+#else
+    struct stat sb;
+    return stat(path, &sb) == 0;
+#endif
+}
+
 static const char *esft__basename(const char *path)
 {
     const char *slash = strrchr(path, '/'), *back = strrchr(path, '\\');
@@ -7095,6 +7121,66 @@ static esft_status esft__ck_open_index(esft_checkpoint *ck, const char *index, e
     return s;
 }
 
+/* ---- the merge record (ESFT_MERGE_RECORD) ----------------------------- */
+
+/* What dir/ESFT_MERGE_RECORD says: *present 0 when there is none; *complete 1
+   when its state is "complete"; *same_base 1 when its base_shards are ck's
+   shards, names and sizes (ck may be NULL). A record that cannot be read or
+   parsed counts as present and incomplete. */
+static esft_status esft__merge_read_record(const char *dir, const esft_checkpoint *ck, const esft_allocator *a,
+                                           int *present, int *complete, int *same_base)
+{
+    char path[4200], *text = NULL;
+    size_t size = 0;
+    esft_json js;
+    int shards, i, k;
+    *present = *complete = *same_base = 0;
+    if ((size_t)snprintf(path, sizeof path, "%s/%s", dir, ESFT_MERGE_RECORD) >= sizeof path) return ESFT_ERR_INVALID_ARGUMENT;
+    if (!esft__fd_exists(path)) return ESFT_OK;
+    *present = 1;
+    if (esft__read_file(path, (uint64_t)16 << 20, a, &text, &size, NULL) != ESFT_OK) return ESFT_OK;
+    if (esft_json_parse(&js, text, size, a, NULL) == ESFT_OK) {
+        int state = js.tokens[0].type == ESFT_JSON_OBJECT ? esft_json_find(&js, 0, "state") : -1;
+        *complete = state >= 0 && esft_json_string_equals(&js, state, "complete");
+        shards = js.tokens[0].type == ESFT_JSON_OBJECT ? esft_json_find(&js, 0, "base_shards") : -1;
+        if (ck && shards >= 0 && js.tokens[shards].type == ESFT_JSON_OBJECT && js.tokens[shards].size == ck->n_shards) {
+            *same_base = 1;
+            for (i = 0, k = shards + 1; i < ck->n_shards && *same_base; i++, k = js.tokens[k + 1].next) {
+                double v;
+                *same_base = esft_json_string_equals(&js, k, ck->shard_files[i]) &&
+                             esft_json_number(&js, k + 1, &v) == ESFT_OK && v == (double)ck->shards[i].file_size;
+            }
+        }
+        esft_json_free(&js);
+    }
+    esft__release(a, text);
+    return ESFT_OK;
+}
+
+/* A checkpoint (path: its directory, or a file in it) whose directory holds an
+   unfinished merge record is refused before any shard is opened: its shards
+   may come from two merges, and that is the diagnosis to give. */
+static esft_status esft__merge_check_record(const char *path, const esft_allocator *a, esft_error *err)
+{
+    char dir[4200];
+    int present, complete, same;
+#if defined(_WIN32)
+    struct _stat64 sb;
+    int is_dir = _stat64(path, &sb) == 0 && (sb.st_mode & _S_IFDIR);
+#else
+    struct stat sb;
+    int is_dir = stat(path, &sb) == 0 && S_ISDIR(sb.st_mode);
+#endif
+    if (is_dir) snprintf(dir, sizeof dir, "%s", path);
+    else esft__dir_of(path, dir, sizeof dir);
+    esft__merge_read_record(dir, NULL, a, &present, &complete, &same);
+    if (present && !complete)
+        return esft__fail_at(err, ESFT_ERR_IO, dir, 0,
+                             "an interrupted esft merge (%s is not \"complete\"): the shards may come from two merges; "
+                             "run the merge again", ESFT_MERGE_RECORD);
+    return ESFT_OK;
+}
+
 ESFTDEF esft_status esft_checkpoint_open(esft_checkpoint *ck, const char *path, const esft_allocator *allocator,
                                          esft_error *err)
 {
@@ -7107,6 +7193,7 @@ ESFTDEF esft_status esft_checkpoint_open(esft_checkpoint *ck, const char *path, 
     ck->allocator = esft__allocator_or_default(allocator);
     n = strlen(path);
     if (n == 0 || n > 4000) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "path empty or too long");
+    if ((s = esft__merge_check_record(path, &ck->allocator, err)) != ESFT_OK) return s;
     snprintf(buf, sizeof buf, "%s/model.safetensors.index.json", path);
     if (esft__is_file(buf)) s = esft__ck_open_index(ck, buf, err);
     else if (n > 11 && strcmp(path + n - 11, ".index.json") == 0) s = esft__ck_open_index(ck, path, err);
@@ -7210,6 +7297,33 @@ static esft_status esft__config_all_seen(const esft_expert_config *cfg, const un
     return ESFT_OK;
 }
 
+/* 1 if path is the file open as st (same device and inode, through links):
+   writing there would rename the result over an input still being read. */
+static int esft__is_open_file(const char *path, const esft_safetensors *st)
+{
+#if defined(_WIN32)
+    (void)path; (void)st;
+    return 0;
+#else
+    struct stat a, b;
+    return st->fd_ >= 0 && stat(path, &a) == 0 && fstat(st->fd_, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+#endif
+}
+
+/* Refuses an output that is one of the checkpoint's shards or the file tr (may be NULL). */
+static esft_status esft__refuse_input_as_output(const char *path, const esft_checkpoint *ck, const esft_safetensors *tr,
+                                                esft_error *err)
+{
+    int sh;
+    for (sh = 0; sh < ck->n_shards; sh++)
+        if (esft__is_open_file(path, ck->shards + sh))
+            return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "the output is the input %s/%s (the same file); choose another",
+                                 ck->dir, ck->shard_files[sh]);
+    if (tr && esft__is_open_file(path, tr))
+        return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "the output is the trained input (the same file); choose another");
+    return ESFT_OK;
+}
+
 ESFTDEF esft_status esft_checkpoint_extract(const char *base, const esft_expert_config *cfg, const char *out_path,
                                             const esft_checkpoint_options *opt, esft_error *err)
 {
@@ -7226,12 +7340,13 @@ ESFTDEF esft_status esft_checkpoint_extract(const char *base, const esft_expert_
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "base, config or output path missing or empty");
     s = esft_checkpoint_open(&ck, base, opt ? opt->allocator : NULL, err);
     if (s != ESFT_OK) return s;
+    s = esft__refuse_input_as_output(out_path, &ck, NULL, err);
     esft__buf_init(&meta, &ck.allocator);
     memset(&pr, 0, sizeof pr);
     pr.opt = opt;
     w = ESFT__CAST(esft__wt *, esft__calloc(&ck.allocator, (size_t)ck.n_tensors, sizeof *w));
     seen = ESFT__CAST(unsigned char *, esft__calloc(&ck.allocator, (size_t)cfg->offset[cfg->n_layers] + 1, 1));
-    if (!w || !seen) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "extract plan");
+    if (s == ESFT_OK && (!w || !seen)) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "extract plan");
     for (sh = 0; s == ESFT_OK && sh < ck.n_shards; sh++)
         for (i = 0; i < ck.shards[sh].n_tensors; i++) {
             const esft_st_tensor *t = ck.shards[sh].tensors + i;
@@ -7361,35 +7476,159 @@ static esft_status esft__merge_dir(const char *dir, const char *base_dir, esft_e
     return ESFT_OK;
 }
 
-/* Writes every shard (and the index) as temp files, then renames them all. */
+/* The files merge writes into out_dir: output i < n_shards is shard i, then
+   the index (sharded bases only), then the record. */
+static const char *esft__merge_output(const esft_checkpoint *ck, int i)
+{
+    if (i < ck->n_shards) return ck->shard_files[i];
+    if (i == ck->n_shards && ck->sharded) return "model.safetensors.index.json";
+    return i == ck->n_shards + ck->sharded ? ESFT_MERGE_RECORD : NULL;
+}
+
+static int esft__merge_is_output(const esft_checkpoint *ck, const char *name)
+{
+    int i;
+    const char *o;
+    for (i = 0; (o = esft__merge_output(ck, i)) != NULL; i++)
+        if (strcmp(o, name) == 0) return 1;
+    return 0;
+}
+
+/* 1 if name is a temp file of one of merge's outputs: "<output>.tmp.<pid>.<n>". */
+static int esft__merge_is_own_temp(const esft_checkpoint *ck, const char *name)
+{
+    int i;
+    const char *o;
+    for (i = 0; (o = esft__merge_output(ck, i)) != NULL; i++) {
+        size_t n = strlen(o);
+        const char *p = name + n;
+        int digits = 0, dots = 0;
+        if (strncmp(name, o, n) != 0 || strncmp(p, ".tmp.", 5) != 0) continue;
+        for (p += 5; *p; p++) {
+            if (*p == '.' && digits && !dots) { dots = 1; digits = 0; }
+            else if (*p >= '0' && *p <= '9') digits++;
+            else break;
+        }
+        if (!*p && dots && digits) return 1;
+    }
+    return 0;
+}
+
+static int esft__ends_with(const char *s, const char *tail)
+{
+    size_t a = strlen(s), b = strlen(tail);
+    return a >= b && strcmp(s + a - b, tail) == 0;
+}
+
+/* Looks at what out_dir holds before a merge writes there: checkpoint files
+   (*.safetensors, *.index.json) are refused unless the directory is an earlier
+   merge of the same base (same_base) and they are merge's own outputs; temp
+   files of merge's outputs left by killed runs are removed (remove = 1, after a
+   first pass that found nothing to refuse). Other files stay. */
+static esft_status esft__merge_scan(const char *out_dir, const esft_checkpoint *ck, int same_base, int remove_temps,
+                                    esft_error *err)
+{
+#if defined(_WIN32)
+    (void)out_dir; (void)ck; (void)same_base; (void)remove_temps; (void)err;
+    return ESFT_OK;
+#else
+    DIR *d = opendir(out_dir);
+    struct dirent *ent;
+    char path[4200];
+    esft_status s = ESFT_OK;
+    if (!d) return esft__fail_at(err, ESFT_ERR_IO, out_dir, 0, "cannot list the directory: %s", strerror(errno));
+    while (s == ESFT_OK && (ent = readdir(d)) != NULL) {
+        const char *name = ent->d_name;
+        if (esft__merge_is_own_temp(ck, name)) {
+            if (remove_temps && (size_t)snprintf(path, sizeof path, "%s/%s", out_dir, name) < sizeof path) remove(path);
+        } else if ((esft__ends_with(name, ".safetensors") || esft__ends_with(name, ".index.json")) &&
+                   (!same_base || !esft__merge_is_output(ck, name))) {
+            s = esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, out_dir, 0,
+                              "the directory already holds %s and is not an earlier merge of this base "
+                              "(no %s naming the same shards); choose an empty directory", name, ESFT_MERGE_RECORD);
+        }
+    }
+    closedir(d);
+    return s;
+#endif
+}
+
+/* Makes out_dir ready: created, not the base's, nothing foreign in it, stale
+   temp files of killed merges removed. */
+static esft_status esft__merge_prepare(const char *out_dir, const esft_checkpoint *ck, esft_error *err)
+{
+    int present, complete, same_base;
+    esft_status s = esft__merge_dir(out_dir, ck->dir, err);
+    if (s != ESFT_OK) return s;
+    esft__merge_read_record(out_dir, ck, &ck->allocator, &present, &complete, &same_base);
+    if ((s = esft__merge_scan(out_dir, ck, present && same_base, 0, err)) != ESFT_OK) return s;
+    return esft__merge_scan(out_dir, ck, present && same_base, 1, err);
+}
+
+/* Writes out_dir/ESFT_MERGE_RECORD: the state and the base's shards (names and
+   sizes), atomically. */
+static esft_status esft__merge_write_record(const char *out_dir, const esft_checkpoint *ck, const char *state,
+                                            esft_error *err)
+{
+    char path[4200];
+    esft__buf b;
+    int i;
+    if ((size_t)snprintf(path, sizeof path, "%s/%s", out_dir, ESFT_MERGE_RECORD) >= sizeof path)
+        return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, out_dir, 0, "path too long");
+    esft__buf_init(&b, &ck->allocator);
+    esft__buf_printf(&b, "{\"state\": \"%s\", \"base_shards\": {", state);
+    for (i = 0; i < ck->n_shards; i++) {
+        esft__buf_puts(&b, i ? ", " : "");
+        esft__buf_json_string(&b, ck->shard_files[i]);
+        esft__buf_printf(&b, ": %llu", (unsigned long long)ck->shards[i].file_size);
+    }
+    esft__buf_puts(&b, "}}\n");
+    return esft__write_buf_atomic(path, &b, err);
+}
+
+/* The base's index file: the path itself when it names one, else dir's. */
+static void esft__merge_index_path(const char *base, const esft_checkpoint *ck, char *path, size_t cap)
+{
+    if (esft__ends_with(base, ".index.json")) snprintf(path, cap, "%s", base);
+    else snprintf(path, cap, "%s/model.safetensors.index.json", ck->dir);
+}
+
+/* Writes every shard (and the index, a copy of the base's) as temp files, then
+   commits them: record "renaming", the renames, record "complete". */
 static esft_status esft__merge_write(const esft_checkpoint *ck, const esft_safetensors *tr, const int *repl,
-                                     const int *first, const char *out_dir, esft__out *outs, unsigned char *buf,
-                                     esft__progress *pr, esft_error *err)
+                                     const int *first, const char *base, const char *out_dir, esft__out *outs,
+                                     unsigned char *buf, esft__progress *pr, esft_error *err)
 {
     char path[4200];
     int sh;
     esft_status s = ESFT_OK;
+    for (sh = 0; esft__merge_output(ck, sh) && s == ESFT_OK; sh++) /* an output linked to an input: before any write */
+        if ((size_t)snprintf(path, sizeof path, "%s/%s", out_dir, esft__merge_output(ck, sh)) < sizeof path)
+            s = esft__refuse_input_as_output(path, ck, tr, err);
     for (sh = 0; sh <= ck->n_shards && s == ESFT_OK; sh++) {
-        const char *file = sh < ck->n_shards ? ck->shard_files[sh] : "model.safetensors.index.json";
+        const char *file = esft__merge_output(ck, sh);
         if (sh == ck->n_shards && !ck->sharded) break;
         if ((size_t)snprintf(path, sizeof path, "%s/%s", out_dir, file) >= sizeof path)
             return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, out_dir, 0, "path too long");
         if ((s = esft__out_open(outs + sh, path, err)) != ESFT_OK) break;
         if (sh < ck->n_shards) s = esft__merge_shard(outs + sh, ck->shards + sh, repl + first[sh], tr, buf, pr, err);
-        else {
-            esft__buf b;
-            esft__buf_init(&b, &ck->allocator);
-            esft__ck_index_json(&b, ck);
-            s = b.failed ? esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "index") : esft__out_write(outs + sh, b.data, b.size, err);
-            esft__buf_free(&b);
+        else { /* names, shards, dtypes, shapes and sizes are the base's: so is its index, metadata included */
+            char index[4200], *text = NULL;
+            size_t size = 0;
+            esft__merge_index_path(base, ck, index, sizeof index);
+            s = esft__read_file(index, ESFT_ST_MAX_HEADER, &ck->allocator, &text, &size, err);
+            if (s == ESFT_OK) s = esft__out_write(outs + sh, text, size, err);
+            esft__release(&ck->allocator, text);
         }
     }
     /* fsync only now: writeback of each shard started while it was copied
        (esft__out_advance), so these wait for the last steps only */
     for (sh = 0; sh <= ck->n_shards && s == ESFT_OK; sh++)
         if (outs[sh].fd >= 0) s = esft__out_finish(outs + sh, err);
+    if (s == ESFT_OK) s = esft__merge_write_record(out_dir, ck, "renaming", err);
     for (sh = 0; sh <= ck->n_shards && s == ESFT_OK; sh++)
         if (outs[sh].tmp[0]) s = esft__out_commit(outs + sh, err);
+    if (s == ESFT_OK) s = esft__merge_write_record(out_dir, ck, "complete", err);
     return s;
 }
 
@@ -7419,8 +7658,8 @@ ESFTDEF esft_status esft_checkpoint_merge(const char *base, const char *trained,
     if (!repl || !first || !outs || !buf) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "merge buffers");
     for (sh = 0; outs && sh <= ck.n_shards; sh++) outs[sh].fd = -1;
     if (s == ESFT_OK) s = esft__merge_plan(&ck, &tr, repl, first, trained, err);
-    if (s == ESFT_OK) s = esft__merge_dir(out_dir, ck.dir, err);
-    if (s == ESFT_OK) s = esft__merge_write(&ck, &tr, repl, first, out_dir, outs, buf, &pr, err);
+    if (s == ESFT_OK) s = esft__merge_prepare(out_dir, &ck, err);
+    if (s == ESFT_OK) s = esft__merge_write(&ck, &tr, repl, first, base, out_dir, outs, buf, &pr, err);
     for (sh = 0; outs && sh <= ck.n_shards; sh++) esft__out_abort(outs + sh); /* temp files left by a failure */
     esft__release(&ck.allocator, repl);
     esft__release(&ck.allocator, first);

@@ -821,12 +821,16 @@ static const char merge_help[] =
     "its own name plus, for a sharded base, model.safetensors.index.json. Copies\n"
     "stream in chunks of a few MB whatever the model size. Every TRAINED tensor\n"
     "must exist in BASE with the same dtype and shape, checked before anything is\n"
-    "written; shards are written as temp files and renamed only when all succeed.\n"
-    "Copy config.json and the tokenizer files yourself.\n"
+    "written; shards are written as temp files and renamed only when all succeed,\n"
+    "the renames recorded in OUTDIR/esft_merge.json (an interrupted merge is then\n"
+    "reported by inspect; merge again to repair it). OUTDIR may not hold another\n"
+    "checkpoint; a previous merge of the same BASE is replaced. The index is the\n"
+    "base's (metadata kept). Copy config.json and the tokenizer files yourself.\n"
     "\n"
     "  BASE              checkpoint directory (sharded or not) or .safetensors file\n"
     "  TRAINED           safetensors file of replacement tensors\n"
-    "  -o, --output DIR  the new checkpoint's directory (created; not BASE's)\n"
+    "  -o, --output DIR  the new checkpoint's directory (created; not BASE's; no\n"
+    "                    other checkpoint in it)\n"
     "  -q, --quiet       no progress or summary on stderr\n";
 
 /* Every file merge writes (OUTDIR/<shard>, the index) against BASE's files and

@@ -109,5 +109,30 @@ mode=$(stat -c %a "$T/private.json" 2>/dev/null || stat -f %Lp "$T/private.json"
 run output_in_a_missing_directory 1 -- select "$T/summary.json" --top-p 0.2 -o "$T/no-such-dir/c.json"
 said missing_directory_is_named "the directory $T/no-such-dir does not exist"
 
+# ---- merge: index kept, own stale temp files removed, foreign dirs refused, interruptions reported ----
+run merge_runs 0 -- merge "$T/base" "$T/trained.safetensors" -q -o "$T/merged"
+same merge_keeps_the_base_index "$T/merged/model.safetensors.index.json" "$T/base/model.safetensors.index.json"
+grep -q '"total_parameters"' "$T/merged/model.safetensors.index.json" && pass merge_index_has_total_parameters ||
+    fail merge_index_has_total_parameters "metadata lost"
+cp "$M/mixtral/config.json" "$T/merged/"
+head -c 100000 "$T/base/model-00001-of-00002.safetensors" > "$T/merged/model-00001-of-00002.safetensors.tmp.99999.0"
+echo mine > "$T/merged/notes.tmp.1.2"
+run merge_again_same_base 0 -- merge "$T/base" "$T/trained.safetensors" -q -o "$T/merged"
+[ ! -e "$T/merged/model-00001-of-00002.safetensors.tmp.99999.0" ] && pass merge_removed_its_stale_temp ||
+    fail merge_removed_its_stale_temp "still there"
+[ -e "$T/merged/notes.tmp.1.2" ] && [ -e "$T/merged/config.json" ] && pass merge_kept_other_files ||
+    fail merge_kept_other_files "removed"
+run inspect_merged 0 -- inspect "$T/merged" --summary
+mkdir -p "$T/foreign"; cp "$T/trained.safetensors" "$T/foreign/model.safetensors"
+run merge_into_a_foreign_checkpoint_dir 1 -- merge "$T/base" "$T/trained.safetensors" -o "$T/foreign"
+said merge_into_a_foreign_dir_says_why "already holds model.safetensors"
+[ ! -e "$T/foreign/model-00001-of-00002.safetensors" ] && [ ! -e "$T/foreign/esft_merge.json" ] &&
+    pass foreign_dir_untouched || fail foreign_dir_untouched "merge wrote into it"
+sed 's/"complete"/"renaming"/' "$T/merged/esft_merge.json" > "$T/record" && cp "$T/record" "$T/merged/esft_merge.json"
+run inspect_an_interrupted_merge 1 -- inspect "$T/merged"
+said inspect_names_the_interrupted_merge "interrupted esft merge"
+run merge_repairs_an_interrupted_merge 0 -- merge "$T/base" "$T/trained.safetensors" -q -o "$T/merged"
+run inspect_repaired 0 -- inspect "$T/merged" --summary
+
 echo "$passed passed, $failed failed, $skipped skipped"
 [ "$failed" -eq 0 ]

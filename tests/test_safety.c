@@ -63,8 +63,18 @@ static const char *join(const char *dir, const char *file)
 {
     static char bufs[8][700];
     static int i;
-    char *b = bufs[i++ & 7];
-    snprintf(b, 700, "%s/%s", dir, file);
+    char tmp[700], *b = bufs[i++ & 7]; /* via tmp: dir may be an earlier result */
+    if ((size_t)snprintf(tmp, sizeof tmp, "%s/%s", dir, file) >= sizeof tmp) tmp[0] = 0;
+    memcpy(b, tmp, sizeof tmp);
+    return b;
+}
+
+static const char *join3(const char *dir, const char *sub, const char *file)
+{
+    static char bufs[4][900];
+    static int i;
+    char *b = bufs[i++ & 3];
+    snprintf(b, 900, "%s/%s/%s", dir, sub, file);
     return b;
 }
 
@@ -141,14 +151,16 @@ TEST(log_line_over_the_limit_is_a_range_error)
     esft_stats stats;
     esft_error err;
     FILE *f;
-    size_t i, n = ESFT_LOG_MAX_LINE / 2 + 16; /* "0\t" pairs: just over the limit */
+    static char block[1 << 16];
+    size_t i, n = ESFT_LOG_MAX_LINE / sizeof block + 1; /* blocks of "0\t": just over the limit */
     CHECK(dir != NULL);
     log = join(dir, "expert_weights_1.txt");
+    for (i = 0; i < sizeof block; i += 2) memcpy(block + i, "0\t", 2);
     f = fopen(log, "wb");
     CHECK(f != NULL);
     if (!f) return;
     fputs(GOOD GOOD, f);
-    for (i = 0; i < n; i++) fputs("0\t", f);
+    for (i = 0; i < n; i++) fwrite(block, 1, sizeof block, f);
     fputs("\t0.5\n", f);
     CHECK(fclose(f) == 0);
     CHECK_STATUS(esft_stats_init(&stats, 4, 8, 2, NULL), ESFT_OK);
@@ -173,9 +185,9 @@ TEST(log_line_longer_than_many_chunks_reads_like_memory)
     CHECK(text != NULL);
     if (!text) return;
     n += (size_t)sprintf(text, GOOD);
-    for (i = 0; i < tokens * 2; i++) n += (size_t)sprintf(text + n, "%d\t", (int)(i % 8));
+    for (i = 0; i < tokens * 2; i++, n += 2) { text[n] = (char)('0' + i % 8); text[n + 1] = '\t'; }
     text[n++] = '\t';
-    for (i = 0; i < tokens * 2; i++) n += (size_t)sprintf(text + n, i + 1 < tokens * 2 ? "0.25\t" : "0.25\n");
+    for (i = 0; i < tokens * 2; i++, n += 5) memcpy(text + n, i + 1 < tokens * 2 ? "0.25\t" : "0.25\n", 5);
     n += (size_t)sprintf(text + n, GOOD);
     CHECK(write_text(log, text));
     CHECK_STATUS(esft_stats_init(&a, 4, 8, 2, NULL), ESFT_OK);
@@ -376,6 +388,243 @@ TEST(stats_init_caps_sizes_and_checks_each_allocation)
     c.fail_from = 0;
     CHECK_STATUS(esft_stats_init(&st, ESFT_STATS_MAX_LAYERS, 8, 6, &a), ESFT_OK); /* at the layer limit: fine */
     esft_stats_uninit(&st);
+}
+
+/* ---- merge: all-or-nothing, its own temp files, foreign directories ------ */
+
+#define MIXTRAL "tests/models/mixtral"
+static const char *mixtral_files[] = {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                                      "model.safetensors.index.json", "config.json"};
+
+static int copy_file(const char *from, const char *to)
+{
+    size_t n = 0;
+    char *data = slurp(from, &n);
+    FILE *f = data ? fopen(to, "wb") : NULL;
+    int ok = f && fwrite(data, 1, n, f) == n;
+    if (f) ok = fclose(f) == 0 && ok;
+    free(data);
+    return ok;
+}
+
+static int same_bytes(const char *a, const char *b)
+{
+    size_t na = 0, nb = 0;
+    char *x = slurp(a, &na), *y = slurp(b, &nb);
+    int same = x && y && na == nb && memcmp(x, y, na) == 0;
+    free(x);
+    free(y);
+    return same;
+}
+
+/* A copy of the tiny sharded Mixtral checkpoint in dir/base and a trained file
+   (two experts extracted from it) in dir/trained.safetensors; 0 if unavailable. */
+static int merge_setup(const char *dir)
+{
+    const char *cfg_text = "{\"experts\": {\"0\": [1], \"1\": [0]}, \"shared_experts\": false, \"non_expert_modules\": false}";
+    esft_expert_config cfg;
+    size_t i;
+    int ok = mkdir(join(dir, "base"), 0755) == 0;
+    for (i = 0; ok && i < sizeof mixtral_files / sizeof *mixtral_files; i++) {
+        char from[300], to[700];
+        snprintf(from, sizeof from, "%s/%s", MIXTRAL, mixtral_files[i]);
+        snprintf(to, sizeof to, "%s", join3(dir, "base", mixtral_files[i]));
+        ok = copy_file(from, to);
+    }
+    ok = ok && esft_expert_config_parse(cfg_text, strlen(cfg_text), "cfg", &cfg, NULL) == ESFT_OK;
+    if (!ok) return 0;
+    ok = esft_checkpoint_extract(join(dir, "base"), &cfg, join(dir, "trained.safetensors"), NULL, NULL) == ESFT_OK;
+    esft_expert_config_free(&cfg);
+    return ok;
+}
+
+/* The merged index is the base's, metadata (total_parameters) included; a second
+   merge of the same base into the same directory is fine. */
+TEST(merge_keeps_the_index_metadata_and_may_redo_a_merge_of_the_same_base)
+{
+    const char *dir = fresh_dir("merge_meta");
+    char out[700];
+    esft_checkpoint ck;
+    char *index;
+    CHECK(dir != NULL);
+    if (!merge_setup(dir)) SKIP("tests/models/mixtral not readable");
+    if ((size_t)snprintf(out, sizeof out, "%s", join(dir, "out")) >= sizeof out) return; /* join's buffers rotate */
+    CHECK_STATUS(esft_checkpoint_merge(join(dir, "base"), join(dir, "trained.safetensors"), out, NULL, NULL), ESFT_OK);
+    index = slurp(join(out, "model.safetensors.index.json"), NULL);
+    CHECK_MSG(has(index, "\"total_parameters\": 123712"), "index: %.200s", index ? index : "(none)");
+    free(index);
+    CHECK(same_bytes(join(out, "model.safetensors.index.json"), join3(dir, "base", "model.safetensors.index.json")));
+    index = slurp(join(out, ESFT_MERGE_RECORD), NULL);
+    CHECK_MSG(has(index, "\"state\": \"complete\""), "record: %s", index ? index : "(none)");
+    free(index);
+    CHECK(copy_file(MIXTRAL "/config.json", join(out, "config.json"))); /* what a user copies in */
+    CHECK_STATUS(esft_checkpoint_merge(join(dir, "base"), join(dir, "trained.safetensors"), out, NULL, NULL), ESFT_OK);
+    CHECK_STATUS(esft_checkpoint_open(&ck, out, NULL, NULL), ESFT_OK);
+    esft_checkpoint_close(&ck);
+}
+
+/* Another checkpoint in the output directory (stale shards inspect would then
+   report) is refused before anything is written; so is a merge of another base. */
+TEST(merge_refuses_a_directory_holding_another_checkpoint)
+{
+    const char *dir = fresh_dir("merge_foreign");
+    char out[700];
+    esft_error err;
+    CHECK(dir != NULL);
+    if (!merge_setup(dir)) SKIP("tests/models/mixtral not readable");
+    if ((size_t)snprintf(out, sizeof out, "%s", join(dir, "out")) >= sizeof out) return; /* join's buffers rotate */
+    CHECK(mkdir(out, 0755) == 0);
+    CHECK(copy_file(join(dir, "trained.safetensors"), join(out, "model.safetensors")));
+    CHECK_STATUS(esft_checkpoint_merge(join(dir, "base"), join(dir, "trained.safetensors"), out, NULL, &err),
+                 ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_MSG(has(err.message, "already holds model.safetensors"), "%s", err.message);
+    CHECK(!temp_left(join(out, mixtral_files[0])));
+    CHECK(access(join(out, mixtral_files[0]), F_OK) != 0 && access(join(out, ESFT_MERGE_RECORD), F_OK) != 0);
+    /* a record of a merge of other shards (another base) does not make it ours */
+    CHECK(remove(join(out, "model.safetensors")) == 0);
+    CHECK(copy_file(join3(dir, "base", mixtral_files[0]), join(out, mixtral_files[0])));
+    CHECK(write_text(join(out, ESFT_MERGE_RECORD), "{\"state\": \"complete\", \"base_shards\": {\"model-00001-of-00002.safetensors\": 1, \"model-00002-of-00002.safetensors\": 2}}"));
+    CHECK_STATUS(esft_checkpoint_merge(join(dir, "base"), join(dir, "trained.safetensors"), out, NULL, &err),
+                 ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_MSG(has(err.message, "not an earlier merge of this base"), "%s", err.message);
+}
+
+/* Temp files of merge's own outputs left by a killed run are removed; files that
+   only look alike, and the user's other files, stay. */
+TEST(merge_removes_its_own_stale_temp_files_only)
+{
+    const char *dir = fresh_dir("merge_stale");
+    char out[700];
+    char stale[700];
+    CHECK(dir != NULL);
+    if (!merge_setup(dir)) SKIP("tests/models/mixtral not readable");
+    if ((size_t)snprintf(out, sizeof out, "%s", join(dir, "out")) >= sizeof out) return; /* join's buffers rotate */
+    CHECK(mkdir(out, 0755) == 0);
+    snprintf(stale, sizeof stale, "%s.tmp.999999.0", join(out, mixtral_files[0]));
+    CHECK(write_text(stale, "half a shard from a killed merge"));
+    CHECK(write_text(join(out, "model.safetensors.index.json.tmp.12.3"), "{"));
+    CHECK(write_text(join(out, "notes.txt.tmp.12.3"), "mine"));
+    CHECK(write_text(join(out, "model-00001-of-00002.safetensors.tmp.x"), "mine too"));
+    CHECK(write_text(join(out, "tokenizer.json"), "{}"));
+    CHECK_STATUS(esft_checkpoint_merge(join(dir, "base"), join(dir, "trained.safetensors"), out, NULL, NULL), ESFT_OK);
+    CHECK(access(stale, F_OK) != 0);
+    CHECK(access(join(out, "model.safetensors.index.json.tmp.12.3"), F_OK) != 0);
+    CHECK(access(join(out, "notes.txt.tmp.12.3"), F_OK) == 0);
+    CHECK(access(join(out, "model-00001-of-00002.safetensors.tmp.x"), F_OK) == 0);
+    CHECK(access(join(out, "tokenizer.json"), F_OK) == 0);
+}
+
+/* The rename phase is recorded: a directory whose record is not "complete"
+   (a merge killed while renaming: some shards new, some old) is refused by
+   esft_checkpoint_open, and merging again repairs it. */
+TEST(an_interrupted_merge_is_detected_and_repaired_by_merging_again)
+{
+    const char *dir = fresh_dir("merge_interrupted");
+    char out[700];
+    esft_checkpoint ck;
+    esft_error err;
+    char *record;
+    CHECK(dir != NULL);
+    if (!merge_setup(dir)) SKIP("tests/models/mixtral not readable");
+    if ((size_t)snprintf(out, sizeof out, "%s", join(dir, "out")) >= sizeof out) return; /* join's buffers rotate */
+    CHECK_STATUS(esft_checkpoint_merge(join(dir, "base"), join(dir, "trained.safetensors"), out, NULL, NULL), ESFT_OK);
+    record = slurp(join(out, ESFT_MERGE_RECORD), NULL);
+    CHECK(record != NULL);
+    if (!record) return;
+    /* the state a kill between two renames leaves */
+    CHECK(write_text(join(out, ESFT_MERGE_RECORD), "{\"state\": \"renaming\", \"base_shards\": {}}"));
+    CHECK_STATUS(esft_checkpoint_open(&ck, out, NULL, &err), ESFT_ERR_IO);
+    CHECK_MSG(has(err.message, "interrupted esft merge"), "%s", err.message);
+    CHECK_STATUS(esft_checkpoint_open(&ck, join(out, mixtral_files[0]), NULL, &err), ESFT_ERR_IO); /* a shard alone too */
+    CHECK_STATUS(esft_checkpoint_open(&ck, join(dir, "base"), NULL, &err), ESFT_OK); /* the base is not concerned */
+    esft_checkpoint_close(&ck);
+    /* "renaming" with the same base shards: merge again is allowed and repairs it */
+    {
+        char *renaming = (char *)malloc(strlen(record) + 16), *at = strstr(record, "complete");
+        CHECK(renaming && at);
+        if (!renaming || !at) { free(renaming); free(record); return; }
+        sprintf(renaming, "%.*srenaming%s", (int)(at - record), record, at + strlen("complete"));
+        CHECK(write_text(join(out, ESFT_MERGE_RECORD), renaming));
+        free(renaming);
+    }
+    CHECK_STATUS(esft_checkpoint_merge(join(dir, "base"), join(dir, "trained.safetensors"), out, NULL, NULL), ESFT_OK);
+    CHECK_STATUS(esft_checkpoint_open(&ck, out, NULL, NULL), ESFT_OK);
+    esft_checkpoint_close(&ck);
+    free(record);
+}
+
+/* A failure in the middle of the renames (here: one shard's name turned into a
+   directory while the copy ran) leaves the record at "renaming": the mixed
+   directory is reported, not opened as if whole. */
+typedef struct rename_trap {
+    const char *path;
+    int armed;
+} rename_trap;
+
+static void trap_progress(void *user, uint64_t done, uint64_t total)
+{
+    rename_trap *t = (rename_trap *)user;
+    if (!t->armed || done != total) return;
+    t->armed = 0; /* every temp file is open by now: block the second shard's rename */
+    remove(t->path);
+    if (mkdir(t->path, 0755) == 0) write_text(join(t->path, "keep"), "x");
+}
+
+TEST(a_merge_failing_between_renames_leaves_a_detectable_state)
+{
+    const char *dir = fresh_dir("merge_half");
+    char out[700];
+    char second[700];
+    esft_checkpoint_options opt;
+    rename_trap trap;
+    esft_checkpoint ck;
+    esft_error err;
+    CHECK(dir != NULL);
+    if (!merge_setup(dir)) SKIP("tests/models/mixtral not readable");
+    if ((size_t)snprintf(out, sizeof out, "%s", join(dir, "out")) >= sizeof out) return; /* join's buffers rotate */
+    CHECK_STATUS(esft_checkpoint_merge(join(dir, "base"), join(dir, "trained.safetensors"), out, NULL, NULL), ESFT_OK);
+    snprintf(second, sizeof second, "%s", join(out, mixtral_files[1]));
+    memset(&opt, 0, sizeof opt);
+    trap.path = second;
+    trap.armed = 1;
+    opt.progress = trap_progress;
+    opt.user = &trap;
+    CHECK(esft_checkpoint_merge(join(dir, "base"), join(dir, "trained.safetensors"), out, &opt, &err) != ESFT_OK);
+    CHECK_MSG(trap.armed == 0, "the trap never ran");
+    CHECK_STATUS(esft_checkpoint_open(&ck, out, NULL, &err), ESFT_ERR_IO);
+    CHECK_MSG(has(err.message, "interrupted esft merge"), "%s", err.message);
+    CHECK(!temp_left(join(out, mixtral_files[0])) && !temp_left(second));
+}
+
+/* The library refuses too (for callers other than the command): extract onto a
+   shard of its base, merge onto a link to a base shard or to the trained file. */
+TEST(extract_and_merge_refuse_an_output_that_is_an_input)
+{
+    const char *dir = fresh_dir("lib_same_file");
+    const char *cfg_text = "{\"experts\": {\"0\": [1]}, \"shared_experts\": false, \"non_expert_modules\": false}";
+    char out[700], shard[700];
+    esft_expert_config cfg;
+    esft_error err;
+    CHECK(dir != NULL);
+    if (!merge_setup(dir)) SKIP("tests/models/mixtral not readable");
+    snprintf(shard, sizeof shard, "%s", join3(dir, "base", mixtral_files[0]));
+    CHECK(copy_file(shard, join(dir, "shard.orig")));
+    CHECK_STATUS(esft_expert_config_parse(cfg_text, strlen(cfg_text), "cfg", &cfg, NULL), ESFT_OK);
+    CHECK_STATUS(esft_checkpoint_extract(join(dir, "base"), &cfg, shard, NULL, &err), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_MSG(has(err.message, "the output is the input"), "%s", err.message);
+    CHECK(same_bytes(shard, join(dir, "shard.orig")));
+    esft_expert_config_free(&cfg);
+    if ((size_t)snprintf(out, sizeof out, "%s", join(dir, "out")) >= sizeof out) return;
+    CHECK(mkdir(out, 0755) == 0);
+    CHECK_STATUS(esft_checkpoint_merge(join(dir, "base"), join(dir, "trained.safetensors"), out, NULL, NULL), ESFT_OK);
+    CHECK(remove(join(out, mixtral_files[1])) == 0); /* an earlier merge, one shard now a link to the base's */
+    CHECK(symlink(join3(dir, "base", mixtral_files[1]), join(out, mixtral_files[1])) == 0);
+    CHECK(copy_file(join3(dir, "base", mixtral_files[1]), join(dir, "shard2.orig")));
+    CHECK_STATUS(esft_checkpoint_merge(join(dir, "base"), join(dir, "trained.safetensors"), out, NULL, &err),
+                 ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_MSG(has(err.message, "the output is the input"), "%s", err.message);
+    CHECK(same_bytes(join3(dir, "base", mixtral_files[1]), join(dir, "shard2.orig")));
+    CHECK(!temp_left(join3(dir, "base", mixtral_files[1])) && !temp_left(join(out, mixtral_files[0])));
 }
 
 HARNESS_MAIN()
