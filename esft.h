@@ -68,6 +68,7 @@
       ESFT_NO_SIMD             portable C micro-kernel even where AVX2/AVX-512 is on
       ESFT_NO_THREAD_LOCAL     no thread-local GEMM scratch (allocated per call)
       ESFT_NO_MODELS           leave out section 14 (model forward, JSONL data, .npy)
+      ESFT_LOG_MAX_LINE        longest routing-log line read (default 64 MiB)
       (compiler flag) -fopenmp the CPU kernels use all cores; esft_set_num_threads
 
    DIMENSIONS used in shape comments
@@ -384,7 +385,13 @@ typedef struct esft_stats {
     esft_allocator allocator;
 } esft_stats;
 
-/* Allocates zeroed accumulators. allocator may be NULL. Pair: esft_stats_uninit. */
+/* Allocates zeroed accumulators. allocator may be NULL. Pair: esft_stats_uninit.
+   Sizes past the limits below are ESFT_ERR_RANGE, before any allocation (a
+   mistyped --layers used to touch gigabytes on its way to "out of memory"):
+   the largest MoE models have ~100 layers and ~2048 experts. */
+#define ESFT_STATS_MAX_LAYERS 16384
+#define ESFT_STATS_MAX_EXPERTS 65536
+#define ESFT_STATS_MAX_CELLS ((int64_t)1 << 24) /* layers x experts: 4 x 128 MiB of counters */
 ESFTDEF esft_status esft_stats_init(esft_stats *st, int n_layers, int n_experts, int top_k,
                                     const esft_allocator *allocator);
 ESFTDEF void esft_stats_uninit(esft_stats *st);
@@ -468,7 +475,13 @@ ESFTDEF esft_status esft_select_budget(const esft_scores *sc, esft_score which, 
    tab-separated; "\t\t"; the matching weights, tab-separated. Streamed in chunks,
    so a file of any size is read in bounded memory. Adds every line as one sample
    of `layer`. err names file and line on failure; then nothing of this file is
-   kept in st (it is added to a private accumulator first and merged at the end). */
+   kept in st (it is added to a private accumulator first and merged at the end).
+   Only a regular file is read (a FIFO or device is ESFT_ERR_IO, without waiting);
+   a line longer than ESFT_LOG_MAX_LINE bytes is ESFT_ERR_RANGE naming it. Time is
+   linear in the file's size, however long its lines. */
+#ifndef ESFT_LOG_MAX_LINE
+#define ESFT_LOG_MAX_LINE ((size_t)64 << 20) /* a 32k-token sample at top-8 is ~3 MB */
+#endif
 ESFTDEF esft_status esft_stats_read_log(esft_stats *st, int layer, const char *path,
                                         esft_error *err);
 /* The same from memory (a whole file's bytes); name is used in messages. */
@@ -1155,10 +1168,22 @@ ESFTDEF esft_status esft_checkpoint_read_config(const esft_safetensors *st, esft
 /* Writes base with the tensors of the trained file put in, into out_dir (created
    if missing; must not be base's directory): every shard anew (same names,
    same header, bytes streamed in chunks, memory bounded by a few MB whatever the
-   model size) and, for a sharded base, a new index. Every trained tensor must
+   model size) and, for a sharded base, the index. Every trained tensor must
    exist in base with the same dtype and shape, checked before anything is
    written (ESFT_ERR_SHAPE / ESFT_ERR_RANGE name the tensor). All shards are
-   written as temp files and renamed only when all succeeded. opt may be NULL. */
+   written as temp files and renamed only when all succeeded. opt may be NULL.
+   The index is the base's, byte for byte (its "metadata" kept: total_size,
+   total_parameters). The commit is detectably all-or-nothing: once every temp
+   file is on disk, out_dir/ESFT_MERGE_RECORD says "renaming", then the renames
+   run, then it says "complete"; a merge killed in between leaves "renaming",
+   and esft_checkpoint_open of that directory is then ESFT_ERR_IO naming an
+   interrupted merge (merge again to repair it). Before writing, merge removes
+   its own temp files left by killed runs ("<one of its output files>.tmp.<pid>.<n>")
+   and refuses (ESFT_ERR_INVALID_ARGUMENT) an out_dir holding checkpoint files
+   (*.safetensors, *.index.json) unless its record names the same base shards
+   (names and sizes): an earlier merge of the same base. Other files there
+   (config.json, tokenizer files) are left alone. */
+#define ESFT_MERGE_RECORD "esft_merge.json"
 ESFTDEF esft_status esft_checkpoint_merge(const char *base, const char *trained, const char *out_dir,
                                           const esft_checkpoint_options *opt, esft_error *err);
 
@@ -1201,6 +1226,14 @@ ESFTDEF int esft_json_string_equals(const esft_json *js, int tok, const char *s)
 ESFTDEF esft_status esft_json_string(const esft_json *js, int tok, char *buf, size_t cap);
 /* A number token as a double; ESFT_ERR_RANGE when it overflows to +-Inf (1e999). */
 ESFTDEF esft_status esft_json_number(const esft_json *js, int tok, double *out);
+/* A whole JSON (or other small) file into memory, NUL-terminated, with the
+   limits every reader of the library applies: only a regular file (a FIFO,
+   device or directory is ESFT_ERR_IO, without waiting for it), at most max_bytes
+   (0: 256 MiB; more is ESFT_ERR_IO naming the size). allocator may be NULL.
+   Pair: esft_file_free with the same allocator. */
+ESFTDEF esft_status esft_file_read(const char *path, uint64_t max_bytes, const esft_allocator *allocator,
+                                   char **data, size_t *size, esft_error *err);
+ESFTDEF void esft_file_free(char *data, const esft_allocator *allocator);
 
 /* ===================================================================== */
 /* 14. models: Hugging Face MoE checkpoints, forward, routing statistics  */
@@ -1894,28 +1927,35 @@ ESFTDEF esft_status esft_stats_init(esft_stats *st, int n_layers, int n_experts,
                                     const esft_allocator *allocator)
 {
     size_t le;
+    uint64_t **arrays[7];
+    size_t sizes[7];
+    int i;
     if (!st) return ESFT_ERR_INVALID_ARGUMENT;
     memset(st, 0, sizeof *st);
     if (n_layers < 1 || n_experts < 1 || top_k < 1 || top_k > n_experts)
         return ESFT_ERR_INVALID_ARGUMENT;
-    if (!esft__product_fits((size_t)n_layers, (size_t)n_experts)) return ESFT_ERR_OUT_OF_MEMORY;
+    if (n_layers > ESFT_STATS_MAX_LAYERS || n_experts > ESFT_STATS_MAX_EXPERTS ||
+        (int64_t)n_layers * n_experts > ESFT_STATS_MAX_CELLS)
+        return ESFT_ERR_RANGE;
     le = (size_t)n_layers * (size_t)n_experts;
     st->n_layers = n_layers;
     st->n_experts = n_experts;
     st->top_k = top_k;
     st->backend = esft_backend_cpu();
     st->allocator = esft__allocator_or_default(allocator);
-    st->count = ESFT__CAST(uint64_t *, esft__calloc(&st->allocator, le, sizeof(uint64_t)));
-    st->gate_sum = ESFT__CAST(uint64_t *, esft__calloc(&st->allocator, le, sizeof(uint64_t)));
-    st->token_frac_sum = ESFT__CAST(uint64_t *, esft__calloc(&st->allocator, le, sizeof(uint64_t)));
-    st->gate_frac_sum = ESFT__CAST(uint64_t *, esft__calloc(&st->allocator, le, sizeof(uint64_t)));
-    st->n_tokens = ESFT__CAST(uint64_t *, esft__calloc(&st->allocator, (size_t)n_layers, sizeof(uint64_t)));
-    st->n_samples = ESFT__CAST(uint64_t *, esft__calloc(&st->allocator, (size_t)n_layers, sizeof(uint64_t)));
-    st->scratch = ESFT__CAST(uint64_t *, esft__calloc(&st->allocator, 2 * (size_t)n_experts, sizeof(uint64_t)));
-    if (!st->count || !st->gate_sum || !st->token_frac_sum || !st->gate_frac_sum || !st->n_tokens ||
-        !st->n_samples || !st->scratch) {
-        esft_stats_uninit(st);
-        return ESFT_ERR_OUT_OF_MEMORY;
+    arrays[0] = &st->count;          sizes[0] = le;
+    arrays[1] = &st->gate_sum;       sizes[1] = le;
+    arrays[2] = &st->token_frac_sum; sizes[2] = le;
+    arrays[3] = &st->gate_frac_sum;  sizes[3] = le;
+    arrays[4] = &st->n_tokens;       sizes[4] = (size_t)n_layers;
+    arrays[5] = &st->n_samples;      sizes[5] = (size_t)n_layers;
+    arrays[6] = &st->scratch;        sizes[6] = 2 * (size_t)n_experts;
+    for (i = 0; i < 7; i++) { /* each checked before the next is made (esft__calloc zero-fills) */
+        *arrays[i] = ESFT__CAST(uint64_t *, esft__calloc(&st->allocator, sizes[i], sizeof(uint64_t)));
+        if (!*arrays[i]) {
+            esft_stats_uninit(st);
+            return ESFT_ERR_OUT_OF_MEMORY;
+        }
     }
     return ESFT_OK;
 }
@@ -2704,38 +2744,140 @@ static void esft__buf_printf(esft__buf *b, const char *fmt, ...)
 #include <sys/stat.h>
 #else
 #include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/types.h>
 #include <unistd.h>
 #endif
 
-/* Creates the temp file of path, "<path>.tmp.<pid>.<n>" with the first n not
+/* lstat and readlink are declared: POSIX.1-2001 (a strict -std=c99 build without
+   a feature macro has neither; there a link at the output is replaced, not followed). */
+#if !defined(_WIN32) && ((defined(_POSIX_C_SOURCE) && _POSIX_C_SOURCE >= 200112L) || defined(__APPLE__))
+#define ESFT__POSIX_2001 1
+#endif
+
+/* The directory part of path, "." when it has none. */
+static void esft__dir_of(const char *path, char *dir, size_t cap)
+{
+    const char *slash = strrchr(path, '/');
+#if defined(_WIN32)
+    const char *back = strrchr(path, '\\');
+    if (back && (!slash || back > slash)) slash = back;
+#endif
+    if (!slash) snprintf(dir, cap, ".");
+    else if (slash == path) snprintf(dir, cap, "/");
+    else snprintf(dir, cap, "%.*s", (int)(slash - path), path);
+}
+
+#if !defined(_WIN32)
+static const char *esft__file_kind(mode_t m)
+{
+    if (S_ISDIR(m)) return "a directory";
+    if (S_ISFIFO(m)) return "a FIFO";
+    if (S_ISCHR(m)) return "a character device";
+    if (S_ISBLK(m)) return "a block device";
+    return "not a regular file";
+}
+#endif
+
+/* Where a write to path lands, and the permission bits of what it replaces. The
+   rules (docs/formats.md, "Output files"): nothing there: a new file, in a
+   directory that must exist (named when it does not); a regular file: replaced,
+   its mode kept (*mode; -1 for a new file); a symbolic link: followed, and its
+   target written the same way, so the link stays a link (a link to a missing
+   file creates that file, as a shell's '>' does); a directory, FIFO, device or
+   socket: refused. Why refuse: rename()
+   would put a regular file in place of /dev/null, and a FIFO is someone's pipe. */
+static esft_status esft__out_target(const char *path, char *target, size_t cap, int *mode, esft_error *err)
+{
+    char dir[4200];
+#if defined(_WIN32)
+    struct _stat64 sb;
+#else
+    struct stat sb;
+#endif
+    *mode = -1;
+    if (strlen(path) >= cap) return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "path too long");
+    snprintf(target, cap, "%s", path);
+#if defined(ESFT__POSIX_2001)
+    {
+        int hops;
+        for (hops = 0; lstat(target, &sb) == 0 && S_ISLNK(sb.st_mode); hops++) {
+            char link[4096];
+            ssize_t n = hops < 40 ? readlink(target, link, sizeof link - 1) : -1;
+            if (n < 0) return esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot follow the symbolic link: %s",
+                                            hops < 40 ? strerror(errno) : "too many levels");
+            link[n] = 0;
+            esft__dir_of(target, dir, sizeof dir); /* a relative link is relative to its own directory */
+            if ((size_t)(link[0] == '/' ? snprintf(target, cap, "%s", link)
+                                        : snprintf(target, cap, "%s/%s", dir, link)) >= cap)
+                return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "path too long");
+        }
+    }
+#endif
+#if defined(_WIN32)
+    if (_stat64(target, &sb) == 0) {
+        if (!(sb.st_mode & _S_IFREG))
+            return esft__fail_at(err, ESFT_ERR_IO, path, 0, "not a regular file: refusing to replace it");
+        return ESFT_OK;
+    }
+#else
+    if (stat(target, &sb) == 0) {
+        if (!S_ISREG(sb.st_mode))
+            return esft__fail_at(err, ESFT_ERR_IO, path, 0, "%s, not a regular file: refusing to replace it",
+                                 esft__file_kind(sb.st_mode));
+        *mode = (int)(sb.st_mode & 0777);
+        return ESFT_OK;
+    }
+#endif
+    if (errno != ENOENT) return esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot use the output: %s", strerror(errno));
+    esft__dir_of(target, dir, sizeof dir);
+#if defined(_WIN32)
+    if (_stat64(dir, &sb) != 0) return esft__fail_at(err, ESFT_ERR_IO, path, 0, "the directory %s does not exist", dir);
+#else
+    if (stat(dir, &sb) != 0) return esft__fail_at(err, ESFT_ERR_IO, path, 0, "the directory %s does not exist", dir);
+    if (!S_ISDIR(sb.st_mode)) return esft__fail_at(err, ESFT_ERR_IO, path, 0, "%s is not a directory", dir);
+#endif
+    return ESFT_OK;
+}
+
+/* Creates the temp file of a write to path (esft__out_target says where that
+   lands: target, cap bytes), "<target>.tmp.<pid>.<n>" with the first n not
    taken, exclusively (O_CREAT | O_EXCL): two writers of the same path, in two
    processes or two threads, never share or truncate one temp file, and a file or
-   link already there is never opened. Fills tmp (cap bytes) and *fd. */
-static esft_status esft__open_temp(const char *path, char *tmp, size_t cap, int *fd, esft_error *err)
+   link already there is never opened. It gets the mode of the file it replaces
+   from its creation on (a 0600 file's data is never readable by others). Fills
+   target, tmp (tmp_cap bytes) and *fd. */
+static esft_status esft__open_temp(const char *path, char *target, size_t cap, char *tmp, size_t tmp_cap, int *fd,
+                                   esft_error *err)
 {
     unsigned n;
+    int mode;
+    esft_status s;
 #if defined(_WIN32)
     long pid = (long)_getpid();
 #else
     long pid = (long)getpid();
 #endif
     *fd = -1;
+    tmp[0] = 0;
+    if ((s = esft__out_target(path, target, cap, &mode, err)) != ESFT_OK) return s;
     for (n = 0; n < 10000; n++) {
-        if ((size_t)snprintf(tmp, cap, "%s.tmp.%ld.%u", path, pid, n) >= cap) {
+        if ((size_t)snprintf(tmp, tmp_cap, "%s.tmp.%ld.%u", target, pid, n) >= tmp_cap) {
             tmp[0] = 0;
             return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "path too long");
         }
 #if defined(_WIN32)
         *fd = _open(tmp, _O_WRONLY | _O_CREAT | _O_EXCL | _O_BINARY, _S_IREAD | _S_IWRITE);
 #else
-        *fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL, 0644);
+        *fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL, mode >= 0 ? (mode_t)mode : 0644);
+        if (*fd >= 0 && mode >= 0) (void)chmod(tmp, (mode_t)mode); /* the umask may have cleared bits */
 #endif
         if (*fd >= 0) return ESFT_OK;
         if (errno != EEXIST) break;
     }
     {
         int e = errno;
-        esft_status s = esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot create %s: %s", tmp, strerror(e));
+        s = esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot create %s: %s", tmp, strerror(e));
         tmp[0] = 0;
         return s;
     }
@@ -2770,15 +2912,15 @@ static int esft__write_and_sync(int fd, const char *data, size_t size)
 static esft_status esft__write_file_atomic(const char *path, const char *data, size_t size,
                                            esft_error *err)
 {
-    char tmp[4200];
+    char tmp[4200], target[4096];
     int ok, fd;
-    esft_status s = esft__open_temp(path, tmp, sizeof tmp, &fd, err);
+    esft_status s = esft__open_temp(path, target, sizeof target, tmp, sizeof tmp, &fd, err);
     if (s != ESFT_OK) return s;
     ok = esft__write_and_sync(fd, data, size);
 #if defined(_WIN32)
-    if (ok) remove(path);
+    if (ok) remove(target);
 #endif
-    if (ok) ok = rename(tmp, path) == 0;
+    if (ok) ok = rename(tmp, target) == 0;
     if (!ok) {
         int e = errno;
         remove(tmp);
@@ -2803,6 +2945,13 @@ static esft_status esft__write_buf_atomic(const char *path, esft__buf *b, esft_e
 #define ESFT__MAX_TEXT_FILE ((uint64_t)256 << 20) /* summary.json of a 1000-layer model is ~10 MB */
 static esft_status esft__read_file(const char *path, uint64_t max_bytes, const esft_allocator *a, char **out,
                                    size_t *size, esft_error *err);
+/* File descriptors, defined with the other file helpers in the checkpoints
+   section: a non-blocking open for reading, the size of a regular file (0 for
+   anything else), a read of up to n bytes (-1 on error) and close. */
+static int esft__fd_open_read(const char *path);
+static int esft__fd_size(int fd, uint64_t *size);
+static long esft__fd_read_some(int fd, void *dst, size_t n);
+static void esft__fd_close(int fd);
 
 /* Sets where a failure happened, keeping the message. */
 static esft_status esft__locate(esft_error *err, esft_status s, const char *file, long line)
@@ -3288,43 +3437,66 @@ ESFTDEF esft_status esft_stats_read_log_memory(esft_stats *st, int layer, const 
 
 #define ESFT__LOG_CHUNK (1u << 20)
 
+/* Reads the next chunk of fd after the kept partial line. Why `scanned`: the
+   partial line's first `scanned` bytes are known to hold no '\n', so only the new
+   bytes are searched, and the parser runs again only once a line is complete;
+   searching the whole partial line after every chunk made one long line
+   quadratic. The buffer starts with the partial line, so the first '\n' found
+   tells its length, checked against the limit before the parser sees it. */
+static esft_status esft__log_fill(esft__buf *buf, int fd, size_t *scanned, int *complete, int *eof,
+                                  const char *path, long line, esft_error *err)
+{
+    const char *nl;
+    long got;
+    *complete = *eof = 0;
+    if (!esft__buf_reserve(buf, ESFT__LOG_CHUNK))
+        return esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, path, line, "line buffer");
+    got = esft__fd_read_some(fd, buf->data + buf->size, ESFT__LOG_CHUNK);
+    if (got < 0) return esft__fail_at(err, ESFT_ERR_IO, path, line, "read failed: %s", strerror(errno));
+    buf->size += (size_t)got;
+    *eof = got == 0;
+    nl = ESFT__CAST(const char *, memchr(buf->data + *scanned, '\n', buf->size - *scanned));
+    *scanned = buf->size;
+    if ((nl ? (size_t)(nl - buf->data) : buf->size) > ESFT_LOG_MAX_LINE)
+        return esft__fail_at(err, ESFT_ERR_RANGE, path, line, "line longer than the limit of %lu bytes (ESFT_LOG_MAX_LINE)",
+                             (unsigned long)ESFT_LOG_MAX_LINE);
+    *complete = *eof || nl;
+    return ESFT_OK;
+}
+
 ESFTDEF esft_status esft_stats_read_log(esft_stats *st, int layer, const char *path, esft_error *err)
 {
     esft_stats priv;
     esft__log_reader r;
     esft__buf buf;
-    FILE *f;
+    int fd, complete, eof = 0;
+    uint64_t file_size;
+    size_t scanned = 0, used;
     esft_status s;
     esft__error_clear(err);
     if (!path) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "path is NULL");
     s = esft__log_reader_begin(&r, &priv, st, layer, path, err);
     if (s != ESFT_OK) return s;
-    f = fopen(path, "rb");
-    if (!f) {
+    fd = esft__fd_open_read(path);
+    if (fd < 0) {
         s = esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot open: %s", strerror(errno));
         return esft__log_reader_end(&r, st, s, err);
     }
+    if (!esft__fd_size(fd, &file_size)) { /* a FIFO or /dev/zero would never end */
+        esft__fd_close(fd);
+        s = esft__fail_at(err, ESFT_ERR_IO, path, 0, "not a regular file");
+        return esft__log_reader_end(&r, st, s, err);
+    }
     esft__buf_init(&buf, &st->allocator);
-    for (;;) {
-        size_t got, used;
-        int eof;
-        if (!esft__buf_reserve(&buf, ESFT__LOG_CHUNK)) {
-            s = esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, path, r.line + 1, "line buffer");
-            break;
-        }
-        got = fread(buf.data + buf.size, 1, ESFT__LOG_CHUNK, f);
-        buf.size += got;
-        if (got < ESFT__LOG_CHUNK && ferror(f)) {
-            s = esft__fail_at(err, ESFT_ERR_IO, path, r.line + 1, "read failed");
-            break;
-        }
-        eof = got == 0;
+    while (s == ESFT_OK && !eof) {
+        s = esft__log_fill(&buf, fd, &scanned, &complete, &eof, path, r.line + 1, err);
+        if (s != ESFT_OK || !complete) continue;
         s = esft__log_consume(&r, buf.data, buf.size, eof, &used, err);
-        if (s != ESFT_OK || eof) break;
         memmove(buf.data, buf.data + used, buf.size - used); /* keep the partial line */
         buf.size -= used;
+        scanned = buf.size; /* consume stops only at a line without '\n' */
     }
-    fclose(f);
+    esft__fd_close(fd);
     esft__buf_free(&buf);
     return esft__log_reader_end(&r, st, s, err);
 }
@@ -3332,14 +3504,14 @@ ESFTDEF esft_status esft_stats_read_log(esft_stats *st, int layer, const char *p
 /* Layers past the accumulator's probed for a log file (a wrong n_layers). */
 #define ESFT__LOG_PROBE_BEYOND 1024
 
-/* Writes dir/expert_weights_<layer>.txt to path; 1 if that file can be opened. */
+/* Writes dir/expert_weights_<layer>.txt to path; 1 if something is there. Why
+   stat, not a trial open: opening a FIFO waits for a writer. What is there is
+   then read by esft_stats_read_log, which refuses anything but a regular file. */
 static int esft__log_file_exists(char *path, size_t cap, const char *dir, int layer)
 {
-    FILE *probe;
+    struct stat sb;
     snprintf(path, cap, "%s/expert_weights_%d.txt", dir, layer);
-    probe = fopen(path, "rb");
-    if (probe) fclose(probe);
-    return probe != NULL;
+    return stat(path, &sb) == 0;
 }
 
 ESFTDEF esft_status esft_stats_read_log_dir(esft_stats *st, const char *dir, int *n_files,
@@ -5779,6 +5951,7 @@ ESFTDEF esft_status esft_clip_grad_norm(float *const *grads, const size_t *sizes
 #include <io.h>
 #include <sys/stat.h>
 #else
+#include <dirent.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/types.h>
@@ -5939,12 +6112,18 @@ typedef ssize_t esft__ssize;
 
 #define ESFT__IO_CHUNK ((size_t)1 << 30) /* largest single read/write call */
 
+/* Opens path for reading without blocking: open() of a FIFO waits for a writer,
+   forever if none comes, and that is before any regular-file check can run. So
+   the open does not wait (O_NONBLOCK), callers then refuse what esft__fd_size
+   says is not a regular file, and a regular file is read in blocking mode. */
 static int esft__fd_open_read(const char *path)
 {
 #if defined(_WIN32)
     return _open(path, _O_RDONLY | ESFT__O_BINARY);
 #else
-    return open(path, O_RDONLY);
+    int fd = open(path, O_RDONLY | O_NONBLOCK), flags;
+    if (fd >= 0 && (flags = fcntl(fd, F_GETFL)) != -1) (void)fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+    return fd;
 #endif
 }
 
@@ -5971,6 +6150,17 @@ static int esft__fd_seek(int fd, uint64_t offset)
     return lseek(fd, (off_t)offset, SEEK_SET) != (off_t)-1;
 #endif
 }
+
+static long esft__fd_read_some(int fd, void *dst, size_t n)
+{
+    for (;;) {
+        esft__ssize r = esft__sys_read(fd, dst, n < ESFT__IO_CHUNK ? n : ESFT__IO_CHUNK);
+        if (r < 0 && errno == EINTR) continue;
+        return (long)r;
+    }
+}
+
+static void esft__fd_close(int fd) { esft__sys_close(fd); }
 
 /* Reads exactly n bytes at offset; 0 on error or an early end of file. */
 static int esft__fd_read_at(int fd, uint64_t offset, void *dst, size_t n)
@@ -6023,7 +6213,8 @@ static esft_status esft__read_file(const char *path, uint64_t max_bytes, const e
 }
 
 /* A file being written: bytes go to a fresh "<path>.tmp.<pid>.<n>"
-   (esft__open_temp); commit renames it to path. */
+   (esft__open_temp); commit renames it to path, which is the target of the
+   caller's path when that is a symbolic link (esft__out_target). */
 typedef struct esft__out {
     int fd;
     uint64_t written, kicked; /* bytes written; bytes handed to writeback so far */
@@ -6062,10 +6253,7 @@ static esft_status esft__out_open(esft__out *o, const char *path, esft_error *er
     o->fd = -1;
     o->tmp[0] = 0;
     o->written = o->kicked = 0;
-    if (strlen(path) >= sizeof o->path)
-        return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "path too long");
-    snprintf(o->path, sizeof o->path, "%s", path);
-    return esft__open_temp(path, o->tmp, sizeof o->tmp, &o->fd, err);
+    return esft__open_temp(path, o->path, sizeof o->path, o->tmp, sizeof o->tmp, &o->fd, err); /* o->path: the target */
 }
 
 static esft_status esft__out_write(esft__out *o, const void *data, size_t n, esft_error *err)
@@ -7075,6 +7263,18 @@ static int esft__is_file(const char *path)
     return ok;
 }
 
+/* 1 if something is at path (not opened: a FIFO would wait). */
+static int esft__fd_exists(const char *path)
+{
+#if defined(_WIN32)
+    struct _stat64 sb;
+    return _stat64(path, &sb) == 0;
+#else
+    struct stat sb;
+    return stat(path, &sb) == 0;
+#endif
+}
+
 static const char *esft__basename(const char *path)
 {
     const char *slash = strrchr(path, '/'), *back = strrchr(path, '\\');
@@ -7274,6 +7474,66 @@ static esft_status esft__ck_open_index(esft_checkpoint *ck, const char *index, e
     return s;
 }
 
+/* ---- the merge record (ESFT_MERGE_RECORD) ----------------------------- */
+
+/* What dir/ESFT_MERGE_RECORD says: *present 0 when there is none; *complete 1
+   when its state is "complete"; *same_base 1 when its base_shards are ck's
+   shards, names and sizes (ck may be NULL). A record that cannot be read or
+   parsed counts as present and incomplete. */
+static esft_status esft__merge_read_record(const char *dir, const esft_checkpoint *ck, const esft_allocator *a,
+                                           int *present, int *complete, int *same_base)
+{
+    char path[4200], *text = NULL;
+    size_t size = 0;
+    esft_json js;
+    int shards, i, k;
+    *present = *complete = *same_base = 0;
+    if ((size_t)snprintf(path, sizeof path, "%s/%s", dir, ESFT_MERGE_RECORD) >= sizeof path) return ESFT_ERR_INVALID_ARGUMENT;
+    if (!esft__fd_exists(path)) return ESFT_OK;
+    *present = 1;
+    if (esft__read_file(path, (uint64_t)16 << 20, a, &text, &size, NULL) != ESFT_OK) return ESFT_OK;
+    if (esft_json_parse(&js, text, size, a, NULL) == ESFT_OK) {
+        int state = js.tokens[0].type == ESFT_JSON_OBJECT ? esft_json_find(&js, 0, "state") : -1;
+        *complete = state >= 0 && esft_json_string_equals(&js, state, "complete");
+        shards = js.tokens[0].type == ESFT_JSON_OBJECT ? esft_json_find(&js, 0, "base_shards") : -1;
+        if (ck && shards >= 0 && js.tokens[shards].type == ESFT_JSON_OBJECT && js.tokens[shards].size == ck->n_shards) {
+            *same_base = 1;
+            for (i = 0, k = shards + 1; i < ck->n_shards && *same_base; i++, k = js.tokens[k + 1].next) {
+                double v;
+                *same_base = esft_json_string_equals(&js, k, ck->shard_files[i]) &&
+                             esft_json_number(&js, k + 1, &v) == ESFT_OK && v == (double)ck->shards[i].file_size;
+            }
+        }
+        esft_json_free(&js);
+    }
+    esft__release(a, text);
+    return ESFT_OK;
+}
+
+/* A checkpoint (path: its directory, or a file in it) whose directory holds an
+   unfinished merge record is refused before any shard is opened: its shards
+   may come from two merges, and that is the diagnosis to give. */
+static esft_status esft__merge_check_record(const char *path, const esft_allocator *a, esft_error *err)
+{
+    char dir[4200];
+    int present, complete, same;
+#if defined(_WIN32)
+    struct _stat64 sb;
+    int is_dir = _stat64(path, &sb) == 0 && (sb.st_mode & _S_IFDIR);
+#else
+    struct stat sb;
+    int is_dir = stat(path, &sb) == 0 && S_ISDIR(sb.st_mode);
+#endif
+    if (is_dir) snprintf(dir, sizeof dir, "%s", path);
+    else esft__dir_of(path, dir, sizeof dir);
+    esft__merge_read_record(dir, NULL, a, &present, &complete, &same);
+    if (present && !complete)
+        return esft__fail_at(err, ESFT_ERR_IO, dir, 0,
+                             "an interrupted esft merge (%s is not \"complete\"): the shards may come from two merges; "
+                             "run the merge again", ESFT_MERGE_RECORD);
+    return ESFT_OK;
+}
+
 ESFTDEF esft_status esft_checkpoint_open(esft_checkpoint *ck, const char *path, const esft_allocator *allocator,
                                          esft_error *err)
 {
@@ -7286,6 +7546,7 @@ ESFTDEF esft_status esft_checkpoint_open(esft_checkpoint *ck, const char *path, 
     ck->allocator = esft__allocator_or_default(allocator);
     n = strlen(path);
     if (n == 0 || n > 4000) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "path empty or too long");
+    if ((s = esft__merge_check_record(path, &ck->allocator, err)) != ESFT_OK) return s;
     snprintf(buf, sizeof buf, "%s/model.safetensors.index.json", path);
     if (esft__is_file(buf)) s = esft__ck_open_index(ck, buf, err);
     else if (n > 11 && strcmp(path + n - 11, ".index.json") == 0) s = esft__ck_open_index(ck, path, err);
@@ -7471,6 +7732,33 @@ static esft_status esft__config_all_seen(const esft_expert_config *cfg, const un
     return ESFT_OK;
 }
 
+/* 1 if path is the file open as st (same device and inode, through links):
+   writing there would rename the result over an input still being read. */
+static int esft__is_open_file(const char *path, const esft_safetensors *st)
+{
+#if defined(_WIN32)
+    (void)path; (void)st;
+    return 0;
+#else
+    struct stat a, b;
+    return st->fd_ >= 0 && stat(path, &a) == 0 && fstat(st->fd_, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+#endif
+}
+
+/* Refuses an output that is one of the checkpoint's shards or the file tr (may be NULL). */
+static esft_status esft__refuse_input_as_output(const char *path, const esft_checkpoint *ck, const esft_safetensors *tr,
+                                                esft_error *err)
+{
+    int sh;
+    for (sh = 0; sh < ck->n_shards; sh++)
+        if (esft__is_open_file(path, ck->shards + sh))
+            return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "the output is the input %s/%s (the same file); choose another",
+                                 ck->dir, ck->shard_files[sh]);
+    if (tr && esft__is_open_file(path, tr))
+        return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "the output is the trained input (the same file); choose another");
+    return ESFT_OK;
+}
+
 ESFTDEF esft_status esft_checkpoint_extract(const char *base, const esft_expert_config *cfg, const char *out_path,
                                             const esft_checkpoint_options *opt, esft_error *err)
 {
@@ -7487,6 +7775,7 @@ ESFTDEF esft_status esft_checkpoint_extract(const char *base, const esft_expert_
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "base, config or output path missing or empty");
     s = esft_checkpoint_open(&ck, base, opt ? opt->allocator : NULL, err);
     if (s != ESFT_OK) return s;
+    s = esft__refuse_input_as_output(out_path, &ck, NULL, err);
     esft__buf_init(&meta, &ck.allocator);
     memset(&pr, 0, sizeof pr);
     memset(&pl, 0, sizeof pl);
@@ -7497,7 +7786,7 @@ ESFTDEF esft_status esft_checkpoint_extract(const char *base, const esft_expert_
     pl.names = ESFT__CAST(char(*)[160], esft__calloc(&ck.allocator, 3 * n_selected + 1, sizeof *pl.names));
     pl.shapes = ESFT__CAST(int64_t(*)[2], esft__calloc(&ck.allocator, 3 * n_selected + 1, sizeof *pl.shapes));
     seen = ESFT__CAST(unsigned char *, esft__calloc(&ck.allocator, n_selected + 1, 1));
-    if (!pl.w || !pl.names || !pl.shapes || !seen) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "extract plan");
+    if (s == ESFT_OK && (!pl.w || !pl.names || !pl.shapes || !seen)) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "extract plan");
     if (s == ESFT_OK) s = esft__extract_collect(&pl, &ck, cfg, seen, &pr, base, err);
     if (s == ESFT_OK) s = esft__config_all_seen(cfg, seen, base, err);
     if (s == ESFT_OK && pl.n == 0) s = esft__fail_at(err, ESFT_ERR_RANGE, base, 0, "the config selects no tensor of the checkpoint");
@@ -7660,16 +7949,137 @@ static esft_status esft__merge_dir(const char *dir, const char *base_dir, esft_e
     return ESFT_OK;
 }
 
-/* Writes every shard (and the index) as temp files, then renames them all. */
+/* The files merge writes into out_dir: output i < n_shards is shard i, then
+   the index (sharded bases only), then the record. */
+static const char *esft__merge_output(const esft_checkpoint *ck, int i)
+{
+    if (i < ck->n_shards) return ck->shard_files[i];
+    if (i == ck->n_shards && ck->sharded) return "model.safetensors.index.json";
+    return i == ck->n_shards + ck->sharded ? ESFT_MERGE_RECORD : NULL;
+}
+
+static int esft__merge_is_output(const esft_checkpoint *ck, const char *name)
+{
+    int i;
+    const char *o;
+    for (i = 0; (o = esft__merge_output(ck, i)) != NULL; i++)
+        if (strcmp(o, name) == 0) return 1;
+    return 0;
+}
+
+/* 1 if name is a temp file of one of merge's outputs: "<output>.tmp.<pid>.<n>". */
+static int esft__merge_is_own_temp(const esft_checkpoint *ck, const char *name)
+{
+    int i;
+    const char *o;
+    for (i = 0; (o = esft__merge_output(ck, i)) != NULL; i++) {
+        size_t n = strlen(o);
+        const char *p = name + n;
+        int digits = 0, dots = 0;
+        if (strncmp(name, o, n) != 0 || strncmp(p, ".tmp.", 5) != 0) continue;
+        for (p += 5; *p; p++) {
+            if (*p == '.' && digits && !dots) { dots = 1; digits = 0; }
+            else if (*p >= '0' && *p <= '9') digits++;
+            else break;
+        }
+        if (!*p && dots && digits) return 1;
+    }
+    return 0;
+}
+
+static int esft__ends_with(const char *s, const char *tail)
+{
+    size_t a = strlen(s), b = strlen(tail);
+    return a >= b && strcmp(s + a - b, tail) == 0;
+}
+
+/* Looks at what out_dir holds before a merge writes there: checkpoint files
+   (*.safetensors, *.index.json) are refused unless the directory is an earlier
+   merge of the same base (same_base) and they are merge's own outputs; temp
+   files of merge's outputs left by killed runs are removed (remove = 1, after a
+   first pass that found nothing to refuse). Other files stay. */
+static esft_status esft__merge_scan(const char *out_dir, const esft_checkpoint *ck, int same_base, int remove_temps,
+                                    esft_error *err)
+{
+#if defined(_WIN32)
+    (void)out_dir; (void)ck; (void)same_base; (void)remove_temps; (void)err;
+    return ESFT_OK;
+#else
+    DIR *d = opendir(out_dir);
+    struct dirent *ent;
+    char path[4200];
+    esft_status s = ESFT_OK;
+    if (!d) return esft__fail_at(err, ESFT_ERR_IO, out_dir, 0, "cannot list the directory: %s", strerror(errno));
+    while (s == ESFT_OK && (ent = readdir(d)) != NULL) {
+        const char *name = ent->d_name;
+        if (esft__merge_is_own_temp(ck, name)) {
+            if (remove_temps && (size_t)snprintf(path, sizeof path, "%s/%s", out_dir, name) < sizeof path) remove(path);
+        } else if ((esft__ends_with(name, ".safetensors") || esft__ends_with(name, ".index.json")) &&
+                   (!same_base || !esft__merge_is_output(ck, name))) {
+            s = esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, out_dir, 0,
+                              "the directory already holds %s and is not an earlier merge of this base "
+                              "(no %s naming the same shards); choose an empty directory", name, ESFT_MERGE_RECORD);
+        }
+    }
+    closedir(d);
+    return s;
+#endif
+}
+
+/* Makes out_dir ready: created, not the base's, nothing foreign in it, stale
+   temp files of killed merges removed. */
+static esft_status esft__merge_prepare(const char *out_dir, const esft_checkpoint *ck, esft_error *err)
+{
+    int present, complete, same_base;
+    esft_status s = esft__merge_dir(out_dir, ck->dir, err);
+    if (s != ESFT_OK) return s;
+    esft__merge_read_record(out_dir, ck, &ck->allocator, &present, &complete, &same_base);
+    if ((s = esft__merge_scan(out_dir, ck, present && same_base, 0, err)) != ESFT_OK) return s;
+    return esft__merge_scan(out_dir, ck, present && same_base, 1, err);
+}
+
+/* Writes out_dir/ESFT_MERGE_RECORD: the state and the base's shards (names and
+   sizes), atomically. */
+static esft_status esft__merge_write_record(const char *out_dir, const esft_checkpoint *ck, const char *state,
+                                            esft_error *err)
+{
+    char path[4200];
+    esft__buf b;
+    int i;
+    if ((size_t)snprintf(path, sizeof path, "%s/%s", out_dir, ESFT_MERGE_RECORD) >= sizeof path)
+        return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, out_dir, 0, "path too long");
+    esft__buf_init(&b, &ck->allocator);
+    esft__buf_printf(&b, "{\"state\": \"%s\", \"base_shards\": {", state);
+    for (i = 0; i < ck->n_shards; i++) {
+        esft__buf_puts(&b, i ? ", " : "");
+        esft__buf_json_string(&b, ck->shard_files[i]);
+        esft__buf_printf(&b, ": %llu", (unsigned long long)ck->shards[i].file_size);
+    }
+    esft__buf_puts(&b, "}}\n");
+    return esft__write_buf_atomic(path, &b, err);
+}
+
+/* The base's index file: the path itself when it names one, else dir's. */
+static void esft__merge_index_path(const char *base, const esft_checkpoint *ck, char *path, size_t cap)
+{
+    if (esft__ends_with(base, ".index.json")) snprintf(path, cap, "%s", base);
+    else snprintf(path, cap, "%s/model.safetensors.index.json", ck->dir);
+}
+
+/* Writes every shard (and the index, a copy of the base's) as temp files, then
+   commits them: record "renaming", the renames, record "complete". */
 static esft_status esft__merge_write(const esft_checkpoint *ck, const esft_safetensors *tr, const esft__patch *pt,
-                                     const char *out_dir, esft__out *outs, unsigned char *buf,
-                                     esft__progress *pr, esft_error *err)
+                                     const char *base, const char *out_dir, esft__out *outs,
+                                     unsigned char *buf, esft__progress *pr, esft_error *err)
 {
     char path[4200];
     int sh, first = 0, n;
     esft_status s = ESFT_OK;
+    for (sh = 0; esft__merge_output(ck, sh) && s == ESFT_OK; sh++) /* an output linked to an input: before any write */
+        if ((size_t)snprintf(path, sizeof path, "%s/%s", out_dir, esft__merge_output(ck, sh)) < sizeof path)
+            s = esft__refuse_input_as_output(path, ck, tr, err);
     for (sh = 0; sh <= ck->n_shards && s == ESFT_OK; sh++) {
-        const char *file = sh < ck->n_shards ? ck->shard_files[sh] : "model.safetensors.index.json";
+        const char *file = esft__merge_output(ck, sh);
         if (sh == ck->n_shards && !ck->sharded) break;
         if ((size_t)snprintf(path, sizeof path, "%s/%s", out_dir, file) >= sizeof path)
             return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, out_dir, 0, "path too long");
@@ -7678,20 +8088,23 @@ static esft_status esft__merge_write(const esft_checkpoint *ck, const esft_safet
             for (n = 0; first + n < tr->n_tensors && pt[first + n].shard == sh; n++) {}
             s = esft__merge_shard(outs + sh, ck->shards + sh, pt + first, n, tr, buf, pr, err);
             first += n;
-        } else {
-            esft__buf b;
-            esft__buf_init(&b, &ck->allocator);
-            esft__ck_index_json(&b, ck);
-            s = b.failed ? esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "index") : esft__out_write(outs + sh, b.data, b.size, err);
-            esft__buf_free(&b);
+        } else { /* names, shards, dtypes, shapes and sizes are the base's: so is its index, metadata included */
+            char index[4200], *text = NULL;
+            size_t size = 0;
+            esft__merge_index_path(base, ck, index, sizeof index);
+            s = esft__read_file(index, ESFT_ST_MAX_HEADER, &ck->allocator, &text, &size, err);
+            if (s == ESFT_OK) s = esft__out_write(outs + sh, text, size, err);
+            esft__release(&ck->allocator, text);
         }
     }
     /* fsync only now: writeback of each shard started while it was copied
        (esft__out_advance), so these wait for the last steps only */
     for (sh = 0; sh <= ck->n_shards && s == ESFT_OK; sh++)
         if (outs[sh].fd >= 0) s = esft__out_finish(outs + sh, err);
+    if (s == ESFT_OK) s = esft__merge_write_record(out_dir, ck, "renaming", err);
     for (sh = 0; sh <= ck->n_shards && s == ESFT_OK; sh++)
         if (outs[sh].tmp[0]) s = esft__out_commit(outs + sh, err);
+    if (s == ESFT_OK) s = esft__merge_write_record(out_dir, ck, "complete", err);
     return s;
 }
 
@@ -7721,8 +8134,8 @@ ESFTDEF esft_status esft_checkpoint_merge(const char *base, const char *trained,
     if (!pt || !outs || !buf) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "merge buffers");
     for (sh = 0; outs && sh <= ck.n_shards; sh++) outs[sh].fd = -1;
     if (s == ESFT_OK) s = esft__merge_plan(&ck, &tr, pt, trained, err);
-    if (s == ESFT_OK) s = esft__merge_dir(out_dir, ck.dir, err);
-    if (s == ESFT_OK) s = esft__merge_write(&ck, &tr, pt, out_dir, outs, buf, &pr, err);
+    if (s == ESFT_OK) s = esft__merge_prepare(out_dir, &ck, err);
+    if (s == ESFT_OK) s = esft__merge_write(&ck, &tr, pt, base, out_dir, outs, buf, &pr, err);
     for (sh = 0; outs && sh <= ck.n_shards; sh++) esft__out_abort(outs + sh); /* temp files left by a failure */
     esft__release(&ck.allocator, pt);
     esft__release(&ck.allocator, outs);
@@ -7738,13 +8151,27 @@ ESFTDEF esft_status esft_checkpoint_merge(const char *base, const char *trained,
 
 #define ESFT__JSON_MAX_DEPTH 64
 
+/* Two passes over the text: the first (counting) validates and counts the
+   tokens, writing each to `scratch`; the second fills an array of exactly that
+   many. Why: grown by doubling, the array took up to ~26x the text's bytes
+   (a 250 MB summary.json needed 6.5 GB); counted first, it is 32 bytes a token,
+   allocated once, and invalid JSON allocates nothing. */
 typedef struct esft__json_parser {
     const char *s;
     size_t n, pos;
     esft_json *js;
-    int cap;
+    int counting;
+    esft_json_token scratch;
     esft_error *err;
 } esft__json_parser;
+
+#define ESFT__JSON_MAX_TOKENS (1 << 28)
+
+/* Token tok, or the scratch token while counting. */
+static esft_json_token *esft__json_tok(esft__json_parser *p, int tok)
+{
+    return p->counting ? &p->scratch : p->js->tokens + tok;
+}
 
 static esft_status esft__json_error(esft__json_parser *p, const char *what)
 {
@@ -7764,22 +8191,12 @@ static void esft__json_skip_ws(esft__json_parser *p)
         p->pos++;
 }
 
-/* Appends a token; returns its index or -1 when memory runs out. */
+/* Appends a token; returns its index or -1 past ESFT__JSON_MAX_TOKENS. */
 static int esft__json_push(esft__json_parser *p, esft_json_type type, size_t start)
 {
     esft_json_token *t;
-    if (p->js->n_tokens == p->cap) {
-        int cap = p->cap ? p->cap * 2 : 64;
-        esft_json_token *grown;
-        if (cap > (1 << 28)) return -1;
-        grown = ESFT__CAST(esft_json_token *, esft__calloc(&p->js->allocator, (size_t)cap, sizeof *grown));
-        if (!grown) return -1;
-        if (p->js->n_tokens) memcpy(grown, p->js->tokens, (size_t)p->js->n_tokens * sizeof *grown);
-        esft__release(&p->js->allocator, p->js->tokens);
-        p->js->tokens = grown;
-        p->cap = cap;
-    }
-    t = p->js->tokens + p->js->n_tokens;
+    if (p->js->n_tokens >= ESFT__JSON_MAX_TOKENS) return -1;
+    t = esft__json_tok(p, p->js->n_tokens);
     t->type = type;
     t->start = t->end = start;
     t->size = 0;
@@ -7801,7 +8218,7 @@ static esft_status esft__json_string_token(esft__json_parser *p)
     while (p->pos < p->n) {
         unsigned char c = (unsigned char)p->s[p->pos];
         if (c == '"') {
-            p->js->tokens[tok].end = p->pos++;
+            esft__json_tok(p, tok)->end = p->pos++;
             return ESFT_OK;
         }
         if (c < 0x20) return esft__json_error(p, "control character in string");
@@ -7847,7 +8264,7 @@ static esft_status esft__json_number_token(esft__json_parser *p)
     }
     tok = esft__json_push(p, ESFT_JSON_NUMBER, start);
     if (tok < 0) return esft__fail(p->err, ESFT_ERR_OUT_OF_MEMORY, "JSON tokens");
-    p->js->tokens[tok].end = p->pos;
+    esft__json_tok(p, tok)->end = p->pos;
     return ESFT_OK;
 }
 
@@ -7859,7 +8276,7 @@ static esft_status esft__json_literal(esft__json_parser *p, const char *word, es
     tok = esft__json_push(p, type, p->pos);
     if (tok < 0) return esft__fail(p->err, ESFT_ERR_OUT_OF_MEMORY, "JSON tokens");
     p->pos += n;
-    p->js->tokens[tok].end = p->pos;
+    esft__json_tok(p, tok)->end = p->pos;
     return ESFT_OK;
 }
 
@@ -7889,15 +8306,15 @@ static esft_status esft__json_container(esft__json_parser *p, int depth)
                 p->pos++;
             }
             if ((s = esft__json_value(p, depth + 1)) != ESFT_OK) return s;
-            p->js->tokens[tok].size++;
+            esft__json_tok(p, tok)->size++;
             esft__json_skip_ws(p);
             if (p->pos < p->n && p->s[p->pos] == ',') { p->pos++; continue; }
             if (p->pos < p->n && p->s[p->pos] == close) { p->pos++; break; }
             return esft__json_error(p, is_object ? "expected ',' or '}'" : "expected ',' or ']'");
         }
     }
-    p->js->tokens[tok].end = p->pos;
-    p->js->tokens[tok].next = p->js->n_tokens;
+    esft__json_tok(p, tok)->end = p->pos;
+    esft__json_tok(p, tok)->next = p->js->n_tokens;
     return ESFT_OK;
 }
 
@@ -8012,10 +8429,19 @@ ESFTDEF esft_status esft_json_parse(esft_json *out, const char *text, size_t len
     p.n = length;
     p.js = out;
     p.err = err;
-    s = esft__json_value(&p, 0);
-    if (s == ESFT_OK) {
-        esft__json_skip_ws(&p);
-        if (p.pos != p.n) s = esft__json_error(&p, "trailing characters after the value");
+    for (p.counting = 1; p.counting >= 0; p.counting--) {
+        p.pos = 0;
+        out->n_tokens = 0;
+        s = esft__json_value(&p, 0);
+        if (s == ESFT_OK) {
+            esft__json_skip_ws(&p);
+            if (p.pos != p.n) s = esft__json_error(&p, "trailing characters after the value");
+        }
+        if (s != ESFT_OK) break;
+        if (p.counting) {
+            out->tokens = ESFT__CAST(esft_json_token *, esft__calloc(&out->allocator, (size_t)out->n_tokens, sizeof *out->tokens));
+            if (!out->tokens) { s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "%d JSON tokens", out->n_tokens); break; }
+        }
     }
     if (s == ESFT_OK) s = esft__json_no_duplicate_keys(&p);
     if (s != ESFT_OK) esft_json_free(out);
@@ -8028,6 +8454,21 @@ ESFTDEF void esft_json_free(esft_json *js)
     if (js->allocator.free) esft__release(&js->allocator, js->tokens);
     js->tokens = NULL;
     js->n_tokens = 0;
+}
+
+ESFTDEF esft_status esft_file_read(const char *path, uint64_t max_bytes, const esft_allocator *allocator,
+                                   char **data, size_t *size, esft_error *err)
+{
+    esft_allocator a = esft__allocator_or_default(allocator);
+    esft__error_clear(err);
+    if (!path || !data || !size) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "path or output is NULL");
+    return esft__read_file(path, max_bytes ? max_bytes : ESFT__MAX_TEXT_FILE, &a, data, size, err);
+}
+
+ESFTDEF void esft_file_free(char *data, const esft_allocator *allocator)
+{
+    esft_allocator a = esft__allocator_or_default(allocator);
+    esft__release(&a, data);
 }
 
 /* Four hex digits (validated by the tokenizer) as a number. */

@@ -35,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 enum { EXIT_OK = 0, EXIT_RUNTIME = 1, EXIT_USAGE = 2 };
 
@@ -154,6 +155,121 @@ static int cli_flag(int argc, char **argv, int *i, const char *flag, const char 
 static int cli_missing(const char *cmd, const char *what)
 {
     return cli_usage(cmd, "missing %s%s", what, "");
+}
+
+/* ---- outputs that are inputs ------------------------------------------ */
+
+/* The files a command reads, by identity (device and inode), so that an output
+   which is one of them, under any name (a hard or symbolic link, "./x" for
+   "x"), is refused before anything is written: the atomic writer would
+   otherwise rename its result over the input (`esft extract m.safetensors -o
+   m.safetensors` replaced the checkpoint with a 288-byte file). */
+typedef struct cli_inputs {
+    int n, cap;
+    dev_t *dev;
+    ino_t *ino;
+    char **name;
+} cli_inputs;
+
+static void cli_inputs_free(cli_inputs *in)
+{
+    int i;
+    for (i = 0; i < in->n; i++) free(in->name[i]);
+    free(in->dev);
+    free(in->ino);
+    free(in->name);
+    memset(in, 0, sizeof *in);
+}
+
+/* Adds path if it is a regular file (what is not there cannot be overwritten;
+   a directory or FIFO is refused as an output anyway). 0 when out of memory. */
+static int cli_inputs_add(cli_inputs *in, const char *path)
+{
+    struct stat sb;
+    size_t len = strlen(path) + 1;
+    if (stat(path, &sb) != 0 || !S_ISREG(sb.st_mode)) return 1;
+    if (in->n == in->cap) {
+        int cap = in->cap ? in->cap * 2 : 16;
+        dev_t *dev = (dev_t *)realloc(in->dev, (size_t)cap * sizeof *dev);
+        ino_t *ino = dev ? (ino_t *)realloc(in->ino, (size_t)cap * sizeof *ino) : NULL;
+        char **name = ino ? (char **)realloc(in->name, (size_t)cap * sizeof *name) : NULL;
+        if (dev) in->dev = dev;
+        if (ino) in->ino = ino;
+        if (!name) return 0;
+        in->name = name;
+        in->cap = cap;
+    }
+    if (!(in->name[in->n] = (char *)malloc(len))) return 0;
+    memcpy(in->name[in->n], path, len);
+    in->dev[in->n] = sb.st_dev;
+    in->ino[in->n] = sb.st_ino;
+    in->n++;
+    return 1;
+}
+
+/* A checkpoint: the path itself, its index and every shard it names. One that
+   does not open adds only the path; the command then reports why it fails. */
+static int cli_inputs_add_checkpoint(cli_inputs *in, const char *path)
+{
+    char file[4200];
+    esft_checkpoint ck;
+    int ok = cli_inputs_add(in, path), s;
+    if (esft_checkpoint_open(&ck, path, NULL, NULL) != ESFT_OK) return ok;
+    for (s = 0; ok && s < ck.n_shards; s++) {
+        snprintf(file, sizeof file, "%s/%s", ck.dir, ck.shard_files[s]);
+        ok = cli_inputs_add(in, file);
+    }
+    snprintf(file, sizeof file, "%s/model.safetensors.index.json", ck.dir);
+    ok = ok && cli_inputs_add(in, file);
+    snprintf(file, sizeof file, "%s/config.json", ck.dir);
+    ok = ok && cli_inputs_add(in, file);
+    esft_checkpoint_close(&ck);
+    return ok;
+}
+
+/* Refuses out when it is one of the inputs: a usage error (exit 2), before
+   anything is written. Returns EXIT_OK when out is a new file or another one. */
+static int cli_check_output(const char *cmd, const cli_inputs *in, const char *out)
+{
+    struct stat sb;
+    int i;
+    if (stat(out, &sb) != 0) return EXIT_OK;
+    for (i = 0; i < in->n; i++)
+        if (in->dev[i] == sb.st_dev && in->ino[i] == sb.st_ino)
+            return cli_usage(cmd, "the output '%s' is the input '%s' (the same file); choose another output", out,
+                             in->name[i]);
+    return EXIT_OK;
+}
+
+/* The end of every command's check: out against the inputs gathered (ok: all
+   were added), then the list is freed. */
+static int cli_check_done(const char *cmd, cli_inputs *in, int ok, const char *out)
+{
+    int r = ok ? cli_check_output(cmd, in, out) : cli_fail(cmd, ESFT_ERR_OUT_OF_MEMORY, NULL);
+    cli_inputs_free(in);
+    return r;
+}
+
+/* The usual case: up to three plain input files (NULL ones skipped). */
+static int cli_check_files(const char *cmd, const char *out, const char *a, const char *b, const char *c)
+{
+    cli_inputs in;
+    int ok = 1;
+    memset(&in, 0, sizeof in);
+    if (a) ok = cli_inputs_add(&in, a);
+    if (b && ok) ok = cli_inputs_add(&in, b);
+    if (c && ok) ok = cli_inputs_add(&in, c);
+    return cli_check_done(cmd, &in, ok, out);
+}
+
+/* A model run: MODEL_DIR's files and the data file. */
+static int cli_check_model(const char *cmd, const char *out, const char *dir, const char *data)
+{
+    cli_inputs in;
+    int ok;
+    memset(&in, 0, sizeof in);
+    ok = cli_inputs_add_checkpoint(&in, dir) && cli_inputs_add(&in, data);
+    return cli_check_done(cmd, &in, ok, out);
 }
 
 /* ---- esft stats -------------------------------------------------------- */
@@ -308,7 +424,21 @@ static int cmd_stats(const char *name, int argc, char **argv)
         return cli_fail(name, ESFT_ERR_INVALID_ARGUMENT, &err);
     }
     s = esft_stats_init(&st, layers, experts, k, NULL);
-    if (s != ESFT_OK) return cli_fail(name, s, NULL);
+    if (s == ESFT_ERR_RANGE)
+        snprintf(err.message, sizeof err.message, "need layers (%d) <= %d, experts (%d) <= %d, layers x experts <= %lld",
+                 layers, ESFT_STATS_MAX_LAYERS, experts, ESFT_STATS_MAX_EXPERTS, (long long)ESFT_STATS_MAX_CELLS);
+    if (s != ESFT_OK) return cli_fail(name, s, &err);
+    {   /* the logs read: layers 0..L-1, and the ones probed past them */
+        cli_inputs in;
+        char path[4200];
+        int ok = 1;
+        memset(&in, 0, sizeof in);
+        for (l = 0; ok && l < layers + 1024; l++) {
+            snprintf(path, sizeof path, "%s/expert_weights_%d.txt", dir, l);
+            ok = cli_inputs_add(&in, path);
+        }
+        if ((r = cli_check_done(name, &in, ok, out)) != EXIT_OK) { esft_stats_uninit(&st); return r; }
+    }
     s = esft_stats_read_log_dir(&st, dir, &n_files, &err);
     if (s == ESFT_OK && !model_config) cli_warn_idle_top_experts(name, &st);
     if (s == ESFT_OK) {
@@ -405,6 +535,7 @@ static int cmd_select(const char *name, int argc, char **argv)
     if (!out) return cli_missing(name, "-o CONFIG.json");
     if (strcmp(rule, "--top-p") == 0 ? cli_double(name, rule, rule_value, &p) : cli_int(name, rule, rule_value, &n))
         return EXIT_USAGE;
+    if ((r = cli_check_files(name, out, in, NULL, NULL)) != EXIT_OK) return r;
     s = esft_scores_read_json(in, &sc, &err);
     if (s != ESFT_OK) return cli_fail(name, s, &err);
     if (strcmp(rule, "--top-p") == 0) s = esft_select_top_p(&sc, which, p, &cfg, &err);
@@ -446,37 +577,6 @@ static const char heatmap_help[] =
     "example:\n"
     "  esft heatmap summary.json --config config.json -o map.svg\n"
     "  convert map.svg map.png       # or rsvg-convert map.svg -o map.png\n";
-
-/* Reads a whole (small, JSON) file; NULL with err filled on failure. */
-static char *cli_read_file(const char *path, size_t *size, esft_error *err)
-{
-    FILE *f = fopen(path, "rb");
-    char *data = NULL;
-    size_t cap = 0, n = 0, got;
-    memset(err, 0, sizeof *err);
-    snprintf(err->file, sizeof err->file, "%s", path);
-    if (!f) {
-        snprintf(err->message, sizeof err->message, "cannot open: %s", strerror(errno));
-        return NULL;
-    }
-    do {
-        if (n == cap) {
-            char *grown = (char *)realloc(data, cap = cap ? cap * 2 : 65536);
-            if (!grown) { free(data); fclose(f); snprintf(err->message, sizeof err->message, "out of memory"); return NULL; }
-            data = grown;
-        }
-        got = fread(data + n, 1, cap - n, f);
-        n += got;
-    } while (got > 0);
-    if (ferror(f)) {
-        snprintf(err->message, sizeof err->message, "read failed");
-        free(data);
-        data = NULL;
-    }
-    fclose(f);
-    *size = n;
-    return data;
-}
 
 /* Which ESFT JSON file the text is: 1 summary, 2 expert config, 0 neither (err filled). */
 static int cli_json_kind(const char *text, size_t size, const char *path, esft_error *err)
@@ -527,11 +627,13 @@ static int cmd_heatmap(const char *name, int argc, char **argv)
     }
     if (!in) return cli_missing(name, "the summary.json or expert config to draw");
     if (!out) return cli_missing(name, "-o MAP.svg");
-    if (!(text = cli_read_file(in, &size, &err))) return cli_fail(name, ESFT_ERR_IO, &err);
+    if ((r = cli_check_files(name, out, in, config, NULL)) != EXIT_OK) return r;
+    memset(&err, 0, sizeof err);
+    if ((s = esft_file_read(in, 0, NULL, &text, &size, &err)) != ESFT_OK) return cli_fail(name, s, &err);
     kind = cli_json_kind(text, size, in, &err);
     if (kind == 0) s = err.status ? err.status : ESFT_ERR_PARSE;
     else if (kind == 2 && config) {
-        free(text);
+        esft_file_free(text, NULL);
         return cli_usage(name, "--config outlines a selection on scores, but '%s' is already a config%s", in, "");
     } else if (kind == 1) {
         s = esft_scores_parse_json(text, size, in, &sc, &err);
@@ -545,7 +647,7 @@ static int cmd_heatmap(const char *name, int argc, char **argv)
         have_cfg = s == ESFT_OK;
         if (s == ESFT_OK && experts > 0) cfg.n_experts = experts;
     }
-    free(text);
+    esft_file_free(text, NULL);
     if (s == ESFT_OK) {
         s = esft_heatmap_write_svg(out, have_sc ? &sc : NULL, which, have_cfg ? &cfg : NULL, &err);
         /* a config that does not fit the scores is the config's fault, not the output's */
@@ -818,6 +920,13 @@ static int cmd_extract(const char *name, int argc, char **argv)
     if (!base) return cli_missing(name, "the BASE checkpoint");
     if (!config) return cli_missing(name, "--config CONFIG.json");
     if (!out) return cli_missing(name, "-o EXPERTS.safetensors");
+    {
+        cli_inputs in;
+        int ok;
+        memset(&in, 0, sizeof in);
+        ok = cli_inputs_add_checkpoint(&in, base) && cli_inputs_add(&in, config);
+        if ((r = cli_check_done(name, &in, ok, out)) != EXIT_OK) return r;
+    }
     s = esft_expert_config_read(config, &cfg, &err);
     if (s != ESFT_OK) return cli_fail(name, s, &err);
     opt = cli_progress_options(&pr, name, quiet);
@@ -839,16 +948,42 @@ static const char merge_help[] =
     "its own name plus, for a sharded base, model.safetensors.index.json. Copies\n"
     "stream in chunks of a few MB whatever the model size. Every TRAINED tensor\n"
     "must exist in BASE with the same dtype and shape, checked before anything is\n"
-    "written; shards are written as temp files and renamed only when all succeed.\n"
-    "A base with fused 3-D experts (mlp.experts.gate_up_proj / down_proj) takes\n"
-    "per-expert tensors (mlp.experts.{e}.gate_proj.weight, ...) into their slices;\n"
-    "no other byte changes.\n"
-    "Copy config.json and the tokenizer files yourself.\n"
+    "written; shards are written as temp files and renamed only when all succeed,\n"
+    "the renames recorded in OUTDIR/esft_merge.json (an interrupted merge is then\n"
+    "reported by inspect; merge again to repair it). OUTDIR may not hold another\n"
+    "checkpoint; a previous merge of the same BASE is replaced. The index is the\n"
+    "base's (metadata kept). A base with fused 3-D experts (mlp.experts.gate_up_proj\n"
+    "/ down_proj) takes per-expert tensors (mlp.experts.{e}.gate_proj.weight, ...)\n"
+    "into their slices; no other byte changes. Copy config.json and the tokenizer\n"
+    "files yourself.\n"
     "\n"
     "  BASE              checkpoint directory (sharded or not) or .safetensors file\n"
     "  TRAINED           safetensors file of replacement tensors\n"
-    "  -o, --output DIR  the new checkpoint's directory (created; not BASE's)\n"
+    "  -o, --output DIR  the new checkpoint's directory (created; not BASE's; no\n"
+    "                    other checkpoint in it)\n"
     "  -q, --quiet       no progress or summary on stderr\n";
+
+/* Every file merge writes (OUTDIR/<shard>, the index) against BASE's files and
+   TRAINED: a shard of OUTDIR may be a link to the base's. */
+static int cli_check_merge(const char *cmd, const char *base, const char *trained, const char *out_dir)
+{
+    cli_inputs in;
+    esft_checkpoint ck;
+    char path[4200];
+    int ok, s, r = EXIT_OK;
+    memset(&in, 0, sizeof in);
+    ok = cli_inputs_add_checkpoint(&in, base) && cli_inputs_add(&in, trained);
+    if (!ok) return cli_check_done(cmd, &in, ok, out_dir);
+    if (esft_checkpoint_open(&ck, base, NULL, NULL) == ESFT_OK) {
+        for (s = 0; r == EXIT_OK && s <= ck.n_shards; s++) {
+            snprintf(path, sizeof path, "%s/%s", out_dir, s < ck.n_shards ? ck.shard_files[s] : "model.safetensors.index.json");
+            r = cli_check_output(cmd, &in, path);
+        }
+        esft_checkpoint_close(&ck);
+    }
+    cli_inputs_free(&in);
+    return r;
+}
 
 static int cmd_merge(const char *name, int argc, char **argv)
 {
@@ -875,6 +1010,7 @@ static int cmd_merge(const char *name, int argc, char **argv)
     }
     if (!base || !trained) return cli_usage(name, "give BASE and TRAINED%s%s", "", "");
     if (!out) return cli_missing(name, "-o OUTDIR");
+    if ((r = cli_check_merge(name, base, trained, out)) != EXIT_OK) return r;
     opt = cli_progress_options(&pr, name, quiet);
     s = esft_checkpoint_merge(base, trained, out, &opt, &err);
     if (s == ESFT_OK && !quiet && esft_safetensors_open(&st, trained, NULL, NULL) == ESFT_OK) {
@@ -1019,6 +1155,7 @@ static int cmd_eval(const char *name, int argc, char **argv)
     if (!dir) return cli_missing(name, "the MODEL_DIR");
     if (!data) return cli_missing(name, "--data FILE.jsonl");
     if (max_samples < 0) return cli_usage(name, "--max-samples must be >= 1%s%s", "", "");
+    if (logits_path && (r = cli_check_model(name, logits_path, dir, data)) != EXIT_OK) return r;
     if ((r = cli_open_model(name, dir, data, max_samples, &m, &ds, quiet)) != EXIT_OK) return r;
     for (sidx = 0; sidx < ds.n_samples; sidx++) {
         long long n = ds.offset[sidx + 1] - ds.offset[sidx];
@@ -1105,6 +1242,7 @@ static int cmd_stats_model(const char *name, int argc, char **argv)
     if (!out) return cli_missing(name, "-o SUMMARY.json");
     if (decimals < -1 || decimals > 17) return cli_usage(name, "--decimals must be -1..17%s%s", "", "");
     if (max_samples < 0) return cli_usage(name, "--max-samples must be >= 1%s%s", "", "");
+    if ((r = cli_check_model(name, out, dir, data)) != EXIT_OK) return r;
     if ((r = cli_open_model(name, dir, data, max_samples, &m, &ds, quiet)) != EXIT_OK) return r;
     s = esft_stats_init(&st, m.cfg.n_layers, m.cfg.route.n_experts, m.cfg.route.top_k, NULL);
     if (s == ESFT_OK && labelled) {
@@ -1149,11 +1287,10 @@ static int cli_print_architecture(const char *dir)
     esft_model_config c;
     esft_error err;
     esft_status s;
-    FILE *probe;
+    struct stat sb;
     int l, first = -1, dense = 0;
     snprintf(path, sizeof path, "%s/config.json", dir);
-    if (!(probe = fopen(path, "rb"))) return 0;
-    fclose(probe);
+    if (stat(path, &sb) != 0) return 0; /* not a trial fopen: that waits forever on a FIFO */
     memset(&err, 0, sizeof err);
     s = esft_model_config_read(&c, path, &err);
     if (s != ESFT_OK) {

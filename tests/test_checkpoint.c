@@ -45,6 +45,19 @@ static const char *tmp_path(const char *name)
     return buf[k];
 }
 
+/* Empties dir (plain files only): scratch directories outlive a run, and
+   merge refuses a directory holding another checkpoint. */
+static void clear_dir(const char *dir)
+{
+    DIR *d = opendir(dir);
+    struct dirent *ent;
+    char p[1400];
+    if (!d) return;
+    while ((ent = readdir(d)) != NULL)
+        if (ent->d_name[0] != '.' && (size_t)snprintf(p, sizeof p, "%s/%s", dir, ent->d_name) < sizeof p) remove(p);
+    closedir(d);
+}
+
 static int exists(const char *path)
 {
     FILE *f = fopen(path, "rb");
@@ -723,6 +736,7 @@ TEST(extract_train_save_merge_changes_exactly_the_trained_experts)
     int i, changed = 0;
     CHECK(cfg.offset != NULL);
     CHECK(make_checkpoint(base));
+    clear_dir(out);
     memset(&o, 0, sizeof o);
     o.progress = progress_count;
     o.user = prog;
@@ -1005,6 +1019,7 @@ TEST(fused_extract_and_merge_touch_exactly_the_slices)
     int k, p, i, differing = 0;
     esft_error err;
     char path[1300];
+    clear_dir(out); /* a run before may have left its merge */
     CHECK_STATUS(esft_checkpoint_extract(base, &cfg, ex, NULL, &err), ESFT_OK);
     CHECK_STATUS(esft_safetensors_open(&st, ex, NULL, NULL), ESFT_OK);
     CHECK_EQ_INT(st.n_tensors, 9);
