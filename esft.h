@@ -2300,7 +2300,7 @@ ESFTDEF esft_status esft_stats_add(esft_stats *st, int layer, const int32_t *ids
             st->n_tokens[layer] + n_counted < n_counted || st->n_samples[layer] + 1 == 0)
             return esft__fail(err, ESFT_ERR_RANGE,
                               "layer %d: a sum would pass its fixed-point capacity (2^32 units of weight "
-                              "per expert); split the statistics and merge the scores instead", layer);
+                              "per expert)", layer);
         esft__stats_fold_row(st->count + row, st->gate_sum + row, st->token_frac_sum + row,
                              st->gate_frac_sum + row, count, gsum, n_counted, K, E);
     }
