@@ -2357,7 +2357,7 @@ ESFTDEF esft_status esft_stats_add(esft_stats *st, int layer, const int32_t *ids
             st->n_tokens[layer] + n_counted < n_counted || st->n_samples[layer] + 1 == 0)
             return esft__fail(err, ESFT_ERR_RANGE,
                               "layer %d: a sum would pass its fixed-point capacity (2^32 units of weight "
-                              "per expert); split the statistics and merge the scores instead", layer);
+                              "per expert)", layer);
         esft__stats_fold_row(st->count + row, st->gate_sum + row, st->token_frac_sum + row,
                              st->gate_frac_sum + row, count, gsum, n_counted, K, E);
     }
@@ -8352,7 +8352,8 @@ static int esft__cmp_json_key(const void *pa, const void *pb)
 static esft_status esft__json_decode(const esft_json *js, int tok, char *buf, size_t cap, size_t *out_len);
 
 /* The keys of object obj into keys, decoded ("a" and "\u0061" are one key, as
-   in Python), sorted; escaped keys are decoded into arena (text length + 1). */
+   in Python), sorted; escaped keys are decoded into arena (which holds the
+   object's raw key bytes plus one per key: decoding never lengthens a key). */
 static void esft__json_object_keys(const esft_json *js, int obj, esft__json_key *keys, char *arena)
 {
     int i, k;
@@ -8363,8 +8364,8 @@ static void esft__json_object_keys(const esft_json *js, int obj, esft__json_key 
         keys[i].s = js->text + t->start;
         keys[i].n = t->end - t->start;
         if (arena && memchr(keys[i].s, '\\', keys[i].n)) {
-            /* decoded <= raw, and the keys of one object fit the text: cannot fail */
-            esft__json_decode(js, k, arena + used, js->length + 1 - used, &keys[i].n);
+            /* decoded <= raw: cannot run out */
+            esft__json_decode(js, k, arena + used, keys[i].n + 1, &keys[i].n);
             keys[i].s = arena + used;
             used += keys[i].n + 1;
         }
@@ -8380,13 +8381,21 @@ static esft_status esft__json_no_duplicate_keys(esft__json_parser *p)
     const esft_json *js = p->js;
     esft__json_key *keys;
     char *arena = NULL, what[120];
+    size_t max_bytes = 0;
     int i, j, max_n = 0, dup = -1, escaped;
-    for (i = 0; i < js->n_tokens; i++)
-        if (js->tokens[i].type == ESFT_JSON_OBJECT && js->tokens[i].size > max_n) max_n = js->tokens[i].size;
+    for (i = 0; i < js->n_tokens; i++) { /* the largest object: its key count and key bytes */
+        int m, k;
+        size_t bytes = 0;
+        if (js->tokens[i].type != ESFT_JSON_OBJECT || js->tokens[i].size < 2) continue;
+        for (m = 0, k = i + 1; m < js->tokens[i].size; m++, k = js->tokens[k + 1].next)
+            bytes += js->tokens[k].end - js->tokens[k].start + 1;
+        if (js->tokens[i].size > max_n) max_n = js->tokens[i].size;
+        if (bytes > max_bytes) max_bytes = bytes;
+    }
     if (max_n < 2) return ESFT_OK;
     escaped = memchr(js->text, '\\', js->length) != NULL;
     keys = ESFT__CAST(esft__json_key *, esft__calloc(&js->allocator, (size_t)max_n, sizeof *keys));
-    if (escaped) arena = ESFT__CAST(char *, esft__calloc(&js->allocator, js->length + 1, 1));
+    if (escaped) arena = ESFT__CAST(char *, esft__calloc(&js->allocator, max_bytes, 1));
     if (!keys || (escaped && !arena)) {
         esft__release(&js->allocator, keys);
         esft__release(&js->allocator, arena);
