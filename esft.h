@@ -1397,6 +1397,41 @@ ESFTDEF void esft_npy_abort(esft_npy_writer *w);
 #include <stdlib.h>
 #include <string.h>
 
+/* Files: temp files, positioned reads, fsync, rename (ESFT file formats,
+   checkpoints, .npy). */
+#if defined(_WIN32)
+#include <direct.h>
+#include <fcntl.h>
+#include <io.h>
+#include <process.h>
+#include <sys/stat.h>
+#else
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+#if defined(__linux__)
+#include <sys/sendfile.h>
+#endif
+#endif
+
+/* Threads (MoE layer, models, GEMM) and the CBLAS GEMM, when asked for. */
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+#if defined(ESFT_USE_CBLAS)
+#include <cblas.h>
+#endif
+
+/* SIMD: SSE2 in the log parser's fast path, AVX2/AVX-512 in the GEMM kernels;
+   each section defines its own ESFT__<feature> switch from the same tests. */
+#if (defined(__SSE2__) || defined(_M_X64) || defined(_M_AMD64)) && !defined(ESFT_NO_SIMD)
+#include <emmintrin.h>
+#endif
+#if (defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))) && !defined(ESFT_NO_SIMD)
+#include <immintrin.h>
+#endif
+
 #if defined(ESFT_MALLOC) && defined(ESFT_FREE) && defined(ESFT_REALLOC)
 /* all three given */
 #elif !defined(ESFT_MALLOC) && !defined(ESFT_FREE) && !defined(ESFT_REALLOC)
@@ -2579,95 +2614,12 @@ static void esft__buf_printf(esft__buf *b, const char *fmt, ...)
     b->size += (size_t)n;
 }
 
-#if defined(_WIN32)
-#include <fcntl.h>
-#include <io.h>
-#include <process.h>
-#include <sys/stat.h>
-#else
-#include <fcntl.h>
-#include <unistd.h>
-#endif
-
-/* Creates the temp file of path, "<path>.tmp.<pid>.<n>" with the first n not
-   taken, exclusively (O_CREAT | O_EXCL): two writers of the same path, in two
-   processes or two threads, never share or truncate one temp file, and a file or
-   link already there is never opened. Fills tmp (cap bytes) and *fd. */
-static esft_status esft__open_temp(const char *path, char *tmp, size_t cap, int *fd, esft_error *err)
-{
-    unsigned n;
-#if defined(_WIN32)
-    long pid = (long)_getpid();
-#else
-    long pid = (long)getpid();
-#endif
-    *fd = -1;
-    for (n = 0; n < 10000; n++) {
-        if ((size_t)snprintf(tmp, cap, "%s.tmp.%ld.%u", path, pid, n) >= cap) {
-            tmp[0] = 0;
-            return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "path too long");
-        }
-#if defined(_WIN32)
-        *fd = _open(tmp, _O_WRONLY | _O_CREAT | _O_EXCL | _O_BINARY, _S_IREAD | _S_IWRITE);
-#else
-        *fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL, 0644);
-#endif
-        if (*fd >= 0) return ESFT_OK;
-        if (errno != EEXIST) break;
-    }
-    {
-        int e = errno;
-        esft_status s = esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot create %s: %s", tmp, strerror(e));
-        tmp[0] = 0;
-        return s;
-    }
-}
-
-/* Writes all bytes to the new file fd, forces them to disk and closes it. */
-static int esft__write_and_sync(int fd, const char *data, size_t size)
-{
-    int ok = 1;
-    while (ok && size > 0) {
-#if defined(_WIN32)
-        int n = _write(fd, data, size < (1u << 30) ? (unsigned)size : (1u << 30));
-#else
-        ssize_t n = write(fd, data, size);
-#endif
-        if (n < 0 && errno == EINTR) continue;
-        ok = n > 0;
-        if (ok) { data += n; size -= (size_t)n; }
-    }
-#if defined(_WIN32)
-    ok = _commit(fd) == 0 && ok;
-    return _close(fd) == 0 && ok;
-#else
-    ok = fsync(fd) == 0 && ok;
-    return close(fd) == 0 && ok;
-#endif
-}
-
-/* Writes bytes to a fresh temp file (esft__open_temp), flushes them to disk, then
-   renames it over path: a crash or error never leaves a half-written file under
-   the real name, and a failure removes the temp file. */
+/* Writes bytes to a fresh temp file, flushes them to disk, then renames it over
+   path: a crash or error never leaves a half-written file under the real name,
+   and a failure removes the temp file. Defined with the other file helpers in
+   the checkpoints section, on the same streamed writer (esft__out). */
 static esft_status esft__write_file_atomic(const char *path, const char *data, size_t size,
-                                           esft_error *err)
-{
-    char tmp[4200];
-    int ok, fd;
-    esft_status s = esft__open_temp(path, tmp, sizeof tmp, &fd, err);
-    if (s != ESFT_OK) return s;
-    ok = esft__write_and_sync(fd, data, size);
-#if defined(_WIN32)
-    if (ok) remove(path);
-#endif
-    if (ok) ok = rename(tmp, path) == 0;
-    if (!ok) {
-        int e = errno;
-        remove(tmp);
-        return esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot write: %s", strerror(e));
-    }
-    return ESFT_OK;
-}
+                                           esft_error *err);
 
 static esft_status esft__write_buf_atomic(const char *path, esft__buf *b, esft_error *err)
 {
@@ -2814,7 +2766,6 @@ static esft_status esft__parse_log_line(esft__log_line *ln, const char *p, const
 /* ---- the fast path of the log parser ---------------------------------- */
 
 #if (defined(__SSE2__) || defined(_M_X64) || defined(_M_AMD64)) && !defined(ESFT_NO_SIMD)
-#include <emmintrin.h>
 #define ESFT__SSE2 1
 #endif
 
@@ -5448,21 +5399,6 @@ ESFTDEF esft_status esft_clip_grad_norm(float *const *grads, const size_t *sizes
 /* 12. checkpoints (safetensors, Hugging Face names)                     */
 /* ===================================================================== */
 
-#if defined(_WIN32)
-#include <direct.h>
-#include <fcntl.h>
-#include <io.h>
-#include <sys/stat.h>
-#else
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <sys/types.h>
-#include <unistd.h>
-#if defined(__linux__)
-#include <sys/sendfile.h>
-#endif
-#endif
-
 /* ---- dtypes and conversions ------------------------------------------ */
 
 static const struct esft__dtype_info {
@@ -5697,6 +5633,40 @@ static esft_status esft__read_file(const char *path, uint64_t max_bytes, const e
     return ESFT_OK;
 }
 
+/* Creates the temp file of path, "<path>.tmp.<pid>.<n>" with the first n not
+   taken, exclusively (O_CREAT | O_EXCL): two writers of the same path, in two
+   processes or two threads, never share or truncate one temp file, and a file or
+   link already there is never opened. Fills tmp (cap bytes) and *fd. */
+static esft_status esft__open_temp(const char *path, char *tmp, size_t cap, int *fd, esft_error *err)
+{
+    unsigned n;
+#if defined(_WIN32)
+    long pid = (long)_getpid();
+#else
+    long pid = (long)getpid();
+#endif
+    *fd = -1;
+    for (n = 0; n < 10000; n++) {
+        if ((size_t)snprintf(tmp, cap, "%s.tmp.%ld.%u", path, pid, n) >= cap) {
+            tmp[0] = 0;
+            return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "path too long");
+        }
+#if defined(_WIN32)
+        *fd = _open(tmp, _O_WRONLY | _O_CREAT | _O_EXCL | _O_BINARY, _S_IREAD | _S_IWRITE);
+#else
+        *fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL, 0644);
+#endif
+        if (*fd >= 0) return ESFT_OK;
+        if (errno != EEXIST) break;
+    }
+    {
+        int e = errno;
+        esft_status s = esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot create %s: %s", tmp, strerror(e));
+        tmp[0] = 0;
+        return s;
+    }
+}
+
 /* A file being written: bytes go to a fresh "<path>.tmp.<pid>.<n>"
    (esft__open_temp); commit renames it to path. */
 typedef struct esft__out {
@@ -5790,6 +5760,19 @@ static void esft__out_abort(esft__out *o)
     o->fd = -1;
     if (o->tmp[0]) remove(o->tmp);
     o->tmp[0] = 0;
+}
+
+/* The whole-buffer form of esft__out (declared in the ESFT file formats section). */
+static esft_status esft__write_file_atomic(const char *path, const char *data, size_t size,
+                                           esft_error *err)
+{
+    esft__out o;
+    esft_status s = esft__out_open(&o, path, err);
+    if (s == ESFT_OK) s = esft__out_write(&o, data, size, err);
+    if (s == ESFT_OK) s = esft__out_finish(&o, err);
+    if (s == ESFT_OK) s = esft__out_commit(&o, err);
+    esft__out_abort(&o);
+    return s;
 }
 
 /* Progress reporting of long copies. */
@@ -8481,10 +8464,6 @@ static size_t esft__fwd_layout(esft__fwd *f, const esft_model_config *c, int T, 
     return at + 64;
 }
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
 static int esft__thread_id(void)
 {
 #if defined(_OPENMP)
@@ -9106,12 +9085,7 @@ ESFTDEF void esft_npy_abort(esft_npy_writer *w)
    a process-wide static buffer would make concurrent callers race.
    ESFT_USE_CBLAS sends every call to the cblas_sgemm you link instead. */
 
-#if defined(ESFT_USE_CBLAS)
-#include <cblas.h>
-#endif
-
 #if defined(_OPENMP)
-#include <omp.h>
 /* Expands to an OpenMP work-sharing pragma only when compiled with OpenMP, so a
    build without it sees no unknown pragma (-Wunknown-pragmas under -Werror). */
 #define ESFT__OMP_PARALLEL_FOR(n_threads) ESFT__PRAGMA(omp parallel for num_threads(n_threads) schedule(static))
@@ -9189,11 +9163,9 @@ ESFTDEF void esft_release_thread_scratch(void) {}
    L1/L2, MC x KC of A stays in L2, KC x NC of B sits in L3 (tuned on a 2-core
    Zen 4 with bench/bench_gemm.c; KC 256..512 all within a few per cent). */
 #if defined(__AVX512F__) && !defined(ESFT_NO_SIMD)
-#include <immintrin.h>
 #define ESFT__GEMM_AVX512 1
 enum { ESFT__MR = 12, ESFT__NR = 32 };
 #elif defined(__AVX2__) && defined(__FMA__) && !defined(ESFT_NO_SIMD)
-#include <immintrin.h>
 #define ESFT__GEMM_AVX2 1
 enum { ESFT__MR = 6, ESFT__NR = 16 };
 #elif (defined(__GNUC__) || defined(__clang__)) && !defined(ESFT_NO_SIMD)
