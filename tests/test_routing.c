@@ -444,8 +444,10 @@ TEST(version_agrees_in_macros_function_header_and_changes)
     CHECK_MSG(header && changes, "run from the repository root: esft.h and CHANGES.md not found");
     snprintf(line1, sizeof line1, "/* esft.h - v%s - ", want);
     CHECK_MSG(strncmp(header, line1, strlen(line1)) == 0, "line 1 of esft.h does not start \"%s\"", line1);
-    /* CHANGES.md: the first "## " heading is the current version, with a date */
+    /* CHANGES.md: the first "## " heading is the current version, with a date
+       (after an "## Unreleased" entry of changes not yet in a release) */
     h2 = strstr(changes, "\n## ");
+    if (h2 && strncmp(h2 + 4, "Unreleased", 10) == 0) h2 = strstr(h2 + 1, "\n## ");
     CHECK_MSG(h2 && strncmp(h2 + 4, want, strlen(want)) == 0, "CHANGES.md's first entry is not %s", want);
     date_c = strchr(h2, '(');
     CHECK(date_c && strlen(date_c) > 11 && date_c[5] == '-' && date_c[8] == '-' && date_c[11] == ')');
