@@ -39,6 +39,19 @@ if $CC -std=c99 -I. -c "$out/partial.c" -o "$out/partial.o" 2>"$out/err"; then
     echo "compiled although only ESFT_MALLOC was defined" > "$out/err"; bad allocator_all_or_none
 else grep -q "all or none" "$out/err" && ok allocator_all_or_none || bad allocator_all_or_none; fi
 
+# Vendored: every example compiles in a folder holding only it and a copy of
+# esft.h (one include style, "esft.h" found beside the file or through -I.).
+vend=$out/vendored; rm -rf "$vend"; mkdir -p "$vend"; cp esft.h "$vend/"
+for ex in examples/*.c; do
+    name=$(basename "$ex" .c)
+    cp "$ex" "$vend/"
+    if (cd "$vend" && $CC -std=c99 -O0 -fsyntax-only "$name.c") 2>"$out/err"; then ok "vendored_example_$name"
+    else bad "vendored_example_$name"; fi
+done
+bad_style=$(grep -ln '#include "\.\./' examples/*.c examples/*.cu bench/*.c tests/*.c 2>/dev/null)
+if [ -z "$bad_style" ]; then ok one_include_style
+else echo "$bad_style: include \"esft.h\" with -I., not a relative path" > "$out/err"; bad one_include_style; fi
+
 if [ -f esft_cuda.cu ]; then
     if [ -n "$NVCC" ]; then
         if $NVCC -std=c++17 -I. -c esft_cuda.cu -o "$out/esft_cuda.o" 2>"$out/err"; then ok nvcc_compiles_esft_cuda
