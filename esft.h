@@ -4232,7 +4232,8 @@ ESFTDEF esft_status esft_moe_expert_weights(const esft_moe *m, int e, const floa
 }
 
 /* The workspace, carved into regions (64-byte aligned). "saved" regions carry
-   the forward's results to the backward; the others are scratch. */
+   the forward's results to the backward; the others are scratch. esft_cuda.cu
+   carves the same regions in the same order (esft_cuda__moe_ws_at): change both. */
 typedef struct esft__moe_ws {
     float *probs;      /* (T, E) saved router probabilities */
     float *weights;    /* (T, K) saved routing weights */

@@ -52,6 +52,19 @@ bad_style=$(grep -ln '#include "\.\./' examples/*.c examples/*.cu bench/*.c test
 if [ -z "$bad_style" ]; then ok one_include_style
 else echo "$bad_style: include \"esft.h\" with -I., not a relative path" > "$out/err"; bad one_include_style; fi
 
+# The MoE workspace: esft_cuda.cu carves esft.h's regions in the same order and
+# sizes (the size query is esft.h's; a forward on one backend may be followed by
+# the backward on the other). Compared as text, as no GPU may be at hand.
+regions() { # file function: "count,sizeof(type)" per carve, in order
+    sed -n "/^static [a-z]* $2(/,/^}/p" "$1" | tr -d '\n' | grep -oE 'carve\(p, &off, [^;]*sizeof\([a-z0-9_]*\)' |
+        sed -E 's/^carve\(p, &off, //; s/\(size_t\)esft__moe_n_seq\(c, T\)/n_seq/; s/[[:space:]]+//g'
+}
+if [ -f esft_cuda.cu ]; then
+    regions esft.h esft__moe_ws_layout > "$out/ws_cpu"; regions esft_cuda.cu esft_cuda__moe_ws_at > "$out/ws_cuda"
+    if [ -s "$out/ws_cpu" ] && diff "$out/ws_cpu" "$out/ws_cuda" > "$out/err"; then ok moe_workspace_layout_matches_cuda
+    else bad moe_workspace_layout_matches_cuda; fi
+fi
+
 if [ -f esft_cuda.cu ]; then
     if [ -n "$NVCC" ]; then
         if $NVCC -std=c++17 -I. -c esft_cuda.cu -o "$out/esft_cuda.o" 2>"$out/err"; then ok nvcc_compiles_esft_cuda
