@@ -1471,6 +1471,42 @@ ESFTDEF void esft_npy_abort(esft_npy_writer *w);
 #include <stdlib.h>
 #include <string.h>
 
+/* Files: temp files, positioned reads, fsync, rename (ESFT file formats,
+   checkpoints, .npy). */
+#if defined(_WIN32)
+#include <direct.h>
+#include <fcntl.h>
+#include <io.h>
+#include <process.h>
+#include <sys/stat.h>
+#else
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+#if defined(__linux__)
+#include <sys/sendfile.h>
+#endif
+#endif
+
+/* Threads (MoE layer, models, GEMM) and the CBLAS GEMM, when asked for. */
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+#if defined(ESFT_USE_CBLAS)
+#include <cblas.h>
+#endif
+
+/* SIMD: SSE2 in the log parser's fast path, AVX2/AVX-512 in the GEMM kernels;
+   each section defines its own ESFT__<feature> switch from the same tests. */
+#if (defined(__SSE2__) || defined(_M_X64) || defined(_M_AMD64)) && !defined(ESFT_NO_SIMD)
+#include <emmintrin.h>
+#endif
+#if (defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))) && !defined(ESFT_NO_SIMD)
+#include <immintrin.h>
+#endif
+
 #if defined(ESFT_MALLOC) && defined(ESFT_FREE) && defined(ESFT_REALLOC)
 /* all three given */
 #elif !defined(ESFT_MALLOC) && !defined(ESFT_FREE) && !defined(ESFT_REALLOC)
@@ -1578,6 +1614,59 @@ static void esft__error_clear(esft_error *err)
         memset(err, 0, sizeof *err);
         err->offset = -1;
     }
+}
+
+/* ---- NaN and Inf: one scan ------------------------------------------- */
+
+/* Magnitude bits of a float: NaN or Inf iff >= 0x7f800000 (exponent all ones). */
+static uint32_t esft__abs_bits(float v)
+{
+    uint32_t b;
+    memcpy(&b, &v, sizeof b);
+    return b & 0x7fffffffu;
+}
+
+/* Index of x's first NaN or Inf; n when all n values are finite. An integer max
+   of the magnitude bits vectorises where isfinite's early exit does not, and 64
+   chunks split over the threads (each writes its own slot): PESC's checks of F,
+   params and dy read ~200 MB per call at D 4096, which a scalar loop made ~10%
+   of the layer. Only a hit pays for the scalar pass that finds the element. */
+static size_t esft__first_nonfinite(const float *x, size_t n)
+{
+    uint32_t top[64];
+    size_t per = (n + 63) / 64, i;
+    int ch, any = 0, nt = n < 1048576 ? 1 : esft_get_num_threads(); /* below ~1M a team costs more */
+    (void)nt; /* unused without OpenMP */
+#if defined(_OPENMP)
+    ESFT__PRAGMA(omp parallel for if(nt > 1) num_threads(nt) schedule(static))
+#endif
+    for (ch = 0; ch < 64; ch++) {
+        size_t j, lo = (size_t)ch * per, hi = lo + per < n ? lo + per : n;
+        uint32_t m = 0;
+        for (j = lo; j < hi; j++) {
+            uint32_t b = esft__abs_bits(x[j]);
+            m = b > m ? b : m;
+        }
+        top[ch] = m;
+    }
+    for (ch = 0; ch < 64; ch++) any |= top[ch] >= 0x7f800000u;
+    if (!any) return n;
+    for (i = 0; i < n; i++)
+        if (!isfinite(x[i])) break;
+    return i;
+}
+
+/* ESFT_ERR_NUMERIC naming x's first NaN or Inf as what[row][col] (rows of
+   width values) or, with width 0, what[i] (a flat block such as parameters). */
+static esft_status esft__check_finite(const float *x, size_t n, const char *what, size_t width,
+                                      esft_error *err)
+{
+    size_t i = esft__first_nonfinite(x, n);
+    if (i == n) return ESFT_OK;
+    if (width)
+        return esft__fail(err, ESFT_ERR_NUMERIC, "%s[%lu][%lu] is %s", what, (unsigned long)(i / width),
+                          (unsigned long)(i % width), isnan(x[i]) ? "NaN" : "Inf");
+    return esft__fail(err, ESFT_ERR_NUMERIC, "%s[%lu] is %s", what, (unsigned long)i, isnan(x[i]) ? "NaN" : "Inf");
 }
 
 /* ---- numbers as text, whatever the locale ----------------------------- */
@@ -1858,12 +1947,87 @@ static void esft__route_token(const esft_route_config *c, int32_t *ids, float *w
     }
 }
 
+/* ---- routing slots by expert: grouping, load balance, backward ---------- */
+/* Shared by the MoE layer, the PESC layer and the models' forward. */
+
+/* offset (E + 1): expert e has offset[e+1] - offset[e] of the n slots of ids,
+   offset[e] the count of the slots of lower experts. */
+static void esft__count_slots(int32_t *offset, const int32_t *ids, int n, int E)
+{
+    int i, e;
+    memset(offset, 0, (size_t)(E + 1) * sizeof(int32_t));
+    for (i = 0; i < n; i++) offset[ids[i] + 1]++;
+    for (e = 0; e < E; e++) offset[e + 1] += offset[e];
+}
+
+/* Counting sort of the n routing slots t*K+j by expert, stable (slot order
+   inside an expert), so each expert's rows are one contiguous GEMM: order[p] is
+   the slot at sorted position p, pos (NULL: not wanted) its inverse, and expert
+   e's positions are [offset[e], offset[e+1]). */
+static void esft__sort_slots(int32_t *order, int32_t *pos, int32_t *offset, const int32_t *ids, int n, int E)
+{
+    int i, e;
+    esft__count_slots(offset, ids, n, E);
+    for (i = 0; i < n; i++) {
+        int p = offset[ids[i]]++;
+        order[p] = i;
+        if (pos) pos[i] = p;
+    }
+    for (e = E; e > 0; e--) offset[e] = offset[e - 1]; /* the fill advanced each start to its end */
+    offset[0] = 0;
+}
+
+/* Load balance of tokens [0, T) (docs/moe.md): f_e, the share of the T*K slots
+   that went to expert e (offset from esft__count_slots), goes to f (E); returns
+   sum_e f_e P_e with P_e expert e's mean router probability. The auxiliary
+   loss is alpha * E times it. */
+static double esft__balance(float *f, const float *probs, const int32_t *offset, int T, int E, int K)
+{
+    int e, t;
+    double sum = 0.0;
+    for (e = 0; e < E; e++) {
+        double P = 0.0, fe = (double)(offset[e + 1] - offset[e]) / ((double)T * K);
+        for (t = 0; t < T; t++) P += probs[(size_t)t * E + e];
+        f[e] = (float)fe;
+        sum += fe * (P / T);
+    }
+    return sum;
+}
+
+/* dL/dlogits of one token (E) from dL/dweights (dw, K) and the aux loss's
+   dL/dp (aux, E; NULL: none); p (E) its probabilities, ids (K) its experts.
+   Renormalised softmax gating is the softmax over the K chosen (PESC's form). */
+static void esft__route_backward_token(const esft_route_config *rc, float *dl, const float *p,
+                                       const int32_t *ids, const float *dw, const float *aux, int E)
+{
+    int K = rc->top_k, j, e;
+    float scale = rc->routed_scaling;
+    for (e = 0; e < E; e++) dl[e] = aux ? aux[e] : 0.0f; /* dl holds dL/dp first */
+    if (rc->renormalize) {
+        float s = 0.0f, dot = 0.0f;
+        for (j = 0; j < K; j++) s += p[ids[j]];
+        s += 1e-20f; /* as esft__route_token */
+        for (j = 0; j < K; j++) dot += dw[j] * p[ids[j]];
+        for (j = 0; j < K; j++) dl[ids[j]] += scale * (dw[j] / s - dot / (s * s));
+    } else {
+        for (j = 0; j < K; j++) dl[ids[j]] += scale * dw[j];
+    }
+    if (rc->gating == ESFT_GATING_SOFTMAX) {
+        float dot = 0.0f;
+        for (e = 0; e < E; e++) dot += p[e] * dl[e];
+        for (e = 0; e < E; e++) dl[e] = p[e] * (dl[e] - dot);
+    } else {
+        for (e = 0; e < E; e++) dl[e] *= p[e] * (1.0f - p[e]);
+    }
+}
+
 static esft_status esft__route_cpu(void *context, const esft_route_config *c, int32_t *ids,
                                    float *weights, float *probs, const float *logits, int T,
                                    esft_error *err)
 {
     esft_allocator a = esft__allocator_or_default(NULL);
-    int E = c->n_experts, G = c->n_group > 0 ? c->n_group : 1, t, j;
+    int E = c->n_experts, G = c->n_group > 0 ? c->n_group : 1, t;
+    size_t bad;
     /* scratch: [0,E) a probs row when the caller wants none, [E,2E) biased
        choice, [2E,3E) allowed mask (bytes), then G group scores and G group ids */
     size_t floats = (size_t)E * 3 + (size_t)G * 2;
@@ -1871,11 +2035,10 @@ static esft_status esft__route_cpu(void *context, const esft_route_config *c, in
     esft_status s = esft__route_bias_check(c, err);
     (void)context;
     if (s != ESFT_OK) return s;
-    for (t = 0; t < T; t++)
-        for (j = 0; j < E; j++)
-            if (!isfinite(logits[(size_t)t * E + j]))
-                return esft__fail(err, ESFT_ERR_NUMERIC, "router logit of token %d, expert %d is %s",
-                                  t, j, isnan(logits[(size_t)t * E + j]) ? "NaN" : "Inf");
+    bad = esft__first_nonfinite(logits, (size_t)T * E);
+    if (bad < (size_t)T * E)
+        return esft__fail(err, ESFT_ERR_NUMERIC, "router logit of token %lu, expert %lu is %s",
+                          (unsigned long)(bad / E), (unsigned long)(bad % E), isnan(logits[bad]) ? "NaN" : "Inf");
     scratch = ESFT__CAST(float *, esft__calloc(&a, floats, sizeof(float)));
     if (!scratch) return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "routing scratch of %lu floats",
                                     (unsigned long)floats);
@@ -2737,197 +2900,12 @@ static void esft__buf_printf(esft__buf *b, const char *fmt, ...)
     b->size += (size_t)n;
 }
 
-#if defined(_WIN32)
-#include <fcntl.h>
-#include <io.h>
-#include <process.h>
-#include <sys/stat.h>
-#else
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <sys/types.h>
-#include <unistd.h>
-#endif
-
-/* lstat and readlink are declared: POSIX.1-2001 (a strict -std=c99 build without
-   a feature macro has neither; there a link at the output is replaced, not followed). */
-#if !defined(_WIN32) && ((defined(_POSIX_C_SOURCE) && _POSIX_C_SOURCE >= 200112L) || defined(__APPLE__))
-#define ESFT__POSIX_2001 1
-#endif
-
-/* The directory part of path, "." when it has none. */
-static void esft__dir_of(const char *path, char *dir, size_t cap)
-{
-    const char *slash = strrchr(path, '/');
-#if defined(_WIN32)
-    const char *back = strrchr(path, '\\');
-    if (back && (!slash || back > slash)) slash = back;
-#endif
-    if (!slash) snprintf(dir, cap, ".");
-    else if (slash == path) snprintf(dir, cap, "/");
-    else snprintf(dir, cap, "%.*s", (int)(slash - path), path);
-}
-
-#if !defined(_WIN32)
-static const char *esft__file_kind(mode_t m)
-{
-    if (S_ISDIR(m)) return "a directory";
-    if (S_ISFIFO(m)) return "a FIFO";
-    if (S_ISCHR(m)) return "a character device";
-    if (S_ISBLK(m)) return "a block device";
-    return "not a regular file";
-}
-#endif
-
-/* Where a write to path lands, and the permission bits of what it replaces. The
-   rules (docs/formats.md, "Output files"): nothing there: a new file, in a
-   directory that must exist (named when it does not); a regular file: replaced,
-   its mode kept (*mode; -1 for a new file); a symbolic link: followed, and its
-   target written the same way, so the link stays a link (a link to a missing
-   file creates that file, as a shell's '>' does); a directory, FIFO, device or
-   socket: refused. Why refuse: rename()
-   would put a regular file in place of /dev/null, and a FIFO is someone's pipe. */
-static esft_status esft__out_target(const char *path, char *target, size_t cap, int *mode, esft_error *err)
-{
-    char dir[4200];
-#if defined(_WIN32)
-    struct _stat64 sb;
-#else
-    struct stat sb;
-#endif
-    *mode = -1;
-    if (strlen(path) >= cap) return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "path too long");
-    snprintf(target, cap, "%s", path);
-#if defined(ESFT__POSIX_2001)
-    {
-        int hops;
-        for (hops = 0; lstat(target, &sb) == 0 && S_ISLNK(sb.st_mode); hops++) {
-            char link[4096];
-            ssize_t n = hops < 40 ? readlink(target, link, sizeof link - 1) : -1;
-            if (n < 0) return esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot follow the symbolic link: %s",
-                                            hops < 40 ? strerror(errno) : "too many levels");
-            link[n] = 0;
-            esft__dir_of(target, dir, sizeof dir); /* a relative link is relative to its own directory */
-            if ((size_t)(link[0] == '/' ? snprintf(target, cap, "%s", link)
-                                        : snprintf(target, cap, "%s/%s", dir, link)) >= cap)
-                return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "path too long");
-        }
-    }
-#endif
-#if defined(_WIN32)
-    if (_stat64(target, &sb) == 0) {
-        if (!(sb.st_mode & _S_IFREG))
-            return esft__fail_at(err, ESFT_ERR_IO, path, 0, "not a regular file: refusing to replace it");
-        return ESFT_OK;
-    }
-#else
-    if (stat(target, &sb) == 0) {
-        if (!S_ISREG(sb.st_mode))
-            return esft__fail_at(err, ESFT_ERR_IO, path, 0, "%s, not a regular file: refusing to replace it",
-                                 esft__file_kind(sb.st_mode));
-        *mode = (int)(sb.st_mode & 0777);
-        return ESFT_OK;
-    }
-#endif
-    if (errno != ENOENT) return esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot use the output: %s", strerror(errno));
-    esft__dir_of(target, dir, sizeof dir);
-#if defined(_WIN32)
-    if (_stat64(dir, &sb) != 0) return esft__fail_at(err, ESFT_ERR_IO, path, 0, "the directory %s does not exist", dir);
-#else
-    if (stat(dir, &sb) != 0) return esft__fail_at(err, ESFT_ERR_IO, path, 0, "the directory %s does not exist", dir);
-    if (!S_ISDIR(sb.st_mode)) return esft__fail_at(err, ESFT_ERR_IO, path, 0, "%s is not a directory", dir);
-#endif
-    return ESFT_OK;
-}
-
-/* Creates the temp file of a write to path (esft__out_target says where that
-   lands: target, cap bytes), "<target>.tmp.<pid>.<n>" with the first n not
-   taken, exclusively (O_CREAT | O_EXCL): two writers of the same path, in two
-   processes or two threads, never share or truncate one temp file, and a file or
-   link already there is never opened. It gets the mode of the file it replaces
-   from its creation on (a 0600 file's data is never readable by others). Fills
-   target, tmp (tmp_cap bytes) and *fd. */
-static esft_status esft__open_temp(const char *path, char *target, size_t cap, char *tmp, size_t tmp_cap, int *fd,
-                                   esft_error *err)
-{
-    unsigned n;
-    int mode;
-    esft_status s;
-#if defined(_WIN32)
-    long pid = (long)_getpid();
-#else
-    long pid = (long)getpid();
-#endif
-    *fd = -1;
-    tmp[0] = 0;
-    if ((s = esft__out_target(path, target, cap, &mode, err)) != ESFT_OK) return s;
-    for (n = 0; n < 10000; n++) {
-        if ((size_t)snprintf(tmp, tmp_cap, "%s.tmp.%ld.%u", target, pid, n) >= tmp_cap) {
-            tmp[0] = 0;
-            return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "path too long");
-        }
-#if defined(_WIN32)
-        *fd = _open(tmp, _O_WRONLY | _O_CREAT | _O_EXCL | _O_BINARY, _S_IREAD | _S_IWRITE);
-#else
-        *fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL, mode >= 0 ? (mode_t)mode : 0644);
-        if (*fd >= 0 && mode >= 0) (void)chmod(tmp, (mode_t)mode); /* the umask may have cleared bits */
-#endif
-        if (*fd >= 0) return ESFT_OK;
-        if (errno != EEXIST) break;
-    }
-    {
-        int e = errno;
-        s = esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot create %s: %s", tmp, strerror(e));
-        tmp[0] = 0;
-        return s;
-    }
-}
-
-/* Writes all bytes to the new file fd, forces them to disk and closes it. */
-static int esft__write_and_sync(int fd, const char *data, size_t size)
-{
-    int ok = 1;
-    while (ok && size > 0) {
-#if defined(_WIN32)
-        int n = _write(fd, data, size < (1u << 30) ? (unsigned)size : (1u << 30));
-#else
-        ssize_t n = write(fd, data, size);
-#endif
-        if (n < 0 && errno == EINTR) continue;
-        ok = n > 0;
-        if (ok) { data += n; size -= (size_t)n; }
-    }
-#if defined(_WIN32)
-    ok = _commit(fd) == 0 && ok;
-    return _close(fd) == 0 && ok;
-#else
-    ok = fsync(fd) == 0 && ok;
-    return close(fd) == 0 && ok;
-#endif
-}
-
-/* Writes bytes to a fresh temp file (esft__open_temp), flushes them to disk, then
-   renames it over path: a crash or error never leaves a half-written file under
-   the real name, and a failure removes the temp file. */
+/* Writes bytes to a fresh temp file, flushes them to disk, then renames it over
+   path: a crash or error never leaves a half-written file under the real name,
+   and a failure removes the temp file. Defined with the other file helpers in
+   the checkpoints section, on the same streamed writer (esft__out). */
 static esft_status esft__write_file_atomic(const char *path, const char *data, size_t size,
-                                           esft_error *err)
-{
-    char tmp[4200], target[4096];
-    int ok, fd;
-    esft_status s = esft__open_temp(path, target, sizeof target, tmp, sizeof tmp, &fd, err);
-    if (s != ESFT_OK) return s;
-    ok = esft__write_and_sync(fd, data, size);
-#if defined(_WIN32)
-    if (ok) remove(target);
-#endif
-    if (ok) ok = rename(tmp, target) == 0;
-    if (!ok) {
-        int e = errno;
-        remove(tmp);
-        return esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot write: %s", strerror(e));
-    }
-    return ESFT_OK;
-}
+                                           esft_error *err);
 
 static esft_status esft__write_buf_atomic(const char *path, esft__buf *b, esft_error *err)
 {
@@ -3081,7 +3059,6 @@ static esft_status esft__parse_log_line(esft__log_line *ln, const char *p, const
 /* ---- the fast path of the log parser ---------------------------------- */
 
 #if (defined(__SSE2__) || defined(_M_X64) || defined(_M_AMD64)) && !defined(ESFT_NO_SIMD)
-#include <emmintrin.h>
 #define ESFT__SSE2 1
 #endif
 
@@ -4519,7 +4496,8 @@ typedef struct esft__moe_ws_stamp {
 } esft__moe_ws_stamp;
 
 /* The workspace, carved into regions (64-byte aligned). "saved" regions carry
-   the forward's results to the backward; the others are scratch. */
+   the forward's results to the backward; the others are scratch. esft_cuda.cu
+   carves the same regions in the same order (esft_cuda__moe_ws_at): change both. */
 typedef struct esft__moe_ws {
     float *probs;      /* (T, E) saved router probabilities */
     float *weights;    /* (T, K) saved routing weights */
@@ -4527,7 +4505,6 @@ typedef struct esft__moe_ws {
     int32_t *perm;     /* (TK) saved: sorted position -> slot t*K + j */
     int32_t *pos;      /* (TK) saved: slot -> sorted position */
     int32_t *offsets;  /* (E + 1) saved: expert e's rows are [offsets[e], offsets[e+1]) */
-    int32_t *cursor;   /* (E) scratch of the counting sort */
     float *xg;         /* (TK, D) saved: x gathered in sorted order */
     float *g, *u;      /* (TK, F) saved gate and up pre-activations, sorted */
     float *o;          /* (TK, D) saved expert outputs, unweighted, sorted */
@@ -4542,7 +4519,7 @@ typedef struct esft__moe_ws {
     float *logits;     /* (T, E) scratch: logits, then their gradient */
     float *dw;         /* (T, K) scratch: gradient of the routing weights */
     float *aux_coef;   /* (n_seq, E) saved: dL_aux / dp for tokens of a sequence */
-    double *aux_tmp;   /* (2E) scratch */
+    int32_t *aux_offsets; /* (E + 1) scratch: one sequence's slots by expert */
     float *route_tmp;  /* (3E + 2G) scratch of esft__route_token */
     size_t bytes;
 } esft__moe_ws;
@@ -4581,7 +4558,6 @@ static int esft__moe_ws_layout(esft__moe_ws *w, const esft_moe_config *c, int T,
     w->perm = ESFT__CAST(int32_t *, esft__carve(p, &off, tk, sizeof(int32_t), &ok));
     w->pos = ESFT__CAST(int32_t *, esft__carve(p, &off, tk, sizeof(int32_t), &ok));
     w->offsets = ESFT__CAST(int32_t *, esft__carve(p, &off, E + 1, sizeof(int32_t), &ok));
-    w->cursor = ESFT__CAST(int32_t *, esft__carve(p, &off, E, sizeof(int32_t), &ok));
     w->xg = ESFT__CAST(float *, esft__carve(p, &off, tk * D, sizeof(float), &ok));
     w->g = ESFT__CAST(float *, esft__carve(p, &off, tk * F, sizeof(float), &ok));
     w->u = ESFT__CAST(float *, esft__carve(p, &off, tk * F, sizeof(float), &ok));
@@ -4601,7 +4577,7 @@ static int esft__moe_ws_layout(esft__moe_ws *w, const esft_moe_config *c, int T,
     w->dw = ESFT__CAST(float *, esft__carve(p, &off, tk, sizeof(float), &ok));
     w->aux_coef = ESFT__CAST(float *, esft__carve(p, &off, (size_t)esft__moe_n_seq(c, T) * E,
                                                   sizeof(float), &ok));
-    w->aux_tmp = ESFT__CAST(double *, esft__carve(p, &off, 2 * E, sizeof(double), &ok));
+    w->aux_offsets = ESFT__CAST(int32_t *, esft__carve(p, &off, E + 1, sizeof(int32_t), &ok));
     w->route_tmp = ESFT__CAST(float *, esft__carve(p, &off, 3 * E + 2 * G, sizeof(float), &ok));
     w->bytes = off + 64 + ESFT__MOE_WS_HEADER; /* alignment slack, the header */
     return ok;
@@ -4639,18 +4615,13 @@ static void esft__moe_ws_at(esft__moe_ws *w, const esft_moe_config *c, int T, vo
     (void)ok;
 }
 
-/* The PESC layer's threaded, vectorized finite scan (section 10); the MoE layer
-   checks its outputs with it too. */
-static esft_status esft__pesc_check_finite(const float *x, size_t n, const char *what, int width,
-                                           esft_error *err);
-
 /* An output of finite inputs that came out NaN or Inf: a weight is NaN or Inf,
    or the values overflowed (the SwiGLU's u * silu(g) passes FLT_MAX from
    finite g, u). ESFT_ERR_NUMERIC naming the first bad element and why. */
 static esft_status esft__moe_check_output(const float *a, size_t n, const char *what, int D, esft_error *err)
 {
     esft_error where;
-    if (esft__pesc_check_finite(a, n, what, D, &where) == ESFT_OK) return ESFT_OK;
+    if (esft__check_finite(a, n, what, (size_t)D, &where) == ESFT_OK) return ESFT_OK;
     return esft__fail(err, ESFT_ERR_NUMERIC, "%s, from finite inputs: a weight is NaN or Inf, or the layer overflowed",
                       where.message);
 }
@@ -4700,43 +4671,20 @@ static void esft__swiglu_backward_rows(float *a, float *b, const float *g, const
     }
 }
 
-/* Counting sort of the T*K slots by expert: perm lists slots expert by
-   expert (in slot order within an expert), pos is its inverse. */
-static void esft__moe_permute(esft__moe_ws *w, int T, int K, int E)
-{
-    int e, i, n = T * K;
-    memset(w->offsets, 0, (size_t)(E + 1) * sizeof(int32_t));
-    for (i = 0; i < n; i++) w->offsets[w->ids[i] + 1]++;
-    for (e = 0; e < E; e++) w->offsets[e + 1] += w->offsets[e];
-    memcpy(w->cursor, w->offsets, (size_t)E * sizeof(int32_t));
-    for (i = 0; i < n; i++) {
-        int p = w->cursor[w->ids[i]]++;
-        w->perm[p] = i;
-        w->pos[i] = p;
-    }
-}
-
 /* The auxiliary loss and its gradient coefficients dL/dp per (sequence, expert). */
 static float esft__moe_aux_forward(esft__moe_ws *w, const esft_moe_config *c, int T)
 {
-    int E = c->route.n_experts, K = c->route.top_k, S, n_seq, s, t, e, j;
-    double loss = 0.0, *cnt = w->aux_tmp, *P = w->aux_tmp + E;
+    int E = c->route.n_experts, K = c->route.top_k, S, n_seq, s, e;
+    double loss = 0.0, scale;
     if (c->aux_alpha == 0.0f || T == 0) return 0.0f;
     S = c->aux_mode == ESFT_AUX_SEQUENCE ? c->aux_seq_len : T;
     n_seq = T / S;
+    scale = (double)c->aux_alpha * E / n_seq;
     for (s = 0; s < n_seq; s++) {
-        float *coef = w->aux_coef + (size_t)s * E;
-        for (e = 0; e < E; e++) cnt[e] = P[e] = 0.0;
-        for (t = s * S; t < (s + 1) * S; t++) {
-            const float *p = w->probs + (size_t)t * E;
-            for (j = 0; j < K; j++) cnt[w->ids[(size_t)t * K + j]] += 1.0;
-            for (e = 0; e < E; e++) P[e] += p[e];
-        }
-        for (e = 0; e < E; e++) {
-            double f = cnt[e] / ((double)S * K), scale = (double)c->aux_alpha * E / n_seq;
-            loss += scale * f * (P[e] / S);
-            coef[e] = (float)(scale * f / S);
-        }
+        float *coef = w->aux_coef + (size_t)s * E; /* f_e first, then scale f_e / S */
+        esft__count_slots(w->aux_offsets, w->ids + (size_t)s * S * K, S * K, E);
+        loss += scale * esft__balance(coef, w->probs + (size_t)s * S * E, w->aux_offsets, S, E, K);
+        for (e = 0; e < E; e++) coef[e] = (float)(scale * coef[e] / S);
     }
     return (float)loss;
 }
@@ -4808,14 +4756,13 @@ static esft_status esft__moe_forward_cpu(void *context, const esft_moe *m, float
     if (s != ESFT_OK) return s;
     esft__moe_ws_at(&w, c, T, workspace);
     esft__sgemm(0, 1, T, E, D, 1.0f, x, D, esft__moe_router_w(m), D, 0.0f, w.logits, E);
-    for (i = 0; i < te; i++)
-        if (!isfinite(w.logits[i]))
-            return esft__fail(err, ESFT_ERR_NUMERIC, "router logit of token %lu, expert %lu is not finite",
-                              (unsigned long)(i / E), (unsigned long)(i % E));
+    if ((i = esft__first_nonfinite(w.logits, te)) < te)
+        return esft__fail(err, ESFT_ERR_NUMERIC, "router logit of token %lu, expert %lu is not finite",
+                          (unsigned long)(i / E), (unsigned long)(i % E));
     for (t = 0; t < T; t++)
         esft__route_token(&c->route, w.ids + (size_t)t * K, w.weights + (size_t)t * K,
                           w.probs + (size_t)t * E, w.logits + (size_t)t * E, w.route_tmp);
-    esft__moe_permute(&w, T, K, E);
+    esft__sort_slots(w.perm, w.pos, w.offsets, w.ids, T * K, E);
     ESFT__MOE_FOR_STATIC(nt)
     for (r = 0; r < T * K; r++)
         memcpy(w.xg + (size_t)r * D, x + (size_t)(w.perm[r] / K) * D, (size_t)D * sizeof(float));
@@ -4934,31 +4881,6 @@ static void esft__moe_shared_backward(const esft_moe *m, esft__moe_ws *w, float 
     esft__sgemm(0, 0, T, D, FS, 1.0f, w->as, FS, esft__moe_shared_w(m, 1), D, 1.0f, dx, D);
 }
 
-/* dL/dlogits of one token from dL/dweights (dw) and the aux coefficients. */
-static void esft__moe_route_backward_token(const esft_route_config *rc, float *dl, const float *p,
-                                           const int32_t *ids, const float *dw, const float *aux, int E)
-{
-    int K = rc->top_k, j, e;
-    float scale = rc->routed_scaling;
-    for (e = 0; e < E; e++) dl[e] = aux ? aux[e] : 0.0f; /* dl holds dL/dp first */
-    if (rc->renormalize) {
-        float s = 0.0f, dot = 0.0f;
-        for (j = 0; j < K; j++) s += p[ids[j]];
-        s += 1e-20f; /* as esft__route_token */
-        for (j = 0; j < K; j++) dot += dw[j] * p[ids[j]];
-        for (j = 0; j < K; j++) dl[ids[j]] += scale * (dw[j] / s - dot / (s * s));
-    } else {
-        for (j = 0; j < K; j++) dl[ids[j]] += scale * dw[j];
-    }
-    if (rc->gating == ESFT_GATING_SOFTMAX) {
-        float dot = 0.0f;
-        for (e = 0; e < E; e++) dot += p[e] * dl[e];
-        for (e = 0; e < E; e++) dl[e] = p[e] * (dl[e] - dot);
-    } else {
-        for (e = 0; e < E; e++) dl[e] *= p[e] * (1.0f - p[e]);
-    }
-}
-
 static esft_status esft__moe_backward_cpu(void *context, const esft_moe *m, float *dx, const float *dy,
                                           const float *x, void *workspace, int T, esft_error *err)
 {
@@ -4972,8 +4894,8 @@ static esft_status esft__moe_backward_cpu(void *context, const esft_moe *m, floa
     esft__moe_shared_backward(m, &w, dx, dy, x, T, nt);
     for (t = 0; t < T; t++) {
         const float *aux = c->aux_alpha > 0.0f ? w.aux_coef + (size_t)(t / S) * E : NULL;
-        esft__moe_route_backward_token(&c->route, w.logits + (size_t)t * E, w.probs + (size_t)t * E,
-                                       w.ids + (size_t)t * K, w.dw + (size_t)t * K, aux, E);
+        esft__route_backward_token(&c->route, w.logits + (size_t)t * E, w.probs + (size_t)t * E,
+                                   w.ids + (size_t)t * K, w.dw + (size_t)t * K, aux, E);
     }
     esft__sgemm(0, 0, T, D, E, 1.0f, w.logits, E, esft__moe_router_w(m), D, 1.0f, dx, D);
     if (m->d_router) esft__sgemm(1, 0, E, D, T, 1.0f, w.logits, E, x, D, 1.0f, m->d_router, D);
@@ -4982,22 +4904,12 @@ static esft_status esft__moe_backward_cpu(void *context, const esft_moe *m, floa
     return esft__moe_check_output(dx, (size_t)T * D, "dx", D, err);
 }
 
-/* First non-finite value of a (n) or -1. */
-static long esft__first_nonfinite(const float *a, size_t n)
-{
-    size_t i;
-    for (i = 0; i < n; i++)
-        if (!isfinite(a[i])) return (long)i;
-    return -1;
-}
-
 /* Checks shared by forward and backward, before anything is written. */
 static esft_status esft__moe_check_call(const esft_moe *m, const void *out, const float *in,
                                         const float *x, const char *in_name, void *workspace,
                                         size_t workspace_bytes, int T, esft_error *err)
 {
     size_t need = 0;
-    long bad;
     esft_status s;
     if (!m || !m->slot) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "layer not initialised");
     s = esft_backend_check(m->backend, err);
@@ -5012,11 +4924,7 @@ static esft_status esft__moe_check_call(const esft_moe *m, const void *out, cons
     if (m->cfg.aux_alpha > 0.0f && m->cfg.aux_mode == ESFT_AUX_SEQUENCE && T % m->cfg.aux_seq_len)
         return esft__fail(err, ESFT_ERR_SHAPE, "T = %d is not a multiple of aux_seq_len %d", T,
                           m->cfg.aux_seq_len);
-    bad = esft__first_nonfinite(in, (size_t)T * m->cfg.d_model);
-    if (bad >= 0)
-        return esft__fail(err, ESFT_ERR_NUMERIC, "%s[%ld][%ld] is %s", in_name, bad / m->cfg.d_model,
-                          bad % m->cfg.d_model, isnan(in[bad]) ? "NaN" : "Inf");
-    return ESFT_OK;
+    return esft__check_finite(in, (size_t)T * m->cfg.d_model, in_name, (size_t)m->cfg.d_model, err);
 }
 
 /* The stamp a forward of T tokens leaves (T < 0: none, before the op runs, so
@@ -5333,19 +5241,13 @@ ESFTDEF size_t esft_pesc_tensor_offset(const esft_pesc_config *c, esft_pesc_tens
 ESFTDEF esft_status esft_pesc_tensor_name(char *buf, size_t cap, int layer, esft_pesc_tensor which,
                                           int expert)
 {
-    char name[160]; /* the longest name with two 10-digit ids is under 100 bytes */
-    int n;
-    if (!buf || cap == 0 || layer < 0 || (which != ESFT_PESC_ROUTER && expert < 0))
-        return ESFT_ERR_INVALID_ARGUMENT;
-    if (which == ESFT_PESC_ROUTER)
-        n = snprintf(name, sizeof name, "model.layers.%d.mlp.moe_adapter.router.weight", layer);
-    else if (which == ESFT_PESC_DOWN || which == ESFT_PESC_UP)
-        n = snprintf(name, sizeof name, "model.layers.%d.mlp.moe_adapter.experts.expert_%d.adapter_%s.weight",
-                     layer, expert, which == ESFT_PESC_DOWN ? "down" : "up");
-    else return ESFT_ERR_INVALID_ARGUMENT;
-    if (n < 0 || (size_t)n >= cap) return ESFT_ERR_RANGE;
-    memcpy(buf, name, (size_t)n + 1);
-    return ESFT_OK;
+    /* the names are the Camelidae row of the family name table (checkpoints section) */
+    esft_part part = which == ESFT_PESC_ROUTER ? ESFT_PART_ROUTER
+                     : which == ESFT_PESC_DOWN ? ESFT_PART_ADAPTER_DOWN
+                     : which == ESFT_PESC_UP   ? ESFT_PART_ADAPTER_UP
+                                               : ESFT_PART_NONE;
+    if (!buf || cap == 0 || part == ESFT_PART_NONE) return ESFT_ERR_INVALID_ARGUMENT;
+    return esft_tensor_name_format(buf, cap, ESFT_FAMILY_CAMELIDAE, part, layer, expert);
 }
 
 ESFTDEF esft_status esft_pesc_init_weights(const esft_pesc_config *c, float *params, uint64_t seed,
@@ -5457,19 +5359,6 @@ ESFTDEF esft_status esft_pesc_saved_init(esft_pesc_saved *s, const esft_pesc_con
     return st;
 }
 
-/* Slots t*K+j grouped by expert with a counting sort (stable: tokens ascending
-   inside an expert), so each expert's rows are one contiguous GEMM. */
-static void esft__pesc_group_slots(int32_t *order, int32_t *offset, const int32_t *ids, int TK, int E)
-{
-    int i, e;
-    for (e = 0; e <= E; e++) offset[e] = 0;
-    for (i = 0; i < TK; i++) offset[ids[i] + 1]++;
-    for (e = 0; e < E; e++) offset[e + 1] += offset[e];
-    for (i = 0; i < TK; i++) order[offset[ids[i]]++] = i;
-    for (e = E; e > 0; e--) offset[e] = offset[e - 1]; /* the fill advanced each start to its end */
-    offset[0] = 0;
-}
-
 /* 1 keeps column d of token t's input to expert e; a function of the seed, so
    backward recomputes the forward's mask instead of storing T*K*D bits. */
 static int esft__pesc_keep(uint64_t seed, int e, int t, int d, uint32_t threshold)
@@ -5497,70 +5386,6 @@ static void esft__pesc_gather_input(const esft_pesc_config *c, float *xg, const 
     }
 }
 
-/* Magnitude bits of a float: NaN or Inf iff >= 0x7f800000 (exponent all ones). */
-static uint32_t esft__pesc_abs_bits(float v)
-{
-    uint32_t b;
-    memcpy(&b, &v, sizeof b);
-    return b & 0x7fffffffu;
-}
-
-/* Nonzero when x holds a NaN or Inf. An integer max of the magnitude bits
-   vectorises where isfinite's early exit does not, and 64 chunks split over the
-   threads (each writes its own slot): the checks of F, params and dy read
-   ~200 MB per call at D 4096, which the scalar loop made ~10% of the layer. */
-static int esft__pesc_any_nonfinite(const float *x, size_t n)
-{
-    uint32_t top[64];
-    size_t per = (n + 63) / 64;
-    int ch, any = 0, nt = esft__pesc_threads((double)n);
-    (void)nt; /* unused without OpenMP */
-    ESFT__MOE_FOR_STATIC(nt)
-    for (ch = 0; ch < 64; ch++) {
-        size_t i, lo = (size_t)ch * per, hi = lo + per < n ? lo + per : n;
-        uint32_t m = 0;
-        for (i = lo; i < hi; i++) {
-            uint32_t b = esft__pesc_abs_bits(x[i]);
-            m = b > m ? b : m;
-        }
-        top[ch] = m;
-    }
-    for (ch = 0; ch < 64; ch++) any |= top[ch] >= 0x7f800000u;
-    return any;
-}
-
-/* width 0: report a flat index (the parameter block). The fast scan clears the
-   common case; only a hit pays for the scalar scan that names the element. */
-static esft_status esft__pesc_check_finite(const float *x, size_t n, const char *what, int width,
-                                           esft_error *err)
-{
-    size_t i;
-    if (!esft__pesc_any_nonfinite(x, n)) return ESFT_OK;
-    for (i = 0; i < n; i++) {
-        if (isfinite(x[i])) continue;
-        if (width)
-            return esft__fail(err, ESFT_ERR_NUMERIC, "%s[%lu][%lu] is %s", what, (unsigned long)(i / (size_t)width),
-                              (unsigned long)(i % (size_t)width), isnan(x[i]) ? "NaN" : "Inf");
-        return esft__fail(err, ESFT_ERR_NUMERIC, "%s[%lu] is %s", what, (unsigned long)i,
-                          isnan(x[i]) ? "NaN" : "Inf");
-    }
-    return ESFT_OK;
-}
-
-/* f_i and P_i -> aux = alpha E sum f_i P_i; f goes to saved->frac for backward. */
-static float esft__pesc_aux_loss(const esft_pesc_config *c, esft_pesc_saved *s, int T)
-{
-    int e, t, E = c->n_experts;
-    double aux = 0.0;
-    for (e = 0; e < E; e++) {
-        double P = 0.0;
-        for (t = 0; t < T; t++) P += s->probs[(size_t)t * E + e];
-        s->frac[e] = (float)((double)(s->offset[e + 1] - s->offset[e]) / ((double)T * c->top_k));
-        aux += (double)s->frac[e] * (P / T);
-    }
-    return (float)((double)c->aux_alpha * E * aux);
-}
-
 /* y[t_j] += a_j over one expert's slots (distinct tokens, so rows split over
    threads; experts go in ascending order, so each sum's order is fixed).
    Returns nonzero if a sum came out NaN or Inf: non-finite values persist
@@ -5580,7 +5405,7 @@ static int esft__pesc_scatter_add(float *y, const float *a, const int32_t *slots
             for (d = 0; d < D; d++) {
                 uint32_t b;
                 yt[d] += aj[d];
-                b = esft__pesc_abs_bits(yt[d]);
+                b = esft__abs_bits(yt[d]);
                 m = b > m ? b : m;
             }
         }
@@ -5617,17 +5442,17 @@ static esft_status esft__pesc_forward_cpu(void *context, const esft_pesc_config 
        leaves y as it was (one pass each, cheap next to the adapters); a bad u
        shows in the logits (route checks them) and is named only then. Finite
        inputs that overflow are caught in y itself, after it is written. */
-    if ((st = esft__pesc_check_finite(F, (size_t)T * D, "F", D, err)) != ESFT_OK) return st;
-    if ((st = esft__pesc_check_finite(params, esft_pesc_param_count(c), "params", 0, err)) != ESFT_OK) return st;
+    if ((st = esft__check_finite(F, (size_t)T * D, "F", D, err)) != ESFT_OK) return st;
+    if ((st = esft__check_finite(params, esft_pesc_param_count(c), "params", 0, err)) != ESFT_OK) return st;
     esft__sgemm(0, 1, T, E, D, 1.0f, u, D, params, D, 0.0f, s->logits, E);
     rc.renormalize = 1;
     if ((st = esft__route_cpu(NULL, &rc, s->ids, s->weights, s->probs, s->logits, T, err)) != ESFT_OK) {
         if (st != ESFT_ERR_NUMERIC) return st;
-        if ((st = esft__pesc_check_finite(u, (size_t)T * D, "u", D, err)) != ESFT_OK) return st;
+        if ((st = esft__check_finite(u, (size_t)T * D, "u", D, err)) != ESFT_OK) return st;
         return esft__fail(err, ESFT_ERR_NUMERIC, "router logits overflow (u or router weights too large)");
     }
-    esft__pesc_group_slots(s->order, s->offset, s->ids, T * K, E);
-    s->aux_loss = esft__pesc_aux_loss(c, s, T);
+    esft__sort_slots(s->order, NULL, s->offset, s->ids, T * K, E);
+    s->aux_loss = (float)((double)c->aux_alpha * E * esft__balance(s->frac, s->probs, s->offset, T, E, K));
     memcpy(y, F, (size_t)T * D * sizeof(float));
     for (e = 0; e < E; e++) {
         const int32_t *slots = s->order + s->offset[e];
@@ -5640,7 +5465,7 @@ static esft_status esft__pesc_forward_cpu(void *context, const esft_pesc_config 
                                   params + esft_pesc_tensor_offset(c, ESFT_PESC_UP, e), w.wg, w.g, 0.0f, n);
         overflow |= esft__pesc_scatter_add(y, w.yg, slots, n, K, D);
     }
-    if (overflow && esft__pesc_check_finite(y, (size_t)T * D, "y", D, err) != ESFT_OK)
+    if (overflow && esft__check_finite(y, (size_t)T * D, "y", D, err) != ESFT_OK)
         return ESFT_ERR_NUMERIC; /* finite inputs, an overflow: err names y's first bad element */
     s->cfg = *c;
     s->T = T;
@@ -5654,20 +5479,14 @@ static esft_status esft__pesc_forward_cpu(void *context, const esft_pesc_config 
 static void esft__pesc_router_grad(const esft_pesc_config *c, const esft__pesc_work *w,
                                    const esft_pesc_saved *s, float daux, int T)
 {
-    int t, j, e, E = c->n_experts, K = c->top_k;
+    int t, e, E = c->n_experts, K = c->top_k;
+    esft_route_config rc = esft_route_config_init(E, K);
+    rc.renormalize = 1; /* as the forward routes */
     for (e = 0; e < E; e++)
         w->coef[e] = (float)((double)daux * c->aux_alpha * E * s->frac[e] / T);
-    for (t = 0; t < T; t++) {
-        float *dl = w->dlogits + (size_t)t * E;
-        const float *wt = s->weights + (size_t)t * K, *dwt = w->dw + (size_t)t * K;
-        const float *p = s->probs + (size_t)t * E;
-        const int32_t *id = s->ids + (size_t)t * K;
-        double wdw = 0.0, pc = 0.0;
-        for (j = 0; j < K; j++) wdw += (double)wt[j] * dwt[j];
-        for (e = 0; e < E; e++) pc += (double)p[e] * w->coef[e];
-        for (e = 0; e < E; e++) dl[e] = p[e] * (w->coef[e] - (float)pc);
-        for (j = 0; j < K; j++) dl[id[j]] += wt[j] * (dwt[j] - (float)wdw);
-    }
+    for (t = 0; t < T; t++)
+        esft__route_backward_token(&rc, w->dlogits + (size_t)t * E, s->probs + (size_t)t * E, s->ids + (size_t)t * K,
+                                   w->dw + (size_t)t * K, w->coef, E);
 }
 
 /* dF[t_j] += mask_e(t_j) * dx_j / (1 - p) over one expert's slots. */
@@ -5704,7 +5523,7 @@ static esft_status esft__pesc_backward_cpu(void *context, const esft_pesc_config
     if (T == 0) return ESFT_OK;
     if (!isfinite(daux)) return esft__fail(err, ESFT_ERR_NUMERIC, "daux is not finite");
     /* before any gradient is touched: a NaN in dy would spread into all of them */
-    if ((st = esft__pesc_check_finite(dy, (size_t)T * D, "dy", D, err)) != ESFT_OK) return st;
+    if ((st = esft__check_finite(dy, (size_t)T * D, "dy", D, err)) != ESFT_OK) return st;
     for (e = 0; e < E; e++) {
         const int32_t *slots = s->order + s->offset[e];
         const float *down = params + esft_pesc_tensor_offset(c, ESFT_PESC_DOWN, e);
@@ -5900,7 +5719,7 @@ static esft_status esft__adamw_step_cpu(void *context, const esft_adamw_config *
 
 ESFTDEF esft_status esft_adamw_step(esft_adamw *opt, float *params, const float *grads, esft_error *err)
 {
-    long bad;
+    size_t bad;
     esft_status s;
     if (!opt || !opt->m) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "optimizer not initialised");
     if (opt->n > 0 && (!params || !grads))
@@ -5909,8 +5728,9 @@ ESFTDEF esft_status esft_adamw_step(esft_adamw *opt, float *params, const float 
     if (s == ESFT_OK) s = esft__adamw_check_config(&opt->cfg, err);
     if (s != ESFT_OK) return s;
     bad = esft__first_nonfinite(grads, opt->n);
-    if (bad >= 0)
-        return esft__fail(err, ESFT_ERR_NUMERIC, "gradient %ld is %s", bad, isnan(grads[bad]) ? "NaN" : "Inf");
+    if (bad < opt->n)
+        return esft__fail(err, ESFT_ERR_NUMERIC, "gradient %lu is %s", (unsigned long)bad,
+                          isnan(grads[bad]) ? "NaN" : "Inf");
     if (!opt->backend->adamw_step) return esft__missing_op(opt->backend, "adamw_step", err);
     s = opt->backend->adamw_step(opt->backend->context, &opt->cfg, params, grads, opt->m, opt->v, opt->n,
                                  opt->step + 1, err);
@@ -5944,22 +5764,6 @@ ESFTDEF esft_status esft_clip_grad_norm(float *const *grads, const size_t *sizes
 /* ===================================================================== */
 /* 12. checkpoints (safetensors, Hugging Face names)                     */
 /* ===================================================================== */
-
-#if defined(_WIN32)
-#include <direct.h>
-#include <fcntl.h>
-#include <io.h>
-#include <sys/stat.h>
-#else
-#include <dirent.h>
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <sys/types.h>
-#include <unistd.h>
-#if defined(__linux__)
-#include <sys/sendfile.h>
-#endif
-#endif
 
 /* ---- dtypes and conversions ------------------------------------------ */
 
@@ -6212,6 +6016,140 @@ static esft_status esft__read_file(const char *path, uint64_t max_bytes, const e
     return ESFT_OK;
 }
 
+/* lstat and readlink are declared: POSIX.1-2001 (a strict -std=c99 build without
+   a feature macro has neither; there a link at the output is replaced, not followed). */
+#if !defined(_WIN32) && ((defined(_POSIX_C_SOURCE) && _POSIX_C_SOURCE >= 200112L) || defined(__APPLE__))
+#define ESFT__POSIX_2001 1
+#endif
+
+/* The directory part of path, "." when it has none. */
+static void esft__dir_of(const char *path, char *dir, size_t cap)
+{
+    const char *slash = strrchr(path, '/');
+#if defined(_WIN32)
+    const char *back = strrchr(path, '\\');
+    if (back && (!slash || back > slash)) slash = back;
+#endif
+    if (!slash) snprintf(dir, cap, ".");
+    else if (slash == path) snprintf(dir, cap, "/");
+    else snprintf(dir, cap, "%.*s", (int)(slash - path), path);
+}
+
+#if !defined(_WIN32)
+static const char *esft__file_kind(mode_t m)
+{
+    if (S_ISDIR(m)) return "a directory";
+    if (S_ISFIFO(m)) return "a FIFO";
+    if (S_ISCHR(m)) return "a character device";
+    if (S_ISBLK(m)) return "a block device";
+    return "not a regular file";
+}
+#endif
+
+/* Where a write to path lands, and the permission bits of what it replaces. The
+   rules (docs/formats.md, "Output files"): nothing there: a new file, in a
+   directory that must exist (named when it does not); a regular file: replaced,
+   its mode kept (*mode; -1 for a new file); a symbolic link: followed, and its
+   target written the same way, so the link stays a link (a link to a missing
+   file creates that file, as a shell's '>' does); a directory, FIFO, device or
+   socket: refused. Why refuse: rename()
+   would put a regular file in place of /dev/null, and a FIFO is someone's pipe. */
+static esft_status esft__out_target(const char *path, char *target, size_t cap, int *mode, esft_error *err)
+{
+    char dir[4200];
+#if defined(_WIN32)
+    struct _stat64 sb;
+#else
+    struct stat sb;
+#endif
+    *mode = -1;
+    if (strlen(path) >= cap) return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "path too long");
+    snprintf(target, cap, "%s", path);
+#if defined(ESFT__POSIX_2001)
+    {
+        int hops;
+        for (hops = 0; lstat(target, &sb) == 0 && S_ISLNK(sb.st_mode); hops++) {
+            char link[4096];
+            ssize_t n = hops < 40 ? readlink(target, link, sizeof link - 1) : -1;
+            if (n < 0) return esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot follow the symbolic link: %s",
+                                            hops < 40 ? strerror(errno) : "too many levels");
+            link[n] = 0;
+            esft__dir_of(target, dir, sizeof dir); /* a relative link is relative to its own directory */
+            if ((size_t)(link[0] == '/' ? snprintf(target, cap, "%s", link)
+                                        : snprintf(target, cap, "%s/%s", dir, link)) >= cap)
+                return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "path too long");
+        }
+    }
+#endif
+#if defined(_WIN32)
+    if (_stat64(target, &sb) == 0) {
+        if (!(sb.st_mode & _S_IFREG))
+            return esft__fail_at(err, ESFT_ERR_IO, path, 0, "not a regular file: refusing to replace it");
+        return ESFT_OK;
+    }
+#else
+    if (stat(target, &sb) == 0) {
+        if (!S_ISREG(sb.st_mode))
+            return esft__fail_at(err, ESFT_ERR_IO, path, 0, "%s, not a regular file: refusing to replace it",
+                                 esft__file_kind(sb.st_mode));
+        *mode = (int)(sb.st_mode & 0777);
+        return ESFT_OK;
+    }
+#endif
+    if (errno != ENOENT) return esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot use the output: %s", strerror(errno));
+    esft__dir_of(target, dir, sizeof dir);
+#if defined(_WIN32)
+    if (_stat64(dir, &sb) != 0) return esft__fail_at(err, ESFT_ERR_IO, path, 0, "the directory %s does not exist", dir);
+#else
+    if (stat(dir, &sb) != 0) return esft__fail_at(err, ESFT_ERR_IO, path, 0, "the directory %s does not exist", dir);
+    if (!S_ISDIR(sb.st_mode)) return esft__fail_at(err, ESFT_ERR_IO, path, 0, "%s is not a directory", dir);
+#endif
+    return ESFT_OK;
+}
+
+/* Creates the temp file of a write to path (esft__out_target says where that
+   lands: target, cap bytes), "<target>.tmp.<pid>.<n>" with the first n not
+   taken, exclusively (O_CREAT | O_EXCL): two writers of the same path, in two
+   processes or two threads, never share or truncate one temp file, and a file or
+   link already there is never opened. It gets the mode of the file it replaces
+   from its creation on (a 0600 file's data is never readable by others). Fills
+   target, tmp (tmp_cap bytes) and *fd. */
+static esft_status esft__open_temp(const char *path, char *target, size_t cap, char *tmp, size_t tmp_cap, int *fd,
+                                   esft_error *err)
+{
+    unsigned n;
+    int mode;
+    esft_status s;
+#if defined(_WIN32)
+    long pid = (long)_getpid();
+#else
+    long pid = (long)getpid();
+#endif
+    *fd = -1;
+    tmp[0] = 0;
+    if ((s = esft__out_target(path, target, cap, &mode, err)) != ESFT_OK) return s;
+    for (n = 0; n < 10000; n++) {
+        if ((size_t)snprintf(tmp, tmp_cap, "%s.tmp.%ld.%u", target, pid, n) >= tmp_cap) {
+            tmp[0] = 0;
+            return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, path, 0, "path too long");
+        }
+#if defined(_WIN32)
+        *fd = _open(tmp, _O_WRONLY | _O_CREAT | _O_EXCL | _O_BINARY, _S_IREAD | _S_IWRITE);
+#else
+        *fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL, mode >= 0 ? (mode_t)mode : 0644);
+        if (*fd >= 0 && mode >= 0) (void)chmod(tmp, (mode_t)mode); /* the umask may have cleared bits */
+#endif
+        if (*fd >= 0) return ESFT_OK;
+        if (errno != EEXIST) break;
+    }
+    {
+        int e = errno;
+        s = esft__fail_at(err, ESFT_ERR_IO, path, 0, "cannot create %s: %s", tmp, strerror(e));
+        tmp[0] = 0;
+        return s;
+    }
+}
+
 /* A file being written: bytes go to a fresh "<path>.tmp.<pid>.<n>"
    (esft__open_temp); commit renames it to path, which is the target of the
    caller's path when that is a symbolic link (esft__out_target). */
@@ -6303,6 +6241,19 @@ static void esft__out_abort(esft__out *o)
     o->fd = -1;
     if (o->tmp[0]) remove(o->tmp);
     o->tmp[0] = 0;
+}
+
+/* The whole-buffer form of esft__out (declared in the ESFT file formats section). */
+static esft_status esft__write_file_atomic(const char *path, const char *data, size_t size,
+                                           esft_error *err)
+{
+    esft__out o;
+    esft_status s = esft__out_open(&o, path, err);
+    if (s == ESFT_OK) s = esft__out_write(&o, data, size, err);
+    if (s == ESFT_OK) s = esft__out_finish(&o, err);
+    if (s == ESFT_OK) s = esft__out_commit(&o, err);
+    esft__out_abort(&o);
+    return s;
 }
 
 /* Progress reporting of long copies. */
@@ -9498,10 +9449,6 @@ static size_t esft__fwd_layout(esft__fwd *f, const esft_model_config *c, int T, 
     return at + 64;
 }
 
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
-
 static int esft__thread_id(void)
 {
 #if defined(_OPENMP)
@@ -9716,10 +9663,9 @@ static esft_status esft__moe_route(esft__fwd *f, const esft_model_config *c, con
     float *probs = f->route_tmp; /* the first E floats of the scratch hold one token's probabilities */
     rc.selection_bias = w->router_bias.data ? esft__vec(&w->router_bias) : NULL;
     esft__sgemm(0, 1, T, E, c->d_model, 1.0f, f->h, c->d_model, esft__vec(&w->router), c->d_model, 0.0f, f->logits, E);
-    for (i = 0; i < te; i++)
-        if (!isfinite(f->logits[i]))
-            return esft__fail(err, ESFT_ERR_NUMERIC, "layer %d: router logit of token %lu, expert %lu is not finite",
-                              layer, (unsigned long)(i / E), (unsigned long)(i % E));
+    if ((i = esft__first_nonfinite(f->logits, te)) < te)
+        return esft__fail(err, ESFT_ERR_NUMERIC, "layer %d: router logit of token %lu, expert %lu is not finite",
+                          layer, (unsigned long)(i / E), (unsigned long)(i % E));
     for (t = 0; t < T; t++)
         esft__route_token(&rc, f->ids + (size_t)t * K, f->weights + (size_t)t * K, probs, f->logits + (size_t)t * E,
                           f->route_tmp);
@@ -9732,15 +9678,7 @@ static void esft__moe_ffn(esft__fwd *f, const esft_model_config *c, const esft_m
 {
     int E = c->route.n_experts, K = c->route.top_k, D = c->d_model, F = c->d_expert, FS = c->d_shared;
     int TK = T * K, e, r, t;
-    memset(f->offsets, 0, (size_t)(E + 1) * sizeof(int32_t));
-    for (r = 0; r < TK; r++) f->offsets[f->ids[r] + 1]++;
-    for (e = 0; e < E; e++) f->offsets[e + 1] += f->offsets[e];
-    {
-        int32_t *fill = f->pos; /* borrowed as the running cursor, then overwritten */
-        for (e = 0; e < E; e++) fill[e] = f->offsets[e];
-        for (r = 0; r < TK; r++) f->perm[fill[f->ids[r]]++] = r;
-        for (r = 0; r < TK; r++) f->pos[f->perm[r]] = r;
-    }
+    esft__sort_slots(f->perm, f->pos, f->offsets, f->ids, TK, E);
     ESFT__MOE_FOR_STATIC(f->nt)
     for (r = 0; r < TK; r++)
         memcpy(f->xg + (size_t)r * D, f->h + (size_t)(f->perm[r] / K) * D, (size_t)D * sizeof(float));
@@ -10122,12 +10060,7 @@ ESFTDEF void esft_npy_abort(esft_npy_writer *w)
    a process-wide static buffer would make concurrent callers race.
    ESFT_USE_CBLAS sends every call to the cblas_sgemm you link instead. */
 
-#if defined(ESFT_USE_CBLAS)
-#include <cblas.h>
-#endif
-
 #if defined(_OPENMP)
-#include <omp.h>
 /* Expands to an OpenMP work-sharing pragma only when compiled with OpenMP, so a
    build without it sees no unknown pragma (-Wunknown-pragmas under -Werror). */
 #define ESFT__OMP_PARALLEL_FOR(n_threads) ESFT__PRAGMA(omp parallel for num_threads(n_threads) schedule(static))
@@ -10208,11 +10141,9 @@ ESFTDEF void esft_release_thread_scratch(void) {}
    L1/L2, MC x KC of A stays in L2, KC x NC of B sits in L3 (tuned on a 2-core
    Zen 4 with bench/bench_gemm.c; KC 256..512 all within a few per cent). */
 #if defined(__AVX512F__) && !defined(ESFT_NO_SIMD)
-#include <immintrin.h>
 #define ESFT__GEMM_AVX512 1
 enum { ESFT__MR = 12, ESFT__NR = 32 };
 #elif defined(__AVX2__) && defined(__FMA__) && !defined(ESFT_NO_SIMD)
-#include <immintrin.h>
 #define ESFT__GEMM_AVX2 1
 enum { ESFT__MR = 6, ESFT__NR = 16 };
 #elif (defined(__GNUC__) || defined(__clang__)) && !defined(ESFT_NO_SIMD)

@@ -551,9 +551,10 @@ static esft_status esft_cuda__host_table(esft_cuda__context *c, size_t n, esft_e
    by the backward on another. Keep the two in step. */
 typedef struct esft_cuda__moe_ws {
     float *probs, *weights;
-    int32_t *ids, *perm, *pos, *offsets, *cursor;
+    int32_t *ids, *perm, *pos, *offsets;
     float *xg, *g, *u, *o, *a, *b, *d, *gs, *us, *as, *bs, *logits, *dw, *aux_coef;
-    double *aux_tmp;
+    float *so, *sig, *dys, *dz; /* the gated shared block's (CPU only); unused here, carved to keep the layout */
+    int32_t *aux_offsets; /* the CPU's scratch; unused here, carved to keep the layout */
     float *route_tmp;
 } esft_cuda__moe_ws;
 
@@ -579,7 +580,6 @@ static void esft_cuda__moe_ws_at(esft_cuda__moe_ws *w, const esft_moe_config *c,
     w->perm = (int32_t *)esft_cuda__carve(p, &off, tk, sizeof(int32_t));
     w->pos = (int32_t *)esft_cuda__carve(p, &off, tk, sizeof(int32_t));
     w->offsets = (int32_t *)esft_cuda__carve(p, &off, E + 1, sizeof(int32_t));
-    w->cursor = (int32_t *)esft_cuda__carve(p, &off, E, sizeof(int32_t));
     w->xg = (float *)esft_cuda__carve(p, &off, tk * D, sizeof(float));
     w->g = (float *)esft_cuda__carve(p, &off, tk * F, sizeof(float));
     w->u = (float *)esft_cuda__carve(p, &off, tk * F, sizeof(float));
@@ -591,10 +591,14 @@ static void esft_cuda__moe_ws_at(esft_cuda__moe_ws *w, const esft_moe_config *c,
     w->us = (float *)esft_cuda__carve(p, &off, t * FS, sizeof(float));
     w->as = (float *)esft_cuda__carve(p, &off, t * FS, sizeof(float));
     w->bs = (float *)esft_cuda__carve(p, &off, t * FS, sizeof(float));
+    w->so = (float *)esft_cuda__carve(p, &off, c->shared_gated ? t * D : 0, sizeof(float));
+    w->sig = (float *)esft_cuda__carve(p, &off, c->shared_gated ? t : 0, sizeof(float));
+    w->dys = (float *)esft_cuda__carve(p, &off, c->shared_gated ? t * D : 0, sizeof(float));
+    w->dz = (float *)esft_cuda__carve(p, &off, c->shared_gated ? t : 0, sizeof(float));
     w->logits = (float *)esft_cuda__carve(p, &off, t * E, sizeof(float));
     w->dw = (float *)esft_cuda__carve(p, &off, tk, sizeof(float));
     w->aux_coef = (float *)esft_cuda__carve(p, &off, n_seq * E, sizeof(float));
-    w->aux_tmp = (double *)esft_cuda__carve(p, &off, 2 * E, sizeof(double));
+    w->aux_offsets = (int32_t *)esft_cuda__carve(p, &off, E + 1, sizeof(int32_t));
     w->route_tmp = (float *)esft_cuda__carve(p, &off, 3 * E + 2 * G, sizeof(float));
 }
 

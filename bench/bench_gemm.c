@@ -141,6 +141,8 @@ int main(int argc, char **argv)
     printf("esft__sgemm vs OpenBLAS cblas_sgemm; fp32, row-major, alpha 1, beta 0; "
            "GFLOP/s, median of %d; all cores = %d threads\n\n",
            reps, all);
+    /* which OpenBLAS kernel ran: OPENBLAS_CORETYPE can pin an older one (bench/run_all.sh unsets it) */
+    printf("OpenBLAS: core %s; %s\n", openblas_get_corename(), openblas_get_config());
     printf("%-20s %5s %5s %5s %2s | %8s %8s %6s | %8s %8s %6s\n", "shape", "M", "N", "K", "op",
            "esft 1t", "blas 1t", "ratio", "esft all", "blas all", "ratio");
     for (s = 0; s < n_shapes; s++) {

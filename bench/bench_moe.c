@@ -212,6 +212,8 @@ int main(int argc, char **argv)
     efd = (size_t)E * F * D;
     printf("MoE layer D %d, E %d, K %d, F %d, FS %d, T %d; %d cores; best of %d\n", D, E, K, F, FS, T,
            threads_all, reps);
+    /* which OpenBLAS kernel ran: OPENBLAS_CORETYPE can pin an older one (bench/run_all.sh unsets it) */
+    printf("OpenBLAS: core %s; %s\n", openblas_get_corename(), openblas_get_config());
     w.router = make((size_t)E * D, 0.02f);
     w.gate = make(efd, 0.02f); w.up = make(efd, 0.02f); w.down = make(efd, 0.02f);
     w.shared_gate = make((size_t)FS * D, 0.02f); w.shared_up = make((size_t)FS * D, 0.02f);

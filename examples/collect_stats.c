@@ -2,7 +2,7 @@
    router statistics during its own forward passes, with no Python and no log files.
 
    Build and run (from the repository root):
-       cc -std=c99 -O2 examples/collect_stats.c -o collect_stats -lm
+       cc -std=c99 -O2 -I. examples/collect_stats.c -o collect_stats -lm
        ./collect_stats [OUTDIR]          # writes OUTDIR/summary.json, config.json, heatmap.svg
 
    The "model" is a stand-in with the shape of DeepSeek-V2-Lite, shrunk: layer 0
@@ -23,7 +23,7 @@
    With several threads or GPUs, give each its own esft_stats and esft_stats_merge
    them: the sums are integers, so the result is the same bits in any order. */
 #define ESFT_IMPLEMENTATION
-#include "../esft.h"
+#include "esft.h"
 
 #include <math.h>
 #include <stdio.h>

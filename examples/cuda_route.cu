@@ -1,6 +1,6 @@
 /* cuda_route.cu - route tokens on the GPU and count expert use, with esft_backend_cuda().
 
-   Build:  nvcc examples/cuda_route.cu esft_cuda.cu -lcublas -o cuda_route
+   Build:  nvcc -I. examples/cuda_route.cu esft_cuda.cu -lcublas -o cuda_route
    (or `make cuda`, which puts it in build/examples/cuda_route).
    Without a GPU it prints the reason and exits 0.
 
@@ -11,7 +11,7 @@
 #include <string.h>
 
 #define ESFT_IMPLEMENTATION
-#include "../esft.h" /* from the repository root; or -I. and "esft.h" */
+#include "esft.h" /* -I. from the repository root, or next to a copy of esft.h */
 
 int main(void)
 {

@@ -3,7 +3,7 @@
    CPU only, about a minute on one core (--quick: seconds).
 
    Build and run (from the repository root; -fopenmp optional):
-       cc -O2 examples/demo.c -o demo -lm && ./demo            (or: make run)
+       cc -O2 -I. examples/demo.c -o demo -lm && ./demo            (or: make run)
        ./demo --quick                                          (CI size, seconds)
        ./demo --help
 
@@ -35,7 +35,7 @@
    backward. Everything is seeded: the numbers are the same on every run. */
 #define _POSIX_C_SOURCE 200809L
 #define ESFT_IMPLEMENTATION
-#include "../esft.h"
+#include "esft.h"
 
 #include <math.h>
 #include <stdio.h>

@@ -573,6 +573,7 @@ static const char heatmap_help[] =
     "  --config FILE         outline the experts this expert config selects\n"
     "  --experts N           experts per layer when drawing a config alone\n"
     "                        (default: the highest id, rounded up to a multiple of 8)\n"
+    "  -q, --quiet           no summary line on success\n"
     "\n"
     "example:\n"
     "  esft heatmap summary.json --config config.json -o map.svg\n"
@@ -603,10 +604,22 @@ static int cli_json_kind(const char *text, size_t size, const char *path, esft_e
     return kind;
 }
 
+/* The summary line of a drawn heatmap: what it shows and where it went. */
+static void cli_heatmap_summary(const esft_scores *sc, esft_score which, const esft_expert_config *cfg,
+                                const char *out)
+{
+    fprintf(stderr, "esft heatmap: ");
+    if (sc) fprintf(stderr, "%d layers x %d experts, %s scores", sc->n_layers, sc->n_experts,
+                    which == ESFT_SCORE_GATE ? "gate" : "token");
+    if (cfg) fprintf(stderr, "%s%d experts selected in %d layers", sc ? ", " : "", esft_expert_config_count(cfg),
+                     cfg->n_layers);
+    fprintf(stderr, " -> %s\n", out);
+}
+
 static int cmd_heatmap(const char *name, int argc, char **argv)
 {
     const char *in = NULL, *out = NULL, *config = NULL, *v;
-    int i, r, kind, experts = 0, have_sc = 0, have_cfg = 0;
+    int i, r, kind, experts = 0, have_sc = 0, have_cfg = 0, quiet = 0;
     esft_score which = ESFT_SCORE_TOKEN;
     esft_scores sc;
     esft_expert_config cfg;
@@ -621,6 +634,8 @@ static int cmd_heatmap(const char *name, int argc, char **argv)
             if (r < 0) return EXIT_USAGE;
         } else if ((r = cli_text(name, argc, argv, &i, "--score", NULL, &v))) {
             if (r < 0 || cli_score(name, v, &which)) return EXIT_USAGE;
+        } else if (cli_flag(argc, argv, &i, "-q", "--quiet")) {
+            quiet = 1;
         } else if (cli_positional(name, argv[i], &in, "input file")) {
             return EXIT_USAGE;
         }
@@ -652,6 +667,7 @@ static int cmd_heatmap(const char *name, int argc, char **argv)
         s = esft_heatmap_write_svg(out, have_sc ? &sc : NULL, which, have_cfg ? &cfg : NULL, &err);
         /* a config that does not fit the scores is the config's fault, not the output's */
         if ((s == ESFT_ERR_RANGE || s == ESFT_ERR_SHAPE) && config) snprintf(err.file, sizeof err.file, "%s", config);
+        if (s == ESFT_OK && !quiet) cli_heatmap_summary(have_sc ? &sc : NULL, which, have_cfg ? &cfg : NULL, out);
     }
     if (have_sc) esft_scores_free(&sc);
     if (have_cfg) esft_expert_config_free(&cfg);
@@ -1370,7 +1386,10 @@ static void cli_overview(FILE *to)
                 "  esft inspect MODEL_DIR\n"
                 "  esft eval MODEL_DIR --data task.jsonl\n"
                 "  esft stats MODEL_DIR --data task.jsonl -o summary.json\n"
-                "  esft extract MODEL_DIR --config config.json -o experts.safetensors\n");
+                "  esft extract MODEL_DIR --config config.json -o experts.safetensors\n"
+                "  (train those experts; save them with esft_checkpoint_save_trained)\n"
+                "  esft merge MODEL_DIR trained.safetensors -o MERGED_DIR\n"
+                "  esft inspect MERGED_DIR\n");
 }
 
 static int is_help(const char *a) { return strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0; }

@@ -118,6 +118,13 @@ for cmd in stats select heatmap; do
     expect "${cmd}_--help" 0 -- $cmd --help && grep -q "^usage: esft $cmd" "$T/out" || fail "${cmd}_--help_text" "no usage line"
 done
 expect top_level_help 0 -- --help && grep -q "heatmap" "$T/out" || fail top_level_help_lists_commands "no command list"
+# the typical use covers both halves: analysis and checkpoints/models
+missing=""
+for use in "esft stats LOGDIR" "esft select" "esft heatmap" "esft inspect MODEL_DIR" "esft eval MODEL_DIR" \
+    "esft stats MODEL_DIR" "esft extract MODEL_DIR" "esft merge MODEL_DIR"; do
+    grep -q "^  $use" "$T/out" || missing="$missing '$use'"
+done
+[ -z "$missing" ] && pass top_level_help_typical_use_complete || fail top_level_help_typical_use_complete "no$missing"
 version=$(sed -n 's/^#define ESFT_VERSION_STRING "\(.*\)"/\1/p' esft.h)
 expect version 0 -- --version && grep -qx "esft $version" "$T/out" && pass version_matches_header ||
     fail version_matches_header "'$(cat "$T/out")' vs $version"
@@ -127,6 +134,14 @@ expect heatmap_token 0 -- heatmap "$T/summary.json" --config "$T/config.json" -o
 expect heatmap_gate 0 -- heatmap "$T/summary.json" --score gate --config "$T/gate.json" -o "$T/gate.svg"
 expect heatmap_scores_only 0 -- heatmap "$T/summary.json" -o "$T/plain.svg"
 expect heatmap_config_only 0 -- heatmap "$T/config.json" -o "$T/cfg.svg"
+# every command prints one summary line on success (docs/cli.md); -q silences it
+grep -qx "esft heatmap: [0-9]* experts selected in [0-9]* layers -> $T/cfg.svg" "$T/err" &&
+    pass heatmap_summary_line || fail heatmap_summary_line "stderr: '$(cat "$T/err")'"
+expect heatmap_both_summary 0 -- heatmap "$T/summary.json" --score gate --config "$T/gate.json" -o "$T/gate2.svg" &&
+    grep -qx "esft heatmap: 27 layers x 64 experts, gate scores, [0-9]* experts selected in 27 layers -> $T/gate2.svg" "$T/err" &&
+    pass heatmap_summary_line_scores || fail heatmap_summary_line_scores "stderr: '$(cat "$T/err")'"
+expect heatmap_quiet 0 -- heatmap "$T/summary.json" -q -o "$T/quiet.svg" && [ ! -s "$T/err" ] &&
+    pass heatmap_quiet_is_silent || fail heatmap_quiet_is_silent "stderr: '$(cat "$T/err")'"
 if [ -x "$BUILD/examples/collect_stats" ]; then
     mkdir -p "$T/engine"
     "$BUILD/examples/collect_stats" "$T/engine" > "$T/err" 2>&1 && [ -s "$T/engine/summary.json" ] &&

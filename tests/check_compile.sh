@@ -39,6 +39,32 @@ if $CC -std=c99 -I. -c "$out/partial.c" -o "$out/partial.o" 2>"$out/err"; then
     echo "compiled although only ESFT_MALLOC was defined" > "$out/err"; bad allocator_all_or_none
 else grep -q "all or none" "$out/err" && ok allocator_all_or_none || bad allocator_all_or_none; fi
 
+# Vendored: every example compiles in a folder holding only it and a copy of
+# esft.h (one include style, "esft.h" found beside the file or through -I.).
+vend=$out/vendored; rm -rf "$vend"; mkdir -p "$vend"; cp esft.h "$vend/"
+for ex in examples/*.c; do
+    name=$(basename "$ex" .c)
+    cp "$ex" "$vend/"
+    if (cd "$vend" && $CC -std=c99 -O0 -fsyntax-only "$name.c") 2>"$out/err"; then ok "vendored_example_$name"
+    else bad "vendored_example_$name"; fi
+done
+bad_style=$(grep -ln '#include "\.\./' examples/*.c examples/*.cu bench/*.c tests/*.c 2>/dev/null)
+if [ -z "$bad_style" ]; then ok one_include_style
+else echo "$bad_style: include \"esft.h\" with -I., not a relative path" > "$out/err"; bad one_include_style; fi
+
+# The MoE workspace: esft_cuda.cu carves esft.h's regions in the same order and
+# sizes (the size query is esft.h's; a forward on one backend may be followed by
+# the backward on the other). Compared as text, as no GPU may be at hand.
+regions() { # file function: "count,sizeof(type)" per carve, in order
+    sed -n "/^static [a-z]* $2(/,/^}/p" "$1" | tr -d '\n' | grep -oE 'carve\(p, &off, [^;]*sizeof\([a-z0-9_]*\)' |
+        sed -E 's/^carve\(p, &off, //; s/\(size_t\)esft__moe_n_seq\(c, T\)/n_seq/; s/[[:space:]]+//g'
+}
+if [ -f esft_cuda.cu ]; then
+    regions esft.h esft__moe_ws_layout > "$out/ws_cpu"; regions esft_cuda.cu esft_cuda__moe_ws_at > "$out/ws_cuda"
+    if [ -s "$out/ws_cpu" ] && diff "$out/ws_cpu" "$out/ws_cuda" > "$out/err"; then ok moe_workspace_layout_matches_cuda
+    else bad moe_workspace_layout_matches_cuda; fi
+fi
+
 if [ -f esft_cuda.cu ]; then
     if [ -n "$NVCC" ]; then
         if $NVCC -std=c++17 -I. -c esft_cuda.cu -o "$out/esft_cuda.o" 2>"$out/err"; then ok nvcc_compiles_esft_cuda

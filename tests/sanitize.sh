@@ -2,6 +2,13 @@
 # `make sanitize`: every tests/test_*.c built with -fsanitize=address,undefined
 # -fno-sanitize-recover=all -g into $BUILD and run; then every one built plainly
 # (-O1 -g) and run under valgrind --error-exitcode=1 --leak-check=full.
+# Both builds use -fopenmp -march=native as `make` does (when the compiler takes
+# them), so the SIMD kernels, the threaded loops and the same-bits-for-any-thread-
+# count tests run under the sanitizers too, not only the scalar one-thread code.
+# valgrind 3.19 cannot decode AVX-512, so its build adds -mno-avx512f (the AVX2
+# kernels run there; the AVX-512 ones under ASan); OpenMP threads there wait
+# passively (OMP_WAIT_POLICY=passive), as spinning threads would eat valgrind's
+# one serialised CPU.
 # Any sanitizer report, valgrind error, leak or failed test fails its line.
 # Called with BUILD (default build/asan), ESFT_DATA, CC. Run from the repository
 # root. Prints "N passed, N failed, N skipped" last (the tests' own counts,
@@ -24,13 +31,22 @@ build() { # src out flags...
     $CC -std=c99 "$@" -I. "$src" -o "$out" -lm 2>"$out.build.log"
 }
 
+# The flags of `make` that select code paths: OpenMP and the host's SIMD.
+probe() { echo 'int main(void){return 0;}' | $CC "$@" -x c - -o /dev/null 2>/dev/null; }
+PATHS=
+if probe -fopenmp; then PATHS="$PATHS -fopenmp"; fi
+if probe -march=native; then PATHS="$PATHS -march=native"; fi
+VG_PATHS=$PATHS
+if [ -n "$PATHS" ] && probe $PATHS -mno-avx512f; then VG_PATHS="$PATHS -mno-avx512f"; fi
+echo "code paths: ASan+UBSan${PATHS:- (scalar, one thread)}; valgrind${VG_PATHS:- (scalar, one thread)}"
+
 # 1. AddressSanitizer + UndefinedBehaviorSanitizer
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:halt_on_error=1:strict_string_checks=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 for src in tests/test_*.c; do
     name=$(basename "$src" .c)
     out=$BUILD/tests/$name
-    if ! build "$src" "$out" -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all; then
+    if ! build "$src" "$out" -g -O1 $PATHS -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all; then
         echo "FAIL asan/$name: build failed"; tail -15 "$out.build.log"; failed=$((failed + 1)); continue
     fi
     "$out" >"$BUILD/logs/asan_$name.log" 2>&1; rc=$?
@@ -42,10 +58,10 @@ if command -v valgrind >/dev/null 2>&1; then
     for src in tests/test_*.c; do
         name=$(basename "$src" .c)
         out=$BUILD/tests/${name}_vg
-        if ! build "$src" "$out" -g -O1; then
+        if ! build "$src" "$out" -g -O1 $VG_PATHS; then
             echo "FAIL valgrind/$name: build failed"; tail -15 "$out.build.log"; failed=$((failed + 1)); continue
         fi
-        valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect \
+        OMP_WAIT_POLICY=passive valgrind -q --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect \
             "$out" >"$BUILD/logs/valgrind_$name.log" 2>&1; rc=$?
         tally "valgrind/$name" $rc "$BUILD/logs/valgrind_$name.log"
     done
