@@ -20,7 +20,9 @@ NVCC := $(shell command -v nvcc 2>/dev/null)
 ifeq ($(NO_CUDA),1)
 NVCC :=
 endif
-NVCCFLAGS ?= -O2 -std=c++17 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+# sm_80 and sm_90 machine code, plus compute_90 PTX that newer GPUs JIT-compile
+NVCCFLAGS ?= -O2 -std=c++17 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+             -gencode arch=compute_90,code=compute_90
 NVCC_WARN  = -Xcompiler -Wall,-Wextra,-Werror
 # CUDA parts: built by `all` (so `make test` runs test_cuda) only when nvcc exists.
 ifneq ($(NVCC),)

@@ -416,7 +416,9 @@ __global__ static void esft_cuda__stats_kernel(unsigned long long *count, unsign
     }
     if (i < n && (!mask || mask[i / (size_t)K])) {
         int id = ids[i];
-        if (id < 0 || id >= E) atomicMin(flag, (unsigned long long)i);
+        float w = weights ? weights[i] : 0.0f;
+        /* the CPU op's rule: an id in [0, E), a weight finite in [0, ESFT_MAX_GATE_WEIGHT] */
+        if (id < 0 || id >= E || !(w >= 0.0f && w <= ESFT_MAX_GATE_WEIGHT)) atomicMin(flag, (unsigned long long)i);
         else {
             atomicAdd(c + id, 1ULL);
             if (weights) atomicAdd(g + id, esft_cuda__to_fixed(weights[i]));
@@ -453,8 +455,8 @@ static esft_status esft_cuda__stats_accumulate(void *context, uint64_t *count, u
     if ((s = esft_cuda__launched("stats kernel", err)) != ESFT_OK) return s;
     if ((s = esft_cuda__take_flag(c, &bad, err)) != ESFT_OK) return s;
     if (bad != ~0ULL)
-        return esft_cuda__fail(err, ESFT_ERR_RANGE, "token %llu: expert id outside [0, %d)",
-                               bad / (unsigned long long)K, E);
+        return esft_cuda__fail(err, ESFT_ERR_RANGE, "token %llu: expert id outside [0, %d) or weight not finite in [0, %g]",
+                               bad / (unsigned long long)K, E, (double)ESFT_MAX_GATE_WEIGHT);
     return ESFT_OK;
 }
 
@@ -784,12 +786,20 @@ __global__ static void esft_cuda__aux_kernel(double *terms, float *coef, const i
     }
 }
 
+/* Tokens per aux-loss sequence: aux_seq_len when the loss is on per sequence,
+   else all T (aux_seq_len may be 0 when the loss is off: never a divisor then). */
+static int esft_cuda__aux_len(const esft_moe_config *cfg, int T)
+{
+    return cfg->aux_alpha > 0.0f && cfg->aux_mode == ESFT_AUX_SEQUENCE && cfg->aux_seq_len > 0 ? cfg->aux_seq_len
+                                                                                               : (T > 0 ? T : 1);
+}
+
 /* Loss = the terms added one by one in (sequence, expert) order, as the CPU. */
 static esft_status esft_cuda__aux_forward(esft_cuda__context *c, const esft_moe_config *cfg, esft_cuda__moe_ws *w,
                                           int T, float *aux_loss, esft_error *err)
 {
     int E = cfg->route.n_experts, K = cfg->route.top_k;
-    int S = cfg->aux_mode == ESFT_AUX_SEQUENCE ? cfg->aux_seq_len : T, n_seq = T / S, i;
+    int S = esft_cuda__aux_len(cfg, T), n_seq = T / S, i;
     size_t n = (size_t)n_seq * E;
     double loss = 0.0, *terms;
     void *scratch;
@@ -1101,7 +1111,7 @@ static esft_status esft_cuda__moe_backward(void *context, const esft_moe *m, flo
     esft_cuda__context *c = (esft_cuda__context *)context;
     const esft_moe_config *cfg = &m->cfg;
     int D = cfg->d_model, E = cfg->route.n_experts, K = cfg->route.top_k;
-    int S = cfg->aux_mode == ESFT_AUX_SEQUENCE ? cfg->aux_seq_len : T;
+    int S = esft_cuda__aux_len(cfg, T);
     int32_t *slot, *off;
     cublasComputeType_t math;
     esft_cuda__moe_ws w;
@@ -1224,8 +1234,10 @@ static esft_status esft_cuda__start(esft_cuda__context *c, esft_error *err)
     if (s == ESFT_OK) s = esft_cuda__check(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking),
                                            "cudaStreamCreate", err);
     if (s == ESFT_OK) s = esft_cuda__check(cudaMalloc((void **)&c->flag, sizeof *c->flag), "cudaMalloc flag", err);
-    if (s == ESFT_OK) s = esft_cuda__check(cudaMemcpy(c->flag, &none, sizeof none, cudaMemcpyHostToDevice),
-                                           "cudaMemcpy flag", err);
+    /* armed on the op stream (non-blocking, so unordered with the legacy stream) and waited for */
+    if (s == ESFT_OK) s = esft_cuda__check(cudaMemcpyAsync(c->flag, &none, sizeof none, cudaMemcpyHostToDevice,
+                                                           c->stream), "arm the error flag", err);
+    if (s == ESFT_OK) s = esft_cuda__check(cudaStreamSynchronize(c->stream), "arm the error flag", err);
     if (s != ESFT_OK) {
         if (c->flag) (void)cudaFree(c->flag);
         if (c->stream) (void)cudaStreamDestroy(c->stream);

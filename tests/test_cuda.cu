@@ -399,6 +399,33 @@ TEST(cuda_stats_rejects_bad_ids_and_host_memory)
                  ESFT_ERR_INVALID_ARGUMENT);
 }
 
+/* Weights the CPU op refuses (NaN, negative, past ESFT_MAX_GATE_WEIGHT) are
+   refused here too, naming the token. */
+TEST(cuda_stats_rejects_weights_the_cpu_rejects)
+{
+    int32_t ids[4] = {0, 1, 2, 3};
+    const float bad[3] = {NAN, -0.5f, 1e6f};
+    uint64_t c[16];
+    esft_error e;
+    int k;
+    NEED_GPU();
+    for (k = 0; k < 3; k++) {
+        float w[4] = {0.25f, 0.25f, 0.25f, 0.25f};
+        void *d_ids, *d_w, *d_c;
+        esft_error cpu;
+        w[3] = bad[k];
+        d_ids = dev(ids, sizeof ids);
+        d_w = dev(w, sizeof w);
+        d_c = dev(NULL, sizeof c);
+        CHECK(d_ids && d_w && d_c);
+        CHECK_STATUS(esft_backend_cpu()->stats_accumulate(NULL, c, c + 8, ids, w, NULL, 2, 2, 8, &cpu), ESFT_ERR_RANGE);
+        CHECK_STATUS(gpu()->stats_accumulate(gpu()->context, (uint64_t *)d_c, (uint64_t *)d_c + 8,
+                                             (const int32_t *)d_ids, (const float *)d_w, NULL, 2, 2, 8, &e),
+                     ESFT_ERR_RANGE);
+        CHECK_MSG(strstr(e.message, "token 1") != NULL, "message: %s", e.message);
+    }
+}
+
 /* ---------------------------------------------------------------------- */
 /* MoE layer: CPU vs CUDA, forward and backward                            */
 /* ---------------------------------------------------------------------- */
