@@ -1,0 +1,307 @@
+/* test_train.c - training through whole Hugging Face MoE models
+   (esft_model_forward_backward): the gradients of ESFT's trainable experts
+   against double-precision central differences of esft_model_forward's loss on
+   the tiny checkpoints of tests/models (points where a perturbation changes a
+   top-k choice are rejected: the loss is not differentiable there), the same
+   bits for any thread count, the loss equal to the forward's, and bad expert
+   configs. Run from the repository root (make test does). */
+#define _POSIX_C_SOURCE 200809L
+#include "esft.h"
+#define ESFT_IMPLEMENTATION
+#include "esft.h"
+#include "gradcheck.h"
+#include "harness.h"
+
+#include <stdlib.h>
+
+#define MODELS "tests/models/"
+
+/* ---- a model, one sample, and an expert config of the most used experts ---- */
+
+typedef struct fixture {
+    esft_model m;
+    esft_dataset ds;
+    const int32_t *ids, *labels;
+    int T, L, E, K;
+    int32_t *ref_ids;     /* (L, T, K) routing of the unperturbed model */
+    int64_t *counts;      /* (L, E) */
+    int recording, moved; /* on_route: record the routing, or note a change */
+    esft_expert_config cfg;
+    int cfg_offset[ESFT_MODEL_MAX_LAYERS + 1];
+    int32_t cfg_ids[256];
+    unsigned char cfg_present[ESFT_MODEL_MAX_LAYERS];
+    esft_model_trainable tr;
+} fixture;
+
+static void on_route(void *user, int layer, const int32_t *ids, const float *weights, int T, int K)
+{
+    fixture *f = (fixture *)user;
+    int32_t *ref = f->ref_ids + (size_t)layer * T * K;
+    int i;
+    (void)weights;
+    if (f->recording) {
+        memcpy(ref, ids, (size_t)T * K * sizeof(int32_t));
+        for (i = 0; i < T * K; i++) f->counts[(size_t)layer * f->E + ids[i]]++;
+    } else if (memcmp(ref, ids, (size_t)T * K * sizeof(int32_t)) != 0) {
+        f->moved = 1;
+    }
+}
+
+/* loss_sum of the sample with the trainable copies; NAN when routing moved. */
+static double loss_fn(void *ctx)
+{
+    fixture *f = (fixture *)ctx;
+    esft_model_run run;
+    double loss = 0.0;
+    int64_t n = 0;
+    memset(&run, 0, sizeof run);
+    run.labels = f->labels;
+    run.trainable = &f->tr;
+    run.on_route = on_route;
+    run.user = f;
+    f->moved = 0;
+    if (esft_model_forward(&f->m, f->ids, f->T, &run, &loss, &n, NULL) != ESFT_OK || f->moved) return NAN;
+    return loss;
+}
+
+/* The per_layer most used experts of every MoE layer (ties: lower id). */
+static void pick_experts(fixture *f, int per_layer)
+{
+    int l, k, n = 0;
+    memset(&f->cfg, 0, sizeof f->cfg);
+    f->cfg.n_layers = f->L;
+    f->cfg.n_experts = f->E;
+    f->cfg.offset = f->cfg_offset;
+    f->cfg.ids = f->cfg_ids;
+    f->cfg.layer_present = f->cfg_present;
+    for (l = 0; l < f->L; l++) {
+        f->cfg_offset[l] = n;
+        f->cfg_present[l] = f->m.cfg.is_moe[l];
+        if (!f->m.cfg.is_moe[l]) continue;
+        for (k = 0; k < per_layer && k < f->E; k++) {
+            int e, best = -1;
+            for (e = 0; e < f->E; e++) {
+                int taken = 0, j;
+                for (j = f->cfg_offset[l]; j < n; j++) taken |= f->cfg_ids[j] == e;
+                if (!taken && (best < 0 || f->counts[(size_t)l * f->E + e] > f->counts[(size_t)l * f->E + best]))
+                    best = e;
+            }
+            f->cfg_ids[n++] = best;
+        }
+    }
+    f->cfg_offset[f->L] = n;
+}
+
+static int fixture_open(fixture *f, const char *name, int sample, int per_layer, char *why, size_t why_n)
+{
+    char dir[256], path[300];
+    int64_t o;
+    esft_error err;
+    memset(f, 0, sizeof *f);
+    snprintf(dir, sizeof dir, MODELS "%s", name);
+    snprintf(path, sizeof path, "%s/data.jsonl", dir);
+    if (esft_model_open(&f->m, dir, NULL, &err) != ESFT_OK ||
+        esft_dataset_read_jsonl(&f->ds, path, 0, f->m.cfg.vocab, NULL, &err) != ESFT_OK) {
+        snprintf(why, why_n, "%s: %s", name, err.message);
+        return 0;
+    }
+    o = f->ds.offset[sample];
+    f->ids = f->ds.ids + o;
+    f->labels = f->ds.labels + o;
+    f->T = (int)(f->ds.offset[sample + 1] - o);
+    f->L = f->m.cfg.n_layers;
+    f->E = f->m.cfg.route.n_experts;
+    f->K = f->m.cfg.route.top_k;
+    f->ref_ids = (int32_t *)calloc((size_t)f->L * f->T * f->K, sizeof(int32_t));
+    f->counts = (int64_t *)calloc((size_t)f->L * f->E, sizeof(int64_t));
+    /* record the routing with the model's own weights, then train the most used experts */
+    {
+        esft_model_run run;
+        memset(&run, 0, sizeof run);
+        run.on_route = on_route;
+        run.user = f;
+        f->recording = 1;
+        if (esft_model_forward(&f->m, f->ids, f->T, &run, NULL, NULL, &err) != ESFT_OK) {
+            snprintf(why, why_n, "%s: forward: %s", name, err.message);
+            return 0;
+        }
+        f->recording = 0;
+    }
+    pick_experts(f, per_layer);
+    if (esft_model_trainable_init(&f->tr, &f->m, &f->cfg, NULL, &err) != ESFT_OK) {
+        snprintf(why, why_n, "%s: trainable: %s", name, err.message);
+        return 0;
+    }
+    return 1;
+}
+
+static void fixture_close(fixture *f)
+{
+    esft_model_trainable_uninit(&f->tr);
+    esft_dataset_free(&f->ds);
+    esft_model_close(&f->m);
+    free(f->ref_ids);
+    free(f->counts);
+}
+
+/* ---- gradient checks ----------------------------------------------------------- */
+
+
+/* h: fp32 forward, loss ~ 1e2: a step of 1e-2 keeps rounding noise in the
+   difference well under the tolerance; the loss is smooth at that scale. */
+static const gc_options tol = {1e-2, 2e-4, 2e-2};
+
+static void gradcheck_family(const char *name, double *worst_rel)
+{
+    fixture f;
+    char why[1024], buf[2048];
+    double loss = 0.0, fwd_loss;
+    int64_t n = 0;
+    int i;
+    esft_error err;
+    if (!fixture_open(&f, name, 0, 2, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, f.ids, f.labels, f.T, 1.0f, &loss, &n, &err), ESFT_OK);
+    fwd_loss = loss_fn(&f);
+    if (loss != fwd_loss) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%s: training loss %.17g != forward loss %.17g", name, loss, fwd_loss);
+    }
+    *worst_rel = 0.0;
+    for (i = 0; i < f.tr.n_trained; i++) {
+        float *p = f.tr.params + (size_t)i * f.tr.expert_floats, *g = f.tr.grads + (size_t)i * f.tr.expert_floats;
+        gc_result r = gc_check(p, f.tr.expert_floats, g, (f.tr.expert_floats / 40) | 1, loss_fn, &f, &tol);
+        double rel = r.worst_err / (r.max_abs_grad + 1e-30);
+        if (getenv("ESFT_TEST_VERBOSE"))
+            printf("      L%d e%d checked %lu skipped %lu worst num %.6g ana %.6g max|g| %.3g\n", f.tr.layer[i],
+                   f.tr.expert[i], (unsigned long)r.checked, (unsigned long)r.skipped, r.worst_num, r.worst_ana,
+                   r.max_abs_grad);
+        if (rel > *worst_rel) *worst_rel = rel;
+        if (r.failed || r.checked < 10 || r.max_abs_grad == 0.0) {
+            snprintf(buf, sizeof buf, "%s layer %d expert %d: %s", name, f.tr.layer[i], f.tr.expert[i],
+                     gc_describe(&r, "dW", why, sizeof why));
+            fixture_close(&f);
+            HARNESS_FAIL_("%.400s (checked %lu)", buf, (unsigned long)r.checked);
+        }
+    }
+    fixture_close(&f);
+}
+
+#define GRADCHECK_TEST(fam)                                            \
+    TEST(gradcheck_##fam)                                              \
+    {                                                                  \
+        double worst = 0.0;                                            \
+        gradcheck_family(#fam, &worst);                                \
+        if (harness_state == 0) printf("    %s: worst |a - num| / max|num| = %.2e\n", #fam, worst); \
+    }
+
+GRADCHECK_TEST(olmoe)
+GRADCHECK_TEST(qwen3_moe)
+GRADCHECK_TEST(mixtral)
+GRADCHECK_TEST(qwen2_moe)
+GRADCHECK_TEST(qwen2_moe_fused)
+GRADCHECK_TEST(deepseek_v2_lite)
+GRADCHECK_TEST(deepseek_v2_qlora_yarn)
+GRADCHECK_TEST(deepseek_v3_bf16_tied)
+GRADCHECK_TEST(deepseek_v3_fp8)
+
+/* ---- threads, bad configs ------------------------------------------------------ */
+
+/* One pass on 1 and on 3 threads: the same loss and gradient bits. */
+static void threads_family(const char *name)
+{
+    fixture f;
+    char why[1024];
+    double l1 = 0.0, l3 = 0.0;
+    int64_t n1 = 0, n3 = 0;
+    float *g1;
+    int same;
+    if (!fixture_open(&f, name, 2, 3, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    g1 = (float *)malloc(f.tr.n_params * sizeof(float));
+    esft_set_num_threads(1);
+    CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, f.ids, f.labels, f.T, 0.5f, &l1, &n1, NULL), ESFT_OK);
+    memcpy(g1, f.tr.grads, f.tr.n_params * sizeof(float));
+    memset(f.tr.grads, 0, f.tr.n_params * sizeof(float));
+    esft_set_num_threads(3);
+    CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, f.ids, f.labels, f.T, 0.5f, &l3, &n3, NULL), ESFT_OK);
+    esft_set_num_threads(0);
+    same = memcmp(g1, f.tr.grads, f.tr.n_params * sizeof(float)) == 0 && l1 == l3 && n1 == n3;
+    free(g1);
+    fixture_close(&f);
+    CHECK_MSG(same, "%s: 1 and 3 threads differ (loss %.17g vs %.17g)", name, l1, l3);
+}
+
+TEST(same_bits_any_thread_count)
+{
+    threads_family("qwen2_moe");
+    if (harness_state) return;
+    threads_family("deepseek_v2_qlora_yarn");
+}
+
+/* Accumulation: two passes with scale 1 give twice one pass's gradient; the
+   experts of a layer above all trained ones still get nothing wrong. */
+TEST(backward_accumulates)
+{
+    fixture f;
+    char why[1024];
+    float *g1;
+    size_t i;
+    double worst = 0.0;
+    if (!fixture_open(&f, "olmoe", 0, 1, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    g1 = (float *)malloc(f.tr.n_params * sizeof(float));
+    CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, f.ids, f.labels, f.T, 1.0f, NULL, NULL, NULL), ESFT_OK);
+    memcpy(g1, f.tr.grads, f.tr.n_params * sizeof(float));
+    CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, f.ids, f.labels, f.T, 1.0f, NULL, NULL, NULL), ESFT_OK);
+    for (i = 0; i < f.tr.n_params; i++) {
+        double d = fabs((double)f.tr.grads[i] - 2.0 * g1[i]);
+        if (d > worst) worst = d;
+    }
+    free(g1);
+    fixture_close(&f);
+    CHECK_MSG(worst == 0.0, "second pass did not add exactly: %g", worst);
+}
+
+TEST(bad_expert_configs)
+{
+    fixture f;
+    char why[1024];
+    esft_model_trainable tr;
+    esft_error err;
+    int32_t ids[1] = {0}, labels[1] = {-100};
+    if (!fixture_open(&f, "deepseek_v2_lite", 1, 1, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    /* layer 0 is dense in this model */
+    f.cfg_ids[0] = 1;
+    f.cfg_offset[1] = 1;
+    f.cfg_present[0] = 1;
+    CHECK_STATUS(esft_model_trainable_init(&tr, &f.m, &f.cfg, NULL, &err), ESFT_ERR_RANGE);
+    f.cfg_present[0] = 0;
+    f.cfg_offset[1] = 0;
+    f.cfg_ids[0] = 99;  /* past E in layer 1 */
+    CHECK_STATUS(esft_model_trainable_init(&tr, &f.m, &f.cfg, NULL, &err), ESFT_ERR_RANGE);
+    f.cfg_ids[0] = 0;
+    f.cfg.shared_experts = 1;
+    CHECK_STATUS(esft_model_trainable_init(&tr, &f.m, &f.cfg, NULL, &err), ESFT_ERR_UNSUPPORTED);
+    f.cfg.shared_experts = 0;
+    CHECK_STATUS(esft_model_trainable_init(&tr, &f.m, &f.cfg, NULL, &err), ESFT_OK);
+    CHECK(esft_model_trainable_expert(&tr, tr.params, 1, f.cfg_ids[0]) == tr.params);
+    CHECK(esft_model_trainable_expert(&tr, tr.params, 0, 0) == NULL);
+    CHECK_STATUS(esft_model_forward_backward(&f.m, &tr, ids, NULL, 1, 1.0f, NULL, NULL, &err),
+                 ESFT_ERR_INVALID_ARGUMENT);
+    ids[0] = f.m.cfg.vocab;
+    CHECK_STATUS(esft_model_forward_backward(&f.m, &tr, ids, labels, 1, 1.0f, NULL, NULL, &err), ESFT_ERR_RANGE);
+    esft_model_trainable_uninit(&tr);
+    fixture_close(&f);
+}
+
+HARNESS_MAIN()
