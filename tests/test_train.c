@@ -207,6 +207,189 @@ GRADCHECK_TEST(deepseek_v2_qlora_yarn)
 GRADCHECK_TEST(deepseek_v3_bf16_tied)
 GRADCHECK_TEST(deepseek_v3_fp8)
 
+/* ---- against torch (tests/gen_train_goldens.py) --------------------------------- */
+
+#define TORCH_TOL 1e-4 /* loss: relative; gradients: relative to each expert's largest */
+
+typedef struct train_golden {
+    esft_safetensors st;
+    int64_t layers[16], experts[16], n_scored;
+    int n;
+    double loss, adamw[8];
+    float *grad;
+} train_golden;
+
+static int golden_raw(train_golden *g, const char *name, void *dst, size_t bytes)
+{
+    int i = esft_safetensors_find(&g->st, name);
+    return i >= 0 && g->st.tensors[i].n_bytes == bytes &&
+           esft_safetensors_read(&g->st, i, dst, 0, bytes, NULL) == ESFT_OK;
+}
+
+static int train_golden_open(train_golden *g, const char *name, size_t expert_floats)
+{
+    char path[300];
+    int i;
+    memset(g, 0, sizeof *g);
+    snprintf(path, sizeof path, MODELS "%s/train_golden.safetensors", name);
+    if (esft_safetensors_open(&g->st, path, NULL, NULL) != ESFT_OK) return 0;
+    i = esft_safetensors_find(&g->st, "train_layers");
+    if (i < 0 || g->st.tensors[i].n_elements > 16) return 0;
+    g->n = (int)g->st.tensors[i].n_elements;
+    g->grad = (float *)malloc((size_t)g->n * expert_floats * sizeof(float));
+    i = esft_safetensors_find(&g->st, "grad");
+    return g->grad && golden_raw(g, "train_layers", g->layers, (size_t)g->n * 8) &&
+           golden_raw(g, "train_experts", g->experts, (size_t)g->n * 8) &&
+           golden_raw(g, "n_scored", &g->n_scored, 8) && golden_raw(g, "loss", &g->loss, 8) &&
+           golden_raw(g, "adamw_losses", g->adamw, 6 * 8) && i >= 0 &&
+           g->st.tensors[i].n_elements == (uint64_t)g->n * expert_floats &&
+           esft_safetensors_read_f32(&g->st, i, g->grad, NULL) == ESFT_OK;
+}
+
+/* Every sample of data.jsonl through forward_backward with grad_scale 1 / n:
+   the pooled mean loss and its gradient, as the golden's batch. */
+static esft_status batch_pass(fixture *f, int64_t n_total, double *mean)
+{
+    double sum = 0.0;
+    int64_t count = 0;
+    int s;
+    esft_error err;
+    for (s = 0; s < f->ds.n_samples; s++) {
+        int64_t o = f->ds.offset[s], n = 0;
+        double ls = 0.0;
+        esft_status st = esft_model_forward_backward(&f->m, &f->tr, f->ds.ids + o, f->ds.labels + o,
+                                                     (int)(f->ds.offset[s + 1] - o), (float)(1.0 / n_total), &ls,
+                                                     &n, &err);
+        if (st != ESFT_OK) return st;
+        sum += ls;
+        count += n;
+    }
+    *mean = sum / (double)count;
+    return count == n_total ? ESFT_OK : ESFT_ERR_SHAPE;
+}
+
+/* FNV-1a over every weight the model holds: frozen means bit-identical. */
+static uint64_t hash_bytes(uint64_t h, const esft_matrix *w)
+{
+    const unsigned char *p = (const unsigned char *)w->data;
+    size_t n = w->data ? (size_t)w->rows * w->cols * esft_dtype_size(w->dtype) : 0, i;
+    for (i = 0; i < n; i++) h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+}
+
+static uint64_t model_hash(const esft_model *m)
+{
+    uint64_t h = 14695981039346656037ull;
+    int l, e;
+    h = hash_bytes(h, &m->embed);
+    h = hash_bytes(h, &m->lm_head);
+    for (l = 0; l < m->cfg.n_layers; l++) {
+        const esft_model_layer *w = &m->layers[l];
+        const esft_matrix *mats[] = {&w->attn_norm, &w->ffn_norm, &w->q, &w->k, &w->v, &w->o, &w->q_a, &w->q_b,
+                                     &w->kv_a, &w->kv_b, &w->router, &w->mlp_gate, &w->mlp_down, &w->shared_gate,
+                                     &w->shared_down};
+        size_t i;
+        for (i = 0; i < sizeof mats / sizeof mats[0]; i++) h = hash_bytes(h, mats[i]);
+        for (e = 0; w->expert_gate && e < m->cfg.route.n_experts; e++) {
+            h = hash_bytes(h, &w->expert_gate[e]);
+            h = hash_bytes(h, &w->expert_up[e]);
+            h = hash_bytes(h, &w->expert_down[e]);
+        }
+    }
+    return h;
+}
+
+static void torch_family(const char *name, double *worst_loss, double *worst_grad, double *worst_step)
+{
+    fixture f;
+    train_golden g;
+    char why[1024];
+    esft_adamw opt;
+    esft_adamw_config ac;
+    esft_error err;
+    double mean = 0.0;
+    uint64_t before;
+    int i, l, step;
+    if (!fixture_open(&f, name, 0, 1, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    if (!train_golden_open(&g, name, f.tr.expert_floats)) {
+        free(g.grad);
+        esft_safetensors_close(&g.st);
+        fixture_close(&f);
+        HARNESS_FAIL_("%s: train_golden.safetensors missing or malformed", name);
+    }
+    /* the golden's expert config, not the fixture's */
+    esft_model_trainable_uninit(&f.tr);
+    for (l = 0, i = 0; l < f.L; l++) {
+        f.cfg_offset[l] = i;
+        f.cfg_present[l] = 0;
+        while (i < g.n && g.layers[i] == l) {
+            f.cfg_present[l] = 1;
+            f.cfg_ids[i] = (int32_t)g.experts[i];
+            i++;
+        }
+    }
+    f.cfg_offset[f.L] = i;
+    CHECK_STATUS(esft_model_trainable_init(&f.tr, &f.m, &f.cfg, NULL, &err), ESFT_OK);
+    CHECK_EQ_INT(f.tr.n_trained, g.n);
+    before = model_hash(&f.m);
+    CHECK_STATUS(batch_pass(&f, g.n_scored, &mean), ESFT_OK);
+    *worst_loss = fabs(mean - g.loss) / fabs(g.loss);
+    *worst_grad = 0.0;
+    for (i = 0; i < g.n; i++) {
+        const float *a = f.tr.grads + (size_t)i * f.tr.expert_floats, *b = g.grad + (size_t)i * f.tr.expert_floats;
+        double mx = 0.0, err_max = 0.0;
+        size_t j;
+        for (j = 0; j < f.tr.expert_floats; j++) {
+            if (fabs(b[j]) > mx) mx = fabs(b[j]);
+            if (fabs((double)a[j] - b[j]) > err_max) err_max = fabs((double)a[j] - b[j]);
+        }
+        if (err_max / mx > *worst_grad) *worst_grad = err_max / mx;
+    }
+    /* 5 AdamW steps over the whole batch, as torch.optim.AdamW took them */
+    ac.lr = 1e-3f;
+    ac.beta1 = 0.9f;
+    ac.beta2 = 0.95f;
+    ac.eps = 1e-8f;
+    ac.weight_decay = 0.1f;
+    CHECK_STATUS(esft_adamw_init(&opt, &ac, f.tr.n_params, NULL, &err), ESFT_OK);
+    *worst_step = 0.0;
+    for (step = 0; step <= 5; step++) {
+        double d;
+        memset(f.tr.grads, 0, f.tr.n_params * sizeof(float));
+        if (batch_pass(&f, g.n_scored, &mean) != ESFT_OK) break;
+        d = fabs(mean - g.adamw[step]) / fabs(g.adamw[step]);
+        if (d > *worst_step) *worst_step = d;
+        if (step < 5 && esft_adamw_step(&opt, f.tr.params, f.tr.grads, &err) != ESFT_OK) break;
+    }
+    esft_adamw_uninit(&opt);
+    CHECK_EQ_INT(step, 6);
+    CHECK(model_hash(&f.m) == before);
+    free(g.grad);
+    esft_safetensors_close(&g.st);
+    fixture_close(&f);
+}
+
+#define TORCH_TEST(fam)                                                                                        \
+    TEST(torch_##fam)                                                                                          \
+    {                                                                                                          \
+        double wl = 0, wg = 0, ws = 0;                                                                         \
+        torch_family(#fam, &wl, &wg, &ws);                                                                     \
+        if (harness_state) return;                                                                             \
+        printf("    %s vs torch: loss %.2e, gradient %.2e (of max), AdamW step losses %.2e\n", #fam, wl, wg, ws); \
+        CHECK_MSG(wl <= TORCH_TOL && wg <= TORCH_TOL && ws <= TORCH_TOL, "%s: over 1e-4", #fam);               \
+    }
+
+TORCH_TEST(olmoe)
+TORCH_TEST(qwen3_moe)
+TORCH_TEST(mixtral)
+TORCH_TEST(qwen2_moe)
+TORCH_TEST(deepseek_v2_lite)
+TORCH_TEST(deepseek_v2_qlora_yarn)
+TORCH_TEST(deepseek_v3_bf16_tied)
+
 /* ---- threads, bad configs ------------------------------------------------------ */
 
 /* One pass on 1 and on 3 threads: the same loss and gradient bits. */
