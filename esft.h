@@ -9934,6 +9934,9 @@ ESFTDEF esft_status esft_model_forward_backward(const esft_model *m, esft_model_
     if ((s = esft__forward_check(m, ids, T, &run, err)) != ESFT_OK) return s;
     c = &m->cfg;
     D = c->d_model;
+    /* a small model runs on one thread: starting a team per loop costs more
+       than the loop (and far more on a busy machine) */
+    if ((double)T * D * D < 4194304.0) nt = 1;
     bytes = esft__trn_layout(&b, c, T, nt, NULL);
     base = ESFT__CAST(unsigned char *, m->allocator.alloc(m->allocator.user, bytes));
     if (!base) return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "training scratch of %lu bytes for %d tokens",
