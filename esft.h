@@ -1304,6 +1304,8 @@ typedef struct esft_model {
     esft_matrix lm_head;        /* (V, D), the embedding when tied */
     esft_model_layer *layers;   /* (L) */
     int fused_experts;          /* experts read from 3-D gate_up_proj / down_proj tensors */
+    esft_family expert_names;   /* naming of per-expert tensors: DeepSeek-V2's (mlp.experts.{e}.gate_proj)
+                                   or Mixtral's (block_sparse_moe.experts.{e}.w1) */
     uint64_t weight_bytes;      /* bytes of weights held in memory */
     /* private */
     void **blobs_;
@@ -1380,6 +1382,13 @@ ESFTDEF void esft_model_trainable_uninit(esft_model_trainable *tr);
 /* Expert e of layer l inside block (tr->params or tr->grads): its gate (F, D),
    then up (F, D), then down (D, F); NULL when that expert is frozen. */
 ESFTDEF float *esft_model_trainable_expert(const esft_model_trainable *tr, float *block, int layer, int expert);
+/* Writes tr's experts to path (safetensors, cfg = the config tr was built
+   from, in __metadata__) under the per-expert Hugging Face names of m's
+   checkpoint, in m's file dtype (fp32 copies rounded to nearest-even for
+   BF16/F16), so esft_checkpoint_merge puts them back into the base, per-expert
+   or fused. FP8 experts are ESFT_ERR_UNSUPPORTED (no re-quantisation). */
+ESFTDEF esft_status esft_model_trainable_save(const esft_model_trainable *tr, const esft_model *m,
+                                              const esft_expert_config *cfg, const char *path, esft_error *err);
 
 /* One training pass over one sample: the forward (with tr's experts), the
    cross-entropy of the scored positions (labels as esft_model_run's; loss_sum
@@ -8602,8 +8611,10 @@ static esft_status esft__load_ffn(esft__loader *ld, esft_model_layer *w, const c
     /* Mixtral's released checkpoints say block_sparse_moe; the others mlp */
     snprintf(moe, sizeof moe, "%smlp.", p);
     snprintf(name, sizeof name, "%sblock_sparse_moe.gate.weight", p);
-    if (c->family == ESFT_MODEL_MIXTRAL && esft_checkpoint_find(&ld->ck, name, &shard, &idx))
+    if (c->family == ESFT_MODEL_MIXTRAL && esft_checkpoint_find(&ld->ck, name, &shard, &idx)) {
         snprintf(moe, sizeof moe, "%sblock_sparse_moe.", p);
+        ld->m->expert_names = ESFT_FAMILY_MIXTRAL;
+    }
     if ((s = esft__load_at(ld, &w->router, moe, "gate.weight", E, D, 1, 1))) return s;
     if (c->route_bias && (s = esft__load_at(ld, &w->router_bias, moe, "gate.e_score_correction_bias", 1, E, 1, 1)))
         return s;
@@ -9300,6 +9311,54 @@ ESFTDEF float *esft_model_trainable_expert(const esft_model_trainable *tr, float
         return NULL;
     slot = tr->slot[(size_t)layer * tr->n_experts + expert];
     return slot < 0 ? NULL : block + (size_t)slot * tr->expert_floats;
+}
+
+ESFTDEF esft_status esft_model_trainable_save(const esft_model_trainable *tr, const esft_model *m,
+                                              const esft_expert_config *cfg, const char *path, esft_error *err)
+{
+    static const esft_part parts[3] = {ESFT_PART_EXPERT_GATE, ESFT_PART_EXPERT_UP, ESFT_PART_EXPERT_DOWN};
+    esft_st_write_tensor *t;
+    char *names;
+    size_t fd;
+    int i, j, n;
+    esft_status s = ESFT_OK;
+    if (!tr || !m || !m->layers || !cfg || !path || !tr->slot)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model, config or path");
+    if (tr->n_layers != m->cfg.n_layers || tr->n_experts != m->cfg.route.n_experts)
+        return esft__fail(err, ESFT_ERR_SHAPE, "trainable experts built for another model");
+    n = 3 * tr->n_trained;
+    fd = (size_t)m->cfg.d_expert * m->cfg.d_model;
+    t = ESFT__CAST(esft_st_write_tensor *, esft__calloc(&tr->allocator, (size_t)(n ? n : 1), sizeof *t));
+    names = ESFT__CAST(char *, esft__calloc(&tr->allocator, (size_t)(n ? n : 1), 160));
+    if (!t || !names) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "names of %d tensors", n);
+    for (i = 0; s == ESFT_OK && i < tr->n_trained; i++) {
+        int l = tr->layer[i], e = tr->expert[i];
+        const esft_model_layer *w = &m->layers[l];
+        const esft_matrix *mats[3];
+        mats[0] = &w->expert_gate[e];
+        mats[1] = &w->expert_up[e];
+        mats[2] = &w->expert_down[e];
+        if (!esft_expert_config_has(cfg, l, e))
+            s = esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "layer %d expert %d trains but cfg does not list it", l, e);
+        for (j = 0; s == ESFT_OK && j < 3; j++) {
+            esft_st_write_tensor *x = &t[3 * i + j];
+            if (mats[j]->dtype == ESFT_DTYPE_F8_E4M3) {
+                s = esft__fail(err, ESFT_ERR_UNSUPPORTED, "layer %d expert %d is FP8: saving would re-quantise", l, e);
+                break;
+            }
+            s = esft_tensor_name_format(names + (size_t)(3 * i + j) * 160, 160, m->expert_names, parts[j], l, e);
+            x->name = names + (size_t)(3 * i + j) * 160;
+            x->dtype = mats[j]->dtype;
+            x->n_dims = 2;
+            x->shape[0] = mats[j]->rows;
+            x->shape[1] = mats[j]->cols;
+            x->f32 = tr->params + (size_t)i * tr->expert_floats + (size_t)j * fd;
+        }
+    }
+    if (s == ESFT_OK) s = esft_checkpoint_save_trained(path, cfg, t, n, err);
+    esft__release(&tr->allocator, t);
+    esft__release(&tr->allocator, names);
+    return s;
 }
 
 /* y (T, W.cols) += x (T, W.rows) W, the product the backward of y = x W^T

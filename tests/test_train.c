@@ -13,6 +13,7 @@
 #include "harness.h"
 
 #include <stdlib.h>
+#include <sys/stat.h>
 
 #define MODELS "tests/models/"
 
@@ -588,6 +589,100 @@ TORCH_TEST(qwen2_moe)
 TORCH_TEST(deepseek_v2_lite)
 TORCH_TEST(deepseek_v2_qlora_yarn)
 TORCH_TEST(deepseek_v3_bf16_tied)
+
+/* ---- save, merge, reload ----------------------------------------------------- */
+
+static int copy_file(const char *from, const char *to)
+{
+    FILE *a = fopen(from, "rb"), *b = a ? fopen(to, "wb") : NULL;
+    char buf[4096];
+    size_t n;
+    int ok = a && b;
+    while (ok && (n = fread(buf, 1, sizeof buf, a)) > 0) ok = fwrite(buf, 1, n, b) == n;
+    if (a) fclose(a);
+    if (b && fclose(b) != 0) ok = 0;
+    return ok;
+}
+
+/* Trained experts (moved off the base) saved under the checkpoint's names and
+   dtype, merged into a copy of the base (per-expert, fused, Mixtral's names,
+   bf16, shards): the merged model's loss equals the base + trained copies'
+   bit for bit, and the file carries the expert config. */
+static void roundtrip_family(const char *name)
+{
+    fixture f;
+    char why[1024], dir[512], base[300], trained[600], out[600], from[700], to[700];
+    esft_model merged;
+    esft_safetensors st;
+    esft_expert_config back;
+    esft_error err;
+    esft_model_run run;
+    double want = 0.0, got = 0.0;
+    int64_t n1 = 0, n2 = 0;
+    size_t i;
+    int bf16;
+    if (!fixture_open(&f, name, 0, 2, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    snprintf(dir, sizeof dir, "%s", getenv("BUILD") && *getenv("BUILD") ? getenv("BUILD") : "build");
+    mkdir(dir, 0755);
+    strcat(dir, "/test-tmp");
+    mkdir(dir, 0755);
+    strcat(dir, "/train");
+    mkdir(dir, 0755);
+    snprintf(base, sizeof base, MODELS "%s", name);
+    snprintf(trained, sizeof trained, "%s/%s.safetensors", dir, name);
+    snprintf(out, sizeof out, "%s/%s_merged", dir, name);
+    bf16 = f.m.layers[f.tr.layer[0]].expert_gate[f.tr.expert[0]].dtype == ESFT_DTYPE_BF16;
+    for (i = 0; i < f.tr.n_params; i++) {
+        f.tr.params[i] += 0.01f * (float)((i * 2654435761u) % 1000u) / 1000.0f - 0.005f;
+        if (bf16) f.tr.params[i] = esft_bf16_to_f32(esft_f32_to_bf16(f.tr.params[i]));
+    }
+    memset(&run, 0, sizeof run);
+    run.labels = f.labels;
+    run.trainable = &f.tr;
+    CHECK_STATUS(esft_model_forward(&f.m, f.ids, f.T, &run, &want, &n1, &err), ESFT_OK);
+    CHECK_STATUS(esft_model_trainable_save(&f.tr, &f.m, &f.cfg, trained, &err), ESFT_OK);
+    CHECK_STATUS(esft_checkpoint_merge(base, trained, out, NULL, &err), ESFT_OK);
+    snprintf(from, sizeof from, "%s/config.json", base);
+    snprintf(to, sizeof to, "%s/config.json", out);
+    CHECK(copy_file(from, to));
+    CHECK_STATUS(esft_model_open(&merged, out, NULL, &err), ESFT_OK);
+    run.trainable = NULL;
+    CHECK_STATUS(esft_model_forward(&merged, f.ids, f.T, &run, &got, &n2, &err), ESFT_OK);
+    esft_model_close(&merged);
+    CHECK_STATUS(esft_safetensors_open(&st, trained, NULL, &err), ESFT_OK);
+    CHECK_STATUS(esft_checkpoint_read_config(&st, &back, &err), ESFT_OK);
+    CHECK_EQ_INT(st.n_tensors, 3 * f.tr.n_trained);
+    CHECK_EQ_INT(esft_expert_config_count(&back), f.tr.n_trained);
+    esft_expert_config_free(&back);
+    esft_safetensors_close(&st);
+    fixture_close(&f);
+    CHECK_MSG(want == got && n1 == n2, "%s: merged loss %.17g != trained %.17g", name, got, want);
+}
+
+TEST(save_merge_reload)
+{
+    static const char *const names[] = {"qwen2_moe", "qwen2_moe_fused", "mixtral", "qwen3_moe",
+                                        "deepseek_v3_bf16_tied"};
+    size_t i;
+    for (i = 0; i < sizeof names / sizeof names[0] && !harness_state; i++) roundtrip_family(names[i]);
+}
+
+TEST(save_refuses_fp8)
+{
+    fixture f;
+    char why[1024];
+    esft_error err;
+    if (!fixture_open(&f, "deepseek_v3_fp8", 0, 1, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    CHECK_STATUS(esft_model_trainable_save(&f.tr, &f.m, &f.cfg, "build/test-tmp-never-written.safetensors", &err),
+                 ESFT_ERR_UNSUPPORTED);
+    fixture_close(&f);
+}
 
 /* ---- threads, bad configs ------------------------------------------------------ */
 
