@@ -1358,7 +1358,11 @@ ESFTDEF esft_status esft_model_forward(const esft_model *m, const int32_t *ids, 
    own no gradient and no optimizer state: training costs 12 bytes per
    trainable parameter (gradient 4, Adam moments 8) beyond the fp32 copy (4).
    Block layout: the trained experts in increasing (layer, expert) order, each
-   gate (F, D), up (F, D), down (D, F), the Hugging Face shapes. */
+   gate (F, D), up (F, D), down (D, F), the Hugging Face shapes; then, when
+   the config sets shared_experts, the shared experts of every MoE layer in
+   layer order, each gate (FS, D), up (FS, D), down (D, FS) (Qwen2-MoE's
+   shared_expert_gate is a non-expert module, as esft_expert_config_trains
+   says, and stays frozen). */
 typedef struct esft_model_trainable {
     int n_layers, n_experts;   /* L, E of the model it was built for */
     int n_trained;             /* experts in the block */
@@ -1368,13 +1372,17 @@ typedef struct esft_model_trainable {
     float *grads;              /* (n_params) mirrored; the backward accumulates, the caller zeroes */
     int32_t *layer, *expert;   /* (n_trained) the (layer, expert) of each block slot */
     int32_t *slot;             /* (L, E) slot of expert e of layer l, -1 = frozen */
+    int n_shared;              /* shared blocks in the block (0 unless cfg->shared_experts) */
+    size_t shared_floats;      /* 3 FS D */
+    int32_t *shared_slot;      /* (L) shared block of layer l, -1 = frozen */
     esft_allocator allocator;
 } esft_model_trainable;
 
 /* Copies the experts cfg lists out of m (any file dtype, per-expert or fused)
-   into a zero-gradient block. An id past E, a layer past L or a dense layer is
-   ESFT_ERR_RANGE; cfg->shared_experts or cfg->non_expert_modules set is
-   ESFT_ERR_UNSUPPORTED (only routed experts train so far). Pair: _uninit. */
+   (and, with cfg->shared_experts, every MoE layer's shared experts) into a
+   zero-gradient block. An id past E, a layer past L or a dense layer is
+   ESFT_ERR_RANGE; cfg->non_expert_modules set is ESFT_ERR_UNSUPPORTED (not
+   implemented yet). Pair: _uninit. */
 ESFTDEF esft_status esft_model_trainable_init(esft_model_trainable *tr, const esft_model *m,
                                               const esft_expert_config *cfg, const esft_allocator *allocator,
                                               esft_error *err);
@@ -1382,6 +1390,9 @@ ESFTDEF void esft_model_trainable_uninit(esft_model_trainable *tr);
 /* Expert e of layer l inside block (tr->params or tr->grads): its gate (F, D),
    then up (F, D), then down (D, F); NULL when that expert is frozen. */
 ESFTDEF float *esft_model_trainable_expert(const esft_model_trainable *tr, float *block, int layer, int expert);
+/* Layer l's shared experts inside block: gate (FS, D), up (FS, D), down (D,
+   FS); NULL when frozen. */
+ESFTDEF float *esft_model_trainable_shared(const esft_model_trainable *tr, float *block, int layer);
 /* Writes tr's experts to path (safetensors, cfg = the config tr was built
    from, in __metadata__) under the per-expert Hugging Face names of m's
    checkpoint, in m's file dtype (fp32 copies rounded to nearest-even for
@@ -9031,6 +9042,30 @@ static void esft__expert_mats(const esft__fwd *f, const esft_model_layer *w, int
     }
 }
 
+/* Layer l's shared experts: the fp32 copy when f->tr trains them, else the model's. */
+static void esft__shared_mats(const esft__fwd *f, const esft_model_layer *w, int l, esft_matrix *gate,
+                              esft_matrix *up, esft_matrix *down)
+{
+    const float *p = f->tr ? esft_model_trainable_shared(f->tr, f->tr->params, l) : NULL;
+    *gate = w->shared_gate;
+    *up = w->shared_up;
+    *down = w->shared_down;
+    if (p) {
+        size_t sd = (size_t)gate->rows * gate->cols;
+        memset(gate, 0, sizeof *gate);
+        gate->dtype = ESFT_DTYPE_F32;
+        gate->rows = w->shared_gate.rows;
+        gate->cols = w->shared_gate.cols;
+        *up = *gate;
+        gate->data = p;
+        up->data = p + sd;
+        *down = *gate;
+        down->rows = gate->cols;
+        down->cols = gate->rows;
+        down->data = p + 2 * sd;
+    }
+}
+
 /* Groups the T K routing slots by expert (a counting sort): offsets (E + 1),
    perm (slot of each grouped row), pos (grouped row of each slot); gathers the
    rows of h into xg. */
@@ -9069,7 +9104,9 @@ static void esft__moe_ffn(esft__fwd *f, const esft_model_config *c, const esft_m
                          f->u + (size_t)r0 * F, panel);
     }
     if (FS > 0) {
-        esft__swiglu_mlp(f->a, f->h, T, D, &w->shared_gate, &w->shared_up, &w->shared_down, f->g, f->u, f->panels);
+        esft_matrix sg, su, sd;
+        esft__shared_mats(f, w, l, &sg, &su, &sd);
+        esft__swiglu_mlp(f->a, f->h, T, D, &sg, &su, &sd, f->g, f->u, f->panels);
         if (w->shared_router.data) {
             esft__sgemm(0, 1, T, 1, D, 1.0f, f->h, D, esft__vec(&w->shared_router), D, 0.0f, f->sg, 1);
             for (t = 0; t < T; t++) {
@@ -9219,6 +9256,7 @@ ESFTDEF void esft_model_trainable_uninit(esft_model_trainable *tr)
     esft__release(&tr->allocator, tr->grads);
     esft__release(&tr->allocator, tr->layer);
     esft__release(&tr->allocator, tr->slot);
+    esft__release(&tr->allocator, tr->shared_slot);
     memset(tr, 0, sizeof *tr);
 }
 
@@ -9229,10 +9267,9 @@ static esft_status esft__trainable_count(const esft_model *m, const esft_expert_
     const esft_model_config *c = &m->cfg;
     int l, i;
     *count = 0;
-    if (cfg->shared_experts || cfg->non_expert_modules)
+    if (cfg->non_expert_modules)
         return esft__fail(err, ESFT_ERR_UNSUPPORTED,
-                          "expert config trains %s: only routed experts train so far",
-                          cfg->shared_experts ? "shared_experts" : "non_expert_modules");
+                          "expert config trains non_expert_modules: only experts train so far");
     for (l = 0; l < cfg->n_layers; l++) {
         if (cfg->layer_present && !cfg->layer_present[l]) continue;
         for (i = cfg->offset[l]; i < cfg->offset[l + 1]; i++) {
@@ -9273,12 +9310,16 @@ ESFTDEF esft_status esft_model_trainable_init(esft_model_trainable *tr, const es
     tr->n_experts = E;
     tr->n_trained = n;
     tr->expert_floats = 3 * (size_t)F * D;
-    tr->n_params = (size_t)n * tr->expert_floats;
+    tr->shared_floats = 3 * (size_t)c->d_shared * D;
+    tr->shared_slot = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, (size_t)L, sizeof(int32_t)));
+    for (l = 0; tr->shared_slot && l < L; l++)
+        tr->shared_slot[l] = cfg->shared_experts && c->is_moe[l] && c->d_shared > 0 ? tr->n_shared++ : -1;
+    tr->n_params = (size_t)n * tr->expert_floats + (size_t)tr->n_shared * tr->shared_floats;
     tr->params = ESFT__CAST(float *, esft__calloc(&tr->allocator, tr->n_params ? tr->n_params : 1, sizeof(float)));
     tr->grads = ESFT__CAST(float *, esft__calloc(&tr->allocator, tr->n_params ? tr->n_params : 1, sizeof(float)));
     tr->layer = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, 2 * (size_t)(n ? n : 1), sizeof(int32_t)));
     tr->slot = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, le, sizeof(int32_t)));
-    if (!tr->params || !tr->grads || !tr->layer || !tr->slot) {
+    if (!tr->params || !tr->grads || !tr->layer || !tr->slot || !tr->shared_slot) {
         esft_allocator a = tr->allocator;
         esft_model_trainable_uninit(tr);
         tr->allocator = a;
@@ -9301,7 +9342,22 @@ ESFTDEF esft_status esft_model_trainable_init(esft_model_trainable *tr, const es
             esft__matrix_rows_f32(p + 2 * fd, &m->layers[l].expert_down[e], 0, D);
             k++;
         }
+    for (l = 0; l < L; l++) {
+        float *p = esft_model_trainable_shared(tr, tr->params, l);
+        size_t sd = (size_t)c->d_shared * D;
+        if (!p) continue;
+        esft__matrix_rows_f32(p, &m->layers[l].shared_gate, 0, c->d_shared);
+        esft__matrix_rows_f32(p + sd, &m->layers[l].shared_up, 0, c->d_shared);
+        esft__matrix_rows_f32(p + 2 * sd, &m->layers[l].shared_down, 0, D);
+    }
     return ESFT_OK;
+}
+
+ESFTDEF float *esft_model_trainable_shared(const esft_model_trainable *tr, float *block, int layer)
+{
+    if (!tr || !block || !tr->shared_slot || layer < 0 || layer >= tr->n_layers || tr->shared_slot[layer] < 0)
+        return NULL;
+    return block + (size_t)tr->n_trained * tr->expert_floats + (size_t)tr->shared_slot[layer] * tr->shared_floats;
 }
 
 ESFTDEF float *esft_model_trainable_expert(const esft_model_trainable *tr, float *block, int layer, int expert)
@@ -9317,6 +9373,7 @@ ESFTDEF esft_status esft_model_trainable_save(const esft_model_trainable *tr, co
                                               const esft_expert_config *cfg, const char *path, esft_error *err)
 {
     static const esft_part parts[3] = {ESFT_PART_EXPERT_GATE, ESFT_PART_EXPERT_UP, ESFT_PART_EXPERT_DOWN};
+    static const esft_part shared_parts[3] = {ESFT_PART_SHARED_GATE, ESFT_PART_SHARED_UP, ESFT_PART_SHARED_DOWN};
     esft_st_write_tensor *t;
     char *names;
     size_t fd;
@@ -9326,7 +9383,7 @@ ESFTDEF esft_status esft_model_trainable_save(const esft_model_trainable *tr, co
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model, config or path");
     if (tr->n_layers != m->cfg.n_layers || tr->n_experts != m->cfg.route.n_experts)
         return esft__fail(err, ESFT_ERR_SHAPE, "trainable experts built for another model");
-    n = 3 * tr->n_trained;
+    n = 3 * (tr->n_trained + tr->n_shared);
     fd = (size_t)m->cfg.d_expert * m->cfg.d_model;
     t = ESFT__CAST(esft_st_write_tensor *, esft__calloc(&tr->allocator, (size_t)(n ? n : 1), sizeof *t));
     names = ESFT__CAST(char *, esft__calloc(&tr->allocator, (size_t)(n ? n : 1), 160));
@@ -9353,6 +9410,31 @@ ESFTDEF esft_status esft_model_trainable_save(const esft_model_trainable *tr, co
             x->shape[0] = mats[j]->rows;
             x->shape[1] = mats[j]->cols;
             x->f32 = tr->params + (size_t)i * tr->expert_floats + (size_t)j * fd;
+        }
+    }
+    for (i = 0, j = 3 * tr->n_trained; s == ESFT_OK && i < tr->n_layers; i++) {
+        const esft_model_layer *w = &m->layers[i];
+        const esft_matrix *mats[3];
+        const float *p = esft_model_trainable_shared(tr, tr->params, i);
+        esft_family fam = m->cfg.family == ESFT_MODEL_QWEN2_MOE ? ESFT_FAMILY_QWEN_MOE : ESFT_FAMILY_DEEPSEEK_V2;
+        int k;
+        if (!p) continue;
+        mats[0] = &w->shared_gate;
+        mats[1] = &w->shared_up;
+        mats[2] = &w->shared_down;
+        for (k = 0; s == ESFT_OK && k < 3; k++, j++) {
+            esft_st_write_tensor *x = &t[j];
+            if (mats[k]->dtype == ESFT_DTYPE_F8_E4M3) {
+                s = esft__fail(err, ESFT_ERR_UNSUPPORTED, "layer %d shared experts are FP8: saving would re-quantise", i);
+                break;
+            }
+            s = esft_tensor_name_format(names + (size_t)j * 160, 160, fam, shared_parts[k], i, -1);
+            x->name = names + (size_t)j * 160;
+            x->dtype = mats[k]->dtype;
+            x->n_dims = 2;
+            x->shape[0] = mats[k]->rows;
+            x->shape[1] = mats[k]->cols;
+            x->f32 = p + (size_t)k * m->cfg.d_shared * m->cfg.d_model;
         }
     }
     if (s == ESFT_OK) s = esft_checkpoint_save_trained(path, cfg, t, n, err);
@@ -9771,8 +9853,9 @@ static void esft__trn_moe_forward(esft__trn *b, const esft_model_config *c, cons
                               b->eu + rf, b->eact + rf, panel);
     }
     if (FS > 0) {
-        esft__swiglu_mlp_keep(b->ys, f->h, T, D, &w->shared_gate, &w->shared_up, &w->shared_down, b->sg, b->su,
-                              b->sact, f->panels);
+        esft_matrix sg, su, sd;
+        esft__shared_mats(f, w, l, &sg, &su, &sd);
+        esft__swiglu_mlp_keep(b->ys, f->h, T, D, &sg, &su, &sd, b->sg, b->su, b->sact, f->panels);
         memcpy(f->a, b->ys, (size_t)T * D * sizeof(float));
         if (w->shared_router.data) {
             esft__sgemm(0, 1, T, 1, D, 1.0f, f->h, D, esft__vec(&w->shared_router), D, 0.0f, b->sz, 1);
@@ -9858,6 +9941,10 @@ static void esft__trn_moe_backward(esft__trn *b, const esft_model_config *c, con
     esft__sgemm(0, 0, T, D, E, 1.0f, b->dl, E, esft__vec(&w->router), D, 1.0f, b->dh, D);
     if (FS > 0) {
         const float *dys = da;
+        float *dS = esft_model_trainable_shared(tr, tr->grads, l);
+        size_t sd = (size_t)FS * D;
+        esft_matrix sg, su, smd;
+        esft__shared_mats(f, w, l, &sg, &su, &smd);
         if (w->shared_router.data) {
             const float *ws = esft__vec(&w->shared_router);
             for (t = 0; t < T; t++) {
@@ -9874,8 +9961,8 @@ static void esft__trn_moe_backward(esft__trn *b, const esft_model_config *c, con
             }
             dys = b->dxg; /* free again after the routed experts' scatter: (T K, D) >= (T, D) */
         }
-        esft__swiglu_mlp_backward(b->dh, dys, f->h, T, D, &w->shared_gate, &w->shared_up, &w->shared_down, b->sg,
-                                  b->su, b->sact, b->sdg, b->sdu, NULL, NULL, NULL, f->panels);
+        esft__swiglu_mlp_backward(b->dh, dys, f->h, T, D, &sg, &su, &smd, b->sg, b->su, b->sact, b->sdg, b->sdu, dS,
+                                  dS ? dS + sd : NULL, dS ? dS + 2 * sd : NULL, f->panels);
     }
 }
 
@@ -9981,7 +10068,7 @@ ESFTDEF esft_status esft_model_forward_backward(const esft_model *m, esft_model_
     esft__trn b;
     unsigned char *base;
     size_t bytes;
-    int nt = esft_get_num_threads(), t, l, D;
+    int nt = esft_get_num_threads(), t, l, D, lowest;
     double loss = 0.0;
     int64_t count = 0;
     esft_status s;
@@ -10008,8 +10095,11 @@ ESFTDEF esft_status esft_model_forward_backward(const esft_model *m, esft_model_
     for (l = 0; s == ESFT_OK && l < c->n_layers; l++) s = esft__trn_layer_forward(&b, m, l, T, err);
     if (s == ESFT_OK) s = esft__trn_head(&b, m, labels, T, grad_scale, &loss, &count, err);
     /* layers below the lowest trained expert need no gradient */
-    for (l = c->n_layers - 1; s == ESFT_OK && tr->n_trained > 0 && l >= tr->layer[0]; l--)
-        s = esft__trn_layer_backward(&b, m, tr, l, T, l == tr->layer[0], err);
+    lowest = tr->n_trained > 0 ? tr->layer[0] : c->n_layers;
+    for (l = 0; l < lowest; l++)
+        if (tr->shared_slot[l] >= 0) lowest = l;
+    for (l = c->n_layers - 1; s == ESFT_OK && l >= lowest; l--)
+        s = esft__trn_layer_backward(&b, m, tr, l, T, l == lowest, err);
     m->allocator.free(m->allocator.user, base);
     if (s != ESFT_OK) return s;
     if (loss_sum) *loss_sum = loss;

@@ -14,6 +14,9 @@ writes <variant>/train_golden.safetensors:
   grad (n, 3 F D) float32                 d loss / d expert weights, per trained expert
                                           gate (F, D), up (F, D), down (D, F) flattened:
                                           esft_model_trainable's block layout
+  shared_grad (M, 3 FS D) float32         variants in SHARED only: the config also sets
+                                          shared_experts (ESFT's flag): the gradient of
+                                          every MoE layer's shared experts, gate, up, down
   adamw_losses (6) float64                the loss before each of 5 AdamW steps and
                                           after the last (torch.optim.AdamW lr 1e-3,
                                           betas 0.9/0.95, eps 1e-8, wd 0.1, the whole
@@ -48,6 +51,8 @@ MODELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 # deepseek_v3 (their layouts are the forward's test); left out to keep the files small.
 VARIANTS = ["olmoe", "qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v2_lite", "deepseek_v2_qlora_yarn",
             "deepseek_v3_bf16_tied"]
+# variants whose config also trains the shared experts (Qwen2's gated one, DeepSeek's)
+SHARED = {"qwen2_moe", "deepseek_v2_qlora_yarn"}
 STEPS = 5
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 
@@ -99,6 +104,19 @@ def expert_grad(model, l, e):
     return torch.cat([gu[:F].reshape(-1), gu[F:].reshape(-1), dn.reshape(-1)]).numpy().astype(np.float32)
 
 
+def shared_modules(model):
+    out = []
+    for l in moe_layers(model):
+        mlp = model.model.layers[l].mlp
+        out.append(getattr(mlp, "shared_expert", None) or getattr(mlp, "shared_experts"))
+    return out
+
+
+def shared_grad(mod):
+    return torch.cat([mod.gate_proj.weight.grad.reshape(-1), mod.up_proj.weight.grad.reshape(-1),
+                      mod.down_proj.weight.grad.reshape(-1)]).numpy().astype(np.float32)
+
+
 def build(name, tmp):
     d = os.path.join(MODELS, name)
     cfg = json.load(open(os.path.join(d, "config.json")))
@@ -115,18 +133,23 @@ def build(name, tmp):
     for l in sorted({l for l, _ in train}):
         ex = model.model.layers[l].mlp.experts
         tensors += [ex.gate_up_proj, ex.down_proj]
-    for t in tensors:
+    shared = []
+    if name in SHARED:
+        for mod in shared_modules(model):
+            shared += [mod.gate_proj.weight, mod.up_proj.weight, mod.down_proj.weight]
+    for t in tensors + shared:
         t.requires_grad_(True)
     frozen = [t.detach().clone() for t in tensors]
 
     loss, n = pooled_loss(model, samples)
     loss.backward()
     grads = np.stack([expert_grad(model, l, e) for l, e in train])
+    sgrads = np.stack([shared_grad(mod) for mod in shared_modules(model)]) if shared else None
     first_loss = float(loss.detach())
 
-    for t in tensors:
+    for t in tensors + shared:
         t.grad = None
-    opt = torch.optim.AdamW(tensors, **ADAMW)
+    opt = torch.optim.AdamW(tensors + shared, **ADAMW)
     keep = {}  # per tensor, a mask of the trained experts' slices
     for i, t in enumerate(tensors):
         l = sorted({l for l, _ in train})[i // 2]
@@ -156,6 +179,8 @@ def build(name, tmp):
         "grad": grads,
         "adamw_losses": np.array(losses, dtype=np.float64),
     }
+    if sgrads is not None:
+        out["shared_grad"] = sgrads
     path = os.path.join(d, "train_golden.safetensors")
     np_save_file(out, path, metadata={"format": "np", "torch": torch.__version__})
     return path, out

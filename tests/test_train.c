@@ -93,7 +93,16 @@ static void pick_experts(fixture *f, int per_layer)
     f->cfg_offset[f->L] = n;
 }
 
+static int fixture_open_shared(fixture *f, const char *name, int sample, int per_layer, int shared, char *why,
+                               size_t why_n);
+
 static int fixture_open(fixture *f, const char *name, int sample, int per_layer, char *why, size_t why_n)
+{
+    return fixture_open_shared(f, name, sample, per_layer, 0, why, why_n);
+}
+
+static int fixture_open_shared(fixture *f, const char *name, int sample, int per_layer, int shared, char *why,
+                               size_t why_n)
 {
     char dir[256], path[300];
     int64_t o;
@@ -129,6 +138,7 @@ static int fixture_open(fixture *f, const char *name, int sample, int per_layer,
         f->recording = 0;
     }
     pick_experts(f, per_layer);
+    f->cfg.shared_experts = shared && f->m.cfg.d_shared > 0;
     if (esft_model_trainable_init(&f->tr, &f->m, &f->cfg, NULL, &err) != ESFT_OK) {
         snprintf(why, why_n, "%s: trainable: %s", name, err.message);
         return 0;
@@ -160,7 +170,7 @@ static void gradcheck_family(const char *name, double *worst_rel)
     int64_t n = 0;
     int i;
     esft_error err;
-    if (!fixture_open(&f, name, 0, 2, why, sizeof why)) {
+    if (!fixture_open_shared(&f, name, 0, 2, 1, why, sizeof why)) {
         fixture_close(&f);
         HARNESS_FAIL_("%.400s", why);
     }
@@ -183,6 +193,23 @@ static void gradcheck_family(const char *name, double *worst_rel)
         if (r.failed || r.checked < 10 || r.max_abs_grad == 0.0) {
             snprintf(buf, sizeof buf, "%s layer %d expert %d: %s", name, f.tr.layer[i], f.tr.expert[i],
                      gc_describe(&r, "dW", why, sizeof why));
+            fixture_close(&f);
+            HARNESS_FAIL_("%.400s (checked %lu)", buf, (unsigned long)r.checked);
+        }
+    }
+    for (i = 0; i < f.L; i++) {
+        float *p = esft_model_trainable_shared(&f.tr, f.tr.params, i), *g = esft_model_trainable_shared(&f.tr, f.tr.grads, i);
+        gc_result r;
+        double rel;
+        if (!p) continue;
+        r = gc_check(p, f.tr.shared_floats, g, (f.tr.shared_floats / 25) | 1, loss_fn, &f, &tol);
+        rel = r.worst_err / (r.max_abs_grad + 1e-30);
+        if (rel > *worst_rel) *worst_rel = rel;
+        if (getenv("ESFT_TEST_VERBOSE"))
+            printf("      L%d shared checked %lu skipped %lu worst num %.6g ana %.6g max|g| %.3g\n", i,
+                   (unsigned long)r.checked, (unsigned long)r.skipped, r.worst_num, r.worst_ana, r.max_abs_grad);
+        if (r.failed || r.checked < 10 || r.max_abs_grad == 0.0) {
+            snprintf(buf, sizeof buf, "%s layer %d shared experts: %s", name, i, gc_describe(&r, "dW", why, sizeof why));
             fixture_close(&f);
             HARNESS_FAIL_("%.400s (checked %lu)", buf, (unsigned long)r.checked);
         }
@@ -416,7 +443,8 @@ typedef struct train_golden {
     int64_t layers[16], experts[16], n_scored;
     int n;
     double loss, adamw[8];
-    float *grad;
+    float *grad, *shared_grad; /* shared_grad: (M, 3 FS D) or NULL */
+    int n_shared;
 } train_golden;
 
 static int golden_raw(train_golden *g, const char *name, void *dst, size_t bytes)
@@ -437,6 +465,12 @@ static int train_golden_open(train_golden *g, const char *name, size_t expert_fl
     if (i < 0 || g->st.tensors[i].n_elements > 16) return 0;
     g->n = (int)g->st.tensors[i].n_elements;
     g->grad = (float *)malloc((size_t)g->n * expert_floats * sizeof(float));
+    i = esft_safetensors_find(&g->st, "shared_grad");
+    if (i >= 0) {
+        g->n_shared = (int)g->st.tensors[i].shape[0];
+        g->shared_grad = (float *)malloc((size_t)g->st.tensors[i].n_elements * sizeof(float));
+        if (!g->shared_grad || esft_safetensors_read_f32(&g->st, i, g->shared_grad, NULL) != ESFT_OK) return 0;
+    }
     i = esft_safetensors_find(&g->st, "grad");
     return g->grad && golden_raw(g, "train_layers", g->layers, (size_t)g->n * 8) &&
            golden_raw(g, "train_experts", g->experts, (size_t)g->n * 8) &&
@@ -516,6 +550,7 @@ static void torch_family(const char *name, double *worst_loss, double *worst_gra
     }
     if (!train_golden_open(&g, name, f.tr.expert_floats)) {
         free(g.grad);
+        free(g.shared_grad);
         esft_safetensors_close(&g.st);
         fixture_close(&f);
         HARNESS_FAIL_("%s: train_golden.safetensors missing or malformed", name);
@@ -532,8 +567,10 @@ static void torch_family(const char *name, double *worst_loss, double *worst_gra
         }
     }
     f.cfg_offset[f.L] = i;
+    f.cfg.shared_experts = g.shared_grad != NULL;
     CHECK_STATUS(esft_model_trainable_init(&f.tr, &f.m, &f.cfg, NULL, &err), ESFT_OK);
     CHECK_EQ_INT(f.tr.n_trained, g.n);
+    CHECK_EQ_INT(f.tr.n_shared, g.n_shared);
     before = model_hash(&f.m);
     CHECK_STATUS(batch_pass(&f, g.n_scored, &mean), ESFT_OK);
     *worst_loss = fabs(mean - g.loss) / fabs(g.loss);
@@ -543,6 +580,18 @@ static void torch_family(const char *name, double *worst_loss, double *worst_gra
         double mx = 0.0, err_max = 0.0;
         size_t j;
         for (j = 0; j < f.tr.expert_floats; j++) {
+            if (fabs(b[j]) > mx) mx = fabs(b[j]);
+            if (fabs((double)a[j] - b[j]) > err_max) err_max = fabs((double)a[j] - b[j]);
+        }
+        if (err_max / mx > *worst_grad) *worst_grad = err_max / mx;
+    }
+    for (l = 0, i = 0; l < f.L; l++) {
+        const float *a = esft_model_trainable_shared(&f.tr, f.tr.grads, l), *b;
+        double mx = 0.0, err_max = 0.0;
+        size_t j;
+        if (!a) continue;
+        b = g.shared_grad + (size_t)i++ * f.tr.shared_floats;
+        for (j = 0; j < f.tr.shared_floats; j++) {
             if (fabs(b[j]) > mx) mx = fabs(b[j]);
             if (fabs((double)a[j] - b[j]) > err_max) err_max = fabs((double)a[j] - b[j]);
         }
@@ -568,6 +617,7 @@ static void torch_family(const char *name, double *worst_loss, double *worst_gra
     CHECK_EQ_INT(step, 6);
     CHECK(model_hash(&f.m) == before);
     free(g.grad);
+    free(g.shared_grad);
     esft_safetensors_close(&g.st);
     fixture_close(&f);
 }
@@ -621,7 +671,7 @@ static void roundtrip_family(const char *name)
     int64_t n1 = 0, n2 = 0;
     size_t i;
     int bf16;
-    if (!fixture_open(&f, name, 0, 2, why, sizeof why)) {
+    if (!fixture_open_shared(&f, name, 0, 2, 1, why, sizeof why)) {
         fixture_close(&f);
         HARNESS_FAIL_("%.400s", why);
     }
@@ -654,7 +704,7 @@ static void roundtrip_family(const char *name)
     esft_model_close(&merged);
     CHECK_STATUS(esft_safetensors_open(&st, trained, NULL, &err), ESFT_OK);
     CHECK_STATUS(esft_checkpoint_read_config(&st, &back, &err), ESFT_OK);
-    CHECK_EQ_INT(st.n_tensors, 3 * f.tr.n_trained);
+    CHECK_EQ_INT(st.n_tensors, 3 * (f.tr.n_trained + f.tr.n_shared));
     CHECK_EQ_INT(esft_expert_config_count(&back), f.tr.n_trained);
     esft_expert_config_free(&back);
     esft_safetensors_close(&st);
@@ -776,9 +826,9 @@ TEST(bad_expert_configs)
     f.cfg_ids[0] = 99;  /* past E in layer 1 */
     CHECK_STATUS(esft_model_trainable_init(&tr, &f.m, &f.cfg, NULL, &err), ESFT_ERR_RANGE);
     f.cfg_ids[0] = 0;
-    f.cfg.shared_experts = 1;
+    f.cfg.non_expert_modules = 1;
     CHECK_STATUS(esft_model_trainable_init(&tr, &f.m, &f.cfg, NULL, &err), ESFT_ERR_UNSUPPORTED);
-    f.cfg.shared_experts = 0;
+    f.cfg.non_expert_modules = 0;
     CHECK_STATUS(esft_model_trainable_init(&tr, &f.m, &f.cfg, NULL, &err), ESFT_OK);
     CHECK(esft_model_trainable_expert(&tr, tr.params, 1, f.cfg_ids[0]) == tr.params);
     CHECK(esft_model_trainable_expert(&tr, tr.params, 0, 0) == NULL);
