@@ -9173,7 +9173,8 @@ static esft_status esft__forward_check(const esft_model *m, const int32_t *ids, 
                           m->cfg.route.n_experts, m->cfg.route.top_k);
     if (run && run->trainable &&
         (run->trainable->n_layers != m->cfg.n_layers || run->trainable->n_experts != m->cfg.route.n_experts ||
-         run->trainable->expert_floats != 3 * (size_t)m->cfg.d_expert * m->cfg.d_model))
+         run->trainable->expert_floats != 3 * (size_t)m->cfg.d_expert * m->cfg.d_model ||
+         run->trainable->shared_floats != 3 * (size_t)m->cfg.d_shared * m->cfg.d_model))
         return esft__fail(err, ESFT_ERR_SHAPE, "trainable experts built for another model (L %d, E %d)",
                           run->trainable->n_layers, run->trainable->n_experts);
     return ESFT_OK;

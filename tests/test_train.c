@@ -836,6 +836,18 @@ TEST(bad_expert_configs)
                  ESFT_ERR_INVALID_ARGUMENT);
     ids[0] = f.m.cfg.vocab;
     CHECK_STATUS(esft_model_forward_backward(&f.m, &tr, ids, labels, 1, 1.0f, NULL, NULL, &err), ESFT_ERR_RANGE);
+    /* a block built for one model, used with another */
+    {
+        esft_model other;
+        esft_model_run run;
+        int32_t one[2] = {1, 2};
+        CHECK_STATUS(esft_model_open(&other, MODELS "qwen2_moe", NULL, &err), ESFT_OK);
+        memset(&run, 0, sizeof run);
+        run.trainable = &tr;
+        CHECK_STATUS(esft_model_forward(&other, one, 2, &run, NULL, NULL, &err), ESFT_ERR_SHAPE);
+        CHECK_STATUS(esft_model_forward_backward(&other, &tr, one, one, 2, 1.0f, NULL, NULL, &err), ESFT_ERR_SHAPE);
+        esft_model_close(&other);
+    }
     esft_model_trainable_uninit(&tr);
     fixture_close(&f);
 }
