@@ -9659,11 +9659,12 @@ static void esft__trn_gqa_forward(esft__trn *b, const esft_model_config *c, cons
     esft__matmul(f->a, D, f->ao, H * HD, T, &w->o, f->panels);
 }
 
-/* dq (T, H dq) = , dk (T, HK dq) = , dv (T, HK dv) = the backward of
-   esft__attention from dout (T, H dv), one key/value head per job so each
-   writes only its own dk and dv columns (the same bits for any thread count).
-   Per (head, query block) the probabilities P are recomputed as the forward
-   computes them; dS = P (dP - rowsum(P dP)) with dP = dout V^T. */
+/* The backward of esft__attention from dout (T, H dv): dq (T, H dq), dk (T,
+   HK dq) and dv (T, HK dv) written (not accumulated). One key/value head per
+   job, so each job writes only its own dk and dv columns and sums its group's
+   heads in one order (the same bits for any thread count). Per (head, query
+   block) the probabilities P are recomputed as the forward computes them;
+   dS = P (dP - rowsum(P dP)) with dP = dout V^T. */
 static void esft__attention_backward(float *dq, float *dk, float *dv, const float *q, const float *k, const float *v,
                                      const float *dout, const esft_model_config *c, int T, int H, int HK, int dqd,
                                      int dvd, float *P, float *dP, int nt)

@@ -240,12 +240,11 @@ GRADCHECK_TEST(deepseek_v3_fp8)
    backward's mask is exercised), on a GQA and an MLA model. clip_qkv is
    checked one layer at a time below: through a whole model too many clamped
    values cross the clip under a perturbation to keep the loss smooth. */
-static void long_family(const char *name, int window, float clip)
+static void long_family(const char *name, int window)
 {
     fixture f;
     char why[1024], buf[2048];
     int32_t ids[150], labels[150];
-    double base;
     int t, i;
     if (!fixture_open(&f, name, 0, 1, why, sizeof why)) {
         fixture_close(&f);
@@ -257,25 +256,20 @@ static void long_family(const char *name, int window, float clip)
     }
     f.ids = ids;
     f.labels = labels;
-    base = loss_fn(&f);
     f.m.cfg.sliding_window = window;
-    f.m.cfg.clip_qkv = clip;
     f.T = 150;
     free(f.ref_ids);
     f.ref_ids = (int32_t *)calloc((size_t)f.L * 150 * f.K, sizeof(int32_t));
     f.recording = 1;
-    (void)base;
     {
         double with = loss_fn(&f), without;
         f.recording = 0;
         f.m.cfg.sliding_window = 0;
-        f.m.cfg.clip_qkv = 0.0f;
         without = loss_fn(&f);
         f.m.cfg.sliding_window = window;
-        f.m.cfg.clip_qkv = clip;
-        if ((window || clip > 0.0f) && (!(with != without) || isnan(with))) {
+        if (!(with != without) || isnan(with)) {
             fixture_close(&f);
-            HARNESS_FAIL_("%s: window/clip did not change the loss (%.9g)", name, with);
+            HARNESS_FAIL_("%s: the window did not change the loss (%.9g)", name, with);
         }
     }
     CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, f.ids, f.labels, f.T, 1.0f, NULL, NULL, NULL), ESFT_OK);
@@ -296,11 +290,11 @@ static void long_family(const char *name, int window, float clip)
     fixture_close(&f);
 }
 
-TEST(gradcheck_long_window_clip)
+TEST(gradcheck_long_window)
 {
-    long_family("olmoe", 50, 0.0f);
+    long_family("olmoe", 50);
     if (harness_state) return;
-    long_family("deepseek_v2_qlora_yarn", 40, 0.0f);
+    long_family("deepseek_v2_qlora_yarn", 40);
 }
 
 /* ---- one layer at a time: the gradient w.r.t. the layer's input ------------ */
