@@ -1400,6 +1400,13 @@ ESFTDEF float *esft_model_trainable_shared(const esft_model_trainable *tr, float
    or fused. FP8 experts are ESFT_ERR_UNSUPPORTED (no re-quantisation). */
 ESFTDEF esft_status esft_model_trainable_save(const esft_model_trainable *tr, const esft_model *m,
                                               const esft_expert_config *cfg, const char *path, esft_error *err);
+/* Reads a file of trained experts (as _save writes: per-expert and shared
+   tensors under Hugging Face names, F32/BF16/F16) into tr->params, e.g. to
+   evaluate base + trained file or to go on training. Every tensor in it must
+   be one tr trains, with its shape (ESFT_ERR_RANGE / ESFT_ERR_SHAPE naming it);
+   experts the file lacks keep their values. */
+ESFTDEF esft_status esft_model_trainable_load(esft_model_trainable *tr, const esft_model *m, const char *path,
+                                              esft_error *err);
 
 /* One training pass over one sample: the forward (with tr's experts), the
    cross-entropy of the scored positions (labels as esft_model_run's; loss_sum
@@ -9441,6 +9448,65 @@ ESFTDEF esft_status esft_model_trainable_save(const esft_model_trainable *tr, co
     if (s == ESFT_OK) s = esft_checkpoint_save_trained(path, cfg, t, n, err);
     esft__release(&tr->allocator, t);
     esft__release(&tr->allocator, names);
+    return s;
+}
+
+/* Where tensor name of a trained file goes in tr->params, and its shape. */
+static float *esft__trainable_target(const esft_model_trainable *tr, const esft_model *m, const char *name,
+                                     int64_t shape[2])
+{
+    esft_tensor_name tn;
+    const esft_model_config *c = &m->cfg;
+    float *p = NULL;
+    size_t width;
+    int k;
+    if (!esft_tensor_name_parse(name, &tn)) return NULL;
+    switch (tn.part) {
+    case ESFT_PART_EXPERT_GATE: case ESFT_PART_EXPERT_UP: case ESFT_PART_EXPERT_DOWN:
+        p = esft_model_trainable_expert(tr, tr->params, tn.layer, tn.expert);
+        k = tn.part - ESFT_PART_EXPERT_GATE;
+        width = (size_t)c->d_expert;
+        break;
+    case ESFT_PART_SHARED_GATE: case ESFT_PART_SHARED_UP: case ESFT_PART_SHARED_DOWN:
+        p = esft_model_trainable_shared(tr, tr->params, tn.layer);
+        k = tn.part - ESFT_PART_SHARED_GATE;
+        width = (size_t)c->d_shared;
+        break;
+    default:
+        return NULL;
+    }
+    if (!p) return NULL;
+    shape[0] = k == 2 ? c->d_model : (int64_t)width;
+    shape[1] = k == 2 ? (int64_t)width : c->d_model;
+    return p + (size_t)k * width * c->d_model;
+}
+
+ESFTDEF esft_status esft_model_trainable_load(esft_model_trainable *tr, const esft_model *m, const char *path,
+                                              esft_error *err)
+{
+    esft_safetensors st;
+    esft_status s;
+    int i;
+    if (!tr || !m || !m->layers || !path || !tr->slot)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model or path");
+    if (tr->n_layers != m->cfg.n_layers || tr->n_experts != m->cfg.route.n_experts)
+        return esft__fail(err, ESFT_ERR_SHAPE, "trainable experts built for another model");
+    if ((s = esft_safetensors_open(&st, path, &tr->allocator, err)) != ESFT_OK) return s;
+    /* every tensor checked before any value is written */
+    for (i = 0; s == ESFT_OK && i < st.n_tensors; i++) {
+        const esft_st_tensor *t = &st.tensors[i];
+        int64_t shape[2];
+        if (!esft__trainable_target(tr, m, t->name, shape))
+            s = esft__fail(err, ESFT_ERR_RANGE, "%s: tensor %s is not one of the trained experts", path, t->name);
+        else if (t->n_dims != 2 || t->shape[0] != shape[0] || t->shape[1] != shape[1])
+            s = esft__fail(err, ESFT_ERR_SHAPE, "%s: tensor %s is not (%lld, %lld)", path, t->name,
+                           (long long)shape[0], (long long)shape[1]);
+    }
+    for (i = 0; s == ESFT_OK && i < st.n_tensors; i++) {
+        int64_t shape[2];
+        s = esft_safetensors_read_f32(&st, i, esft__trainable_target(tr, m, st.tensors[i].name, shape), err);
+    }
+    esft_safetensors_close(&st);
     return s;
 }
 

@@ -702,6 +702,23 @@ static void roundtrip_family(const char *name)
     CHECK_EQ_INT(esft_expert_config_count(&back), f.tr.n_trained);
     esft_expert_config_free(&back);
     esft_safetensors_close(&st);
+    /* and back into a fresh block: the same values */
+    {
+        esft_model_trainable tr2;
+        CHECK_STATUS(esft_model_trainable_init(&tr2, &f.m, &f.cfg, NULL, &err), ESFT_OK);
+        CHECK_STATUS(esft_model_trainable_load(&tr2, &f.m, trained, &err), ESFT_OK);
+        i = memcmp(tr2.params, f.tr.params, f.tr.n_params * sizeof(float)) == 0;
+        esft_model_trainable_uninit(&tr2);
+        CHECK_MSG(i, "%s: loaded experts differ from the saved ones", name);
+        /* a file with tensors this block does not train (its shared experts) */
+        if (f.tr.n_shared > 0) {
+            f.cfg.shared_experts = 0;
+            CHECK_STATUS(esft_model_trainable_init(&tr2, &f.m, &f.cfg, NULL, &err), ESFT_OK);
+            i = esft_model_trainable_load(&tr2, &f.m, trained, &err) == ESFT_ERR_RANGE;
+            esft_model_trainable_uninit(&tr2);
+            CHECK_MSG(i, "%s: a file with untrained tensors was accepted", name);
+        }
+    }
     fixture_close(&f);
     CHECK_MSG(want == got && n1 == n2, "%s: merged loss %.17g != trained %.17g", name, got, want);
 }
