@@ -1361,6 +1361,8 @@ typedef struct esft_model {
     esft_matrix lm_head;        /* (V, D), the embedding when tied */
     esft_model_layer *layers;   /* (L) */
     int fused_experts;          /* experts read from 3-D gate_up_proj / down_proj tensors */
+    esft_family expert_names;   /* naming of per-expert tensors: DeepSeek-V2's (mlp.experts.{e}.gate_proj)
+                                   or Mixtral's (block_sparse_moe.experts.{e}.w1) */
     uint64_t weight_bytes;      /* bytes of weights held in memory */
     /* private */
     void **blobs_;
@@ -1391,6 +1393,7 @@ typedef struct esft_model_run {
     const unsigned char *stats_mask; /* (T) tokens counted in stats; NULL = all */
     esft_route_fn on_route;      /* and/or a callback */
     void *user;
+    const struct esft_model_trainable *trainable; /* experts it holds run from its fp32 copies */
 } esft_model_run;
 
 /* One sample through the model. loss_sum (optional) receives the sum of the
@@ -1402,6 +1405,81 @@ typedef struct esft_model_run {
 ESFTDEF esft_status esft_model_forward(const esft_model *m, const int32_t *ids, /* (T) */
                                        int T, const esft_model_run *run,
                                        double *loss_sum, int64_t *n_scored, esft_error *err);
+
+/* ---- training: backward to ESFT's trainable experts -------------------- */
+
+/* ESFT's trainable set: the routed experts an expert config lists (its layer =
+   the model's layer index), as fp32 master copies in ONE parameter block,
+   mirrored by ONE gradient block (and by esft_adamw's m and v: the optimizer is
+   one loop over n_params floats). Frozen weights stay in their file dtype and
+   own no gradient and no optimizer state: training costs 12 bytes per
+   trainable parameter (gradient 4, Adam moments 8) beyond the fp32 copy (4).
+   Block layout: the trained experts in increasing (layer, expert) order, each
+   gate (F, D), up (F, D), down (D, F), the Hugging Face shapes; then, when
+   the config sets shared_experts, the shared experts of every MoE layer in
+   layer order, each gate (FS, D), up (FS, D), down (D, FS) (Qwen2-MoE's
+   shared_expert_gate is a non-expert module, as esft_expert_config_trains
+   says, and stays frozen). */
+typedef struct esft_model_trainable {
+    int n_layers, n_experts;   /* L, E of the model it was built for */
+    int n_trained;             /* experts in the block */
+    size_t expert_floats;      /* 3 F D */
+    size_t n_params;           /* n_trained * expert_floats */
+    float *params;             /* (n_params) fp32 copies, initialised from the model's weights */
+    float *grads;              /* (n_params) mirrored; the backward accumulates, the caller zeroes */
+    int32_t *layer, *expert;   /* (n_trained) the (layer, expert) of each block slot */
+    int32_t *slot;             /* (L, E) slot of expert e of layer l, -1 = frozen */
+    int n_shared;              /* shared blocks in the block (0 unless cfg->shared_experts) */
+    size_t shared_floats;      /* 3 FS D */
+    int32_t *shared_slot;      /* (L) shared block of layer l, -1 = frozen */
+    esft_allocator allocator;
+} esft_model_trainable;
+
+/* Copies the experts cfg lists out of m (any file dtype, per-expert or fused)
+   (and, with cfg->shared_experts, every MoE layer's shared experts) into a
+   zero-gradient block. An id past E, a layer past L or a dense layer is
+   ESFT_ERR_RANGE; cfg->non_expert_modules set is ESFT_ERR_UNSUPPORTED (not
+   implemented yet). Pair: _uninit. */
+ESFTDEF esft_status esft_model_trainable_init(esft_model_trainable *tr, const esft_model *m,
+                                              const esft_expert_config *cfg, const esft_allocator *allocator,
+                                              esft_error *err);
+ESFTDEF void esft_model_trainable_uninit(esft_model_trainable *tr);
+/* Expert e of layer l inside block (tr->params or tr->grads): its gate (F, D),
+   then up (F, D), then down (D, F); NULL when that expert is frozen. */
+ESFTDEF float *esft_model_trainable_expert(const esft_model_trainable *tr, float *block, int layer, int expert);
+/* Layer l's shared experts inside block: gate (FS, D), up (FS, D), down (D,
+   FS); NULL when frozen. */
+ESFTDEF float *esft_model_trainable_shared(const esft_model_trainable *tr, float *block, int layer);
+/* Writes tr's experts to path (safetensors, cfg = the config tr was built
+   from, in __metadata__) under the per-expert Hugging Face names of m's
+   checkpoint, in m's file dtype (fp32 copies rounded to nearest-even for
+   BF16/F16), so esft_checkpoint_merge puts them back into the base, per-expert
+   or fused. FP8 experts are ESFT_ERR_UNSUPPORTED (no re-quantisation). */
+ESFTDEF esft_status esft_model_trainable_save(const esft_model_trainable *tr, const esft_model *m,
+                                              const esft_expert_config *cfg, const char *path, esft_error *err);
+/* Reads a file of trained experts (as _save writes: per-expert and shared
+   tensors under Hugging Face names, F32/BF16/F16) into tr->params, e.g. to
+   evaluate base + trained file or to go on training. Every tensor in it must
+   be one tr trains, with its shape (ESFT_ERR_RANGE / ESFT_ERR_SHAPE naming it);
+   experts the file lacks keep their values. */
+ESFTDEF esft_status esft_model_trainable_load(esft_model_trainable *tr, const esft_model *m, const char *path,
+                                              esft_error *err);
+
+/* One training pass over one sample: the forward (with tr's experts), the
+   cross-entropy of the scored positions (labels as esft_model_run's; loss_sum
+   and n_scored as esft_model_forward's: the SUM of the token losses), and the
+   backward through the frozen model (lm_head, final norm, every layer's MoE or
+   dense MLP, router weights, shared experts, norms, attention, residuals) into
+   tr->grads: accumulates grad_scale * d(loss_sum)/d(params). For the mean loss
+   of a batch pass grad_scale = 1 / (scored tokens of the whole batch).
+   Memory: the residual stream entering each layer is kept ((L + 1) T D
+   floats); everything inside a layer is recomputed in the backward, one layer
+   at a time (docs/training.md). The same bits for any thread count. */
+ESFTDEF esft_status esft_model_forward_backward(const esft_model *m, esft_model_trainable *tr,
+                                                const int32_t *ids,    /* (T) */
+                                                const int32_t *labels, /* (T) */
+                                                int T, float grad_scale, double *loss_sum,
+                                                int64_t *n_scored, esft_error *err);
 
 /* ---- data: JSONL samples ----------------------------------------------- */
 
@@ -9305,8 +9383,10 @@ static esft_status esft__load_ffn(esft__loader *ld, esft_model_layer *w, const c
     /* Mixtral's released checkpoints say block_sparse_moe; the others mlp */
     snprintf(moe, sizeof moe, "%smlp.", p);
     snprintf(name, sizeof name, "%sblock_sparse_moe.gate.weight", p);
-    if (c->family == ESFT_MODEL_MIXTRAL && esft_checkpoint_find(&ld->ck, name, &shard, &idx))
+    if (c->family == ESFT_MODEL_MIXTRAL && esft_checkpoint_find(&ld->ck, name, &shard, &idx)) {
         snprintf(moe, sizeof moe, "%sblock_sparse_moe.", p);
+        ld->m->expert_names = ESFT_FAMILY_MIXTRAL;
+    }
     if ((s = esft__load_at(ld, &w->router, moe, "gate.weight", E, D, 1, 1))) return s;
     if (c->route_bias && (s = esft__load_at(ld, &w->router_bias, moe, "gate.e_score_correction_bias", 1, E, 1, 1)))
         return s;
@@ -9411,6 +9491,7 @@ typedef struct esft__fwd {
     int32_t *ids, *offsets, *perm, *pos; /* (T K) (E + 1) (T K) (T K) */
     float *weights;          /* (T K) */
     int nt;
+    const esft_model_trainable *tr; /* experts run from their fp32 copies; NULL = none */
 } esft__fwd;
 
 static size_t esft__max3(size_t a, size_t b, size_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
@@ -9691,26 +9772,89 @@ static esft_status esft__moe_route(esft__fwd *f, const esft_model_config *c, con
     return ESFT_OK;
 }
 
-/* a (T, D) = MoE of h: routed experts over their tokens (grouped by a counting
-   sort), plus the shared expert(s), combined per token in slot order. */
-static void esft__moe_ffn(esft__fwd *f, const esft_model_config *c, const esft_model_layer *w, int T)
+/* Expert e of layer l: the fp32 copy when f->tr trains it, else the model's. */
+static void esft__expert_mats(const esft__fwd *f, const esft_model_layer *w, int l, int e, esft_matrix *gate,
+                              esft_matrix *up, esft_matrix *down)
 {
-    int E = c->route.n_experts, K = c->route.top_k, D = c->d_model, F = c->d_expert, FS = c->d_shared;
-    int TK = T * K, e, r, t;
+    const esft_model_trainable *tr = f->tr;
+    int slot = tr ? tr->slot[(size_t)l * tr->n_experts + e] : -1;
+    *gate = w->expert_gate[e];
+    *up = w->expert_up[e];
+    *down = w->expert_down[e];
+    if (slot >= 0) {
+        const float *p = tr->params + (size_t)slot * tr->expert_floats;
+        size_t fd = (size_t)gate->rows * gate->cols;
+        memset(gate, 0, sizeof *gate);
+        gate->dtype = ESFT_DTYPE_F32;
+        gate->rows = w->expert_gate[e].rows;
+        gate->cols = w->expert_gate[e].cols;
+        *up = *gate;
+        gate->data = p;
+        up->data = p + fd;
+        *down = *gate;
+        down->rows = gate->cols;
+        down->cols = gate->rows;
+        down->data = p + 2 * fd;
+    }
+}
+
+/* Layer l's shared experts: the fp32 copy when f->tr trains them, else the model's. */
+static void esft__shared_mats(const esft__fwd *f, const esft_model_layer *w, int l, esft_matrix *gate,
+                              esft_matrix *up, esft_matrix *down)
+{
+    const float *p = f->tr ? esft_model_trainable_shared(f->tr, f->tr->params, l) : NULL;
+    *gate = w->shared_gate;
+    *up = w->shared_up;
+    *down = w->shared_down;
+    if (p) {
+        size_t sd = (size_t)gate->rows * gate->cols;
+        memset(gate, 0, sizeof *gate);
+        gate->dtype = ESFT_DTYPE_F32;
+        gate->rows = w->shared_gate.rows;
+        gate->cols = w->shared_gate.cols;
+        *up = *gate;
+        gate->data = p;
+        up->data = p + sd;
+        *down = *gate;
+        down->rows = gate->cols;
+        down->cols = gate->rows;
+        down->data = p + 2 * sd;
+    }
+}
+
+/* Groups the T K routing slots by expert (a counting sort): offsets (E + 1),
+   perm (slot of each grouped row), pos (grouped row of each slot); gathers the
+   rows of h into xg. */
+static void esft__moe_group(esft__fwd *f, const esft_model_config *c, int T)
+{
+    int E = c->route.n_experts, K = c->route.top_k, D = c->d_model, TK = T * K, r;
     esft__sort_slots(f->perm, f->pos, f->offsets, f->ids, TK, E);
     ESFT__MOE_FOR_STATIC(f->nt)
     for (r = 0; r < TK; r++)
         memcpy(f->xg + (size_t)r * D, f->h + (size_t)(f->perm[r] / K) * D, (size_t)D * sizeof(float));
+}
+
+/* a (T, D) = MoE of h: routed experts over their tokens (grouped by a counting
+   sort), plus the shared expert(s), combined per token in slot order. */
+static void esft__moe_ffn(esft__fwd *f, const esft_model_config *c, const esft_model_layer *w, int l, int T)
+{
+    int E = c->route.n_experts, K = c->route.top_k, D = c->d_model, F = c->d_expert, FS = c->d_shared;
+    int e, t;
+    esft__moe_group(f, c, T);
     ESFT__MOE_FOR_DYNAMIC(f->nt)
     for (e = 0; e < E; e++) {
         int r0 = f->offsets[e], n = f->offsets[e + 1] - r0;
         float *panel = f->panels + (size_t)esft__thread_id() * ESFT__PANEL_FLOATS;
+        esft_matrix mg, mu, md;
         if (n == 0) continue;
-        esft__swiglu_mlp(f->o + (size_t)r0 * D, f->xg + (size_t)r0 * D, n, D, &w->expert_gate[e], &w->expert_up[e],
-                         &w->expert_down[e], f->g + (size_t)r0 * F, f->u + (size_t)r0 * F, panel);
+        esft__expert_mats(f, w, l, e, &mg, &mu, &md);
+        esft__swiglu_mlp(f->o + (size_t)r0 * D, f->xg + (size_t)r0 * D, n, D, &mg, &mu, &md, f->g + (size_t)r0 * F,
+                         f->u + (size_t)r0 * F, panel);
     }
     if (FS > 0) {
-        esft__swiglu_mlp(f->a, f->h, T, D, &w->shared_gate, &w->shared_up, &w->shared_down, f->g, f->u, f->panels);
+        esft_matrix sg, su, sd;
+        esft__shared_mats(f, w, l, &sg, &su, &sd);
+        esft__swiglu_mlp(f->a, f->h, T, D, &sg, &su, &sd, f->g, f->u, f->panels);
         if (w->shared_router.data) {
             esft__sgemm(0, 1, T, 1, D, 1.0f, f->h, D, esft__vec(&w->shared_router), D, 0.0f, f->sg, 1);
             for (t = 0; t < T; t++) {
@@ -9776,6 +9920,12 @@ static esft_status esft__forward_check(const esft_model *m, const int32_t *ids, 
         return esft__fail(err, ESFT_ERR_SHAPE, "stats of %d layers, E %d, K %d for a model of %d layers, E %d, K %d",
                           run->stats->n_layers, run->stats->n_experts, run->stats->top_k, m->cfg.n_layers,
                           m->cfg.route.n_experts, m->cfg.route.top_k);
+    if (run && run->trainable &&
+        (run->trainable->n_layers != m->cfg.n_layers || run->trainable->n_experts != m->cfg.route.n_experts ||
+         run->trainable->expert_floats != 3 * (size_t)m->cfg.d_expert * m->cfg.d_model ||
+         run->trainable->shared_floats != 3 * (size_t)m->cfg.d_shared * m->cfg.d_model))
+        return esft__fail(err, ESFT_ERR_SHAPE, "trainable experts built for another model (L %d, E %d)",
+                          run->trainable->n_layers, run->trainable->n_experts);
     return ESFT_OK;
 }
 
@@ -9799,7 +9949,7 @@ static esft_status esft__forward_layers(const esft_model *m, esft__fwd *f, int T
                 (s = esft_stats_add(run->stats, l, f->ids, f->weights, run->stats_mask, T, err)) != ESFT_OK)
                 return s;
             if (run && run->on_route) run->on_route(run->user, l, f->ids, f->weights, T, c->route.top_k);
-            esft__moe_ffn(f, c, w, T);
+            esft__moe_ffn(f, c, w, l, T);
         } else {
             esft__swiglu_mlp(f->a, f->h, T, D, &w->mlp_gate, &w->mlp_up, &w->mlp_down, f->g, f->u, f->panels);
         }
@@ -9829,6 +9979,7 @@ ESFTDEF esft_status esft_model_forward(const esft_model *m, const int32_t *ids, 
     if (!base) return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "forward scratch of %lu bytes for %d tokens",
                                  (unsigned long)bytes, T);
     esft__fwd_layout(&f, c, T, nt, ESFT__CAST(unsigned char *, (void *)(((uintptr_t)base + 63) & ~(uintptr_t)63)));
+    f.tr = run ? run->trainable : NULL;
     for (t = 0; t < T; t++) esft__matrix_rows_f32(f.x + (size_t)t * D, &m->embed, ids[t], 1);
     esft__rope_tables(f.cos_, f.sin_, &c->rope, c->mla ? c->qk_rope_dim : c->head_dim, T);
     s = esft__forward_layers(m, &f, T, run, err);
@@ -9845,6 +9996,927 @@ ESFTDEF esft_status esft_model_forward(const esft_model *m, const int32_t *ids, 
     if (n_scored) *n_scored = count;
     return ESFT_OK;
 }
+
+/* ---- training: the backward to ESFT's trainable experts --------------------- */
+
+ESFTDEF void esft_model_trainable_uninit(esft_model_trainable *tr)
+{
+    if (!tr) return;
+    esft__release(&tr->allocator, tr->params);
+    esft__release(&tr->allocator, tr->grads);
+    esft__release(&tr->allocator, tr->layer);
+    esft__release(&tr->allocator, tr->slot);
+    esft__release(&tr->allocator, tr->shared_slot);
+    memset(tr, 0, sizeof *tr);
+}
+
+/* Checks cfg against m and counts the experts it trains. */
+static esft_status esft__trainable_count(const esft_model *m, const esft_expert_config *cfg, int *count,
+                                         esft_error *err)
+{
+    const esft_model_config *c = &m->cfg;
+    int l, i;
+    *count = 0;
+    if (cfg->non_expert_modules)
+        return esft__fail(err, ESFT_ERR_UNSUPPORTED,
+                          "expert config trains non_expert_modules: only experts train so far");
+    for (l = 0; l < cfg->n_layers; l++) {
+        if (cfg->layer_present && !cfg->layer_present[l]) continue;
+        for (i = cfg->offset[l]; i < cfg->offset[l + 1]; i++) {
+            int e = cfg->ids[i];
+            if (l >= c->n_layers || !c->is_moe[l])
+                return esft__fail(err, ESFT_ERR_RANGE, "expert config: layer %d is %s", l,
+                                  l >= c->n_layers ? "past the model's layers" : "a dense layer, not MoE");
+            if (e < 0 || e >= c->route.n_experts)
+                return esft__fail(err, ESFT_ERR_RANGE, "expert config: layer %d names expert %d of %d", l, e,
+                                  c->route.n_experts);
+        }
+    }
+    for (l = 0; l < cfg->n_layers && l < c->n_layers; l++)
+        for (i = 0; i < c->route.n_experts; i++) *count += esft_expert_config_has(cfg, l, i) != 0;
+    return ESFT_OK;
+}
+
+ESFTDEF esft_status esft_model_trainable_init(esft_model_trainable *tr, const esft_model *m,
+                                              const esft_expert_config *cfg, const esft_allocator *allocator,
+                                              esft_error *err)
+{
+    const esft_model_config *c;
+    int L, E, F, D, n, l, e, k = 0;
+    size_t le;
+    esft_status s;
+    if (!tr || !m || !m->layers || !cfg)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model or expert config");
+    memset(tr, 0, sizeof *tr);
+    tr->allocator = esft__allocator_or_default(allocator);
+    c = &m->cfg;
+    L = c->n_layers;
+    E = c->route.n_experts;
+    F = c->d_expert;
+    D = c->d_model;
+    if ((s = esft__trainable_count(m, cfg, &n, err)) != ESFT_OK) return s;
+    le = (size_t)L * (E > 0 ? E : 1);
+    tr->n_layers = L;
+    tr->n_experts = E;
+    tr->n_trained = n;
+    tr->expert_floats = 3 * (size_t)F * D;
+    tr->shared_floats = 3 * (size_t)c->d_shared * D;
+    tr->shared_slot = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, (size_t)L, sizeof(int32_t)));
+    for (l = 0; tr->shared_slot && l < L; l++)
+        tr->shared_slot[l] = cfg->shared_experts && c->is_moe[l] && c->d_shared > 0 ? tr->n_shared++ : -1;
+    tr->n_params = (size_t)n * tr->expert_floats + (size_t)tr->n_shared * tr->shared_floats;
+    tr->params = ESFT__CAST(float *, esft__calloc(&tr->allocator, tr->n_params ? tr->n_params : 1, sizeof(float)));
+    tr->grads = ESFT__CAST(float *, esft__calloc(&tr->allocator, tr->n_params ? tr->n_params : 1, sizeof(float)));
+    tr->layer = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, 2 * (size_t)(n ? n : 1), sizeof(int32_t)));
+    tr->slot = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, le, sizeof(int32_t)));
+    if (!tr->params || !tr->grads || !tr->layer || !tr->slot || !tr->shared_slot) {
+        esft_allocator a = tr->allocator;
+        esft_model_trainable_uninit(tr);
+        tr->allocator = a;
+        return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "%d trainable experts (%lu floats)", n,
+                          (unsigned long)(2 * (size_t)n * 3 * F * D));
+    }
+    tr->expert = tr->layer + (n ? n : 1);
+    for (l = 0; l < L; l++)
+        for (e = 0; e < E; e++) {
+            float *p;
+            size_t fd = (size_t)F * D;
+            tr->slot[(size_t)l * E + e] = -1;
+            if (!(l < cfg->n_layers && esft_expert_config_has(cfg, l, e))) continue;
+            tr->slot[(size_t)l * E + e] = k;
+            tr->layer[k] = l;
+            tr->expert[k] = e;
+            p = tr->params + (size_t)k * tr->expert_floats;
+            esft__matrix_rows_f32(p, &m->layers[l].expert_gate[e], 0, F);
+            esft__matrix_rows_f32(p + fd, &m->layers[l].expert_up[e], 0, F);
+            esft__matrix_rows_f32(p + 2 * fd, &m->layers[l].expert_down[e], 0, D);
+            k++;
+        }
+    for (l = 0; l < L; l++) {
+        float *p = esft_model_trainable_shared(tr, tr->params, l);
+        size_t sd = (size_t)c->d_shared * D;
+        if (!p) continue;
+        esft__matrix_rows_f32(p, &m->layers[l].shared_gate, 0, c->d_shared);
+        esft__matrix_rows_f32(p + sd, &m->layers[l].shared_up, 0, c->d_shared);
+        esft__matrix_rows_f32(p + 2 * sd, &m->layers[l].shared_down, 0, D);
+    }
+    return ESFT_OK;
+}
+
+ESFTDEF float *esft_model_trainable_shared(const esft_model_trainable *tr, float *block, int layer)
+{
+    if (!tr || !block || !tr->shared_slot || layer < 0 || layer >= tr->n_layers || tr->shared_slot[layer] < 0)
+        return NULL;
+    return block + (size_t)tr->n_trained * tr->expert_floats + (size_t)tr->shared_slot[layer] * tr->shared_floats;
+}
+
+ESFTDEF float *esft_model_trainable_expert(const esft_model_trainable *tr, float *block, int layer, int expert)
+{
+    int slot;
+    if (!tr || !block || !tr->slot || layer < 0 || layer >= tr->n_layers || expert < 0 || expert >= tr->n_experts)
+        return NULL;
+    slot = tr->slot[(size_t)layer * tr->n_experts + expert];
+    return slot < 0 ? NULL : block + (size_t)slot * tr->expert_floats;
+}
+
+ESFTDEF esft_status esft_model_trainable_save(const esft_model_trainable *tr, const esft_model *m,
+                                              const esft_expert_config *cfg, const char *path, esft_error *err)
+{
+    static const esft_part parts[3] = {ESFT_PART_EXPERT_GATE, ESFT_PART_EXPERT_UP, ESFT_PART_EXPERT_DOWN};
+    static const esft_part shared_parts[3] = {ESFT_PART_SHARED_GATE, ESFT_PART_SHARED_UP, ESFT_PART_SHARED_DOWN};
+    esft_st_write_tensor *t;
+    char *names;
+    size_t fd;
+    int i, j, n;
+    esft_status s = ESFT_OK;
+    if (!tr || !m || !m->layers || !cfg || !path || !tr->slot)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model, config or path");
+    if (tr->n_layers != m->cfg.n_layers || tr->n_experts != m->cfg.route.n_experts)
+        return esft__fail(err, ESFT_ERR_SHAPE, "trainable experts built for another model");
+    n = 3 * (tr->n_trained + tr->n_shared);
+    fd = (size_t)m->cfg.d_expert * m->cfg.d_model;
+    t = ESFT__CAST(esft_st_write_tensor *, esft__calloc(&tr->allocator, (size_t)(n ? n : 1), sizeof *t));
+    names = ESFT__CAST(char *, esft__calloc(&tr->allocator, (size_t)(n ? n : 1), 160));
+    if (!t || !names) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "names of %d tensors", n);
+    for (i = 0; s == ESFT_OK && i < tr->n_trained; i++) {
+        int l = tr->layer[i], e = tr->expert[i];
+        const esft_model_layer *w = &m->layers[l];
+        const esft_matrix *mats[3];
+        mats[0] = &w->expert_gate[e];
+        mats[1] = &w->expert_up[e];
+        mats[2] = &w->expert_down[e];
+        if (!esft_expert_config_has(cfg, l, e))
+            s = esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "layer %d expert %d trains but cfg does not list it", l, e);
+        for (j = 0; s == ESFT_OK && j < 3; j++) {
+            esft_st_write_tensor *x = &t[3 * i + j];
+            if (mats[j]->dtype == ESFT_DTYPE_F8_E4M3) {
+                s = esft__fail(err, ESFT_ERR_UNSUPPORTED, "layer %d expert %d is FP8: saving would re-quantise", l, e);
+                break;
+            }
+            s = esft_tensor_name_format(names + (size_t)(3 * i + j) * 160, 160, m->expert_names, parts[j], l, e);
+            x->name = names + (size_t)(3 * i + j) * 160;
+            x->dtype = mats[j]->dtype;
+            x->n_dims = 2;
+            x->shape[0] = mats[j]->rows;
+            x->shape[1] = mats[j]->cols;
+            x->f32 = tr->params + (size_t)i * tr->expert_floats + (size_t)j * fd;
+        }
+    }
+    for (i = 0, j = 3 * tr->n_trained; s == ESFT_OK && i < tr->n_layers; i++) {
+        const esft_model_layer *w = &m->layers[i];
+        const esft_matrix *mats[3];
+        const float *p = esft_model_trainable_shared(tr, tr->params, i);
+        esft_family fam = m->cfg.family == ESFT_MODEL_QWEN2_MOE ? ESFT_FAMILY_QWEN_MOE : ESFT_FAMILY_DEEPSEEK_V2;
+        int k;
+        if (!p) continue;
+        mats[0] = &w->shared_gate;
+        mats[1] = &w->shared_up;
+        mats[2] = &w->shared_down;
+        for (k = 0; s == ESFT_OK && k < 3; k++, j++) {
+            esft_st_write_tensor *x = &t[j];
+            if (mats[k]->dtype == ESFT_DTYPE_F8_E4M3) {
+                s = esft__fail(err, ESFT_ERR_UNSUPPORTED, "layer %d shared experts are FP8: saving would re-quantise", i);
+                break;
+            }
+            s = esft_tensor_name_format(names + (size_t)j * 160, 160, fam, shared_parts[k], i, -1);
+            x->name = names + (size_t)j * 160;
+            x->dtype = mats[k]->dtype;
+            x->n_dims = 2;
+            x->shape[0] = mats[k]->rows;
+            x->shape[1] = mats[k]->cols;
+            x->f32 = p + (size_t)k * m->cfg.d_shared * m->cfg.d_model;
+        }
+    }
+    if (s == ESFT_OK) s = esft_checkpoint_save_trained(path, cfg, t, n, err);
+    esft__release(&tr->allocator, t);
+    esft__release(&tr->allocator, names);
+    return s;
+}
+
+/* Where tensor name of a trained file goes in tr->params, and its shape. */
+static float *esft__trainable_target(const esft_model_trainable *tr, const esft_model *m, const char *name,
+                                     int64_t shape[2])
+{
+    esft_tensor_name tn;
+    const esft_model_config *c = &m->cfg;
+    float *p = NULL;
+    size_t width;
+    int k;
+    if (!esft_tensor_name_parse(name, &tn)) return NULL;
+    switch (tn.part) {
+    case ESFT_PART_EXPERT_GATE: case ESFT_PART_EXPERT_UP: case ESFT_PART_EXPERT_DOWN:
+        p = esft_model_trainable_expert(tr, tr->params, tn.layer, tn.expert);
+        k = tn.part - ESFT_PART_EXPERT_GATE;
+        width = (size_t)c->d_expert;
+        break;
+    case ESFT_PART_SHARED_GATE: case ESFT_PART_SHARED_UP: case ESFT_PART_SHARED_DOWN:
+        p = esft_model_trainable_shared(tr, tr->params, tn.layer);
+        k = tn.part - ESFT_PART_SHARED_GATE;
+        width = (size_t)c->d_shared;
+        break;
+    default:
+        return NULL;
+    }
+    if (!p) return NULL;
+    shape[0] = k == 2 ? c->d_model : (int64_t)width;
+    shape[1] = k == 2 ? (int64_t)width : c->d_model;
+    return p + (size_t)k * width * c->d_model;
+}
+
+ESFTDEF esft_status esft_model_trainable_load(esft_model_trainable *tr, const esft_model *m, const char *path,
+                                              esft_error *err)
+{
+    esft_safetensors st;
+    esft_status s;
+    int i;
+    if (!tr || !m || !m->layers || !path || !tr->slot)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model or path");
+    if (tr->n_layers != m->cfg.n_layers || tr->n_experts != m->cfg.route.n_experts)
+        return esft__fail(err, ESFT_ERR_SHAPE, "trainable experts built for another model");
+    if ((s = esft_safetensors_open(&st, path, &tr->allocator, err)) != ESFT_OK) return s;
+    /* every tensor checked before any value is written */
+    for (i = 0; s == ESFT_OK && i < st.n_tensors; i++) {
+        const esft_st_tensor *t = &st.tensors[i];
+        int64_t shape[2];
+        if (!esft__trainable_target(tr, m, t->name, shape))
+            s = esft__fail(err, ESFT_ERR_RANGE, "%s: tensor %s is not one of the trained experts", path, t->name);
+        else if (t->n_dims != 2 || t->shape[0] != shape[0] || t->shape[1] != shape[1])
+            s = esft__fail(err, ESFT_ERR_SHAPE, "%s: tensor %s is not (%lld, %lld)", path, t->name,
+                           (long long)shape[0], (long long)shape[1]);
+    }
+    for (i = 0; s == ESFT_OK && i < st.n_tensors; i++) {
+        int64_t shape[2];
+        s = esft_safetensors_read_f32(&st, i, esft__trainable_target(tr, m, st.tensors[i].name, shape), err);
+    }
+    esft_safetensors_close(&st);
+    return s;
+}
+
+/* y (T, W.cols) += x (T, W.rows) W, the product the backward of y = x W^T
+   needs; W in any of its dtypes, converted a panel of rows at a time. */
+static void esft__matmul_acc(float *y, int ldy, const float *x, int ldx, int T, const esft_matrix *W, float *panel)
+{
+    int r0, step;
+    if (W->dtype == ESFT_DTYPE_F32) {
+        esft__sgemm(0, 0, T, W->cols, W->rows, 1.0f, x, ldx, ESFT__CAST(const float *, W->data), W->cols, 1.0f, y,
+                    ldy);
+        return;
+    }
+    step = esft__panel_rows(W);
+    for (r0 = 0; r0 < W->rows; r0 += step) {
+        int n = W->rows - r0 < step ? W->rows - r0 : step;
+        esft__matrix_rows_f32(panel, W, r0, n);
+        esft__sgemm(0, 0, T, W->cols, n, 1.0f, x + r0, ldx, panel, W->cols, 1.0f, y, ldy);
+    }
+}
+
+/* dx += backward of y = RMSNorm(x) * w over rows of n, from dy:
+   dx_i += inv w_i dy_i - x_i inv^3 (sum_j w_j dy_j x_j) / n, inv as the forward's. */
+static void esft__rmsnorm_backward_rows(float *dx, int lddx, const float *dy, int lddy, const float *x, int ldx,
+                                        const float *w, int rows, int n, float eps, int nt)
+{
+    int r;
+    (void)nt;
+    ESFT__MOE_FOR_STATIC(nt)
+    for (r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * ldx, *dyr = dy + (size_t)r * lddy;
+        float *dxr = dx + (size_t)r * lddx, inv, coef;
+        double ss = 0.0, dot = 0.0;
+        int i;
+        for (i = 0; i < n; i++) {
+            ss += (double)xr[i] * xr[i];
+            dot += (double)w[i] * dyr[i] * xr[i];
+        }
+        inv = 1.0f / sqrtf((float)(ss / n) + eps);
+        coef = (float)(dot / n) * inv * inv * inv;
+        for (i = 0; i < n; i++) dxr[i] += inv * (w[i] * dyr[i]) - xr[i] * coef;
+    }
+}
+
+/* The transpose of esft__rope_apply (a rotation by -angle), in place on the gradient. */
+static void esft__rope_backward(float *dx, int ld, int n_heads, int hs, int T, int R, int interleaved, const float *cs,
+                                const float *sn, int nt)
+{
+    int t, half = R / 2;
+    (void)nt;
+    ESFT__MOE_FOR_STATIC(nt)
+    for (t = 0; t < T; t++) {
+        const float *c = cs + (size_t)t * half, *s = sn + (size_t)t * half;
+        int hh, i;
+        for (hh = 0; hh < n_heads; hh++) {
+            float *p = dx + (size_t)t * ld + (size_t)hh * hs;
+            for (i = 0; i < half; i++) {
+                int i1 = interleaved ? 2 * i : i, i2 = interleaved ? 2 * i + 1 : i + half;
+                float d1 = p[i1], d2 = p[i2];
+                p[i1] = d1 * c[i] + d2 * s[i];
+                p[i2] = d2 * c[i] - d1 * s[i];
+            }
+        }
+    }
+}
+
+/* Scratch of one training pass: the forward's (f), plus what a layer's
+   backward needs from its recomputed forward, plus the gradients. */
+typedef struct esft__trn {
+    esft__fwd f;             /* f.h holds the FFN's normed input, f.q/k/v the attention's final q, k, v */
+    float *X;                /* (L + 1, T, D) residual stream entering each layer, and after the last */
+    float *h1, *xm;          /* (T, D) attention's normed input; residual between attention and FFN */
+    float *qb, *kb, *vb;     /* GQA: projections + bias (T, H HD) (T, HK HD) (T, HK HD); MLA: qb = latents (T, QR+KR+DR) before norms */
+    float *qn, *kn;          /* GQA: after the q/k norms, before the clamp */
+    float *dq, *dk, *dv, *dao; /* gradients of f.q, f.k, f.v, f.ao */
+    float *dqb, *dkb;        /* GQA: gradients of qb, kb; MLA: dqb = latents' (T, QR+KR+DR) */
+    float *P, *dP;           /* (nt, ATTN_BLOCK, T) a block's probabilities and their gradient */
+    float *dh, *dx;          /* (T, D) gradient of a normed input; of the residual stream */
+    float *eg, *eu, *eact, *edg, *edu; /* (T K, F) experts: gate, up, silu(gate) up, and their gradients */
+    float *dO, *dxg;         /* (T K, D) gradients of expert outputs and inputs */
+    float *probs, *dl, *dw;  /* (T, E) router probabilities, d logits; (T K) d weights */
+    float *sg, *su, *sact, *sdg, *sdu; /* (T, max(FF, FS)) dense MLP / shared expert */
+    float *ys, *sz;          /* (T, D) shared expert output before its gate; (T) gate logit */
+    float *dlogits;          /* (HEAD_BLOCK, V) */
+} esft__trn;
+
+static size_t esft__trn_layout(esft__trn *b, const esft_model_config *c, int T, int nt, unsigned char *base)
+{
+    size_t at, t = (size_t)T, D = (size_t)c->d_model, H = (size_t)c->n_heads, K = (size_t)c->route.top_k;
+    size_t E = (size_t)c->route.n_experts, F = (size_t)c->d_expert, qw, kw, vw, aw, lat, sf;
+    if (c->mla) {
+        qw = H * (size_t)(c->qk_nope_dim + c->qk_rope_dim);
+        kw = qw;
+        vw = H * (size_t)c->v_head_dim;
+    } else {
+        qw = H * (size_t)c->head_dim;
+        kw = vw = (size_t)c->n_kv_heads * c->head_dim;
+    }
+    aw = c->mla ? H * (size_t)c->v_head_dim : qw;
+    lat = c->mla ? (size_t)(c->q_lora_rank + c->kv_lora_rank + c->qk_rope_dim) : 0;
+    sf = (size_t)c->d_ff > (size_t)c->d_shared ? (size_t)c->d_ff : (size_t)c->d_shared;
+    at = esft__fwd_layout(&b->f, c, T, nt, base);
+#define ESFT__CARVE(field, count)                                                            \
+    do {                                                                                     \
+        at = (at + 63) & ~(size_t)63;                                                        \
+        if (base) b->field = ESFT__CAST(float *, (void *)(base + at));                       \
+        at += (size_t)(count) * sizeof(float);                                               \
+    } while (0)
+    ESFT__CARVE(X, ((size_t)c->n_layers + 1) * t * D);
+    ESFT__CARVE(h1, t * D);
+    ESFT__CARVE(xm, t * D);
+    ESFT__CARVE(qb, c->mla ? t * lat : t * qw);
+    ESFT__CARVE(kb, t * kw);
+    ESFT__CARVE(vb, t * vw);
+    ESFT__CARVE(qn, t * (qw > lat ? qw : lat)); /* MLA: the latents' gradient before their norms */
+    ESFT__CARVE(kn, t * kw);
+    ESFT__CARVE(dq, t * qw);
+    ESFT__CARVE(dk, t * kw);
+    ESFT__CARVE(dv, t * vw);
+    ESFT__CARVE(dao, t * aw);
+    ESFT__CARVE(dqb, c->mla ? t * lat : t * qw);
+    ESFT__CARVE(dkb, c->mla ? t * H * (size_t)(c->qk_nope_dim + c->v_head_dim) : t * kw);
+    ESFT__CARVE(P, (size_t)nt * ESFT__ATTN_BLOCK * t);
+    ESFT__CARVE(dP, (size_t)nt * ESFT__ATTN_BLOCK * t);
+    ESFT__CARVE(dh, t * D);
+    ESFT__CARVE(dx, t * D);
+    ESFT__CARVE(eg, t * K * F);
+    ESFT__CARVE(eu, t * K * F);
+    ESFT__CARVE(eact, t * K * F);
+    ESFT__CARVE(edg, t * K * F);
+    ESFT__CARVE(edu, t * K * F);
+    ESFT__CARVE(dO, E ? t * K * D : 0);
+    ESFT__CARVE(dxg, E ? t * K * D : 0);
+    ESFT__CARVE(probs, t * E);
+    ESFT__CARVE(dl, t * E);
+    ESFT__CARVE(dw, t * K);
+    ESFT__CARVE(sg, t * sf);
+    ESFT__CARVE(su, t * sf);
+    ESFT__CARVE(sact, t * sf);
+    ESFT__CARVE(sdg, t * sf);
+    ESFT__CARVE(sdu, t * sf);
+    ESFT__CARVE(ys, t * D);
+    ESFT__CARVE(sz, t);
+    ESFT__CARVE(dlogits, (size_t)ESFT__HEAD_BLOCK * c->vocab);
+#undef ESFT__CARVE
+    return at + 64;
+}
+
+/* out (n, D) = SwiGLU of in (n, D), keeping g and u (n, F) before the
+   activation and act = silu(g) u for the backward. */
+static void esft__swiglu_mlp_keep(float *out, const float *in, int n, int D, const esft_matrix *gate,
+                                  const esft_matrix *up, const esft_matrix *down, float *g, float *u, float *act,
+                                  float *panel)
+{
+    int F = gate->rows;
+    esft__matmul(g, F, in, D, n, gate, panel);
+    esft__matmul(u, F, in, D, n, up, panel);
+    esft__swiglu_forward(act, g, u, (size_t)n * F);
+    esft__matmul(out, D, act, F, n, down, panel);
+}
+
+/* dx (n, D) += backward of esft__swiglu_mlp_keep from dy (n, D). dg and du (n,
+   F) are scratch. With dgate/dup/ddown (trained weights) their gradients
+   accumulate too: dW_down += dy^T act, dW_gate += dg^T in, dW_up += du^T in. */
+static void esft__swiglu_mlp_backward(float *dx, const float *dy, const float *in, int n, int D,
+                                      const esft_matrix *gate, const esft_matrix *up, const esft_matrix *down,
+                                      const float *g, const float *u, const float *act, float *dg, float *du,
+                                      float *dgate, float *dup, float *ddown, float *panel)
+{
+    int F = gate->rows;
+    memset(dg, 0, (size_t)n * F * sizeof(float));
+    esft__matmul_acc(dg, F, dy, D, n, down, panel);
+    if (ddown) esft__sgemm(1, 0, D, F, n, 1.0f, dy, D, act, F, 1.0f, ddown, F);
+    esft__swiglu_backward(du, dg, g, u, (size_t)n * F);
+    if (dgate) {
+        esft__sgemm(1, 0, F, D, n, 1.0f, dg, F, in, D, 1.0f, dgate, D);
+        esft__sgemm(1, 0, F, D, n, 1.0f, du, F, in, D, 1.0f, dup, D);
+    }
+    esft__matmul_acc(dx, D, dg, F, n, gate, panel);
+    esft__matmul_acc(dx, D, du, F, n, up, panel);
+}
+
+/* a (T, D) = self-attention of h1, GQA families, keeping what the backward reads. */
+static void esft__trn_gqa_forward(esft__trn *b, const esft_model_config *c, const esft_model_layer *w, int T)
+{
+    esft__fwd *f = &b->f;
+    int H = c->n_heads, HK = c->n_kv_heads, HD = c->head_dim, D = c->d_model, nt = f->nt;
+    size_t nq = (size_t)T * H * HD, nk = (size_t)T * HK * HD;
+    esft__matmul(b->qb, H * HD, b->h1, D, T, &w->q, f->panels);
+    esft__matmul(b->kb, HK * HD, b->h1, D, T, &w->k, f->panels);
+    esft__matmul(b->vb, HK * HD, b->h1, D, T, &w->v, f->panels);
+    esft__add_bias_rows(b->qb, &w->q_bias, T, H * HD);
+    esft__add_bias_rows(b->kb, &w->k_bias, T, HK * HD);
+    esft__add_bias_rows(b->vb, &w->v_bias, T, HK * HD);
+    if (c->qk_norm == ESFT_QK_NORM_WHOLE) {
+        esft__rmsnorm_rows(b->qn, H * HD, b->qb, H * HD, esft__vec(&w->q_norm), T, H * HD, c->rms_eps, nt);
+        esft__rmsnorm_rows(b->kn, HK * HD, b->kb, HK * HD, esft__vec(&w->k_norm), T, HK * HD, c->rms_eps, nt);
+    } else if (c->qk_norm == ESFT_QK_NORM_HEAD) {
+        esft__rmsnorm_rows(b->qn, HD, b->qb, HD, esft__vec(&w->q_norm), T * H, HD, c->rms_eps, nt);
+        esft__rmsnorm_rows(b->kn, HD, b->kb, HD, esft__vec(&w->k_norm), T * HK, HD, c->rms_eps, nt);
+    } else {
+        memcpy(b->qn, b->qb, nq * sizeof(float));
+        memcpy(b->kn, b->kb, nk * sizeof(float));
+    }
+    memcpy(f->q, b->qn, nq * sizeof(float));
+    memcpy(f->k, b->kn, nk * sizeof(float));
+    memcpy(f->v, b->vb, nk * sizeof(float));
+    if (c->clip_qkv > 0.0f) {
+        esft__clamp(f->q, nq, c->clip_qkv);
+        esft__clamp(f->k, nk, c->clip_qkv);
+        esft__clamp(f->v, nk, c->clip_qkv);
+    }
+    esft__rope_apply(f->q, H * HD, H, HD, T, HD, c->rope.interleaved, f->cos_, f->sin_, nt);
+    esft__rope_apply(f->k, HK * HD, HK, HD, T, HD, c->rope.interleaved, f->cos_, f->sin_, nt);
+    esft__attention(f->ao, f->q, f->k, f->v, c, T, H, HK, HD, HD, f->scores, nt);
+    esft__matmul(f->a, D, f->ao, H * HD, T, &w->o, f->panels);
+}
+
+/* The backward of esft__attention from dout (T, H dv): dq (T, H dq), dk (T,
+   HK dq) and dv (T, HK dv) written (not accumulated). One key/value head per
+   job, so each job writes only its own dk and dv columns and sums its group's
+   heads in one order (the same bits for any thread count). Per (head, query
+   block) the probabilities P are recomputed as the forward computes them;
+   dS = P (dP - rowsum(P dP)) with dP = dout V^T. */
+static void esft__attention_backward(float *dq, float *dk, float *dv, const float *q, const float *k, const float *v,
+                                     const float *dout, const esft_model_config *c, int T, int H, int HK, int dqd,
+                                     int dvd, float *P, float *dP, int nt)
+{
+    int n_blocks = (T + ESFT__ATTN_BLOCK - 1) / ESFT__ATTN_BLOCK, group = H / HK, kvh;
+    int window = c->sliding_window;
+    float scale = (float)c->attn_scale;
+    (void)nt;
+    memset(dk, 0, (size_t)T * HK * dqd * sizeof(float));
+    memset(dv, 0, (size_t)T * HK * dvd * sizeof(float));
+    ESFT__MOE_FOR_DYNAMIC(nt)
+    for (kvh = 0; kvh < HK; kvh++) {
+        float *S = P + (size_t)esft__thread_id() * ESFT__ATTN_BLOCK * T;
+        float *dS = dP + (size_t)esft__thread_id() * ESFT__ATTN_BLOCK * T;
+        int hh, bl;
+        for (hh = kvh * group; hh < (kvh + 1) * group; hh++)
+            for (bl = 0; bl < n_blocks; bl++) {
+                int q0 = bl * ESFT__ATTN_BLOCK, nq = T - q0 < ESFT__ATTN_BLOCK ? T - q0 : ESFT__ATTN_BLOCK;
+                int nk = q0 + nq, i;
+                const float *qblk = q + (size_t)q0 * H * dqd + (size_t)hh * dqd;
+                const float *oblk = dout + (size_t)q0 * H * dvd + (size_t)hh * dvd;
+                esft__sgemm(0, 1, nq, nk, dqd, scale, qblk, H * dqd, k + (size_t)kvh * dqd, HK * dqd, 0.0f, S, nk);
+                esft__sgemm(0, 1, nq, nk, dvd, 1.0f, oblk, H * dvd, v + (size_t)kvh * dvd, HK * dvd, 0.0f, dS, nk);
+                for (i = 0; i < nq; i++) {
+                    float *row = S + (size_t)i * nk, *drow = dS + (size_t)i * nk, mx = -INFINITY, sum = 0.0f;
+                    int j, last = q0 + i, first = window > 0 && last - window + 1 > 0 ? last - window + 1 : 0;
+                    double dot = 0.0;
+                    for (j = first; j <= last; j++) mx = row[j] > mx ? row[j] : mx;
+                    for (j = 0; j < nk; j++) {
+                        float e = j >= first && j <= last ? expf(row[j] - mx) : 0.0f;
+                        row[j] = e;
+                        sum += e;
+                    }
+                    for (j = first; j <= last; j++) row[j] /= sum;
+                    for (j = first; j <= last; j++) dot += (double)row[j] * drow[j];
+                    for (j = 0; j < nk; j++) drow[j] = row[j] * (drow[j] - (float)dot);
+                }
+                esft__sgemm(0, 0, nq, dqd, nk, scale, dS, nk, k + (size_t)kvh * dqd, HK * dqd, 0.0f,
+                            dq + (size_t)q0 * H * dqd + (size_t)hh * dqd, H * dqd);
+                esft__sgemm(1, 0, nk, dqd, nq, scale, dS, nk, qblk, H * dqd, 1.0f, dk + (size_t)kvh * dqd, HK * dqd);
+                esft__sgemm(1, 0, nk, dvd, nq, 1.0f, S, nk, oblk, H * dvd, 1.0f, dv + (size_t)kvh * dvd, HK * dvd);
+            }
+    }
+}
+
+/* Zeroes the gradient where the forward clamped (torch.clamp passes it only inside [-clip, clip]). */
+static void esft__clamp_backward(float *d, const float *x, size_t n, float clip)
+{
+    size_t i;
+    for (i = 0; i < n; i++)
+        if (x[i] > clip || x[i] < -clip) d[i] = 0.0f;
+}
+
+/* b->dh (T, D) += backward of GQA attention from da (T, D), after the layer's forward. */
+static void esft__trn_gqa_backward(esft__trn *b, const esft_model_config *c, const esft_model_layer *w, int T,
+                                   const float *da)
+{
+    esft__fwd *f = &b->f;
+    int H = c->n_heads, HK = c->n_kv_heads, HD = c->head_dim, D = c->d_model, nt = f->nt;
+    size_t nq = (size_t)T * H * HD, nk = (size_t)T * HK * HD;
+    memset(b->dao, 0, nq * sizeof(float));
+    esft__matmul_acc(b->dao, H * HD, da, D, T, &w->o, f->panels);
+    esft__attention_backward(b->dq, b->dk, b->dv, f->q, f->k, f->v, b->dao, c, T, H, HK, HD, HD, b->P, b->dP, nt);
+    esft__rope_backward(b->dq, H * HD, H, HD, T, HD, c->rope.interleaved, f->cos_, f->sin_, nt);
+    esft__rope_backward(b->dk, HK * HD, HK, HD, T, HD, c->rope.interleaved, f->cos_, f->sin_, nt);
+    if (c->clip_qkv > 0.0f) {
+        esft__clamp_backward(b->dq, b->qn, nq, c->clip_qkv);
+        esft__clamp_backward(b->dk, b->kn, nk, c->clip_qkv);
+        esft__clamp_backward(b->dv, b->vb, nk, c->clip_qkv);
+    }
+    if (c->qk_norm != ESFT_QK_NORM_NONE) {
+        int whole = c->qk_norm == ESFT_QK_NORM_WHOLE;
+        memset(b->dqb, 0, nq * sizeof(float));
+        memset(b->dkb, 0, nk * sizeof(float));
+        if (whole) {
+            esft__rmsnorm_backward_rows(b->dqb, H * HD, b->dq, H * HD, b->qb, H * HD, esft__vec(&w->q_norm), T,
+                                        H * HD, c->rms_eps, nt);
+            esft__rmsnorm_backward_rows(b->dkb, HK * HD, b->dk, HK * HD, b->kb, HK * HD, esft__vec(&w->k_norm), T,
+                                        HK * HD, c->rms_eps, nt);
+        } else {
+            esft__rmsnorm_backward_rows(b->dqb, HD, b->dq, HD, b->qb, HD, esft__vec(&w->q_norm), T * H, HD,
+                                        c->rms_eps, nt);
+            esft__rmsnorm_backward_rows(b->dkb, HD, b->dk, HD, b->kb, HD, esft__vec(&w->k_norm), T * HK, HD,
+                                        c->rms_eps, nt);
+        }
+        esft__matmul_acc(b->dh, D, b->dqb, H * HD, T, &w->q, f->panels);
+        esft__matmul_acc(b->dh, D, b->dkb, HK * HD, T, &w->k, f->panels);
+    } else {
+        esft__matmul_acc(b->dh, D, b->dq, H * HD, T, &w->q, f->panels);
+        esft__matmul_acc(b->dh, D, b->dk, HK * HD, T, &w->k, f->panels);
+    }
+    esft__matmul_acc(b->dh, D, b->dv, HK * HD, T, &w->v, f->panels);
+}
+
+/* a (T, D) = MLA of h1 as esft__attn_mla computes it, keeping the latents
+   before their norms (b->qb) for the backward. */
+static void esft__trn_mla_forward(esft__trn *b, const esft_model_config *c, const esft_model_layer *w, int T)
+{
+    esft__fwd *f = &b->f;
+    int H = c->n_heads, D = c->d_model, DN = c->qk_nope_dim, DR = c->qk_rope_dim, DV = c->v_head_dim;
+    int QR = c->q_lora_rank, KR = c->kv_lora_rank, dq = DN + DR, nt = f->nt, LW = QR + KR + DR, t;
+    float *lat = f->lat, *raw = b->qb;
+    if (QR) {
+        esft__matmul(raw, LW, b->h1, D, T, &w->q_a, f->panels);
+        esft__rmsnorm_rows(lat, LW, raw, LW, esft__vec(&w->q_a_norm), T, QR, ESFT__MLA_NORM_EPS, nt);
+        esft__matmul(f->q, H * dq, lat, LW, T, &w->q_b, f->panels);
+    } else {
+        esft__matmul(f->q, H * dq, b->h1, D, T, &w->q, f->panels);
+    }
+    esft__matmul(raw + QR, LW, b->h1, D, T, &w->kv_a, f->panels);
+    esft__rmsnorm_rows(lat + QR, LW, raw + QR, LW, esft__vec(&w->kv_a_norm), T, KR, ESFT__MLA_NORM_EPS, nt);
+    for (t = 0; t < T; t++)
+        memcpy(lat + (size_t)t * LW + QR + KR, raw + (size_t)t * LW + QR + KR, (size_t)DR * sizeof(float));
+    esft__matmul(f->kvb, H * (DN + DV), lat + QR, LW, T, &w->kv_b, f->panels);
+    esft__rope_apply(f->q + DN, H * dq, H, dq, T, DR, c->rope.interleaved, f->cos_, f->sin_, nt);
+    esft__rope_apply(lat + QR + KR, LW, 1, DR, T, DR, c->rope.interleaved, f->cos_, f->sin_, nt);
+    for (t = 0; t < T; t++) {
+        int hh;
+        for (hh = 0; hh < H; hh++) {
+            const float *src = f->kvb + ((size_t)t * H + hh) * (DN + DV);
+            float *kd = f->k + ((size_t)t * H + hh) * dq;
+            memcpy(kd, src, (size_t)DN * sizeof(float));
+            memcpy(kd + DN, lat + (size_t)t * LW + QR + KR, (size_t)DR * sizeof(float));
+            memcpy(f->v + ((size_t)t * H + hh) * DV, src + DN, (size_t)DV * sizeof(float));
+        }
+    }
+    esft__attention(f->ao, f->q, f->k, f->v, c, T, H, H, dq, DV, f->scores, nt);
+    esft__matmul(f->a, D, f->ao, H * DV, T, &w->o, f->panels);
+}
+
+/* b->dh (T, D) += backward of MLA from da (T, D): the shared rotary key's
+   gradient is the sum over heads; the latents go back through their norms. */
+static void esft__trn_mla_backward(esft__trn *b, const esft_model_config *c, const esft_model_layer *w, int T,
+                                   const float *da)
+{
+    esft__fwd *f = &b->f;
+    int H = c->n_heads, D = c->d_model, DN = c->qk_nope_dim, DR = c->qk_rope_dim, DV = c->v_head_dim;
+    int QR = c->q_lora_rank, KR = c->kv_lora_rank, dq = DN + DR, nt = f->nt, LW = QR + KR + DR, t;
+    float *dlat = b->dqb, *dkvb = b->dkb, *tmp = b->qn; /* tmp: (T, LW) gradient of the normed latents */
+    memset(b->dao, 0, (size_t)T * H * DV * sizeof(float));
+    esft__matmul_acc(b->dao, H * DV, da, D, T, &w->o, f->panels);
+    esft__attention_backward(b->dq, b->dk, b->dv, f->q, f->k, f->v, b->dao, c, T, H, H, dq, DV, b->P, b->dP, nt);
+    memset(dlat, 0, (size_t)T * LW * sizeof(float));
+    memset(tmp, 0, (size_t)T * LW * sizeof(float));
+    for (t = 0; t < T; t++) {
+        float *dr = dlat + (size_t)t * LW + QR + KR;
+        int hh, i;
+        for (hh = 0; hh < H; hh++) {
+            const float *dkh = b->dk + ((size_t)t * H + hh) * dq;
+            float *dst = dkvb + ((size_t)t * H + hh) * (DN + DV);
+            memcpy(dst, dkh, (size_t)DN * sizeof(float));
+            memcpy(dst + DN, b->dv + ((size_t)t * H + hh) * DV, (size_t)DV * sizeof(float));
+            for (i = 0; i < DR; i++) dr[i] += dkh[DN + i];
+        }
+    }
+    esft__rope_backward(dlat + QR + KR, LW, 1, DR, T, DR, c->rope.interleaved, f->cos_, f->sin_, nt);
+    esft__rope_backward(b->dq + DN, H * dq, H, dq, T, DR, c->rope.interleaved, f->cos_, f->sin_, nt);
+    esft__matmul_acc(tmp + QR, LW, dkvb, H * (DN + DV), T, &w->kv_b, f->panels);
+    esft__rmsnorm_backward_rows(dlat + QR, LW, tmp + QR, LW, b->qb + QR, LW, esft__vec(&w->kv_a_norm), T, KR,
+                                ESFT__MLA_NORM_EPS, nt);
+    if (QR) {
+        esft__matmul_acc(tmp, LW, b->dq, H * dq, T, &w->q_b, f->panels);
+        esft__rmsnorm_backward_rows(dlat, LW, tmp, LW, b->qb, LW, esft__vec(&w->q_a_norm), T, QR, ESFT__MLA_NORM_EPS,
+                                    nt);
+        esft__matmul_acc(b->dh, D, dlat, LW, T, &w->q_a, f->panels);
+    } else {
+        esft__matmul_acc(b->dh, D, b->dq, H * dq, T, &w->q, f->panels);
+    }
+    esft__matmul_acc(b->dh, D, dlat + QR, LW, T, &w->kv_a, f->panels);
+}
+
+/* f->a (T, D) = MoE of f->h (routed with esft__moe_route first), keeping each
+   expert's g, u, act and output rows and the shared expert's for the backward. */
+static void esft__trn_moe_forward(esft__trn *b, const esft_model_config *c, const esft_model_layer *w, int l, int T)
+{
+    esft__fwd *f = &b->f;
+    int E = c->route.n_experts, K = c->route.top_k, D = c->d_model, F = c->d_expert, FS = c->d_shared, e, t;
+    esft__moe_group(f, c, T);
+    ESFT__MOE_FOR_DYNAMIC(f->nt)
+    for (e = 0; e < E; e++) {
+        int r0 = f->offsets[e], n = f->offsets[e + 1] - r0;
+        float *panel = f->panels + (size_t)esft__thread_id() * ESFT__PANEL_FLOATS;
+        size_t rf = (size_t)r0 * F;
+        esft_matrix mg, mu, md;
+        if (n == 0) continue;
+        esft__expert_mats(f, w, l, e, &mg, &mu, &md);
+        esft__swiglu_mlp_keep(f->o + (size_t)r0 * D, f->xg + (size_t)r0 * D, n, D, &mg, &mu, &md, b->eg + rf,
+                              b->eu + rf, b->eact + rf, panel);
+    }
+    if (FS > 0) {
+        esft_matrix sg, su, sd;
+        esft__shared_mats(f, w, l, &sg, &su, &sd);
+        esft__swiglu_mlp_keep(b->ys, f->h, T, D, &sg, &su, &sd, b->sg, b->su, b->sact, f->panels);
+        memcpy(f->a, b->ys, (size_t)T * D * sizeof(float));
+        if (w->shared_router.data) {
+            esft__sgemm(0, 1, T, 1, D, 1.0f, f->h, D, esft__vec(&w->shared_router), D, 0.0f, b->sz, 1);
+            for (t = 0; t < T; t++) {
+                float s = esft__sigmoidf(b->sz[t]);
+                int d;
+                for (d = 0; d < D; d++) f->a[(size_t)t * D + d] *= s;
+            }
+        }
+    } else {
+        memset(f->a, 0, (size_t)T * D * sizeof(float));
+    }
+    ESFT__MOE_FOR_STATIC(f->nt)
+    for (t = 0; t < T; t++) {
+        float *at = f->a + (size_t)t * D;
+        int j, d;
+        for (j = 0; j < K; j++) {
+            size_t slot = (size_t)t * K + j;
+            const float *o = f->o + (size_t)f->pos[slot] * D;
+            float wt = f->weights[slot];
+            for (d = 0; d < D; d++) at[d] += wt * o[d];
+        }
+    }
+}
+
+/* b->dh (T, D) += backward of the MoE from da (T, D), after its forward:
+   routed experts (weights' gradients for the trained ones), the routing
+   weights through the router's softmax / sigmoid (the top-k choice is
+   piecewise constant), the shared expert and its sigmoid gate. */
+static void esft__trn_moe_backward(esft__trn *b, const esft_model_config *c, const esft_model_layer *w,
+                                   esft_model_trainable *tr, int l, int T, const float *da)
+{
+    esft__fwd *f = &b->f;
+    int E = c->route.n_experts, K = c->route.top_k, D = c->d_model, F = c->d_expert, FS = c->d_shared, e, t;
+    esft_route_config rc = c->route;
+    rc.selection_bias = w->router_bias.data ? esft__vec(&w->router_bias) : NULL;
+    ESFT__MOE_FOR_STATIC(f->nt)
+    for (t = 0; t < T; t++) {
+        const float *dat = da + (size_t)t * D;
+        int j, d;
+        for (j = 0; j < K; j++) {
+            size_t slot = (size_t)t * K + j, r = (size_t)f->pos[slot];
+            const float *o = f->o + r * D;
+            float *dor = b->dO + r * D, wt = f->weights[slot];
+            double dot = 0.0;
+            for (d = 0; d < D; d++) {
+                dot += (double)dat[d] * o[d];
+                dor[d] = wt * dat[d];
+            }
+            b->dw[slot] = (float)dot;
+        }
+    }
+    ESFT__MOE_FOR_DYNAMIC(f->nt)
+    for (e = 0; e < E; e++) {
+        int r0 = f->offsets[e], n = f->offsets[e + 1] - r0;
+        float *panel = f->panels + (size_t)esft__thread_id() * ESFT__PANEL_FLOATS;
+        float *dW = esft_model_trainable_expert(tr, tr->grads, l, e);
+        size_t rf = (size_t)r0 * F, rd = (size_t)r0 * D, fd = (size_t)F * D;
+        esft_matrix mg, mu, md;
+        if (n == 0) continue;
+        esft__expert_mats(f, w, l, e, &mg, &mu, &md);
+        memset(b->dxg + rd, 0, (size_t)n * D * sizeof(float));
+        esft__swiglu_mlp_backward(b->dxg + rd, b->dO + rd, f->xg + rd, n, D, &mg, &mu, &md, b->eg + rf, b->eu + rf,
+                                  b->eact + rf, b->edg + rf, b->edu + rf, dW, dW ? dW + fd : NULL,
+                                  dW ? dW + 2 * fd : NULL, panel);
+    }
+    ESFT__MOE_FOR_STATIC(f->nt)
+    for (t = 0; t < T; t++) {
+        float *dht = b->dh + (size_t)t * D;
+        int j, d;
+        for (j = 0; j < K; j++) {
+            const float *g = b->dxg + (size_t)f->pos[(size_t)t * K + j] * D;
+            for (d = 0; d < D; d++) dht[d] += g[d];
+        }
+    }
+    for (t = 0; t < T; t++) {
+        float *p = b->probs + (size_t)t * E;
+        if (rc.gating == ESFT_GATING_SOFTMAX) esft__softmax_row(p, f->logits + (size_t)t * E, E);
+        else esft__sigmoid_row(p, f->logits + (size_t)t * E, E);
+        esft__route_backward_token(&rc, b->dl + (size_t)t * E, p, f->ids + (size_t)t * K, b->dw + (size_t)t * K,
+                                   NULL, E);
+    }
+    esft__sgemm(0, 0, T, D, E, 1.0f, b->dl, E, esft__vec(&w->router), D, 1.0f, b->dh, D);
+    if (FS > 0) {
+        const float *dys = da;
+        float *dS = esft_model_trainable_shared(tr, tr->grads, l);
+        size_t sd = (size_t)FS * D;
+        esft_matrix sg, su, smd;
+        esft__shared_mats(f, w, l, &sg, &su, &smd);
+        if (w->shared_router.data) {
+            const float *ws = esft__vec(&w->shared_router);
+            for (t = 0; t < T; t++) {
+                const float *dat = da + (size_t)t * D, *y = b->ys + (size_t)t * D;
+                float s = esft__sigmoidf(b->sz[t]), *dst = b->dxg + (size_t)t * D, dz;
+                double dot = 0.0;
+                int d;
+                for (d = 0; d < D; d++) {
+                    dot += (double)dat[d] * y[d];
+                    dst[d] = s * dat[d];
+                }
+                dz = (float)dot * s * (1.0f - s);
+                for (d = 0; d < D; d++) b->dh[(size_t)t * D + d] += dz * ws[d];
+            }
+            dys = b->dxg; /* free again after the routed experts' scatter: (T K, D) >= (T, D) */
+        }
+        esft__swiglu_mlp_backward(b->dh, dys, f->h, T, D, &sg, &su, &smd, b->sg, b->su, b->sact, b->sdg, b->sdu, dS,
+                                  dS ? dS + sd : NULL, dS ? dS + 2 * sd : NULL, f->panels);
+    }
+}
+
+/* One decoder layer l of the training forward, X[l] -> X[l+1], keeping its
+   insides in b for the backward that follows (or for nothing: the first pass
+   keeps only X). */
+static esft_status esft__trn_layer_forward(esft__trn *b, const esft_model *m, int l, int T, esft_error *err)
+{
+    const esft_model_config *c = &m->cfg;
+    const esft_model_layer *w = &m->layers[l];
+    esft__fwd *f = &b->f;
+    int D = c->d_model;
+    size_t n = (size_t)T * D, i;
+    const float *xin = b->X + (size_t)l * n;
+    float *xout = b->X + (size_t)(l + 1) * n;
+    esft_status s;
+    esft__rmsnorm_rows(b->h1, D, xin, D, esft__vec(&w->attn_norm), T, D, c->rms_eps, f->nt);
+    if (c->mla) esft__trn_mla_forward(b, c, w, T);
+    else esft__trn_gqa_forward(b, c, w, T);
+    for (i = 0; i < n; i++) b->xm[i] = xin[i] + f->a[i];
+    esft__rmsnorm_rows(f->h, D, b->xm, D, esft__vec(&w->ffn_norm), T, D, c->rms_eps, f->nt);
+    if (c->is_moe[l]) {
+        if ((s = esft__moe_route(f, c, w, l, T, err)) != ESFT_OK) return s;
+        esft__trn_moe_forward(b, c, w, l, T);
+    } else {
+        esft__swiglu_mlp_keep(f->a, f->h, T, D, &w->mlp_gate, &w->mlp_up, &w->mlp_down, b->sg, b->su, b->sact,
+                              f->panels);
+    }
+    for (i = 0; i < n; i++) xout[i] = b->xm[i] + f->a[i];
+    return ESFT_OK;
+}
+
+/* b->dx (T, D) = gradient of grad_scale * loss_sum w.r.t. X[L], through the
+   final norm and lm_head (logits recomputed 64 positions at a time); the loss
+   as esft_model_forward computes it. */
+static esft_status esft__trn_head(esft__trn *b, const esft_model *m, const int32_t *labels, int T, float grad_scale,
+                                  double *loss, int64_t *count, esft_error *err)
+{
+    const esft_model_config *c = &m->cfg;
+    esft__fwd *f = &b->f;
+    int D = c->d_model, V = c->vocab, t;
+    const float *xl = b->X + (size_t)c->n_layers * T * D;
+    esft_status s = ESFT_OK;
+    esft__rmsnorm_rows(f->h, D, xl, D, esft__vec(&m->final_norm), T, D, c->rms_eps, f->nt);
+    memset(b->dh, 0, (size_t)T * D * sizeof(float));
+    for (t = 0; s == ESFT_OK && t < T; t += ESFT__HEAD_BLOCK) {
+        int n = T - t < ESFT__HEAD_BLOCK ? T - t : ESFT__HEAD_BLOCK, i, j;
+        esft__matmul(f->logits, V, f->h + (size_t)t * D, D, n, &m->lm_head, f->panels);
+        s = esft__head_loss(f->logits, t, n, V, labels, T, loss, count, err);
+        for (i = 0; s == ESFT_OK && i < n; i++) {
+            const float *row = f->logits + (size_t)i * V;
+            float *drow = b->dlogits + (size_t)i * V;
+            int y = t + i + 1 < T ? labels[t + i + 1] : -100;
+            double mx = -INFINITY, sum = 0.0;
+            if (y == -100) {
+                memset(drow, 0, (size_t)V * sizeof(float));
+                continue;
+            }
+            for (j = 0; j < V; j++) mx = row[j] > mx ? row[j] : mx;
+            for (j = 0; j < V; j++) sum += exp((double)row[j] - mx);
+            for (j = 0; j < V; j++) drow[j] = (float)(grad_scale * (exp((double)row[j] - mx) / sum - (j == y)));
+        }
+        if (s == ESFT_OK) esft__matmul_acc(b->dh + (size_t)t * D, D, b->dlogits, V, n, &m->lm_head, f->panels);
+    }
+    if (s != ESFT_OK) return s;
+    memset(b->dx, 0, (size_t)T * D * sizeof(float));
+    esft__rmsnorm_backward_rows(b->dx, D, b->dh, D, xl, D, esft__vec(&m->final_norm), T, D, c->rms_eps, f->nt);
+    return ESFT_OK;
+}
+
+/* b->dx: gradient w.r.t. X[l+1] in, w.r.t. X[l] out (not needed below the
+   lowest trained layer, so that one stops after its FFN: last). */
+static esft_status esft__trn_layer_backward(esft__trn *b, const esft_model *m, esft_model_trainable *tr, int l,
+                                            int T, int last, esft_error *err)
+{
+    const esft_model_config *c = &m->cfg;
+    const esft_model_layer *w = &m->layers[l];
+    esft__fwd *f = &b->f;
+    int D = c->d_model;
+    size_t n = (size_t)T * D;
+    esft_status s = esft__trn_layer_forward(b, m, l, T, err);
+    if (s != ESFT_OK) return s;
+    memset(b->dh, 0, n * sizeof(float));
+    if (c->is_moe[l]) esft__trn_moe_backward(b, c, w, tr, l, T, b->dx);
+    else esft__swiglu_mlp_backward(b->dh, b->dx, f->h, T, D, &w->mlp_gate, &w->mlp_up, &w->mlp_down, b->sg, b->su,
+                                   b->sact, b->sdg, b->sdu, NULL, NULL, NULL, f->panels);
+    if (last) return ESFT_OK;
+    esft__rmsnorm_backward_rows(b->dx, D, b->dh, D, b->xm, D, esft__vec(&w->ffn_norm), T, D, c->rms_eps, f->nt);
+    memset(b->dh, 0, n * sizeof(float));
+    if (c->mla) esft__trn_mla_backward(b, c, w, T, b->dx);
+    else esft__trn_gqa_backward(b, c, w, T, b->dx);
+    esft__rmsnorm_backward_rows(b->dx, D, b->dh, D, b->X + (size_t)l * n, D, esft__vec(&w->attn_norm), T, D,
+                                c->rms_eps, f->nt);
+    return ESFT_OK;
+}
+
+ESFTDEF esft_status esft_model_forward_backward(const esft_model *m, esft_model_trainable *tr, const int32_t *ids,
+                                                const int32_t *labels, int T, float grad_scale, double *loss_sum,
+                                                int64_t *n_scored, esft_error *err)
+{
+    const esft_model_config *c;
+    esft_model_run run;
+    esft__trn b;
+    unsigned char *base;
+    size_t bytes;
+    int nt = esft_get_num_threads(), t, l, D, lowest;
+    double loss = 0.0;
+    int64_t count = 0;
+    esft_status s;
+    if (!m || !tr || !labels) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL model, trainable or labels");
+    if (!isfinite(grad_scale)) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "grad_scale is not finite");
+    memset(&run, 0, sizeof run);
+    run.labels = labels;
+    run.trainable = tr;
+    if ((s = esft__forward_check(m, ids, T, &run, err)) != ESFT_OK) return s;
+    c = &m->cfg;
+    D = c->d_model;
+    /* a small model runs on one thread: starting a team per loop costs more
+       than the loop (and far more on a busy machine) */
+    if ((double)T * D * D < 4194304.0) nt = 1;
+    bytes = esft__trn_layout(&b, c, T, nt, NULL);
+    base = ESFT__CAST(unsigned char *, m->allocator.alloc(m->allocator.user, bytes));
+    if (!base) return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "training scratch of %lu bytes for %d tokens",
+                                 (unsigned long)bytes, T);
+    esft__trn_layout(&b, c, T, nt, ESFT__CAST(unsigned char *, (void *)(((uintptr_t)base + 63) & ~(uintptr_t)63)));
+    b.f.tr = tr;
+    for (t = 0; t < T; t++) esft__matrix_rows_f32(b.X + (size_t)t * D, &m->embed, ids[t], 1);
+    esft__rope_tables(b.f.cos_, b.f.sin_, &c->rope, c->mla ? c->qk_rope_dim : c->head_dim, T);
+    s = ESFT_OK;
+    for (l = 0; s == ESFT_OK && l < c->n_layers; l++) s = esft__trn_layer_forward(&b, m, l, T, err);
+    if (s == ESFT_OK) s = esft__trn_head(&b, m, labels, T, grad_scale, &loss, &count, err);
+    /* layers below the lowest trained expert need no gradient */
+    lowest = tr->n_trained > 0 ? tr->layer[0] : c->n_layers;
+    for (l = 0; l < lowest; l++)
+        if (tr->shared_slot[l] >= 0) lowest = l;
+    for (l = c->n_layers - 1; s == ESFT_OK && l >= lowest; l--)
+        s = esft__trn_layer_backward(&b, m, tr, l, T, l == lowest, err);
+    m->allocator.free(m->allocator.user, base);
+    if (s != ESFT_OK) return s;
+    if (loss_sum) *loss_sum = loss;
+    if (n_scored) *n_scored = count;
+    return ESFT_OK;
+}
+
 
 /* ---- JSONL samples ------------------------------------------------------- */
 

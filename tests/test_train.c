@@ -1,0 +1,866 @@
+/* test_train.c - training through whole Hugging Face MoE models
+   (esft_model_forward_backward): the gradients of ESFT's trainable experts
+   against double-precision central differences of esft_model_forward's loss on
+   the tiny checkpoints of tests/models (points where a perturbation changes a
+   top-k choice are rejected: the loss is not differentiable there), the same
+   bits for any thread count, the loss equal to the forward's, and bad expert
+   configs. Run from the repository root (make test does). */
+#define _POSIX_C_SOURCE 200809L
+#include "esft.h"
+#define ESFT_IMPLEMENTATION
+#include "esft.h"
+#include "gradcheck.h"
+#include "harness.h"
+
+#include <stdlib.h>
+#include <sys/stat.h>
+
+#define MODELS "tests/models/"
+
+/* ---- a model, one sample, and an expert config of the most used experts ---- */
+
+typedef struct fixture {
+    esft_model m;
+    esft_dataset ds;
+    const int32_t *ids, *labels;
+    int T, L, E, K;
+    int32_t *ref_ids;     /* (L, T, K) routing of the unperturbed model */
+    int64_t *counts;      /* (L, E) */
+    int recording, moved; /* on_route: record the routing, or note a change */
+    esft_expert_config cfg;
+    int cfg_offset[ESFT_MODEL_MAX_LAYERS + 1];
+    int32_t cfg_ids[256];
+    unsigned char cfg_present[ESFT_MODEL_MAX_LAYERS];
+    esft_model_trainable tr;
+} fixture;
+
+static void on_route(void *user, int layer, const int32_t *ids, const float *weights, int T, int K)
+{
+    fixture *f = (fixture *)user;
+    int32_t *ref = f->ref_ids + (size_t)layer * T * K;
+    int i;
+    (void)weights;
+    if (f->recording) {
+        memcpy(ref, ids, (size_t)T * K * sizeof(int32_t));
+        for (i = 0; i < T * K; i++) f->counts[(size_t)layer * f->E + ids[i]]++;
+    } else if (memcmp(ref, ids, (size_t)T * K * sizeof(int32_t)) != 0) {
+        f->moved = 1;
+    }
+}
+
+/* loss_sum of the sample with the trainable copies; NAN when routing moved. */
+static double loss_fn(void *ctx)
+{
+    fixture *f = (fixture *)ctx;
+    esft_model_run run;
+    double loss = 0.0;
+    int64_t n = 0;
+    memset(&run, 0, sizeof run);
+    run.labels = f->labels;
+    run.trainable = &f->tr;
+    run.on_route = on_route;
+    run.user = f;
+    f->moved = 0;
+    if (esft_model_forward(&f->m, f->ids, f->T, &run, &loss, &n, NULL) != ESFT_OK || f->moved) return NAN;
+    return loss;
+}
+
+/* The per_layer most used experts of every MoE layer (ties: lower id). */
+static void pick_experts(fixture *f, int per_layer)
+{
+    int l, k, n = 0;
+    memset(&f->cfg, 0, sizeof f->cfg);
+    f->cfg.n_layers = f->L;
+    f->cfg.n_experts = f->E;
+    f->cfg.offset = f->cfg_offset;
+    f->cfg.ids = f->cfg_ids;
+    f->cfg.layer_present = f->cfg_present;
+    for (l = 0; l < f->L; l++) {
+        f->cfg_offset[l] = n;
+        f->cfg_present[l] = f->m.cfg.is_moe[l];
+        if (!f->m.cfg.is_moe[l]) continue;
+        for (k = 0; k < per_layer && k < f->E; k++) {
+            int e, best = -1;
+            for (e = 0; e < f->E; e++) {
+                int taken = 0, j;
+                for (j = f->cfg_offset[l]; j < n; j++) taken |= f->cfg_ids[j] == e;
+                if (!taken && (best < 0 || f->counts[(size_t)l * f->E + e] > f->counts[(size_t)l * f->E + best]))
+                    best = e;
+            }
+            f->cfg_ids[n++] = best;
+        }
+    }
+    f->cfg_offset[f->L] = n;
+}
+
+static int fixture_open_shared(fixture *f, const char *name, int sample, int per_layer, int shared, char *why,
+                               size_t why_n);
+
+static int fixture_open(fixture *f, const char *name, int sample, int per_layer, char *why, size_t why_n)
+{
+    return fixture_open_shared(f, name, sample, per_layer, 0, why, why_n);
+}
+
+static int fixture_open_shared(fixture *f, const char *name, int sample, int per_layer, int shared, char *why,
+                               size_t why_n)
+{
+    char dir[256], path[300];
+    int64_t o;
+    esft_error err;
+    memset(f, 0, sizeof *f);
+    snprintf(dir, sizeof dir, MODELS "%s", name);
+    snprintf(path, sizeof path, "%s/data.jsonl", dir);
+    if (esft_model_open(&f->m, dir, NULL, &err) != ESFT_OK ||
+        esft_dataset_read_jsonl(&f->ds, path, 0, f->m.cfg.vocab, NULL, &err) != ESFT_OK) {
+        snprintf(why, why_n, "%s: %s", name, err.message);
+        return 0;
+    }
+    o = f->ds.offset[sample];
+    f->ids = f->ds.ids + o;
+    f->labels = f->ds.labels + o;
+    f->T = (int)(f->ds.offset[sample + 1] - o);
+    f->L = f->m.cfg.n_layers;
+    f->E = f->m.cfg.route.n_experts;
+    f->K = f->m.cfg.route.top_k;
+    f->ref_ids = (int32_t *)calloc((size_t)f->L * f->T * f->K, sizeof(int32_t));
+    f->counts = (int64_t *)calloc((size_t)f->L * f->E, sizeof(int64_t));
+    /* record the routing with the model's own weights, then train the most used experts */
+    {
+        esft_model_run run;
+        memset(&run, 0, sizeof run);
+        run.on_route = on_route;
+        run.user = f;
+        f->recording = 1;
+        if (esft_model_forward(&f->m, f->ids, f->T, &run, NULL, NULL, &err) != ESFT_OK) {
+            snprintf(why, why_n, "%s: forward: %s", name, err.message);
+            return 0;
+        }
+        f->recording = 0;
+    }
+    pick_experts(f, per_layer);
+    f->cfg.shared_experts = shared && f->m.cfg.d_shared > 0;
+    if (esft_model_trainable_init(&f->tr, &f->m, &f->cfg, NULL, &err) != ESFT_OK) {
+        snprintf(why, why_n, "%s: trainable: %s", name, err.message);
+        return 0;
+    }
+    return 1;
+}
+
+static void fixture_close(fixture *f)
+{
+    esft_model_trainable_uninit(&f->tr);
+    esft_dataset_free(&f->ds);
+    esft_model_close(&f->m);
+    free(f->ref_ids);
+    free(f->counts);
+}
+
+/* ---- gradient checks ----------------------------------------------------------- */
+
+
+/* h: fp32 forward, loss ~ 1e2: a step of 1e-2 keeps rounding noise in the
+   difference well under the tolerance; the loss is smooth at that scale. */
+static const gc_options tol = {1e-2, 2e-4, 2e-2};
+
+static void gradcheck_family(const char *name, double *worst_rel)
+{
+    fixture f;
+    char why[1024], buf[2048];
+    double loss = 0.0, fwd_loss;
+    int64_t n = 0;
+    int i;
+    esft_error err;
+    if (!fixture_open_shared(&f, name, 0, 2, 1, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, f.ids, f.labels, f.T, 1.0f, &loss, &n, &err), ESFT_OK);
+    fwd_loss = loss_fn(&f);
+    if (loss != fwd_loss) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%s: training loss %.17g != forward loss %.17g", name, loss, fwd_loss);
+    }
+    *worst_rel = 0.0;
+    for (i = 0; i < f.tr.n_trained; i++) {
+        float *p = f.tr.params + (size_t)i * f.tr.expert_floats, *g = f.tr.grads + (size_t)i * f.tr.expert_floats;
+        gc_result r = gc_check(p, f.tr.expert_floats, g, (f.tr.expert_floats / 25) | 1, loss_fn, &f, &tol);
+        double rel = r.worst_err / (r.max_abs_grad + 1e-30);
+        if (getenv("ESFT_TEST_VERBOSE"))
+            printf("      L%d e%d checked %lu skipped %lu worst num %.6g ana %.6g max|g| %.3g\n", f.tr.layer[i],
+                   f.tr.expert[i], (unsigned long)r.checked, (unsigned long)r.skipped, r.worst_num, r.worst_ana,
+                   r.max_abs_grad);
+        if (rel > *worst_rel) *worst_rel = rel;
+        if (r.failed || r.checked < 10 || r.max_abs_grad == 0.0) {
+            snprintf(buf, sizeof buf, "%s layer %d expert %d: %s", name, f.tr.layer[i], f.tr.expert[i],
+                     gc_describe(&r, "dW", why, sizeof why));
+            fixture_close(&f);
+            HARNESS_FAIL_("%.400s (checked %lu)", buf, (unsigned long)r.checked);
+        }
+    }
+    for (i = 0; i < f.L; i++) {
+        float *p = esft_model_trainable_shared(&f.tr, f.tr.params, i), *g = esft_model_trainable_shared(&f.tr, f.tr.grads, i);
+        gc_result r;
+        double rel;
+        if (!p) continue;
+        r = gc_check(p, f.tr.shared_floats, g, (f.tr.shared_floats / 25) | 1, loss_fn, &f, &tol);
+        rel = r.worst_err / (r.max_abs_grad + 1e-30);
+        if (rel > *worst_rel) *worst_rel = rel;
+        if (getenv("ESFT_TEST_VERBOSE"))
+            printf("      L%d shared checked %lu skipped %lu worst num %.6g ana %.6g max|g| %.3g\n", i,
+                   (unsigned long)r.checked, (unsigned long)r.skipped, r.worst_num, r.worst_ana, r.max_abs_grad);
+        if (r.failed || r.checked < 10 || r.max_abs_grad == 0.0) {
+            snprintf(buf, sizeof buf, "%s layer %d shared experts: %s", name, i, gc_describe(&r, "dW", why, sizeof why));
+            fixture_close(&f);
+            HARNESS_FAIL_("%.400s (checked %lu)", buf, (unsigned long)r.checked);
+        }
+    }
+    fixture_close(&f);
+}
+
+#define GRADCHECK_TEST(fam)                                            \
+    TEST(gradcheck_##fam)                                              \
+    {                                                                  \
+        double worst = 0.0;                                            \
+        gradcheck_family(#fam, &worst);                                \
+        if (harness_state == 0) printf("    %s: worst |a - num| / max|num| = %.2e\n", #fam, worst); \
+    }
+
+GRADCHECK_TEST(olmoe)
+GRADCHECK_TEST(qwen3_moe)
+GRADCHECK_TEST(mixtral)
+GRADCHECK_TEST(qwen2_moe)
+GRADCHECK_TEST(qwen2_moe_fused)
+GRADCHECK_TEST(deepseek_v2_lite)
+GRADCHECK_TEST(deepseek_v2_qlora_yarn)
+GRADCHECK_TEST(deepseek_v3_bf16_tied)
+GRADCHECK_TEST(deepseek_v3_fp8)
+
+/* Longer than one attention block and one head block (T = 150 > 64), with a
+   sliding window switched on in the config (it changes the loss: the
+   backward's mask is exercised), on a GQA and an MLA model. clip_qkv is
+   checked one layer at a time below: through a whole model too many clamped
+   values cross the clip under a perturbation to keep the loss smooth. */
+static void long_family(const char *name, int window)
+{
+    fixture f;
+    char why[1024], buf[2048];
+    int32_t ids[150], labels[150];
+    int t, i;
+    if (!fixture_open(&f, name, 0, 1, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    for (t = 0; t < 150; t++) {
+        ids[t] = f.ds.ids[(t * 7) % (int)f.ds.offset[f.ds.n_samples]];
+        labels[t] = t < 10 ? -100 : ids[t];
+    }
+    f.ids = ids;
+    f.labels = labels;
+    f.m.cfg.sliding_window = window;
+    f.T = 150;
+    free(f.ref_ids);
+    f.ref_ids = (int32_t *)calloc((size_t)f.L * 150 * f.K, sizeof(int32_t));
+    f.recording = 1;
+    {
+        double with = loss_fn(&f), without;
+        f.recording = 0;
+        f.m.cfg.sliding_window = 0;
+        without = loss_fn(&f);
+        f.m.cfg.sliding_window = window;
+        if (!(with != without) || isnan(with)) {
+            fixture_close(&f);
+            HARNESS_FAIL_("%s: the window did not change the loss (%.9g)", name, with);
+        }
+    }
+    CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, f.ids, f.labels, f.T, 1.0f, NULL, NULL, NULL), ESFT_OK);
+    for (i = 0; i < f.tr.n_trained; i++) {
+        float *p = f.tr.params + (size_t)i * f.tr.expert_floats, *g = f.tr.grads + (size_t)i * f.tr.expert_floats;
+        gc_result r = gc_check(p, f.tr.expert_floats, g, (f.tr.expert_floats / 25) | 1, loss_fn, &f, &tol);
+        if (getenv("ESFT_TEST_VERBOSE"))
+            printf("      L%d e%d checked %lu skipped %lu worst num %.6g ana %.6g max|g| %.3g\n", f.tr.layer[i],
+                   f.tr.expert[i], (unsigned long)r.checked, (unsigned long)r.skipped, r.worst_num, r.worst_ana,
+                   r.max_abs_grad);
+        if (r.failed || r.checked < 5 || r.max_abs_grad == 0.0) {
+            snprintf(buf, sizeof buf, "%s (T 150) layer %d expert %d: %s", name, f.tr.layer[i], f.tr.expert[i],
+                     gc_describe(&r, "dW", why, sizeof why));
+            fixture_close(&f);
+            HARNESS_FAIL_("%.400s (checked %lu)", buf, (unsigned long)r.checked);
+        }
+    }
+    fixture_close(&f);
+}
+
+TEST(gradcheck_long_window)
+{
+    long_family("olmoe", 50);
+    if (harness_state) return;
+    long_family("deepseek_v2_qlora_yarn", 40);
+}
+
+/* ---- one layer at a time: the gradient w.r.t. the layer's input ------------ */
+
+/* L = sum(r * X[l+1]) of one recomputed layer; NAN when the routing or any
+   clamp (clip_qkv) decision moved, so kinks are never differenced. */
+typedef struct layer_ctx {
+    fixture *f;
+    esft__trn b;
+    unsigned char *base;
+    int l;
+    float *r;
+    int32_t *ref_ids;
+    uint64_t ref_mask;
+} layer_ctx;
+
+static uint64_t clip_mask_hash(const layer_ctx *c)
+{
+    const esft_model_config *mc = &c->f->m.cfg;
+    size_t nq = (size_t)c->f->T * mc->n_heads * mc->head_dim, nk = (size_t)c->f->T * mc->n_kv_heads * mc->head_dim, i;
+    uint64_t h = 14695981039346656037ull;
+    float clip = mc->clip_qkv;
+    if (clip <= 0.0f || mc->mla) return 0;
+    for (i = 0; i < nq; i++) h = (h ^ (uint64_t)(fabsf(c->b.qn[i]) > clip)) * 1099511628211ull;
+    for (i = 0; i < nk; i++) h = (h ^ (uint64_t)(fabsf(c->b.kn[i]) > clip)) * 1099511628211ull;
+    for (i = 0; i < nk; i++) h = (h ^ (uint64_t)(fabsf(c->b.vb[i]) > clip)) * 1099511628211ull;
+    return h;
+}
+
+static double layer_loss(void *ctx)
+{
+    layer_ctx *c = (layer_ctx *)ctx;
+    fixture *f = c->f;
+    size_t n = (size_t)f->T * f->m.cfg.d_model, i;
+    const float *y = c->b.X + (size_t)(c->l + 1) * n;
+    double L = 0.0;
+    if (esft__trn_layer_forward(&c->b, &f->m, c->l, f->T, NULL) != ESFT_OK) return NAN;
+    if (f->m.cfg.is_moe[c->l] && memcmp(c->b.f.ids, c->ref_ids, (size_t)f->T * f->K * sizeof(int32_t)) != 0)
+        return NAN;
+    if (clip_mask_hash(c) != c->ref_mask) return NAN;
+    for (i = 0; i < n; i++) L += (double)c->r[i] * y[i];
+    return L;
+}
+
+static void layer_family(const char *name, int l, int T, int window, float clip)
+{
+    fixture f;
+    layer_ctx c;
+    char why[1024], buf[2048];
+    int32_t ids[128];
+    size_t n, i, bytes;
+    int t;
+    uint32_t seed = 12345u;
+    gc_result r;
+    if (!fixture_open(&f, name, 0, 1, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    memset(&c, 0, sizeof c);
+    f.m.cfg.sliding_window = window;
+    f.m.cfg.clip_qkv = clip;
+    for (t = 0; t < T; t++) ids[t] = f.ds.ids[(t * 5) % (int)f.ds.offset[f.ds.n_samples]];
+    f.T = T;
+    c.f = &f;
+    c.l = l;
+    bytes = esft__trn_layout(&c.b, &f.m.cfg, T, 1, NULL);
+    c.base = (unsigned char *)malloc(bytes);
+    esft__trn_layout(&c.b, &f.m.cfg, T, 1, (unsigned char *)(((uintptr_t)c.base + 63) & ~(uintptr_t)63));
+    c.b.f.tr = &f.tr;
+    n = (size_t)T * f.m.cfg.d_model;
+    c.r = (float *)malloc(n * sizeof(float));
+    c.ref_ids = (int32_t *)malloc((size_t)T * f.K * sizeof(int32_t));
+    for (i = 0; i < n; i++) {
+        seed = seed * 1664525u + 1013904223u;
+        c.r[i] = (float)((seed >> 8) * (1.0 / 16777216.0) - 0.5);
+    }
+    esft_set_num_threads(1);
+    /* X[l] = the model's own residual stream entering layer l */
+    for (t = 0; t < T; t++) esft__matrix_rows_f32(c.b.X + (size_t)t * f.m.cfg.d_model, &f.m.embed, ids[t], 1);
+    esft__rope_tables(c.b.f.cos_, c.b.f.sin_, &f.m.cfg.rope, f.m.cfg.mla ? f.m.cfg.qk_rope_dim : f.m.cfg.head_dim, T);
+    for (t = 0; t < l; t++) esft__trn_layer_forward(&c.b, &f.m, t, T, NULL);
+    esft__trn_layer_forward(&c.b, &f.m, l, T, NULL);
+    memcpy(c.ref_ids, c.b.f.ids, (size_t)T * f.K * sizeof(int32_t));
+    c.ref_mask = clip_mask_hash(&c);
+    memcpy(c.b.dx, c.r, n * sizeof(float));
+    CHECK_STATUS(esft__trn_layer_backward(&c.b, &f.m, &f.tr, l, T, 0, NULL), ESFT_OK);
+    {
+        float *dx = (float *)malloc(n * sizeof(float));
+        memcpy(dx, c.b.dx, n * sizeof(float));
+        /* with clip_qkv a smaller step keeps most clamp decisions from flipping */
+        gc_options o = {1e-2, 2e-4, 2e-2};
+        if (clip > 0.0f) o.h = 1e-3;
+        r = gc_check(c.b.X + (size_t)l * n, n, dx, n / 80 | 1, layer_loss, &c, &o);
+        free(dx);
+    }
+    esft_set_num_threads(0);
+    if (getenv("ESFT_TEST_VERBOSE"))
+        printf("      %s layer %d: checked %lu skipped %lu worst num %.6g ana %.6g max|g| %.3g\n", name, l,
+               (unsigned long)r.checked, (unsigned long)r.skipped, r.worst_num, r.worst_ana, r.max_abs_grad);
+    free(c.base);
+    free(c.r);
+    free(c.ref_ids);
+    fixture_close(&f);
+    if (r.failed || r.checked < 20 || r.max_abs_grad == 0.0) {
+        snprintf(buf, sizeof buf, "%s layer %d dx: %s", name, l, gc_describe(&r, "dx", why, sizeof why));
+        HARNESS_FAIL_("%.400s (checked %lu)", buf, (unsigned long)r.checked);
+    }
+}
+
+/* dx through each kind of layer, 100 tokens (two attention blocks):
+   whole-projection q/k norms with clip_qkv and a sliding window (OLMoE), GQA
+   (Mixtral), qkv bias + gated shared expert (Qwen2), per-head norms (Qwen3),
+   a dense MLP layer and an MLA MoE layer (DeepSeek-V2), MLA with q_lora, YaRN
+   and a window, sigmoid routing with bias (DeepSeek-V3). */
+TEST(gradcheck_layer_input)
+{
+    layer_family("olmoe", 1, 100, 30, 0.4f);
+    if (harness_state) return;
+    layer_family("mixtral", 0, 100, 0, 0.0f);
+    if (harness_state) return;
+    layer_family("qwen2_moe", 1, 100, 0, 0.0f);
+    if (harness_state) return;
+    layer_family("qwen3_moe", 0, 100, 0, 0.0f);
+    if (harness_state) return;
+    layer_family("deepseek_v2_lite", 0, 100, 0, 0.0f);
+    if (harness_state) return;
+    layer_family("deepseek_v2_lite", 2, 100, 0, 0.0f);
+    if (harness_state) return;
+    layer_family("deepseek_v2_qlora_yarn", 1, 100, 25, 0.0f);
+    if (harness_state) return;
+    layer_family("deepseek_v3_bf16_tied", 1, 100, 0, 0.0f);
+}
+
+/* ---- against torch (tests/gen_train_goldens.py) --------------------------------- */
+
+#define TORCH_TOL 1e-4 /* loss: relative; gradients: relative to each expert's largest */
+
+typedef struct train_golden {
+    esft_safetensors st;
+    int64_t layers[16], experts[16], n_scored;
+    int n;
+    double loss, adamw[8];
+    float *grad, *shared_grad; /* shared_grad: (M, 3 FS D) or NULL */
+    int n_shared;
+} train_golden;
+
+static int golden_raw(train_golden *g, const char *name, void *dst, size_t bytes)
+{
+    int i = esft_safetensors_find(&g->st, name);
+    return i >= 0 && g->st.tensors[i].n_bytes == bytes &&
+           esft_safetensors_read(&g->st, i, dst, 0, bytes, NULL) == ESFT_OK;
+}
+
+static int train_golden_open(train_golden *g, const char *name, size_t expert_floats)
+{
+    char path[300];
+    int i;
+    memset(g, 0, sizeof *g);
+    snprintf(path, sizeof path, MODELS "%s/train_golden.safetensors", name);
+    if (esft_safetensors_open(&g->st, path, NULL, NULL) != ESFT_OK) return 0;
+    i = esft_safetensors_find(&g->st, "train_layers");
+    if (i < 0 || g->st.tensors[i].n_elements > 16) return 0;
+    g->n = (int)g->st.tensors[i].n_elements;
+    g->grad = (float *)malloc((size_t)g->n * expert_floats * sizeof(float));
+    i = esft_safetensors_find(&g->st, "shared_grad");
+    if (i >= 0) {
+        g->n_shared = (int)g->st.tensors[i].shape[0];
+        g->shared_grad = (float *)malloc((size_t)g->st.tensors[i].n_elements * sizeof(float));
+        if (!g->shared_grad || esft_safetensors_read_f32(&g->st, i, g->shared_grad, NULL) != ESFT_OK) return 0;
+    }
+    i = esft_safetensors_find(&g->st, "grad");
+    return g->grad && golden_raw(g, "train_layers", g->layers, (size_t)g->n * 8) &&
+           golden_raw(g, "train_experts", g->experts, (size_t)g->n * 8) &&
+           golden_raw(g, "n_scored", &g->n_scored, 8) && golden_raw(g, "loss", &g->loss, 8) &&
+           golden_raw(g, "adamw_losses", g->adamw, 6 * 8) && i >= 0 &&
+           g->st.tensors[i].n_elements == (uint64_t)g->n * expert_floats &&
+           esft_safetensors_read_f32(&g->st, i, g->grad, NULL) == ESFT_OK;
+}
+
+/* Every sample of data.jsonl through forward_backward with grad_scale 1 / n:
+   the pooled mean loss and its gradient, as the golden's batch. */
+static esft_status batch_pass(fixture *f, int64_t n_total, double *mean)
+{
+    double sum = 0.0;
+    int64_t count = 0;
+    int s;
+    esft_error err;
+    for (s = 0; s < f->ds.n_samples; s++) {
+        int64_t o = f->ds.offset[s], n = 0;
+        double ls = 0.0;
+        esft_status st = esft_model_forward_backward(&f->m, &f->tr, f->ds.ids + o, f->ds.labels + o,
+                                                     (int)(f->ds.offset[s + 1] - o), (float)(1.0 / n_total), &ls,
+                                                     &n, &err);
+        if (st != ESFT_OK) return st;
+        sum += ls;
+        count += n;
+    }
+    *mean = sum / (double)count;
+    return count == n_total ? ESFT_OK : ESFT_ERR_SHAPE;
+}
+
+/* FNV-1a over every weight the model holds: frozen means bit-identical. */
+static uint64_t hash_bytes(uint64_t h, const esft_matrix *w)
+{
+    const unsigned char *p = (const unsigned char *)w->data;
+    size_t n = w->data ? (size_t)w->rows * w->cols * esft_dtype_size(w->dtype) : 0, i;
+    for (i = 0; i < n; i++) h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+}
+
+static uint64_t model_hash(const esft_model *m)
+{
+    uint64_t h = 14695981039346656037ull;
+    int l, e;
+    h = hash_bytes(h, &m->embed);
+    h = hash_bytes(h, &m->lm_head);
+    for (l = 0; l < m->cfg.n_layers; l++) {
+        const esft_model_layer *w = &m->layers[l];
+        const esft_matrix *mats[] = {&w->attn_norm, &w->ffn_norm, &w->q, &w->k, &w->v, &w->o, &w->q_a, &w->q_b,
+                                     &w->kv_a, &w->kv_b, &w->router, &w->mlp_gate, &w->mlp_down, &w->shared_gate,
+                                     &w->shared_down};
+        size_t i;
+        for (i = 0; i < sizeof mats / sizeof mats[0]; i++) h = hash_bytes(h, mats[i]);
+        for (e = 0; w->expert_gate && e < m->cfg.route.n_experts; e++) {
+            h = hash_bytes(h, &w->expert_gate[e]);
+            h = hash_bytes(h, &w->expert_up[e]);
+            h = hash_bytes(h, &w->expert_down[e]);
+        }
+    }
+    return h;
+}
+
+static void torch_family(const char *name, double *worst_loss, double *worst_grad, double *worst_step)
+{
+    fixture f;
+    train_golden g;
+    char why[1024];
+    esft_adamw opt;
+    esft_adamw_config ac;
+    esft_error err;
+    double mean = 0.0;
+    uint64_t before;
+    int i, l, step;
+    if (!fixture_open(&f, name, 0, 1, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    if (!train_golden_open(&g, name, f.tr.expert_floats)) {
+        free(g.grad);
+        free(g.shared_grad);
+        esft_safetensors_close(&g.st);
+        fixture_close(&f);
+        HARNESS_FAIL_("%s: train_golden.safetensors missing or malformed", name);
+    }
+    /* the golden's expert config, not the fixture's */
+    esft_model_trainable_uninit(&f.tr);
+    for (l = 0, i = 0; l < f.L; l++) {
+        f.cfg_offset[l] = i;
+        f.cfg_present[l] = 0;
+        while (i < g.n && g.layers[i] == l) {
+            f.cfg_present[l] = 1;
+            f.cfg_ids[i] = (int32_t)g.experts[i];
+            i++;
+        }
+    }
+    f.cfg_offset[f.L] = i;
+    f.cfg.shared_experts = g.shared_grad != NULL;
+    CHECK_STATUS(esft_model_trainable_init(&f.tr, &f.m, &f.cfg, NULL, &err), ESFT_OK);
+    CHECK_EQ_INT(f.tr.n_trained, g.n);
+    CHECK_EQ_INT(f.tr.n_shared, g.n_shared);
+    before = model_hash(&f.m);
+    CHECK_STATUS(batch_pass(&f, g.n_scored, &mean), ESFT_OK);
+    *worst_loss = fabs(mean - g.loss) / fabs(g.loss);
+    *worst_grad = 0.0;
+    for (i = 0; i < g.n; i++) {
+        const float *a = f.tr.grads + (size_t)i * f.tr.expert_floats, *b = g.grad + (size_t)i * f.tr.expert_floats;
+        double mx = 0.0, err_max = 0.0;
+        size_t j;
+        for (j = 0; j < f.tr.expert_floats; j++) {
+            if (fabs(b[j]) > mx) mx = fabs(b[j]);
+            if (fabs((double)a[j] - b[j]) > err_max) err_max = fabs((double)a[j] - b[j]);
+        }
+        if (err_max / mx > *worst_grad) *worst_grad = err_max / mx;
+    }
+    for (l = 0, i = 0; l < f.L; l++) {
+        const float *a = esft_model_trainable_shared(&f.tr, f.tr.grads, l), *b;
+        double mx = 0.0, err_max = 0.0;
+        size_t j;
+        if (!a) continue;
+        b = g.shared_grad + (size_t)i++ * f.tr.shared_floats;
+        for (j = 0; j < f.tr.shared_floats; j++) {
+            if (fabs(b[j]) > mx) mx = fabs(b[j]);
+            if (fabs((double)a[j] - b[j]) > err_max) err_max = fabs((double)a[j] - b[j]);
+        }
+        if (err_max / mx > *worst_grad) *worst_grad = err_max / mx;
+    }
+    /* 5 AdamW steps over the whole batch, as torch.optim.AdamW took them */
+    ac.lr = 1e-3f;
+    ac.beta1 = 0.9f;
+    ac.beta2 = 0.95f;
+    ac.eps = 1e-8f;
+    ac.weight_decay = 0.1f;
+    CHECK_STATUS(esft_adamw_init(&opt, &ac, f.tr.n_params, NULL, &err), ESFT_OK);
+    *worst_step = 0.0;
+    for (step = 0; step <= 5; step++) {
+        double d;
+        memset(f.tr.grads, 0, f.tr.n_params * sizeof(float));
+        if (batch_pass(&f, g.n_scored, &mean) != ESFT_OK) break;
+        d = fabs(mean - g.adamw[step]) / fabs(g.adamw[step]);
+        if (d > *worst_step) *worst_step = d;
+        if (step < 5 && esft_adamw_step(&opt, f.tr.params, f.tr.grads, &err) != ESFT_OK) break;
+    }
+    esft_adamw_uninit(&opt);
+    CHECK_EQ_INT(step, 6);
+    CHECK(model_hash(&f.m) == before);
+    free(g.grad);
+    free(g.shared_grad);
+    esft_safetensors_close(&g.st);
+    fixture_close(&f);
+}
+
+#define TORCH_TEST(fam)                                                                                        \
+    TEST(torch_##fam)                                                                                          \
+    {                                                                                                          \
+        double wl = 0, wg = 0, ws = 0;                                                                         \
+        torch_family(#fam, &wl, &wg, &ws);                                                                     \
+        if (harness_state) return;                                                                             \
+        printf("    %s vs torch: loss %.2e, gradient %.2e (of max), AdamW step losses %.2e\n", #fam, wl, wg, ws); \
+        CHECK_MSG(wl <= TORCH_TOL && wg <= TORCH_TOL && ws <= TORCH_TOL, "%s: over 1e-4", #fam);               \
+    }
+
+TORCH_TEST(olmoe)
+TORCH_TEST(qwen3_moe)
+TORCH_TEST(mixtral)
+TORCH_TEST(qwen2_moe)
+TORCH_TEST(deepseek_v2_lite)
+TORCH_TEST(deepseek_v2_qlora_yarn)
+TORCH_TEST(deepseek_v3_bf16_tied)
+
+/* ---- save, merge, reload ----------------------------------------------------- */
+
+static int copy_file(const char *from, const char *to)
+{
+    FILE *a = fopen(from, "rb"), *b = a ? fopen(to, "wb") : NULL;
+    char buf[4096];
+    size_t n;
+    int ok = a && b;
+    while (ok && (n = fread(buf, 1, sizeof buf, a)) > 0) ok = fwrite(buf, 1, n, b) == n;
+    if (a) fclose(a);
+    if (b && fclose(b) != 0) ok = 0;
+    return ok;
+}
+
+/* Trained experts (moved off the base) saved under the checkpoint's names and
+   dtype, merged into a copy of the base (per-expert, fused, Mixtral's names,
+   bf16, shards): the merged model's loss equals the base + trained copies'
+   bit for bit, and the file carries the expert config. */
+static void roundtrip_family(const char *name)
+{
+    fixture f;
+    char why[1024], dir[512], base[300], trained[600], out[600], from[700], to[700];
+    esft_model merged;
+    esft_safetensors st;
+    esft_expert_config back;
+    esft_error err;
+    esft_model_run run;
+    double want = 0.0, got = 0.0;
+    int64_t n1 = 0, n2 = 0;
+    size_t i;
+    int bf16;
+    if (!fixture_open_shared(&f, name, 0, 2, 1, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    snprintf(dir, sizeof dir, "%s", getenv("BUILD") && *getenv("BUILD") ? getenv("BUILD") : "build");
+    mkdir(dir, 0755);
+    strcat(dir, "/test-tmp");
+    mkdir(dir, 0755);
+    strcat(dir, "/train");
+    mkdir(dir, 0755);
+    snprintf(base, sizeof base, MODELS "%s", name);
+    snprintf(trained, sizeof trained, "%s/%s.safetensors", dir, name);
+    snprintf(out, sizeof out, "%s/%s_merged", dir, name);
+    bf16 = f.m.layers[f.tr.layer[0]].expert_gate[f.tr.expert[0]].dtype == ESFT_DTYPE_BF16;
+    for (i = 0; i < f.tr.n_params; i++) {
+        f.tr.params[i] += 0.01f * (float)((i * 2654435761u) % 1000u) / 1000.0f - 0.005f;
+        if (bf16) f.tr.params[i] = esft_bf16_to_f32(esft_f32_to_bf16(f.tr.params[i]));
+    }
+    memset(&run, 0, sizeof run);
+    run.labels = f.labels;
+    run.trainable = &f.tr;
+    CHECK_STATUS(esft_model_forward(&f.m, f.ids, f.T, &run, &want, &n1, &err), ESFT_OK);
+    CHECK_STATUS(esft_model_trainable_save(&f.tr, &f.m, &f.cfg, trained, &err), ESFT_OK);
+    CHECK_STATUS(esft_checkpoint_merge(base, trained, out, NULL, &err), ESFT_OK);
+    snprintf(from, sizeof from, "%s/config.json", base);
+    snprintf(to, sizeof to, "%s/config.json", out);
+    CHECK(copy_file(from, to));
+    CHECK_STATUS(esft_model_open(&merged, out, NULL, &err), ESFT_OK);
+    run.trainable = NULL;
+    CHECK_STATUS(esft_model_forward(&merged, f.ids, f.T, &run, &got, &n2, &err), ESFT_OK);
+    esft_model_close(&merged);
+    CHECK_STATUS(esft_safetensors_open(&st, trained, NULL, &err), ESFT_OK);
+    CHECK_STATUS(esft_checkpoint_read_config(&st, &back, &err), ESFT_OK);
+    CHECK_EQ_INT(st.n_tensors, 3 * (f.tr.n_trained + f.tr.n_shared));
+    CHECK_EQ_INT(esft_expert_config_count(&back), f.tr.n_trained);
+    esft_expert_config_free(&back);
+    esft_safetensors_close(&st);
+    /* and back into a fresh block: the same values */
+    {
+        esft_model_trainable tr2;
+        CHECK_STATUS(esft_model_trainable_init(&tr2, &f.m, &f.cfg, NULL, &err), ESFT_OK);
+        CHECK_STATUS(esft_model_trainable_load(&tr2, &f.m, trained, &err), ESFT_OK);
+        i = memcmp(tr2.params, f.tr.params, f.tr.n_params * sizeof(float)) == 0;
+        esft_model_trainable_uninit(&tr2);
+        CHECK_MSG(i, "%s: loaded experts differ from the saved ones", name);
+        /* a file with tensors this block does not train (its shared experts) */
+        if (f.tr.n_shared > 0) {
+            f.cfg.shared_experts = 0;
+            CHECK_STATUS(esft_model_trainable_init(&tr2, &f.m, &f.cfg, NULL, &err), ESFT_OK);
+            i = esft_model_trainable_load(&tr2, &f.m, trained, &err) == ESFT_ERR_RANGE;
+            esft_model_trainable_uninit(&tr2);
+            CHECK_MSG(i, "%s: a file with untrained tensors was accepted", name);
+        }
+    }
+    fixture_close(&f);
+    CHECK_MSG(want == got && n1 == n2, "%s: merged loss %.17g != trained %.17g", name, got, want);
+}
+
+TEST(save_merge_reload)
+{
+    static const char *const names[] = {"qwen2_moe", "qwen2_moe_fused", "mixtral", "qwen3_moe",
+                                        "deepseek_v3_bf16_tied"};
+    size_t i;
+    for (i = 0; i < sizeof names / sizeof names[0] && !harness_state; i++) roundtrip_family(names[i]);
+}
+
+TEST(save_refuses_fp8)
+{
+    fixture f;
+    char why[1024];
+    esft_error err;
+    if (!fixture_open(&f, "deepseek_v3_fp8", 0, 1, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    CHECK_STATUS(esft_model_trainable_save(&f.tr, &f.m, &f.cfg, "build/test-tmp-never-written.safetensors", &err),
+                 ESFT_ERR_UNSUPPORTED);
+    fixture_close(&f);
+}
+
+/* ---- threads, bad configs ------------------------------------------------------ */
+
+/* One pass on 1 and on 3 threads: the same loss and gradient bits. 1100
+   tokens: a model this small runs on one thread below ~1000 tokens. */
+static void threads_family(const char *name)
+{
+    enum { TT = 1100 };
+    fixture f;
+    char why[1024];
+    double l1 = 0.0, l3 = 0.0;
+    int64_t n1 = 0, n3 = 0;
+    float *g1;
+    int32_t *ids = (int32_t *)malloc(2 * TT * sizeof(int32_t)), *labels = ids + TT;
+    int same, t;
+    if (!fixture_open(&f, name, 2, 3, why, sizeof why)) {
+        free(ids);
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    for (t = 0; t < TT; t++) {
+        ids[t] = f.ds.ids[(t * 11) % (int)f.ds.offset[f.ds.n_samples]];
+        labels[t] = t % 3 ? ids[t] : -100;
+    }
+    g1 = (float *)malloc(f.tr.n_params * sizeof(float));
+    esft_set_num_threads(1);
+    CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, ids, labels, TT, 0.5f, &l1, &n1, NULL), ESFT_OK);
+    memcpy(g1, f.tr.grads, f.tr.n_params * sizeof(float));
+    memset(f.tr.grads, 0, f.tr.n_params * sizeof(float));
+    esft_set_num_threads(3);
+    CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, ids, labels, TT, 0.5f, &l3, &n3, NULL), ESFT_OK);
+    esft_set_num_threads(0);
+    same = memcmp(g1, f.tr.grads, f.tr.n_params * sizeof(float)) == 0 && l1 == l3 && n1 == n3;
+    free(g1);
+    free(ids);
+    fixture_close(&f);
+    CHECK_MSG(same, "%s: 1 and 3 threads differ (loss %.17g vs %.17g)", name, l1, l3);
+}
+
+TEST(same_bits_any_thread_count)
+{
+    threads_family("qwen2_moe");
+    if (harness_state) return;
+    threads_family("deepseek_v2_qlora_yarn");
+}
+
+/* Accumulation: two passes with scale 1 give twice one pass's gradient; the
+   experts of a layer above all trained ones still get nothing wrong. */
+TEST(backward_accumulates)
+{
+    fixture f;
+    char why[1024];
+    float *g1;
+    size_t i;
+    double worst = 0.0;
+    if (!fixture_open(&f, "olmoe", 0, 1, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    g1 = (float *)malloc(f.tr.n_params * sizeof(float));
+    CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, f.ids, f.labels, f.T, 1.0f, NULL, NULL, NULL), ESFT_OK);
+    memcpy(g1, f.tr.grads, f.tr.n_params * sizeof(float));
+    CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, f.ids, f.labels, f.T, 1.0f, NULL, NULL, NULL), ESFT_OK);
+    for (i = 0; i < f.tr.n_params; i++) {
+        double d = fabs((double)f.tr.grads[i] - 2.0 * g1[i]);
+        if (d > worst) worst = d;
+    }
+    free(g1);
+    fixture_close(&f);
+    CHECK_MSG(worst == 0.0, "second pass did not add exactly: %g", worst);
+}
+
+TEST(bad_expert_configs)
+{
+    fixture f;
+    char why[1024];
+    esft_model_trainable tr;
+    esft_error err;
+    int32_t ids[1] = {0}, labels[1] = {-100};
+    if (!fixture_open(&f, "deepseek_v2_lite", 1, 1, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    /* layer 0 is dense in this model */
+    f.cfg_ids[0] = 1;
+    f.cfg_offset[1] = 1;
+    f.cfg_present[0] = 1;
+    CHECK_STATUS(esft_model_trainable_init(&tr, &f.m, &f.cfg, NULL, &err), ESFT_ERR_RANGE);
+    f.cfg_present[0] = 0;
+    f.cfg_offset[1] = 0;
+    f.cfg_ids[0] = 99;  /* past E in layer 1 */
+    CHECK_STATUS(esft_model_trainable_init(&tr, &f.m, &f.cfg, NULL, &err), ESFT_ERR_RANGE);
+    f.cfg_ids[0] = 0;
+    f.cfg.non_expert_modules = 1;
+    CHECK_STATUS(esft_model_trainable_init(&tr, &f.m, &f.cfg, NULL, &err), ESFT_ERR_UNSUPPORTED);
+    f.cfg.non_expert_modules = 0;
+    CHECK_STATUS(esft_model_trainable_init(&tr, &f.m, &f.cfg, NULL, &err), ESFT_OK);
+    CHECK(esft_model_trainable_expert(&tr, tr.params, 1, f.cfg_ids[0]) == tr.params);
+    CHECK(esft_model_trainable_expert(&tr, tr.params, 0, 0) == NULL);
+    CHECK_STATUS(esft_model_forward_backward(&f.m, &tr, ids, NULL, 1, 1.0f, NULL, NULL, &err),
+                 ESFT_ERR_INVALID_ARGUMENT);
+    ids[0] = f.m.cfg.vocab;
+    CHECK_STATUS(esft_model_forward_backward(&f.m, &tr, ids, labels, 1, 1.0f, NULL, NULL, &err), ESFT_ERR_RANGE);
+    /* a block built for one model, used with another */
+    {
+        esft_model other;
+        esft_model_run run;
+        int32_t one[2] = {1, 2};
+        CHECK_STATUS(esft_model_open(&other, MODELS "qwen2_moe", NULL, &err), ESFT_OK);
+        memset(&run, 0, sizeof run);
+        run.trainable = &tr;
+        CHECK_STATUS(esft_model_forward(&other, one, 2, &run, NULL, NULL, &err), ESFT_ERR_SHAPE);
+        CHECK_STATUS(esft_model_forward_backward(&other, &tr, one, one, 2, 1.0f, NULL, NULL, &err), ESFT_ERR_SHAPE);
+        esft_model_close(&other);
+    }
+    esft_model_trainable_uninit(&tr);
+    fixture_close(&f);
+}
+
+HARNESS_MAIN()
