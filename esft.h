@@ -45,7 +45,14 @@
       - AdamW over the trainable block, global-norm gradient clipping.
       - Checkpoints: safetensors read/write (validated header, positioned reads,
         atomic writes, F32/F16/BF16), sharded index, Hugging Face MoE names
-        (DeepSeek-V2, Mixtral, Qwen-MoE, Camelidae); extract / save / merge experts.
+        (DeepSeek-V2, Mixtral, Qwen-MoE, Camelidae), fused 3-D experts; extract /
+        save / merge experts.
+      - Models: Hugging Face MoE checkpoint directories (DeepSeek-V2/V3, Qwen2/3-MoE,
+        OLMoE, Mixtral; per-expert or fused experts; fp32, bf16, FP8 + block scales)
+        run whole on the CPU with weights in their file dtype; the forward's own
+        routing feeds the statistics; backward through the frozen model to the
+        experts an ESFT config trains (fp32 master copies, 12 bytes per trainable
+        parameter beyond them).
       - A small strict JSON reader/writer of our own (no outside library).
 
    CONTENTS (same order in declarations and implementation)
