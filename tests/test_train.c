@@ -162,6 +162,12 @@ static void fixture_close(fixture *f)
    difference well under the tolerance; the loss is smooth at that scale. */
 static const gc_options tol = {1e-2, 2e-4, 2e-2};
 
+/* Coordinates checked per tensor block: ~25, or ~6 under ESFT_TEST_LIGHT (set by
+   tests/sanitize.sh for valgrind, which runs each whole-model forward ~50x
+   slower; the code paths are the same). */
+static size_t gc_stride(size_t n) { return (n / (getenv("ESFT_TEST_LIGHT") ? 6 : 25)) | 1; }
+static size_t gc_min_checked(void) { return getenv("ESFT_TEST_LIGHT") ? 3 : 10; }
+
 static void gradcheck_family(const char *name, double *worst_rel)
 {
     fixture f;
@@ -183,14 +189,14 @@ static void gradcheck_family(const char *name, double *worst_rel)
     *worst_rel = 0.0;
     for (i = 0; i < f.tr.n_trained; i++) {
         float *p = f.tr.params + (size_t)i * f.tr.expert_floats, *g = f.tr.grads + (size_t)i * f.tr.expert_floats;
-        gc_result r = gc_check(p, f.tr.expert_floats, g, (f.tr.expert_floats / 25) | 1, loss_fn, &f, &tol);
+        gc_result r = gc_check(p, f.tr.expert_floats, g, gc_stride(f.tr.expert_floats), loss_fn, &f, &tol);
         double rel = r.worst_err / (r.max_abs_grad + 1e-30);
         if (getenv("ESFT_TEST_VERBOSE"))
             printf("      L%d e%d checked %lu skipped %lu worst num %.6g ana %.6g max|g| %.3g\n", f.tr.layer[i],
                    f.tr.expert[i], (unsigned long)r.checked, (unsigned long)r.skipped, r.worst_num, r.worst_ana,
                    r.max_abs_grad);
         if (rel > *worst_rel) *worst_rel = rel;
-        if (r.failed || r.checked < 10 || r.max_abs_grad == 0.0) {
+        if (r.failed || r.checked < gc_min_checked() || r.max_abs_grad == 0.0) {
             snprintf(buf, sizeof buf, "%s layer %d expert %d: %s", name, f.tr.layer[i], f.tr.expert[i],
                      gc_describe(&r, "dW", why, sizeof why));
             fixture_close(&f);
@@ -202,13 +208,13 @@ static void gradcheck_family(const char *name, double *worst_rel)
         gc_result r;
         double rel;
         if (!p) continue;
-        r = gc_check(p, f.tr.shared_floats, g, (f.tr.shared_floats / 25) | 1, loss_fn, &f, &tol);
+        r = gc_check(p, f.tr.shared_floats, g, gc_stride(f.tr.shared_floats), loss_fn, &f, &tol);
         rel = r.worst_err / (r.max_abs_grad + 1e-30);
         if (rel > *worst_rel) *worst_rel = rel;
         if (getenv("ESFT_TEST_VERBOSE"))
             printf("      L%d shared checked %lu skipped %lu worst num %.6g ana %.6g max|g| %.3g\n", i,
                    (unsigned long)r.checked, (unsigned long)r.skipped, r.worst_num, r.worst_ana, r.max_abs_grad);
-        if (r.failed || r.checked < 10 || r.max_abs_grad == 0.0) {
+        if (r.failed || r.checked < gc_min_checked() || r.max_abs_grad == 0.0) {
             snprintf(buf, sizeof buf, "%s layer %d shared experts: %s", name, i, gc_describe(&r, "dW", why, sizeof why));
             fixture_close(&f);
             HARNESS_FAIL_("%.400s (checked %lu)", buf, (unsigned long)r.checked);
@@ -275,12 +281,12 @@ static void long_family(const char *name, int window)
     CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, f.ids, f.labels, f.T, 1.0f, NULL, NULL, NULL), ESFT_OK);
     for (i = 0; i < f.tr.n_trained; i++) {
         float *p = f.tr.params + (size_t)i * f.tr.expert_floats, *g = f.tr.grads + (size_t)i * f.tr.expert_floats;
-        gc_result r = gc_check(p, f.tr.expert_floats, g, (f.tr.expert_floats / 25) | 1, loss_fn, &f, &tol);
+        gc_result r = gc_check(p, f.tr.expert_floats, g, gc_stride(f.tr.expert_floats), loss_fn, &f, &tol);
         if (getenv("ESFT_TEST_VERBOSE"))
             printf("      L%d e%d checked %lu skipped %lu worst num %.6g ana %.6g max|g| %.3g\n", f.tr.layer[i],
                    f.tr.expert[i], (unsigned long)r.checked, (unsigned long)r.skipped, r.worst_num, r.worst_ana,
                    r.max_abs_grad);
-        if (r.failed || r.checked < 5 || r.max_abs_grad == 0.0) {
+        if (r.failed || r.checked < (getenv("ESFT_TEST_LIGHT") ? 2u : 5u) || r.max_abs_grad == 0.0) {
             snprintf(buf, sizeof buf, "%s (T 150) layer %d expert %d: %s", name, f.tr.layer[i], f.tr.expert[i],
                      gc_describe(&r, "dW", why, sizeof why));
             fixture_close(&f);
