@@ -11,6 +11,7 @@
        esft inspect MODEL_DIR                       tensors, dtypes, experts
        esft extract MODEL_DIR --config config.json -o experts.safetensors
        esft merge MODEL_DIR trained.safetensors -o MERGED_DIR
+       esft train MODEL_DIR --data t.jsonl --expert-config c.json --steps N --batch-tokens B -o out.safetensors
        esft help CMD | esft CMD --help | esft --help | esft --version
 
    Exit status: 0 success, 1 runtime error (bad file, bad value), 2 usage error.
@@ -1300,7 +1301,7 @@ static int cmd_stats_model(const char *name, int argc, char **argv)
 /* ---- esft train -------------------------------------------------------- */
 
 static const char train_help[] =
-    "usage: esft train MODEL_DIR --data TRAIN.jsonl --expert-config CFG.json --steps N\n"
+    "usage: esft train MODEL_DIR --data TRAIN.jsonl --method esft --expert-config CFG.json --steps N\n"
     "                  --batch-tokens B -o OUT.safetensors [options]\n"
     "\n"
     "Trains the routed experts an ESFT expert config lists (everything else frozen)\n"
@@ -1827,7 +1828,8 @@ static void cli_overview(FILE *to)
                 "  esft eval MODEL_DIR --data task.jsonl\n"
                 "  esft stats MODEL_DIR --data task.jsonl -o summary.json\n"
                 "  esft extract MODEL_DIR --config config.json -o experts.safetensors\n"
-                "  (train those experts; save them with esft_checkpoint_save_trained)\n"
+                "  esft train MODEL_DIR --data task.jsonl --expert-config config.json --steps N --batch-tokens B \\\n"
+                "      -o trained.safetensors\n"
                 "  esft merge MODEL_DIR trained.safetensors -o MERGED_DIR\n"
                 "  esft inspect MERGED_DIR\n");
 }
