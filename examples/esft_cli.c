@@ -1410,7 +1410,7 @@ static int cli_train_check_usage(const char *name, cli_train_opts *o)
     if (strcmp(o->schedule, "constant") != 0 && strcmp(o->schedule, "cosine") != 0)
         return cli_usage(name, "--schedule expects constant or cosine, got '%s'%s", o->schedule, "");
     if (!isfinite(o->lr) || !(o->lr > 0.0) || o->lr > 1e3)
-        return cli_usage(name, "--lr must be a finite number > 0%s%s", "", "");
+        return cli_usage(name, "--lr must be a number in (0, 1000]%s%s", "", "");
     if (!isfinite(o->weight_decay) || o->weight_decay < 0.0)
         return cli_usage(name, "--weight-decay must be a finite number >= 0%s%s", "", "");
     if (!isfinite(o->clip) || o->clip < 0.0) return cli_usage(name, "--clip must be a finite number >= 0 (0 = off)%s%s", "", "");
@@ -1567,6 +1567,12 @@ static esft_status cli_train_open(const char *name, const cli_train_opts *o, cli
     if (o->eval_data) {
         if ((s = esft_dataset_read_jsonl(&t->eval, o->eval_data, 0, t->m.cfg.vocab, NULL, err)) != ESFT_OK) return s;
         t->have_eval = 1;
+        for (i = 0; i < t->eval.n_samples && !cli_scored(&t->eval, i); i++) {}
+        if (i == t->eval.n_samples) {
+            snprintf(err->file, sizeof err->file, "%.200s", o->eval_data);
+            snprintf(err->message, sizeof err->message, "no eval sample scores a token (%d samples)", t->eval.n_samples);
+            return ESFT_ERR_INVALID_ARGUMENT;
+        }
     }
     t->scored = (int64_t *)malloc((size_t)(t->ds.n_samples + 1) * sizeof *t->scored);
     if (!t->scored) return ESFT_ERR_OUT_OF_MEMORY;
@@ -1675,8 +1681,10 @@ static esft_status cli_train_run(const char *name, const cli_train_opts *o, cli_
         now = cli_now();
         if (!o->quiet && now - eta.start >= 3.0 && now - eta.last >= 5.0) {
             eta.last = now;
+            char ev[48] = "";
+            if (last_eval >= 0.0) snprintf(ev, sizeof ev, ", eval loss %.4f", last_eval);
             fprintf(stderr, "esft %s: step %d of %d, loss %.4f (mean of the last %d)%s, %.0f tokens/s, about %.0f s left\n",
-                    name, step, o->steps, run_loss / run_n, run_n, last_eval >= 0.0 ? ", eval loss known" : "",
+                    name, step, o->steps, run_loss / run_n, run_n, ev,
                     (double)*tokens_done / (now - eta.start), (now - eta.start) * (o->steps - step) / step);
             run_loss = 0.0;
             run_n = 0;

@@ -126,6 +126,7 @@ expect_fail train_missing_data_exit_1 1 train "$O" --data "$T/nothing.jsonl" $ok
 expect_fail train_expert_past_E_exit_1 1 train "$O" --data "$O/data.jsonl" $ok --expert-config "$T/bad_id.json"
 expect_fail train_layer_past_L_exit_1 1 train "$O" --data "$O/data.jsonl" $ok --expert-config "$T/bad_layer.json"
 expect_fail train_bad_eval_data_exit_1 1 train "$O" --data "$O/data.jsonl" $ok --eval-data "$T/nothing.jsonl"
+expect_fail train_unscored_eval_data_exit_1 1 train "$O" --data "$O/data.jsonl" $ok --eval-data "$T/unscored.jsonl"
 expect_fail train_steps_0_exit_2 2 train "$O" --data "$O/data.jsonl" $ok --steps 0
 expect_fail train_batch_tokens_0_exit_2 2 train "$O" --data "$O/data.jsonl" $ok --batch-tokens 0
 expect_fail train_lr_nan_exit_2 2 train "$O" --data "$O/data.jsonl" $ok --lr nan
