@@ -1327,11 +1327,16 @@ static const char train_help[] =
     "  --eval-every K          (default: only at the end)\n"
     "  --log FILE              one JSON object a line per step: step, loss, lr,\n"
     "                          grad_norm, tokens (and eval_loss on eval steps)\n"
+    "  --state FILE            save the run's state (experts, AdamW moments, step,\n"
+    "                          sample order) every K steps and at the end\n"
+    "  --state-every K         (default: only at the end)\n"
+    "  --resume FILE           go on from such a state with the same options and\n"
+    "                          seed: the steps after it as an uninterrupted run's\n"
     "  -q, --quiet             no progress or summary on stderr\n";
 
 typedef struct cli_train_opts {
-    const char *dir, *data, *method, *config, *out, *log, *eval_data, *schedule;
-    int steps, batch_tokens, warmup, eval_every, quiet;
+    const char *dir, *data, *method, *config, *out, *log, *eval_data, *schedule, *state, *resume;
+    int steps, batch_tokens, warmup, eval_every, state_every, quiet;
     double lr, weight_decay, clip;
     long long seed;
 } cli_train_opts;
@@ -1352,7 +1357,7 @@ static int cli_train_parse(const char *name, int argc, char **argv, cli_train_op
     memset(o, 0, sizeof *o);
     o->method = "esft";
     o->schedule = "constant";
-    o->steps = o->batch_tokens = o->warmup = o->eval_every = -1;
+    o->steps = o->batch_tokens = o->warmup = o->eval_every = o->state_every = -1;
     o->lr = esft.lr;
     o->weight_decay = esft.weight_decay;
     o->clip = 1.0;
@@ -1363,6 +1368,9 @@ static int cli_train_parse(const char *name, int argc, char **argv, cli_train_op
             (r = cli_text(name, argc, argv, &i, "--expert-config", NULL, &o->config)) ||
             (r = cli_text(name, argc, argv, &i, "-o", "--output", &o->out)) ||
             (r = cli_text(name, argc, argv, &i, "--log", NULL, &o->log)) ||
+            (r = cli_text(name, argc, argv, &i, "--state", NULL, &o->state)) ||
+            (r = cli_text(name, argc, argv, &i, "--resume", NULL, &o->resume)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--state-every", &o->state_every)) ||
             (r = cli_text(name, argc, argv, &i, "--eval-data", NULL, &o->eval_data)) ||
             (r = cli_text(name, argc, argv, &i, "--schedule", NULL, &o->schedule)) ||
             (r = cli_text(name, argc, argv, &i, "--seed", NULL, &seed)) ||
@@ -1416,6 +1424,11 @@ static int cli_train_check_usage(const char *name, cli_train_opts *o)
     if (!isfinite(o->clip) || o->clip < 0.0) return cli_usage(name, "--clip must be a finite number >= 0 (0 = off)%s%s", "", "");
     if (o->eval_every != -1 && !o->eval_data) return cli_usage(name, "--eval-every needs --eval-data%s%s", "", "");
     if (o->eval_every == -1) o->eval_every = o->steps;
+    if (o->state_every != -1 && !o->state) return cli_usage(name, "--state-every needs --state%s%s", "", "");
+    if (o->state_every == -1) o->state_every = o->steps;
+    if (o->state_every < 1) return cli_usage(name, "--state-every must be >= 1%s%s", "", "");
+    if (o->state && (strcmp(o->state, o->out) == 0 || (o->log && strcmp(o->state, o->log) == 0)))
+        return cli_usage(name, "--state '%s' is also -o or --log%s", o->state, "");
     if (o->eval_every < 1) return cli_usage(name, "--eval-every must be >= 1%s%s", "", "");
     if (o->log && strcmp(o->log, o->out) == 0) return cli_usage(name, "--log and -o are the same file '%s'%s", o->log, "");
     return EXIT_OK;
@@ -1431,6 +1444,10 @@ static int cli_train_check_outputs(const char *name, const cli_train_opts *o)
     ok = cli_inputs_add_checkpoint(&in, o->dir) && cli_inputs_add(&in, o->data) && cli_inputs_add(&in, o->config) &&
          (!o->eval_data || cli_inputs_add(&in, o->eval_data));
     r = ok && o->log ? cli_check_output(name, &in, o->log) : EXIT_OK;
+    /* the state may be the file resumed from (that is how a run goes on), so it is
+       checked before the resumed file joins the inputs */
+    if (r == EXIT_OK && ok && o->state) r = cli_check_output(name, &in, o->state);
+    if (r == EXIT_OK && ok && o->resume) ok = cli_inputs_add(&in, o->resume);
     return r == EXIT_OK ? cli_check_done(name, &in, ok, o->out) : (cli_inputs_free(&in), r);
 }
 
@@ -1656,6 +1673,130 @@ static void cli_train_log(FILE *f, int step, double loss, double lr, double norm
     fprintf(f, "}\n");
 }
 
+/* ---- train state: --state / --resume -------------------------------------- */
+
+/* The state file is a safetensors file: "params", "adam_m", "adam_v" (F32,
+   n_params each, the trainable block's layout), "experts" (I32: layer, expert
+   of each slot, then -1, shared blocks), "order" (I32, the current
+   shuffle of the scoring samples) and "counters" (I64: steps done, position
+   in the order, draws taken, seed), all a run needs to go on with the same
+   bits. I64 and I32 bytes are written as this machine holds them
+   (safetensors is little-endian, as are x86 and ARM Linux). */
+/* What the block trains, as the state records it: (layer, expert) per slot,
+   then -1 and the number of shared blocks. NULL when out of memory. */
+static int32_t *cli_train_experts(const esft_model_trainable *tr)
+{
+    int32_t *ex = (int32_t *)malloc((size_t)(2 * tr->n_trained + 2) * sizeof *ex);
+    int i;
+    if (!ex) return NULL;
+    for (i = 0; i < tr->n_trained; i++) ex[2 * i] = tr->layer[i], ex[2 * i + 1] = tr->expert[i];
+    ex[2 * tr->n_trained] = -1;
+    ex[2 * tr->n_trained + 1] = tr->n_shared;
+    return ex;
+}
+
+static esft_status cli_train_state_save(const cli_train_state *t, const char *path, uint64_t seed, esft_error *err)
+{
+    static const char *const keys[] = {"format"}, *const values[] = {"esft-train-state"};
+    int64_t counters[4];
+    esft_st_write_tensor w[6];
+    int32_t *ex;
+    esft_status s;
+    int i;
+    counters[0] = t->opt.step;
+    counters[1] = t->order.pos;
+    counters[2] = (int64_t)t->order.draws;
+    counters[3] = (int64_t)seed;
+    memset(w, 0, sizeof w);
+    w[0].name = "params", w[0].f32 = t->tr.params;
+    w[1].name = "adam_m", w[1].f32 = t->opt.m;
+    w[2].name = "adam_v", w[2].f32 = t->opt.v;
+    for (i = 0; i < 3; i++) w[i].dtype = ESFT_DTYPE_F32, w[i].n_dims = 1, w[i].shape[0] = (int64_t)t->tr.n_params;
+    w[3].name = "order", w[3].dtype = ESFT_DTYPE_I32, w[3].n_dims = 1, w[3].shape[0] = t->order.n, w[3].data = t->order.perm;
+    w[4].name = "counters", w[4].dtype = ESFT_DTYPE_I64, w[4].n_dims = 1, w[4].shape[0] = 4, w[4].data = counters;
+    if (!(ex = cli_train_experts(&t->tr))) return ESFT_ERR_OUT_OF_MEMORY;
+    w[5].name = "experts", w[5].dtype = ESFT_DTYPE_I32, w[5].n_dims = 1, w[5].shape[0] = 2 * t->tr.n_trained + 2;
+    w[5].data = ex;
+    s = esft_safetensors_write(path, w, 6, keys, values, 1, err);
+    free(ex);
+    return s;
+}
+
+/* Tensor name of st as n values (F32 into f, or I32/I64 into l); its size must be n. */
+static esft_status cli_state_tensor(const esft_safetensors *st, const char *path, const char *name, size_t n, float *f,
+                                    int64_t *l, esft_error *err)
+{
+    int i = esft_safetensors_find(st, name);
+    if (i < 0 || st->tensors[i].n_elements != (uint64_t)n) {
+        snprintf(err->file, sizeof err->file, "%.200s", path);
+        snprintf(err->message, sizeof err->message,
+                 "%s: %s, the run has %lu (another model, expert config or data?)", name,
+                 i < 0 ? "missing" : "another size", (unsigned long)n);
+        return i < 0 ? ESFT_ERR_PARSE : ESFT_ERR_SHAPE;
+    }
+    return f ? esft_safetensors_read_f32(st, i, f, err) : esft_safetensors_read_i64(st, i, l, err);
+}
+
+/* The state's "experts" must be the block's (work: 2 n_trained + 2 values). */
+static esft_status cli_train_state_experts(const cli_train_state *t, const esft_safetensors *st, const char *path,
+                                           int64_t *work, esft_error *err)
+{
+    size_t n = 2 * (size_t)t->tr.n_trained + 2, i;
+    int32_t *ex = cli_train_experts(&t->tr);
+    esft_status s = ex ? cli_state_tensor(st, path, "experts", n, NULL, work, err) : ESFT_ERR_OUT_OF_MEMORY;
+    for (i = 0; s == ESFT_OK && i < n; i++)
+        if (work[i] != ex[i]) {
+            snprintf(err->file, sizeof err->file, "%.200s", path);
+            snprintf(err->message, sizeof err->message, "the state trains other experts than --expert-config");
+            s = ESFT_ERR_SHAPE;
+        }
+    free(ex);
+    return s;
+}
+
+/* Reads a state written by cli_train_state_save for this very run setup. */
+static esft_status cli_train_state_load(cli_train_state *t, const char *path, uint64_t seed, int steps, esft_error *err)
+{
+    esft_safetensors st;
+    int64_t c[4], *order = NULL;
+    esft_status s;
+    size_t n;
+    int i;
+    if ((s = esft_safetensors_open(&st, path, NULL, err)) != ESFT_OK) return s;
+    s = cli_state_tensor(&st, path, "counters", 4, NULL, c, err);
+    n = 2 * (size_t)t->tr.n_trained + 2;
+    n = n > (size_t)t->order.n ? n : (size_t)t->order.n;
+    if (s == ESFT_OK && !(order = (int64_t *)malloc((n + 1) * sizeof *order))) s = ESFT_ERR_OUT_OF_MEMORY;
+    if (s == ESFT_OK) s = cli_train_state_experts(t, &st, path, order, err);
+    if (s == ESFT_OK) s = cli_state_tensor(&st, path, "order", (size_t)t->order.n, NULL, order, err);
+    if (s == ESFT_OK) s = cli_state_tensor(&st, path, "params", t->tr.n_params, t->tr.params, NULL, err);
+    if (s == ESFT_OK) s = cli_state_tensor(&st, path, "adam_m", t->tr.n_params, t->opt.m, NULL, err);
+    if (s == ESFT_OK) s = cli_state_tensor(&st, path, "adam_v", t->tr.n_params, t->opt.v, NULL, err);
+    esft_safetensors_close(&st);
+    if (s == ESFT_OK && ((uint64_t)c[3] != seed || c[0] < 0 || c[0] >= steps || c[1] < 0 || c[1] > t->order.n || c[2] < 0)) {
+        snprintf(err->file, sizeof err->file, "%.200s", path);
+        snprintf(err->message, sizeof err->message, "the state is at step %lld of seed %lld: resume needs --seed %lld and --steps above %lld",
+                 (long long)c[0], (long long)c[3], (long long)c[3], (long long)c[0]);
+        s = ESFT_ERR_INVALID_ARGUMENT;
+    }
+    for (i = 0; s == ESFT_OK && i < t->order.n; i++) {
+        if (order[i] < 0 || order[i] >= t->ds.n_samples || t->scored[order[i]] == 0) {
+            snprintf(err->file, sizeof err->file, "%.200s", path);
+            snprintf(err->message, sizeof err->message, "order: sample %lld is not a scoring sample of the data", (long long)order[i]);
+            s = ESFT_ERR_RANGE;
+        } else {
+            t->order.perm[i] = (int)order[i];
+        }
+    }
+    if (s == ESFT_OK) {
+        t->opt.step = (long)c[0];
+        t->order.pos = (int)c[1];
+        t->order.draws = (uint64_t)c[2];
+    }
+    free(order);
+    return s;
+}
+
 /* The training loop; the log goes to log_tmp (renamed by the caller). */
 static esft_status cli_train_run(const char *name, const cli_train_opts *o, cli_train_state *t, FILE *log,
                                  long long *tokens_done, esft_error *err)
@@ -1664,7 +1805,7 @@ static esft_status cli_train_run(const char *name, const cli_train_opts *o, cli_
     double run_loss = 0.0, last_eval = -1.0;
     int step, run_n = 0;
     cli_eta_begin(&eta, name, o->quiet);
-    for (step = 1; step <= o->steps; step++) {
+    for (step = (int)t->opt.step + 1; step <= o->steps; step++) {
         double loss, lr, norm, eval = -1.0, now;
         int64_t tokens;
         esft_status s = cli_train_step(t, o, step, &loss, &lr, &norm, &tokens, err);
@@ -1676,6 +1817,9 @@ static esft_status cli_train_run(const char *name, const cli_train_opts *o, cli_
         *tokens_done += tokens;
         if (log) cli_train_log(log, step, loss, lr, norm, tokens, eval);
         if (log && fflush(log) != 0) return ESFT_ERR_IO;
+        if (o->state && (step % o->state_every == 0 || step == o->steps) &&
+            (s = cli_train_state_save(t, o->state, (uint64_t)o->seed, err)) != ESFT_OK)
+            return s;
         run_loss += loss;
         run_n++;
         now = cli_now();
@@ -1703,13 +1847,14 @@ static int cmd_train(const char *name, int argc, char **argv)
     char log_tmp[4200];
     long long tokens = 0;
     double t0;
-    int r;
+    int r, first;
     if ((r = cli_train_parse(name, argc, argv, &o)) != EXIT_OK) return r;
     if ((r = cli_train_check_usage(name, &o)) != EXIT_OK) return r;
     if ((r = cli_train_check_outputs(name, &o)) != EXIT_OK) return r;
     memset(&t, 0, sizeof t);
     memset(&err, 0, sizeof err);
     s = cli_train_open(name, &o, &t, &err);
+    if (s == ESFT_OK && o.resume) s = cli_train_state_load(&t, o.resume, (uint64_t)o.seed, o.steps, &err);
     if (s == ESFT_OK && o.log) {
         /* the log is written beside its name and renamed at the end, so a failed
            run leaves an earlier log untouched (watch the .tmp file meanwhile) */
@@ -1720,6 +1865,7 @@ static int cmd_train(const char *name, int argc, char **argv)
             s = ESFT_ERR_IO;
         }
     }
+    first = (int)t.opt.step + 1;
     t0 = cli_now();
     if (s == ESFT_OK) s = cli_train_run(name, &o, &t, log, &tokens, &err);
     if (s == ESFT_OK) s = esft_model_trainable_save(&t.tr, &t.m, &t.cfg, o.out, &err);
@@ -1734,9 +1880,9 @@ static int cmd_train(const char *name, int argc, char **argv)
     if (s == ESFT_OK && !o.quiet) {
         char mem[32], opt[32];
         double dt = cli_now() - t0;
-        fprintf(stderr, "esft %s: %d steps, %lld tokens in %.1f s (%.0f tokens/s); %d experts, %llu trainable parameters, "
+        fprintf(stderr, "esft %s: %d steps (%d..%d), %lld tokens in %.1f s (%.0f tokens/s); %d experts, %llu trainable parameters, "
                         "optimizer state %s, peak memory %s -> %s\n",
-                name, o.steps, tokens, dt, dt > 0 ? (double)tokens / dt : 0.0, t.tr.n_trained + t.tr.n_shared,
+                name, o.steps - first + 1, first, o.steps, tokens, dt, dt > 0 ? (double)tokens / dt : 0.0, t.tr.n_trained + t.tr.n_shared,
                 (unsigned long long)t.tr.n_params, cli_bytes(esft_adamw_state_bytes(&t.opt), opt, sizeof opt),
                 cli_bytes(cli_peak_rss(), mem, sizeof mem), o.out);
     }

@@ -104,6 +104,22 @@ if "$ESFT" train "$O" --data "$O/data.jsonl" --expert-config "$C" --steps 4 --ba
     pass train_eval_every
 else fail train_eval_every "$(cat "$T/ev.log")"; fi
 
+# --state/--resume: 7 steps straight, or 3 (state saved at 2 and 3) and then
+# --resume for steps 4..7, give the same log lines and the same output bytes.
+# 2 samples a step over 3 samples: the stop falls inside an epoch of the order.
+run="train $O --data $O/data.jsonl --expert-config $C --batch-tokens 20 --lr 1e-3 --warmup 2 --seed 5 -q"
+if "$ESFT" $run --steps 7 -o "$T/full.safetensors" --log "$T/full.log" > "$T/out" 2> "$T/err" &&
+   "$ESFT" $run --steps 3 -o "$T/part.safetensors" --state "$T/state.safetensors" --state-every 2 > "$T/out" 2> "$T/err" &&
+   "$ESFT" $run --steps 7 --resume "$T/state.safetensors" --state "$T/state.safetensors" -o "$T/rest.safetensors" \
+        --log "$T/rest.log" > "$T/out" 2> "$T/err" &&
+   tail -n 4 "$T/full.log" | cmp -s - "$T/rest.log" && cmp -s "$T/full.safetensors" "$T/rest.safetensors"; then
+    pass train_resume_equals_an_uninterrupted_run
+else fail train_resume_equals_an_uninterrupted_run "$(head -2 "$T/rest.log" 2>/dev/null)"; fi
+if "$ESFT" $run --steps 7 --resume "$T/state.safetensors" -o "$T/x.safetensors" > "$T/out" 2> "$T/err"; [ $? -eq 1 ] &&
+   grep -q 'at step 7' "$T/err" && [ ! -e "$T/x.safetensors" ]; then
+    pass train_resume_a_finished_state_exit_1
+else fail train_resume_a_finished_state_exit_1 "$(head -1 "$T/err")"; fi
+
 # ---- failures: exit 1 (runtime) / 2 (usage), nothing on stdout, no output or log ----
 expect_fail() {
     name=$1; code=$2; shift 2
@@ -120,6 +136,7 @@ printf '{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}\n{"input_ids": [4
 : > "$T/empty.jsonl"
 printf '{"experts": {"0": [99]}, "shared_experts": false, "non_expert_modules": false}\n' > "$T/bad_id.json"
 printf '{"experts": {"5": [1]}, "shared_experts": false, "non_expert_modules": false}\n' > "$T/bad_layer.json"
+printf '{"experts": {"0": [1, 2]}, "shared_experts": false, "non_expert_modules": false}\n' > "$T/olmoe2.cfg.json"
 expect_fail train_every_label_ignored_exit_1 1 train "$O" --data "$T/unscored.jsonl" $ok
 expect_fail train_empty_data_exit_1 1 train "$O" --data "$T/empty.jsonl" $ok
 expect_fail train_missing_data_exit_1 1 train "$O" --data "$T/nothing.jsonl" $ok
@@ -135,6 +152,11 @@ expect_fail train_lr_0_exit_2 2 train "$O" --data "$O/data.jsonl" $ok --lr 0
 expect_fail train_clip_negative_exit_2 2 train "$O" --data "$O/data.jsonl" $ok --clip -1
 expect_fail train_bad_schedule_exit_2 2 train "$O" --data "$O/data.jsonl" $ok --schedule linear
 expect_fail train_eval_every_without_data_exit_2 2 train "$O" --data "$O/data.jsonl" $ok --eval-every 2
+expect_fail train_resume_other_seed_exit_1 1 train "$O" --data "$O/data.jsonl" $ok --resume "$T/state.safetensors" --steps 9
+expect_fail train_resume_other_config_exit_1 1 train "$O" --data "$O/data.jsonl" $ok --resume "$T/state.safetensors" --seed 5 \
+    --steps 9 --expert-config "$T/olmoe2.cfg.json"
+expect_fail train_resume_not_a_state_exit_1 1 train "$O" --data "$O/data.jsonl" $ok --resume "$O/model.safetensors"
+expect_fail train_state_every_without_state_exit_2 2 train "$O" --data "$O/data.jsonl" $ok --state-every 2
 expect_fail train_method_lora_not_yet_exit_2 2 train "$O" --data "$O/data.jsonl" $ok --method lora
 expect_fail train_without_steps_exit_2 2 train "$O" --data "$O/data.jsonl" --expert-config "$C" --batch-tokens 4 -o "$T/x.safetensors"
 cp "$O/data.jsonl" "$T/data_copy.jsonl"
