@@ -1880,7 +1880,7 @@ static int cmd_train(const char *name, int argc, char **argv)
     if (s == ESFT_OK && !o.quiet) {
         char mem[32], opt[32];
         double dt = cli_now() - t0;
-        fprintf(stderr, "esft %s: %d steps (%d..%d), %lld tokens in %.1f s (%.0f tokens/s); %d experts, %llu trainable parameters, "
+        fprintf(stderr, "esft %s: %d steps (%d..%d), %lld scored tokens in %.1f s (%.0f tokens/s); %d experts, %llu trainable parameters, "
                         "optimizer state %s, peak memory %s -> %s\n",
                 name, o.steps - first + 1, first, o.steps, tokens, dt, dt > 0 ? (double)tokens / dt : 0.0, t.tr.n_trained + t.tr.n_shared,
                 (unsigned long long)t.tr.n_params, cli_bytes(esft_adamw_state_bytes(&t.opt), opt, sizeof opt),
