@@ -11,6 +11,7 @@
        esft inspect MODEL_DIR                       tensors, dtypes, experts
        esft extract MODEL_DIR --config config.json -o experts.safetensors
        esft merge MODEL_DIR trained.safetensors -o MERGED_DIR
+       esft train MODEL_DIR --data t.jsonl --expert-config c.json --steps N --batch-tokens B -o out.safetensors
        esft help CMD | esft CMD --help | esft --help | esft --version
 
    Exit status: 0 success, 1 runtime error (bad file, bad value), 2 usage error.
@@ -36,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 enum { EXIT_OK = 0, EXIT_RUNTIME = 1, EXIT_USAGE = 2 };
 
@@ -1296,6 +1298,598 @@ static int cmd_stats_model(const char *name, int argc, char **argv)
     return s == ESFT_OK ? EXIT_OK : cli_fail(name, s, &err);
 }
 
+/* ---- esft train -------------------------------------------------------- */
+
+static const char train_help[] =
+    "usage: esft train MODEL_DIR --data TRAIN.jsonl --method esft --expert-config CFG.json --steps N\n"
+    "                  --batch-tokens B -o OUT.safetensors [options]\n"
+    "\n"
+    "Trains the routed experts an ESFT expert config lists (everything else frozen)\n"
+    "and writes only those experts, under the checkpoint's own tensor names with the\n"
+    "config in its metadata: `esft merge MODEL_DIR OUT.safetensors -o DIR` puts them\n"
+    "back. Each step packs whole samples, in a seeded shuffled order, until the batch\n"
+    "holds at least B scored tokens; its gradient is that of the batch's mean loss,\n"
+    "clipped to a global norm, then one AdamW step (ESFT's recipe by default).\n"
+    "\n"
+    "  --method esft           the only method so far (lora, fft, pesc: not yet)\n"
+    "  --data FILE             training samples, {\"input_ids\": [...], \"labels\": [...]}\n"
+    "  --expert-config FILE    ESFT's expert config (esft select writes one)\n"
+    "  --steps N               optimizer steps (>= 1)\n"
+    "  --batch-tokens B        scored tokens per step, at least (>= 1)\n"
+    "  -o, --output FILE       the trained experts (.safetensors), written at the end\n"
+    "  --lr LR                 peak learning rate (default 1e-5)\n"
+    "  --warmup W              linear warm-up steps (default min(100, N / 10))\n"
+    "  --schedule S            constant (default) or cosine (to 0 after the warm-up)\n"
+    "  --weight-decay WD       AdamW weight decay (default 0.1; betas 0.9, 0.95)\n"
+    "  --clip C                global gradient-norm clip (default 1.0; 0 = off)\n"
+    "  --seed S                sample order (default 1); same seed, same bits\n"
+    "  --eval-data FILE        held-out samples: mean loss every K steps and at the end\n"
+    "  --eval-every K          (default: only at the end)\n"
+    "  --log FILE              one JSON object a line per step: step, loss, lr,\n"
+    "                          grad_norm, tokens (and eval_loss on eval steps)\n"
+    "  --state FILE            save the run's state (experts, AdamW moments, step,\n"
+    "                          sample order) every K steps and at the end\n"
+    "  --state-every K         (default: only at the end)\n"
+    "  --resume FILE           go on from such a state with the same options and\n"
+    "                          seed: the steps after it as an uninterrupted run's\n"
+    "  -q, --quiet             no progress or summary on stderr\n";
+
+typedef struct cli_train_opts {
+    const char *dir, *data, *method, *config, *out, *log, *eval_data, *schedule, *state, *resume;
+    int steps, batch_tokens, warmup, eval_every, state_every, quiet;
+    double lr, weight_decay, clip;
+    long long seed;
+} cli_train_opts;
+
+/* A number option read with cli_double: 0 not this option; 1 read; -1 usage error. */
+static int cli_double_option(const char *cmd, int argc, char **argv, int *i, const char *flag, double *out)
+{
+    const char *v;
+    int r = cli_text(cmd, argc, argv, i, flag, NULL, &v);
+    return r > 0 && cli_double(cmd, flag, v, out) != EXIT_OK ? -1 : r;
+}
+
+static int cli_train_parse(const char *name, int argc, char **argv, cli_train_opts *o)
+{
+    esft_adamw_config esft = esft_adamw_config_esft();
+    const char *seed = NULL;
+    int i, r;
+    memset(o, 0, sizeof *o);
+    o->method = "esft";
+    o->schedule = "constant";
+    o->steps = o->batch_tokens = o->warmup = o->eval_every = o->state_every = -1;
+    o->lr = esft.lr;
+    o->weight_decay = esft.weight_decay;
+    o->clip = 1.0;
+    o->seed = 1;
+    for (i = 1; i < argc; i++) {
+        if ((r = cli_text(name, argc, argv, &i, "--data", NULL, &o->data)) ||
+            (r = cli_text(name, argc, argv, &i, "--method", NULL, &o->method)) ||
+            (r = cli_text(name, argc, argv, &i, "--expert-config", NULL, &o->config)) ||
+            (r = cli_text(name, argc, argv, &i, "-o", "--output", &o->out)) ||
+            (r = cli_text(name, argc, argv, &i, "--log", NULL, &o->log)) ||
+            (r = cli_text(name, argc, argv, &i, "--state", NULL, &o->state)) ||
+            (r = cli_text(name, argc, argv, &i, "--resume", NULL, &o->resume)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--state-every", &o->state_every)) ||
+            (r = cli_text(name, argc, argv, &i, "--eval-data", NULL, &o->eval_data)) ||
+            (r = cli_text(name, argc, argv, &i, "--schedule", NULL, &o->schedule)) ||
+            (r = cli_text(name, argc, argv, &i, "--seed", NULL, &seed)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--steps", &o->steps)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--batch-tokens", &o->batch_tokens)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--warmup", &o->warmup)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--eval-every", &o->eval_every)) ||
+            (r = cli_double_option(name, argc, argv, &i, "--lr", &o->lr)) ||
+            (r = cli_double_option(name, argc, argv, &i, "--weight-decay", &o->weight_decay)) ||
+            (r = cli_double_option(name, argc, argv, &i, "--clip", &o->clip))) {
+            if (r < 0) return EXIT_USAGE;
+        } else if (cli_flag(argc, argv, &i, "-q", "--quiet")) {
+            o->quiet = 1;
+        } else if (cli_positional(name, argv[i], &o->dir, "model directory")) {
+            return EXIT_USAGE;
+        }
+    }
+    if (seed) {
+        char *end;
+        o->seed = strtoll(seed, &end, 10);
+        if (!*seed || *end || o->seed < 0) return cli_usage(name, "--seed expects an integer >= 0, got '%s'%s", seed, "");
+    }
+    return EXIT_OK;
+}
+
+/* Everything that can be judged from the command line alone: usage errors (2). */
+static int cli_train_check_usage(const char *name, cli_train_opts *o)
+{
+    if (strcmp(o->method, "esft") != 0) {
+        if (strcmp(o->method, "lora") == 0 || strcmp(o->method, "fft") == 0 || strcmp(o->method, "pesc") == 0)
+            return cli_usage(name, "--method %s is not implemented yet (only --method esft)%s", o->method, "");
+        return cli_usage(name, "--method expects esft, got '%s'%s", o->method, "");
+    }
+    if (!o->dir) return cli_missing(name, "the MODEL_DIR");
+    if (!o->data) return cli_missing(name, "--data TRAIN.jsonl");
+    if (!o->config) return cli_missing(name, "--expert-config CFG.json");
+    if (!o->out) return cli_missing(name, "-o OUT.safetensors");
+    if (o->steps == -1) return cli_missing(name, "--steps N");
+    if (o->batch_tokens == -1) return cli_missing(name, "--batch-tokens B");
+    if (o->steps < 1) return cli_usage(name, "--steps must be >= 1%s%s", "", "");
+    if (o->batch_tokens < 1) return cli_usage(name, "--batch-tokens must be >= 1%s%s", "", "");
+    /* the default: a short ramp, at most 100 steps, that a short run barely sees */
+    if (o->warmup == -1) o->warmup = o->steps / 10 < 100 ? o->steps / 10 : 100;
+    if (o->warmup < 0) return cli_usage(name, "--warmup must be >= 0%s%s", "", "");
+    if (strcmp(o->schedule, "constant") != 0 && strcmp(o->schedule, "cosine") != 0)
+        return cli_usage(name, "--schedule expects constant or cosine, got '%s'%s", o->schedule, "");
+    if (!isfinite(o->lr) || !(o->lr > 0.0) || o->lr > 1e3)
+        return cli_usage(name, "--lr must be a number in (0, 1000]%s%s", "", "");
+    if (!isfinite(o->weight_decay) || o->weight_decay < 0.0)
+        return cli_usage(name, "--weight-decay must be a finite number >= 0%s%s", "", "");
+    if (!isfinite(o->clip) || o->clip < 0.0) return cli_usage(name, "--clip must be a finite number >= 0 (0 = off)%s%s", "", "");
+    if (o->eval_every != -1 && !o->eval_data) return cli_usage(name, "--eval-every needs --eval-data%s%s", "", "");
+    if (o->eval_every == -1) o->eval_every = o->steps;
+    if (o->state_every != -1 && !o->state) return cli_usage(name, "--state-every needs --state%s%s", "", "");
+    if (o->state_every == -1) o->state_every = o->steps;
+    if (o->state_every < 1) return cli_usage(name, "--state-every must be >= 1%s%s", "", "");
+    if (o->state && (strcmp(o->state, o->out) == 0 || (o->log && strcmp(o->state, o->log) == 0)))
+        return cli_usage(name, "--state '%s' is also -o or --log%s", o->state, "");
+    if (o->eval_every < 1) return cli_usage(name, "--eval-every must be >= 1%s%s", "", "");
+    if (o->log && strcmp(o->log, o->out) == 0) return cli_usage(name, "--log and -o are the same file '%s'%s", o->log, "");
+    return EXIT_OK;
+}
+
+/* The outputs (-o and --log) must not be any input: the checkpoint's files,
+   the data, the eval data or the expert config. */
+static int cli_train_check_outputs(const char *name, const cli_train_opts *o)
+{
+    cli_inputs in;
+    int ok, r;
+    memset(&in, 0, sizeof in);
+    ok = cli_inputs_add_checkpoint(&in, o->dir) && cli_inputs_add(&in, o->data) && cli_inputs_add(&in, o->config) &&
+         (!o->eval_data || cli_inputs_add(&in, o->eval_data));
+    r = ok && o->log ? cli_check_output(name, &in, o->log) : EXIT_OK;
+    /* the state may be the file resumed from (that is how a run goes on), so it is
+       checked before the resumed file joins the inputs */
+    if (r == EXIT_OK && ok && o->state) r = cli_check_output(name, &in, o->state);
+    if (r == EXIT_OK && ok && o->resume) ok = cli_inputs_add(&in, o->resume);
+    return r == EXIT_OK ? cli_check_done(name, &in, ok, o->out) : (cli_inputs_free(&in), r);
+}
+
+/* Scored targets of sample s: position t predicts labels[t + 1]. */
+static int64_t cli_scored(const esft_dataset *ds, int s)
+{
+    int64_t t, n = 0;
+    for (t = ds->offset[s] + 1; t < ds->offset[s + 1]; t++) n += ds->labels[t] != -100;
+    return n;
+}
+
+/* The sample order: epoch after epoch, a Fisher-Yates shuffle of the samples
+   that score at least one token, drawn from splitmix64(seed + k) for the k-th
+   draw of the run, so one seed gives one order everywhere. */
+typedef struct cli_order {
+    int *perm, n, pos;
+    uint64_t seed, draws;
+} cli_order;
+
+static uint64_t cli_mix(uint64_t x)
+{
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+static void cli_order_shuffle(cli_order *o)
+{
+    int i;
+    for (i = o->n - 1; i > 0; i--) {
+        int j = (int)(cli_mix(o->seed + o->draws++) % (uint64_t)(i + 1)), t = o->perm[i];
+        o->perm[i] = o->perm[j];
+        o->perm[j] = t;
+    }
+    o->pos = 0;
+}
+
+/* The samples that score (file order), shuffled once; 0 when out of memory. */
+static int cli_order_init(cli_order *o, const int64_t *scored, int n_samples, uint64_t seed)
+{
+    int s;
+    memset(o, 0, sizeof *o);
+    o->perm = (int *)malloc((size_t)(n_samples > 0 ? n_samples : 1) * sizeof *o->perm);
+    if (!o->perm) return 0;
+    for (s = 0; s < n_samples; s++)
+        if (scored[s] > 0) o->perm[o->n++] = s;
+    o->seed = seed;
+    cli_order_shuffle(o);
+    return 1;
+}
+
+static int cli_order_next(cli_order *o)
+{
+    if (o->pos == o->n) cli_order_shuffle(o);
+    return o->perm[o->pos++];
+}
+
+/* The learning rate of step i (1-based) of n: linear warm-up to lr over the
+   first w steps (step w reaches lr), then constant, or a half cosine from lr at
+   step w + 1 towards 0 (never 0 itself: the last step still learns). */
+static double cli_train_lr(const cli_train_opts *o, int i)
+{
+    if (i <= o->warmup) return o->lr * (double)i / (double)o->warmup;
+    if (strcmp(o->schedule, "cosine") == 0)
+        return o->lr * 0.5 * (1.0 + cos(3.14159265358979323846 * (double)(i - o->warmup - 1) / (double)(o->steps - o->warmup)));
+    return o->lr;
+}
+
+/* Mean loss of ds with tr's experts in place. */
+static esft_status cli_train_eval(const esft_model *m, const esft_model_trainable *tr, const esft_dataset *ds,
+                                  double *mean, esft_error *err)
+{
+    double sum = 0.0;
+    int64_t n = 0;
+    int s;
+    esft_status st = ESFT_OK;
+    for (s = 0; st == ESFT_OK && s < ds->n_samples; s++) {
+        esft_model_run run;
+        double ls = 0.0;
+        int64_t ns = 0;
+        memset(&run, 0, sizeof run);
+        run.labels = ds->labels + ds->offset[s];
+        run.trainable = tr;
+        st = esft_model_forward(m, ds->ids + ds->offset[s], (int)(ds->offset[s + 1] - ds->offset[s]), &run, &ls, &ns, err);
+        sum += ls;
+        n += ns;
+    }
+    *mean = n ? sum / (double)n : 0.0;
+    return st;
+}
+
+/* What a run holds; zeroed, then filled as it opens. */
+typedef struct cli_train_state {
+    esft_model m;
+    esft_dataset ds, eval;
+    esft_expert_config cfg;
+    esft_model_trainable tr;
+    esft_adamw opt;
+    cli_order order;
+    int64_t *scored, total_scored;
+    int *batch;        /* (cap) sample ids of the step's batch */
+    int batch_cap;
+    int have_model, have_ds, have_eval, have_cfg, have_tr, have_opt;
+} cli_train_state;
+
+static void cli_train_close(cli_train_state *t)
+{
+    free(t->batch);
+    free(t->scored);
+    free(t->order.perm);
+    if (t->have_opt) esft_adamw_uninit(&t->opt);
+    if (t->have_tr) esft_model_trainable_uninit(&t->tr);
+    if (t->have_cfg) esft_expert_config_free(&t->cfg);
+    if (t->have_eval) esft_dataset_free(&t->eval);
+    if (t->have_ds) esft_dataset_free(&t->ds);
+    if (t->have_model) esft_model_close(&t->m);
+}
+
+/* Opens the model, data, config, trainable block and optimizer; every runtime
+   check (exit 1) before the first step. */
+static esft_status cli_train_open(const char *name, const cli_train_opts *o, cli_train_state *t, esft_error *err)
+{
+    esft_adamw_config ac = esft_adamw_config_esft();
+    esft_status s;
+    int i;
+    if ((s = esft_model_open(&t->m, o->dir, NULL, err)) != ESFT_OK) return s;
+    t->have_model = 1;
+    if (!o->quiet)
+        fprintf(stderr, "esft %s: %s: %s, %d layers (%d MoE)\n", name, o->dir, esft_model_family_name(t->m.cfg.family),
+                t->m.cfg.n_layers, esft_model_config_moe_layers(&t->m.cfg));
+    if ((s = esft_dataset_read_jsonl(&t->ds, o->data, 0, t->m.cfg.vocab, NULL, err)) != ESFT_OK) return s;
+    t->have_ds = 1;
+    if (o->eval_data) {
+        if ((s = esft_dataset_read_jsonl(&t->eval, o->eval_data, 0, t->m.cfg.vocab, NULL, err)) != ESFT_OK) return s;
+        t->have_eval = 1;
+        for (i = 0; i < t->eval.n_samples && !cli_scored(&t->eval, i); i++) {}
+        if (i == t->eval.n_samples) {
+            snprintf(err->file, sizeof err->file, "%.200s", o->eval_data);
+            snprintf(err->message, sizeof err->message, "no eval sample scores a token (%d samples)", t->eval.n_samples);
+            return ESFT_ERR_INVALID_ARGUMENT;
+        }
+    }
+    t->scored = (int64_t *)malloc((size_t)(t->ds.n_samples + 1) * sizeof *t->scored);
+    if (!t->scored) return ESFT_ERR_OUT_OF_MEMORY;
+    for (i = 0; i < t->ds.n_samples; i++) t->total_scored += t->scored[i] = cli_scored(&t->ds, i);
+    if (t->total_scored == 0) {
+        snprintf(err->file, sizeof err->file, "%.200s", o->data);
+        snprintf(err->message, sizeof err->message, "%s: no sample scores a token (%d samples, every label -100 or a single token)",
+                 t->ds.n_samples ? "no training signal" : "empty data", t->ds.n_samples);
+        return ESFT_ERR_INVALID_ARGUMENT;
+    }
+    if ((s = esft_expert_config_read(o->config, &t->cfg, err)) != ESFT_OK) return s;
+    t->have_cfg = 1;
+    if ((s = esft_model_trainable_init(&t->tr, &t->m, &t->cfg, NULL, err)) != ESFT_OK) return s;
+    t->have_tr = 1;
+    if (t->tr.n_params == 0) {
+        snprintf(err->file, sizeof err->file, "%.200s", o->config);
+        snprintf(err->message, sizeof err->message, "the expert config selects no expert: nothing to train");
+        return ESFT_ERR_INVALID_ARGUMENT;
+    }
+    ac.lr = (float)o->lr;
+    ac.weight_decay = (float)o->weight_decay;
+    if ((s = esft_adamw_init(&t->opt, &ac, t->tr.n_params, NULL, err)) != ESFT_OK) return s;
+    t->have_opt = 1;
+    if (!cli_order_init(&t->order, t->scored, t->ds.n_samples, (uint64_t)o->seed)) return ESFT_ERR_OUT_OF_MEMORY;
+    return ESFT_OK;
+}
+
+/* Picks the next batch: samples in order until >= B scored tokens. */
+static esft_status cli_train_pick(cli_train_state *t, int batch_tokens, int *n, int64_t *scored)
+{
+    *n = 0;
+    *scored = 0;
+    while (*scored < batch_tokens) {
+        if (*n == t->batch_cap) {
+            int cap = t->batch_cap ? 2 * t->batch_cap : 64;
+            int *b = (int *)realloc(t->batch, (size_t)cap * sizeof *b);
+            if (!b) return ESFT_ERR_OUT_OF_MEMORY;
+            t->batch = b;
+            t->batch_cap = cap;
+        }
+        t->batch[*n] = cli_order_next(&t->order);
+        *scored += t->scored[t->batch[*n]];
+        ++*n;
+    }
+    return ESFT_OK;
+}
+
+/* One optimizer step; loss is the batch's mean before the update. */
+static esft_status cli_train_step(cli_train_state *t, const cli_train_opts *o, int step, double *loss, double *lr,
+                                  double *norm, int64_t *tokens, esft_error *err)
+{
+    esft_status s;
+    double sum = 0.0;
+    int n, b;
+    float *g = t->tr.grads;
+    if ((s = cli_train_pick(t, o->batch_tokens, &n, tokens)) != ESFT_OK) return s;
+    memset(t->tr.grads, 0, t->tr.n_params * sizeof(float));
+    for (b = 0; b < n; b++) {
+        int sidx = t->batch[b];
+        double ls = 0.0;
+        int64_t ns = 0;
+        s = esft_model_forward_backward(&t->m, &t->tr, t->ds.ids + t->ds.offset[sidx], t->ds.labels + t->ds.offset[sidx],
+                                        (int)(t->ds.offset[sidx + 1] - t->ds.offset[sidx]), (float)(1.0 / (double)*tokens),
+                                        &ls, &ns, err);
+        if (s != ESFT_OK) return s;
+        sum += ls;
+    }
+    *loss = sum / (double)*tokens;
+    if ((s = esft_clip_grad_norm(&g, &t->tr.n_params, 1, (float)o->clip, norm, err)) != ESFT_OK) return s;
+    *lr = cli_train_lr(o, step);
+    t->opt.cfg.lr = (float)*lr;
+    return esft_adamw_step(&t->opt, t->tr.params, t->tr.grads, err);
+}
+
+/* The log line of one step (eval < 0: no eval this step). */
+static void cli_train_log(FILE *f, int step, double loss, double lr, double norm, int64_t tokens, double eval)
+{
+    fprintf(f, "{\"step\": %d, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g, \"tokens\": %lld", step, loss, lr, norm,
+            (long long)tokens);
+    if (eval >= 0.0) fprintf(f, ", \"eval_loss\": %.9g", eval);
+    fprintf(f, "}\n");
+}
+
+/* ---- train state: --state / --resume -------------------------------------- */
+
+/* The state file is a safetensors file: "params", "adam_m", "adam_v" (F32,
+   n_params each, the trainable block's layout), "experts" (I32: layer, expert
+   of each slot, then -1, shared blocks), "order" (I32, the current
+   shuffle of the scoring samples) and "counters" (I64: steps done, position
+   in the order, draws taken, seed), all a run needs to go on with the same
+   bits. I64 and I32 bytes are written as this machine holds them
+   (safetensors is little-endian, as are x86 and ARM Linux). */
+/* What the block trains, as the state records it: (layer, expert) per slot,
+   then -1 and the number of shared blocks. NULL when out of memory. */
+static int32_t *cli_train_experts(const esft_model_trainable *tr)
+{
+    int32_t *ex = (int32_t *)malloc((size_t)(2 * tr->n_trained + 2) * sizeof *ex);
+    int i;
+    if (!ex) return NULL;
+    for (i = 0; i < tr->n_trained; i++) ex[2 * i] = tr->layer[i], ex[2 * i + 1] = tr->expert[i];
+    ex[2 * tr->n_trained] = -1;
+    ex[2 * tr->n_trained + 1] = tr->n_shared;
+    return ex;
+}
+
+static esft_status cli_train_state_save(const cli_train_state *t, const char *path, uint64_t seed, esft_error *err)
+{
+    static const char *const keys[] = {"format"}, *const values[] = {"esft-train-state"};
+    int64_t counters[4];
+    esft_st_write_tensor w[6];
+    int32_t *ex;
+    esft_status s;
+    int i;
+    counters[0] = t->opt.step;
+    counters[1] = t->order.pos;
+    counters[2] = (int64_t)t->order.draws;
+    counters[3] = (int64_t)seed;
+    memset(w, 0, sizeof w);
+    w[0].name = "params", w[0].f32 = t->tr.params;
+    w[1].name = "adam_m", w[1].f32 = t->opt.m;
+    w[2].name = "adam_v", w[2].f32 = t->opt.v;
+    for (i = 0; i < 3; i++) w[i].dtype = ESFT_DTYPE_F32, w[i].n_dims = 1, w[i].shape[0] = (int64_t)t->tr.n_params;
+    w[3].name = "order", w[3].dtype = ESFT_DTYPE_I32, w[3].n_dims = 1, w[3].shape[0] = t->order.n, w[3].data = t->order.perm;
+    w[4].name = "counters", w[4].dtype = ESFT_DTYPE_I64, w[4].n_dims = 1, w[4].shape[0] = 4, w[4].data = counters;
+    if (!(ex = cli_train_experts(&t->tr))) return ESFT_ERR_OUT_OF_MEMORY;
+    w[5].name = "experts", w[5].dtype = ESFT_DTYPE_I32, w[5].n_dims = 1, w[5].shape[0] = 2 * t->tr.n_trained + 2;
+    w[5].data = ex;
+    s = esft_safetensors_write(path, w, 6, keys, values, 1, err);
+    free(ex);
+    return s;
+}
+
+/* Tensor name of st as n values (F32 into f, or I32/I64 into l); its size must be n. */
+static esft_status cli_state_tensor(const esft_safetensors *st, const char *path, const char *name, size_t n, float *f,
+                                    int64_t *l, esft_error *err)
+{
+    int i = esft_safetensors_find(st, name);
+    if (i < 0 || st->tensors[i].n_elements != (uint64_t)n) {
+        snprintf(err->file, sizeof err->file, "%.200s", path);
+        snprintf(err->message, sizeof err->message,
+                 "%s: %s, the run has %lu (another model, expert config or data?)", name,
+                 i < 0 ? "missing" : "another size", (unsigned long)n);
+        return i < 0 ? ESFT_ERR_PARSE : ESFT_ERR_SHAPE;
+    }
+    return f ? esft_safetensors_read_f32(st, i, f, err) : esft_safetensors_read_i64(st, i, l, err);
+}
+
+/* The state's "experts" must be the block's (work: 2 n_trained + 2 values). */
+static esft_status cli_train_state_experts(const cli_train_state *t, const esft_safetensors *st, const char *path,
+                                           int64_t *work, esft_error *err)
+{
+    size_t n = 2 * (size_t)t->tr.n_trained + 2, i;
+    int32_t *ex = cli_train_experts(&t->tr);
+    esft_status s = ex ? cli_state_tensor(st, path, "experts", n, NULL, work, err) : ESFT_ERR_OUT_OF_MEMORY;
+    for (i = 0; s == ESFT_OK && i < n; i++)
+        if (work[i] != ex[i]) {
+            snprintf(err->file, sizeof err->file, "%.200s", path);
+            snprintf(err->message, sizeof err->message, "the state trains other experts than --expert-config");
+            s = ESFT_ERR_SHAPE;
+        }
+    free(ex);
+    return s;
+}
+
+/* Reads a state written by cli_train_state_save for this very run setup. */
+static esft_status cli_train_state_load(cli_train_state *t, const char *path, uint64_t seed, int steps, esft_error *err)
+{
+    esft_safetensors st;
+    int64_t c[4], *order = NULL;
+    esft_status s;
+    size_t n;
+    int i;
+    if ((s = esft_safetensors_open(&st, path, NULL, err)) != ESFT_OK) return s;
+    s = cli_state_tensor(&st, path, "counters", 4, NULL, c, err);
+    n = 2 * (size_t)t->tr.n_trained + 2;
+    n = n > (size_t)t->order.n ? n : (size_t)t->order.n;
+    if (s == ESFT_OK && !(order = (int64_t *)malloc((n + 1) * sizeof *order))) s = ESFT_ERR_OUT_OF_MEMORY;
+    if (s == ESFT_OK) s = cli_train_state_experts(t, &st, path, order, err);
+    if (s == ESFT_OK) s = cli_state_tensor(&st, path, "order", (size_t)t->order.n, NULL, order, err);
+    if (s == ESFT_OK) s = cli_state_tensor(&st, path, "params", t->tr.n_params, t->tr.params, NULL, err);
+    if (s == ESFT_OK) s = cli_state_tensor(&st, path, "adam_m", t->tr.n_params, t->opt.m, NULL, err);
+    if (s == ESFT_OK) s = cli_state_tensor(&st, path, "adam_v", t->tr.n_params, t->opt.v, NULL, err);
+    esft_safetensors_close(&st);
+    if (s == ESFT_OK && ((uint64_t)c[3] != seed || c[0] < 0 || c[0] >= steps || c[1] < 0 || c[1] > t->order.n || c[2] < 0)) {
+        snprintf(err->file, sizeof err->file, "%.200s", path);
+        snprintf(err->message, sizeof err->message, "the state is at step %lld of seed %lld: resume needs --seed %lld and --steps above %lld",
+                 (long long)c[0], (long long)c[3], (long long)c[3], (long long)c[0]);
+        s = ESFT_ERR_INVALID_ARGUMENT;
+    }
+    for (i = 0; s == ESFT_OK && i < t->order.n; i++) {
+        if (order[i] < 0 || order[i] >= t->ds.n_samples || t->scored[order[i]] == 0) {
+            snprintf(err->file, sizeof err->file, "%.200s", path);
+            snprintf(err->message, sizeof err->message, "order: sample %lld is not a scoring sample of the data", (long long)order[i]);
+            s = ESFT_ERR_RANGE;
+        } else {
+            t->order.perm[i] = (int)order[i];
+        }
+    }
+    if (s == ESFT_OK) {
+        t->opt.step = (long)c[0];
+        t->order.pos = (int)c[1];
+        t->order.draws = (uint64_t)c[2];
+    }
+    free(order);
+    return s;
+}
+
+/* The training loop; the log goes to log_tmp (renamed by the caller). */
+static esft_status cli_train_run(const char *name, const cli_train_opts *o, cli_train_state *t, FILE *log,
+                                 long long *tokens_done, esft_error *err)
+{
+    cli_eta eta;
+    double run_loss = 0.0, last_eval = -1.0;
+    int step, run_n = 0;
+    cli_eta_begin(&eta, name, o->quiet);
+    for (step = (int)t->opt.step + 1; step <= o->steps; step++) {
+        double loss, lr, norm, eval = -1.0, now;
+        int64_t tokens;
+        esft_status s = cli_train_step(t, o, step, &loss, &lr, &norm, &tokens, err);
+        if (s != ESFT_OK) return s;
+        if (t->have_eval && (step % o->eval_every == 0 || step == o->steps)) {
+            if ((s = cli_train_eval(&t->m, &t->tr, &t->eval, &eval, err)) != ESFT_OK) return s;
+            last_eval = eval;
+        }
+        *tokens_done += tokens;
+        if (log) cli_train_log(log, step, loss, lr, norm, tokens, eval);
+        if (log && fflush(log) != 0) return ESFT_ERR_IO;
+        if (o->state && (step % o->state_every == 0 || step == o->steps) &&
+            (s = cli_train_state_save(t, o->state, (uint64_t)o->seed, err)) != ESFT_OK)
+            return s;
+        run_loss += loss;
+        run_n++;
+        now = cli_now();
+        if (!o->quiet && now - eta.start >= 3.0 && now - eta.last >= 5.0) {
+            eta.last = now;
+            char ev[48] = "";
+            if (last_eval >= 0.0) snprintf(ev, sizeof ev, ", eval loss %.4f", last_eval);
+            fprintf(stderr, "esft %s: step %d of %d, loss %.4f (mean of the last %d)%s, %.0f tokens/s, about %.0f s left\n",
+                    name, step, o->steps, run_loss / run_n, run_n, ev,
+                    (double)*tokens_done / (now - eta.start), (now - eta.start) * (o->steps - step) / step);
+            run_loss = 0.0;
+            run_n = 0;
+        }
+    }
+    return ESFT_OK;
+}
+
+static int cmd_train(const char *name, int argc, char **argv)
+{
+    cli_train_opts o;
+    cli_train_state t;
+    esft_error err;
+    esft_status s;
+    FILE *log = NULL;
+    char log_tmp[4200];
+    long long tokens = 0;
+    double t0;
+    int r, first;
+    if ((r = cli_train_parse(name, argc, argv, &o)) != EXIT_OK) return r;
+    if ((r = cli_train_check_usage(name, &o)) != EXIT_OK) return r;
+    if ((r = cli_train_check_outputs(name, &o)) != EXIT_OK) return r;
+    memset(&t, 0, sizeof t);
+    memset(&err, 0, sizeof err);
+    s = cli_train_open(name, &o, &t, &err);
+    if (s == ESFT_OK && o.resume) s = cli_train_state_load(&t, o.resume, (uint64_t)o.seed, o.steps, &err);
+    if (s == ESFT_OK && o.log) {
+        /* the log is written beside its name and renamed at the end, so a failed
+           run leaves an earlier log untouched (watch the .tmp file meanwhile) */
+        snprintf(log_tmp, sizeof log_tmp, "%s.tmp.%ld", o.log, (long)getpid());
+        if (!(log = fopen(log_tmp, "w"))) {
+            snprintf(err.file, sizeof err.file, "%.200s", log_tmp);
+            snprintf(err.message, sizeof err.message, "cannot create: %s", strerror(errno));
+            s = ESFT_ERR_IO;
+        }
+    }
+    first = (int)t.opt.step + 1;
+    t0 = cli_now();
+    if (s == ESFT_OK) s = cli_train_run(name, &o, &t, log, &tokens, &err);
+    if (s == ESFT_OK) s = esft_model_trainable_save(&t.tr, &t.m, &t.cfg, o.out, &err);
+    if (log && fclose(log) != 0 && s == ESFT_OK) s = ESFT_ERR_IO;
+    if (log && s == ESFT_OK && rename(log_tmp, o.log) != 0) {
+        snprintf(err.file, sizeof err.file, "%.200s", o.log);
+        snprintf(err.message, sizeof err.message, "cannot rename the log into place: %s", strerror(errno));
+        s = ESFT_ERR_IO;
+        remove(o.out);
+    }
+    if (log && s != ESFT_OK) remove(log_tmp);
+    if (s == ESFT_OK && !o.quiet) {
+        char mem[32], opt[32];
+        double dt = cli_now() - t0;
+        fprintf(stderr, "esft %s: %d steps (%d..%d), %lld scored tokens in %.1f s (%.0f tokens/s); %d experts, %llu trainable parameters, "
+                        "optimizer state %s, peak memory %s -> %s\n",
+                name, o.steps - first + 1, first, o.steps, tokens, dt, dt > 0 ? (double)tokens / dt : 0.0, t.tr.n_trained + t.tr.n_shared,
+                (unsigned long long)t.tr.n_params, cli_bytes(esft_adamw_state_bytes(&t.opt), opt, sizeof opt),
+                cli_bytes(cli_peak_rss(), mem, sizeof mem), o.out);
+    }
+    cli_train_close(&t);
+    return s == ESFT_OK ? EXIT_OK : cli_fail(name, s, &err);
+}
+
 /* The architecture of MODEL_DIR/config.json, for esft inspect; 0 when there is none. */
 static int cli_print_architecture(const char *dir)
 {
@@ -1358,6 +1952,7 @@ static const cli_command commands[] = {
     {"merge", "base checkpoint + trained experts -> new checkpoint (shards + index)", cmd_merge, merge_help},
     /* Models (Hugging Face MoE checkpoints): run them, measure their routing. */
     {"eval", "model directory + JSONL samples -> mean loss (and logits as .npy)", cmd_eval, eval_help},
+    {"train", "model directory + JSONL samples + expert config -> trained experts (ESFT)", cmd_train, train_help},
 };
 #define N_COMMANDS ((int)(sizeof commands / sizeof commands[0]))
 
@@ -1387,7 +1982,8 @@ static void cli_overview(FILE *to)
                 "  esft eval MODEL_DIR --data task.jsonl\n"
                 "  esft stats MODEL_DIR --data task.jsonl -o summary.json\n"
                 "  esft extract MODEL_DIR --config config.json -o experts.safetensors\n"
-                "  (train those experts; save them with esft_checkpoint_save_trained)\n"
+                "  esft train MODEL_DIR --data task.jsonl --expert-config config.json --steps N --batch-tokens B \\\n"
+                "      -o trained.safetensors\n"
                 "  esft merge MODEL_DIR trained.safetensors -o MERGED_DIR\n"
                 "  esft inspect MERGED_DIR\n");
 }

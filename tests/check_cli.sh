@@ -113,7 +113,7 @@ expect heatmap_config_id_beyond_scores 1 "$T/r10.svg" -- heatmap "$T/summary.jso
 expect output_dir_missing 1 -- select "$T/summary.json" --top-p 0.2 -o "$T/no-such-dir/c.json"
 
 # ---- help and version ----
-for cmd in stats select heatmap; do
+for cmd in stats select heatmap train; do
     expect "help_$cmd" 0 -- help $cmd && grep -q "^usage: esft $cmd" "$T/out" || fail "help_${cmd}_text" "no usage line"
     expect "${cmd}_--help" 0 -- $cmd --help && grep -q "^usage: esft $cmd" "$T/out" || fail "${cmd}_--help_text" "no usage line"
 done
