@@ -1578,6 +1578,9 @@ ESFTDEF void esft_npy_abort(esft_npy_writer *w);
 /* Threads (MoE layer, models, GEMM) and the CBLAS GEMM, when asked for. */
 #if defined(_OPENMP)
 #include <omp.h>
+#if !defined(ESFT_NO_THREAD_LOCAL) && (defined(__unix__) || defined(__APPLE__))
+#include <pthread.h> /* the GEMM scratch of a thread that ends is freed by a key destructor */
+#endif
 #endif
 #if defined(ESFT_USE_CBLAS)
 #include <cblas.h>
@@ -11646,12 +11649,35 @@ static ESFT__THREAD_LOCAL float *esft__scratch;
 static ESFT__THREAD_LOCAL size_t esft__scratch_floats;
 #endif
 
+/* A thread that ends (an OpenMP team shrinking when the thread count drops)
+   cannot call esft_release_thread_scratch: with POSIX threads its buffer is also
+   registered under a key whose destructor frees it at the thread's exit. */
+#if defined(ESFT__THREAD_LOCAL) && defined(_OPENMP) && (defined(__unix__) || defined(__APPLE__))
+#define ESFT__SCRATCH_KEY 1
+static pthread_key_t esft__scratch_key;
+static pthread_once_t esft__scratch_once = PTHREAD_ONCE_INIT;
+static void esft__scratch_destroy(void *p) { ESFT_FREE(p); }
+static void esft__scratch_key_init(void) { (void)pthread_key_create(&esft__scratch_key, esft__scratch_destroy); }
+#endif
+
+#if defined(ESFT__THREAD_LOCAL)
+/* The calling thread's scratch is now p (NULL: none). */
+static void esft__scratch_set(float *p, size_t floats)
+{
+    esft__scratch = p;
+    esft__scratch_floats = floats;
+#if defined(ESFT__SCRATCH_KEY)
+    (void)pthread_once(&esft__scratch_once, esft__scratch_key_init);
+    (void)pthread_setspecific(esft__scratch_key, p);
+#endif
+}
+#endif
+
 ESFTDEF void esft_release_thread_scratch(void)
 {
 #if defined(ESFT__THREAD_LOCAL)
     ESFT_FREE(esft__scratch);
-    esft__scratch = NULL;
-    esft__scratch_floats = 0;
+    esft__scratch_set(NULL, 0);
 #endif
 }
 
@@ -11712,8 +11738,7 @@ static void esft__sgemm(int trans_a, int trans_b, int M, int N, int K, float alp
         float *grown = ESFT__CAST(float *, ESFT_MALLOC(need * sizeof(float)));
         if (grown) {
             ESFT_FREE(esft__scratch);
-            esft__scratch = grown;
-            esft__scratch_floats = need;
+            esft__scratch_set(grown, need);
         }
     }
     ws = esft__scratch_floats >= need ? esft__scratch : NULL;
