@@ -9844,12 +9844,42 @@ static void esft__moe_group(esft__fwd *f, const esft_model_config *c, int T)
         memcpy(f->xg + (size_t)r * D, f->h + (size_t)(f->perm[r] / K) * D, (size_t)D * sizeof(float));
 }
 
+/* Qwen2-MoE's gated shared expert: z = h . w_s (kept in z, T floats), and the
+   shared output in f->a scaled row by row by sigmoid(z). */
+static void esft__shared_gate_scale(esft__fwd *f, const esft_model_layer *w, float *z, int T)
+{
+    int D = w->shared_router.cols, t, d;
+    esft__sgemm(0, 1, T, 1, D, 1.0f, f->h, D, esft__vec(&w->shared_router), D, 0.0f, z, 1);
+    for (t = 0; t < T; t++) {
+        float s = esft__sigmoidf(z[t]);
+        for (d = 0; d < D; d++) f->a[(size_t)t * D + d] *= s;
+    }
+}
+
+/* f->a (T, D) += the routed experts' outputs (f->o, grouped), each times its
+   routing weight, per token in slot order: the same bits whatever the expert order. */
+static void esft__moe_combine(esft__fwd *f, int T, int K, int D)
+{
+    int t;
+    ESFT__MOE_FOR_STATIC(f->nt)
+    for (t = 0; t < T; t++) {
+        float *at = f->a + (size_t)t * D;
+        int j, d;
+        for (j = 0; j < K; j++) {
+            size_t slot = (size_t)t * K + j;
+            const float *o = f->o + (size_t)f->pos[slot] * D;
+            float wt = f->weights[slot];
+            for (d = 0; d < D; d++) at[d] += wt * o[d];
+        }
+    }
+}
+
 /* a (T, D) = MoE of h: routed experts over their tokens (grouped by a counting
    sort), plus the shared expert(s), combined per token in slot order. */
 static void esft__moe_ffn(esft__fwd *f, const esft_model_config *c, const esft_model_layer *w, int l, int T)
 {
     int E = c->route.n_experts, K = c->route.top_k, D = c->d_model, F = c->d_expert, FS = c->d_shared;
-    int e, t;
+    int e;
     esft__moe_group(f, c, T);
     ESFT__MOE_FOR_DYNAMIC(f->nt)
     for (e = 0; e < E; e++) {
@@ -9865,28 +9895,11 @@ static void esft__moe_ffn(esft__fwd *f, const esft_model_config *c, const esft_m
         esft_matrix sg, su, sd;
         esft__shared_mats(f, w, l, &sg, &su, &sd);
         esft__swiglu_mlp(f->a, f->h, T, D, &sg, &su, &sd, f->g, f->u, f->panels);
-        if (w->shared_router.data) {
-            esft__sgemm(0, 1, T, 1, D, 1.0f, f->h, D, esft__vec(&w->shared_router), D, 0.0f, f->sg, 1);
-            for (t = 0; t < T; t++) {
-                float s = esft__sigmoidf(f->sg[t]);
-                int d;
-                for (d = 0; d < D; d++) f->a[(size_t)t * D + d] *= s;
-            }
-        }
+        if (w->shared_router.data) esft__shared_gate_scale(f, w, f->sg, T);
     } else {
         memset(f->a, 0, (size_t)T * D * sizeof(float));
     }
-    ESFT__MOE_FOR_STATIC(f->nt)
-    for (t = 0; t < T; t++) {
-        float *at = f->a + (size_t)t * D;
-        int j, d;
-        for (j = 0; j < K; j++) {
-            size_t slot = (size_t)t * K + j;
-            const float *o = f->o + (size_t)f->pos[slot] * D;
-            float wt = f->weights[slot];
-            for (d = 0; d < D; d++) at[d] += wt * o[d];
-        }
-    }
+    esft__moe_combine(f, T, K, D);
 }
 
 /* Cross-entropy of rows t0 .. t0+n of logits (n, V) against labels[t+1]. */
@@ -10659,7 +10672,7 @@ static void esft__trn_mla_backward(esft__trn *b, const esft_model_config *c, con
 static void esft__trn_moe_forward(esft__trn *b, const esft_model_config *c, const esft_model_layer *w, int l, int T)
 {
     esft__fwd *f = &b->f;
-    int E = c->route.n_experts, K = c->route.top_k, D = c->d_model, F = c->d_expert, FS = c->d_shared, e, t;
+    int E = c->route.n_experts, K = c->route.top_k, D = c->d_model, F = c->d_expert, FS = c->d_shared, e;
     esft__moe_group(f, c, T);
     ESFT__MOE_FOR_DYNAMIC(f->nt)
     for (e = 0; e < E; e++) {
@@ -10677,28 +10690,11 @@ static void esft__trn_moe_forward(esft__trn *b, const esft_model_config *c, cons
         esft__shared_mats(f, w, l, &sg, &su, &sd);
         esft__swiglu_mlp_keep(b->ys, f->h, T, D, &sg, &su, &sd, b->sg, b->su, b->sact, f->panels);
         memcpy(f->a, b->ys, (size_t)T * D * sizeof(float));
-        if (w->shared_router.data) {
-            esft__sgemm(0, 1, T, 1, D, 1.0f, f->h, D, esft__vec(&w->shared_router), D, 0.0f, b->sz, 1);
-            for (t = 0; t < T; t++) {
-                float s = esft__sigmoidf(b->sz[t]);
-                int d;
-                for (d = 0; d < D; d++) f->a[(size_t)t * D + d] *= s;
-            }
-        }
+        if (w->shared_router.data) esft__shared_gate_scale(f, w, b->sz, T);
     } else {
         memset(f->a, 0, (size_t)T * D * sizeof(float));
     }
-    ESFT__MOE_FOR_STATIC(f->nt)
-    for (t = 0; t < T; t++) {
-        float *at = f->a + (size_t)t * D;
-        int j, d;
-        for (j = 0; j < K; j++) {
-            size_t slot = (size_t)t * K + j;
-            const float *o = f->o + (size_t)f->pos[slot] * D;
-            float wt = f->weights[slot];
-            for (d = 0; d < D; d++) at[d] += wt * o[d];
-        }
-    }
+    esft__moe_combine(f, T, K, D);
 }
 
 /* b->dh (T, D) += backward of the MoE from da (T, D), after its forward:
