@@ -1335,6 +1335,15 @@ ESFTDEF const char *esft_model_family_name(esft_model_family f); /* the model_ty
 /* Layers that are MoE layers (those ESFT scores and trains). */
 ESFTDEF int esft_model_config_moe_layers(const esft_model_config *cfg);
 
+/* A low-rank adapter (LoRA) on a frozen matrix W (rows, cols): the product
+   x W^T becomes x W^T + scale (x A^T) B^T, A (rank, cols), B (rows, rank),
+   scale = lora_alpha / rank (PEFT's lora_A, lora_B and scaling). */
+typedef struct esft_lora {
+    int rank;
+    float scale;
+    const float *a, *b;
+} esft_lora;
+
 /* A frozen matrix (rows, cols) as the file stores it, row-major. FP8 matrices
    carry their dequantisation scales: value = fp8 * scale[r / BR][c / BC]. */
 typedef struct esft_matrix {
@@ -1343,6 +1352,7 @@ typedef struct esft_matrix {
     const void *data;          /* (rows, cols) values of dtype */
     const float *scale;        /* (ceil(rows/BR), ceil(cols/BC)) FP8 only, else NULL */
     int block_rows, block_cols;/* BR, BC */
+    const esft_lora *lora;     /* training: an adapter on this matrix; NULL = none */
 } esft_matrix;
 
 /* The weights of one decoder layer (absent ones have data NULL). */
@@ -1361,6 +1371,18 @@ typedef struct esft_model_layer {
     esft_matrix shared_router;                /* (1, D) Qwen2-MoE shared_expert_gate */
 } esft_model_layer;
 
+/* A weight of the model that is no expert: embedding, norms, attention,
+   dense MLPs, routers, lm_head (what ESFT calls non-expert modules), with the
+   name it has in the checkpoint. */
+typedef struct esft_model_tensor {
+    const char *name;          /* Hugging Face name, e.g. model.layers.3.self_attn.q_proj.weight */
+    const esft_matrix *matrix; /* in the model */
+    int layer;                 /* -1: embedding, final norm, lm_head */
+    int attention;             /* 1: the attention half of its layer (input norm, projections, q/k norms) */
+    esft_dtype file_dtype;     /* as the checkpoint stores it (vectors are held as F32) */
+    int file_dims;             /* 1 (a vector stored 1-D) or 2 */
+} esft_model_tensor;
+
 typedef struct esft_model {
     esft_model_config cfg;
     esft_matrix embed;          /* (V, D) */
@@ -1371,6 +1393,10 @@ typedef struct esft_model {
     esft_family expert_names;   /* naming of per-expert tensors: DeepSeek-V2's (mlp.experts.{e}.gate_proj)
                                    or Mixtral's (block_sparse_moe.experts.{e}.w1) */
     uint64_t weight_bytes;      /* bytes of weights held in memory */
+    esft_model_tensor *tensors; /* (n_tensors) the non-expert weights, in load order; a tied
+                                   lm_head is the embedding's entry; routed and shared experts
+                                   and DeepSeek-V3's selection bias (a buffer) are not here */
+    int n_tensors;
     /* private */
     void **blobs_;
     int n_blobs_, cap_blobs_;
@@ -1400,7 +1426,7 @@ typedef struct esft_model_run {
     const unsigned char *stats_mask; /* (T) tokens counted in stats; NULL = all */
     esft_route_fn on_route;      /* and/or a callback */
     void *user;
-    const struct esft_model_trainable *trainable; /* experts it holds run from its fp32 copies */
+    const struct esft_model_trainable *trainable; /* the forward runs trainable->view (its trained copies and adapters) */
 } esft_model_run;
 
 /* One sample through the model. loss_sum (optional) receives the sum of the
@@ -1413,40 +1439,81 @@ ESFTDEF esft_status esft_model_forward(const esft_model *m, const int32_t *ids, 
                                        int T, const esft_model_run *run,
                                        double *loss_sum, int64_t *n_scored, esft_error *err);
 
-/* ---- training: backward to ESFT's trainable experts -------------------- */
+/* ---- training: what trains, and the backward to it ---------------------- */
 
-/* ESFT's trainable set: the routed experts an expert config lists (its layer =
-   the model's layer index), as fp32 master copies in ONE parameter block,
-   mirrored by ONE gradient block (and by esft_adamw's m and v: the optimizer is
-   one loop over n_params floats). Frozen weights stay in their file dtype and
-   own no gradient and no optimizer state: training costs 12 bytes per
-   trainable parameter (gradient 4, Adam moments 8) beyond the fp32 copy (4).
-   Block layout: the trained experts in increasing (layer, expert) order, each
-   gate (F, D), up (F, D), down (D, F), the Hugging Face shapes; then, when
-   the config sets shared_experts, the shared experts of every MoE layer in
-   layer order, each gate (FS, D), up (FS, D), down (D, FS) (Qwen2-MoE's
-   shared_expert_gate is a non-expert module, as esft_expert_config_trains
-   says, and stays frozen). */
+/* The methods of ESFT's comparison (plus the PEFT baseline). */
+typedef enum esft_train_method {
+    ESFT_TRAIN_ESFT = 0, /* the experts of an expert config (+ its shared / non-expert flags) */
+    ESFT_TRAIN_FFT,      /* every parameter */
+    ESFT_TRAIN_LORA      /* rank-r adapters on chosen frozen matrices */
+} esft_train_method;
+
+/* Which matrices LoRA adapts (bits). */
+#define ESFT_LORA_ATTN 1u /* the attention projections (q/k/v/o; MLA's q_a, q_b, kv_a, kv_b, o) */
+#define ESFT_LORA_MLP  2u /* dense MLP layers' gate/up/down */
+
+typedef struct esft_train_spec {
+    esft_train_method method;
+    const esft_expert_config *experts; /* ESFT: what trains (required) */
+    int lora_rank;                     /* LoRA: r >= 1 */
+    float lora_alpha;                  /* LoRA: scale = alpha / r */
+    unsigned lora_targets;             /* LoRA: ESFT_LORA_* bits */
+    uint64_t seed;                     /* LoRA: A drawn as PEFT's default (uniform +-1/sqrt(cols)), B = 0 */
+} esft_train_spec;
+
+/* The trainable set, as fp32 master copies in ONE parameter block, mirrored
+   by ONE gradient block (and by esft_adamw's m and v: the optimizer is one
+   loop over n_params floats). Frozen weights stay in their file dtype and own
+   no gradient and no optimizer state: training costs 12 bytes per trainable
+   parameter (gradient 4, Adam moments 8) beyond the fp32 copy (4).
+   Block layout, in order:
+   1. routed experts in increasing (layer, expert) order, each gate (F, D),
+      up (F, D), down (D, F), the Hugging Face shapes;
+   2. shared experts of every MoE layer in layer order (ESFT's shared_experts
+      flag, or FFT), each gate (FS, D), up (FS, D), down (D, FS);
+   3. non-expert tensors trained in full (ESFT's non_expert_modules flag, or
+      FFT), in m->tensors order, each (rows, cols) as the file has it;
+   4. LoRA adapters, in m->tensors order, each A (r, cols) then B (rows, r).
+   The model as trained (frozen weights, trained copies, adapters) is tr->view:
+   forward it (esft_model_run.trainable does) to evaluate base + training. */
 typedef struct esft_model_trainable {
+    esft_train_method method;
     int n_layers, n_experts;   /* L, E of the model it was built for */
     int n_trained;             /* experts in the block */
     size_t expert_floats;      /* 3 F D */
-    size_t n_params;           /* n_trained * expert_floats */
+    size_t n_params;           /* every float of the block */
     float *params;             /* (n_params) fp32 copies, initialised from the model's weights */
     float *grads;              /* (n_params) mirrored; the backward accumulates, the caller zeroes */
     int32_t *layer, *expert;   /* (n_trained) the (layer, expert) of each block slot */
     int32_t *slot;             /* (L, E) slot of expert e of layer l, -1 = frozen */
-    int n_shared;              /* shared blocks in the block (0 unless cfg->shared_experts) */
+    int n_shared;              /* shared blocks in the block */
     size_t shared_floats;      /* 3 FS D */
     int32_t *shared_slot;      /* (L) shared block of layer l, -1 = frozen */
+    int n_modules;             /* non-expert tensors trained in full */
+    int32_t *module;           /* (n_modules) index into m->tensors */
+    size_t *module_offset;     /* (n_modules) first float in the block */
+    int n_lora;                /* adapted matrices */
+    int lora_rank;
+    float lora_alpha;
+    unsigned lora_targets;
+    int32_t *lora_tensor;      /* (n_lora) index into m->tensors */
+    esft_lora *lora;           /* (n_lora) a, b point into params */
+    esft_model view;           /* m with trained tensors and adapters in place (shares m's memory) */
     esft_allocator allocator;
+    /* private */
+    esft_model_layer *view_layers_;
+    const esft_model *base_;
 } esft_model_trainable;
 
-/* Copies the experts cfg lists out of m (any file dtype, per-expert or fused)
-   (and, with cfg->shared_experts, every MoE layer's shared experts) into a
-   zero-gradient block. An id past E, a layer past L or a dense layer is
-   ESFT_ERR_RANGE; cfg->non_expert_modules set is ESFT_ERR_UNSUPPORTED (not
-   implemented yet). Pair: _uninit. */
+/* Builds the trainable set of spec over m: the experts (any file dtype,
+   per-expert or fused) and tensors it trains copied out of m, adapters drawn,
+   gradients zero. ESFT: an id past E, a layer past L or a dense layer is
+   ESFT_ERR_RANGE. LoRA: a rank < 1 or no target is ESFT_ERR_INVALID_ARGUMENT.
+   m must outlive tr. Pair: _uninit. */
+ESFTDEF esft_status esft_model_trainable_init_spec(esft_model_trainable *tr, const esft_model *m,
+                                                   const esft_train_spec *spec, const esft_allocator *allocator,
+                                                   esft_error *err);
+/* ESFT's trainable set of cfg (esft_model_trainable_init_spec with method ESFT). */
 ESFTDEF esft_status esft_model_trainable_init(esft_model_trainable *tr, const esft_model *m,
                                               const esft_expert_config *cfg, const esft_allocator *allocator,
                                               esft_error *err);
@@ -1457,27 +1524,38 @@ ESFTDEF float *esft_model_trainable_expert(const esft_model_trainable *tr, float
 /* Layer l's shared experts inside block: gate (FS, D), up (FS, D), down (D,
    FS); NULL when frozen. */
 ESFTDEF float *esft_model_trainable_shared(const esft_model_trainable *tr, float *block, int layer);
-/* Writes tr's experts to path (safetensors, cfg = the config tr was built
-   from, in __metadata__) under the per-expert Hugging Face names of m's
-   checkpoint, in m's file dtype (fp32 copies rounded to nearest-even for
-   BF16/F16), so esft_checkpoint_merge puts them back into the base, per-expert
-   or fused. FP8 experts are ESFT_ERR_UNSUPPORTED (no re-quantisation). */
+/* Writes what tr trains in full (experts, shared experts, non-expert tensors)
+   to path (safetensors) under the Hugging Face names of m's checkpoint, in
+   m's file dtype (fp32 copies rounded to nearest-even for BF16/F16), with
+   the expert config in __metadata__ (cfg: the one tr was built from; NULL
+   for FFT: every expert, shared_experts and non_expert_modules set), so
+   esft_checkpoint_merge puts them back into the base, per-expert or fused.
+   FP8 tensors are ESFT_ERR_UNSUPPORTED (no re-quantisation); a LoRA set is
+   saved by esft_model_lora_save. */
 ESFTDEF esft_status esft_model_trainable_save(const esft_model_trainable *tr, const esft_model *m,
                                               const esft_expert_config *cfg, const char *path, esft_error *err);
-/* Reads a file of trained experts (as _save writes: per-expert and shared
-   tensors under Hugging Face names, F32/BF16/F16) into tr->params, e.g. to
-   evaluate base + trained file or to go on training. Every tensor in it must
-   be one tr trains, with its shape (ESFT_ERR_RANGE / ESFT_ERR_SHAPE naming it);
-   experts the file lacks keep their values. */
+/* Reads a file of trained tensors (as _save writes, F32/BF16/F16) into
+   tr->params, e.g. to evaluate base + trained file or to go on training.
+   Every tensor in it must be one tr trains, with its shape (ESFT_ERR_RANGE /
+   ESFT_ERR_SHAPE naming it); tensors the file lacks keep their values. */
 ESFTDEF esft_status esft_model_trainable_load(esft_model_trainable *tr, const esft_model *m, const char *path,
                                               esft_error *err);
+/* A LoRA set in PEFT's layout: dir/adapter_model.safetensors (F32,
+   base_model.model.<module>.lora_A.weight (r, cols) and .lora_B.weight
+   (rows, r)) and dir/adapter_config.json (peft_type LORA, r, lora_alpha,
+   target_modules, ...), which peft.PeftModel.from_pretrained loads onto the
+   base model. dir is created if missing; each file is written atomically. */
+ESFTDEF esft_status esft_model_lora_save(const esft_model_trainable *tr, const char *dir, esft_error *err);
+/* Reads dir/adapter_model.safetensors into tr's adapters (every tensor must
+   be one of tr's, with its shape). */
+ESFTDEF esft_status esft_model_lora_load(esft_model_trainable *tr, const char *dir, esft_error *err);
 
-/* One training pass over one sample: the forward (with tr's experts), the
+/* One training pass over one sample: the forward of tr->view, the
    cross-entropy of the scored positions (labels as esft_model_run's; loss_sum
    and n_scored as esft_model_forward's: the SUM of the token losses), and the
-   backward through the frozen model (lm_head, final norm, every layer's MoE or
-   dense MLP, router weights, shared experts, norms, attention, residuals) into
-   tr->grads: accumulates grad_scale * d(loss_sum)/d(params). For the mean loss
+   backward through the model (lm_head, final norm, every layer's MoE or dense
+   MLP, router weights, shared experts, norms, attention, residuals,
+   embedding), down to the lowest layer that trains anything, into tr->grads: accumulates grad_scale * d(loss_sum)/d(params). For the mean loss
    of a batch pass grad_scale = 1 / (scored tokens of the whole batch).
    Memory: the residual stream entering each layer is kept ((L + 1) T D
    floats); everything inside a layer is recomputed in the backward, one layer
@@ -7990,17 +8068,28 @@ static esft_status esft__merge_shard(esft__out *o, const esft_safetensors *b, co
     return esft__out_copy(o, b, at, end - at, buf, ESFT__COPY_CHUNK, pr, err);
 }
 
-/* Creates dir if missing; refuses the base checkpoint's own directory. */
-static esft_status esft__merge_dir(const char *dir, const char *base_dir, esft_error *err)
+/* Creates dir if missing. */
+static esft_status esft__make_dir(const char *dir, esft_error *err)
 {
 #if defined(_WIN32)
     if (_mkdir(dir) != 0 && errno != EEXIST)
+#else
+    if (mkdir(dir, 0755) != 0 && errno != EEXIST)
+#endif
         return esft__fail_at(err, ESFT_ERR_IO, dir, 0, "cannot create the directory: %s", strerror(errno));
+    return ESFT_OK;
+}
+
+/* Creates dir if missing; refuses the base checkpoint's own directory. */
+static esft_status esft__merge_dir(const char *dir, const char *base_dir, esft_error *err)
+{
+    esft_status s = esft__make_dir(dir, err);
+#if defined(_WIN32)
+    if (s != ESFT_OK) return s;
     if (strcmp(dir, base_dir) == 0)
 #else
     struct stat a, b;
-    if (mkdir(dir, 0755) != 0 && errno != EEXIST)
-        return esft__fail_at(err, ESFT_ERR_IO, dir, 0, "cannot create the directory: %s", strerror(errno));
+    if (s != ESFT_OK) return s;
     if (stat(dir, &a) == 0 && stat(base_dir, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino)
 #endif
         return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, dir, 0, "the output directory is the base checkpoint's; choose another");
@@ -9112,20 +9201,50 @@ static int esft__panel_rows(const esft_matrix *W)
 
 /* y (T, W.rows) = x (T, W.cols) W^T, y's rows ldy apart and x's ldx. W in any
    of its dtypes; panel holds ESFT__PANEL_FLOATS (unused for fp32 W). */
+/* Rows of T a LoRA product can take at once: its (rows, r) intermediate fits the panel. */
+static int esft__lora_chunk(const esft_lora *a) { return (int)(ESFT__PANEL_FLOATS / (size_t)a->rank); }
+
+/* y (T, W.rows) += scale (x A^T) B^T: the adapter's part of y = x W^T. */
+static void esft__lora_forward(float *y, int ldy, const float *x, int ldx, int T, const esft_matrix *W, float *panel)
+{
+    const esft_lora *a = W->lora;
+    int t0, step = esft__lora_chunk(a);
+    for (t0 = 0; t0 < T; t0 += step) {
+        int n = T - t0 < step ? T - t0 : step;
+        esft__sgemm(0, 1, n, a->rank, W->cols, 1.0f, x + (size_t)t0 * ldx, ldx, a->a, W->cols, 0.0f, panel, a->rank);
+        esft__sgemm(0, 1, n, W->rows, a->rank, a->scale, panel, a->rank, a->b, a->rank, 1.0f, y + (size_t)t0 * ldy,
+                    ldy);
+    }
+}
+
+/* y (T, W.cols) += scale (x B) A: the adapter's part of y += x W. */
+static void esft__lora_backward(float *y, int ldy, const float *x, int ldx, int T, const esft_matrix *W, float *panel)
+{
+    const esft_lora *a = W->lora;
+    int t0, step = esft__lora_chunk(a);
+    for (t0 = 0; t0 < T; t0 += step) {
+        int n = T - t0 < step ? T - t0 : step;
+        esft__sgemm(0, 0, n, a->rank, W->rows, 1.0f, x + (size_t)t0 * ldx, ldx, a->b, a->rank, 0.0f, panel, a->rank);
+        esft__sgemm(0, 0, n, W->cols, a->rank, a->scale, panel, a->rank, a->a, W->cols, 1.0f, y + (size_t)t0 * ldy,
+                    ldy);
+    }
+}
+
 static void esft__matmul(float *y, int ldy, const float *x, int ldx, int T, const esft_matrix *W, float *panel)
 {
     int r0, step;
     if (W->dtype == ESFT_DTYPE_F32) {
         esft__sgemm(0, 1, T, W->rows, W->cols, 1.0f, x, ldx, ESFT__CAST(const float *, W->data), W->cols, 0.0f, y,
                     ldy);
-        return;
+    } else {
+        step = esft__panel_rows(W);
+        for (r0 = 0; r0 < W->rows; r0 += step) {
+            int n = W->rows - r0 < step ? W->rows - r0 : step;
+            esft__matrix_rows_f32(panel, W, r0, n);
+            esft__sgemm(0, 1, T, n, W->cols, 1.0f, x, ldx, panel, W->cols, 0.0f, y + r0, ldy);
+        }
     }
-    step = esft__panel_rows(W);
-    for (r0 = 0; r0 < W->rows; r0 += step) {
-        int n = W->rows - r0 < step ? W->rows - r0 : step;
-        esft__matrix_rows_f32(panel, W, r0, n);
-        esft__sgemm(0, 1, T, n, W->cols, 1.0f, x, ldx, panel, W->cols, 0.0f, y + r0, ldy);
-    }
+    if (W->lora) esft__lora_forward(y, ldy, x, ldx, T, W, panel);
 }
 
 /* A vector (norm weights, biases) is read as fp32 at load; this is its data. */
@@ -9137,7 +9256,35 @@ typedef struct esft__loader {
     esft_model *m;
     esft_checkpoint ck;
     esft_error *err;
+    int listing;        /* 1: what loads next goes into m->tensors (no expert, no buffer) */
+    int layer, attention; /* and is of this layer / half */
+    int capacity;       /* of m->tensors */
+    char *names;        /* (capacity, ESFT__TENSOR_NAME) */
 } esft__loader;
+
+#define ESFT__TENSOR_NAME 128
+
+/* Lists a loaded non-expert weight in m->tensors, under its checkpoint name. */
+static esft_status esft__loader_list(esft__loader *ld, const esft_matrix *w, const char *name,
+                                     const esft_st_tensor *file)
+{
+    esft_model *m = ld->m;
+    esft_model_tensor *t;
+    char *dst;
+    if (!ld->listing) return ESFT_OK;
+    if (m->n_tensors == ld->capacity || strlen(name) >= ESFT__TENSOR_NAME)
+        return esft__fail(ld->err, ESFT_ERR_RANGE, "tensor %s: more weights or a longer name than a layer has", name);
+    dst = ld->names + (size_t)m->n_tensors * ESFT__TENSOR_NAME;
+    strcpy(dst, name);
+    t = &m->tensors[m->n_tensors++];
+    t->name = dst;
+    t->matrix = w;
+    t->layer = ld->layer;
+    t->attention = ld->attention;
+    t->file_dtype = file->dtype;
+    t->file_dims = file->n_dims == 1 ? 1 : 2;
+    return ESFT_OK;
+}
 
 static void *esft__model_blob(esft_model *m, size_t bytes)
 {
@@ -9263,7 +9410,7 @@ static esft_status esft__load(esft__loader *ld, esft_matrix *out, const char *na
         out->dtype = ESFT_DTYPE_F32;
         out->data = f;
         ld->m->weight_bytes += t->n_elements * sizeof(float);
-        return ESFT_OK;
+        return esft__loader_list(ld, out, name, t);
     }
     blob = esft__model_blob(ld->m, (size_t)t->n_bytes);
     if (!blob) return esft__fail(ld->err, ESFT_ERR_OUT_OF_MEMORY, "tensor %s (%llu bytes)", name,
@@ -9274,10 +9421,11 @@ static esft_status esft__load(esft__loader *ld, esft_matrix *out, const char *na
     out->data = blob;
     ld->m->weight_bytes += t->n_bytes;
     if (t->dtype == ESFT_DTYPE_F8_E4M3) {
+        esft_status s;
         if (n_dims == 3) return esft__fail(ld->err, ESFT_ERR_UNSUPPORTED, "tensor %s: fused FP8 experts", name);
-        return esft__load_scale(ld, out, name);
+        if ((s = esft__load_scale(ld, out, name)) != ESFT_OK) return s;
     }
-    return ESFT_OK;
+    return esft__loader_list(ld, out, name, t);
 }
 
 /* Loads "<prefix><suffix>". */
@@ -9398,17 +9546,21 @@ static esft_status esft__load_ffn(esft__loader *ld, esft_model_layer *w, const c
         ld->m->expert_names = ESFT_FAMILY_MIXTRAL;
     }
     if ((s = esft__load_at(ld, &w->router, moe, "gate.weight", E, D, 1, 1))) return s;
+    ld->listing = 0; /* the selection bias is a buffer; experts have their own table */
     if (c->route_bias && (s = esft__load_at(ld, &w->router_bias, moe, "gate.e_score_correction_bias", 1, E, 1, 1)))
         return s;
     if ((s = esft__load_experts(ld, w, moe))) return s;
+    ld->listing = 1;
     if (FS > 0) {
         const char *sh = c->family == ESFT_MODEL_QWEN2_MOE ? "shared_expert." : "shared_experts.";
         char q[160];
         snprintf(q, sizeof q, "%s%s", moe, sh);
+        ld->listing = 0;
         if ((s = esft__load_at(ld, &w->shared_gate, q, "gate_proj.weight", FS, D, 1, 0)) ||
             (s = esft__load_at(ld, &w->shared_up, q, "up_proj.weight", FS, D, 1, 0)) ||
             (s = esft__load_at(ld, &w->shared_down, q, "down_proj.weight", D, FS, 1, 0)))
             return s;
+        ld->listing = 1;
         if (c->shared_gate && (s = esft__load_at(ld, &w->shared_router, moe, "shared_expert_gate.weight", 1, D, 1, 1)))
             return s;
     }
@@ -9421,6 +9573,15 @@ static esft_status esft__load_model(esft__loader *ld)
     const esft_model_config *c = &m->cfg;
     int l;
     esft_status s;
+    /* at most 16 weights a layer (MLA with q_lora and a router: 9 + 2 norms +
+       router; GQA: 4 + 3 biases + 2 q/k norms + 2 norms + router + shared gate) */
+    ld->capacity = 16 * c->n_layers + 3;
+    m->tensors = ESFT__CAST(esft_model_tensor *, esft__model_blob(m, (size_t)ld->capacity * sizeof(esft_model_tensor)));
+    ld->names = ESFT__CAST(char *, esft__model_blob(m, (size_t)ld->capacity * ESFT__TENSOR_NAME));
+    if (!m->tensors || !ld->names) return esft__fail(ld->err, ESFT_ERR_OUT_OF_MEMORY, "tensor table");
+    ld->listing = 1;
+    ld->layer = -1;
+    ld->attention = 0;
     if ((s = esft__load(ld, &m->embed, "model.embed_tokens.weight", 2, 0, c->vocab, c->d_model, 1, 0)) ||
         (s = esft__load(ld, &m->final_norm, "model.norm.weight", 1, 0, 1, c->d_model, 1, 1)))
         return s;
@@ -9434,9 +9595,14 @@ static esft_status esft__load_model(esft__loader *ld)
         esft_model_layer *w = &m->layers[l];
         char p[64];
         snprintf(p, sizeof p, "model.layers.%d.", l);
+        ld->layer = l;
+        ld->attention = 1;
         if ((s = esft__load_at(ld, &w->attn_norm, p, "input_layernorm.weight", 1, c->d_model, 1, 1)) ||
-            (s = esft__load_at(ld, &w->ffn_norm, p, "post_attention_layernorm.weight", 1, c->d_model, 1, 1)) ||
-            (s = esft__load_attention(ld, w, p)) || (s = esft__load_ffn(ld, w, p, l)))
+            (s = esft__load_attention(ld, w, p)))
+            return s;
+        ld->attention = 0;
+        if ((s = esft__load_at(ld, &w->ffn_norm, p, "post_attention_layernorm.weight", 1, c->d_model, 1, 1)) ||
+            (s = esft__load_ffn(ld, w, p, l)))
             return s;
     }
     return ESFT_OK;
@@ -9463,6 +9629,7 @@ ESFTDEF esft_status esft_model_open(esft_model *m, const char *dir, const esft_a
     snprintf(path, sizeof path, "%s/config.json", dir);
     s = esft_model_config_read(&m->cfg, path, err);
     if (s != ESFT_OK) return s;
+    memset(&ld, 0, sizeof ld);
     ld.m = m;
     ld.err = err;
     s = esft_checkpoint_open(&ld.ck, dir, allocator, err);
@@ -9943,11 +10110,8 @@ static esft_status esft__forward_check(const esft_model *m, const int32_t *ids, 
         return esft__fail(err, ESFT_ERR_SHAPE, "stats of %d layers, E %d, K %d for a model of %d layers, E %d, K %d",
                           run->stats->n_layers, run->stats->n_experts, run->stats->top_k, m->cfg.n_layers,
                           m->cfg.route.n_experts, m->cfg.route.top_k);
-    if (run && run->trainable &&
-        (run->trainable->n_layers != m->cfg.n_layers || run->trainable->n_experts != m->cfg.route.n_experts ||
-         run->trainable->expert_floats != 3 * (size_t)m->cfg.d_expert * m->cfg.d_model ||
-         run->trainable->shared_floats != 3 * (size_t)m->cfg.d_shared * m->cfg.d_model))
-        return esft__fail(err, ESFT_ERR_SHAPE, "trainable experts built for another model (L %d, E %d)",
+    if (run && run->trainable && run->trainable->base_ != m)
+        return esft__fail(err, ESFT_ERR_SHAPE, "trainable set built for another model (L %d, E %d)",
                           run->trainable->n_layers, run->trainable->n_experts);
     return ESFT_OK;
 }
@@ -9984,6 +10148,7 @@ static esft_status esft__forward_layers(const esft_model *m, esft__fwd *f, int T
 ESFTDEF esft_status esft_model_forward(const esft_model *m, const int32_t *ids, int T, const esft_model_run *run,
                                        double *loss_sum, int64_t *n_scored, esft_error *err)
 {
+    esft_model view;
     const esft_model_config *c;
     esft__fwd f;
     unsigned char *base;
@@ -9994,6 +10159,11 @@ ESFTDEF esft_status esft_model_forward(const esft_model *m, const int32_t *ids, 
     esft_status s;
     if (!m) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL model");
     if ((s = esft__forward_check(m, ids, T, run, err)) != ESFT_OK) return s;
+    if (run && run->trainable) { /* trained copies and adapters in place, m's config as it is now */
+        view = run->trainable->view;
+        view.cfg = m->cfg;
+        m = &view;
+    }
     c = &m->cfg;
     V = c->vocab;
     D = c->d_model;
@@ -10020,7 +10190,7 @@ ESFTDEF esft_status esft_model_forward(const esft_model *m, const int32_t *ids, 
     return ESFT_OK;
 }
 
-/* ---- training: the backward to ESFT's trainable experts --------------------- */
+/* ---- training: the trainable set ------------------------------------------ */
 
 ESFTDEF void esft_model_trainable_uninit(esft_model_trainable *tr)
 {
@@ -10030,19 +10200,19 @@ ESFTDEF void esft_model_trainable_uninit(esft_model_trainable *tr)
     esft__release(&tr->allocator, tr->layer);
     esft__release(&tr->allocator, tr->slot);
     esft__release(&tr->allocator, tr->shared_slot);
+    esft__release(&tr->allocator, tr->module);
+    esft__release(&tr->allocator, tr->module_offset);
+    esft__release(&tr->allocator, tr->lora_tensor);
+    esft__release(&tr->allocator, tr->lora);
+    esft__release(&tr->allocator, tr->view_layers_);
     memset(tr, 0, sizeof *tr);
 }
 
-/* Checks cfg against m and counts the experts it trains. */
-static esft_status esft__trainable_count(const esft_model *m, const esft_expert_config *cfg, int *count,
-                                         esft_error *err)
+/* Checks an ESFT config against m. */
+static esft_status esft__trainable_check_config(const esft_model *m, const esft_expert_config *cfg, esft_error *err)
 {
     const esft_model_config *c = &m->cfg;
     int l, i;
-    *count = 0;
-    if (cfg->non_expert_modules)
-        return esft__fail(err, ESFT_ERR_UNSUPPORTED,
-                          "expert config trains non_expert_modules: only experts train so far");
     for (l = 0; l < cfg->n_layers; l++) {
         if (cfg->layer_present && !cfg->layer_present[l]) continue;
         for (i = cfg->offset[l]; i < cfg->offset[l + 1]; i++) {
@@ -10055,8 +10225,209 @@ static esft_status esft__trainable_count(const esft_model *m, const esft_expert_
                                   c->route.n_experts);
         }
     }
-    for (l = 0; l < cfg->n_layers && l < c->n_layers; l++)
-        for (i = 0; i < c->route.n_experts; i++) *count += esft_expert_config_has(cfg, l, i) != 0;
+    return ESFT_OK;
+}
+
+static esft_status esft__train_spec_check(const esft_model *m, const esft_train_spec *sp, esft_error *err)
+{
+    switch (sp->method) {
+    case ESFT_TRAIN_ESFT:
+        if (!sp->experts) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "ESFT needs an expert config");
+        return esft__trainable_check_config(m, sp->experts, err);
+    case ESFT_TRAIN_FFT:
+        return ESFT_OK;
+    case ESFT_TRAIN_LORA:
+        if (sp->lora_rank < 1 || sp->lora_rank > 65536 || !(sp->lora_alpha > 0.0f) || !isfinite(sp->lora_alpha))
+            return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "LoRA rank %d / alpha %g: rank in [1, 65536], alpha > 0",
+                              sp->lora_rank, (double)sp->lora_alpha);
+        if (!(sp->lora_targets & (ESFT_LORA_ATTN | ESFT_LORA_MLP)) || (sp->lora_targets & ~(ESFT_LORA_ATTN | ESFT_LORA_MLP)))
+            return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "LoRA targets 0x%x: ESFT_LORA_ATTN and/or ESFT_LORA_MLP",
+                              sp->lora_targets);
+        return ESFT_OK;
+    }
+    return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "unknown training method %d", (int)sp->method);
+}
+
+/* What sp trains in full, and where LoRA goes. */
+static int esft__spec_expert(const esft_train_spec *sp, const esft_model_config *c, int l, int e)
+{
+    if (!c->is_moe[l]) return 0;
+    if (sp->method == ESFT_TRAIN_FFT) return 1;
+    return sp->method == ESFT_TRAIN_ESFT && l < sp->experts->n_layers && esft_expert_config_has(sp->experts, l, e);
+}
+
+static int esft__spec_shared(const esft_train_spec *sp, const esft_model_config *c, int l)
+{
+    if (!c->is_moe[l] || c->d_shared == 0) return 0;
+    return sp->method == ESFT_TRAIN_FFT || (sp->method == ESFT_TRAIN_ESFT && sp->experts->shared_experts);
+}
+
+static int esft__spec_module(const esft_train_spec *sp)
+{
+    return sp->method == ESFT_TRAIN_FFT || (sp->method == ESFT_TRAIN_ESFT && sp->experts->non_expert_modules);
+}
+
+static int esft__spec_lora(const esft_train_spec *sp, const esft_model *m, const esft_model_tensor *t)
+{
+    if (sp->method != ESFT_TRAIN_LORA || t->layer < 0 || t->matrix->rows < 2) return 0; /* vectors: norms, biases */
+    if (t->attention) return (sp->lora_targets & ESFT_LORA_ATTN) != 0;
+    return !m->cfg.is_moe[t->layer] && (sp->lora_targets & ESFT_LORA_MLP) != 0; /* a dense layer's MLP */
+}
+
+/* Sizes the block and fills the tables (tr's arrays allocated by the caller
+   when counting is done: pass 0 counts, pass 1 fills). */
+static void esft__trainable_plan(esft_model_trainable *tr, const esft_model *m, const esft_train_spec *sp, int fill)
+{
+    const esft_model_config *c = &m->cfg;
+    int L = c->n_layers, E = c->route.n_experts, l, e, i;
+    size_t at = 0;
+    tr->n_trained = tr->n_shared = tr->n_modules = tr->n_lora = 0;
+    for (l = 0; l < L; l++)
+        for (e = 0; e < E; e++) {
+            int on = esft__spec_expert(sp, c, l, e);
+            if (fill) {
+                tr->slot[(size_t)l * E + e] = on ? tr->n_trained : -1;
+                if (on) tr->layer[tr->n_trained] = l, tr->expert[tr->n_trained] = e;
+            }
+            tr->n_trained += on;
+        }
+    at += (size_t)tr->n_trained * tr->expert_floats;
+    for (l = 0; l < L; l++) {
+        int on = esft__spec_shared(sp, c, l);
+        if (fill) tr->shared_slot[l] = on ? tr->n_shared : -1;
+        tr->n_shared += on;
+    }
+    at += (size_t)tr->n_shared * tr->shared_floats;
+    for (i = 0; i < m->n_tensors; i++) {
+        const esft_matrix *w = m->tensors[i].matrix;
+        if (!esft__spec_module(sp)) break;
+        if (fill) tr->module[tr->n_modules] = i, tr->module_offset[tr->n_modules] = at;
+        tr->n_modules++;
+        at += (size_t)w->rows * w->cols;
+    }
+    for (i = 0; i < m->n_tensors; i++) {
+        const esft_matrix *w = m->tensors[i].matrix;
+        size_t ra = (size_t)sp->lora_rank * w->cols;
+        if (!esft__spec_lora(sp, m, &m->tensors[i])) continue;
+        if (fill) {
+            esft_lora *a = &tr->lora[tr->n_lora];
+            tr->lora_tensor[tr->n_lora] = i;
+            a->rank = sp->lora_rank;
+            a->scale = sp->lora_alpha / (float)sp->lora_rank;
+            a->a = tr->params + at;
+            a->b = tr->params + at + ra;
+        }
+        tr->n_lora++;
+        at += ra + (size_t)w->rows * sp->lora_rank;
+    }
+    tr->n_params = at;
+}
+
+/* The view's copy of one of m's matrices (same place in view / its layers). */
+static esft_matrix *esft__view_matrix(esft_model_trainable *tr, const esft_model *m, const esft_matrix *w)
+{
+    uintptr_t p = (uintptr_t)w, lo = (uintptr_t)m->layers;
+    if (p >= lo && p < lo + (size_t)m->cfg.n_layers * sizeof(esft_model_layer))
+        return ESFT__CAST(esft_matrix *, (void *)((unsigned char *)tr->view_layers_ + (p - lo)));
+    return ESFT__CAST(esft_matrix *, (void *)((unsigned char *)&tr->view + (p - (uintptr_t)m)));
+}
+
+/* Copies what trains out of m and builds tr->view around it. */
+static void esft__trainable_fill(esft_model_trainable *tr, const esft_model *m, const esft_train_spec *sp)
+{
+    const esft_model_config *c = &m->cfg;
+    int F = c->d_expert, D = c->d_model, FS = c->d_shared, k, l, i;
+    size_t drawn = 0;
+    for (k = 0; k < tr->n_trained; k++) {
+        const esft_model_layer *w = &m->layers[tr->layer[k]];
+        float *p = tr->params + (size_t)k * tr->expert_floats;
+        esft__matrix_rows_f32(p, &w->expert_gate[tr->expert[k]], 0, F);
+        esft__matrix_rows_f32(p + (size_t)F * D, &w->expert_up[tr->expert[k]], 0, F);
+        esft__matrix_rows_f32(p + 2 * (size_t)F * D, &w->expert_down[tr->expert[k]], 0, D);
+    }
+    for (l = 0; l < c->n_layers; l++) {
+        float *p = esft_model_trainable_shared(tr, tr->params, l);
+        if (!p) continue;
+        esft__matrix_rows_f32(p, &m->layers[l].shared_gate, 0, FS);
+        esft__matrix_rows_f32(p + (size_t)FS * D, &m->layers[l].shared_up, 0, FS);
+        esft__matrix_rows_f32(p + 2 * (size_t)FS * D, &m->layers[l].shared_down, 0, D);
+    }
+    tr->view = *m;
+    tr->view.layers = tr->view_layers_;
+    tr->view.blobs_ = NULL; /* the view owns nothing: closing it frees nothing */
+    tr->view.n_blobs_ = tr->view.cap_blobs_ = 0;
+    memcpy(tr->view_layers_, m->layers, (size_t)c->n_layers * sizeof(esft_model_layer));
+    for (i = 0; i < tr->n_modules; i++) {
+        const esft_matrix *w = m->tensors[tr->module[i]].matrix;
+        esft_matrix *v = esft__view_matrix(tr, m, w);
+        float *p = tr->params + tr->module_offset[i];
+        esft__matrix_rows_f32(p, w, 0, w->rows);
+        memset(v, 0, sizeof *v);
+        v->dtype = ESFT_DTYPE_F32;
+        v->rows = w->rows;
+        v->cols = w->cols;
+        v->data = p;
+    }
+    if (c->tie_embeddings) tr->view.lm_head = tr->view.embed;
+    for (i = 0; i < tr->n_lora; i++) {
+        const esft_matrix *w = m->tensors[tr->lora_tensor[i]].matrix;
+        size_t ra = (size_t)tr->lora_rank * w->cols;
+        /* PEFT's default: A kaiming-uniform (a = sqrt 5), i.e. +-1/sqrt(cols); B = 0 (the start is the base) */
+        esft__adapter_uniform(tr->params + (tr->lora[i].a - tr->params), ra, sp->seed, drawn,
+                              (float)(1.0 / sqrt((double)w->cols)));
+        drawn += ra;
+        esft__view_matrix(tr, m, w)->lora = &tr->lora[i];
+    }
+}
+
+ESFTDEF esft_status esft_model_trainable_init_spec(esft_model_trainable *tr, const esft_model *m,
+                                                   const esft_train_spec *sp, const esft_allocator *allocator,
+                                                   esft_error *err)
+{
+    const esft_model_config *c;
+    size_t le;
+    int L;
+    esft_status s;
+    if (!tr || !m || !m->layers || !sp)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model or training spec");
+    memset(tr, 0, sizeof *tr);
+    tr->allocator = esft__allocator_or_default(allocator);
+    if ((s = esft__train_spec_check(m, sp, err)) != ESFT_OK) return s;
+    c = &m->cfg;
+    L = c->n_layers;
+    tr->method = sp->method;
+    tr->base_ = m;
+    tr->n_layers = L;
+    tr->n_experts = c->route.n_experts;
+    tr->expert_floats = 3 * (size_t)c->d_expert * c->d_model;
+    tr->shared_floats = 3 * (size_t)c->d_shared * c->d_model;
+    tr->lora_rank = sp->method == ESFT_TRAIN_LORA ? sp->lora_rank : 0;
+    tr->lora_alpha = sp->method == ESFT_TRAIN_LORA ? sp->lora_alpha : 0.0f;
+    tr->lora_targets = sp->method == ESFT_TRAIN_LORA ? sp->lora_targets : 0;
+    esft__trainable_plan(tr, m, sp, 0);
+    le = (size_t)L * (tr->n_experts > 0 ? tr->n_experts : 1);
+    tr->params = ESFT__CAST(float *, esft__calloc(&tr->allocator, tr->n_params ? tr->n_params : 1, sizeof(float)));
+    tr->grads = ESFT__CAST(float *, esft__calloc(&tr->allocator, tr->n_params ? tr->n_params : 1, sizeof(float)));
+    tr->layer = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, 2 * (size_t)(tr->n_trained + 1), sizeof(int32_t)));
+    tr->slot = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, le, sizeof(int32_t)));
+    tr->shared_slot = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, (size_t)L, sizeof(int32_t)));
+    tr->module = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, (size_t)tr->n_modules + 1, sizeof(int32_t)));
+    tr->module_offset = ESFT__CAST(size_t *, esft__calloc(&tr->allocator, (size_t)tr->n_modules + 1, sizeof(size_t)));
+    tr->lora_tensor = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, (size_t)tr->n_lora + 1, sizeof(int32_t)));
+    tr->lora = ESFT__CAST(esft_lora *, esft__calloc(&tr->allocator, (size_t)tr->n_lora + 1, sizeof(esft_lora)));
+    tr->view_layers_ = ESFT__CAST(esft_model_layer *, esft__calloc(&tr->allocator, (size_t)L, sizeof(esft_model_layer)));
+    if (!tr->params || !tr->grads || !tr->layer || !tr->slot || !tr->shared_slot || !tr->module ||
+        !tr->module_offset || !tr->lora_tensor || !tr->lora || !tr->view_layers_) {
+        size_t n = tr->n_params;
+        esft_allocator a = tr->allocator;
+        esft_model_trainable_uninit(tr);
+        tr->allocator = a;
+        return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "trainable block of %lu floats (and its gradient)",
+                          (unsigned long)n);
+    }
+    tr->expert = tr->layer + tr->n_trained + 1;
+    esft__trainable_plan(tr, m, sp, 1);
+    esft__trainable_fill(tr, m, sp);
     return ESFT_OK;
 }
 
@@ -10064,66 +10435,12 @@ ESFTDEF esft_status esft_model_trainable_init(esft_model_trainable *tr, const es
                                               const esft_expert_config *cfg, const esft_allocator *allocator,
                                               esft_error *err)
 {
-    const esft_model_config *c;
-    int L, E, F, D, n, l, e, k = 0;
-    size_t le;
-    esft_status s;
-    if (!tr || !m || !m->layers || !cfg)
-        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model or expert config");
-    memset(tr, 0, sizeof *tr);
-    tr->allocator = esft__allocator_or_default(allocator);
-    c = &m->cfg;
-    L = c->n_layers;
-    E = c->route.n_experts;
-    F = c->d_expert;
-    D = c->d_model;
-    if ((s = esft__trainable_count(m, cfg, &n, err)) != ESFT_OK) return s;
-    le = (size_t)L * (E > 0 ? E : 1);
-    tr->n_layers = L;
-    tr->n_experts = E;
-    tr->n_trained = n;
-    tr->expert_floats = 3 * (size_t)F * D;
-    tr->shared_floats = 3 * (size_t)c->d_shared * D;
-    tr->shared_slot = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, (size_t)L, sizeof(int32_t)));
-    for (l = 0; tr->shared_slot && l < L; l++)
-        tr->shared_slot[l] = cfg->shared_experts && c->is_moe[l] && c->d_shared > 0 ? tr->n_shared++ : -1;
-    tr->n_params = (size_t)n * tr->expert_floats + (size_t)tr->n_shared * tr->shared_floats;
-    tr->params = ESFT__CAST(float *, esft__calloc(&tr->allocator, tr->n_params ? tr->n_params : 1, sizeof(float)));
-    tr->grads = ESFT__CAST(float *, esft__calloc(&tr->allocator, tr->n_params ? tr->n_params : 1, sizeof(float)));
-    tr->layer = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, 2 * (size_t)(n ? n : 1), sizeof(int32_t)));
-    tr->slot = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, le, sizeof(int32_t)));
-    if (!tr->params || !tr->grads || !tr->layer || !tr->slot || !tr->shared_slot) {
-        esft_allocator a = tr->allocator;
-        esft_model_trainable_uninit(tr);
-        tr->allocator = a;
-        return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "%d trainable experts (%lu floats)", n,
-                          (unsigned long)(2 * (size_t)n * 3 * F * D));
-    }
-    tr->expert = tr->layer + (n ? n : 1);
-    for (l = 0; l < L; l++)
-        for (e = 0; e < E; e++) {
-            float *p;
-            size_t fd = (size_t)F * D;
-            tr->slot[(size_t)l * E + e] = -1;
-            if (!(l < cfg->n_layers && esft_expert_config_has(cfg, l, e))) continue;
-            tr->slot[(size_t)l * E + e] = k;
-            tr->layer[k] = l;
-            tr->expert[k] = e;
-            p = tr->params + (size_t)k * tr->expert_floats;
-            esft__matrix_rows_f32(p, &m->layers[l].expert_gate[e], 0, F);
-            esft__matrix_rows_f32(p + fd, &m->layers[l].expert_up[e], 0, F);
-            esft__matrix_rows_f32(p + 2 * fd, &m->layers[l].expert_down[e], 0, D);
-            k++;
-        }
-    for (l = 0; l < L; l++) {
-        float *p = esft_model_trainable_shared(tr, tr->params, l);
-        size_t sd = (size_t)c->d_shared * D;
-        if (!p) continue;
-        esft__matrix_rows_f32(p, &m->layers[l].shared_gate, 0, c->d_shared);
-        esft__matrix_rows_f32(p + sd, &m->layers[l].shared_up, 0, c->d_shared);
-        esft__matrix_rows_f32(p + 2 * sd, &m->layers[l].shared_down, 0, D);
-    }
-    return ESFT_OK;
+    esft_train_spec sp;
+    memset(&sp, 0, sizeof sp);
+    sp.method = ESFT_TRAIN_ESFT;
+    sp.experts = cfg;
+    if (!cfg) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL expert config");
+    return esft_model_trainable_init_spec(tr, m, &sp, allocator, err);
 }
 
 ESFTDEF float *esft_model_trainable_shared(const esft_model_trainable *tr, float *block, int layer)
@@ -10142,75 +10459,115 @@ ESFTDEF float *esft_model_trainable_expert(const esft_model_trainable *tr, float
     return slot < 0 ? NULL : block + (size_t)slot * tr->expert_floats;
 }
 
+/* The gradient of a value of tr->params (its mirror in tr->grads); NULL for
+   memory outside the block (frozen weights). */
+static float *esft__grad_of(const esft_model_trainable *tr, const void *p)
+{
+    uintptr_t u = (uintptr_t)p, lo;
+    if (!tr || !p || !tr->n_params) return NULL;
+    lo = (uintptr_t)tr->params;
+    if (u < lo || u >= lo + tr->n_params * sizeof(float)) return NULL;
+    return tr->grads + (u - lo) / sizeof(float);
+}
+
+/* Every bit of an expert config set (all experts of every MoE layer, shared
+   experts, non-expert modules): what FFT trains, for its file's metadata. */
+static esft_status esft__config_every(esft_expert_config *cfg, const esft_model *m, const esft_allocator *a,
+                                      esft_error *err)
+{
+    const esft_model_config *c = &m->cfg;
+    int L = c->n_layers, E = c->route.n_experts, l, e, n = 0;
+    if (esft__config_alloc(cfg, L, E, (size_t)L * E + 1, a) != ESFT_OK)
+        return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "expert config of %d layers", L);
+    for (l = 0; l < L; l++) {
+        cfg->offset[l] = n;
+        cfg->layer_present[l] = 1;
+        for (e = 0; c->is_moe[l] && e < E; e++) cfg->ids[n++] = e;
+    }
+    cfg->offset[L] = n;
+    cfg->shared_experts = cfg->non_expert_modules = 1;
+    return ESFT_OK;
+}
+
+/* One tensor of a trained file: its name (written into name, 160 bytes),
+   dtype and shape from the model, values from the block. */
+static esft_status esft__trained_tensor(esft_st_write_tensor *x, char *name, const esft_matrix *w, esft_dtype dtype,
+                                        int n_dims, const float *values, esft_error *err)
+{
+    if (dtype == ESFT_DTYPE_F8_E4M3)
+        return esft__fail(err, ESFT_ERR_UNSUPPORTED, "%s is FP8: saving it would re-quantise", name);
+    x->name = name;
+    x->dtype = dtype;
+    x->n_dims = n_dims;
+    x->shape[0] = n_dims == 1 ? w->cols : w->rows;
+    x->shape[1] = w->cols;
+    x->f32 = values;
+    return ESFT_OK;
+}
+
 ESFTDEF esft_status esft_model_trainable_save(const esft_model_trainable *tr, const esft_model *m,
                                               const esft_expert_config *cfg, const char *path, esft_error *err)
 {
     static const esft_part parts[3] = {ESFT_PART_EXPERT_GATE, ESFT_PART_EXPERT_UP, ESFT_PART_EXPERT_DOWN};
     static const esft_part shared_parts[3] = {ESFT_PART_SHARED_GATE, ESFT_PART_SHARED_UP, ESFT_PART_SHARED_DOWN};
+    esft_expert_config every;
     esft_st_write_tensor *t;
     char *names;
-    size_t fd;
-    int i, j, n;
+    int i, j, n, at = 0;
     esft_status s = ESFT_OK;
-    if (!tr || !m || !m->layers || !cfg || !path || !tr->slot)
+    if (!tr || !m || !m->layers || !path || !tr->slot || (!cfg && tr->method != ESFT_TRAIN_FFT))
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model, config or path");
-    if (tr->n_layers != m->cfg.n_layers || tr->n_experts != m->cfg.route.n_experts)
-        return esft__fail(err, ESFT_ERR_SHAPE, "trainable experts built for another model");
-    n = 3 * (tr->n_trained + tr->n_shared);
-    fd = (size_t)m->cfg.d_expert * m->cfg.d_model;
-    t = ESFT__CAST(esft_st_write_tensor *, esft__calloc(&tr->allocator, (size_t)(n ? n : 1), sizeof *t));
-    names = ESFT__CAST(char *, esft__calloc(&tr->allocator, (size_t)(n ? n : 1), 160));
+    if (tr->n_layers != m->cfg.n_layers || tr->n_experts != m->cfg.route.n_experts || tr->base_ != m)
+        return esft__fail(err, ESFT_ERR_SHAPE, "trainable set built for another model");
+    if (tr->method == ESFT_TRAIN_LORA)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "a LoRA set is saved with esft_model_lora_save");
+    memset(&every, 0, sizeof every);
+    if (!cfg && (s = esft__config_every(&every, m, &tr->allocator, err)) != ESFT_OK) return s;
+    n = 3 * (tr->n_trained + tr->n_shared) + tr->n_modules;
+    t = ESFT__CAST(esft_st_write_tensor *, esft__calloc(&tr->allocator, (size_t)n + 1, sizeof *t));
+    names = ESFT__CAST(char *, esft__calloc(&tr->allocator, (size_t)n + 1, 160));
     if (!t || !names) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "names of %d tensors", n);
     for (i = 0; s == ESFT_OK && i < tr->n_trained; i++) {
-        int l = tr->layer[i], e = tr->expert[i];
-        const esft_model_layer *w = &m->layers[l];
+        const esft_model_layer *w = &m->layers[tr->layer[i]];
+        const float *p = tr->params + (size_t)i * tr->expert_floats;
         const esft_matrix *mats[3];
-        mats[0] = &w->expert_gate[e];
-        mats[1] = &w->expert_up[e];
-        mats[2] = &w->expert_down[e];
-        if (!esft_expert_config_has(cfg, l, e))
-            s = esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "layer %d expert %d trains but cfg does not list it", l, e);
-        for (j = 0; s == ESFT_OK && j < 3; j++) {
-            esft_st_write_tensor *x = &t[3 * i + j];
-            if (mats[j]->dtype == ESFT_DTYPE_F8_E4M3) {
-                s = esft__fail(err, ESFT_ERR_UNSUPPORTED, "layer %d expert %d is FP8: saving would re-quantise", l, e);
-                break;
-            }
-            s = esft_tensor_name_format(names + (size_t)(3 * i + j) * 160, 160, m->expert_names, parts[j], l, e);
-            x->name = names + (size_t)(3 * i + j) * 160;
-            x->dtype = mats[j]->dtype;
-            x->n_dims = 2;
-            x->shape[0] = mats[j]->rows;
-            x->shape[1] = mats[j]->cols;
-            x->f32 = tr->params + (size_t)i * tr->expert_floats + (size_t)j * fd;
+        mats[0] = &w->expert_gate[tr->expert[i]];
+        mats[1] = &w->expert_up[tr->expert[i]];
+        mats[2] = &w->expert_down[tr->expert[i]];
+        for (j = 0; s == ESFT_OK && j < 3; j++, at++) {
+            char *name = names + (size_t)at * 160;
+            s = esft_tensor_name_format(name, 160, m->expert_names, parts[j], tr->layer[i], tr->expert[i]);
+            if (s == ESFT_OK)
+                s = esft__trained_tensor(&t[at], name, mats[j], mats[j]->dtype, 2, p + (size_t)j * tr->expert_floats / 3,
+                                         err);
         }
     }
-    for (i = 0, j = 3 * tr->n_trained; s == ESFT_OK && i < tr->n_layers; i++) {
+    for (i = 0; s == ESFT_OK && i < tr->n_layers; i++) {
         const esft_model_layer *w = &m->layers[i];
-        const esft_matrix *mats[3];
         const float *p = esft_model_trainable_shared(tr, tr->params, i);
         esft_family fam = m->cfg.family == ESFT_MODEL_QWEN2_MOE ? ESFT_FAMILY_QWEN_MOE : ESFT_FAMILY_DEEPSEEK_V2;
-        int k;
+        const esft_matrix *mats[3];
         if (!p) continue;
         mats[0] = &w->shared_gate;
         mats[1] = &w->shared_up;
         mats[2] = &w->shared_down;
-        for (k = 0; s == ESFT_OK && k < 3; k++, j++) {
-            esft_st_write_tensor *x = &t[j];
-            if (mats[k]->dtype == ESFT_DTYPE_F8_E4M3) {
-                s = esft__fail(err, ESFT_ERR_UNSUPPORTED, "layer %d shared experts are FP8: saving would re-quantise", i);
-                break;
-            }
-            s = esft_tensor_name_format(names + (size_t)j * 160, 160, fam, shared_parts[k], i, -1);
-            x->name = names + (size_t)j * 160;
-            x->dtype = mats[k]->dtype;
-            x->n_dims = 2;
-            x->shape[0] = mats[k]->rows;
-            x->shape[1] = mats[k]->cols;
-            x->f32 = p + (size_t)k * m->cfg.d_shared * m->cfg.d_model;
+        for (j = 0; s == ESFT_OK && j < 3; j++, at++) {
+            char *name = names + (size_t)at * 160;
+            s = esft_tensor_name_format(name, 160, fam, shared_parts[j], i, -1);
+            if (s == ESFT_OK)
+                s = esft__trained_tensor(&t[at], name, mats[j], mats[j]->dtype, 2, p + (size_t)j * tr->shared_floats / 3,
+                                         err);
         }
     }
-    if (s == ESFT_OK) s = esft_checkpoint_save_trained(path, cfg, t, n, err);
+    for (i = 0; s == ESFT_OK && i < tr->n_modules; i++, at++) {
+        const esft_model_tensor *mt = &m->tensors[tr->module[i]];
+        char *name = names + (size_t)at * 160;
+        snprintf(name, 160, "%s", mt->name);
+        s = esft__trained_tensor(&t[at], name, mt->matrix, mt->file_dtype, mt->file_dims,
+                                 tr->params + tr->module_offset[i], err);
+    }
+    if (s == ESFT_OK) s = esft_checkpoint_save_trained(path, cfg ? cfg : &every, t, n, err);
+    esft_expert_config_free(&every);
     esft__release(&tr->allocator, t);
     esft__release(&tr->allocator, names);
     return s;
@@ -10224,8 +10581,8 @@ static float *esft__trainable_target(const esft_model_trainable *tr, const esft_
     const esft_model_config *c = &m->cfg;
     float *p = NULL;
     size_t width;
-    int k;
-    if (!esft_tensor_name_parse(name, &tn)) return NULL;
+    int k, i;
+    esft_tensor_name_parse(name, &tn);
     switch (tn.part) {
     case ESFT_PART_EXPERT_GATE: case ESFT_PART_EXPERT_UP: case ESFT_PART_EXPERT_DOWN:
         p = esft_model_trainable_expert(tr, tr->params, tn.layer, tn.expert);
@@ -10238,6 +10595,13 @@ static float *esft__trainable_target(const esft_model_trainable *tr, const esft_
         width = (size_t)c->d_shared;
         break;
     default:
+        for (i = 0; i < tr->n_modules; i++) {
+            const esft_model_tensor *mt = &m->tensors[tr->module[i]];
+            if (strcmp(mt->name, name) != 0) continue;
+            shape[0] = mt->matrix->rows;
+            shape[1] = mt->matrix->cols;
+            return tr->params + tr->module_offset[i];
+        }
         return NULL;
     }
     if (!p) return NULL;
@@ -10246,33 +10610,162 @@ static float *esft__trainable_target(const esft_model_trainable *tr, const esft_
     return p + (size_t)k * width * c->d_model;
 }
 
-ESFTDEF esft_status esft_model_trainable_load(esft_model_trainable *tr, const esft_model *m, const char *path,
-                                              esft_error *err)
+/* 1 if tensor t has the shape (rows, cols), a vector (1, cols) also as 1-D (cols). */
+static int esft__tensor_is(const esft_st_tensor *t, const int64_t shape[2])
+{
+    if (t->n_dims == 2) return t->shape[0] == shape[0] && t->shape[1] == shape[1];
+    return t->n_dims == 1 && shape[0] == 1 && t->shape[0] == shape[1];
+}
+
+/* Reads every tensor of path into the block place target gives, all checked
+   before any value is written. */
+static esft_status esft__trainable_read(esft_model_trainable *tr, const esft_model *m, const char *path,
+                                        float *(*target)(const esft_model_trainable *, const esft_model *,
+                                                         const char *, int64_t[2]),
+                                        esft_error *err)
 {
     esft_safetensors st;
     esft_status s;
     int i;
-    if (!tr || !m || !m->layers || !path || !tr->slot)
-        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model or path");
-    if (tr->n_layers != m->cfg.n_layers || tr->n_experts != m->cfg.route.n_experts)
-        return esft__fail(err, ESFT_ERR_SHAPE, "trainable experts built for another model");
     if ((s = esft_safetensors_open(&st, path, &tr->allocator, err)) != ESFT_OK) return s;
-    /* every tensor checked before any value is written */
     for (i = 0; s == ESFT_OK && i < st.n_tensors; i++) {
         const esft_st_tensor *t = &st.tensors[i];
         int64_t shape[2];
-        if (!esft__trainable_target(tr, m, t->name, shape))
-            s = esft__fail(err, ESFT_ERR_RANGE, "%s: tensor %s is not one of the trained experts", path, t->name);
-        else if (t->n_dims != 2 || t->shape[0] != shape[0] || t->shape[1] != shape[1])
+        if (!target(tr, m, t->name, shape))
+            s = esft__fail(err, ESFT_ERR_RANGE, "%s: tensor %s is not one this run trains", path, t->name);
+        else if (!esft__tensor_is(t, shape))
             s = esft__fail(err, ESFT_ERR_SHAPE, "%s: tensor %s is not (%lld, %lld)", path, t->name,
                            (long long)shape[0], (long long)shape[1]);
     }
     for (i = 0; s == ESFT_OK && i < st.n_tensors; i++) {
         int64_t shape[2];
-        s = esft_safetensors_read_f32(&st, i, esft__trainable_target(tr, m, st.tensors[i].name, shape), err);
+        s = esft_safetensors_read_f32(&st, i, target(tr, m, st.tensors[i].name, shape), err);
     }
     esft_safetensors_close(&st);
     return s;
+}
+
+ESFTDEF esft_status esft_model_trainable_load(esft_model_trainable *tr, const esft_model *m, const char *path,
+                                              esft_error *err)
+{
+    if (!tr || !m || !m->layers || !path || !tr->slot)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model or path");
+    if (tr->n_layers != m->cfg.n_layers || tr->n_experts != m->cfg.route.n_experts || tr->base_ != m)
+        return esft__fail(err, ESFT_ERR_SHAPE, "trainable set built for another model");
+    return esft__trainable_read(tr, m, path, esft__trainable_target, err);
+}
+
+/* ---- LoRA in PEFT's files ------------------------------------------------- */
+
+/* PEFT's name of adapter i's A (which 0) or B (1): base_model.model.<module>.lora_A.weight. */
+static void esft__lora_name(char *buf, size_t cap, const esft_model *m, const esft_model_trainable *tr, int i, int which)
+{
+    const char *name = m->tensors[tr->lora_tensor[i]].name;
+    size_t n = strlen(name);
+    if (n > 7 && strcmp(name + n - 7, ".weight") == 0) n -= 7;
+    snprintf(buf, cap, "base_model.model.%.*s.lora_%c.weight", (int)n, name, which ? 'B' : 'A');
+}
+
+/* adapter_config.json: what PEFT's LoraConfig needs to rebuild the adapters. */
+static void esft__lora_config_json(esft__buf *b, const esft_model_trainable *tr, const esft_model *m)
+{
+    int i, j, first = 1;
+    esft__buf_printf(b, "{\n  \"peft_type\": \"LORA\",\n  \"task_type\": \"CAUSAL_LM\",\n  \"r\": %d,\n"
+                        "  \"lora_alpha\": %.9g,\n  \"lora_dropout\": 0.0,\n  \"bias\": \"none\",\n"
+                        "  \"fan_in_fan_out\": false,\n  \"use_rslora\": false,\n  \"inference_mode\": true,\n"
+                        "  \"base_model_name_or_path\": null,\n  \"target_modules\": [",
+                     tr->lora_rank, (double)tr->lora_alpha);
+    /* the distinct last components of the adapted modules' names (q_proj, ...) */
+    for (i = 0; i < tr->n_lora; i++) {
+        char mod[ESFT__TENSOR_NAME], other[ESFT__TENSOR_NAME];
+        const char *dot;
+        int seen = 0;
+        esft__lora_name(mod, sizeof mod, m, tr, i, 0);
+        mod[strlen(mod) - strlen(".lora_A.weight")] = 0;
+        dot = strrchr(mod, '.');
+        for (j = 0; j < i && !seen; j++) {
+            esft__lora_name(other, sizeof other, m, tr, j, 0);
+            other[strlen(other) - strlen(".lora_A.weight")] = 0;
+            seen = strcmp(strrchr(other, '.'), dot) == 0;
+        }
+        if (seen) continue;
+        esft__buf_puts(b, first ? "" : ", ");
+        esft__buf_json_string(b, dot + 1);
+        first = 0;
+    }
+    esft__buf_puts(b, "]\n}\n");
+}
+
+ESFTDEF esft_status esft_model_lora_save(const esft_model_trainable *tr, const char *dir, esft_error *err)
+{
+    const esft_model *m;
+    esft_st_write_tensor *t;
+    char *names, path[4200];
+    esft__buf json;
+    int i, n;
+    esft_status s = ESFT_OK;
+    if (!tr || !dir || !tr->base_) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable or directory");
+    if (tr->method != ESFT_TRAIN_LORA || !tr->n_lora)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "the trainable set holds no LoRA adapter");
+    m = tr->base_;
+    if ((s = esft__make_dir(dir, err)) != ESFT_OK) return s;
+    n = 2 * tr->n_lora;
+    t = ESFT__CAST(esft_st_write_tensor *, esft__calloc(&tr->allocator, (size_t)n, sizeof *t));
+    names = ESFT__CAST(char *, esft__calloc(&tr->allocator, (size_t)n, 2 * ESFT__TENSOR_NAME));
+    if (!t || !names) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "names of %d tensors", n);
+    for (i = 0; s == ESFT_OK && i < n; i++) {
+        const esft_matrix *w = m->tensors[tr->lora_tensor[i / 2]].matrix;
+        const esft_lora *a = &tr->lora[i / 2];
+        char *name = names + (size_t)i * 2 * ESFT__TENSOR_NAME;
+        esft__lora_name(name, 2 * ESFT__TENSOR_NAME, m, tr, i / 2, i % 2);
+        t[i].name = name;
+        t[i].dtype = ESFT_DTYPE_F32;
+        t[i].n_dims = 2;
+        t[i].shape[0] = i % 2 ? w->rows : a->rank;
+        t[i].shape[1] = i % 2 ? a->rank : w->cols;
+        t[i].f32 = i % 2 ? a->b : a->a;
+    }
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    if (s == ESFT_OK) s = esft_safetensors_write(path, t, n, NULL, NULL, 0, err);
+    esft__buf_init(&json, &tr->allocator);
+    esft__lora_config_json(&json, tr, m);
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    if (s == ESFT_OK)
+        s = json.failed ? esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "adapter_config.json")
+                        : esft__write_file_atomic(path, json.data, json.size, err);
+    esft__buf_free(&json);
+    esft__release(&tr->allocator, t);
+    esft__release(&tr->allocator, names);
+    return s;
+}
+
+/* Where a PEFT tensor name goes among tr's adapters, and its shape. */
+static float *esft__lora_target(const esft_model_trainable *tr, const esft_model *m, const char *name,
+                                int64_t shape[2])
+{
+    char mine[2 * ESFT__TENSOR_NAME];
+    int i, which;
+    for (i = 0; i < tr->n_lora; i++)
+        for (which = 0; which < 2; which++) {
+            const esft_matrix *w = m->tensors[tr->lora_tensor[i]].matrix;
+            const float *p = which ? tr->lora[i].b : tr->lora[i].a;
+            esft__lora_name(mine, sizeof mine, m, tr, i, which);
+            if (strcmp(mine, name) != 0) continue;
+            shape[0] = which ? w->rows : tr->lora_rank;
+            shape[1] = which ? tr->lora_rank : w->cols;
+            return tr->params + (p - tr->params);
+        }
+    return NULL;
+}
+
+ESFTDEF esft_status esft_model_lora_load(esft_model_trainable *tr, const char *dir, esft_error *err)
+{
+    char path[4200];
+    if (!tr || !dir || !tr->base_) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable or directory");
+    if (tr->method != ESFT_TRAIN_LORA)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "the trainable set holds no LoRA adapter");
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    return esft__trainable_read(tr, tr->base_, path, esft__lora_target, err);
 }
 
 /* y (T, W.cols) += x (T, W.rows) W, the product the backward of y = x W^T
@@ -10283,23 +10776,35 @@ static void esft__matmul_acc(float *y, int ldy, const float *x, int ldx, int T, 
     if (W->dtype == ESFT_DTYPE_F32) {
         esft__sgemm(0, 0, T, W->cols, W->rows, 1.0f, x, ldx, ESFT__CAST(const float *, W->data), W->cols, 1.0f, y,
                     ldy);
-        return;
+    } else {
+        step = esft__panel_rows(W);
+        for (r0 = 0; r0 < W->rows; r0 += step) {
+            int n = W->rows - r0 < step ? W->rows - r0 : step;
+            esft__matrix_rows_f32(panel, W, r0, n);
+            esft__sgemm(0, 0, T, W->cols, n, 1.0f, x + r0, ldx, panel, W->cols, 1.0f, y, ldy);
+        }
     }
-    step = esft__panel_rows(W);
-    for (r0 = 0; r0 < W->rows; r0 += step) {
-        int n = W->rows - r0 < step ? W->rows - r0 : step;
-        esft__matrix_rows_f32(panel, W, r0, n);
-        esft__sgemm(0, 0, T, W->cols, n, 1.0f, x + r0, ldx, panel, W->cols, 1.0f, y, ldy);
-    }
+    if (W->lora) esft__lora_backward(y, ldy, x, ldx, T, W, panel);
 }
 
 /* dx += backward of y = RMSNorm(x) * w over rows of n, from dy:
-   dx_i += inv w_i dy_i - x_i inv^3 (sum_j w_j dy_j x_j) / n, inv as the forward's. */
+   dx_i += inv w_i dy_i - x_i inv^3 (sum_j w_j dy_j x_j) / n, inv as the
+   forward's; and dw_i += sum over rows of dy_i x_i inv when dw is given (one
+   thread, rows in order: the same bits for any thread count). */
 static void esft__rmsnorm_backward_rows(float *dx, int lddx, const float *dy, int lddy, const float *x, int ldx,
-                                        const float *w, int rows, int n, float eps, int nt)
+                                        const float *w, float *dw, int rows, int n, float eps, int nt)
 {
     int r;
     (void)nt;
+    for (r = 0; dw && r < rows; r++) {
+        const float *xr = x + (size_t)r * ldx, *dyr = dy + (size_t)r * lddy;
+        double ss = 0.0;
+        float inv;
+        int i;
+        for (i = 0; i < n; i++) ss += (double)xr[i] * xr[i];
+        inv = 1.0f / sqrtf((float)(ss / n) + eps);
+        for (i = 0; i < n; i++) dw[i] += dyr[i] * xr[i] * inv;
+    }
     ESFT__MOE_FOR_STATIC(nt)
     for (r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * ldx, *dyr = dy + (size_t)r * lddy;
@@ -10433,23 +10938,53 @@ static void esft__swiglu_mlp_keep(float *out, const float *in, int n, int D, con
     esft__matmul(out, D, act, F, n, down, panel);
 }
 
-/* dx (n, D) += backward of esft__swiglu_mlp_keep from dy (n, D). dg and du (n,
-   F) are scratch. With dgate/dup/ddown (trained weights) their gradients
-   accumulate too: dW_down += dy^T act, dW_gate += dg^T in, dW_up += du^T in. */
-static void esft__swiglu_mlp_backward(float *dx, const float *dy, const float *in, int n, int D,
-                                      const esft_matrix *gate, const esft_matrix *up, const esft_matrix *down,
-                                      const float *g, const float *u, const float *act, float *dg, float *du,
-                                      float *dgate, float *dup, float *ddown, float *panel)
+/* The weight gradients of y (T, W.rows) = x (T, W.cols) W^T (+ its LoRA)
+   from dy: dW += dy^T x when W is one of tr's trained copies (its data in
+   tr->params); dA += scale (dy B)^T x and dB += scale dy^T (x A^T) when W
+   carries an adapter. Frozen, unadapted W: nothing. */
+static void esft__linear_grads(const esft_model_trainable *tr, const esft_matrix *W, const float *dy, int ldy,
+                               const float *x, int ldx, int T, float *panel)
+{
+    float *dW = esft__grad_of(tr, W->data);
+    if (dW) esft__sgemm(1, 0, W->rows, W->cols, T, 1.0f, dy, ldy, x, ldx, 1.0f, dW, W->cols);
+    if (W->lora) {
+        const esft_lora *a = W->lora;
+        float *dA = esft__grad_of(tr, a->a), *dB = esft__grad_of(tr, a->b);
+        int t0, step = esft__lora_chunk(a), r = a->rank;
+        for (t0 = 0; dA && dB && t0 < T; t0 += step) {
+            int n = T - t0 < step ? T - t0 : step;
+            const float *xt = x + (size_t)t0 * ldx, *dyt = dy + (size_t)t0 * ldy;
+            esft__sgemm(0, 1, n, r, W->cols, 1.0f, xt, ldx, a->a, W->cols, 0.0f, panel, r);
+            esft__sgemm(1, 0, W->rows, r, n, a->scale, dyt, ldy, panel, r, 1.0f, dB, r);
+            esft__sgemm(0, 0, n, r, W->rows, 1.0f, dyt, ldy, a->b, r, 0.0f, panel, r);
+            esft__sgemm(1, 0, r, W->cols, n, a->scale, panel, r, xt, ldx, 1.0f, dA, W->cols);
+        }
+    }
+}
+
+/* db (n) += the column sums of dy (T, n), when the bias b trains. */
+static void esft__bias_grad(const esft_model_trainable *tr, const esft_matrix *b, const float *dy, int T, int n)
+{
+    float *db = esft__grad_of(tr, b->data);
+    int t, i;
+    for (t = 0; db && t < T; t++)
+        for (i = 0; i < n; i++) db[i] += dy[(size_t)t * n + i];
+}
+
+/* dx (n, D) += backward of esft__swiglu_mlp_keep from dy (n, D), and the
+   gradients of whichever of gate/up/down tr trains. dg and du (n, F) are scratch. */
+static void esft__swiglu_mlp_backward(const esft_model_trainable *tr, float *dx, const float *dy, const float *in,
+                                      int n, int D, const esft_matrix *gate, const esft_matrix *up,
+                                      const esft_matrix *down, const float *g, const float *u, const float *act,
+                                      float *dg, float *du, float *panel)
 {
     int F = gate->rows;
     memset(dg, 0, (size_t)n * F * sizeof(float));
     esft__matmul_acc(dg, F, dy, D, n, down, panel);
-    if (ddown) esft__sgemm(1, 0, D, F, n, 1.0f, dy, D, act, F, 1.0f, ddown, F);
+    esft__linear_grads(tr, down, dy, D, act, F, n, panel);
     esft__swiglu_backward(du, dg, g, u, (size_t)n * F);
-    if (dgate) {
-        esft__sgemm(1, 0, F, D, n, 1.0f, dg, F, in, D, 1.0f, dgate, D);
-        esft__sgemm(1, 0, F, D, n, 1.0f, du, F, in, D, 1.0f, dup, D);
-    }
+    esft__linear_grads(tr, gate, dg, F, in, D, n, panel);
+    esft__linear_grads(tr, up, du, F, in, D, n, panel);
     esft__matmul_acc(dx, D, dg, F, n, gate, panel);
     esft__matmul_acc(dx, D, du, F, n, up, panel);
 }
@@ -10549,15 +11084,19 @@ static void esft__clamp_backward(float *d, const float *x, size_t n, float clip)
         if (x[i] > clip || x[i] < -clip) d[i] = 0.0f;
 }
 
-/* b->dh (T, D) += backward of GQA attention from da (T, D), after the layer's forward. */
+/* b->dh (T, D) += backward of GQA attention from da (T, D), after the
+   layer's forward; and the gradients of whichever of its weights tr trains. */
 static void esft__trn_gqa_backward(esft__trn *b, const esft_model_config *c, const esft_model_layer *w, int T,
                                    const float *da)
 {
     esft__fwd *f = &b->f;
+    const esft_model_trainable *tr = f->tr;
     int H = c->n_heads, HK = c->n_kv_heads, HD = c->head_dim, D = c->d_model, nt = f->nt;
     size_t nq = (size_t)T * H * HD, nk = (size_t)T * HK * HD;
+    const float *dqp = b->dq, *dkp = b->dk; /* gradients of the projections (+ bias), qb and kb */
     memset(b->dao, 0, nq * sizeof(float));
     esft__matmul_acc(b->dao, H * HD, da, D, T, &w->o, f->panels);
+    esft__linear_grads(tr, &w->o, da, D, f->ao, H * HD, T, f->panels);
     esft__attention_backward(b->dq, b->dk, b->dv, f->q, f->k, f->v, b->dao, c, T, H, HK, HD, HD, b->P, b->dP, nt);
     esft__rope_backward(b->dq, H * HD, H, HD, T, HD, c->rope.interleaved, f->cos_, f->sin_, nt);
     esft__rope_backward(b->dk, HK * HD, HK, HD, T, HD, c->rope.interleaved, f->cos_, f->sin_, nt);
@@ -10567,26 +11106,26 @@ static void esft__trn_gqa_backward(esft__trn *b, const esft_model_config *c, con
         esft__clamp_backward(b->dv, b->vb, nk, c->clip_qkv);
     }
     if (c->qk_norm != ESFT_QK_NORM_NONE) {
-        int whole = c->qk_norm == ESFT_QK_NORM_WHOLE;
+        /* whole rows (OLMoE) or one row per head (Qwen3) */
+        int whole = c->qk_norm == ESFT_QK_NORM_WHOLE, qn = whole ? H * HD : HD, kn = whole ? HK * HD : HD;
+        int qrows = whole ? T : T * H, krows = whole ? T : T * HK;
         memset(b->dqb, 0, nq * sizeof(float));
         memset(b->dkb, 0, nk * sizeof(float));
-        if (whole) {
-            esft__rmsnorm_backward_rows(b->dqb, H * HD, b->dq, H * HD, b->qb, H * HD, esft__vec(&w->q_norm), T,
-                                        H * HD, c->rms_eps, nt);
-            esft__rmsnorm_backward_rows(b->dkb, HK * HD, b->dk, HK * HD, b->kb, HK * HD, esft__vec(&w->k_norm), T,
-                                        HK * HD, c->rms_eps, nt);
-        } else {
-            esft__rmsnorm_backward_rows(b->dqb, HD, b->dq, HD, b->qb, HD, esft__vec(&w->q_norm), T * H, HD,
-                                        c->rms_eps, nt);
-            esft__rmsnorm_backward_rows(b->dkb, HD, b->dk, HD, b->kb, HD, esft__vec(&w->k_norm), T * HK, HD,
-                                        c->rms_eps, nt);
-        }
-        esft__matmul_acc(b->dh, D, b->dqb, H * HD, T, &w->q, f->panels);
-        esft__matmul_acc(b->dh, D, b->dkb, HK * HD, T, &w->k, f->panels);
-    } else {
-        esft__matmul_acc(b->dh, D, b->dq, H * HD, T, &w->q, f->panels);
-        esft__matmul_acc(b->dh, D, b->dk, HK * HD, T, &w->k, f->panels);
+        esft__rmsnorm_backward_rows(b->dqb, qn, b->dq, qn, b->qb, qn, esft__vec(&w->q_norm),
+                                    esft__grad_of(tr, w->q_norm.data), qrows, qn, c->rms_eps, nt);
+        esft__rmsnorm_backward_rows(b->dkb, kn, b->dk, kn, b->kb, kn, esft__vec(&w->k_norm),
+                                    esft__grad_of(tr, w->k_norm.data), krows, kn, c->rms_eps, nt);
+        dqp = b->dqb;
+        dkp = b->dkb;
     }
+    esft__bias_grad(tr, &w->q_bias, dqp, T, H * HD);
+    esft__bias_grad(tr, &w->k_bias, dkp, T, HK * HD);
+    esft__bias_grad(tr, &w->v_bias, b->dv, T, HK * HD);
+    esft__linear_grads(tr, &w->q, dqp, H * HD, b->h1, D, T, f->panels);
+    esft__linear_grads(tr, &w->k, dkp, HK * HD, b->h1, D, T, f->panels);
+    esft__linear_grads(tr, &w->v, b->dv, HK * HD, b->h1, D, T, f->panels);
+    esft__matmul_acc(b->dh, D, dqp, H * HD, T, &w->q, f->panels);
+    esft__matmul_acc(b->dh, D, dkp, HK * HD, T, &w->k, f->panels);
     esft__matmul_acc(b->dh, D, b->dv, HK * HD, T, &w->v, f->panels);
 }
 
@@ -10635,8 +11174,10 @@ static void esft__trn_mla_backward(esft__trn *b, const esft_model_config *c, con
     int H = c->n_heads, D = c->d_model, DN = c->qk_nope_dim, DR = c->qk_rope_dim, DV = c->v_head_dim;
     int QR = c->q_lora_rank, KR = c->kv_lora_rank, dq = DN + DR, nt = f->nt, LW = QR + KR + DR, t;
     float *dlat = b->dqb, *dkvb = b->dkb, *tmp = b->qn; /* tmp: (T, LW) gradient of the normed latents */
+    const esft_model_trainable *tr = f->tr;
     memset(b->dao, 0, (size_t)T * H * DV * sizeof(float));
     esft__matmul_acc(b->dao, H * DV, da, D, T, &w->o, f->panels);
+    esft__linear_grads(tr, &w->o, da, D, f->ao, H * DV, T, f->panels);
     esft__attention_backward(b->dq, b->dk, b->dv, f->q, f->k, f->v, b->dao, c, T, H, H, dq, DV, b->P, b->dP, nt);
     memset(dlat, 0, (size_t)T * LW * sizeof(float));
     memset(tmp, 0, (size_t)T * LW * sizeof(float));
@@ -10654,16 +11195,21 @@ static void esft__trn_mla_backward(esft__trn *b, const esft_model_config *c, con
     esft__rope_backward(dlat + QR + KR, LW, 1, DR, T, DR, c->rope.interleaved, f->cos_, f->sin_, nt);
     esft__rope_backward(b->dq + DN, H * dq, H, dq, T, DR, c->rope.interleaved, f->cos_, f->sin_, nt);
     esft__matmul_acc(tmp + QR, LW, dkvb, H * (DN + DV), T, &w->kv_b, f->panels);
-    esft__rmsnorm_backward_rows(dlat + QR, LW, tmp + QR, LW, b->qb + QR, LW, esft__vec(&w->kv_a_norm), T, KR,
-                                ESFT__MLA_NORM_EPS, nt);
+    esft__linear_grads(tr, &w->kv_b, dkvb, H * (DN + DV), f->lat + QR, LW, T, f->panels);
+    esft__rmsnorm_backward_rows(dlat + QR, LW, tmp + QR, LW, b->qb + QR, LW, esft__vec(&w->kv_a_norm),
+                                esft__grad_of(tr, w->kv_a_norm.data), T, KR, ESFT__MLA_NORM_EPS, nt);
     if (QR) {
         esft__matmul_acc(tmp, LW, b->dq, H * dq, T, &w->q_b, f->panels);
-        esft__rmsnorm_backward_rows(dlat, LW, tmp, LW, b->qb, LW, esft__vec(&w->q_a_norm), T, QR, ESFT__MLA_NORM_EPS,
-                                    nt);
+        esft__linear_grads(tr, &w->q_b, b->dq, H * dq, f->lat, LW, T, f->panels);
+        esft__rmsnorm_backward_rows(dlat, LW, tmp, LW, b->qb, LW, esft__vec(&w->q_a_norm),
+                                    esft__grad_of(tr, w->q_a_norm.data), T, QR, ESFT__MLA_NORM_EPS, nt);
+        esft__linear_grads(tr, &w->q_a, dlat, LW, b->h1, D, T, f->panels);
         esft__matmul_acc(b->dh, D, dlat, LW, T, &w->q_a, f->panels);
     } else {
+        esft__linear_grads(tr, &w->q, b->dq, H * dq, b->h1, D, T, f->panels);
         esft__matmul_acc(b->dh, D, b->dq, H * dq, T, &w->q, f->panels);
     }
+    esft__linear_grads(tr, &w->kv_a, dlat + QR, LW, b->h1, D, T, f->panels);
     esft__matmul_acc(b->dh, D, dlat + QR, LW, T, &w->kv_a, f->panels);
 }
 
@@ -10728,15 +11274,13 @@ static void esft__trn_moe_backward(esft__trn *b, const esft_model_config *c, con
     for (e = 0; e < E; e++) {
         int r0 = f->offsets[e], n = f->offsets[e + 1] - r0;
         float *panel = f->panels + (size_t)esft__thread_id() * ESFT__PANEL_FLOATS;
-        float *dW = esft_model_trainable_expert(tr, tr->grads, l, e);
-        size_t rf = (size_t)r0 * F, rd = (size_t)r0 * D, fd = (size_t)F * D;
+        size_t rf = (size_t)r0 * F, rd = (size_t)r0 * D;
         esft_matrix mg, mu, md;
         if (n == 0) continue;
         esft__expert_mats(f, w, l, e, &mg, &mu, &md);
         memset(b->dxg + rd, 0, (size_t)n * D * sizeof(float));
-        esft__swiglu_mlp_backward(b->dxg + rd, b->dO + rd, f->xg + rd, n, D, &mg, &mu, &md, b->eg + rf, b->eu + rf,
-                                  b->eact + rf, b->edg + rf, b->edu + rf, dW, dW ? dW + fd : NULL,
-                                  dW ? dW + 2 * fd : NULL, panel);
+        esft__swiglu_mlp_backward(tr, b->dxg + rd, b->dO + rd, f->xg + rd, n, D, &mg, &mu, &md, b->eg + rf,
+                                  b->eu + rf, b->eact + rf, b->edg + rf, b->edu + rf, panel);
     }
     ESFT__MOE_FOR_STATIC(f->nt)
     for (t = 0; t < T; t++) {
@@ -10754,15 +11298,15 @@ static void esft__trn_moe_backward(esft__trn *b, const esft_model_config *c, con
         esft__route_backward_token(&rc, b->dl + (size_t)t * E, p, f->ids + (size_t)t * K, b->dw + (size_t)t * K,
                                    NULL, E);
     }
+    esft__linear_grads(tr, &w->router, b->dl, E, f->h, D, T, f->panels);
     esft__sgemm(0, 0, T, D, E, 1.0f, b->dl, E, esft__vec(&w->router), D, 1.0f, b->dh, D);
     if (FS > 0) {
         const float *dys = da;
-        float *dS = esft_model_trainable_shared(tr, tr->grads, l);
-        size_t sd = (size_t)FS * D;
         esft_matrix sg, su, smd;
         esft__shared_mats(f, w, l, &sg, &su, &smd);
         if (w->shared_router.data) {
             const float *ws = esft__vec(&w->shared_router);
+            float *dws = esft__grad_of(tr, w->shared_router.data);
             for (t = 0; t < T; t++) {
                 const float *dat = da + (size_t)t * D, *y = b->ys + (size_t)t * D;
                 float s = esft__sigmoidf(b->sz[t]), *dst = b->dxg + (size_t)t * D, dz;
@@ -10774,11 +11318,12 @@ static void esft__trn_moe_backward(esft__trn *b, const esft_model_config *c, con
                 }
                 dz = (float)dot * s * (1.0f - s);
                 for (d = 0; d < D; d++) b->dh[(size_t)t * D + d] += dz * ws[d];
+                for (d = 0; dws && d < D; d++) dws[d] += dz * f->h[(size_t)t * D + d];
             }
             dys = b->dxg; /* free again after the routed experts' scatter: (T K, D) >= (T, D) */
         }
-        esft__swiglu_mlp_backward(b->dh, dys, f->h, T, D, &sg, &su, &smd, b->sg, b->su, b->sact, b->sdg, b->sdu, dS,
-                                  dS ? dS + sd : NULL, dS ? dS + 2 * sd : NULL, f->panels);
+        esft__swiglu_mlp_backward(tr, b->dh, dys, f->h, T, D, &sg, &su, &smd, b->sg, b->su, b->sact, b->sdg, b->sdu,
+                                  f->panels);
     }
 }
 
@@ -10812,8 +11357,8 @@ static esft_status esft__trn_layer_forward(esft__trn *b, const esft_model *m, in
 }
 
 /* b->dx (T, D) = gradient of grad_scale * loss_sum w.r.t. X[L], through the
-   final norm and lm_head (logits recomputed 64 positions at a time); the loss
-   as esft_model_forward computes it. */
+   final norm and lm_head (logits recomputed 64 positions at a time), and their
+   gradients when they train; the loss as esft_model_forward computes it. */
 static esft_status esft__trn_head(esft__trn *b, const esft_model *m, const int32_t *labels, int T, float grad_scale,
                                   double *loss, int64_t *count, esft_error *err)
 {
@@ -10841,16 +11386,21 @@ static esft_status esft__trn_head(esft__trn *b, const esft_model *m, const int32
             for (j = 0; j < V; j++) sum += exp((double)row[j] - mx);
             for (j = 0; j < V; j++) drow[j] = (float)(grad_scale * (exp((double)row[j] - mx) / sum - (j == y)));
         }
-        if (s == ESFT_OK) esft__matmul_acc(b->dh + (size_t)t * D, D, b->dlogits, V, n, &m->lm_head, f->panels);
+        if (s != ESFT_OK) break;
+        esft__linear_grads(f->tr, &m->lm_head, b->dlogits, V, f->h + (size_t)t * D, D, n, f->panels);
+        esft__matmul_acc(b->dh + (size_t)t * D, D, b->dlogits, V, n, &m->lm_head, f->panels);
     }
     if (s != ESFT_OK) return s;
     memset(b->dx, 0, (size_t)T * D * sizeof(float));
-    esft__rmsnorm_backward_rows(b->dx, D, b->dh, D, xl, D, esft__vec(&m->final_norm), T, D, c->rms_eps, f->nt);
+    esft__rmsnorm_backward_rows(b->dx, D, b->dh, D, xl, D, esft__vec(&m->final_norm),
+                                esft__grad_of(f->tr, m->final_norm.data), T, D, c->rms_eps, f->nt);
     return ESFT_OK;
 }
 
-/* b->dx: gradient w.r.t. X[l+1] in, w.r.t. X[l] out (not needed below the
-   lowest trained layer, so that one stops after its FFN: last). */
+/* b->dx: gradient w.r.t. X[l+1] in, w.r.t. X[l] out. The lowest layer that
+   trains anything stops as soon as nothing below needs a gradient: after its
+   FFN when its attention half trains nothing (last = 1), else after the
+   attention (last = 2; the embedding's gradient needs X[0]'s: last = 0). */
 static esft_status esft__trn_layer_backward(esft__trn *b, const esft_model *m, esft_model_trainable *tr, int l,
                                             int T, int last, esft_error *err)
 {
@@ -10863,16 +11413,40 @@ static esft_status esft__trn_layer_backward(esft__trn *b, const esft_model *m, e
     if (s != ESFT_OK) return s;
     memset(b->dh, 0, n * sizeof(float));
     if (c->is_moe[l]) esft__trn_moe_backward(b, c, w, tr, l, T, b->dx);
-    else esft__swiglu_mlp_backward(b->dh, b->dx, f->h, T, D, &w->mlp_gate, &w->mlp_up, &w->mlp_down, b->sg, b->su,
-                                   b->sact, b->sdg, b->sdu, NULL, NULL, NULL, f->panels);
-    if (last) return ESFT_OK;
-    esft__rmsnorm_backward_rows(b->dx, D, b->dh, D, b->xm, D, esft__vec(&w->ffn_norm), T, D, c->rms_eps, f->nt);
+    else esft__swiglu_mlp_backward(tr, b->dh, b->dx, f->h, T, D, &w->mlp_gate, &w->mlp_up, &w->mlp_down, b->sg,
+                                   b->su, b->sact, b->sdg, b->sdu, f->panels);
+    esft__rmsnorm_backward_rows(b->dx, D, b->dh, D, b->xm, D, esft__vec(&w->ffn_norm),
+                                esft__grad_of(tr, w->ffn_norm.data), T, D, c->rms_eps, f->nt);
+    if (last == 1) return ESFT_OK;
     memset(b->dh, 0, n * sizeof(float));
     if (c->mla) esft__trn_mla_backward(b, c, w, T, b->dx);
     else esft__trn_gqa_backward(b, c, w, T, b->dx);
-    esft__rmsnorm_backward_rows(b->dx, D, b->dh, D, b->X + (size_t)l * n, D, esft__vec(&w->attn_norm), T, D,
-                                c->rms_eps, f->nt);
+    esft__rmsnorm_backward_rows(b->dx, D, b->dh, D, b->X + (size_t)l * n, D, esft__vec(&w->attn_norm),
+                                esft__grad_of(tr, w->attn_norm.data), T, D, c->rms_eps, f->nt);
     return ESFT_OK;
+}
+
+/* How far down the backward goes: the lowest layer whose FFN half trains
+   anything (*attn 0) or whose attention half does (*attn 1); L when nothing
+   trains; *embed when the embedding does (then down to X[0]). */
+static int esft__trn_lowest(const esft_model_trainable *tr, const esft_model *m, int *attn, int *embed)
+{
+    int l, i, lowest = m->cfg.n_layers;
+    *attn = *embed = 0;
+    if (tr->n_trained > 0) lowest = tr->layer[0];
+    for (l = 0; l < lowest; l++)
+        if (tr->shared_slot[l] >= 0) lowest = l;
+    for (i = 0; i < tr->n_modules + tr->n_lora; i++) {
+        const esft_model_tensor *t = &m->tensors[i < tr->n_modules ? tr->module[i] : tr->lora_tensor[i - tr->n_modules]];
+        if (t->layer < 0) {
+            *embed |= t->matrix == &m->embed;
+            continue;
+        }
+        if (t->layer < lowest || (t->layer == lowest && t->attention)) *attn = t->attention;
+        if (t->layer < lowest) lowest = t->layer;
+    }
+    if (*embed) lowest = 0, *attn = 1;
+    return lowest;
 }
 
 ESFTDEF esft_status esft_model_forward_backward(const esft_model *m, esft_model_trainable *tr, const int32_t *ids,
@@ -10880,11 +11454,13 @@ ESFTDEF esft_status esft_model_forward_backward(const esft_model *m, esft_model_
                                                 int64_t *n_scored, esft_error *err)
 {
     const esft_model_config *c;
+    esft_model view;
+    const esft_model *v;
     esft_model_run run;
     esft__trn b;
     unsigned char *base;
     size_t bytes;
-    int nt = esft_get_num_threads(), t, l, D, lowest;
+    int nt = esft_get_num_threads(), t, l, D, lowest, attn, embed;
     double loss = 0.0;
     int64_t count = 0;
     esft_status s;
@@ -10894,6 +11470,9 @@ ESFTDEF esft_status esft_model_forward_backward(const esft_model *m, esft_model_
     run.labels = labels;
     run.trainable = tr;
     if ((s = esft__forward_check(m, ids, T, &run, err)) != ESFT_OK) return s;
+    view = tr->view; /* the model as trained: copies and adapters in place, m's config as it is now */
+    view.cfg = m->cfg;
+    v = &view;
     c = &m->cfg;
     D = c->d_model;
     /* a small model runs on one thread: starting a team per loop costs more
@@ -10905,17 +11484,23 @@ ESFTDEF esft_status esft_model_forward_backward(const esft_model *m, esft_model_
                                  (unsigned long)bytes, T);
     esft__trn_layout(&b, c, T, nt, ESFT__CAST(unsigned char *, (void *)(((uintptr_t)base + 63) & ~(uintptr_t)63)));
     b.f.tr = tr;
-    for (t = 0; t < T; t++) esft__matrix_rows_f32(b.X + (size_t)t * D, &m->embed, ids[t], 1);
+    for (t = 0; t < T; t++) esft__matrix_rows_f32(b.X + (size_t)t * D, &v->embed, ids[t], 1);
     esft__rope_tables(b.f.cos_, b.f.sin_, &c->rope, c->mla ? c->qk_rope_dim : c->head_dim, T);
     s = ESFT_OK;
-    for (l = 0; s == ESFT_OK && l < c->n_layers; l++) s = esft__trn_layer_forward(&b, m, l, T, err);
-    if (s == ESFT_OK) s = esft__trn_head(&b, m, labels, T, grad_scale, &loss, &count, err);
-    /* layers below the lowest trained expert need no gradient */
-    lowest = tr->n_trained > 0 ? tr->layer[0] : c->n_layers;
-    for (l = 0; l < lowest; l++)
-        if (tr->shared_slot[l] >= 0) lowest = l;
+    for (l = 0; s == ESFT_OK && l < c->n_layers; l++) s = esft__trn_layer_forward(&b, v, l, T, err);
+    if (s == ESFT_OK) s = esft__trn_head(&b, v, labels, T, grad_scale, &loss, &count, err);
+    lowest = esft__trn_lowest(tr, m, &attn, &embed);
     for (l = c->n_layers - 1; s == ESFT_OK && l >= lowest; l--)
-        s = esft__trn_layer_backward(&b, m, tr, l, T, l == lowest, err);
+        s = esft__trn_layer_backward(&b, v, tr, l, T, l > lowest || embed ? 0 : attn ? 2 : 1, err);
+    if (s == ESFT_OK && embed) {
+        float *dE = esft__grad_of(tr, v->embed.data);
+        for (t = 0; t < T; t++) {
+            const float *g = b.dx + (size_t)t * D;
+            float *row = dE + (size_t)ids[t] * D;
+            int d;
+            for (d = 0; d < D; d++) row[d] += g[d];
+        }
+    }
     m->allocator.free(m->allocator.user, base);
     if (s != ESFT_OK) return s;
     if (loss_sum) *loss_sum = loss;

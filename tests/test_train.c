@@ -843,8 +843,10 @@ TEST(bad_expert_configs)
     f.cfg_ids[0] = 99;  /* past E in layer 1 */
     CHECK_STATUS(esft_model_trainable_init(&tr, &f.m, &f.cfg, NULL, &err), ESFT_ERR_RANGE);
     f.cfg_ids[0] = 0;
-    f.cfg.non_expert_modules = 1;
-    CHECK_STATUS(esft_model_trainable_init(&tr, &f.m, &f.cfg, NULL, &err), ESFT_ERR_UNSUPPORTED);
+    f.cfg.non_expert_modules = 1; /* every non-expert tensor trains too */
+    CHECK_STATUS(esft_model_trainable_init(&tr, &f.m, &f.cfg, NULL, &err), ESFT_OK);
+    CHECK(tr.n_modules == f.m.n_tensors && tr.n_modules > 0);
+    esft_model_trainable_uninit(&tr);
     f.cfg.non_expert_modules = 0;
     CHECK_STATUS(esft_model_trainable_init(&tr, &f.m, &f.cfg, NULL, &err), ESFT_OK);
     CHECK(esft_model_trainable_expert(&tr, tr.params, 1, f.cfg_ids[0]) == tr.params);
