@@ -241,6 +241,138 @@ GRADCHECK_TEST(deepseek_v2_qlora_yarn)
 GRADCHECK_TEST(deepseek_v3_bf16_tied)
 GRADCHECK_TEST(deepseek_v3_fp8)
 
+/* ---- FFT and LoRA: every tensor of the trainable set ------------------------ */
+
+/* One block of the trainable set against central differences, ~4 coordinates
+   (2 under ESFT_TEST_LIGHT); its worst relative error into *worst. 0 on failure
+   (why filled). */
+static int gradcheck_block(fixture *f, float *p, float *g, size_t n, const char *what, double *worst, char *why,
+                           size_t why_n)
+{
+    char buf[512];
+    gc_result r = gc_check(p, n, g, (n / (getenv("ESFT_TEST_LIGHT") ? 2 : 4)) | 1, loss_fn, f, &tol);
+    double rel = r.worst_err / (r.max_abs_grad + 1e-30);
+    if (getenv("ESFT_TEST_VERBOSE"))
+        printf("      %s: checked %lu skipped %lu worst num %.6g ana %.6g max|g| %.3g\n", what,
+               (unsigned long)r.checked, (unsigned long)r.skipped, r.worst_num, r.worst_ana, r.max_abs_grad);
+    if (rel > *worst) *worst = rel;
+    if (r.failed || (r.checked > 0 && r.max_abs_grad == 0.0)) {
+        snprintf(why, why_n, "%s: %s (checked %lu)", what, gc_describe(&r, "d", buf, sizeof buf),
+                 (unsigned long)r.checked);
+        return 0;
+    }
+    return 1;
+}
+
+/* The trainable set of spec on a family's model, every block of it checked:
+   each non-expert tensor (the embedding on the row of a token the sample
+   holds), the first expert and shared block, each adapter's A and B (B drawn
+   non-zero first: at B = 0 A's gradient is 0). */
+static void gradcheck_method(const char *name, const esft_train_spec *spec, double *worst)
+{
+    fixture f;
+    char why[1024];
+    double loss = 0.0;
+    int i;
+    size_t j;
+    esft_error err;
+    *worst = 0.0;
+    if (!fixture_open(&f, name, 0, 1, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    esft_model_trainable_uninit(&f.tr);
+    CHECK_STATUS(esft_model_trainable_init_spec(&f.tr, &f.m, spec, NULL, &err), ESFT_OK);
+    for (i = 0; i < f.tr.n_lora; i++) {
+        const esft_matrix *w = f.m.tensors[f.tr.lora_tensor[i]].matrix;
+        float *b = f.tr.params + (f.tr.lora[i].b - f.tr.params);
+        for (j = 0; j < (size_t)w->rows * f.tr.lora_rank; j++) b[j] = 0.05f * (float)sin(1.0 + (double)j * 0.7);
+    }
+    f.recording = 1; /* the routing of the model as adapted is the reference now */
+    loss_fn(&f);
+    f.recording = 0;
+    CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, f.ids, f.labels, f.T, 1.0f, &loss, NULL, &err), ESFT_OK);
+    if (loss != loss_fn(&f)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%s: training loss %.17g != forward loss %.17g", name, loss, loss_fn(&f));
+    }
+    for (i = 0; i < f.tr.n_modules; i++) {
+        const esft_model_tensor *t = &f.m.tensors[f.tr.module[i]];
+        size_t at = f.tr.module_offset[i], n = (size_t)t->matrix->rows * t->matrix->cols;
+        if (t->matrix == &f.m.embed) at += (size_t)f.ids[1] * t->matrix->cols, n = (size_t)t->matrix->cols;
+        if (!gradcheck_block(&f, f.tr.params + at, f.tr.grads + at, n, t->name, worst, why, sizeof why)) {
+            fixture_close(&f);
+            HARNESS_FAIL_("%s: %.400s", name, why);
+        }
+    }
+    for (i = 0; i < f.tr.n_trained; i++) { /* the first expert the sample routes to */
+        for (j = 0; j < f.tr.expert_floats && f.tr.grads[(size_t)i * f.tr.expert_floats + j] == 0.0f; j++) {
+        }
+        if (j < f.tr.expert_floats) break;
+    }
+    if ((i < f.tr.n_trained && !gradcheck_block(&f, f.tr.params + (size_t)i * f.tr.expert_floats,
+                                                f.tr.grads + (size_t)i * f.tr.expert_floats, f.tr.expert_floats,
+                                                "first used expert", worst, why, sizeof why)) ||
+        (f.tr.n_shared && !gradcheck_block(&f, f.tr.params + (size_t)f.tr.n_trained * f.tr.expert_floats,
+                                           f.tr.grads + (size_t)f.tr.n_trained * f.tr.expert_floats,
+                                           f.tr.shared_floats, "first shared block", worst, why, sizeof why))) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%s: %.400s", name, why);
+    }
+    for (i = 0; i < 2 * f.tr.n_lora; i++) {
+        const esft_matrix *w = f.m.tensors[f.tr.lora_tensor[i / 2]].matrix;
+        const float *p = i % 2 ? f.tr.lora[i / 2].b : f.tr.lora[i / 2].a;
+        size_t at = (size_t)(p - f.tr.params), n = (size_t)f.tr.lora_rank * (i % 2 ? w->rows : w->cols);
+        char what[200];
+        snprintf(what, sizeof what, "%s lora_%c", f.m.tensors[f.tr.lora_tensor[i / 2]].name, i % 2 ? 'B' : 'A');
+        if (!gradcheck_block(&f, f.tr.params + at, f.tr.grads + at, n, what, worst, why, sizeof why)) {
+            fixture_close(&f);
+            HARNESS_FAIL_("%s: %.400s", name, why);
+        }
+    }
+    fixture_close(&f);
+}
+
+static void gradcheck_fft(const char *name)
+{
+    esft_train_spec sp;
+    double worst = 0.0;
+    memset(&sp, 0, sizeof sp);
+    sp.method = ESFT_TRAIN_FFT;
+    gradcheck_method(name, &sp, &worst);
+    if (harness_state == 0) printf("    %s fft: worst |a - num| / max|num| = %.2e\n", name, worst);
+}
+
+static void gradcheck_lora(const char *name)
+{
+    esft_train_spec sp;
+    double worst = 0.0;
+    memset(&sp, 0, sizeof sp);
+    sp.method = ESFT_TRAIN_LORA;
+    sp.lora_rank = 3;
+    sp.lora_alpha = 6.0f;
+    sp.lora_targets = ESFT_LORA_ATTN | ESFT_LORA_MLP;
+    sp.seed = 7;
+    gradcheck_method(name, &sp, &worst);
+    if (harness_state == 0) printf("    %s lora: worst |a - num| / max|num| = %.2e\n", name, worst);
+}
+
+/* every weight kind: GQA + whole q/k norms + clip (OLMoE), qkv bias + gated
+   shared expert (Qwen2), per-head norms (Qwen3), plain GQA (Mixtral), MLA +
+   dense layer (V2-Lite), MLA with q_lora (V2), tied embeddings + sigmoid
+   routing (V3) */
+#define FFT_TEST(fam)                               \
+    TEST(gradcheck_fft_##fam) { gradcheck_fft(#fam); } \
+    TEST(gradcheck_lora_##fam) { gradcheck_lora(#fam); }
+
+FFT_TEST(olmoe)
+FFT_TEST(qwen2_moe)
+FFT_TEST(qwen3_moe)
+FFT_TEST(mixtral)
+FFT_TEST(deepseek_v2_lite)
+FFT_TEST(deepseek_v2_qlora_yarn)
+FFT_TEST(deepseek_v3_bf16_tied)
+
 /* Longer than one attention block and one head block (T = 150 > 64), with a
    sliding window switched on in the config (it changes the loss: the
    backward's mask is exercised), on a GQA and an MLA model. clip_qkv is
