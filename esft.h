@@ -48,8 +48,8 @@
         (DeepSeek-V2, Mixtral, Qwen-MoE, Camelidae), fused 3-D experts; extract /
         save / merge experts.
       - Models: Hugging Face MoE checkpoint directories (DeepSeek-V2/V3, Qwen2/3-MoE,
-        OLMoE, Mixtral; per-expert or fused experts; fp32, bf16, FP8 + block scales)
-        run whole on the CPU with weights in their file dtype; the forward's own
+        OLMoE, Mixtral; per-expert or fused experts; fp32, bf16, FP8 + block scales),
+        and the dense Llama, Mistral and Qwen2 that PESC upcycles, run whole on the CPU with weights in their file dtype; the forward's own
         routing feeds the statistics; backward through the frozen model to the
         experts an ESFT config trains (fp32 master copies, 12 bytes per trainable
         parameter beyond them).
@@ -1253,9 +1253,10 @@ ESFTDEF void esft_file_free(char *data, const esft_allocator *allocator);
    DR qk_rope_head_dim, DV v_head_dim.
 
    A model directory (config.json + safetensors, one file or shards) opened as
-   one frozen transformer: embeddings, L x (RMSNorm, causal self-attention with
-   the family's RoPE, residual, RMSNorm, dense SwiGLU MLP or MoE, residual),
-   final RMSNorm, lm_head. Weights stay in their file dtype (F32, BF16, F16, or
+   one frozen transformer: embeddings, L x (RMSNorm, causal self-attention
+   with the family's RoPE, residual, RMSNorm, dense SwiGLU MLP or MoE,
+   residual), final RMSNorm, lm_head. The dense families (Llama, Mistral,
+   Qwen2) have no MoE layer at all: route.n_experts is 0. Weights stay in their file dtype (F32, BF16, F16, or
    FP8 E4M3 with per-block weight_scale_inv) and are converted to fp32 a panel at
    a time inside the matrix products, so memory is about the checkpoint's bytes.
    docs/models.md lists the families, the config fields each reads, the layouts. */
@@ -1271,6 +1272,9 @@ typedef enum esft_model_family {
     ESFT_MODEL_QWEN3_MOE,       /* GQA, per-head q_norm / k_norm */
     ESFT_MODEL_OLMOE,           /* MHA/GQA, q_norm / k_norm over the whole projections */
     ESFT_MODEL_MIXTRAL,         /* GQA, top-2 renormalised */
+    ESFT_MODEL_LLAMA,           /* dense: GQA, SwiGLU MLP in every layer (no MoE layer) */
+    ESFT_MODEL_MISTRAL,         /* dense: as Llama, optional sliding window */
+    ESFT_MODEL_QWEN2,           /* dense: GQA + qkv bias */
     ESFT_MODEL_FAMILY_COUNT
 } esft_model_family;
 
@@ -1332,7 +1336,7 @@ ESFTDEF esft_status esft_model_config_parse(esft_model_config *cfg, const char *
                                             const char *name, esft_error *err);
 ESFTDEF esft_status esft_model_config_read(esft_model_config *cfg, const char *path, esft_error *err);
 ESFTDEF const char *esft_model_family_name(esft_model_family f); /* the model_type */
-/* Layers that are MoE layers (those ESFT scores and trains). */
+/* Layers that are MoE layers (those ESFT scores and trains); 0 for the dense families. */
 ESFTDEF int esft_model_config_moe_layers(const esft_model_config *cfg);
 
 /* A frozen matrix (rows, cols) as the file stores it, row-major. FP8 matrices
@@ -8732,13 +8736,16 @@ static int esft__cfg_choice(esft__cfg_reader *r, const char *key, const char *co
     return 0;
 }
 
-/* A field that, when present and true (or non-null), asks for something not implemented. */
-static void esft__cfg_refuse_true(esft__cfg_reader *r, const char *key)
+/* A field that, when present and true (or non-null), asks for something not
+   implemented; why says what (NULL: a generic line). */
+static void esft__cfg_refuse_true_why(esft__cfg_reader *r, const char *key, const char *why)
 {
     int t = esft__cfg_token(r, key);
     if (t >= 0 && r->js->tokens[t].type != ESFT_JSON_FALSE)
-        esft__cfg_fail(r, ESFT_ERR_UNSUPPORTED, key, "only false/null is implemented");
+        esft__cfg_fail(r, ESFT_ERR_UNSUPPORTED, key, why ? why : "only false/null is implemented");
 }
+
+static void esft__cfg_refuse_true(esft__cfg_reader *r, const char *key) { esft__cfg_refuse_true_why(r, key, NULL); }
 
 static double esft__yarn_mscale(double scale, double mscale)
 {
@@ -8905,6 +8912,33 @@ static void esft__cfg_route_plain(esft__cfg_reader *r, esft_model_config *c, con
     c->route.renormalize = esft__cfg_bool(r, "norm_topk_prob", renormalize_default);
 }
 
+/* The dense families (Llama, Mistral, Qwen2): a SwiGLU MLP of intermediate_size
+   in every layer and no router (is_moe all 0, route.n_experts 0), the models
+   PESC turns into MoEs. Each refuses what its transformers class would compute
+   and the forward does not. */
+static void esft__cfg_dense(esft__cfg_reader *r, esft_model_config *c)
+{
+    esft__cfg_gqa(r, c);
+    c->d_ff = esft__cfg_int(r, "intermediate_size", 0, 1, 1, 1 << 24);
+    switch (c->family) {
+    case ESFT_MODEL_LLAMA:
+        esft__cfg_refuse_true_why(r, "attention_bias", "true (biases on q/k/v/o_proj) is not implemented");
+        esft__cfg_refuse_true_why(r, "mlp_bias", "true (biases on gate/up/down_proj) is not implemented");
+        break;
+    case ESFT_MODEL_MISTRAL:
+        /* Mistral's class has no attention_bias: it ignores the field, and so do we */
+        c->sliding_window = esft__cfg_int(r, "sliding_window", 0, 0, 0, 0x7FFFFFFF);
+        break;
+    default:
+        /* Qwen2: q/k/v always biased; its window applies only to the layers
+           from max_window_layers on, a per-layer mask the forward lacks */
+        c->qkv_bias = 1;
+        esft__cfg_refuse_true_why(r, "use_sliding_window",
+                                  "true (a sliding window from max_window_layers on) is not implemented");
+        break;
+    }
+}
+
 static void esft__cfg_family(esft__cfg_reader *r, esft_model_config *c)
 {
     int l;
@@ -8949,6 +8983,11 @@ static void esft__cfg_family(esft__cfg_reader *r, esft_model_config *c)
         c->sliding_window = esft__cfg_int(r, "sliding_window", 0, 0, 0, 0x7FFFFFFF);
         for (l = 0; l < c->n_layers; l++) c->is_moe[l] = 1;
         break;
+    case ESFT_MODEL_LLAMA:
+    case ESFT_MODEL_MISTRAL:
+    case ESFT_MODEL_QWEN2:
+        esft__cfg_dense(r, c);
+        break;
     default:
         break;
     }
@@ -8989,8 +9028,9 @@ static void esft__cfg_quantization(esft__cfg_reader *r, esft_model_config *c)
 
 ESFTDEF const char *esft_model_family_name(esft_model_family f)
 {
-    static const char *const names[ESFT_MODEL_FAMILY_COUNT] = {"deepseek_v2", "deepseek_v3", "qwen2_moe",
-                                                              "qwen3_moe", "olmoe", "mixtral"};
+    static const char *const names[ESFT_MODEL_FAMILY_COUNT] = {"deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe",
+                                                              "olmoe",       "mixtral",     "llama",     "mistral",
+                                                              "qwen2"};
     return (int)f >= 0 && f < ESFT_MODEL_FAMILY_COUNT ? names[f] : "?";
 }
 
@@ -9026,10 +9066,11 @@ ESFTDEF esft_status esft_model_config_parse(esft_model_config *cfg, const char *
     for (f = 0; r.status == ESFT_OK && f < ESFT_MODEL_FAMILY_COUNT; f++)
         if (esft_json_string_equals(&js, t, esft_model_family_name((esft_model_family)f))) break;
     if (r.status == ESFT_OK && f == ESFT_MODEL_FAMILY_COUNT) {
-        char value[64], why[200];
+        char value[64], why[240];
         if (esft_json_string(&js, t, value, sizeof value) != ESFT_OK) snprintf(value, sizeof value, "?");
-        snprintf(why, sizeof why, "\"%s\" is not one of deepseek_v2, deepseek_v3, qwen2_moe, qwen3_moe, olmoe, mixtral",
-                 value);
+        snprintf(why, sizeof why,
+                 "\"%s\" is not one of deepseek_v2, deepseek_v3, qwen2_moe, qwen3_moe, olmoe, mixtral, llama, mistral, "
+                 "qwen2", value);
         esft__cfg_fail(&r, ESFT_ERR_UNSUPPORTED, "model_type", why);
     }
     if (r.status == ESFT_OK) {
@@ -9037,7 +9078,8 @@ ESFTDEF esft_status esft_model_config_parse(esft_model_config *cfg, const char *
         esft__cfg_family(&r, cfg);
         esft__cfg_quantization(&r, cfg);
     }
-    if (r.status == ESFT_OK) {
+    /* a dense model has no router to check (route.n_experts stays 0) */
+    if (r.status == ESFT_OK && esft_model_config_moe_layers(cfg) > 0) {
         esft_route_config rc = cfg->route;
         esft_error e2;
         if (esft_route_config_validate(&rc, &e2) != ESFT_OK)
