@@ -1311,7 +1311,8 @@ typedef struct esft_model_config {
     int q_lora_rank;           /* QR; 0 = q_proj directly */
     int kv_lora_rank;          /* KR */
     int qk_nope_dim, qk_rope_dim, v_head_dim; /* DN, DR, DV */
-    int qkv_bias;              /* q/k/v projections have a bias (Qwen2-MoE) */
+    int qkv_bias;              /* q/k/v projections have a bias (Qwen2-MoE, Qwen2) */
+    int o_bias;                /* o_proj has a bias too (Llama attention_bias) */
     esft_qk_norm qk_norm;
     float clip_qkv;            /* OLMoE: clamp q, k, v to +-clip; 0 = none */
     int sliding_window;        /* keys at distance >= this are masked; 0 = none */
@@ -1354,6 +1355,7 @@ typedef struct esft_model_layer {
     esft_matrix attn_norm, ffn_norm;          /* (1, D) */
     esft_matrix q, k, v, o;                   /* GQA: (H HD, D) (HK HD, D) (HK HD, D) (D, H HD) */
     esft_matrix q_bias, k_bias, v_bias;       /* (1, H HD) (1, HK HD) (1, HK HD) */
+    esft_matrix o_bias;                       /* (1, D) */
     esft_matrix q_norm, k_norm;               /* (1, HD) per head, or (1, H HD) (1, HK HD) whole */
     esft_matrix q_a, q_a_norm, q_b;           /* MLA: (QR, D) (1, QR) (H (DN+DR), QR); q = (H (DN+DR), D) */
     esft_matrix kv_a, kv_a_norm, kv_b;        /* MLA: (KR+DR, D) (1, KR) (H (DN+DV), KR); o (D, H DV) */
@@ -8922,7 +8924,7 @@ static void esft__cfg_dense(esft__cfg_reader *r, esft_model_config *c)
     c->d_ff = esft__cfg_int(r, "intermediate_size", 0, 1, 1, 1 << 24);
     switch (c->family) {
     case ESFT_MODEL_LLAMA:
-        esft__cfg_refuse_true_why(r, "attention_bias", "true (biases on q/k/v/o_proj) is not implemented");
+        c->qkv_bias = c->o_bias = esft__cfg_bool(r, "attention_bias", 0);
         esft__cfg_refuse_true_why(r, "mlp_bias", "true (biases on gate/up/down_proj) is not implemented");
         break;
     case ESFT_MODEL_MISTRAL:
@@ -9363,6 +9365,7 @@ static esft_status esft__load_attention(esft__loader *ld, esft_model_layer *w, c
          (s = esft__load_at(ld, &w->k_bias, p, "self_attn.k_proj.bias", 1, HK * HD, 1, 1)) ||
          (s = esft__load_at(ld, &w->v_bias, p, "self_attn.v_proj.bias", 1, HK * HD, 1, 1))))
         return s;
+    if (c->o_bias && (s = esft__load_at(ld, &w->o_bias, p, "self_attn.o_proj.bias", 1, D, 1, 1))) return s;
     if (c->qk_norm != ESFT_QK_NORM_NONE) {
         int whole = c->qk_norm == ESFT_QK_NORM_WHOLE;
         if ((s = esft__load_at(ld, &w->q_norm, p, "self_attn.q_norm.weight", 1, whole ? H * HD : HD, 1, 1)) ||
@@ -9755,6 +9758,7 @@ static void esft__attn_gqa(esft__fwd *f, const esft_model_config *c, const esft_
     esft__rope_apply(f->k, HK * HD, HK, HD, T, HD, c->rope.interleaved, f->cos_, f->sin_, nt);
     esft__attention(f->ao, f->q, f->k, f->v, c, T, H, HK, HD, HD, f->scores, nt);
     esft__matmul(f->a, D, f->ao, H * HD, T, &w->o, f->panels);
+    esft__add_bias_rows(f->a, &w->o_bias, T, D);
 }
 
 /* a (T, D) = multi-head latent attention of h (DeepSeek-V2/V3): q from h (or
@@ -10530,6 +10534,7 @@ static void esft__trn_gqa_forward(esft__trn *b, const esft_model_config *c, cons
     esft__rope_apply(f->k, HK * HD, HK, HD, T, HD, c->rope.interleaved, f->cos_, f->sin_, nt);
     esft__attention(f->ao, f->q, f->k, f->v, c, T, H, HK, HD, HD, f->scores, nt);
     esft__matmul(f->a, D, f->ao, H * HD, T, &w->o, f->panels);
+    esft__add_bias_rows(f->a, &w->o_bias, T, D); /* a constant: nothing for the backward */
 }
 
 /* The backward of esft__attention from dout (T, H dv): dq (T, H dq), dk (T,

@@ -1945,7 +1945,7 @@ static int cli_print_architecture(const char *dir)
                c.q_lora_rank, c.kv_lora_rank, c.qk_nope_dim, c.qk_rope_dim, c.v_head_dim);
     else
         printf("attention: %s, %d heads, %d kv heads, head_dim %d%s%s\n", c.n_kv_heads == c.n_heads ? "MHA" : "GQA",
-               c.n_heads, c.n_kv_heads, c.head_dim, c.qkv_bias ? ", qkv bias" : "",
+               c.n_heads, c.n_kv_heads, c.head_dim, c.o_bias ? ", q/k/v/o bias" : c.qkv_bias ? ", qkv bias" : "",
                c.qk_norm == ESFT_QK_NORM_HEAD ? ", per-head q/k norm" : c.qk_norm == ESFT_QK_NORM_WHOLE ? ", q/k norm" : "");
     printf("rope: theta %g%s%s\n", c.rope.theta, c.rope.interleaved ? ", interleaved" : "",
            c.rope.yarn ? ", YaRN" : "");

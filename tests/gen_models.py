@@ -146,11 +146,11 @@ VARIANTS = [
                      tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)),
     # Dense families (no MoE layer): what PESC upcycles.
     dict(name="llama", model_type="llama", dtype="bf16", seed=110,
-         note="dense: GQA 4q/2kv, explicit head_dim 24 != hidden/heads, attention_bias and "
-              "mlp_bias false, rope_theta 500000.",
+         note="dense: GQA 4q/2kv, explicit head_dim 24 != hidden/heads, attention_bias true "
+              "(q/k/v and o_proj biases), mlp_bias false, rope_theta 500000.",
          config=dict(vocab_size=192, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=24, intermediate_size=96,
-                     attention_bias=False, mlp_bias=False, max_position_embeddings=64,
+                     attention_bias=True, mlp_bias=False, max_position_embeddings=64,
                      rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
                      pad_token_id=None, bos_token_id=None, eos_token_id=None)),
     dict(name="mistral", model_type="mistral", dtype="bf16", seed=111,
@@ -740,8 +740,8 @@ RoPE is the **half-split (rotate_half / NeoX) layout**: for pair i in 0..d/2-1,
 * mixtral: sliding_window null = full causal attention.
 * qwen2: q/k/v biases, o_proj none, as qwen2_moe; use_sliding_window false
   (then no layer has a window, whatever sliding_window and max_window_layers say).
-* llama: no biases (attention_bias, mlp_bias false); head_dim explicit (24 here,
-  not hidden/heads = 16).
+* llama: attention_bias true here: q/k/v **and o_proj** have biases (mlp_bias
+  false: the MLP has none); head_dim explicit (24 here, not hidden/heads = 16).
 * mistral: head_dim = hidden/heads; sliding_window W = 8: query t attends to
   keys j with t - W < j <= t (transformers' `sliding_window_overlay`:
   kv_idx > q_idx - W), so the 24- and 40-token samples are windowed.

@@ -473,7 +473,8 @@ TEST(dense_configs_have_no_moe_layer)
     esft_error err;
     int l, dense = 1;
     CHECK_STATUS(esft_model_config_read(&c, MODELS "llama/config.json", &err), ESFT_OK);
-    CHECK(c.family == ESFT_MODEL_LLAMA && !c.mla && c.head_dim == 24 && c.n_kv_heads == 2 && !c.qkv_bias);
+    CHECK(c.family == ESFT_MODEL_LLAMA && !c.mla && c.head_dim == 24 && c.n_kv_heads == 2);
+    CHECK(c.qkv_bias && c.o_bias); /* attention_bias true: q/k/v and o */
     CHECK(c.d_ff == 96 && c.route.n_experts == 0 && c.route.top_k == 0 && c.rope.theta == 500000.0);
     CHECK_EQ_INT(esft_model_config_moe_layers(&c), 0);
     CHECK_STATUS(esft_model_config_read(&c, MODELS "mistral/config.json", &err), ESFT_OK);
@@ -512,7 +513,6 @@ TEST(dense_unsupported_options_are_refused_naming_the_field)
     static const struct {
         const char *variant, *from, *to, *field;
     } cases[] = {
-        {"llama", "\"attention_bias\": false", "\"attention_bias\": true", "attention_bias"},
         {"llama", "\"mlp_bias\": false", "\"mlp_bias\": true", "mlp_bias"},
         {"llama", "\"rope_type\": \"default\"", "\"rope_type\": \"llama3\"", "rope_type"},
         {"mistral", "\"rope_type\": \"default\"", "\"rope_type\": \"linear\"", "rope_type"},
