@@ -68,6 +68,11 @@ DS_COMMON = dict(vocab_size=192, hidden_size=64, num_hidden_layers=3, num_attent
                  max_position_embeddings=64, first_k_dense_replace=1, rms_norm_eps=1e-6,
                  rope_theta=10000.0, bos_token_id=None, eos_token_id=None)
 
+# What the dense variants share: two layers of width 64 over the same vocabulary.
+DENSE_COMMON = dict(vocab_size=192, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=96, max_position_embeddings=64, bos_token_id=None,
+                    eos_token_id=None)
+
 VARIANTS = [
     dict(name="deepseek_v2_lite", model_type="deepseek_v2", dtype="fp32", seed=101,
          note="MLA without q_lora (q_proj), greedy top-k, 2 shared experts, layer 0 dense.",
@@ -148,27 +153,21 @@ VARIANTS = [
     dict(name="llama", model_type="llama", dtype="bf16", seed=110,
          note="dense: GQA 4q/2kv, explicit head_dim 24 != hidden/heads, attention_bias true "
               "(q/k/v and o_proj biases), mlp_bias false, rope_theta 500000.",
-         config=dict(vocab_size=192, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=24, intermediate_size=96,
-                     attention_bias=True, mlp_bias=False, max_position_embeddings=64,
-                     rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                     pad_token_id=None, bos_token_id=None, eos_token_id=None)),
+         config=dict(DENSE_COMMON, num_key_value_heads=2, head_dim=24, attention_bias=True,
+                     mlp_bias=False, rope_theta=500000.0, rms_norm_eps=1e-5,
+                     tie_word_embeddings=False, pad_token_id=None)),
     dict(name="mistral", model_type="mistral", dtype="bf16", seed=111,
          note="dense: GQA 4q/2kv, head_dim not given (the config writes hidden/heads = 16), "
               "sliding_window 8: the 24- and 40-token samples run past it (asserted to change "
               "the logits).",
-         config=dict(vocab_size=192, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, head_dim=None, intermediate_size=96, sliding_window=8,
-                     max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-6,
-                     tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)),
+         config=dict(DENSE_COMMON, num_key_value_heads=2, head_dim=None, sliding_window=8,
+                     rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)),
     dict(name="qwen2", model_type="qwen2", dtype="fp32", seed=112,
          note="dense: q/k/v bias (o_proj none), MHA 4q/4kv, use_sliding_window false, tied "
               "embeddings (no lm_head.weight on disk).",
-         config=dict(vocab_size=192, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=4, intermediate_size=96, use_sliding_window=False,
-                     max_window_layers=2, max_position_embeddings=64, rope_theta=1000000.0,
-                     rms_norm_eps=1e-6, tie_word_embeddings=True,
-                     bos_token_id=None, eos_token_id=None)),
+         config=dict(DENSE_COMMON, num_key_value_heads=4, use_sliding_window=False,
+                     max_window_layers=2, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                     tie_word_embeddings=True)),
 ]
 
 
