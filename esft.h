@@ -48,8 +48,8 @@
         (DeepSeek-V2, Mixtral, Qwen-MoE, Camelidae), fused 3-D experts; extract /
         save / merge experts.
       - Models: Hugging Face MoE checkpoint directories (DeepSeek-V2/V3, Qwen2/3-MoE,
-        OLMoE, Mixtral; per-expert or fused experts; fp32, bf16, FP8 + block scales)
-        run whole on the CPU with weights in their file dtype; the forward's own
+        OLMoE, Mixtral; per-expert or fused experts; fp32, bf16, FP8 + block scales),
+        and the dense Llama, Mistral and Qwen2 that PESC upcycles, run whole on the CPU with weights in their file dtype; the forward's own
         routing feeds the statistics; backward through the frozen model to the
         experts an ESFT config trains (fp32 master copies, 12 bytes per trainable
         parameter beyond them).
@@ -1253,9 +1253,10 @@ ESFTDEF void esft_file_free(char *data, const esft_allocator *allocator);
    DR qk_rope_head_dim, DV v_head_dim.
 
    A model directory (config.json + safetensors, one file or shards) opened as
-   one frozen transformer: embeddings, L x (RMSNorm, causal self-attention with
-   the family's RoPE, residual, RMSNorm, dense SwiGLU MLP or MoE, residual),
-   final RMSNorm, lm_head. Weights stay in their file dtype (F32, BF16, F16, or
+   one frozen transformer: embeddings, L x (RMSNorm, causal self-attention
+   with the family's RoPE, residual, RMSNorm, dense SwiGLU MLP or MoE,
+   residual), final RMSNorm, lm_head. The dense families (Llama, Mistral,
+   Qwen2) have no MoE layer at all: route.n_experts is 0. Weights stay in their file dtype (F32, BF16, F16, or
    FP8 E4M3 with per-block weight_scale_inv) and are converted to fp32 a panel at
    a time inside the matrix products, so memory is about the checkpoint's bytes.
    docs/models.md lists the families, the config fields each reads, the layouts. */
@@ -1271,6 +1272,9 @@ typedef enum esft_model_family {
     ESFT_MODEL_QWEN3_MOE,       /* GQA, per-head q_norm / k_norm */
     ESFT_MODEL_OLMOE,           /* MHA/GQA, q_norm / k_norm over the whole projections */
     ESFT_MODEL_MIXTRAL,         /* GQA, top-2 renormalised */
+    ESFT_MODEL_LLAMA,           /* dense: GQA, SwiGLU MLP in every layer (no MoE layer) */
+    ESFT_MODEL_MISTRAL,         /* dense: as Llama, optional sliding window */
+    ESFT_MODEL_QWEN2,           /* dense: GQA + qkv bias */
     ESFT_MODEL_FAMILY_COUNT
 } esft_model_family;
 
@@ -1307,7 +1311,8 @@ typedef struct esft_model_config {
     int q_lora_rank;           /* QR; 0 = q_proj directly */
     int kv_lora_rank;          /* KR */
     int qk_nope_dim, qk_rope_dim, v_head_dim; /* DN, DR, DV */
-    int qkv_bias;              /* q/k/v projections have a bias (Qwen2-MoE) */
+    int qkv_bias;              /* q/k/v projections have a bias (Qwen2-MoE, Qwen2) */
+    int o_bias;                /* o_proj has a bias too (Llama attention_bias) */
     esft_qk_norm qk_norm;
     float clip_qkv;            /* OLMoE: clamp q, k, v to +-clip; 0 = none */
     int sliding_window;        /* keys at distance >= this are masked; 0 = none */
@@ -1332,7 +1337,7 @@ ESFTDEF esft_status esft_model_config_parse(esft_model_config *cfg, const char *
                                             const char *name, esft_error *err);
 ESFTDEF esft_status esft_model_config_read(esft_model_config *cfg, const char *path, esft_error *err);
 ESFTDEF const char *esft_model_family_name(esft_model_family f); /* the model_type */
-/* Layers that are MoE layers (those ESFT scores and trains). */
+/* Layers that are MoE layers (those ESFT scores and trains); 0 for the dense families. */
 ESFTDEF int esft_model_config_moe_layers(const esft_model_config *cfg);
 
 /* A low-rank adapter (LoRA) on a frozen matrix W (rows, cols): the product
@@ -1360,6 +1365,7 @@ typedef struct esft_model_layer {
     esft_matrix attn_norm, ffn_norm;          /* (1, D) */
     esft_matrix q, k, v, o;                   /* GQA: (H HD, D) (HK HD, D) (HK HD, D) (D, H HD) */
     esft_matrix q_bias, k_bias, v_bias;       /* (1, H HD) (1, HK HD) (1, HK HD) */
+    esft_matrix o_bias;                       /* (1, D) */
     esft_matrix q_norm, k_norm;               /* (1, HD) per head, or (1, H HD) (1, HK HD) whole */
     esft_matrix q_a, q_a_norm, q_b;           /* MLA: (QR, D) (1, QR) (H (DN+DR), QR); q = (H (DN+DR), D) */
     esft_matrix kv_a, kv_a_norm, kv_b;        /* MLA: (KR+DR, D) (1, KR) (H (DN+DV), KR); o (D, H DV) */
@@ -8821,13 +8827,16 @@ static int esft__cfg_choice(esft__cfg_reader *r, const char *key, const char *co
     return 0;
 }
 
-/* A field that, when present and true (or non-null), asks for something not implemented. */
-static void esft__cfg_refuse_true(esft__cfg_reader *r, const char *key)
+/* A field that, when present and true (or non-null), asks for something not
+   implemented; why says what (NULL: a generic line). */
+static void esft__cfg_refuse_true_why(esft__cfg_reader *r, const char *key, const char *why)
 {
     int t = esft__cfg_token(r, key);
     if (t >= 0 && r->js->tokens[t].type != ESFT_JSON_FALSE)
-        esft__cfg_fail(r, ESFT_ERR_UNSUPPORTED, key, "only false/null is implemented");
+        esft__cfg_fail(r, ESFT_ERR_UNSUPPORTED, key, why ? why : "only false/null is implemented");
 }
+
+static void esft__cfg_refuse_true(esft__cfg_reader *r, const char *key) { esft__cfg_refuse_true_why(r, key, NULL); }
 
 static double esft__yarn_mscale(double scale, double mscale)
 {
@@ -8994,6 +9003,33 @@ static void esft__cfg_route_plain(esft__cfg_reader *r, esft_model_config *c, con
     c->route.renormalize = esft__cfg_bool(r, "norm_topk_prob", renormalize_default);
 }
 
+/* The dense families (Llama, Mistral, Qwen2): a SwiGLU MLP of intermediate_size
+   in every layer and no router (is_moe all 0, route.n_experts 0), the models
+   PESC turns into MoEs. Each refuses what its transformers class would compute
+   and the forward does not. */
+static void esft__cfg_dense(esft__cfg_reader *r, esft_model_config *c)
+{
+    esft__cfg_gqa(r, c);
+    c->d_ff = esft__cfg_int(r, "intermediate_size", 0, 1, 1, 1 << 24);
+    switch (c->family) {
+    case ESFT_MODEL_LLAMA:
+        c->qkv_bias = c->o_bias = esft__cfg_bool(r, "attention_bias", 0);
+        esft__cfg_refuse_true_why(r, "mlp_bias", "true (biases on gate/up/down_proj) is not implemented");
+        break;
+    case ESFT_MODEL_MISTRAL:
+        /* Mistral's class has no attention_bias: it ignores the field, and so do we */
+        c->sliding_window = esft__cfg_int(r, "sliding_window", 0, 0, 0, 0x7FFFFFFF);
+        break;
+    default:
+        /* Qwen2: q/k/v always biased; its window applies only to the layers
+           from max_window_layers on, a per-layer mask the forward lacks */
+        c->qkv_bias = 1;
+        esft__cfg_refuse_true_why(r, "use_sliding_window",
+                                  "true (a sliding window from max_window_layers on) is not implemented");
+        break;
+    }
+}
+
 static void esft__cfg_family(esft__cfg_reader *r, esft_model_config *c)
 {
     int l;
@@ -9038,6 +9074,11 @@ static void esft__cfg_family(esft__cfg_reader *r, esft_model_config *c)
         c->sliding_window = esft__cfg_int(r, "sliding_window", 0, 0, 0, 0x7FFFFFFF);
         for (l = 0; l < c->n_layers; l++) c->is_moe[l] = 1;
         break;
+    case ESFT_MODEL_LLAMA:
+    case ESFT_MODEL_MISTRAL:
+    case ESFT_MODEL_QWEN2:
+        esft__cfg_dense(r, c);
+        break;
     default:
         break;
     }
@@ -9078,8 +9119,9 @@ static void esft__cfg_quantization(esft__cfg_reader *r, esft_model_config *c)
 
 ESFTDEF const char *esft_model_family_name(esft_model_family f)
 {
-    static const char *const names[ESFT_MODEL_FAMILY_COUNT] = {"deepseek_v2", "deepseek_v3", "qwen2_moe",
-                                                              "qwen3_moe", "olmoe", "mixtral"};
+    static const char *const names[ESFT_MODEL_FAMILY_COUNT] = {"deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe",
+                                                              "olmoe",       "mixtral",     "llama",     "mistral",
+                                                              "qwen2"};
     return (int)f >= 0 && f < ESFT_MODEL_FAMILY_COUNT ? names[f] : "?";
 }
 
@@ -9115,10 +9157,11 @@ ESFTDEF esft_status esft_model_config_parse(esft_model_config *cfg, const char *
     for (f = 0; r.status == ESFT_OK && f < ESFT_MODEL_FAMILY_COUNT; f++)
         if (esft_json_string_equals(&js, t, esft_model_family_name((esft_model_family)f))) break;
     if (r.status == ESFT_OK && f == ESFT_MODEL_FAMILY_COUNT) {
-        char value[64], why[200];
+        char value[64], why[240];
         if (esft_json_string(&js, t, value, sizeof value) != ESFT_OK) snprintf(value, sizeof value, "?");
-        snprintf(why, sizeof why, "\"%s\" is not one of deepseek_v2, deepseek_v3, qwen2_moe, qwen3_moe, olmoe, mixtral",
-                 value);
+        snprintf(why, sizeof why,
+                 "\"%s\" is not one of deepseek_v2, deepseek_v3, qwen2_moe, qwen3_moe, olmoe, mixtral, llama, mistral, "
+                 "qwen2", value);
         esft__cfg_fail(&r, ESFT_ERR_UNSUPPORTED, "model_type", why);
     }
     if (r.status == ESFT_OK) {
@@ -9126,7 +9169,8 @@ ESFTDEF esft_status esft_model_config_parse(esft_model_config *cfg, const char *
         esft__cfg_family(&r, cfg);
         esft__cfg_quantization(&r, cfg);
     }
-    if (r.status == ESFT_OK) {
+    /* a dense model has no router to check (route.n_experts stays 0) */
+    if (r.status == ESFT_OK && esft_model_config_moe_layers(cfg) > 0) {
         esft_route_config rc = cfg->route;
         esft_error e2;
         if (esft_route_config_validate(&rc, &e2) != ESFT_OK)
@@ -9469,6 +9513,7 @@ static esft_status esft__load_attention(esft__loader *ld, esft_model_layer *w, c
          (s = esft__load_at(ld, &w->k_bias, p, "self_attn.k_proj.bias", 1, HK * HD, 1, 1)) ||
          (s = esft__load_at(ld, &w->v_bias, p, "self_attn.v_proj.bias", 1, HK * HD, 1, 1))))
         return s;
+    if (c->o_bias && (s = esft__load_at(ld, &w->o_bias, p, "self_attn.o_proj.bias", 1, D, 1, 1))) return s;
     if (c->qk_norm != ESFT_QK_NORM_NONE) {
         int whole = c->qk_norm == ESFT_QK_NORM_WHOLE;
         if ((s = esft__load_at(ld, &w->q_norm, p, "self_attn.q_norm.weight", 1, whole ? H * HD : HD, 1, 1)) ||
@@ -9880,6 +9925,7 @@ static void esft__attn_gqa(esft__fwd *f, const esft_model_config *c, const esft_
     esft__rope_apply(f->k, HK * HD, HK, HD, T, HD, c->rope.interleaved, f->cos_, f->sin_, nt);
     esft__attention(f->ao, f->q, f->k, f->v, c, T, H, HK, HD, HD, f->scores, nt);
     esft__matmul(f->a, D, f->ao, H * HD, T, &w->o, f->panels);
+    esft__add_bias_rows(f->a, &w->o_bias, T, D);
 }
 
 /* a (T, D) = multi-head latent attention of h (DeepSeek-V2/V3): q from h (or
@@ -11023,6 +11069,7 @@ static void esft__trn_gqa_forward(esft__trn *b, const esft_model_config *c, cons
     esft__rope_apply(f->k, HK * HD, HK, HD, T, HD, c->rope.interleaved, f->cos_, f->sin_, nt);
     esft__attention(f->ao, f->q, f->k, f->v, c, T, H, HK, HD, HD, f->scores, nt);
     esft__matmul(f->a, D, f->ao, H * HD, T, &w->o, f->panels);
+    esft__add_bias_rows(f->a, &w->o_bias, T, D); /* a constant: nothing for the backward */
 }
 
 /* The backward of esft__attention from dout (T, H dv): dq (T, H dq), dk (T,

@@ -354,6 +354,11 @@ static int cli_stats_model_config(const char *cmd, const char *path, int given_k
     memset(&err, 0, sizeof err);
     s = esft_model_config_read(&mc, path, &err);
     if (s != ESFT_OK) return cli_fail(cmd, s, &err);
+    if (esft_model_config_moe_layers(&mc) == 0) {
+        fprintf(stderr, "esft %s: %s: the model has no MoE layer (%s): no router, so no routing logs to score\n", cmd,
+                path, esft_model_family_name(mc.family));
+        return EXIT_RUNTIME;
+    }
     if (cli_model_value(cmd, "--top-k", given_k, mc.route.top_k, path, k) ||
         cli_model_value(cmd, "--experts", given_e, mc.route.n_experts, path, experts) ||
         cli_model_value(cmd, "--layers", given_l, mc.n_layers, path, layers))
@@ -1105,6 +1110,20 @@ static int cli_has_option(int argc, char **argv, const char *flag)
     return 0;
 }
 
+/* ESFT scores and trains routed experts, which a dense model (llama, mistral,
+   qwen2) does not have. Reads only config.json, so the refusal comes before
+   the weights load; a config that does not read is left to the open after. */
+static int cli_require_moe(const char *cmd, const char *dir, const char *what)
+{
+    char path[4200];
+    esft_model_config c;
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    if (esft_model_config_read(&c, path, NULL) != ESFT_OK || esft_model_config_moe_layers(&c) > 0) return EXIT_OK;
+    fprintf(stderr, "esft %s: %s: the model has no MoE layer (%s, %d dense layers): no router, so no expert to %s\n",
+            cmd, dir, esft_model_family_name(c.family), c.n_layers, what);
+    return EXIT_RUNTIME;
+}
+
 /* Opens MODEL_DIR and reads the data; prints what failed. */
 static int cli_open_model(const char *cmd, const char *dir, const char *data, int max_samples, esft_model *m,
                           esft_dataset *ds, int quiet)
@@ -1131,9 +1150,9 @@ static int cli_open_model(const char *cmd, const char *dir, const char *data, in
 static const char eval_help[] =
     "usage: esft eval MODEL_DIR --data FILE.jsonl [--logits OUT.npy] [--max-samples N] [-q]\n"
     "\n"
-    "Runs a Hugging Face MoE checkpoint (config.json + safetensors; families\n"
-    "deepseek_v2, deepseek_v3, qwen2_moe, qwen3_moe, olmoe, mixtral) over the\n"
-    "samples of FILE.jsonl and prints, on stdout:\n"
+    "Runs a Hugging Face checkpoint (config.json + safetensors; MoE families\n"
+    "deepseek_v2, deepseek_v3, qwen2_moe, qwen3_moe, olmoe, mixtral; dense llama,\n"
+    "mistral, qwen2) over the samples of FILE.jsonl and prints, on stdout:\n"
     "  loss <mean cross-entropy in nats> tokens <scored targets>\n"
     "the mean over every scored target of every sample (position t predicts\n"
     "labels[t+1]; labels of -100 are not scored), as transformers computes it.\n"
@@ -1261,6 +1280,7 @@ static int cmd_stats_model(const char *name, int argc, char **argv)
     if (decimals < -1 || decimals > 17) return cli_usage(name, "--decimals must be -1..17%s%s", "", "");
     if (max_samples < 0) return cli_usage(name, "--max-samples must be >= 1%s%s", "", "");
     if ((r = cli_check_model(name, out, dir, data)) != EXIT_OK) return r;
+    if ((r = cli_require_moe(name, dir, "score")) != EXIT_OK) return r;
     if ((r = cli_open_model(name, dir, data, max_samples, &m, &ds, quiet)) != EXIT_OK) return r;
     s = esft_stats_init(&st, m.cfg.n_layers, m.cfg.route.n_experts, m.cfg.route.top_k, NULL);
     if (s == ESFT_OK && labelled) {
@@ -1851,6 +1871,7 @@ static int cmd_train(const char *name, int argc, char **argv)
     if ((r = cli_train_parse(name, argc, argv, &o)) != EXIT_OK) return r;
     if ((r = cli_train_check_usage(name, &o)) != EXIT_OK) return r;
     if ((r = cli_train_check_outputs(name, &o)) != EXIT_OK) return r;
+    if ((r = cli_require_moe(name, o.dir, "train")) != EXIT_OK) return r;
     memset(&t, 0, sizeof t);
     memset(&err, 0, sizeof err);
     s = cli_train_open(name, &o, &t, &err);
@@ -1911,18 +1932,28 @@ static int cli_print_architecture(const char *dir)
         if (c.is_moe[l] && first < 0) first = l;
         dense += !c.is_moe[l];
     }
-    printf("architecture: %s, %d layers (%d MoE from layer %d, %d dense), hidden %d, vocab %d%s\n",
-           esft_model_family_name(c.family), c.n_layers, c.n_layers - dense, first, dense, c.d_model, c.vocab,
-           c.tie_embeddings ? ", tied embeddings" : "");
+    if (first < 0)
+        printf("architecture: %s, %d layers (all dense, no MoE layer), hidden %d, vocab %d%s\n",
+               esft_model_family_name(c.family), c.n_layers, c.d_model, c.vocab,
+               c.tie_embeddings ? ", tied embeddings" : "");
+    else
+        printf("architecture: %s, %d layers (%d MoE from layer %d, %d dense), hidden %d, vocab %d%s\n",
+               esft_model_family_name(c.family), c.n_layers, c.n_layers - dense, first, dense, c.d_model, c.vocab,
+               c.tie_embeddings ? ", tied embeddings" : "");
     if (c.mla)
         printf("attention: MLA, %d heads, q_lora_rank %d, kv_lora_rank %d, qk nope/rope %d/%d, v %d\n", c.n_heads,
                c.q_lora_rank, c.kv_lora_rank, c.qk_nope_dim, c.qk_rope_dim, c.v_head_dim);
     else
         printf("attention: %s, %d heads, %d kv heads, head_dim %d%s%s\n", c.n_kv_heads == c.n_heads ? "MHA" : "GQA",
-               c.n_heads, c.n_kv_heads, c.head_dim, c.qkv_bias ? ", qkv bias" : "",
+               c.n_heads, c.n_kv_heads, c.head_dim, c.o_bias ? ", q/k/v/o bias" : c.qkv_bias ? ", qkv bias" : "",
                c.qk_norm == ESFT_QK_NORM_HEAD ? ", per-head q/k norm" : c.qk_norm == ESFT_QK_NORM_WHOLE ? ", q/k norm" : "");
     printf("rope: theta %g%s%s\n", c.rope.theta, c.rope.interleaved ? ", interleaved" : "",
            c.rope.yarn ? ", YaRN" : "");
+    if (c.sliding_window) printf("sliding window: %d\n", c.sliding_window);
+    if (c.n_layers == dense) {
+        printf("experts: none (dense model: every layer an MLP of hidden %d)\n", c.d_ff);
+        return 1;
+    }
     printf("experts: %d routed (hidden %d), top-%d, %s gating%s%s, scaling %g%s; shared hidden %d%s\n",
            c.route.n_experts, c.d_expert, c.route.top_k, c.route.gating == ESFT_GATING_SIGMOID ? "sigmoid" : "softmax",
            c.route.renormalize ? ", renormalised" : "", c.route.n_group > 1 ? ", group-limited" : "",
