@@ -11069,7 +11069,7 @@ static void esft__trn_gqa_forward(esft__trn *b, const esft_model_config *c, cons
     esft__rope_apply(f->k, HK * HD, HK, HD, T, HD, c->rope.interleaved, f->cos_, f->sin_, nt);
     esft__attention(f->ao, f->q, f->k, f->v, c, T, H, HK, HD, HD, f->scores, nt);
     esft__matmul(f->a, D, f->ao, H * HD, T, &w->o, f->panels);
-    esft__add_bias_rows(f->a, &w->o_bias, T, D); /* a constant: nothing for the backward */
+    esft__add_bias_rows(f->a, &w->o_bias, T, D);
 }
 
 /* The backward of esft__attention from dout (T, H dv): dq (T, H dq), dk (T,
@@ -11144,6 +11144,7 @@ static void esft__trn_gqa_backward(esft__trn *b, const esft_model_config *c, con
     memset(b->dao, 0, nq * sizeof(float));
     esft__matmul_acc(b->dao, H * HD, da, D, T, &w->o, f->panels);
     esft__linear_grads(tr, &w->o, da, D, f->ao, H * HD, T, f->panels);
+    esft__bias_grad(tr, &w->o_bias, da, T, D);
     esft__attention_backward(b->dq, b->dk, b->dv, f->q, f->k, f->v, b->dao, c, T, H, HK, HD, HD, b->P, b->dP, nt);
     esft__rope_backward(b->dq, H * HD, H, HD, T, HD, c->rope.interleaved, f->cos_, f->sin_, nt);
     esft__rope_backward(b->dk, HK * HD, HK, HD, T, HD, c->rope.interleaved, f->cos_, f->sin_, nt);

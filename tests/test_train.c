@@ -372,6 +372,9 @@ FFT_TEST(mixtral)
 FFT_TEST(deepseek_v2_lite)
 FFT_TEST(deepseek_v2_qlora_yarn)
 FFT_TEST(deepseek_v3_bf16_tied)
+FFT_TEST(llama)
+FFT_TEST(mistral)
+FFT_TEST(qwen2)
 
 /* Longer than one attention block and one head block (T = 150 > 64), with a
    sliding window switched on in the config (it changes the loss: the
