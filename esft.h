@@ -1555,6 +1555,16 @@ ESFTDEF esft_status esft_model_lora_save(const esft_model_trainable *tr, const c
 /* Reads dir/adapter_model.safetensors into tr's adapters (every tensor must
    be one of tr's, with its shape). */
 ESFTDEF esft_status esft_model_lora_load(esft_model_trainable *tr, const char *dir, esft_error *err);
+/* Rebuilds a trainable set from what training wrote, to evaluate base +
+   training without merging (or to go on training): from a trained file (the
+   expert config in its metadata says what it trains; FFT's says everything),
+   or from a PEFT LoRA directory (r and lora_alpha from adapter_config.json,
+   the targets from the adapted modules' names; modules PEFT did not adapt
+   get B = 0, which adds nothing). Pair: esft_model_trainable_uninit. */
+ESFTDEF esft_status esft_model_trainable_open(esft_model_trainable *tr, const esft_model *m, const char *path,
+                                              esft_error *err);
+ESFTDEF esft_status esft_model_lora_open(esft_model_trainable *tr, const esft_model *m, const char *dir,
+                                         esft_error *err);
 
 /* One training pass over one sample: the forward of tr->view, the
    cross-entropy of the scored positions (labels as esft_model_run's; loss_sum
@@ -10712,34 +10722,49 @@ static void esft__lora_name(char *buf, size_t cap, const esft_model *m, const es
     snprintf(buf, cap, "base_model.model.%.*s.lora_%c.weight", (int)n, name, which ? 'B' : 'A');
 }
 
-/* adapter_config.json: what PEFT's LoraConfig needs to rebuild the adapters. */
+/* Adapter i's module, relative to its layer (self_attn.q_proj, mlp.gate_proj). */
+static const char *esft__lora_module(const esft_model *m, const esft_model_trainable *tr, int i, size_t *len)
+{
+    const char *name = m->tensors[tr->lora_tensor[i]].name, *p = name;
+    int dots = 0;
+    while (*p && dots < 3) dots += *p++ == '.'; /* past "model.layers.N." */
+    *len = strlen(p) - (strlen(p) > 7 && strcmp(p + strlen(p) - 7, ".weight") == 0 ? 7 : 0);
+    return p;
+}
+
+/* adapter_config.json: what PEFT's LoraConfig needs to rebuild the adapters.
+   target_modules is a regular expression PEFT matches against whole module
+   names: the adapted modules exactly (a list of last components such as
+   gate_proj would also catch shared experts' gate_proj). */
 static void esft__lora_config_json(esft__buf *b, const esft_model_trainable *tr, const esft_model *m)
 {
-    int i, j, first = 1;
+    esft__buf re;
+    int i, j;
     esft__buf_printf(b, "{\n  \"peft_type\": \"LORA\",\n  \"task_type\": \"CAUSAL_LM\",\n  \"r\": %d,\n"
                         "  \"lora_alpha\": %.9g,\n  \"lora_dropout\": 0.0,\n  \"bias\": \"none\",\n"
                         "  \"fan_in_fan_out\": false,\n  \"use_rslora\": false,\n  \"inference_mode\": true,\n"
-                        "  \"base_model_name_or_path\": null,\n  \"target_modules\": [",
+                        "  \"base_model_name_or_path\": null,\n  \"target_modules\": ",
                      tr->lora_rank, (double)tr->lora_alpha);
-    /* the distinct last components of the adapted modules' names (q_proj, ...) */
+    esft__buf_init(&re, &tr->allocator);
+    esft__buf_puts(&re, ".*\\.layers\\.\\d+\\.(");
     for (i = 0; i < tr->n_lora; i++) {
-        char mod[ESFT__TENSOR_NAME], other[ESFT__TENSOR_NAME];
-        const char *dot;
+        size_t n, k;
+        const char *mod = esft__lora_module(m, tr, i, &n);
         int seen = 0;
-        esft__lora_name(mod, sizeof mod, m, tr, i, 0);
-        mod[strlen(mod) - strlen(".lora_A.weight")] = 0;
-        dot = strrchr(mod, '.');
         for (j = 0; j < i && !seen; j++) {
-            esft__lora_name(other, sizeof other, m, tr, j, 0);
-            other[strlen(other) - strlen(".lora_A.weight")] = 0;
-            seen = strcmp(strrchr(other, '.'), dot) == 0;
+            size_t n2;
+            const char *other = esft__lora_module(m, tr, j, &n2);
+            seen = n2 == n && strncmp(other, mod, n) == 0;
         }
         if (seen) continue;
-        esft__buf_puts(b, first ? "" : ", ");
-        esft__buf_json_string(b, dot + 1);
-        first = 0;
+        if (re.size > strlen(".*\\.layers\\.\\d+\\.(")) esft__buf_puts(&re, "|");
+        for (k = 0; k < n; k++) esft__buf_append(&re, mod[k] == '.' ? "\\." : mod + k, mod[k] == '.' ? 2 : 1);
     }
-    esft__buf_puts(b, "]\n}\n");
+    esft__buf_puts(&re, ")");
+    if (re.failed) b->failed = 1;
+    else esft__buf_json_string(b, re.data);
+    esft__buf_free(&re);
+    esft__buf_puts(b, "\n}\n");
 }
 
 ESFTDEF esft_status esft_model_lora_save(const esft_model_trainable *tr, const char *dir, esft_error *err)
@@ -10812,6 +10837,77 @@ ESFTDEF esft_status esft_model_lora_load(esft_model_trainable *tr, const char *d
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "the trainable set holds no LoRA adapter");
     snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
     return esft__trainable_read(tr, tr->base_, path, esft__lora_target, err);
+}
+
+ESFTDEF esft_status esft_model_trainable_open(esft_model_trainable *tr, const esft_model *m, const char *path,
+                                              esft_error *err)
+{
+    esft_safetensors st;
+    esft_expert_config cfg;
+    esft_status s;
+    if (!tr || !m || !path) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model or path");
+    memset(tr, 0, sizeof *tr);
+    if ((s = esft_safetensors_open(&st, path, NULL, err)) != ESFT_OK) return s;
+    s = esft_checkpoint_read_config(&st, &cfg, err);
+    esft_safetensors_close(&st);
+    if (s != ESFT_OK) return s;
+    s = esft_model_trainable_init(tr, m, &cfg, NULL, err);
+    esft_expert_config_free(&cfg);
+    if (s == ESFT_OK && (s = esft_model_trainable_load(tr, m, path, err)) != ESFT_OK) esft_model_trainable_uninit(tr);
+    return s;
+}
+
+/* r and lora_alpha of a PEFT adapter_config.json. */
+static esft_status esft__lora_config_read(const char *path, int *rank, double *alpha, esft_error *err)
+{
+    char *text = NULL;
+    size_t size = 0;
+    esft_json js;
+    int tr, ta;
+    esft_status s = esft_file_read(path, 1u << 20, NULL, &text, &size, err);
+    if (s != ESFT_OK) return s;
+    s = esft_json_parse(&js, text, size, NULL, err);
+    if (s == ESFT_OK) {
+        double r = 0.0;
+        tr = esft_json_find(&js, 0, "r");
+        ta = esft_json_find(&js, 0, "lora_alpha");
+        if (tr < 0 || ta < 0 || esft_json_number(&js, tr, &r) != ESFT_OK || esft_json_number(&js, ta, alpha) != ESFT_OK ||
+            r != floor(r) || r < 1 || r > 65536)
+            s = esft__fail_at(err, ESFT_ERR_PARSE, path, 0, "r (an integer >= 1) and lora_alpha (a number) are needed");
+        *rank = (int)r;
+        esft_json_free(&js);
+    }
+    esft_file_free(text, NULL);
+    return s;
+}
+
+ESFTDEF esft_status esft_model_lora_open(esft_model_trainable *tr, const esft_model *m, const char *dir,
+                                         esft_error *err)
+{
+    esft_train_spec sp;
+    esft_safetensors st;
+    char path[4200];
+    double alpha = 0.0;
+    int i;
+    esft_status s;
+    if (!tr || !m || !dir) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model or directory");
+    memset(tr, 0, sizeof *tr);
+    memset(&sp, 0, sizeof sp);
+    sp.method = ESFT_TRAIN_LORA;
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    if ((s = esft__lora_config_read(path, &sp.lora_rank, &alpha, err)) != ESFT_OK) return s;
+    sp.lora_alpha = (float)alpha;
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    if ((s = esft_safetensors_open(&st, path, NULL, err)) != ESFT_OK) return s;
+    for (i = 0; i < st.n_tensors; i++) {
+        if (strstr(st.tensors[i].name, ".self_attn.")) sp.lora_targets |= ESFT_LORA_ATTN;
+        else if (strstr(st.tensors[i].name, ".mlp.")) sp.lora_targets |= ESFT_LORA_MLP;
+    }
+    esft_safetensors_close(&st);
+    if ((s = esft_model_trainable_init_spec(tr, m, &sp, NULL, err)) != ESFT_OK) return s;
+    memset(tr->params, 0, tr->n_params * sizeof(float)); /* what the file lacks adds nothing */
+    if ((s = esft_model_lora_load(tr, dir, err)) != ESFT_OK) esft_model_trainable_uninit(tr);
+    return s;
 }
 
 /* y (T, W.cols) += x (T, W.rows) W, the product the backward of y = x W^T
