@@ -582,11 +582,15 @@ typedef struct train_golden {
     int n_shared;
 } train_golden;
 
+static int golden_raw_st(const esft_safetensors *st, const char *name, void *dst, size_t bytes)
+{
+    int i = esft_safetensors_find(st, name);
+    return i >= 0 && st->tensors[i].n_bytes == bytes && esft_safetensors_read(st, i, dst, 0, bytes, NULL) == ESFT_OK;
+}
+
 static int golden_raw(train_golden *g, const char *name, void *dst, size_t bytes)
 {
-    int i = esft_safetensors_find(&g->st, name);
-    return i >= 0 && g->st.tensors[i].n_bytes == bytes &&
-           esft_safetensors_read(&g->st, i, dst, 0, bytes, NULL) == ESFT_OK;
+    return golden_raw_st(&g->st, name, dst, bytes);
 }
 
 static int train_golden_open(train_golden *g, const char *name, size_t expert_floats)
@@ -668,13 +672,41 @@ static uint64_t model_hash(const esft_model *m)
     return h;
 }
 
+/* 5 AdamW steps over the whole batch, as torch.optim.AdamW took them (lr
+   1e-3, betas 0.9 / 0.95, eps 1e-8, wd 0.1): the worst relative difference of
+   the 6 losses (before each step and after the last) into *worst. Returns
+   the passes done (6 when all ran). */
+static int adamw_five(fixture *f, int64_t n_scored, const double *want, double *worst)
+{
+    esft_adamw opt;
+    esft_adamw_config ac;
+    esft_error err;
+    double mean = 0.0;
+    int step;
+    ac.lr = 1e-3f;
+    ac.beta1 = 0.9f;
+    ac.beta2 = 0.95f;
+    ac.eps = 1e-8f;
+    ac.weight_decay = 0.1f;
+    if (esft_adamw_init(&opt, &ac, f->tr.n_params, NULL, &err) != ESFT_OK) return 0;
+    *worst = 0.0;
+    for (step = 0; step <= 5; step++) {
+        double d;
+        memset(f->tr.grads, 0, f->tr.n_params * sizeof(float));
+        if (batch_pass(f, n_scored, &mean) != ESFT_OK) break;
+        d = fabs(mean - want[step]) / fabs(want[step]);
+        if (d > *worst) *worst = d;
+        if (step < 5 && esft_adamw_step(&opt, f->tr.params, f->tr.grads, &err) != ESFT_OK) break;
+    }
+    esft_adamw_uninit(&opt);
+    return step;
+}
+
 static void torch_family(const char *name, double *worst_loss, double *worst_grad, double *worst_step)
 {
     fixture f;
     train_golden g;
     char why[1024];
-    esft_adamw opt;
-    esft_adamw_config ac;
     esft_error err;
     double mean = 0.0;
     uint64_t before;
@@ -732,23 +764,7 @@ static void torch_family(const char *name, double *worst_loss, double *worst_gra
         }
         if (err_max / mx > *worst_grad) *worst_grad = err_max / mx;
     }
-    /* 5 AdamW steps over the whole batch, as torch.optim.AdamW took them */
-    ac.lr = 1e-3f;
-    ac.beta1 = 0.9f;
-    ac.beta2 = 0.95f;
-    ac.eps = 1e-8f;
-    ac.weight_decay = 0.1f;
-    CHECK_STATUS(esft_adamw_init(&opt, &ac, f.tr.n_params, NULL, &err), ESFT_OK);
-    *worst_step = 0.0;
-    for (step = 0; step <= 5; step++) {
-        double d;
-        memset(f.tr.grads, 0, f.tr.n_params * sizeof(float));
-        if (batch_pass(&f, g.n_scored, &mean) != ESFT_OK) break;
-        d = fabs(mean - g.adamw[step]) / fabs(g.adamw[step]);
-        if (d > *worst_step) *worst_step = d;
-        if (step < 5 && esft_adamw_step(&opt, f.tr.params, f.tr.grads, &err) != ESFT_OK) break;
-    }
-    esft_adamw_uninit(&opt);
+    step = adamw_five(&f, g.n_scored, g.adamw, worst_step);
     CHECK_EQ_INT(step, 6);
     CHECK(model_hash(&f.m) == before);
     free(g.grad);
@@ -774,6 +790,107 @@ TORCH_TEST(qwen2_moe)
 TORCH_TEST(deepseek_v2_lite)
 TORCH_TEST(deepseek_v2_qlora_yarn)
 TORCH_TEST(deepseek_v3_bf16_tied)
+
+/* FFT and LoRA against torch / PEFT (fft_golden.safetensors, lora/ and
+   lora_golden.safetensors of tests/gen_train_goldens.py): the batch's loss,
+   each tensor's gradient (the golden's sample of it: every stride-th value,
+   stride = max(1, numel / 256), relative to its largest), 5 AdamW steps; the
+   model's own weights bit-identical after. LoRA starts from the adapters PEFT
+   saved (esft_model_lora_open reads PEFT's own files). */
+static void torch_method(const char *name, esft_train_method method, double *worst_loss, double *worst_grad,
+                         double *worst_step)
+{
+    fixture f;
+    esft_safetensors g;
+    esft_train_spec sp;
+    char why[1024], path[300];
+    esft_error err;
+    double loss = 0.0, adamw[6];
+    int64_t n_scored = 0;
+    uint64_t before;
+    int i, steps;
+    if (!fixture_open(&f, name, 0, 1, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    snprintf(path, sizeof path, MODELS "%s/%s_golden.safetensors", name, method == ESFT_TRAIN_FFT ? "fft" : "lora");
+    if (esft_safetensors_open(&g, path, NULL, &err) != ESFT_OK || !golden_raw_st(&g, "loss", &loss, 8) ||
+        !golden_raw_st(&g, "n_scored", &n_scored, 8) || !golden_raw_st(&g, "adamw_losses", adamw, 48)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%s missing or malformed", path);
+    }
+    esft_model_trainable_uninit(&f.tr);
+    memset(&sp, 0, sizeof sp);
+    sp.method = method;
+    snprintf(path, sizeof path, MODELS "%s/lora", name);
+    if (method == ESFT_TRAIN_FFT) CHECK_STATUS(esft_model_trainable_init_spec(&f.tr, &f.m, &sp, NULL, &err), ESFT_OK);
+    else CHECK_STATUS(esft_model_lora_open(&f.tr, &f.m, path, &err), ESFT_OK);
+    before = model_hash(&f.m);
+    {
+        double mean = 0.0;
+        CHECK_STATUS(batch_pass(&f, n_scored, &mean), ESFT_OK);
+        *worst_loss = fabs(mean - loss) / fabs(loss);
+    }
+    *worst_grad = 0.0;
+    for (i = 0; i < g.n_tensors; i++) {
+        const char *tn = g.tensors[i].name;
+        char gmax_name[300];
+        float *sample, gmax = 0.0f, *ours;
+        int64_t shape[2];
+        size_t n, stride, j, k = (size_t)g.tensors[i].n_elements;
+        if (strncmp(tn, "grad.", 5) != 0) continue;
+        ours = method == ESFT_TRAIN_FFT ? esft__trainable_target(&f.tr, &f.m, tn + 5, shape)
+                                        : esft__lora_target(&f.tr, &f.m, tn + 5, shape);
+        if (!ours) {
+            esft_safetensors_close(&g);
+            fixture_close(&f);
+            HARNESS_FAIL_("%s: golden tensor %s is not one esft trains", name, tn + 5);
+        }
+        snprintf(gmax_name, sizeof gmax_name, "gmax.%s", tn + 5);
+        sample = (float *)malloc(k * sizeof(float));
+        CHECK(sample && esft_safetensors_read_f32(&g, i, sample, NULL) == ESFT_OK &&
+              golden_raw_st(&g, gmax_name, &gmax, 4));
+        n = (size_t)(shape[0] * shape[1]);
+        stride = n / 256 > 1 ? n / 256 : 1;
+        ours = f.tr.grads + (ours - f.tr.params);
+        for (j = 0; sample && j < k && j * stride < n; j++) {
+            double d = fabs((double)ours[j * stride] - sample[j]) / (gmax > 0.0f ? gmax : 1.0f);
+            if (d > *worst_grad) *worst_grad = d;
+        }
+        free(sample);
+    }
+    steps = adamw_five(&f, n_scored, adamw, worst_step);
+    CHECK_EQ_INT(steps, 6);
+    CHECK(model_hash(&f.m) == before);
+    esft_safetensors_close(&g);
+    fixture_close(&f);
+}
+
+#define TORCH_METHOD_TEST(fam)                                                                                 \
+    TEST(torch_fft_lora_##fam)                                                                                 \
+    {                                                                                                          \
+        double wl = 0, wg = 0, ws = 0, ll = 0, lg = 0, ls = 0;                                                 \
+        torch_method(#fam, ESFT_TRAIN_FFT, &wl, &wg, &ws);                                                     \
+        if (harness_state) return;                                                                             \
+        torch_method(#fam, ESFT_TRAIN_LORA, &ll, &lg, &ls);                                                    \
+        if (harness_state) return;                                                                             \
+        printf("    %s fft vs torch: loss %.2e, gradient %.2e, steps %.2e; lora vs PEFT: %.2e, %.2e, %.2e\n", \
+               #fam, wl, wg, ws, ll, lg, ls);                                                                   \
+        CHECK_MSG(wl <= TORCH_TOL && wg <= TORCH_TOL && ws <= TORCH_TOL && ll <= TORCH_TOL && lg <= TORCH_TOL && \
+                      ls <= TORCH_TOL,                                                                         \
+                  "%s: over 1e-4", #fam);                                                                      \
+    }
+
+TORCH_METHOD_TEST(olmoe)
+TORCH_METHOD_TEST(qwen3_moe)
+TORCH_METHOD_TEST(mixtral)
+TORCH_METHOD_TEST(qwen2_moe)
+TORCH_METHOD_TEST(deepseek_v2_lite)
+TORCH_METHOD_TEST(deepseek_v2_qlora_yarn)
+TORCH_METHOD_TEST(deepseek_v3_bf16_tied)
+TORCH_METHOD_TEST(llama)
+TORCH_METHOD_TEST(mistral)
+TORCH_METHOD_TEST(qwen2)
 
 /* ---- save, merge, reload ----------------------------------------------------- */
 
