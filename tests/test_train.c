@@ -875,6 +875,90 @@ TORCH_TEST(deepseek_v2_lite)
 TORCH_TEST(deepseek_v2_qlora_yarn)
 TORCH_TEST(deepseek_v3_bf16_tied)
 
+/* PESC on the tiny llama against transformers' LlamaForCausalLM with an adapter
+   MoE hooked after each MLP (tests/gen_pesc_goldens.py): the starting
+   adapters read from Camelidae-named tensors (esft_model_trainable_load), the
+   pooled loss, the aux term, the gradient of (CE sum + n_scored aux) / N,
+   and the loss after each of 5 AdamW steps. */
+TEST(torch_pesc_llama)
+{
+    fixture f;
+    char why[1024];
+    esft_train_spec sp;
+    esft_adamw opt;
+    esft_adamw_config ac;
+    esft_safetensors st;
+    esft_error err;
+    double config[5], loss, aux, adamw[6], mean = 0.0, aux_sum = 0.0, wl, wa, wg = 0.0, ws = 0.0, mx = 0.0;
+    int64_t n_scored;
+    float *grad;
+    int i, step;
+    size_t j;
+    if (!fixture_open(&f, "llama", 0, 1, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    CHECK_STATUS(esft_safetensors_open(&st, MODELS "llama/pesc_golden.safetensors", NULL, &err), ESFT_OK);
+    CHECK_STATUS(esft_safetensors_read(&st, esft_safetensors_find(&st, "config"), config, 0, sizeof config, &err), ESFT_OK);
+    CHECK_STATUS(esft_safetensors_read(&st, esft_safetensors_find(&st, "loss"), &loss, 0, 8, &err), ESFT_OK);
+    CHECK_STATUS(esft_safetensors_read(&st, esft_safetensors_find(&st, "aux"), &aux, 0, 8, &err), ESFT_OK);
+    CHECK_STATUS(esft_safetensors_read(&st, esft_safetensors_find(&st, "n_scored"), &n_scored, 0, 8, &err), ESFT_OK);
+    CHECK_STATUS(esft_safetensors_read(&st, esft_safetensors_find(&st, "adamw_losses"), adamw, 0, sizeof adamw, &err),
+                 ESFT_OK);
+    esft_model_trainable_uninit(&f.tr);
+    memset(&sp, 0, sizeof sp);
+    sp.method = ESFT_TRAIN_PESC;
+    sp.pesc = esft_pesc_config_init(0, (int)config[0], (int)config[1], (int)config[2]);
+    sp.pesc.scale = (float)config[3];
+    sp.pesc.aux_alpha = (float)config[4];
+    CHECK_STATUS(esft_model_trainable_init_spec(&f.tr, &f.m, &sp, NULL, &err), ESFT_OK);
+    CHECK_STATUS(esft_model_trainable_load(&f.tr, &f.m, MODELS "llama/pesc_init.safetensors", &err), ESFT_OK);
+    i = esft_safetensors_find(&st, "grad");
+    CHECK(i >= 0 && st.tensors[i].n_elements == f.tr.n_params);
+    grad = (float *)malloc(f.tr.n_params * sizeof(float));
+    CHECK_STATUS(esft_safetensors_read_f32(&st, i, grad, &err), ESFT_OK);
+    esft_safetensors_close(&st);
+    /* one batch pass: the mean CE, the aux term (each sample's tr->aux_loss weighted by its scored tokens) */
+    for (i = 0; i < f.ds.n_samples; i++) {
+        int64_t o = f.ds.offset[i], n = 0;
+        double ls = 0.0;
+        CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, f.ds.ids + o, f.ds.labels + o,
+                                                 (int)(f.ds.offset[i + 1] - o), (float)(1.0 / n_scored), &ls, &n,
+                                                 &err),
+                     ESFT_OK);
+        mean += ls / (double)n_scored;
+        aux_sum += (double)n * f.tr.aux_loss / (double)n_scored;
+    }
+    wl = fabs(mean - loss) / loss;
+    wa = fabs(aux_sum - aux) / aux;
+    for (j = 0; j < f.tr.n_params; j++) mx = fabs(grad[j]) > mx ? fabs(grad[j]) : mx;
+    for (j = 0; j < f.tr.n_params; j++) {
+        double d = fabs((double)f.tr.grads[j] - grad[j]) / mx;
+        wg = d > wg ? d : wg;
+    }
+    free(grad);
+    ac.lr = 1e-3f;
+    ac.beta1 = 0.9f;
+    ac.beta2 = 0.95f;
+    ac.eps = 1e-8f;
+    ac.weight_decay = 0.1f;
+    CHECK_STATUS(esft_adamw_init(&opt, &ac, f.tr.n_params, NULL, &err), ESFT_OK);
+    for (step = 0; step <= 5; step++) {
+        double d;
+        memset(f.tr.grads, 0, f.tr.n_params * sizeof(float));
+        if (batch_pass(&f, n_scored, &mean) != ESFT_OK) break;
+        d = fabs(mean - adamw[step]) / adamw[step];
+        ws = d > ws ? d : ws;
+        if (step < 5 && esft_adamw_step(&opt, f.tr.params, f.tr.grads, &err) != ESFT_OK) break;
+    }
+    esft_adamw_uninit(&opt);
+    fixture_close(&f);
+    CHECK_EQ_INT(step, 6);
+    printf("    llama PESC vs torch: loss %.2e, aux %.2e, gradient %.2e (of max), AdamW step losses %.2e\n", wl, wa,
+           wg, ws);
+    CHECK_MSG(wl <= TORCH_TOL && wa <= TORCH_TOL && wg <= TORCH_TOL && ws <= TORCH_TOL, "llama PESC: over 1e-4");
+}
+
 /* ---- save, merge, reload ----------------------------------------------------- */
 
 static int copy_file(const char *from, const char *to)
