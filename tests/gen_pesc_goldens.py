@@ -39,7 +39,6 @@ It writes into tests/models/llama:
 Rerun with:  python3 tests/gen_pesc_goldens.py
 """
 
-import json
 import os
 import sys
 
@@ -49,21 +48,13 @@ from safetensors.numpy import save_file as np_save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gen_models import load_model  # noqa: E402
+from gen_train_goldens import read_samples  # noqa: E402
 
 MODELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 NAME = "llama"
 E, K, R, SCALE, ALPHA = 4, 2, 4, 1.0, 0.05
 STEPS = 5
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-
-
-def read_samples(d):
-    out = []
-    for line in open(os.path.join(d, "data.jsonl")):
-        if line.strip():
-            s = json.loads(line)
-            out.append((s["input_ids"], s.get("labels", s["input_ids"])))
-    return out
 
 
 class AdapterMoE:

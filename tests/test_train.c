@@ -768,17 +768,41 @@ static uint64_t model_hash(const esft_model *m)
     return h;
 }
 
+/* 5 AdamW steps over the whole batch, as torch.optim.AdamW took them (lr 1e-3,
+   betas 0.9/0.95, eps 1e-8, wd 0.1): the worst relative difference of the
+   pooled loss before each step and after the last from golden (6) into
+   *worst. Returns the passes made (6 when all went through). */
+static int adamw_steps(fixture *f, int64_t n_scored, const double *golden, double *worst)
+{
+    esft_adamw opt;
+    esft_adamw_config ac = esft_adamw_config_init(); /* lr 1e-3, eps 1e-8 */
+    double mean = 0.0;
+    int step;
+    ac.beta2 = 0.95f;
+    ac.weight_decay = 0.1f;
+    *worst = 0.0;
+    if (esft_adamw_init(&opt, &ac, f->tr.n_params, NULL, NULL) != ESFT_OK) return 0;
+    for (step = 0; step <= 5; step++) {
+        double d;
+        memset(f->tr.grads, 0, f->tr.n_params * sizeof(float));
+        if (batch_pass(f, n_scored, &mean) != ESFT_OK) break;
+        d = fabs(mean - golden[step]) / fabs(golden[step]);
+        if (d > *worst) *worst = d;
+        if (step < 5 && esft_adamw_step(&opt, f->tr.params, f->tr.grads, NULL) != ESFT_OK) break;
+    }
+    esft_adamw_uninit(&opt);
+    return step;
+}
+
 static void torch_family(const char *name, double *worst_loss, double *worst_grad, double *worst_step)
 {
     fixture f;
     train_golden g;
     char why[1024];
-    esft_adamw opt;
-    esft_adamw_config ac;
     esft_error err;
     double mean = 0.0;
     uint64_t before;
-    int i, l, step;
+    int i, l;
     if (!fixture_open(&f, name, 0, 1, why, sizeof why)) {
         fixture_close(&f);
         HARNESS_FAIL_("%.400s", why);
@@ -832,24 +856,7 @@ static void torch_family(const char *name, double *worst_loss, double *worst_gra
         }
         if (err_max / mx > *worst_grad) *worst_grad = err_max / mx;
     }
-    /* 5 AdamW steps over the whole batch, as torch.optim.AdamW took them */
-    ac.lr = 1e-3f;
-    ac.beta1 = 0.9f;
-    ac.beta2 = 0.95f;
-    ac.eps = 1e-8f;
-    ac.weight_decay = 0.1f;
-    CHECK_STATUS(esft_adamw_init(&opt, &ac, f.tr.n_params, NULL, &err), ESFT_OK);
-    *worst_step = 0.0;
-    for (step = 0; step <= 5; step++) {
-        double d;
-        memset(f.tr.grads, 0, f.tr.n_params * sizeof(float));
-        if (batch_pass(&f, g.n_scored, &mean) != ESFT_OK) break;
-        d = fabs(mean - g.adamw[step]) / fabs(g.adamw[step]);
-        if (d > *worst_step) *worst_step = d;
-        if (step < 5 && esft_adamw_step(&opt, f.tr.params, f.tr.grads, &err) != ESFT_OK) break;
-    }
-    esft_adamw_uninit(&opt);
-    CHECK_EQ_INT(step, 6);
+    CHECK_EQ_INT(adamw_steps(&f, g.n_scored, g.adamw, worst_step), 6);
     CHECK(model_hash(&f.m) == before);
     free(g.grad);
     free(g.shared_grad);
@@ -885,8 +892,6 @@ TEST(torch_pesc_llama)
     fixture f;
     char why[1024];
     esft_train_spec sp;
-    esft_adamw opt;
-    esft_adamw_config ac;
     esft_safetensors st;
     esft_error err;
     double config[5], loss, aux, adamw[6], mean = 0.0, aux_sum = 0.0, wl, wa, wg = 0.0, ws = 0.0, mx = 0.0;
@@ -937,21 +942,7 @@ TEST(torch_pesc_llama)
         wg = d > wg ? d : wg;
     }
     free(grad);
-    ac.lr = 1e-3f;
-    ac.beta1 = 0.9f;
-    ac.beta2 = 0.95f;
-    ac.eps = 1e-8f;
-    ac.weight_decay = 0.1f;
-    CHECK_STATUS(esft_adamw_init(&opt, &ac, f.tr.n_params, NULL, &err), ESFT_OK);
-    for (step = 0; step <= 5; step++) {
-        double d;
-        memset(f.tr.grads, 0, f.tr.n_params * sizeof(float));
-        if (batch_pass(&f, n_scored, &mean) != ESFT_OK) break;
-        d = fabs(mean - adamw[step]) / adamw[step];
-        ws = d > ws ? d : ws;
-        if (step < 5 && esft_adamw_step(&opt, f.tr.params, f.tr.grads, &err) != ESFT_OK) break;
-    }
-    esft_adamw_uninit(&opt);
+    step = adamw_steps(&f, n_scored, adamw, &ws);
     fixture_close(&f);
     CHECK_EQ_INT(step, 6);
     printf("    llama PESC vs torch: loss %.2e, aux %.2e, gradient %.2e (of max), AdamW step losses %.2e\n", wl, wa,
@@ -1072,42 +1063,6 @@ TEST(save_refuses_fp8)
 
 /* ---- threads, bad configs ------------------------------------------------------ */
 
-/* One pass on 1 and on 3 threads: the same loss and gradient bits. 1100
-   tokens: a model this small runs on one thread below ~1000 tokens. */
-static void threads_family(const char *name)
-{
-    enum { TT = 1100 };
-    fixture f;
-    char why[1024];
-    double l1 = 0.0, l3 = 0.0;
-    int64_t n1 = 0, n3 = 0;
-    float *g1;
-    int32_t *ids = (int32_t *)malloc(2 * TT * sizeof(int32_t)), *labels = ids + TT;
-    int same, t;
-    if (!fixture_open(&f, name, 2, 3, why, sizeof why)) {
-        free(ids);
-        fixture_close(&f);
-        HARNESS_FAIL_("%.400s", why);
-    }
-    for (t = 0; t < TT; t++) {
-        ids[t] = f.ds.ids[(t * 11) % (int)f.ds.offset[f.ds.n_samples]];
-        labels[t] = t % 3 ? ids[t] : -100;
-    }
-    g1 = (float *)malloc(f.tr.n_params * sizeof(float));
-    esft_set_num_threads(1);
-    CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, ids, labels, TT, 0.5f, &l1, &n1, NULL), ESFT_OK);
-    memcpy(g1, f.tr.grads, f.tr.n_params * sizeof(float));
-    memset(f.tr.grads, 0, f.tr.n_params * sizeof(float));
-    esft_set_num_threads(3);
-    CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, ids, labels, TT, 0.5f, &l3, &n3, NULL), ESFT_OK);
-    esft_set_num_threads(0);
-    same = memcmp(g1, f.tr.grads, f.tr.n_params * sizeof(float)) == 0 && l1 == l3 && n1 == n3;
-    free(g1);
-    free(ids);
-    fixture_close(&f);
-    CHECK_MSG(same, "%s: 1 and 3 threads differ (loss %.17g vs %.17g)", name, l1, l3);
-}
-
 /* A fixture's trainable set replaced by a PESC set (E 4, K 2, R 3), W_up
    left at the upcycling init (0) unless prepare. 0 on failure (why filled). */
 static int fixture_pesc(fixture *f, const char *name, int sample, int prepare, char *why, size_t why_n)
@@ -1128,47 +1083,55 @@ static int fixture_pesc(fixture *f, const char *name, int sample, int prepare, c
     return 1;
 }
 
-static void pesc_threads_family(const char *name)
+/* One pass of f's set on 1 and on 3 threads: the same loss, aux and gradient
+   bits. 1100 tokens: a model this small runs on one thread below ~1000 tokens.
+   Closes f. */
+static void threads_run(fixture *f, const char *name)
 {
     enum { TT = 1100 };
-    fixture f;
-    char why[1024];
     double l1 = 0.0, l3 = 0.0, a1;
-    float *g1;
+    int64_t n1 = 0, n3 = 0;
+    float *g1 = (float *)malloc(f->tr.n_params * sizeof(float));
     int32_t *ids = (int32_t *)malloc(2 * TT * sizeof(int32_t)), *labels = ids + TT;
     int same, t;
-    if (!fixture_pesc(&f, name, 2, 1, why, sizeof why)) {
-        free(ids);
+    for (t = 0; t < TT; t++) {
+        ids[t] = f->ds.ids[(t * 11) % (int)f->ds.offset[f->ds.n_samples]];
+        labels[t] = t % 3 ? ids[t] : -100;
+    }
+    esft_set_num_threads(1);
+    CHECK_STATUS(esft_model_forward_backward(&f->m, &f->tr, ids, labels, TT, 0.5f, &l1, &n1, NULL), ESFT_OK);
+    memcpy(g1, f->tr.grads, f->tr.n_params * sizeof(float));
+    a1 = f->tr.aux_loss;
+    memset(f->tr.grads, 0, f->tr.n_params * sizeof(float));
+    esft_set_num_threads(3);
+    CHECK_STATUS(esft_model_forward_backward(&f->m, &f->tr, ids, labels, TT, 0.5f, &l3, &n3, NULL), ESFT_OK);
+    esft_set_num_threads(0);
+    same = memcmp(g1, f->tr.grads, f->tr.n_params * sizeof(float)) == 0 && l1 == l3 && n1 == n3 &&
+           a1 == f->tr.aux_loss;
+    free(g1);
+    free(ids);
+    fixture_close(f);
+    CHECK_MSG(same, "%s: 1 and 3 threads differ (loss %.17g vs %.17g)", name, l1, l3);
+}
+
+static void threads_family(const char *name, int pesc)
+{
+    fixture f;
+    char why[1024];
+    if (!(pesc ? fixture_pesc(&f, name, 2, 1, why, sizeof why) : fixture_open(&f, name, 2, 3, why, sizeof why))) {
         fixture_close(&f);
         HARNESS_FAIL_("%.400s", why);
     }
-    for (t = 0; t < TT; t++) {
-        ids[t] = f.ds.ids[(t * 11) % (int)f.ds.offset[f.ds.n_samples]];
-        labels[t] = t % 3 ? ids[t] : -100;
-    }
-    g1 = (float *)malloc(f.tr.n_params * sizeof(float));
-    esft_set_num_threads(1);
-    CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, ids, labels, TT, 0.5f, &l1, NULL, NULL), ESFT_OK);
-    memcpy(g1, f.tr.grads, f.tr.n_params * sizeof(float));
-    a1 = f.tr.aux_loss;
-    memset(f.tr.grads, 0, f.tr.n_params * sizeof(float));
-    esft_set_num_threads(3);
-    CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, ids, labels, TT, 0.5f, &l3, NULL, NULL), ESFT_OK);
-    esft_set_num_threads(0);
-    same = memcmp(g1, f.tr.grads, f.tr.n_params * sizeof(float)) == 0 && l1 == l3 && a1 == f.tr.aux_loss;
-    free(g1);
-    free(ids);
-    fixture_close(&f);
-    CHECK_MSG(same, "%s PESC: 1 and 3 threads differ (loss %.17g vs %.17g)", name, l1, l3);
+    threads_run(&f, name);
 }
 
 TEST(same_bits_any_thread_count)
 {
-    threads_family("qwen2_moe");
+    threads_family("qwen2_moe", 0);
     if (harness_state) return;
-    threads_family("deepseek_v2_qlora_yarn");
+    threads_family("deepseek_v2_qlora_yarn", 0);
     if (harness_state) return;
-    pesc_threads_family("llama");
+    threads_family("llama", 1); /* PESC */
 }
 
 /* At the upcycling init (W_up = 0) the crafted model is the base: the same
