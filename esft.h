@@ -51,8 +51,8 @@
         OLMoE, Mixtral; per-expert or fused experts; fp32, bf16, FP8 + block scales),
         and the dense Llama, Mistral and Qwen2 that PESC upcycles, run whole on the CPU with weights in their file dtype; the forward's own
         routing feeds the statistics; backward through the frozen model to the
-        experts an ESFT config trains (fp32 master copies, 12 bytes per trainable
-        parameter beyond them).
+        experts an ESFT config trains, or to a PESC adapter MoE after each dense
+        MLP (fp32 master copies, 12 bytes per trainable parameter beyond them).
       - A small strict JSON reader/writer of our own (no outside library).
 
    CONTENTS (same order in declarations and implementation)
