@@ -1589,7 +1589,8 @@ ESFTDEF esft_status esft_model_lora_save(const esft_model_trainable *tr, const c
 ESFTDEF esft_status esft_model_lora_load(esft_model_trainable *tr, const char *dir, esft_error *err);
 /* Rebuilds a trainable set from what training wrote, to evaluate base +
    training without merging (or to go on training): from a trained file (the
-   expert config in its metadata says what it trains; FFT's says everything),
+   expert config in its metadata says what it trains; FFT's says everything;
+   a PESC file's pesc_* keys give its adapter config, aux_alpha 0),
    or from a PEFT LoRA directory (r and lora_alpha from adapter_config.json,
    the targets from the adapted modules' names; modules PEFT did not adapt
    get B = 0, which adds nothing). Pair: esft_model_trainable_uninit. */
@@ -11120,11 +11121,25 @@ ESFTDEF esft_status esft_model_trainable_open(esft_model_trainable *tr, const es
     if (!tr || !m || !path) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model or path");
     memset(tr, 0, sizeof *tr);
     if ((s = esft_safetensors_open(&st, path, NULL, err)) != ESFT_OK) return s;
-    s = esft_checkpoint_read_config(&st, &cfg, err);
-    esft_safetensors_close(&st);
-    if (s != ESFT_OK) return s;
-    s = esft_model_trainable_init(tr, m, &cfg, NULL, err);
-    esft_expert_config_free(&cfg);
+    if (esft_safetensors_metadata(&st, esft__pesc_meta_keys[0])) { /* PESC adapters: their config, no expert config */
+        esft_train_spec sp;
+        const char *v[4];
+        int j;
+        for (j = 0; j < 4; j++) v[j] = esft_safetensors_metadata(&st, esft__pesc_meta_keys[j]);
+        memset(&sp, 0, sizeof sp);
+        sp.method = ESFT_TRAIN_PESC;
+        sp.pesc = esft_pesc_config_init(0, v[0] ? atoi(v[0]) : 0, v[1] ? atoi(v[1]) : 0, v[2] ? atoi(v[2]) : 0);
+        sp.pesc.scale = v[3] ? (float)atof(v[3]) : 0.0f;
+        sp.pesc.aux_alpha = 0.0f; /* evaluation: the aux loss is training's */
+        esft_safetensors_close(&st);
+        s = esft_model_trainable_init_spec(tr, m, &sp, NULL, err);
+    } else {
+        s = esft_checkpoint_read_config(&st, &cfg, err);
+        esft_safetensors_close(&st);
+        if (s != ESFT_OK) return s;
+        s = esft_model_trainable_init(tr, m, &cfg, NULL, err);
+        esft_expert_config_free(&cfg);
+    }
     if (s == ESFT_OK && (s = esft_model_trainable_load(tr, m, path, err)) != ESFT_OK) esft_model_trainable_uninit(tr);
     return s;
 }
