@@ -9341,29 +9341,21 @@ static int esft__panel_rows(const esft_matrix *W)
 /* Rows of T a LoRA product can take at once: its (rows, r) intermediate fits the panel. */
 static int esft__lora_chunk(const esft_lora *a) { return (int)(ESFT__PANEL_FLOATS / (size_t)a->rank); }
 
-/* y (T, W.rows) += scale (x A^T) B^T: the adapter's part of y = x W^T. */
-static void esft__lora_forward(float *y, int ldy, const float *x, int ldx, int T, const esft_matrix *W, float *panel)
+/* The adapter's part of a product with W: forward, y (T, W.rows) += scale
+   (x A^T) B^T (of y = x W^T); backward, y (T, W.cols) += scale (x B) A (of
+   y += x W). The (rows of T, r) intermediate lives in panel. */
+static void esft__lora_apply(float *y, int ldy, const float *x, int ldx, int T, const esft_matrix *W, int backward,
+                             float *panel)
 {
     const esft_lora *a = W->lora;
-    int t0, step = esft__lora_chunk(a);
+    int t0, step = esft__lora_chunk(a), r = a->rank, in = backward ? W->rows : W->cols;
+    int out = backward ? W->cols : W->rows;
+    const float *first = backward ? a->b : a->a, *second = backward ? a->a : a->b;
     for (t0 = 0; t0 < T; t0 += step) {
         int n = T - t0 < step ? T - t0 : step;
-        esft__sgemm(0, 1, n, a->rank, W->cols, 1.0f, x + (size_t)t0 * ldx, ldx, a->a, W->cols, 0.0f, panel, a->rank);
-        esft__sgemm(0, 1, n, W->rows, a->rank, a->scale, panel, a->rank, a->b, a->rank, 1.0f, y + (size_t)t0 * ldy,
-                    ldy);
-    }
-}
-
-/* y (T, W.cols) += scale (x B) A: the adapter's part of y += x W. */
-static void esft__lora_backward(float *y, int ldy, const float *x, int ldx, int T, const esft_matrix *W, float *panel)
-{
-    const esft_lora *a = W->lora;
-    int t0, step = esft__lora_chunk(a);
-    for (t0 = 0; t0 < T; t0 += step) {
-        int n = T - t0 < step ? T - t0 : step;
-        esft__sgemm(0, 0, n, a->rank, W->rows, 1.0f, x + (size_t)t0 * ldx, ldx, a->b, a->rank, 0.0f, panel, a->rank);
-        esft__sgemm(0, 0, n, W->cols, a->rank, a->scale, panel, a->rank, a->a, W->cols, 1.0f, y + (size_t)t0 * ldy,
-                    ldy);
+        esft__sgemm(0, !backward, n, r, in, 1.0f, x + (size_t)t0 * ldx, ldx, first, backward ? r : in, 0.0f, panel, r);
+        esft__sgemm(0, !backward, n, out, r, a->scale, panel, r, second, backward ? out : r, 1.0f,
+                    y + (size_t)t0 * ldy, ldy);
     }
 }
 
@@ -9381,7 +9373,7 @@ static void esft__matmul(float *y, int ldy, const float *x, int ldx, int T, cons
             esft__sgemm(0, 1, T, n, W->cols, 1.0f, x, ldx, panel, W->cols, 0.0f, y + r0, ldy);
         }
     }
-    if (W->lora) esft__lora_forward(y, ldy, x, ldx, T, W, panel);
+    if (W->lora) esft__lora_apply(y, ldy, x, ldx, T, W, 0, panel);
 }
 
 /* A vector (norm weights, biases) is read as fp32 at load; this is its data. */
@@ -11213,7 +11205,7 @@ static void esft__matmul_acc(float *y, int ldy, const float *x, int ldx, int T, 
             esft__sgemm(0, 0, T, W->cols, n, 1.0f, x + r0, ldx, panel, W->cols, 1.0f, y, ldy);
         }
     }
-    if (W->lora) esft__lora_backward(y, ldy, x, ldx, T, W, panel);
+    if (W->lora) esft__lora_apply(y, ldy, x, ldx, T, W, 1, panel);
 }
 
 /* dx += backward of y = RMSNorm(x) * w over rows of n, from dy:
