@@ -556,13 +556,13 @@ static int compare_moe(moe_case *mc, const char *math, double nmse_tol, double m
         }
         lg.backend = gpu();
     }
-    if (ok && (esft_moe_forward(y_c, &aux_c, x, &lc, ws_c, ws_bytes, T, &e) != ESFT_OK ||
-               esft_moe_forward(y_g, &aux_g, x_g, &lg, ws_g, ws_bytes, T, &e) != ESFT_OK)) {
+    if (ok && (esft_moe_forward(&lc, y_c, &aux_c, x, ws_c, ws_bytes, T, &e) != ESFT_OK ||
+               esft_moe_forward(&lg, y_g, &aux_g, x_g, ws_g, ws_bytes, T, &e) != ESFT_OK)) {
         snprintf(cmp_msg, sizeof cmp_msg, "%s: forward: %.200s", mc->label, e.message);
         ok = 0;
     }
-    if (ok && (esft_moe_backward(dx_c, &lc, dy, x, ws_c, ws_bytes, T, &e) != ESFT_OK ||
-               esft_moe_backward(dx_g, &lg, dy_g, x_g, ws_g, ws_bytes, T, &e) != ESFT_OK)) {
+    if (ok && (esft_moe_backward(&lc, dx_c, dy, x, ws_c, ws_bytes, T, &e) != ESFT_OK ||
+               esft_moe_backward(&lg, dx_g, dy_g, x_g, ws_g, ws_bytes, T, &e) != ESFT_OK)) {
         snprintf(cmp_msg, sizeof cmp_msg, "%s: backward: %.200s", mc->label, e.message);
         ok = 0;
     }
@@ -583,7 +583,7 @@ static int compare_moe(moe_case *mc, const char *math, double nmse_tol, double m
         memcpy(dx_g, dx0, td * 4);
         esft_moe_zero_grad(&lg);
         lg.backend = esft_backend_cpu();
-        if (esft_moe_backward(dx_g, &lg, dy_g, x_g, ws_g, ws_bytes, T, &e) != ESFT_OK) {
+        if (esft_moe_backward(&lg, dx_g, dy_g, x_g, ws_g, ws_bytes, T, &e) != ESFT_OK) {
             snprintf(cmp_msg, sizeof cmp_msg, "%s: cpu backward on cuda workspace: %.200s", mc->label, e.message);
             ok = 0;
         } else {
@@ -719,7 +719,7 @@ TEST(cuda_moe_rejects_bad_math_and_host_memory)
         CHECK_STATUS(esft_moe_workspace_size(&cfg, 16, &bytes, &e), ESFT_OK);
         ws = malloc(bytes);
         layer.backend = gpu();
-        CHECK_STATUS(esft_moe_forward(y, NULL, x, &layer, ws, bytes, 16, &e), ESFT_ERR_INVALID_ARGUMENT);
+        CHECK_STATUS(esft_moe_forward(&layer, y, NULL, x, ws, bytes, 16, &e), ESFT_ERR_INVALID_ARGUMENT);
         free(ws);
         esft_moe_uninit(&layer);
         CHECK_MSG(strstr(e.message, "host memory") != NULL, "message: %s", e.message);
