@@ -1016,7 +1016,9 @@ ESFTDEF esft_status esft_adamw_step(esft_adamw *opt,
 /* Global-norm clipping over several gradient blocks (one per layer): the norm
    is sqrt of the sum of squares of all of them; when it exceeds max_norm every
    block is scaled by max_norm / (norm + 1e-6) (torch.nn.utils.clip_grad_norm_).
-   norm (optional) receives the norm before clipping. max_norm <= 0: measure only. */
+   norm (optional) receives the norm before clipping. max_norm <= 0: measure only.
+   Host memory only: it takes no backend (a device version is not written yet;
+   for a layer on a GPU, download its gradients or clip on the device). */
 ESFTDEF esft_status esft_clip_grad_norm(float *const *grads,   /* (n_blocks) blocks */
                                         const size_t *sizes,   /* (n_blocks) floats each */
                                         int n_blocks, float max_norm, double *norm,

@@ -453,7 +453,7 @@ static void bench_pesc(void)
         t0 = now();
         gemm(1, T, n, Dp, x, wr, logits);
         for (a = 0; a < n; a++) { /* 1024 rows per adapter: balanced top-2 of 8 */
-            gemm(1, rows, R, Dp, x + (size_t)a * rows * Dp / Kp, wd + (size_t)a * R * Dp, h + (size_t)a * rows * R);
+            gemm(1, rows, R, Dp, x + (size_t)(a / Kp) * rows * Dp, wd + (size_t)a * R * Dp, h + (size_t)a * rows * R);
             gemm(1, rows, Dp, R, h + (size_t)a * rows * R, wu + (size_t)a * Dp * R, y + (size_t)a * rows * Dp);
         }
         need_cuda(cudaDeviceSynchronize(), "sync");
