@@ -3186,6 +3186,18 @@ static esft_status esft__locate(esft_error *err, esft_status s, const char *file
 
 /* ---- routing logs ---------------------------------------------------- */
 
+/* A log's ids and weights are parsed into host memory: the private accumulator
+   that takes them runs on the caller's backend when its memory is the host's,
+   and on the CPU backend when it has memory of its own (a GPU); the result is
+   merged into the caller's accumulator, whose totals live on the host. An
+   invalid backend is kept, for esft_stats_add to refuse. */
+static const esft_backend *esft__stats_host_backend(const esft_backend *b)
+{
+    if (b && b->api_version == ESFT_BACKEND_API_VERSION && b->alloc && b->alloc != esft__cpu_alloc)
+        return esft_backend_cpu();
+    return b;
+}
+
 static const double esft__pow10[] = {1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10,
                                      1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20,
                                      1e21, 1e22};
@@ -3620,7 +3632,7 @@ static esft_status esft__log_reader_begin(esft__log_reader *r, esft_stats *priv,
         return esft__fail_at(err, ESFT_ERR_RANGE, name, 0, "layer %d outside [0, %d)", layer, like->n_layers);
     if (esft_stats_init(priv, like->n_layers, like->n_experts, like->top_k, &like->allocator) != ESFT_OK)
         return esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, name, 0, "accumulator");
-    priv->backend = like->backend;
+    priv->backend = esft__stats_host_backend(like->backend);
     r->st = priv;
     r->layer = layer;
     r->name = name;
@@ -3752,7 +3764,7 @@ ESFTDEF esft_status esft_stats_read_log_dir(esft_stats *st, const char *dir, int
                                  layer, st->n_layers);
     if (esft_stats_init(&all, st->n_layers, st->n_experts, st->top_k, &st->allocator) != ESFT_OK)
         return esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, dir, 0, "accumulator");
-    all.backend = st->backend;
+    all.backend = esft__stats_host_backend(st->backend);
     for (layer = 0; layer < st->n_layers && s == ESFT_OK; layer++)
         if (esft__log_file_exists(path, sizeof path, dir, layer) &&
             (s = esft_stats_read_log(&all, layer, path, err)) == ESFT_OK)

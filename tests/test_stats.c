@@ -583,6 +583,13 @@ TEST(stats_on_a_backend_with_its_own_memory)
     CHECK_STATUS(esft_stats_add(&own, 1, ids, w, mask, 9, &err), ESFT_ERR_RANGE);
     CHECK_MSG(strcmp(err.message, "token 3: expert id 4 outside [0, 4)") == 0, "%s", err.message);
     CHECK_EQ_INT(own.n_tokens[1], 16);
+    { /* a routing log is host text: read through the CPU backend, merged on the host */
+        const char log[] = "0\t1\t2\t3\t\t0.5\t0.25\t0.125\t0.125\n";
+        uint64_t before = own.n_tokens[0];
+        CHECK_STATUS(esft_stats_read_log_memory(&own, 0, log, sizeof log - 1, "log", &err), ESFT_OK);
+        CHECK_EQ_INT(own.n_tokens[0], before + 2);
+        CHECK_EQ_INT(own.count[2], 1);
+    }
     own.backend = esft_backend_cpu(); /* by hand: the histogram is still the other backend's */
     CHECK_STATUS(esft_stats_add(&own, 1, ids, w, mask, 9, &err), ESFT_ERR_INVALID_ARGUMENT);
     CHECK_STATUS(esft_stats_set_backend(&own, esft_backend_cpu(), &err), ESFT_OK);
