@@ -359,6 +359,49 @@ TEST(forward_is_deterministic)
     fixture_free(&f);
 }
 
+/* The forward's routing is published (esft_moe_workspace_view_at): its ids and
+   weights feed esft_stats_add with no second router pass, and equal what
+   esft_route gives on the same router and x. */
+TEST(forward_routing_feeds_statistics)
+{
+    fixture f;
+    esft_moe_workspace_view v;
+    esft_moe_workspace_layout L;
+    esft_stats a, b;
+    int32_t ids[TT * TK];
+    float w[TT * TK];
+    int i;
+    fixture_init(&f, 1, 0.0f, ESFT_AUX_BATCH, 0, ESFT_GATING_SOFTMAX);
+    CHECK(fixture_build(&f));
+    CHECK_STATUS(esft_moe_forward(&f.layer, f.y, NULL, f.x, f.ws, f.ws_bytes, TT, NULL), ESFT_OK);
+    CHECK_STATUS(esft_moe_workspace_view_at(&f.cfg, TT, f.ws, &v, NULL), ESFT_OK);
+    CHECK_STATUS(esft_moe_workspace_regions(&f.cfg, TT, &L, NULL), ESFT_OK);
+    CHECK(L.bytes == f.ws_bytes && (char *)v.ids == (char *)v.header + L.ids && L.ids % 64 == 0);
+    {
+        float logits[TT * TE];
+        int t, e, d;
+        for (t = 0; t < TT; t++)
+            for (e = 0; e < TE; e++) {
+                float s = 0.0f;
+                for (d = 0; d < TD; d++) s += f.x[t * TD + d] * f.router[e * TD + d];
+                logits[t * TE + e] = s;
+            }
+        CHECK_STATUS(esft_route(&f.cfg.route, ids, w, NULL, logits, TT, NULL), ESFT_OK);
+    }
+    for (i = 0; i < TT * TK; i++) {
+        CHECK_EQ_INT(v.ids[i], ids[i]);
+        CHECK_NEAR(v.weights[i], w[i], 1e-6);
+    }
+    CHECK_STATUS(esft_stats_init(&a, 1, TE, TK, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_init(&b, 1, TE, TK, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_add(&a, 0, v.ids, v.weights, NULL, TT, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_add(&b, 0, ids, v.weights, NULL, TT, NULL), ESFT_OK);
+    CHECK(memcmp(a.count, b.count, TE * sizeof(uint64_t)) == 0 && a.n_tokens[0] == TT);
+    esft_stats_uninit(&a);
+    esft_stats_uninit(&b);
+    fixture_free(&f);
+}
+
 /* Same bits on 1 and 3 threads (y, dx, gradients). The layer is just large
    enough (T K F D >= 2^22) for the kernels to share work among threads when
    built with -fopenmp, as make does. */
