@@ -558,7 +558,7 @@ static double forward(const run *rn, acts *a, const unsigned char *buf, const in
         float aux = 0.0f;
         const float *out = a->f[l];
         rms_forward(a->n[l], a->r[l], a->h[l], T);
-        check(esft_moe_forward(a->f[l], &aux, a->n[l], &rn->moe[l], a->ws[l], a->ws_bytes, T, &err), &err,
+        check(esft_moe_forward(&rn->moe[l], a->f[l], &aux, a->n[l], a->ws[l], a->ws_bytes, T, &err), &err,
               "MoE forward");
         *aux_total += aux;
         if (rn->pesc[l]) {
@@ -616,7 +616,7 @@ static void backward(run *rn, acts *a, int T)
                                      a->n[l], rn->pesc[l], T, &err), &err, "PESC backward");
             dy = a->dm;
         }
-        check(esft_moe_backward(a->dn, &rn->moe[l], dy, a->n[l], a->ws[l], a->ws_bytes, T, &err), &err,
+        check(esft_moe_backward(&rn->moe[l], a->dn, dy, a->n[l], a->ws[l], a->ws_bytes, T, &err), &err,
               "MoE backward");
         rms_backward(a->dh, a->dn, a->n[l], a->r[l], T);
     }
