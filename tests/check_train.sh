@@ -33,6 +33,30 @@ PY
 lt() { "$PYTHON" -c "import sys; sys.exit(not (float('$1') < float('$2')))"; }
 near() { "$PYTHON" -c "import sys; sys.exit(abs(float('$1') - float('$2')) > 1e-7 * max(1, abs(float('$2'))))"; }
 
+# hf_loss DIR DATA [ADAPTER_DIR] -> transformers' (and PEFT's) pooled mean loss over DATA
+hf_loss() {
+    "$PYTHON" - "$@" 2> "$T/err" <<'PY'
+import sys, json, torch, transformers
+m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+if len(sys.argv) > 3:
+    import peft
+    m = peft.PeftModel.from_pretrained(m, sys.argv[3]).eval()
+total, n = 0.0, 0
+with torch.no_grad():
+    for line in open(sys.argv[2]):
+        s = json.loads(line)
+        ids = s["input_ids"]; lab = s.get("labels", ids)
+        logits = m(input_ids=torch.tensor([ids])).logits[0]
+        t = torch.tensor(lab[1:])
+        total += float(torch.nn.functional.cross_entropy(logits[:-1], t, ignore_index=-100, reduction="sum"))
+        n += int((t != -100).sum())
+print(repr(total / n))
+PY
+}
+# near_hf A B: within 1e-4 relative (torch against esft); the values in $T/err when not
+near_hf() { "$PYTHON" -c "import sys; sys.exit(not abs(float('$1') - float('$2')) <= 1e-4 * abs(float('$2')))" 2>> "$T/err" ||
+    { echo "transformers $1, esft $2" >> "$T/err"; return 1; }; }
+
 # holds FILE CONFIG -> 0 when FILE's tensors are exactly the gate/up/down of
 # CONFIG's experts and its metadata carries CONFIG (safetensors header: JSON)
 holds() {
@@ -163,22 +187,8 @@ PY
     # merge copied config.json (and the rest a loader needs): transformers loads the result
     if ! "$PYTHON" -c "import transformers, torch" 2> /dev/null; then
         echo "SKIP train_fft_${v}_merged_loads_in_transformers: needs torch and transformers"; skipped=$((skipped + 1))
-    elif "$PYTHON" - "$T/$v.fft.merged" "$D/data.jsonl" "$merged" > "$T/err" 2>&1 <<'PY'
-import sys, json, torch, transformers
-d, data, want = sys.argv[1], sys.argv[2], float(sys.argv[3])
-m = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-total, n = 0.0, 0
-with torch.no_grad():
-    for line in open(data):
-        s = json.loads(line)
-        ids = s["input_ids"]; lab = s.get("labels", ids)
-        logits = m(input_ids=torch.tensor([ids])).logits[0]
-        t = torch.tensor(lab[1:])
-        total += float(torch.nn.functional.cross_entropy(logits[:-1], t, ignore_index=-100, reduction="sum"))
-        n += int((t != -100).sum())
-assert abs(total / n - want) <= 1e-4 * abs(want), (total / n, want)
-PY
-    then pass "train_fft_${v}_merged_loads_in_transformers"; else fail "train_fft_${v}_merged_loads_in_transformers" "see above"; fi
+    elif near_hf "$(hf_loss "$T/$v.fft.merged" "$D/data.jsonl")" "$merged"; then
+        pass "train_fft_${v}_merged_loads_in_transformers"; else fail "train_fft_${v}_merged_loads_in_transformers" "see above"; fi
     if "$ESFT" $run --method lora --lora-rank 4 --lora-alpha 8 --lora-targets attn,mlp -o "$T/$v.lora" \
             --log "$T/$v.lora.log" > "$T/out" 2> "$T/err" &&
        [ -s "$T/$v.lora/adapter_model.safetensors" ] && [ -s "$T/$v.lora/adapter_config.json" ] &&
@@ -187,25 +197,8 @@ PY
     if ! "$PYTHON" -c "import peft, transformers, torch" 2> /dev/null; then
         echo "SKIP train_lora_${v}_loads_in_peft: needs torch, transformers and peft (pip install peft)"
         skipped=$((skipped + 1))
-    elif "$PYTHON" - "$D" "$T/$v.lora" "$(field "$T/$v.lora.log" last eval_loss)" > "$T/err" 2>&1 <<'PY'
-import sys, json, torch, transformers, peft
-d, ad, want = sys.argv[1], sys.argv[2], float(sys.argv[3])
-m = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
-m = peft.PeftModel.from_pretrained(m, ad).eval()
-total, n = 0.0, 0
-with torch.no_grad():
-    for line in open(d + "/data.jsonl"):
-        s = json.loads(line)
-        ids = s["input_ids"]; lab = s.get("labels", ids)
-        logits = m(input_ids=torch.tensor([ids])).logits[0]
-        t = torch.tensor(lab[1:])
-        total += float(torch.nn.functional.cross_entropy(logits[:-1], t, ignore_index=-100, reduction="sum"))
-        n += int((t != -100).sum())
-got = total / n
-assert abs(got - want) <= 1e-4 * abs(want), (got, want)
-print("peft", got, "esft", want)
-PY
-    then pass "train_lora_${v}_loads_in_peft"; else fail "train_lora_${v}_loads_in_peft" "see above"; fi
+    elif near_hf "$(hf_loss "$D" "$D/data.jsonl" "$T/$v.lora")" "$(field "$T/$v.lora.log" last eval_loss)"; then
+        pass "train_lora_${v}_loads_in_peft"; else fail "train_lora_${v}_loads_in_peft" "see above"; fi
     adapted=$("$ESFT" eval "$D" --adapter "$T/$v.lora" --data "$D/data.jsonl" -q | cut -d' ' -f2)
     if near "$adapted" "$(field "$T/$v.lora.log" last eval_loss)"; then pass "train_lora_${v}_eval_with_the_adapter"
     else fail "train_lora_${v}_eval_with_the_adapter" "$adapted vs $(field "$T/$v.lora.log" last eval_loss)"; fi

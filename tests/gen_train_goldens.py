@@ -180,7 +180,6 @@ def build(name, tmp):
 
     for t in tensors + shared:
         t.grad = None
-    opt = torch.optim.AdamW(tensors + shared, **ADAMW)
     keep = {}  # per tensor, a mask of the trained experts' slices
     for i, t in enumerate(tensors):
         l = sorted({l for l, _ in train})[i // 2]
@@ -189,18 +188,11 @@ def build(name, tmp):
             if ll == l:
                 m[e] = True
         keep[i] = m
-    losses = []
-    for step in range(STEPS + 1):
-        opt.zero_grad()
-        loss, _ = pooled_loss(model, samples)
-        losses.append(float(loss.detach()))
-        if step == STEPS:
-            break
-        loss.backward()
-        opt.step()
+    def restore_frozen_slices():
         with torch.no_grad():
             for i, t in enumerate(tensors):
                 t[~keep[i]] = frozen[i][~keep[i]]
+    losses = adamw_losses(model, samples, tensors + shared, restore_frozen_slices)
     assert losses[0] == first_loss
     out = {
         "train_layers": np.array([l for l, _ in train], dtype=np.int64),
@@ -208,7 +200,7 @@ def build(name, tmp):
         "loss": np.array([first_loss], dtype=np.float64),
         "n_scored": np.array([n], dtype=np.int64),
         "grad": grads,
-        "adamw_losses": np.array(losses, dtype=np.float64),
+        "adamw_losses": losses,
     }
     if sgrads is not None:
         out["shared_grad"] = sgrads
@@ -223,7 +215,8 @@ def grad_sample(g):
     return flat[::stride].copy(), np.array([np.abs(flat).max()], dtype=np.float32)
 
 
-def adamw_losses(model, samples, params):
+def adamw_losses(model, samples, params, after_step=None):
+    """The pooled loss before each of STEPS torch AdamW steps over params, and after the last."""
     opt = torch.optim.AdamW(params, **ADAMW)
     losses = []
     for step in range(STEPS + 1):
@@ -234,6 +227,8 @@ def adamw_losses(model, samples, params):
             break
         loss.backward()
         opt.step()
+        if after_step:
+            after_step()
     return np.array(losses, dtype=np.float64)
 
 

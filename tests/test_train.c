@@ -155,6 +155,20 @@ static int fixture_open_shared(fixture *f, const char *name, int sample, int per
     return 1;
 }
 
+static void fixture_close(fixture *f);
+
+/* fixture_open, then the trainable set of spec in place of the expert config's. */
+static int fixture_spec(fixture *f, const char *name, int sample, const esft_train_spec *spec, char *why,
+                        size_t why_n)
+{
+    esft_error err;
+    if (!fixture_open(f, name, sample, 1, why, why_n)) return 0;
+    esft_model_trainable_uninit(&f->tr);
+    if (esft_model_trainable_init_spec(&f->tr, &f->m, spec, NULL, &err) == ESFT_OK) return 1;
+    snprintf(why, why_n, "%s: trainable set: %s", name, err.message);
+    return 0;
+}
+
 static void fixture_close(fixture *f)
 {
     esft_model_trainable_uninit(&f->tr);
@@ -340,12 +354,10 @@ static void gradcheck_method(const char *name, const esft_train_spec *spec, doub
     size_t j;
     esft_error err;
     *worst = 0.0;
-    if (!fixture_open(&f, name, 0, 1, why, sizeof why)) {
+    if (!fixture_spec(&f, name, 0, spec, why, sizeof why)) {
         fixture_close(&f);
         HARNESS_FAIL_("%.400s", why);
     }
-    esft_model_trainable_uninit(&f.tr);
-    CHECK_STATUS(esft_model_trainable_init_spec(&f.tr, &f.m, spec, NULL, &err), ESFT_OK);
     for (i = 0; i < f.tr.n_lora; i++) {
         const esft_matrix *w = f.m.tensors[f.tr.lora_tensor[i]].matrix;
         float *b = f.tr.params + (f.tr.lora[i].b - f.tr.params);
@@ -419,16 +431,23 @@ static void gradcheck_fft(const char *name)
     if (harness_state == 0) printf("    %s fft: worst |a - num| / max|num| = %.2e\n", name, worst);
 }
 
-static void gradcheck_lora(const char *name)
+/* A spec of method; for LoRA rank r, alpha 2r, attention and dense MLPs. */
+static esft_train_spec method_spec(esft_train_method method, int rank, uint64_t seed)
 {
     esft_train_spec sp;
-    double worst = 0.0;
     memset(&sp, 0, sizeof sp);
-    sp.method = ESFT_TRAIN_LORA;
-    sp.lora_rank = 3;
-    sp.lora_alpha = 6.0f;
+    sp.method = method;
+    sp.lora_rank = rank;
+    sp.lora_alpha = 2.0f * (float)rank;
     sp.lora_targets = ESFT_LORA_ATTN | ESFT_LORA_MLP;
-    sp.seed = 7;
+    sp.seed = seed;
+    return sp;
+}
+
+static void gradcheck_lora(const char *name)
+{
+    esft_train_spec sp = method_spec(ESFT_TRAIN_LORA, 3, 7);
+    double worst = 0.0;
     gradcheck_method(name, &sp, &worst);
     if (harness_state == 0) printf("    %s lora: worst |a - num| / max|num| = %.2e\n", name, worst);
 }
@@ -1198,17 +1217,11 @@ TEST(save_refuses_fp8)
 static int fixture_pesc(fixture *f, const char *name, int sample, int prepare, char *why, size_t why_n)
 {
     esft_train_spec sp;
-    esft_error err;
-    if (!fixture_open(f, name, sample, 1, why, why_n)) return 0;
-    esft_model_trainable_uninit(&f->tr);
     memset(&sp, 0, sizeof sp);
     sp.method = ESFT_TRAIN_PESC;
     sp.pesc = esft_pesc_config_init(0, 4, 2, 3);
     sp.seed = 5;
-    if (esft_model_trainable_init_spec(&f->tr, &f->m, &sp, NULL, &err) != ESFT_OK) {
-        snprintf(why, why_n, "%s: PESC set: %s", name, err.message);
-        return 0;
-    }
+    if (!fixture_spec(f, name, sample, &sp, why, why_n)) return 0;
     if (prepare) pesc_prepare(f);
     return 1;
 }
@@ -1261,20 +1274,11 @@ static void threads_method(const char *name, esft_train_method method)
 {
     fixture f;
     char why[1024];
-    esft_train_spec sp;
-    esft_error err;
-    if (!fixture_open(&f, name, 2, 1, why, sizeof why)) {
+    esft_train_spec sp = method_spec(method, 4, 3);
+    if (!fixture_spec(&f, name, 2, &sp, why, sizeof why)) {
         fixture_close(&f);
         HARNESS_FAIL_("%.400s", why);
     }
-    esft_model_trainable_uninit(&f.tr);
-    memset(&sp, 0, sizeof sp);
-    sp.method = method;
-    sp.lora_rank = 4;
-    sp.lora_alpha = 8.0f;
-    sp.lora_targets = ESFT_LORA_ATTN | ESFT_LORA_MLP;
-    sp.seed = 3;
-    CHECK_STATUS(esft_model_trainable_init_spec(&f.tr, &f.m, &sp, NULL, &err), ESFT_OK);
     threads_run(&f, name);
 }
 
