@@ -268,19 +268,20 @@ GRADCHECK_TEST(deepseek_v3_fp8)
 /* ---- FFT and LoRA: every tensor of the trainable set ------------------------ */
 
 /* One block of the trainable set against central differences, ~4 coordinates
-   (2 under ESFT_TEST_LIGHT); its worst relative error into *worst. 0 on failure
-   (why filled). */
+   (1 under ESFT_TEST_LIGHT: valgrind wants every path run, not many points);
+   its worst relative error into *worst. 0 on failure (why filled). */
 static int gradcheck_block(fixture *f, float *p, float *g, size_t n, const char *what, double *worst, char *why,
                            size_t why_n)
 {
     char buf[512];
-    gc_result r = gc_check(p, n, g, (n / (getenv("ESFT_TEST_LIGHT") ? 2 : 4)) | 1, loss_fn, f, &tol);
+    int light = getenv("ESFT_TEST_LIGHT") != NULL;
+    gc_result r = gc_check(p, n, g, light ? n : (n / 4) | 1, loss_fn, f, &tol);
     double rel = r.worst_err / (r.max_abs_grad + 1e-30);
     if (getenv("ESFT_TEST_VERBOSE"))
         printf("      %s: checked %lu skipped %lu worst num %.6g ana %.6g max|g| %.3g\n", what,
                (unsigned long)r.checked, (unsigned long)r.skipped, r.worst_num, r.worst_ana, r.max_abs_grad);
     if (rel > *worst) *worst = rel;
-    if (r.failed || (r.checked > 0 && r.max_abs_grad == 0.0)) {
+    if (r.failed || (!light && r.checked > 0 && r.max_abs_grad == 0.0)) {
         snprintf(why, why_n, "%s: %s (checked %lu)", what, gc_describe(&r, "d", buf, sizeof buf),
                  (unsigned long)r.checked);
         return 0;
