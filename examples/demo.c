@@ -890,6 +890,7 @@ int main(int argc, char **argv)
     const char *score_names[2] = {"token", "gate"};
 
     if (!parse_args(&o, argc, argv)) return 2;
+    setvbuf(stdout, NULL, _IOLBF, 0); /* progress shows through a pipe (make run | tee) */
     esft_set_num_threads(o.threads > 0 ? o.threads : 1);
     pre_steps = o.pre_steps > 0 ? o.pre_steps : o.quick ? 60 : 1000;
     ft_steps = o.ft_steps > 0 ? o.ft_steps : o.quick ? 20 : 150;
