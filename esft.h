@@ -1188,8 +1188,11 @@ ESFTDEF esft_status esft_checkpoint_read_config(const esft_safetensors *st, esft
    its own temp files left by killed runs ("<one of its output files>.tmp.<pid>.<n>")
    and refuses (ESFT_ERR_INVALID_ARGUMENT) an out_dir holding checkpoint files
    (*.safetensors, *.index.json) unless its record names the same base shards
-   (names and sizes): an earlier merge of the same base. Other files there
-   (config.json, tokenizer files) are left alone. */
+   (names and sizes): an earlier merge of the same base. When base is a
+   directory, its other files that a loader needs (config.json,
+   generation_config.json, tokenizer files, *.txt, *.model, *.tiktoken,
+   *.jinja, remote code *.py) are copied into out_dir (each atomically,
+   replacing what is there), so out_dir is a whole model directory. */
 #define ESFT_MERGE_RECORD "esft_merge.json"
 ESFTDEF esft_status esft_checkpoint_merge(const char *base, const char *trained, const char *out_dir,
                                           const esft_checkpoint_options *opt, esft_error *err);
@@ -8189,6 +8192,47 @@ static esft_status esft__merge_scan(const char *out_dir, const esft_checkpoint *
 #endif
 }
 
+/* The files of a model directory that are not weights but that a loader of
+   the merged checkpoint needs: config.json, generation_config.json, tokenizer
+   files, remote code (DeepSeek's modeling_*.py). */
+static int esft__is_side_file(const char *name)
+{
+    if (esft__ends_with(name, ".index.json") || strcmp(name, ESFT_MERGE_RECORD) == 0) return 0;
+    return esft__ends_with(name, ".json") || esft__ends_with(name, ".txt") || esft__ends_with(name, ".model") ||
+           esft__ends_with(name, ".py") || esft__ends_with(name, ".tiktoken") || esft__ends_with(name, ".jinja");
+}
+
+/* Copies base's side files (base a directory) into out_dir, each atomically. */
+static esft_status esft__merge_side_files(const char *base, const char *out_dir, const esft_checkpoint *ck,
+                                          esft_error *err)
+{
+#if defined(_WIN32)
+    (void)base; (void)out_dir; (void)ck; (void)err;
+    return ESFT_OK;
+#else
+    struct stat sb;
+    DIR *d;
+    struct dirent *ent;
+    esft_status s = ESFT_OK;
+    if (stat(base, &sb) != 0 || !S_ISDIR(sb.st_mode)) return ESFT_OK; /* a bare file: nothing beside it is ours */
+    if (!(d = opendir(base))) return esft__fail_at(err, ESFT_ERR_IO, base, 0, "cannot list the directory: %s", strerror(errno));
+    while (s == ESFT_OK && (ent = readdir(d)) != NULL) {
+        char from[4200], to[4200], *text = NULL;
+        size_t size = 0;
+        if (!esft__is_side_file(ent->d_name)) continue;
+        if ((size_t)snprintf(from, sizeof from, "%s/%s", base, ent->d_name) >= sizeof from ||
+            (size_t)snprintf(to, sizeof to, "%s/%s", out_dir, ent->d_name) >= sizeof to)
+            s = esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, ent->d_name, 0, "path too long");
+        else if (stat(from, &sb) == 0 && S_ISREG(sb.st_mode) &&
+                 (s = esft__read_file(from, (uint64_t)256 << 20, &ck->allocator, &text, &size, err)) == ESFT_OK)
+            s = esft__write_file_atomic(to, text, size, err);
+        esft__release(&ck->allocator, text);
+    }
+    closedir(d);
+    return s;
+#endif
+}
+
 /* Makes out_dir ready: created, not the base's, nothing foreign in it, stale
    temp files of killed merges removed. */
 static esft_status esft__merge_prepare(const char *out_dir, const esft_checkpoint *ck, esft_error *err)
@@ -8264,6 +8308,7 @@ static esft_status esft__merge_write(const esft_checkpoint *ck, const esft_safet
        (esft__out_advance), so these wait for the last steps only */
     for (sh = 0; sh <= ck->n_shards && s == ESFT_OK; sh++)
         if (outs[sh].fd >= 0) s = esft__out_finish(outs + sh, err);
+    if (s == ESFT_OK) s = esft__merge_side_files(base, out_dir, ck, err);
     if (s == ESFT_OK) s = esft__merge_write_record(out_dir, ck, "renaming", err);
     for (sh = 0; sh <= ck->n_shards && s == ESFT_OK; sh++)
         if (outs[sh].tmp[0]) s = esft__out_commit(outs + sh, err);

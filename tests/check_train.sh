@@ -155,11 +155,30 @@ PY
         pass "train_fft_${v}_base_plus_file_evaluates_as_the_run"
     else fail "train_fft_${v}_base_plus_file_evaluates_as_the_run" "$unmerged vs $(field "$T/$v.fft.log" last eval_loss)"; fi
     if "$ESFT" merge "$D" "$T/$v.fft.safetensors" -o "$T/$v.fft.merged" -q > "$T/out" 2> "$T/err" &&
-       cp "$D/config.json" "$T/$v.fft.merged/" &&
+       cmp -s "$D/config.json" "$T/$v.fft.merged/config.json" &&
        merged=$("$ESFT" eval "$T/$v.fft.merged" --data "$D/data.jsonl" -q | cut -d' ' -f2) &&
        near "$merged" "$unmerged" && lt "$merged" "$(field "$T/$v.fft.log" 1 loss)"; then
         pass "train_fft_${v}_merged_evaluates_as_base_plus_file"
     else fail "train_fft_${v}_merged_evaluates_as_base_plus_file" "merged $merged, unmerged $unmerged"; fi
+    # merge copied config.json (and the rest a loader needs): transformers loads the result
+    if ! "$PYTHON" -c "import transformers, torch" 2> /dev/null; then
+        echo "SKIP train_fft_${v}_merged_loads_in_transformers: needs torch and transformers"; skipped=$((skipped + 1))
+    elif "$PYTHON" - "$T/$v.fft.merged" "$D/data.jsonl" "$merged" > "$T/err" 2>&1 <<'PY'
+import sys, json, torch, transformers
+d, data, want = sys.argv[1], sys.argv[2], float(sys.argv[3])
+m = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+total, n = 0.0, 0
+with torch.no_grad():
+    for line in open(data):
+        s = json.loads(line)
+        ids = s["input_ids"]; lab = s.get("labels", ids)
+        logits = m(input_ids=torch.tensor([ids])).logits[0]
+        t = torch.tensor(lab[1:])
+        total += float(torch.nn.functional.cross_entropy(logits[:-1], t, ignore_index=-100, reduction="sum"))
+        n += int((t != -100).sum())
+assert abs(total / n - want) <= 1e-4 * abs(want), (total / n, want)
+PY
+    then pass "train_fft_${v}_merged_loads_in_transformers"; else fail "train_fft_${v}_merged_loads_in_transformers" "see above"; fi
     if "$ESFT" $run --method lora --lora-rank 4 --lora-alpha 8 --lora-targets attn,mlp -o "$T/$v.lora" \
             --log "$T/$v.lora.log" > "$T/out" 2> "$T/err" &&
        [ -s "$T/$v.lora/adapter_model.safetensors" ] && [ -s "$T/$v.lora/adapter_config.json" ] &&
