@@ -411,23 +411,6 @@ static void write_init_checkpoint(const char *dir, const shape *s, int moe)
     free(tl.names);
 }
 
-/* Copies dir_from/config.json to dir_to (esft_checkpoint_merge writes the
-   weights only, as `esft merge` does). */
-static void copy_config(const char *dir_from, const char *dir_to)
-{
-    char path[1200], buf[4096];
-    size_t n;
-    FILE *in, *out;
-    snprintf(path, sizeof path, "%s/config.json", dir_from);
-    in = fopen(path, "rb");
-    if (!in) { fprintf(stderr, "demo: cannot open %s\n", path); exit(1); }
-    snprintf(path, sizeof path, "%s/config.json", dir_to);
-    out = open_out(path);
-    while ((n = fread(buf, 1, sizeof buf, in)) > 0) fwrite(buf, 1, n, out);
-    fclose(in);
-    if (fclose(out) != 0) { fprintf(stderr, "demo: cannot write %s\n", path); exit(1); }
-}
-
 /* ---------------------------------------------------------------------- */
 /* training                                                               */
 /* ---------------------------------------------------------------------- */
@@ -741,7 +724,7 @@ static void evaluate_all(result *r, const esft_model *m, const esft_model_traina
 /* Pre-trains the checkpoint in init_dir with every parameter trainable
    (the library's FFT) on the mix and writes it to base_dir as a checkpoint
    directory: the trained tensors (esft_model_trainable_save, every one) merged
-   into the initial shards, config.json beside them. */
+   into the initial shards (the merge copies config.json too). */
 static void pretrain(const char *init_dir, const char *base_dir, const char *trained_path, const sampler *mix,
                      int steps, float lr, const char *what)
 {
@@ -759,7 +742,6 @@ static void pretrain(const char *init_dir, const char *base_dir, const char *tra
     train(&m, &t, mix, steps, lr, 1);
     check(esft_model_trainable_save(&t.tr, &m, NULL, trained_path, &err), &err, "saving the pre-trained tensors");
     check(esft_checkpoint_merge(init_dir, trained_path, base_dir, NULL, &err), &err, "merging the pre-trained tensors");
-    copy_config(init_dir, base_dir);
     trainer_uninit(&t);
     esft_model_close(&m);
     printf("        -> %s (config.json + model.safetensors) in %.1f s\n", base_dir, now_s() - t0);
@@ -1009,7 +991,6 @@ int main(int argc, char **argv)
     trainer_uninit(&keep);
     snprintf(dir, sizeof dir, "%s/merged", o.out);
     check(esft_checkpoint_merge(base_dir, path, dir, NULL, &err), &err, "merging the ESFT-Token experts");
-    copy_config(base_dir, dir);
     snprintf(path, sizeof path, "%s/%s.eval.jsonl", o.out, task_names[o.target]);
     write_eval_jsonl(path, &ev[o.target], max_eval);
     {
