@@ -51,8 +51,8 @@
         OLMoE, Mixtral; per-expert or fused experts; fp32, bf16, FP8 + block scales),
         and the dense Llama, Mistral and Qwen2 that PESC upcycles, run whole on the CPU with weights in their file dtype; the forward's own
         routing feeds the statistics; backward through the frozen model to the
-        experts an ESFT config trains (fp32 master copies, 12 bytes per trainable
-        parameter beyond them).
+        experts an ESFT config trains, or to a PESC adapter MoE after each dense
+        MLP (fp32 master copies, 12 bytes per trainable parameter beyond them).
       - A small strict JSON reader/writer of our own (no outside library).
 
    CONTENTS (same order in declarations and implementation)
@@ -1420,7 +1420,9 @@ ESFTDEF esft_status esft_model_open(esft_model *m, const char *dir, const esft_a
                                     esft_error *err);
 ESFTDEF void esft_model_close(esft_model *m);
 
-/* Called by the forward for each MoE layer with the routing it used. */
+/* Called by the forward for each MoE layer with the routing it used, and for
+   each PESC layer of run->trainable with its adapter MoE's routing (K = the
+   PESC top_k; a PESC layer is a dense layer, so the layer index tells which). */
 typedef void (*esft_route_fn)(void *user, int layer,
                               const int32_t *ids,    /* (T, K) */
                               const float *weights,  /* (T, K) as multiplied into the outputs */
@@ -1436,6 +1438,8 @@ typedef struct esft_model_run {
     esft_route_fn on_route;      /* and/or a callback */
     void *user;
     const struct esft_model_trainable *trainable; /* the forward runs trainable->view (its trained copies and adapters) */
+    double *aux_loss;            /* out: PESC, the sum over layers of the adapter MoEs' auxiliary
+                                    losses (alpha included); 0 without PESC. NULL = not wanted */
 } esft_model_run;
 
 /* One sample through the model. loss_sum (optional) receives the sum of the
@@ -1454,7 +1458,8 @@ ESFTDEF esft_status esft_model_forward(const esft_model *m, const int32_t *ids, 
 typedef enum esft_train_method {
     ESFT_TRAIN_ESFT = 0, /* the experts of an expert config (+ its shared / non-expert flags) */
     ESFT_TRAIN_FFT,      /* every parameter */
-    ESFT_TRAIN_LORA      /* rank-r adapters on chosen frozen matrices */
+    ESFT_TRAIN_LORA,     /* rank-r adapters on chosen frozen matrices */
+    ESFT_TRAIN_PESC      /* Camelidae: an adapter MoE after each frozen dense MLP (router + adapters train) */
 } esft_train_method;
 
 /* Which matrices LoRA adapts (bits). */
@@ -1467,7 +1472,10 @@ typedef struct esft_train_spec {
     int lora_rank;                     /* LoRA: r >= 1 */
     float lora_alpha;                  /* LoRA: scale = alpha / r */
     unsigned lora_targets;             /* LoRA: ESFT_LORA_* bits */
-    uint64_t seed;                     /* LoRA: A drawn as PEFT's default (uniform +-1/sqrt(cols)), B = 0 */
+    uint64_t seed;                     /* LoRA: A drawn as PEFT's default (uniform +-1/sqrt(cols)), B = 0;
+                                          PESC: the upcycling draw (layer l's block from seed mixed with l) */
+    esft_pesc_config pesc;             /* PESC: n_experts, top_k, rank, scale, aux_alpha; d_model is taken
+                                          from the model; dropout must be 0 (not implemented on models) */
 } esft_train_spec;
 
 /* The trainable set, as fp32 master copies in ONE parameter block, mirrored
@@ -1482,7 +1490,12 @@ typedef struct esft_train_spec {
       flag, or FFT), each gate (FS, D), up (FS, D), down (D, FS);
    3. non-expert tensors trained in full (ESFT's non_expert_modules flag, or
       FFT), in m->tensors order, each (rows, cols) as the file has it;
-   4. LoRA adapters, in m->tensors order, each A (r, cols) then B (rows, r).
+   4. LoRA adapters, in m->tensors order, each A (r, cols) then B (rows, r);
+   5. PESC blocks, one per dense-MLP layer (cfg.is_moe[l] == 0) in layer
+      order, each esft_pesc_param_count(&tr->pesc) floats laid out as
+      esft_pesc_tensor_offset says: router (E, D), then per adapter expert
+      W_down (R, D), W_up (D, R); upcycled by esft_pesc_init_weights (W_up = 0:
+      the model equals the base until it trains).
    The model as trained (frozen weights, trained copies, adapters) is tr->view:
    forward it (esft_model_run.trainable does) to evaluate base + training. */
 typedef struct esft_model_trainable {
@@ -1507,6 +1520,13 @@ typedef struct esft_model_trainable {
     unsigned lora_targets;
     int32_t *lora_tensor;      /* (n_lora) index into m->tensors */
     esft_lora *lora;           /* (n_lora) a, b point into params */
+    int n_pesc;                /* PESC blocks (dense-MLP layers) */
+    esft_pesc_config pesc;     /* PESC: the layers' config (d_model = the model's) */
+    size_t pesc_floats;        /* esft_pesc_param_count(&pesc) */
+    size_t pesc_offset;        /* first float of section 5 in the block */
+    int32_t *pesc_slot;        /* (L) PESC block of layer l, -1 = none */
+    double aux_loss;           /* PESC: sum over layers of the auxiliary losses (alpha included) of the
+                                  last esft_model_forward_backward; 0 otherwise */
     esft_model view;           /* m with trained tensors and adapters in place (shares m's memory) */
     esft_allocator allocator;
     /* private */
@@ -1533,6 +1553,9 @@ ESFTDEF float *esft_model_trainable_expert(const esft_model_trainable *tr, float
 /* Layer l's shared experts inside block: gate (FS, D), up (FS, D), down (D,
    FS); NULL when frozen. */
 ESFTDEF float *esft_model_trainable_shared(const esft_model_trainable *tr, float *block, int layer);
+/* Layer l's PESC block inside block (esft_pesc_param_count(&tr->pesc)
+   floats, esft_pesc_tensor_offset's layout); NULL when l has none. */
+ESFTDEF float *esft_model_trainable_pesc(const esft_model_trainable *tr, float *block, int layer);
 /* Writes what tr trains in full (experts, shared experts, non-expert tensors)
    to path (safetensors) under the Hugging Face names of m's checkpoint, in
    m's file dtype (fp32 copies rounded to nearest-even for BF16/F16), with
@@ -1540,13 +1563,19 @@ ESFTDEF float *esft_model_trainable_shared(const esft_model_trainable *tr, float
    for FFT: every expert, shared_experts and non_expert_modules set), so
    esft_checkpoint_merge puts them back into the base, per-expert or fused.
    FP8 tensors are ESFT_ERR_UNSUPPORTED (no re-quantisation); a LoRA set is
-   saved by esft_model_lora_save. */
+   saved by esft_model_lora_save. A PESC set (cfg ignored, NULL allowed) writes
+   its routers and adapters in F32 under Camelidae's names
+   (esft_pesc_tensor_name) with the PESC config in __metadata__ (keys
+   "pesc_n_experts", "pesc_top_k", "pesc_rank", "pesc_scale"): new tensors,
+   not merged into the base (docs/pesc.md says how a model directory is built). */
 ESFTDEF esft_status esft_model_trainable_save(const esft_model_trainable *tr, const esft_model *m,
                                               const esft_expert_config *cfg, const char *path, esft_error *err);
 /* Reads a file of trained tensors (as _save writes, F32/BF16/F16) into
    tr->params, e.g. to evaluate base + trained file or to go on training.
    Every tensor in it must be one tr trains, with its shape (ESFT_ERR_RANGE /
-   ESFT_ERR_SHAPE naming it); tensors the file lacks keep their values. */
+   ESFT_ERR_SHAPE naming it); tensors the file lacks keep their values. A
+   PESC file's __metadata__ config, when present, must match tr's
+   (ESFT_ERR_SHAPE). */
 ESFTDEF esft_status esft_model_trainable_load(esft_model_trainable *tr, const esft_model *m, const char *path,
                                               esft_error *err);
 /* A LoRA set in PEFT's layout: dir/adapter_model.safetensors (F32,
@@ -1576,6 +1605,14 @@ ESFTDEF esft_status esft_model_lora_open(esft_model_trainable *tr, const esft_mo
    MLP, router weights, shared experts, norms, attention, residuals,
    embedding), down to the lowest layer that trains anything, into tr->grads: accumulates grad_scale * d(loss_sum)/d(params). For the mean loss
    of a batch pass grad_scale = 1 / (scored tokens of the whole batch).
+   PESC: the objective is loss_sum + n_scored * aux (aux = the sum over PESC
+   layers of this sample's auxiliary losses, alpha included, left in
+   tr->aux_loss; loss_sum stays the cross-entropy alone): each layer's aux
+   gradient enters with daux = grad_scale * n_scored. With grad_scale =
+   1 / (batch's scored tokens) the batch gradient is that of mean CE +
+   (token-weighted mean over samples of aux); for one sample it is exactly
+   Camelidae's CE + sum of the layers' aux. A sample with nothing scored adds
+   no aux gradient.
    Memory: the residual stream entering each layer is kept ((L + 1) T D
    floats); everything inside a layer is recomputed in the backward, one layer
    at a time (docs/training.md). The same bits for any thread count. */
@@ -9769,6 +9806,9 @@ typedef struct esft__fwd {
     float *weights;          /* (T K) */
     int nt;
     const esft_model_trainable *tr; /* experts run from their fp32 copies; NULL = none */
+    esft_pesc_saved ps;      /* PESC (tr has PESC blocks): one layer's saved, reused layer after layer */
+    float *py, *pdF;         /* PESC: (T, D) the adapter MoE's output y; the gradient of its input F */
+    double aux;              /* PESC: auxiliary losses summed over the layers run */
 } esft__fwd;
 
 static size_t esft__max3(size_t a, size_t b, size_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
@@ -10170,6 +10210,52 @@ static void esft__moe_ffn(esft__fwd *f, const esft_model_config *c, const esft_m
     esft__moe_combine(f, T, K, D);
 }
 
+/* PESC buffers of f for T tokens when f->tr has PESC blocks (none otherwise):
+   one esft_pesc_saved (the backward recomputes each layer's forward just
+   before its backward, so one serves every layer) and py, pdF. Pair: _end. */
+static esft_status esft__pesc_begin(esft__fwd *f, const esft_model *m, int T, esft_error *err)
+{
+    esft_status s;
+    memset(&f->ps, 0, sizeof f->ps);
+    f->py = f->pdF = NULL;
+    f->aux = 0.0;
+    if (!f->tr || f->tr->n_pesc == 0) return ESFT_OK;
+    if ((s = esft_pesc_saved_init(&f->ps, &f->tr->pesc, T, NULL, err)) != ESFT_OK) return s;
+    f->py = ESFT__CAST(float *, m->allocator.alloc(m->allocator.user, 2 * (size_t)T * m->cfg.d_model * sizeof(float)));
+    if (!f->py) {
+        esft_pesc_saved_uninit(&f->ps);
+        return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "PESC buffers for %d tokens", T);
+    }
+    f->pdF = f->py + (size_t)T * m->cfg.d_model;
+    return ESFT_OK;
+}
+
+static void esft__pesc_end(esft__fwd *f, const esft_model *m)
+{
+    esft_pesc_saved_uninit(&f->ps);
+    if (f->py) m->allocator.free(m->allocator.user, f->py);
+    f->py = f->pdF = NULL;
+}
+
+/* Camelidae's adapter MoE after layer l's frozen MLP, when f->tr gives l a
+   PESC block: f->py = PESC(F = f->a, u = f->h) (the router reads the MLP's
+   input), *out = f->py, aux added to f->aux, the routing shown to run's
+   on_route; otherwise *out stays f->a. */
+static esft_status esft__pesc_layer(esft__fwd *f, int l, int T, const esft_model_run *run, const float **out,
+                                    esft_error *err)
+{
+    const esft_model_trainable *tr = f->tr;
+    const float *p = tr ? esft_model_trainable_pesc(tr, tr->params, l) : NULL;
+    float aux = 0.0f;
+    esft_status s;
+    if (!p) return ESFT_OK;
+    if ((s = esft_pesc_forward(&tr->pesc, f->py, &aux, f->a, f->h, p, &f->ps, T, err)) != ESFT_OK) return s;
+    if (run && run->on_route) run->on_route(run->user, l, f->ps.ids, f->ps.weights, T, tr->pesc.top_k);
+    f->aux += aux;
+    *out = f->py;
+    return ESFT_OK;
+}
+
 /* Cross-entropy of rows t0 .. t0+n of logits (n, V) against labels[t+1]. */
 static esft_status esft__head_loss(const float *logits, int t0, int n, int V, const int32_t *labels, int T,
                                    double *loss, int64_t *count, esft_error *err)
@@ -10226,6 +10312,7 @@ static esft_status esft__forward_layers(const esft_model *m, esft__fwd *f, int T
     esft_status s;
     for (l = 0; l < c->n_layers; l++) {
         const esft_model_layer *w = &m->layers[l];
+        const float *out = f->a; /* the FFN half's output: the MLP's, or PESC's after it */
         esft__rmsnorm_rows(f->h, D, f->x, D, esft__vec(&w->attn_norm), T, D, c->rms_eps, f->nt);
         if (c->mla) esft__attn_mla(f, c, w, T);
         else esft__attn_gqa(f, c, w, T);
@@ -10240,8 +10327,9 @@ static esft_status esft__forward_layers(const esft_model *m, esft__fwd *f, int T
             esft__moe_ffn(f, c, w, l, T);
         } else {
             esft__swiglu_mlp(f->a, f->h, T, D, &w->mlp_gate, &w->mlp_up, &w->mlp_down, f->g, f->u, f->panels);
+            if ((s = esft__pesc_layer(f, l, T, run, &out, err)) != ESFT_OK) return s;
         }
-        for (i = 0; i < n; i++) f->x[i] += f->a[i];
+        for (i = 0; i < n; i++) f->x[i] += out[i];
     }
     return ESFT_OK;
 }
@@ -10276,7 +10364,9 @@ ESFTDEF esft_status esft_model_forward(const esft_model *m, const int32_t *ids, 
     f.tr = run ? run->trainable : NULL;
     for (t = 0; t < T; t++) esft__matrix_rows_f32(f.x + (size_t)t * D, &m->embed, ids[t], 1);
     esft__rope_tables(f.cos_, f.sin_, &c->rope, c->mla ? c->qk_rope_dim : c->head_dim, T);
-    s = esft__forward_layers(m, &f, T, run, err);
+    s = esft__pesc_begin(&f, m, T, err);
+    if (s == ESFT_OK) s = esft__forward_layers(m, &f, T, run, err);
+    esft__pesc_end(&f, m);
     if (s == ESFT_OK) esft__rmsnorm_rows(f.h, D, f.x, D, esft__vec(&m->final_norm), T, D, c->rms_eps, nt);
     for (t = 0; s == ESFT_OK && t < T; t += ESFT__HEAD_BLOCK) {
         int n = T - t < ESFT__HEAD_BLOCK ? T - t : ESFT__HEAD_BLOCK;
@@ -10288,6 +10378,7 @@ ESFTDEF esft_status esft_model_forward(const esft_model *m, const int32_t *ids, 
     if (s != ESFT_OK) return s;
     if (loss_sum) *loss_sum = loss;
     if (n_scored) *n_scored = count;
+    if (run && run->aux_loss) *run->aux_loss = f.aux;
     return ESFT_OK;
 }
 
@@ -10305,6 +10396,7 @@ ESFTDEF void esft_model_trainable_uninit(esft_model_trainable *tr)
     esft__release(&tr->allocator, tr->module_offset);
     esft__release(&tr->allocator, tr->lora_tensor);
     esft__release(&tr->allocator, tr->lora);
+    esft__release(&tr->allocator, tr->pesc_slot);
     esft__release(&tr->allocator, tr->view_layers_);
     memset(tr, 0, sizeof *tr);
 }
@@ -10329,6 +10421,29 @@ static esft_status esft__trainable_check_config(const esft_model *m, const esft_
     return ESFT_OK;
 }
 
+/* The PESC config of sp on m: the template with the model's width. */
+static esft_pesc_config esft__spec_pesc(const esft_model *m, const esft_train_spec *sp)
+{
+    esft_pesc_config pc = sp->pesc;
+    pc.d_model = m->cfg.d_model;
+    return pc;
+}
+
+static esft_status esft__pesc_spec_check(const esft_model *m, const esft_train_spec *sp, esft_error *err)
+{
+    esft_pesc_config pc = esft__spec_pesc(m, sp);
+    esft_status s = esft_pesc_config_validate(&pc, err);
+    if (s != ESFT_OK) return s;
+    if (pc.dropout != 0.0f)
+        return esft__fail(err, ESFT_ERR_UNSUPPORTED, "PESC dropout %g on a model: not implemented (set 0)",
+                          (double)pc.dropout);
+    if (esft_model_config_moe_layers(&m->cfg) == m->cfg.n_layers)
+        return esft__fail(err, ESFT_ERR_UNSUPPORTED,
+                          "PESC goes after dense MLPs, and every layer of this %s model is an MoE layer",
+                          esft_model_family_name(m->cfg.family));
+    return ESFT_OK;
+}
+
 static esft_status esft__train_spec_check(const esft_model *m, const esft_train_spec *sp, esft_error *err)
 {
     switch (sp->method) {
@@ -10345,6 +10460,8 @@ static esft_status esft__train_spec_check(const esft_model *m, const esft_train_
             return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "LoRA targets 0x%x: ESFT_LORA_ATTN and/or ESFT_LORA_MLP",
                               sp->lora_targets);
         return ESFT_OK;
+    case ESFT_TRAIN_PESC:
+        return esft__pesc_spec_check(m, sp, err);
     }
     return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "unknown training method %d", (int)sp->method);
 }
@@ -10382,7 +10499,7 @@ static void esft__trainable_plan(esft_model_trainable *tr, const esft_model *m, 
     const esft_model_config *c = &m->cfg;
     int L = c->n_layers, E = c->route.n_experts, l, e, i;
     size_t at = 0;
-    tr->n_trained = tr->n_shared = tr->n_modules = tr->n_lora = 0;
+    tr->n_trained = tr->n_shared = tr->n_modules = tr->n_lora = tr->n_pesc = 0;
     for (l = 0; l < L; l++)
         for (e = 0; e < E; e++) {
             int on = esft__spec_expert(sp, c, l, e);
@@ -10421,6 +10538,13 @@ static void esft__trainable_plan(esft_model_trainable *tr, const esft_model *m, 
         tr->n_lora++;
         at += ra + (size_t)w->rows * sp->lora_rank;
     }
+    tr->pesc_offset = at;
+    for (l = 0; l < L; l++) {
+        int on = sp->method == ESFT_TRAIN_PESC && !c->is_moe[l];
+        if (fill) tr->pesc_slot[l] = on ? tr->n_pesc : -1;
+        tr->n_pesc += on;
+    }
+    at += (size_t)tr->n_pesc * tr->pesc_floats;
     tr->n_params = at;
 }
 
@@ -10479,6 +10603,10 @@ static void esft__trainable_fill(esft_model_trainable *tr, const esft_model *m, 
         drawn += ra;
         esft__view_matrix(tr, m, w)->lora = &tr->lora[i];
     }
+    for (l = 0; l < c->n_layers; l++) { /* upcycling: each layer its own stream, W_up = 0 */
+        float *p = esft_model_trainable_pesc(tr, tr->params, l);
+        if (p) (void)esft_pesc_init_weights(&tr->pesc, p, esft__adapter_mix(sp->seed + (uint64_t)l), NULL);
+    }
 }
 
 ESFTDEF esft_status esft_model_trainable_init_spec(esft_model_trainable *tr, const esft_model *m,
@@ -10505,6 +10633,10 @@ ESFTDEF esft_status esft_model_trainable_init_spec(esft_model_trainable *tr, con
     tr->lora_rank = sp->method == ESFT_TRAIN_LORA ? sp->lora_rank : 0;
     tr->lora_alpha = sp->method == ESFT_TRAIN_LORA ? sp->lora_alpha : 0.0f;
     tr->lora_targets = sp->method == ESFT_TRAIN_LORA ? sp->lora_targets : 0;
+    if (sp->method == ESFT_TRAIN_PESC) {
+        tr->pesc = esft__spec_pesc(m, sp);
+        tr->pesc_floats = esft_pesc_param_count(&tr->pesc);
+    }
     esft__trainable_plan(tr, m, sp, 0);
     le = (size_t)L * (tr->n_experts > 0 ? tr->n_experts : 1);
     tr->params = ESFT__CAST(float *, esft__calloc(&tr->allocator, tr->n_params ? tr->n_params : 1, sizeof(float)));
@@ -10516,9 +10648,10 @@ ESFTDEF esft_status esft_model_trainable_init_spec(esft_model_trainable *tr, con
     tr->module_offset = ESFT__CAST(size_t *, esft__calloc(&tr->allocator, (size_t)tr->n_modules + 1, sizeof(size_t)));
     tr->lora_tensor = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, (size_t)tr->n_lora + 1, sizeof(int32_t)));
     tr->lora = ESFT__CAST(esft_lora *, esft__calloc(&tr->allocator, (size_t)tr->n_lora + 1, sizeof(esft_lora)));
+    tr->pesc_slot = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, (size_t)L, sizeof(int32_t)));
     tr->view_layers_ = ESFT__CAST(esft_model_layer *, esft__calloc(&tr->allocator, (size_t)L, sizeof(esft_model_layer)));
     if (!tr->params || !tr->grads || !tr->layer || !tr->slot || !tr->shared_slot || !tr->module ||
-        !tr->module_offset || !tr->lora_tensor || !tr->lora || !tr->view_layers_) {
+        !tr->module_offset || !tr->lora_tensor || !tr->lora || !tr->pesc_slot || !tr->view_layers_) {
         size_t n = tr->n_params;
         esft_allocator a = tr->allocator;
         esft_model_trainable_uninit(tr);
@@ -10549,6 +10682,13 @@ ESFTDEF float *esft_model_trainable_shared(const esft_model_trainable *tr, float
     if (!tr || !block || !tr->shared_slot || layer < 0 || layer >= tr->n_layers || tr->shared_slot[layer] < 0)
         return NULL;
     return block + (size_t)tr->n_trained * tr->expert_floats + (size_t)tr->shared_slot[layer] * tr->shared_floats;
+}
+
+ESFTDEF float *esft_model_trainable_pesc(const esft_model_trainable *tr, float *block, int layer)
+{
+    if (!tr || !block || !tr->pesc_slot || layer < 0 || layer >= tr->n_layers || tr->pesc_slot[layer] < 0)
+        return NULL;
+    return block + tr->pesc_offset + (size_t)tr->pesc_slot[layer] * tr->pesc_floats;
 }
 
 ESFTDEF float *esft_model_trainable_expert(const esft_model_trainable *tr, float *block, int layer, int expert)
@@ -10606,6 +10746,52 @@ static esft_status esft__trained_tensor(esft_st_write_tensor *x, char *name, con
     return ESFT_OK;
 }
 
+/* The PESC config as __metadata__ strings (keys and values of 4 pairs; vals 4 x 32 bytes). */
+static const char *const esft__pesc_meta_keys[4] = {"pesc_n_experts", "pesc_top_k", "pesc_rank", "pesc_scale"};
+
+static void esft__pesc_meta_values(const esft_pesc_config *c, char vals[4][32])
+{
+    snprintf(vals[0], 32, "%d", c->n_experts);
+    snprintf(vals[1], 32, "%d", c->top_k);
+    snprintf(vals[2], 32, "%d", c->rank);
+    snprintf(vals[3], 32, "%.9g", (double)c->scale);
+}
+
+/* A PESC set's routers and adapters, F32, Camelidae's names, config in __metadata__. */
+static esft_status esft__pesc_save(const esft_model_trainable *tr, const char *path, esft_error *err)
+{
+    const esft_pesc_config *c = &tr->pesc;
+    int per = 1 + 2 * c->n_experts, n = tr->n_pesc * per, l, j, at = 0;
+    const char *keys[5], *values[5];
+    char vals[4][32], *names;
+    esft_st_write_tensor *t = ESFT__CAST(esft_st_write_tensor *, esft__calloc(&tr->allocator, (size_t)n + 1, sizeof *t));
+    esft_status s = ESFT_OK;
+    names = ESFT__CAST(char *, esft__calloc(&tr->allocator, (size_t)n + 1, 160));
+    if (!t || !names) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "names of %d tensors", n);
+    for (l = 0; s == ESFT_OK && l < tr->n_layers; l++) {
+        const float *p = esft_model_trainable_pesc(tr, tr->params, l);
+        for (j = 0; p && s == ESFT_OK && j < per; j++, at++) {
+            esft_pesc_tensor which = j == 0 ? ESFT_PESC_ROUTER : (j - 1) % 2 ? ESFT_PESC_UP : ESFT_PESC_DOWN;
+            int e = (j - 1) / 2;
+            t[at].name = names + (size_t)at * 160;
+            s = esft_pesc_tensor_name(names + (size_t)at * 160, 160, l, which, e);
+            t[at].dtype = ESFT_DTYPE_F32;
+            t[at].n_dims = 2;
+            t[at].shape[0] = which == ESFT_PESC_ROUTER ? c->n_experts : which == ESFT_PESC_DOWN ? c->rank : c->d_model;
+            t[at].shape[1] = which == ESFT_PESC_UP ? c->rank : c->d_model;
+            t[at].f32 = p + esft_pesc_tensor_offset(c, which, e);
+        }
+    }
+    esft__pesc_meta_values(c, vals);
+    keys[0] = "format";
+    values[0] = "pt";
+    for (j = 0; j < 4; j++) keys[j + 1] = esft__pesc_meta_keys[j], values[j + 1] = vals[j];
+    if (s == ESFT_OK) s = esft_safetensors_write(path, t, n, keys, values, 5, err);
+    esft__release(&tr->allocator, t);
+    esft__release(&tr->allocator, names);
+    return s;
+}
+
 ESFTDEF esft_status esft_model_trainable_save(const esft_model_trainable *tr, const esft_model *m,
                                               const esft_expert_config *cfg, const char *path, esft_error *err)
 {
@@ -10616,10 +10802,12 @@ ESFTDEF esft_status esft_model_trainable_save(const esft_model_trainable *tr, co
     char *names;
     int i, j, n, at = 0;
     esft_status s = ESFT_OK;
-    if (!tr || !m || !m->layers || !path || !tr->slot || (!cfg && tr->method != ESFT_TRAIN_FFT))
+    if (!tr || !m || !m->layers || !path || !tr->slot ||
+        (!cfg && tr->method != ESFT_TRAIN_FFT && tr->method != ESFT_TRAIN_PESC))
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model, config or path");
     if (tr->n_layers != m->cfg.n_layers || tr->n_experts != m->cfg.route.n_experts || tr->base_ != m)
         return esft__fail(err, ESFT_ERR_SHAPE, "trainable set built for another model");
+    if (tr->method == ESFT_TRAIN_PESC) return esft__pesc_save(tr, path, err);
     if (tr->method == ESFT_TRAIN_LORA)
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "a LoRA set is saved with esft_model_lora_save");
     memset(&every, 0, sizeof every);
@@ -10674,6 +10862,19 @@ ESFTDEF esft_status esft_model_trainable_save(const esft_model_trainable *tr, co
     return s;
 }
 
+/* Where a PESC tensor (Camelidae's name, parsed) goes in tr->params, and its shape. */
+static float *esft__pesc_target(const esft_model_trainable *tr, const esft_tensor_name *tn, int64_t shape[2])
+{
+    const esft_pesc_config *c = &tr->pesc;
+    float *p = esft_model_trainable_pesc(tr, tr->params, tn->layer);
+    esft_pesc_tensor which = tn->part == ESFT_PART_ROUTER ? ESFT_PESC_ROUTER
+                             : tn->part == ESFT_PART_ADAPTER_DOWN ? ESFT_PESC_DOWN : ESFT_PESC_UP;
+    if (!p || (which != ESFT_PESC_ROUTER && (tn->expert < 0 || tn->expert >= c->n_experts))) return NULL;
+    shape[0] = which == ESFT_PESC_ROUTER ? c->n_experts : which == ESFT_PESC_DOWN ? c->rank : c->d_model;
+    shape[1] = which == ESFT_PESC_UP ? c->rank : c->d_model;
+    return p + esft_pesc_tensor_offset(c, which, tn->expert);
+}
+
 /* Where tensor name of a trained file goes in tr->params, and its shape. */
 static float *esft__trainable_target(const esft_model_trainable *tr, const esft_model *m, const char *name,
                                      int64_t shape[2])
@@ -10684,6 +10885,7 @@ static float *esft__trainable_target(const esft_model_trainable *tr, const esft_
     size_t width;
     int k, i;
     esft_tensor_name_parse(name, &tn);
+    if (tn.family == ESFT_FAMILY_CAMELIDAE && tn.part != ESFT_PART_NONE) return esft__pesc_target(tr, &tn, shape);
     switch (tn.part) {
     case ESFT_PART_EXPERT_GATE: case ESFT_PART_EXPERT_UP: case ESFT_PART_EXPERT_DOWN:
         p = esft_model_trainable_expert(tr, tr->params, tn.layer, tn.expert);
@@ -10746,6 +10948,27 @@ static esft_status esft__trainable_read(esft_model_trainable *tr, const esft_mod
     return s;
 }
 
+/* A PESC file's __metadata__ config (where given) against tr's: adapters
+   trained at another scale would load with the right shapes and mean
+   something else. */
+static esft_status esft__pesc_meta_check(const esft_model_trainable *tr, const char *path, esft_error *err)
+{
+    esft_safetensors st;
+    char vals[4][32];
+    int j;
+    esft_status s = esft_safetensors_open(&st, path, &tr->allocator, err);
+    if (s != ESFT_OK) return s;
+    esft__pesc_meta_values(&tr->pesc, vals);
+    for (j = 0; s == ESFT_OK && j < 4; j++) {
+        const char *v = esft_safetensors_metadata(&st, esft__pesc_meta_keys[j]);
+        if (v && strcmp(v, vals[j]) != 0)
+            s = esft__fail(err, ESFT_ERR_SHAPE, "%s: %s is %s, this PESC set has %s", path, esft__pesc_meta_keys[j], v,
+                           vals[j]);
+    }
+    esft_safetensors_close(&st);
+    return s;
+}
+
 ESFTDEF esft_status esft_model_trainable_load(esft_model_trainable *tr, const esft_model *m, const char *path,
                                               esft_error *err)
 {
@@ -10753,6 +10976,10 @@ ESFTDEF esft_status esft_model_trainable_load(esft_model_trainable *tr, const es
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model or path");
     if (tr->n_layers != m->cfg.n_layers || tr->n_experts != m->cfg.route.n_experts || tr->base_ != m)
         return esft__fail(err, ESFT_ERR_SHAPE, "trainable set built for another model");
+    if (tr->method == ESFT_TRAIN_PESC) {
+        esft_status s = esft__pesc_meta_check(tr, path, err);
+        if (s != ESFT_OK) return s;
+    }
     return esft__trainable_read(tr, m, path, esft__trainable_target, err);
 }
 
@@ -11048,6 +11275,7 @@ typedef struct esft__trn {
     float *sg, *su, *sact, *sdg, *sdu; /* (T, max(FF, FS)) dense MLP / shared expert */
     float *ys, *sz;          /* (T, D) shared expert output before its gate; (T) gate logit */
     float *dlogits;          /* (HEAD_BLOCK, V) */
+    float daux;              /* PESC: d objective / d (a layer's aux loss) = grad_scale * n_scored */
 } esft__trn;
 
 static size_t esft__trn_layout(esft__trn *b, const esft_model_config *c, int T, int nt, unsigned char *base)
@@ -11528,6 +11756,7 @@ static esft_status esft__trn_layer_forward(esft__trn *b, const esft_model *m, in
     size_t n = (size_t)T * D, i;
     const float *xin = b->X + (size_t)l * n;
     float *xout = b->X + (size_t)(l + 1) * n;
+    const float *out = f->a; /* the FFN half's output (PESC's when l has a block; f->a keeps its input F) */
     esft_status s;
     esft__rmsnorm_rows(b->h1, D, xin, D, esft__vec(&w->attn_norm), T, D, c->rms_eps, f->nt);
     if (c->mla) esft__trn_mla_forward(b, c, w, T);
@@ -11540,8 +11769,9 @@ static esft_status esft__trn_layer_forward(esft__trn *b, const esft_model *m, in
     } else {
         esft__swiglu_mlp_keep(f->a, f->h, T, D, &w->mlp_gate, &w->mlp_up, &w->mlp_down, b->sg, b->su, b->sact,
                               f->panels);
+        if ((s = esft__pesc_layer(f, l, T, NULL, &out, err)) != ESFT_OK) return s;
     }
-    for (i = 0; i < n; i++) xout[i] = b->xm[i] + f->a[i];
+    for (i = 0; i < n; i++) xout[i] = b->xm[i] + out[i];
     return ESFT_OK;
 }
 
@@ -11599,10 +11829,18 @@ static esft_status esft__trn_layer_backward(esft__trn *b, const esft_model *m, e
     int D = c->d_model;
     size_t n = (size_t)T * D;
     esft_status s = esft__trn_layer_forward(b, m, l, T, err);
+    const float *pesc = esft_model_trainable_pesc(tr, tr->params, l), *dmlp = b->dx;
     if (s != ESFT_OK) return s;
     memset(b->dh, 0, n * sizeof(float));
+    if (pesc) { /* y = PESC(F, u): dF feeds the frozen MLP's backward, du the FFN input's gradient */
+        memset(f->pdF, 0, n * sizeof(float));
+        s = esft_pesc_backward(&tr->pesc, f->pdF, b->dh, esft__grad_of(tr, pesc), b->dx, b->daux, &f->ps, f->a,
+                               f->h, pesc, T, err);
+        if (s != ESFT_OK) return s;
+        dmlp = f->pdF;
+    }
     if (c->is_moe[l]) esft__trn_moe_backward(b, c, w, tr, l, T, b->dx);
-    else esft__swiglu_mlp_backward(tr, b->dh, b->dx, f->h, T, D, &w->mlp_gate, &w->mlp_up, &w->mlp_down, b->sg,
+    else esft__swiglu_mlp_backward(tr, b->dh, dmlp, f->h, T, D, &w->mlp_gate, &w->mlp_up, &w->mlp_down, b->sg,
                                    b->su, b->sact, b->sdg, b->sdu, f->panels);
     esft__rmsnorm_backward_rows(b->dx, D, b->dh, D, b->xm, D, esft__vec(&w->ffn_norm),
                                 esft__grad_of(tr, w->ffn_norm.data), T, D, c->rms_eps, f->nt);
@@ -11624,7 +11862,7 @@ static int esft__trn_lowest(const esft_model_trainable *tr, const esft_model *m,
     *attn = *embed = 0;
     if (tr->n_trained > 0) lowest = tr->layer[0];
     for (l = 0; l < lowest; l++)
-        if (tr->shared_slot[l] >= 0) lowest = l;
+        if (tr->shared_slot[l] >= 0 || tr->pesc_slot[l] >= 0) lowest = l;
     for (i = 0; i < tr->n_modules + tr->n_lora; i++) {
         const esft_model_tensor *t = &m->tensors[i < tr->n_modules ? tr->module[i] : tr->lora_tensor[i - tr->n_modules]];
         if (t->layer < 0) {
@@ -11675,9 +11913,11 @@ ESFTDEF esft_status esft_model_forward_backward(const esft_model *m, esft_model_
     b.f.tr = tr;
     for (t = 0; t < T; t++) esft__matrix_rows_f32(b.X + (size_t)t * D, &v->embed, ids[t], 1);
     esft__rope_tables(b.f.cos_, b.f.sin_, &c->rope, c->mla ? c->qk_rope_dim : c->head_dim, T);
-    s = ESFT_OK;
+    s = esft__pesc_begin(&b.f, m, T, err);
     for (l = 0; s == ESFT_OK && l < c->n_layers; l++) s = esft__trn_layer_forward(&b, v, l, T, err);
+    tr->aux_loss = b.f.aux; /* the first pass's; the backward's recomputations add to b.f.aux again */
     if (s == ESFT_OK) s = esft__trn_head(&b, v, labels, T, grad_scale, &loss, &count, err);
+    b.daux = grad_scale * (float)count;
     lowest = esft__trn_lowest(tr, m, &attn, &embed);
     for (l = c->n_layers - 1; s == ESFT_OK && l >= lowest; l--)
         s = esft__trn_layer_backward(&b, v, tr, l, T, l > lowest || embed ? 0 : attn ? 2 : 1, err);
@@ -11690,6 +11930,7 @@ ESFTDEF esft_status esft_model_forward_backward(const esft_model *m, esft_model_
             for (d = 0; d < D; d++) row[d] += g[d];
         }
     }
+    esft__pesc_end(&b.f, m);
     m->allocator.free(m->allocator.user, base);
     if (s != ESFT_OK) return s;
     if (loss_sum) *loss_sum = loss;
