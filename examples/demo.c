@@ -645,7 +645,7 @@ static void usage(FILE *f)
             "  --threads N    CPU threads (default 1: these matrices are too small to share; the\n"
             "                 numbers do not depend on it)\n"
             "  --pre-steps N, --ft-steps N, --pre-lr LR, --ft-lr LR, --target-share S\n"
-            "                 pre-training steps (1000), fine-tuning steps (150), peak learning\n"
+            "                 pre-training steps (1000), fine-tuning steps (300), peak learning\n"
             "                 rates (3e-3, 1e-3), the target task's share of the pre-training\n"
             "                 mix (0.1)\n"
             "  -h, --help     this text\n");
@@ -696,7 +696,6 @@ static int parse_args(options *o, int argc, char **argv)
 /* One row of the table. */
 typedef struct result {
     char name[64];
-    const char *note;    /* NULL, or why the row has no numbers */
     score task, general, per_task[N_TASKS];
     size_t params, bytes;
     double seconds;
@@ -787,8 +786,7 @@ static void print_table(const result *res, int n, const options *o)
            task_names[o->target]);
     printf("|---|---:|---:|---:|---:|---:|\n");
     for (i = 0; i < n; i++) {
-        if (res[i].note) printf("| %s | %s | | | | |\n", res[i].name, res[i].note);
-        else if (res[i].seconds == 0.0)
+        if (res[i].seconds == 0.0)
             printf("| %s | %.3f | %.3f | 0 | 0 | - |\n", res[i].name, res[i].task.bpb, res[i].general.bpb);
         else
             printf("| %s | %.3f | %.3f | %lu | %lu | %.1f s |\n", res[i].name, res[i].task.bpb, res[i].general.bpb,
@@ -798,7 +796,6 @@ static void print_table(const result *res, int n, const options *o)
     for (k = 0; k < N_TASKS; k++) printf("  %11s", task_names[k]);
     printf("\n");
     for (i = 0; i < n; i++) {
-        if (res[i].note) continue;
         printf("  %-26s", res[i].name);
         for (k = 0; k < N_TASKS; k++) printf("  %11.3f", res[i].per_task[k].bpb);
         printf("\n");
@@ -813,7 +810,6 @@ static void write_results(const char *path, const result *res, int n, const opti
     for (k = 0; k < N_TASKS; k++) fprintf(f, "\t%s_bpb", task_names[k]);
     fprintf(f, "\ttask_nats\ttrainable_params\tgrad_adam_bytes\tseconds\n");
     for (i = 0; i < n; i++) {
-        if (res[i].note) continue;
         fprintf(f, "%s\t%s\t%.4f\t%.4f\t%.4f\t%.4f", res[i].name, task_names[o->target], res[i].task.bpb,
                 res[i].task.acc, res[i].general.bpb, res[i].general.acc);
         for (k = 0; k < N_TASKS; k++) fprintf(f, "\t%.4f", res[i].per_task[k].bpb);
@@ -829,7 +825,6 @@ static void write_results(const char *path, const result *res, int n, const opti
 static void pesc_row(result *r, const char *dense_dir, const sampler *task, const options *o, int steps, float lr,
                      const text *ev, size_t max_eval)
 {
-#if defined(DEMO_HAVE_PESC)
     esft_model dm;
     esft_train_spec spec;
     esft_error err;
@@ -842,11 +837,6 @@ static void pesc_row(result *r, const char *dense_dir, const sampler *task, cons
     spec.seed = 1;
     fine_tune(r, &dm, &spec, task, o, steps, lr, ev, max_eval, NULL);
     esft_model_close(&dm);
-#else
-    (void)dense_dir; (void)task; (void)o; (void)steps; (void)lr; (void)ev; (void)max_eval;
-    r->note = "not run: PESC on models not in this build";
-    printf("        %-14s not run: PESC on models (ESFT_TRAIN_PESC) is not in this build of esft.h\n", r->name);
-#endif
 }
 
 int main(int argc, char **argv)
@@ -875,7 +865,7 @@ int main(int argc, char **argv)
     setvbuf(stdout, NULL, _IOLBF, 0); /* progress shows through a pipe (make run | tee) */
     esft_set_num_threads(o.threads > 0 ? o.threads : 1);
     pre_steps = o.pre_steps > 0 ? o.pre_steps : o.quick ? 60 : 1000;
-    ft_steps = o.ft_steps > 0 ? o.ft_steps : o.quick ? 20 : 150;
+    ft_steps = o.ft_steps > 0 ? o.ft_steps : o.quick ? 20 : 300;
     pre_lr = o.pre_lr > 0.0 ? (float)o.pre_lr : 3e-3f;
     ft_lr = o.ft_lr > 0.0 ? (float)o.ft_lr : 1e-3f;
     max_eval = o.quick ? 2048 : (size_t)-1;
