@@ -748,24 +748,24 @@ static void pretrain(const char *init_dir, const char *base_dir, const char *tra
 
 /* Fine-tunes one way: the trainable set of spec over m, the target task's
    batches (the sampler re-seeded: every method sees the same ones), then
-   every eval text. keep (optional) receives the trainer, still initialised. */
+   every eval text. With keep, the trained set stays in *keep (the caller
+   uninits it); without, it is freed here. */
 static void fine_tune(result *r, const esft_model *m, const esft_train_spec *spec, const sampler *task,
                       const options *o, int steps, float lr, const text *ev, size_t max_eval, trainer *keep)
 {
-    trainer t;
+    trainer own, *t = keep ? keep : &own;
     double t0;
-    trainer_init(&t, m, spec, 0.0f);
+    trainer_init(t, m, spec, 0.0f);
     rng_state = 7777u;
     t0 = now_s();
-    train(m, &t, task, steps, lr, 0);
+    train(m, t, task, steps, lr, 0);
     r->seconds = now_s() - t0;
-    r->params = t.tr.n_params;
-    r->bytes = trainer_bytes(&t);
-    evaluate_all(r, m, &t.tr, ev, o->target, max_eval);
+    r->params = t->tr.n_params;
+    r->bytes = trainer_bytes(t);
+    evaluate_all(r, m, &t->tr, ev, o->target, max_eval);
     printf("        %-14s trained in %5.1f s: %s %.3f bits/byte, general %.3f\n", r->name, r->seconds,
            task_names[o->target], r->task.bpb, r->general.bpb);
-    if (keep) *keep = t;
-    else trainer_uninit(&t);
+    if (!keep) trainer_uninit(t);
 }
 
 static void print_layers(const esft_expert_config *cfg)
