@@ -38,7 +38,7 @@ BENCH_BIN   = $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 FUZZ_SRC    = $(wildcard tests/fuzz_*.c)
 DATA        = $(BUILD)/data/translation/expert_weights_1.txt
 
-.PHONY: all test run analysis bench sanitize fuzz cuda features help clean deps
+.PHONY: all test run analysis bench sanitize fuzz cuda bench-cuda gpu-check features help clean deps
 
 all: features $(BUILD)/esft $(EXAMPLE_BIN) $(TEST_BIN) $(CUDA_BIN)
 
@@ -51,6 +51,9 @@ help:
 	@echo "make sanitize  tests under ASan+UBSan, then valgrind"
 	@echo "make fuzz      libFuzzer targets, FUZZ_SECONDS each (needs clang)"
 	@echo "make cuda      esft_cuda.cu and its tests (needs nvcc)"
+	@echo "make bench-cuda  the CUDA backend at V2-Lite size beside cuBLAS (needs a GPU; BENCH_CUDA_ARGS)"
+	@echo "make gpu-check the GPU machine's whole check: test_cuda, compute-sanitizer, bench-cuda"
+	@echo "               (logs under \$$OUT or $(BUILD)/gpu-check/; docs/cuda.md)"
 
 features:
 	@if [ -n "$(OPENMP)" ]; then echo "✓ OpenMP ($(OPENMP)): CPU kernels on all cores"; else echo "✗ OpenMP: not available (or OPENMP=): CPU kernels on one thread"; fi
@@ -89,6 +92,24 @@ $(BUILD)/tests/test_cuda: tests/test_cuda.cu $(BUILD)/cuda/esft_cuda.o esft.h te
 $(BUILD)/examples/cuda_route: examples/cuda_route.cu $(BUILD)/cuda/esft_cuda.o esft.h
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVCCFLAGS) $(NVCC_WARN) -I. $< $(BUILD)/cuda/esft_cuda.o -o $@ -lcublas
+
+$(BUILD)/bench/bench_cuda: bench/bench_cuda.cu $(BUILD)/cuda/esft_cuda.o esft.h
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) $(NVCC_WARN) -I. $< $(BUILD)/cuda/esft_cuda.o -o $@ -lcublas
+
+# The CUDA benchmark (bench/bench_cuda.cu): exit 2 with the reason when there is no GPU.
+BENCH_CUDA_ARGS ?=
+ifneq ($(NVCC),)
+bench-cuda: $(BUILD)/bench/bench_cuda
+	$(BUILD)/bench/bench_cuda $(BENCH_CUDA_ARGS)
+else
+bench-cuda:
+	@echo "make bench-cuda: nvcc not found (or NO_CUDA=1)"; exit 1
+endif
+
+# Everything owed on a GPU machine, in one script (tests/gpu_check.sh, docs/cuda.md).
+gpu-check:
+	@BUILD=$(BUILD) NVCC="$(NVCC)" MAKE="$(MAKE)" sh tests/gpu_check.sh
 
 # The vendored routing logs (data/README.md says where they come from).
 $(DATA): data/esft-translation.tar.xz

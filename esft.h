@@ -183,13 +183,20 @@ typedef struct esft_allocator {
    library somewhere (the CPU here, a GPU in esft_cuda.cu). Contract:
    - api_version is the first field and must equal ESFT_BACKEND_API_VERSION;
      a mismatch is rejected with both numbers in the error detail.
-   - Pointers passed to ops live in the backend's own memory (alloc/upload).
-     The CPU backend's memory is ordinary host memory.
+   - Memory spaces are explicit. Pointers passed to ops live in the backend's
+     own memory (alloc/upload); the CPU backend's memory is ordinary host
+     memory. No public function reads a backend's memory on the host: the
+     wrappers move data only through the backend's upload/download (the MoE
+     workspace's stamp, a stats histogram), and objects put their blocks in the
+     backend's memory when given one (esft_stats_set_backend,
+     esft_moe_set_backend, esft_adamw_set_backend: object first, the one way
+     to choose an object's backend; stateless calls take it as esft_*_with(b, ...)).
    - An op the backend lacks is NULL; calling it returns ESFT_ERR_UNSUPPORTED.
      Nothing falls back to another backend silently.
-   - Ops validate nothing the public wrapper already checked (shapes, NULLs,
-     NaN in inputs, workspace size): the wrapper calls an op only with a
-     well-formed request. An op reports only its own failures.
+   - The wrapper checks the request (shapes, NULLs, workspace size, config);
+     the op checks the data, which only it can read: NaN/Inf in inputs
+     (ESFT_ERR_NUMERIC), ids and weights out of range (ESFT_ERR_RANGE), and
+     reports them through its status and err, as the CPU backend does.
    - Backwards accumulate into gradients, as the CPU reference does.
    - Results match the CPU backend within the tolerances each test states.
    To add a backend (docs/backend.md has a worked example):
@@ -387,8 +394,10 @@ typedef struct esft_stats {
     uint64_t *n_samples;      /* (L) samples with at least one counted token */
     uint64_t *token_frac_sum; /* (L, E) sum over samples of count_s/(K N_s), fixed point */
     uint64_t *gate_frac_sum;  /* (L, E) sum over samples of gate_sum_s/N_s, fixed point */
-    uint64_t *scratch;        /* (2E) one sample's histogram */
-    const esft_backend *backend; /* runs stats_accumulate; CPU by default */
+    uint64_t *scratch;        /* (2E) one sample's histogram, host */
+    const esft_backend *backend; /* runs stats_accumulate; CPU by default (esft_stats_set_backend) */
+    void *backend_scratch;    /* (2E) the histogram in the backend's memory, or NULL (host backends) */
+    const esft_backend *scratch_backend; /* the backend that made backend_scratch */
     esft_allocator allocator;
 } esft_stats;
 
@@ -407,14 +416,24 @@ ESFTDEF void esft_stats_reset(esft_stats *st);
 /* Adds one sample's routing at one layer: T tokens, K ids and weights each.
    mask (optional): tokens with mask[t] == 0 are not counted (e.g. the prompt).
    weights may be NULL (token scores only; gate sums then stay 0).
-   Validates everything first (ids in [0,E), weights finite in [0,
+   ids, weights and mask are in st->backend's memory (host memory for the CPU).
+   Validates everything before st changes (ids in [0,E), weights finite in [0,
    ESFT_MAX_GATE_WEIGHT], layer in range, no sum past its capacity: see
-   ESFT_FIXED_ONE); on error nothing is added. */
+   ESFT_FIXED_ONE); the data checks are the backend's, so on a GPU they run
+   there. On error nothing is added. */
 ESFTDEF esft_status esft_stats_add(esft_stats *st, int layer,
                                    const int32_t *ids,        /* (T, K) */
                                    const float *weights,      /* (T, K) or NULL */
                                    const unsigned char *mask, /* (T) or NULL */
                                    int T, esft_error *err);
+
+/* Runs st's later esft_stats_add calls on b (its stats_accumulate op), whose
+   memory then holds their ids, weights and mask. A backend with memory of its
+   own (not the host's) gets the sample's histogram (2E counters) allocated
+   there; the accumulator itself stays in host memory, so merging, scores and
+   files work as before. The backend checks the routing (ids, weights) and
+   reports through its status. Replaces setting st->backend by hand. */
+ESFTDEF esft_status esft_stats_set_backend(esft_stats *st, const esft_backend *b, esft_error *err);
 
 /* dst += src. Shapes must agree. The result does not depend on merge order.
    A sum that would pass its capacity is ESFT_ERR_RANGE naming the (layer, expert);
@@ -572,9 +591,9 @@ ESFTDEF esft_status esft_heatmap_write_svg(const char *path, const esft_scores *
    constant) flows into the router and x in the backward, with upstream 1.
    Softmax gating only (sigmoid gating with alpha > 0 -> ESFT_ERR_UNSUPPORTED).
 
-   Backend: a layer runs its ops on layer->backend (esft_backend_cpu() unless
-   the caller sets another after init). The layer's blocks are host memory from
-   the allocator; a device backend receives the pointers as they are. */
+   Backend: a layer runs its ops on layer->backend, esft_backend_cpu() after
+   init, whose blocks are host memory from the allocator; esft_moe_set_backend
+   moves the blocks into another backend's memory and runs the layer there. */
 
 typedef enum esft_aux_mode {
     ESFT_AUX_BATCH = 0,   /* f and P over the whole batch of T tokens */
@@ -610,7 +629,8 @@ typedef struct esft_moe_weights {
 typedef struct esft_moe {
     esft_moe_config cfg;          /* cfg.trainable_experts is not kept: see slot */
     esft_moe_weights frozen;      /* the caller's weights (trainable parts unused) */
-    const esft_backend *backend;  /* runs moe_forward / moe_backward */
+    const esft_backend *backend;  /* runs moe_forward / moe_backward (esft_moe_set_backend) */
+    const esft_backend *memory;   /* made params and grads; NULL: the allocator did */
     size_t n_params;              /* N, floats in the trainable block */
     float *params;                /* (N) trainable parameters */
     float *grads;                 /* (N) their gradients, same layout */
@@ -667,29 +687,96 @@ ESFTDEF esft_status esft_moe_expert_weights(const esft_moe *layer, int e,
 ESFTDEF esft_status esft_moe_workspace_size(const esft_moe_config *cfg, int T, size_t *bytes,
                                             esft_error *err);
 
-/* y = layer(x). aux_loss (optional) receives the auxiliary loss (0 when
-   alpha = 0). Checks shapes, workspace size and that x is finite before
-   writing anything; NaN/Inf in x -> ESFT_ERR_NUMERIC, y untouched. A y that
+/* The workspace's regions, published so that every backend carves the same
+   ones (one owner: esft_moe_workspace_size and the CPU ops use it too). Offsets
+   in bytes from the workspace's base, the first 64-byte aligned address at or
+   after the pointer the caller passes; each region is 64-byte aligned. The
+   first ESFT_MOE_WS_HEADER bytes at the base are the wrapper's (the stamp of the
+   forward that filled the workspace); regions marked saved carry the forward's
+   results to the backward, the others are scratch any backend may use. */
+#define ESFT_MOE_WS_HEADER 64
+typedef struct esft_moe_workspace_layout {
+    size_t probs;      /* (T, E) float, saved router probabilities */
+    size_t weights;    /* (T, K) float, saved routing weights */
+    size_t ids;        /* (T, K) int32, saved expert ids */
+    size_t perm;       /* (TK) int32, saved: sorted position -> slot t*K + j */
+    size_t pos;        /* (TK) int32, saved: slot -> sorted position */
+    size_t offsets;    /* (E + 1) int32, saved: expert e's rows are [offsets[e], offsets[e+1]) */
+    size_t xg;         /* (TK, D) float, saved: x gathered in sorted order */
+    size_t g, u;       /* (TK, F) float, saved gate and up pre-activations, sorted */
+    size_t o;          /* (TK, D) float, saved expert outputs, unweighted, sorted */
+    size_t a, b;       /* (TK, F) float, scratch: activations, their gradients */
+    size_t d;          /* (TK, D) float, scratch: output gradients, then input gradients */
+    size_t gs, us;     /* (T, FS) float, saved shared pre-activations */
+    size_t as, bs;     /* (T, FS) float, scratch */
+    size_t so;         /* (T, D) float, saved shared output before its gate (shared_gated; else empty) */
+    size_t sig;        /* (T) float, saved gate sigmoid(x . w_s) (shared_gated) */
+    size_t dys;        /* (T, D) float, scratch (shared_gated) */
+    size_t dz;         /* (T) float, scratch (shared_gated) */
+    size_t logits;     /* (T, E) float, scratch: logits, then their gradient */
+    size_t dw;         /* (T, K) float, scratch: gradient of the routing weights */
+    size_t aux_coef;   /* (T / aux_seq_len + 1 or 1, E) float, saved: dL_aux / dp per sequence */
+    size_t aux_offsets; /* (E + 1) int32, scratch */
+    size_t route_tmp;  /* (3E + 2G) float, scratch of the CPU router */
+    size_t end;        /* bytes from the base to the end of the last region */
+    size_t bytes;      /* what esft_moe_workspace_size reports: end + 64 of alignment slack */
+} esft_moe_workspace_layout;
+
+ESFTDEF esft_status esft_moe_workspace_regions(const esft_moe_config *cfg, int T,
+                                               esft_moe_workspace_layout *out, esft_error *err);
+
+/* The same regions as pointers into a workspace (any memory space: nothing is
+   read), for backends: header is the base, the others as in the layout. */
+typedef struct esft_moe_workspace_view {
+    void *header;
+    float *probs, *weights;
+    int32_t *ids, *perm, *pos, *offsets;
+    float *xg, *g, *u, *o, *a, *b, *d, *gs, *us, *as, *bs, *so, *sig, *dys, *dz, *logits, *dw, *aux_coef;
+    int32_t *aux_offsets;
+    float *route_tmp;
+} esft_moe_workspace_view;
+
+ESFTDEF esft_status esft_moe_workspace_view_at(const esft_moe_config *cfg, int T, void *workspace,
+                                               esft_moe_workspace_view *out, esft_error *err);
+
+/* Moves the layer onto backend b: its trainable block and gradients are copied
+   into b's memory (b's alloc and upload; the old blocks are freed), and
+   `frozen` (may be NULL only for the CPU backend: then the weights stay)
+   gives the layer's frozen weights as b holds them: arrays in b's memory, the
+   same layout as at init (its trainable parts are not read). Then
+   esft_moe_forward / _backward run on b, and every pointer passed to them
+   (x, y, dy, dx, the workspace) must be b's memory. The one way to choose a
+   layer's backend (setting layer->backend by hand leaves the blocks where they
+   were). Parameters move back with esft_moe_set_backend(layer, cpu, host_w). */
+ESFTDEF esft_status esft_moe_set_backend(esft_moe *layer, const esft_backend *b,
+                                         const esft_moe_weights *frozen, esft_error *err);
+
+/* y = layer(x). aux_loss (optional, host memory) receives the auxiliary loss
+   (0 when alpha = 0). x, y and the workspace are in layer->backend's memory:
+   this function checks shapes and the workspace size, and the backend checks
+   that x is finite before writing anything; NaN/Inf in x -> ESFT_ERR_NUMERIC,
+   y untouched. A y that
    comes out NaN or Inf from a finite x (a NaN weight; a SwiGLU that overflows)
    is ESFT_ERR_NUMERIC naming its first bad element; y then holds it, and the
    workspace is not usable by a backward. */
-ESFTDEF esft_status esft_moe_forward(float *y,          /* (T, D) out */
+ESFTDEF esft_status esft_moe_forward(const esft_moe *layer,
+                                     float *y,          /* (T, D) out */
                                      float *aux_loss,   /* (1) out, or NULL */
                                      const float *x,    /* (T, D) */
-                                     const esft_moe *layer,
                                      void *workspace, size_t workspace_bytes, int T,
                                      esft_error *err);
 
 /* The backward of the last forward on the same x and workspace, with dL/dy
    = dy and the auxiliary loss added to L with weight 1. Accumulates into dx
    (always: through routed, shared and router paths) and into layer->grads
-   (only trainable tensors). NaN/Inf in dy -> ESFT_ERR_NUMERIC, nothing written.
+   (only trainable tensors). NaN/Inf in dy -> ESFT_ERR_NUMERIC (the backend's
+   check), nothing written.
    The workspace must hold a successful forward of the same T (and layer
    shape): otherwise ESFT_ERR_INVALID_ARGUMENT (ESFT_ERR_SHAPE for another
    shape), nothing written. A dx that comes out NaN or Inf is ESFT_ERR_NUMERIC
    (dx and the gradients then hold the bad values: discard them). */
-ESFTDEF esft_status esft_moe_backward(float *dx,        /* (T, D) += */
-                                      const esft_moe *layer, /* layer->grads += */
+ESFTDEF esft_status esft_moe_backward(const esft_moe *layer, /* layer->grads += */
+                                      float *dx,        /* (T, D) += */
                                       const float *dy,  /* (T, D) */
                                       const float *x,   /* (T, D), as in the forward */
                                       void *workspace, size_t workspace_bytes, int T,
@@ -900,7 +987,8 @@ typedef struct esft_adamw {
     size_t n;                     /* floats in the block it updates */
     float *m, *v;                 /* (n) each: Adam moments, zero at start */
     long step;                    /* steps taken */
-    const esft_backend *backend;  /* runs adamw_step; CPU by default */
+    const esft_backend *backend;  /* runs adamw_step; CPU by default (esft_adamw_set_backend) */
+    const esft_backend *memory;   /* made m and v; NULL: the allocator did */
     esft_allocator allocator;
 } esft_adamw;
 
@@ -909,11 +997,17 @@ ESFTDEF esft_status esft_adamw_init(esft_adamw *opt, const esft_adamw_config *cf
                                     const esft_allocator *allocator, esft_error *err);
 ESFTDEF void esft_adamw_uninit(esft_adamw *opt);
 
+/* Runs later steps on backend b: m and v move into b's memory (their values
+   kept), and params and grads given to esft_adamw_step must be b's memory
+   too (a layer moved with esft_moe_set_backend has its blocks there). The one
+   way to choose the optimizer's backend. */
+ESFTDEF esft_status esft_adamw_set_backend(esft_adamw *opt, const esft_backend *b, esft_error *err);
+
 /* Bytes of optimizer state: 8 n (m and v). */
 ESFTDEF size_t esft_adamw_state_bytes(const esft_adamw *opt);
 
-/* One step: params updated from grads (n floats each). NaN/Inf in grads ->
-   ESFT_ERR_NUMERIC and nothing changes. */
+/* One step: params updated from grads (n floats each, opt->backend's memory).
+   NaN/Inf in grads -> ESFT_ERR_NUMERIC (the backend's check) and nothing changes. */
 ESFTDEF esft_status esft_adamw_step(esft_adamw *opt,
                                     float *params,      /* (n) updated */
                                     const float *grads, /* (n) */
@@ -922,7 +1016,9 @@ ESFTDEF esft_status esft_adamw_step(esft_adamw *opt,
 /* Global-norm clipping over several gradient blocks (one per layer): the norm
    is sqrt of the sum of squares of all of them; when it exceeds max_norm every
    block is scaled by max_norm / (norm + 1e-6) (torch.nn.utils.clip_grad_norm_).
-   norm (optional) receives the norm before clipping. max_norm <= 0: measure only. */
+   norm (optional) receives the norm before clipping. max_norm <= 0: measure only.
+   Host memory only: it takes no backend (a device version is not written yet;
+   for a layer on a GPU, download its gradients or clip on the device). */
 ESFTDEF esft_status esft_clip_grad_norm(float *const *grads,   /* (n_blocks) blocks */
                                         const size_t *sizes,   /* (n_blocks) floats each */
                                         int n_blocks, float max_norm, double *norm,
@@ -1589,7 +1685,8 @@ ESFTDEF esft_status esft_model_lora_save(const esft_model_trainable *tr, const c
 ESFTDEF esft_status esft_model_lora_load(esft_model_trainable *tr, const char *dir, esft_error *err);
 /* Rebuilds a trainable set from what training wrote, to evaluate base +
    training without merging (or to go on training): from a trained file (the
-   expert config in its metadata says what it trains; FFT's says everything),
+   expert config in its metadata says what it trains; FFT's says everything;
+   a PESC file's pesc_* keys give its adapter config, aux_alpha 0),
    or from a PEFT LoRA directory (r and lora_alpha from adapter_config.json,
    the targets from the adapted modules' names; modules PEFT did not adapt
    get B = 0, which adds nothing). Pair: esft_model_trainable_uninit. */
@@ -1984,6 +2081,10 @@ ESFTDEF esft_status esft_backend_check(const esft_backend *b, esft_error *err)
     return ESFT_OK;
 }
 
+/* The CPU backend's alloc (defined with the table at the end): a backend that
+   uses it has host memory. */
+static esft_status esft__cpu_alloc(void *context, size_t bytes, void **out);
+
 static esft_status esft__missing_op(const esft_backend *b, const char *op, esft_error *err)
 {
     return esft__fail(err, ESFT_ERR_UNSUPPORTED, "backend '%s' has no %s op", b->name, op);
@@ -2355,6 +2456,7 @@ ESFTDEF void esft_stats_uninit(esft_stats *st)
     esft__release(&st->allocator, st->n_tokens);
     esft__release(&st->allocator, st->n_samples);
     esft__release(&st->allocator, st->scratch);
+    if (st->backend_scratch) st->scratch_backend->free(st->scratch_backend->context, st->backend_scratch);
     memset(st, 0, sizeof *st);
 }
 
@@ -2500,6 +2602,16 @@ static unsigned esft__stats_row_full(const uint64_t *row_count, const uint64_t *
     return full;
 }
 
+/* ESFT_ERR_RANGE when a sample's weights sum past ESFT_MAX_SAMPLE_WEIGHT. */
+static esft_status esft__stats_sample_weight(double total, esft_error *err)
+{
+    if (total > ESFT_MAX_SAMPLE_WEIGHT)
+        return esft__fail(err, ESFT_ERR_RANGE,
+                          "the sample's gate weights sum to %.6g, past the fixed-point capacity (%.6g per sample)",
+                          total, ESFT_MAX_SAMPLE_WEIGHT);
+    return ESFT_OK;
+}
+
 /* A sample of at least 2^16 assignments could, with large weights, wrap its own
    histogram (2^16 weights of 2^16 are 2^64 in fixed point): its weights, all of
    them (masked tokens too, so this bounds the counted ones), must sum to at most
@@ -2517,11 +2629,7 @@ static esft_status esft__stats_sample_fits(const float *w, size_t n, esft_error 
     }
     for (; i < n; i++) part[0] += w[i];
     total = (part[0] + part[1]) + (part[2] + part[3]);
-    if (total > ESFT_MAX_SAMPLE_WEIGHT)
-        return esft__fail(err, ESFT_ERR_RANGE,
-                          "the sample's gate weights sum to %.6g, past the fixed-point capacity (%.6g per sample)",
-                          total, ESFT_MAX_SAMPLE_WEIGHT);
-    return ESFT_OK;
+    return esft__stats_sample_weight(total, err);
 }
 
 /* ---- the CPU accumulation kernel ---------------------------------------- */
@@ -2654,49 +2762,101 @@ static unsigned esft__hist_copies(uint64_t *count, uint64_t *gate_sum, const int
     return 0;
 }
 
-/* The CPU stats_accumulate op: the histogram over each run of counted tokens.
-   It checks its input (a bad id would otherwise write out of bounds) and fails
-   with a short message; esft_stats_add then names the culprit. */
+/* The CPU stats_accumulate op: the histogram over each run of counted tokens,
+   a chunk of ESFT__STATS_CHUNK tokens at a time. It checks its input itself, as
+   every backend does (the wrapper never reads it): with a mask, each chunk is
+   checked first, while it fits in cache (masked tokens are checked too);
+   without one, the kernel checks in its single pass and, on failure, the chunk
+   is searched for the culprit, named by its token in the sample. Last the
+   sample's total weight (esft__stats_sample_fits). On error the histogram holds
+   a partial sum: the caller discards it. */
+#define ESFT__STATS_CHUNK 8192
+
 static esft_status esft__stats_accumulate_cpu(void *context, uint64_t *count, uint64_t *gate_sum,
                                               const int32_t *ids, const float *weights,
                                               const unsigned char *mask, int T, int K, int E,
                                               esft_error *err)
 {
-    int t = 0, t1;
+    int c0, t, t1;
+    esft_status s;
     (void)context;
-    while (t < T) {
-        if (mask) {
-            while (t < T && !mask[t]) t++;
-            for (t1 = t; t1 < T && mask[t1]; t1++) {}
-        } else t1 = T;
-        if (t1 > t) {
-            size_t n = (size_t)(t1 - t) * (size_t)K;
-            const int32_t *run_ids = ids + (size_t)t * K;
-            const float *run_w = weights ? weights + (size_t)t * K : NULL;
-            /* Zeroing and summing the copies costs about 8E operations: worth it from 8E up. */
-            unsigned bad = E <= ESFT__HIST_MAX_E && n >= 8 * (size_t)E
-                               ? esft__hist_copies(count, gate_sum, run_ids, run_w, n, E)
-                               : esft__hist_simple(count, gate_sum, run_ids, run_w, n, E);
-            if (bad)
-                return esft__fail(err, ESFT_ERR_RANGE, "expert id outside [0, %d) or weight not finite in [0, %g]",
-                                  E, (double)ESFT_MAX_GATE_WEIGHT);
+    for (c0 = 0; c0 < T; c0 += ESFT__STATS_CHUNK) {
+        int c1 = T - c0 < ESFT__STATS_CHUNK ? T : c0 + ESFT__STATS_CHUNK;
+        if (mask && (s = esft__stats_check_routing(ids + (size_t)c0 * K, weights ? weights + (size_t)c0 * K : NULL,
+                                                   c1 - c0, K, E, c0, err)) != ESFT_OK)
+            return s;
+        for (t = c0; t < c1; t = t1) {
+            if (mask) {
+                while (t < c1 && !mask[t]) t++;
+                for (t1 = t; t1 < c1 && mask[t1]; t1++) {}
+            } else t1 = c1;
+            if (t1 > t) {
+                size_t n = (size_t)(t1 - t) * (size_t)K;
+                const int32_t *run_ids = ids + (size_t)t * K;
+                const float *run_w = weights ? weights + (size_t)t * K : NULL;
+                /* Zeroing and summing the copies costs about 8E operations: worth it from 8E up. */
+                unsigned bad = E <= ESFT__HIST_MAX_E && n >= 8 * (size_t)E
+                                   ? esft__hist_copies(count, gate_sum, run_ids, run_w, n, E)
+                                   : esft__hist_simple(count, gate_sum, run_ids, run_w, n, E);
+                if (bad) {
+                    s = esft__stats_check_routing(run_ids, run_w, t1 - t, K, E, t, err);
+                    return s != ESFT_OK ? s : esft__fail(err, ESFT_ERR_RANGE, "expert id outside [0, %d) or "
+                                                         "weight not finite in [0, %g]", E,
+                                                         (double)ESFT_MAX_GATE_WEIGHT);
+                }
+            }
         }
-        t = t1;
     }
+    return esft__stats_sample_fits(weights, (size_t)T * (size_t)K, err);
+}
+
+/* The histogram the op fills: the host scratch for a backend whose memory is the
+   host's, else 2E counters in the backend's memory (esft_stats_set_backend). */
+static esft_status esft__stats_histogram(esft_stats *st, uint64_t **out, esft_error *err)
+{
+    size_t bytes = 2 * (size_t)st->n_experts * sizeof(uint64_t);
+    esft_status s;
+    memset(st->scratch, 0, bytes);
+    if (!st->backend_scratch) {
+        *out = st->scratch;
+        return ESFT_OK;
+    }
+    if (st->scratch_backend != st->backend)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "stats.backend is '%s' but its histogram lives on '%s': "
+                          "choose backends with esft_stats_set_backend", st->backend->name, st->scratch_backend->name);
+    if (!st->backend->upload) return esft__missing_op(st->backend, "upload", err);
+    s = st->backend->upload(st->backend->context, st->backend_scratch, st->scratch, bytes);
+    if (s != ESFT_OK) return esft__fail(err, s, "backend '%s': cannot clear the histogram", st->backend->name);
+    *out = ESFT__CAST(uint64_t *, st->backend_scratch);
     return ESFT_OK;
 }
 
-/* Tokens handled in chunks: with a mask (masked tokens are checked too) or another
-   backend, each chunk is checked here first, while it fits in cache (8192 tokens
-   of top-6 are 384 KiB); the CPU kernel checks unmasked input itself in one pass. */
-#define ESFT__STATS_CHUNK 8192
+ESFTDEF esft_status esft_stats_set_backend(esft_stats *st, const esft_backend *b, esft_error *err)
+{
+    esft_status s;
+    void *p = NULL;
+    if (!st || !st->count) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "stats not initialised");
+    if ((s = esft_backend_check(b, err)) != ESFT_OK) return s;
+    if (b->alloc != esft__cpu_alloc) { /* another memory space: the histogram lives there */
+        if (!b->alloc || !b->free || !b->download || !b->upload)
+            return esft__fail(err, ESFT_ERR_UNSUPPORTED, "backend '%s' lacks memory entries", b->name);
+        s = b->alloc(b->context, 2 * (size_t)st->n_experts * sizeof(uint64_t), &p);
+        if (s != ESFT_OK) return esft__fail(err, s, "backend '%s': histogram of %d experts", b->name, st->n_experts);
+    }
+    if (st->backend_scratch) st->scratch_backend->free(st->scratch_backend->context, st->backend_scratch);
+    st->backend_scratch = p;
+    st->scratch_backend = p ? b : NULL;
+    st->backend = b;
+    return ESFT_OK;
+}
 
 ESFTDEF esft_status esft_stats_add(esft_stats *st, int layer, const int32_t *ids,
                                    const float *weights, const unsigned char *mask, int T,
                                    esft_error *err)
 {
-    int E, K, t, cpu;
-    uint64_t n_counted = 0, *count, *gsum;
+    int E, K, e;
+    uint64_t n_assigned = 0, n_counted, *hist = NULL, *count, *gsum;
+    double total = 0.0;
     esft_status s;
     if (!st || !st->count) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "stats not initialised");
     if (layer < 0 || layer >= st->n_layers)
@@ -2707,34 +2867,30 @@ ESFTDEF esft_status esft_stats_add(esft_stats *st, int layer, const int32_t *ids
     /* st->backend is a public field a caller may set: checked like every other door */
     if ((s = esft_backend_check(st->backend, err)) != ESFT_OK) return s;
     if (!st->backend->stats_accumulate) return esft__missing_op(st->backend, "stats_accumulate", err);
-    cpu = st->backend->stats_accumulate == esft__stats_accumulate_cpu;
+    if (T == 0) return ESFT_OK;
+    /* The sample goes into a zeroed histogram; the op checks ids, weights (and its
+       own capacity) and st changes only once all of it has been added. ids,
+       weights and mask are the backend's memory: never read here. */
+    if ((s = esft__stats_histogram(st, &hist, err)) != ESFT_OK) return s;
+    s = st->backend->stats_accumulate(st->backend->context, hist, hist + E, ids, weights, mask, T, K, E, err);
+    if (s != ESFT_OK) return s;
+    if (hist != st->scratch) {
+        s = st->backend->download(st->backend->context, st->scratch, hist, 2 * (size_t)E * sizeof(uint64_t));
+        if (s != ESFT_OK) return esft__fail(err, s, "backend '%s': cannot read the histogram", st->backend->name);
+    }
     count = st->scratch;
     gsum = st->scratch + E;
-    memset(st->scratch, 0, 2 * (size_t)E * sizeof(uint64_t));
-    /* The sample goes into the scratch histogram; st changes only once all of it
-       has been checked and added. */
-    for (t = 0; t < T; t += ESFT__STATS_CHUNK) {
-        int n = T - t < ESFT__STATS_CHUNK ? T - t : ESFT__STATS_CHUNK;
-        const int32_t *chunk_ids = ids + (size_t)t * K;
-        const float *chunk_w = weights ? weights + (size_t)t * K : NULL;
-        if (mask || !cpu) {
-            s = esft__stats_check_routing(chunk_ids, chunk_w, n, K, E, t, err);
-            if (s != ESFT_OK) return s;
-        }
-        s = st->backend->stats_accumulate(st->backend->context, count, gsum, chunk_ids, chunk_w,
-                                          mask ? mask + t : NULL, n, K, E, err);
-        if (s != ESFT_OK && cpu) {
-            esft_status named = esft__stats_check_routing(chunk_ids, chunk_w, n, K, E, t, err);
-            return named != ESFT_OK ? named : s;
-        }
-        if (s != ESFT_OK) return s;
+    /* every counted token adds K selections: the count of tokens without the mask */
+    for (e = 0; e < E; e++) {
+        n_assigned += count[e];
+        total += (double)gsum[e];
     }
-    if (!mask) n_counted = (uint64_t)T;
-    else for (t = 0; t < T; t++) n_counted += mask[t] != 0;
+    n_counted = n_assigned / (uint64_t)K;
     if (n_counted == 0) return ESFT_OK;
     if (n_counted > (uint64_t)0x7fffffff / (uint64_t)K)
         return esft__fail(err, ESFT_ERR_RANGE, "a sample of %d tokens is too long", T);
-    if ((s = esft__stats_sample_fits(weights, (size_t)T * (size_t)K, err)) != ESFT_OK) return s;
+    /* the op's check again on the sums it made (a device op cannot see the total) */
+    if ((s = esft__stats_sample_weight(total / ESFT_FIXED_ONE, err)) != ESFT_OK) return s;
     {
         size_t row = (size_t)layer * E;
         if (esft__stats_row_full(st->count + row, st->gate_sum + row, st->token_frac_sum + row,
@@ -3164,6 +3320,18 @@ static esft_status esft__locate(esft_error *err, esft_status s, const char *file
 }
 
 /* ---- routing logs ---------------------------------------------------- */
+
+/* A log's ids and weights are parsed into host memory: the private accumulator
+   that takes them runs on the caller's backend when its memory is the host's,
+   and on the CPU backend when it has memory of its own (a GPU); the result is
+   merged into the caller's accumulator, whose totals live on the host. An
+   invalid backend is kept, for esft_stats_add to refuse. */
+static const esft_backend *esft__stats_host_backend(const esft_backend *b)
+{
+    if (b && b->api_version == ESFT_BACKEND_API_VERSION && b->alloc && b->alloc != esft__cpu_alloc)
+        return esft_backend_cpu();
+    return b;
+}
 
 static const double esft__pow10[] = {1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10,
                                      1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20,
@@ -3599,7 +3767,7 @@ static esft_status esft__log_reader_begin(esft__log_reader *r, esft_stats *priv,
         return esft__fail_at(err, ESFT_ERR_RANGE, name, 0, "layer %d outside [0, %d)", layer, like->n_layers);
     if (esft_stats_init(priv, like->n_layers, like->n_experts, like->top_k, &like->allocator) != ESFT_OK)
         return esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, name, 0, "accumulator");
-    priv->backend = like->backend;
+    priv->backend = esft__stats_host_backend(like->backend);
     r->st = priv;
     r->layer = layer;
     r->name = name;
@@ -3731,7 +3899,7 @@ ESFTDEF esft_status esft_stats_read_log_dir(esft_stats *st, const char *dir, int
                                  layer, st->n_layers);
     if (esft_stats_init(&all, st->n_layers, st->n_experts, st->top_k, &st->allocator) != ESFT_OK)
         return esft__fail_at(err, ESFT_ERR_OUT_OF_MEMORY, dir, 0, "accumulator");
-    all.backend = st->backend;
+    all.backend = esft__stats_host_backend(st->backend);
     for (layer = 0; layer < st->n_layers && s == ESFT_OK; layer++)
         if (esft__log_file_exists(path, sizeof path, dir, layer) &&
             (s = esft_stats_read_log(&all, layer, path, err)) == ESFT_OK)
@@ -4658,18 +4826,119 @@ ESFTDEF esft_status esft_moe_init(esft_moe *m, const esft_moe_config *cfg, const
     return ESFT_OK;
 }
 
+/* Frees a block made by the allocator (memory NULL) or by a backend's alloc. */
+static void esft__block_release(const esft_allocator *a, const esft_backend *memory, void *p)
+{
+    if (!p) return;
+    if (memory) memory->free(memory->context, p);
+    else esft__release(a, p);
+}
+
 ESFTDEF void esft_moe_uninit(esft_moe *m)
 {
     if (!m || !m->allocator.free) return;
-    esft__release(&m->allocator, m->params);
-    esft__release(&m->allocator, m->grads);
+    esft__block_release(&m->allocator, m->memory, m->params);
+    esft__block_release(&m->allocator, m->memory, m->grads);
     esft__release(&m->allocator, m->slot);
     memset(m, 0, sizeof *m);
 }
 
+/* Zeroes n floats of b's memory at p by uploads from a zeroed host buffer. */
+static esft_status esft__backend_zero(const esft_backend *b, void *p, size_t bytes)
+{
+    const size_t CHUNK = (size_t)1 << 20;
+    esft_allocator a = esft__allocator_or_default(NULL);
+    void *zero;
+    size_t off;
+    esft_status s = ESFT_OK;
+    if (!bytes) return ESFT_OK;
+    zero = esft__calloc(&a, bytes < CHUNK ? bytes : CHUNK, 1);
+    if (!zero) return ESFT_ERR_OUT_OF_MEMORY;
+    for (off = 0; off < bytes && s == ESFT_OK; off += CHUNK)
+        s = b->upload(b->context, ESFT__CAST(char *, p) + off, zero, bytes - off < CHUNK ? bytes - off : CHUNK);
+    esft__release(&a, zero);
+    return s;
+}
+
 ESFTDEF void esft_moe_zero_grad(esft_moe *m)
 {
-    if (m && m->grads) memset(m->grads, 0, m->n_params * sizeof(float));
+    if (!m || !m->grads) return;
+    if (m->memory) (void)esft__backend_zero(m->memory, m->grads, m->n_params * sizeof(float));
+    else memset(m->grads, 0, m->n_params * sizeof(float));
+}
+
+/* n bytes from src (in `from`'s memory, or host memory when from is NULL) to a
+   new block of `to`'s memory (NULL: host memory from a), through host staging. */
+static esft_status esft__block_move(const esft_allocator *a, const esft_backend *from, const esft_backend *to,
+                                    const void *src, size_t bytes, void **out)
+{
+    void *host = NULL, *dst = NULL;
+    esft_status s = ESFT_OK;
+    *out = NULL;
+    if (from) {
+        host = esft__calloc(a, bytes ? bytes : 1, 1);
+        if (!host) return ESFT_ERR_OUT_OF_MEMORY;
+        s = from->download(from->context, host, src, bytes);
+        src = host;
+    }
+    if (s == ESFT_OK && to) {
+        s = to->alloc(to->context, bytes, &dst);
+        if (s == ESFT_OK) s = to->upload(to->context, dst, src, bytes);
+        if (s != ESFT_OK && dst) to->free(to->context, dst);
+    } else if (s == ESFT_OK) {
+        dst = host ? host : esft__calloc(a, bytes ? bytes : 1, 1);
+        if (!dst) s = ESFT_ERR_OUT_OF_MEMORY;
+        else if (!host && bytes) memcpy(dst, src, bytes);
+        host = NULL;
+    }
+    if (host) esft__release(a, host);
+    if (s == ESFT_OK) *out = dst;
+    return s;
+}
+
+/* Moves an object's two mirrored blocks of n floats (x, y: the layer's params
+   and grads, the optimizer's m and v) from *memory's space to b's (host memory
+   from a when b's memory is the host's); *memory then names b, or NULL. On
+   failure nothing changes. */
+static esft_status esft__move_pair(const esft_allocator *a, const esft_backend **memory, const esft_backend *b,
+                                   float **x, float **y, size_t n, const char *what, esft_error *err)
+{
+    const esft_backend *to = b->alloc == esft__cpu_alloc ? NULL : b;
+    void *nx = NULL, *ny = NULL;
+    esft_status s;
+    if (to && (!b->alloc || !b->free || !b->upload || !b->download))
+        return esft__fail(err, ESFT_ERR_UNSUPPORTED, "backend '%s' lacks memory entries", b->name);
+    s = esft__block_move(a, *memory, to, *x, n * sizeof(float), &nx);
+    if (s == ESFT_OK) s = esft__block_move(a, *memory, to, *y, n * sizeof(float), &ny);
+    if (s != ESFT_OK) {
+        esft__block_release(a, to, nx);
+        return esft__fail(err, s, "moving %s of %lu floats to backend '%s'", what, (unsigned long)n, b->name);
+    }
+    esft__block_release(a, *memory, *x);
+    esft__block_release(a, *memory, *y);
+    *x = ESFT__CAST(float *, nx);
+    *y = ESFT__CAST(float *, ny);
+    *memory = to;
+    return ESFT_OK;
+}
+
+ESFTDEF esft_status esft_moe_set_backend(esft_moe *m, const esft_backend *b, const esft_moe_weights *frozen,
+                                         esft_error *err)
+{
+    esft_status s;
+    if (!m || !m->slot) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "layer not initialised");
+    if ((s = esft_backend_check(b, err)) != ESFT_OK) return s;
+    if (b->alloc != esft__cpu_alloc && !frozen)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "backend '%s' needs the frozen weights in its memory",
+                          b->name);
+    if (frozen && (s = esft__moe_check_weights(&m->cfg, frozen, err)) != ESFT_OK) return s;
+    s = esft__move_pair(&m->allocator, &m->memory, b, &m->params, &m->grads, m->n_params,
+                        "the trainable block and gradients", err);
+    if (s != ESFT_OK) return s;
+    m->backend = b;
+    if (frozen) m->frozen = *frozen;
+    esft__moe_set_views(m);
+    return ESFT_OK;
 }
 
 ESFTDEF size_t esft_moe_grad_bytes(const esft_moe *m) { return m ? m->n_params * sizeof(float) : 0; }
@@ -4711,51 +4980,24 @@ ESFTDEF esft_status esft_moe_expert_weights(const esft_moe *m, int e, const floa
    public wrapper writes it through the backend's upload, so it works on device
    memory too): the regions' places depend on T, and a backward of another T
    would read the saved ids and permutation from the wrong places. */
-#define ESFT__MOE_WS_HEADER 64
 #define ESFT__MOE_WS_MAGIC 0x4553464d /* "ESFM" */
 typedef struct esft__moe_ws_stamp {
     int32_t magic, T, D, E, K, F, FS; /* magic = 0: no successful forward */
 } esft__moe_ws_stamp;
 
-/* The workspace, carved into regions (64-byte aligned). "saved" regions carry
-   the forward's results to the backward; the others are scratch. esft_cuda.cu
-   carves the same regions in the same order (esft_cuda__moe_ws_at): change both. */
-typedef struct esft__moe_ws {
-    float *probs;      /* (T, E) saved router probabilities */
-    float *weights;    /* (T, K) saved routing weights */
-    int32_t *ids;      /* (T, K) saved expert ids */
-    int32_t *perm;     /* (TK) saved: sorted position -> slot t*K + j */
-    int32_t *pos;      /* (TK) saved: slot -> sorted position */
-    int32_t *offsets;  /* (E + 1) saved: expert e's rows are [offsets[e], offsets[e+1]) */
-    float *xg;         /* (TK, D) saved: x gathered in sorted order */
-    float *g, *u;      /* (TK, F) saved gate and up pre-activations, sorted */
-    float *o;          /* (TK, D) saved expert outputs, unweighted, sorted */
-    float *a, *b;      /* (TK, F) scratch: activations, their gradients */
-    float *d;          /* (TK, D) scratch: output gradients, then input gradients */
-    float *gs, *us;    /* (T, FS) saved shared pre-activations */
-    float *as, *bs;    /* (T, FS) scratch */
-    float *so;         /* (T, D) saved shared output before its gate (shared_gated only) */
-    float *sig;        /* (T) saved gate sigmoid(x . w_s) (shared_gated only) */
-    float *dys;        /* (T, D) scratch: the shared block's output gradient (shared_gated only) */
-    float *dz;         /* (T) scratch: gradient of the gate's logit (shared_gated only) */
-    float *logits;     /* (T, E) scratch: logits, then their gradient */
-    float *dw;         /* (T, K) scratch: gradient of the routing weights */
-    float *aux_coef;   /* (n_seq, E) saved: dL_aux / dp for tokens of a sequence */
-    int32_t *aux_offsets; /* (E + 1) scratch: one sequence's slots by expert */
-    float *route_tmp;  /* (3E + 2G) scratch of esft__route_token */
-    size_t bytes;
-} esft__moe_ws;
+/* The workspace's regions as pointers (esft_moe_workspace_layout says what each holds). */
+typedef esft_moe_workspace_view esft__moe_ws;
 
-/* Reserves count * elem bytes at *off (64-aligned); NULL base only measures.
+/* Reserves count * elem bytes at *off (64-aligned) and returns where they start.
    *ok drops to 0 on overflow. */
-static void *esft__carve(char *base, size_t *off, size_t count, size_t elem, int *ok)
+static size_t esft__carve(size_t *off, size_t count, size_t elem, int *ok)
 {
     size_t start = (*off + 63) & ~(size_t)63, bytes;
-    if (!esft__product_fits(count, elem) || start < *off) { *ok = 0; return NULL; }
+    if (!esft__product_fits(count, elem) || start < *off) { *ok = 0; return 0; }
     bytes = count * elem;
-    if (start + bytes < start) { *ok = 0; return NULL; }
+    if (start + bytes < start) { *ok = 0; return 0; }
     *off = start + bytes;
-    return base ? base + start : NULL;
+    return start;
 }
 
 static int esft__moe_n_seq(const esft_moe_config *c, int T)
@@ -4764,77 +5006,116 @@ static int esft__moe_n_seq(const esft_moe_config *c, int T)
     return 1;
 }
 
-/* Lays out the workspace of cfg for T tokens at base (NULL: sizes only). 0 on overflow. */
-static int esft__moe_ws_layout(esft__moe_ws *w, const esft_moe_config *c, int T, void *base)
+/* The layout of cfg's workspace for T tokens (cfg validated). 0 on overflow. */
+static int esft__moe_ws_layout(esft_moe_workspace_layout *w, const esft_moe_config *c, int T)
 {
-    char *p = ESFT__CAST(char *, base);
-    size_t off = 0, t = (size_t)T, E = (size_t)c->route.n_experts, K = (size_t)c->route.top_k;
+    size_t off = ESFT_MOE_WS_HEADER, t = (size_t)T, E = (size_t)c->route.n_experts, K = (size_t)c->route.top_k;
     size_t D = (size_t)c->d_model, F = (size_t)c->d_expert, FS = (size_t)c->d_shared;
-    size_t G = (size_t)(c->route.n_group > 0 ? c->route.n_group : 1);
+    size_t G = (size_t)(c->route.n_group > 0 ? c->route.n_group : 1), f = sizeof(float), i = sizeof(int32_t);
     size_t tk = t * K; /* T, K are ints: no overflow in size_t */
     int ok = esft__product_fits(tk, D) && esft__product_fits(tk, F) && esft__product_fits(t, FS);
     if (!ok) return 0;
-    w->probs = ESFT__CAST(float *, esft__carve(p, &off, t * E, sizeof(float), &ok));
-    w->weights = ESFT__CAST(float *, esft__carve(p, &off, tk, sizeof(float), &ok));
-    w->ids = ESFT__CAST(int32_t *, esft__carve(p, &off, tk, sizeof(int32_t), &ok));
-    w->perm = ESFT__CAST(int32_t *, esft__carve(p, &off, tk, sizeof(int32_t), &ok));
-    w->pos = ESFT__CAST(int32_t *, esft__carve(p, &off, tk, sizeof(int32_t), &ok));
-    w->offsets = ESFT__CAST(int32_t *, esft__carve(p, &off, E + 1, sizeof(int32_t), &ok));
-    w->xg = ESFT__CAST(float *, esft__carve(p, &off, tk * D, sizeof(float), &ok));
-    w->g = ESFT__CAST(float *, esft__carve(p, &off, tk * F, sizeof(float), &ok));
-    w->u = ESFT__CAST(float *, esft__carve(p, &off, tk * F, sizeof(float), &ok));
-    w->o = ESFT__CAST(float *, esft__carve(p, &off, tk * D, sizeof(float), &ok));
-    w->a = ESFT__CAST(float *, esft__carve(p, &off, tk * F, sizeof(float), &ok));
-    w->b = ESFT__CAST(float *, esft__carve(p, &off, tk * F, sizeof(float), &ok));
-    w->d = ESFT__CAST(float *, esft__carve(p, &off, tk * D, sizeof(float), &ok));
-    w->gs = ESFT__CAST(float *, esft__carve(p, &off, t * FS, sizeof(float), &ok));
-    w->us = ESFT__CAST(float *, esft__carve(p, &off, t * FS, sizeof(float), &ok));
-    w->as = ESFT__CAST(float *, esft__carve(p, &off, t * FS, sizeof(float), &ok));
-    w->bs = ESFT__CAST(float *, esft__carve(p, &off, t * FS, sizeof(float), &ok));
-    w->so = ESFT__CAST(float *, esft__carve(p, &off, c->shared_gated ? t * D : 0, sizeof(float), &ok));
-    w->sig = ESFT__CAST(float *, esft__carve(p, &off, c->shared_gated ? t : 0, sizeof(float), &ok));
-    w->dys = ESFT__CAST(float *, esft__carve(p, &off, c->shared_gated ? t * D : 0, sizeof(float), &ok));
-    w->dz = ESFT__CAST(float *, esft__carve(p, &off, c->shared_gated ? t : 0, sizeof(float), &ok));
-    w->logits = ESFT__CAST(float *, esft__carve(p, &off, t * E, sizeof(float), &ok));
-    w->dw = ESFT__CAST(float *, esft__carve(p, &off, tk, sizeof(float), &ok));
-    w->aux_coef = ESFT__CAST(float *, esft__carve(p, &off, (size_t)esft__moe_n_seq(c, T) * E,
-                                                  sizeof(float), &ok));
-    w->aux_offsets = ESFT__CAST(int32_t *, esft__carve(p, &off, E + 1, sizeof(int32_t), &ok));
-    w->route_tmp = ESFT__CAST(float *, esft__carve(p, &off, 3 * E + 2 * G, sizeof(float), &ok));
-    w->bytes = off + 64 + ESFT__MOE_WS_HEADER; /* alignment slack, the header */
-    return ok;
+    w->probs = esft__carve(&off, t * E, f, &ok);
+    w->weights = esft__carve(&off, tk, f, &ok);
+    w->ids = esft__carve(&off, tk, i, &ok);
+    w->perm = esft__carve(&off, tk, i, &ok);
+    w->pos = esft__carve(&off, tk, i, &ok);
+    w->offsets = esft__carve(&off, E + 1, i, &ok);
+    w->xg = esft__carve(&off, tk * D, f, &ok);
+    w->g = esft__carve(&off, tk * F, f, &ok);
+    w->u = esft__carve(&off, tk * F, f, &ok);
+    w->o = esft__carve(&off, tk * D, f, &ok);
+    w->a = esft__carve(&off, tk * F, f, &ok);
+    w->b = esft__carve(&off, tk * F, f, &ok);
+    w->d = esft__carve(&off, tk * D, f, &ok);
+    w->gs = esft__carve(&off, t * FS, f, &ok);
+    w->us = esft__carve(&off, t * FS, f, &ok);
+    w->as = esft__carve(&off, t * FS, f, &ok);
+    w->bs = esft__carve(&off, t * FS, f, &ok);
+    w->so = esft__carve(&off, c->shared_gated ? t * D : 0, f, &ok);
+    w->sig = esft__carve(&off, c->shared_gated ? t : 0, f, &ok);
+    w->dys = esft__carve(&off, c->shared_gated ? t * D : 0, f, &ok);
+    w->dz = esft__carve(&off, c->shared_gated ? t : 0, f, &ok);
+    w->logits = esft__carve(&off, t * E, f, &ok);
+    w->dw = esft__carve(&off, tk, f, &ok);
+    w->aux_coef = esft__carve(&off, (size_t)esft__moe_n_seq(c, T) * E, f, &ok);
+    w->aux_offsets = esft__carve(&off, E + 1, i, &ok);
+    w->route_tmp = esft__carve(&off, 3 * E + 2 * G, f, &ok);
+    w->end = off;
+    w->bytes = off + 64; /* alignment slack */
+    return ok && w->bytes > off;
+}
+
+ESFTDEF esft_status esft_moe_workspace_regions(const esft_moe_config *c, int T, esft_moe_workspace_layout *out,
+                                               esft_error *err)
+{
+    esft_status s = esft_moe_config_validate(c, err);
+    if (s != ESFT_OK) return s;
+    if (!out) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "layout is NULL");
+    if (T < 0) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "T = %d < 0", T);
+    if ((double)T * c->route.top_k > 2147483647.0)
+        return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "T * K exceeds 2^31 routing slots");
+    if (!esft__moe_ws_layout(out, c, T))
+        return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "workspace of %d tokens overflows size_t", T);
+    return ESFT_OK;
 }
 
 ESFTDEF esft_status esft_moe_workspace_size(const esft_moe_config *c, int T, size_t *bytes,
                                             esft_error *err)
 {
-    esft__moe_ws w;
-    esft_status s = esft_moe_config_validate(c, err);
-    if (s != ESFT_OK) return s;
+    esft_moe_workspace_layout w;
+    esft_status s;
     if (!bytes) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "bytes is NULL");
-    if (T < 0) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "T = %d < 0", T);
-    if ((double)T * c->route.top_k > 2147483647.0)
-        return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "T * K exceeds 2^31 routing slots");
-    if (!esft__moe_ws_layout(&w, c, T, NULL))
-        return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "workspace of %d tokens overflows size_t", T);
+    if ((s = esft_moe_workspace_regions(c, T, &w, err)) != ESFT_OK) return s;
     *bytes = w.bytes;
     return ESFT_OK;
 }
 
-/* The workspace as the caller gave it, aligned up to 64 bytes (the size query
-   reserves the slack): first the header, then the layout of esft__moe_ws_layout
-   (esft_cuda.cu mirrors both). */
+/* The workspace's base: the pointer the caller gave, aligned up to 64 bytes
+   (the size query reserves the slack). The header is there. */
 static char *esft__moe_ws_header(void *workspace)
 {
     uintptr_t u = (uintptr_t)workspace;
     return ESFT__CAST(char *, workspace) + ((64 - (u & 63)) & 63);
 }
 
+/* The view of a workspace whose layout L has been computed. */
+static void esft__moe_ws_view(esft__moe_ws *w, const esft_moe_workspace_layout *Lp, void *workspace)
+{
+    esft_moe_workspace_layout L = *Lp;
+    char *p = esft__moe_ws_header(workspace);
+    w->header = p;
+#define ESFT__WS_REGION(name, type) w->name = ESFT__CAST(type *, (void *)(p + L.name))
+    ESFT__WS_REGION(probs, float); ESFT__WS_REGION(weights, float); ESFT__WS_REGION(ids, int32_t);
+    ESFT__WS_REGION(perm, int32_t); ESFT__WS_REGION(pos, int32_t); ESFT__WS_REGION(offsets, int32_t);
+    ESFT__WS_REGION(xg, float); ESFT__WS_REGION(g, float); ESFT__WS_REGION(u, float);
+    ESFT__WS_REGION(o, float); ESFT__WS_REGION(a, float); ESFT__WS_REGION(b, float);
+    ESFT__WS_REGION(d, float); ESFT__WS_REGION(gs, float); ESFT__WS_REGION(us, float);
+    ESFT__WS_REGION(as, float); ESFT__WS_REGION(bs, float); ESFT__WS_REGION(so, float);
+    ESFT__WS_REGION(sig, float); ESFT__WS_REGION(dys, float); ESFT__WS_REGION(dz, float);
+    ESFT__WS_REGION(logits, float); ESFT__WS_REGION(dw, float); ESFT__WS_REGION(aux_coef, float);
+    ESFT__WS_REGION(aux_offsets, int32_t); ESFT__WS_REGION(route_tmp, float);
+#undef ESFT__WS_REGION
+}
+
 static void esft__moe_ws_at(esft__moe_ws *w, const esft_moe_config *c, int T, void *workspace)
 {
-    int ok = esft__moe_ws_layout(w, c, T, esft__moe_ws_header(workspace) + ESFT__MOE_WS_HEADER);
+    esft_moe_workspace_layout L;
+    int ok = esft__moe_ws_layout(&L, c, T);
     ESFT_ASSERT(ok);
     (void)ok;
+    esft__moe_ws_view(w, &L, workspace);
+}
+
+ESFTDEF esft_status esft_moe_workspace_view_at(const esft_moe_config *c, int T, void *workspace,
+                                               esft_moe_workspace_view *out, esft_error *err)
+{
+    esft_moe_workspace_layout L;
+    esft_status s;
+    if (!out || !workspace) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "view or workspace is NULL");
+    if ((s = esft_moe_workspace_regions(c, T, &L, err)) != ESFT_OK) return s;
+    esft__moe_ws_view(out, &L, workspace);
+    return ESFT_OK;
 }
 
 /* An output of finite inputs that came out NaN or Inf: a weight is NaN or Inf,
@@ -4973,8 +5254,9 @@ static esft_status esft__moe_forward_cpu(void *context, const esft_moe *m, float
     int nt = esft__moe_threads(c, T);
     size_t i, te = (size_t)T * E;
     esft__moe_ws w;
-    esft_status s = esft__route_bias_check(&c->route, err); /* host memory on this backend */
+    esft_status s = esft__check_finite(x, (size_t)T * D, "x", (size_t)D, err); /* the backend's own check */
     (void)context;
+    if (s == ESFT_OK) s = esft__route_bias_check(&c->route, err); /* host memory on this backend */
     if (s != ESFT_OK) return s;
     esft__moe_ws_at(&w, c, T, workspace);
     esft__sgemm(0, 1, T, E, D, 1.0f, x, D, esft__moe_router_w(m), D, 0.0f, w.logits, E);
@@ -5110,7 +5392,9 @@ static esft_status esft__moe_backward_cpu(void *context, const esft_moe *m, floa
     int D = c->d_model, E = c->route.n_experts, K = c->route.top_k, t;
     int S = c->aux_mode == ESFT_AUX_SEQUENCE ? c->aux_seq_len : T, nt = esft__moe_threads(c, T);
     esft__moe_ws w;
+    esft_status s = esft__check_finite(dy, (size_t)T * D, "dy", (size_t)D, err); /* the backend's own check */
     (void)context;
+    if (s != ESFT_OK) return s;
     esft__moe_ws_at(&w, c, T, workspace);
     esft__moe_experts_backward(m, &w, dx, dy, T, nt);
     esft__moe_shared_backward(m, &w, dx, dy, x, T, nt);
@@ -5126,7 +5410,8 @@ static esft_status esft__moe_backward_cpu(void *context, const esft_moe *m, floa
     return esft__moe_check_output(dx, (size_t)T * D, "dx", D, err);
 }
 
-/* Checks shared by forward and backward, before anything is written. */
+/* Checks shared by forward and backward, before anything is written. The
+   arrays are the backend's memory: only their presence is checked here. */
 static esft_status esft__moe_check_call(const esft_moe *m, const void *out, const float *in,
                                         const float *x, const char *in_name, void *workspace,
                                         size_t workspace_bytes, int T, esft_error *err)
@@ -5146,7 +5431,7 @@ static esft_status esft__moe_check_call(const esft_moe *m, const void *out, cons
     if (m->cfg.aux_alpha > 0.0f && m->cfg.aux_mode == ESFT_AUX_SEQUENCE && T % m->cfg.aux_seq_len)
         return esft__fail(err, ESFT_ERR_SHAPE, "T = %d is not a multiple of aux_seq_len %d", T,
                           m->cfg.aux_seq_len);
-    return esft__check_finite(in, (size_t)T * m->cfg.d_model, in_name, (size_t)m->cfg.d_model, err);
+    return ESFT_OK;
 }
 
 /* The stamp a forward of T tokens leaves (T < 0: none, before the op runs, so
@@ -5193,7 +5478,7 @@ static esft_status esft__moe_stamp_check(const esft_moe *m, void *workspace, int
     return ESFT_OK;
 }
 
-ESFTDEF esft_status esft_moe_forward(float *y, float *aux_loss, const float *x, const esft_moe *m,
+ESFTDEF esft_status esft_moe_forward(const esft_moe *m, float *y, float *aux_loss, const float *x,
                                      void *workspace, size_t workspace_bytes, int T, esft_error *err)
 {
     float aux = 0.0f;
@@ -5210,7 +5495,7 @@ ESFTDEF esft_status esft_moe_forward(float *y, float *aux_loss, const float *x, 
     return s;
 }
 
-ESFTDEF esft_status esft_moe_backward(float *dx, const esft_moe *m, const float *dy, const float *x,
+ESFTDEF esft_status esft_moe_backward(const esft_moe *m, float *dx, const float *dy, const float *x,
                                       void *workspace, size_t workspace_bytes, int T, esft_error *err)
 {
     esft_status s = esft__moe_check_call(m, dx, dy, x, "dy", workspace, workspace_bytes, T, err);
@@ -5912,9 +6197,19 @@ ESFTDEF esft_status esft_adamw_init(esft_adamw *opt, const esft_adamw_config *cf
 ESFTDEF void esft_adamw_uninit(esft_adamw *opt)
 {
     if (!opt || !opt->allocator.free) return;
-    esft__release(&opt->allocator, opt->m);
-    esft__release(&opt->allocator, opt->v);
+    esft__block_release(&opt->allocator, opt->memory, opt->m);
+    esft__block_release(&opt->allocator, opt->memory, opt->v);
     memset(opt, 0, sizeof *opt);
+}
+
+ESFTDEF esft_status esft_adamw_set_backend(esft_adamw *opt, const esft_backend *b, esft_error *err)
+{
+    esft_status s;
+    if (!opt || !opt->m) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "optimizer not initialised");
+    if ((s = esft_backend_check(b, err)) != ESFT_OK) return s;
+    s = esft__move_pair(&opt->allocator, &opt->memory, b, &opt->m, &opt->v, opt->n, "the AdamW state", err);
+    if (s == ESFT_OK) opt->backend = b;
+    return s;
 }
 
 ESFTDEF size_t esft_adamw_state_bytes(const esft_adamw *opt) { return opt ? 2 * opt->n * sizeof(float) : 0; }
@@ -5928,8 +6223,9 @@ static esft_status esft__adamw_step_cpu(void *context, const esft_adamw_config *
     double bc2 = 1.0 - pow((double)c->beta2, (double)step);
     float step_size = (float)(c->lr / bc1), bc2_sqrt = (float)sqrt(bc2);
     float decay = 1.0f - c->lr * c->weight_decay, b1 = c->beta1, b2 = c->beta2, eps = c->eps;
-    size_t i;
-    (void)context; (void)err;
+    size_t i = esft__first_nonfinite(g, n); /* the backend's own check, before anything changes */
+    (void)context;
+    if (i < n) return esft__fail(err, ESFT_ERR_NUMERIC, "gradient %lu is %s", (unsigned long)i, isnan(g[i]) ? "NaN" : "Inf");
     for (i = 0; i < n; i++) {
         float gi = g[i];
         m[i] = b1 * m[i] + (1.0f - b1) * gi;
@@ -5941,7 +6237,6 @@ static esft_status esft__adamw_step_cpu(void *context, const esft_adamw_config *
 
 ESFTDEF esft_status esft_adamw_step(esft_adamw *opt, float *params, const float *grads, esft_error *err)
 {
-    size_t bad;
     esft_status s;
     if (!opt || !opt->m) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "optimizer not initialised");
     if (opt->n > 0 && (!params || !grads))
@@ -5949,10 +6244,6 @@ ESFTDEF esft_status esft_adamw_step(esft_adamw *opt, float *params, const float 
     s = esft_backend_check(opt->backend, err);
     if (s == ESFT_OK) s = esft__adamw_check_config(&opt->cfg, err);
     if (s != ESFT_OK) return s;
-    bad = esft__first_nonfinite(grads, opt->n);
-    if (bad < opt->n)
-        return esft__fail(err, ESFT_ERR_NUMERIC, "gradient %lu is %s", (unsigned long)bad,
-                          isnan(grads[bad]) ? "NaN" : "Inf");
     if (!opt->backend->adamw_step) return esft__missing_op(opt->backend, "adamw_step", err);
     s = opt->backend->adamw_step(opt->backend->context, &opt->cfg, params, grads, opt->m, opt->v, opt->n,
                                  opt->step + 1, err);
@@ -9340,29 +9631,21 @@ static int esft__panel_rows(const esft_matrix *W)
 /* Rows of T a LoRA product can take at once: its (rows, r) intermediate fits the panel. */
 static int esft__lora_chunk(const esft_lora *a) { return (int)(ESFT__PANEL_FLOATS / (size_t)a->rank); }
 
-/* y (T, W.rows) += scale (x A^T) B^T: the adapter's part of y = x W^T. */
-static void esft__lora_forward(float *y, int ldy, const float *x, int ldx, int T, const esft_matrix *W, float *panel)
+/* The adapter's part of a product with W: forward, y (T, W.rows) += scale
+   (x A^T) B^T (of y = x W^T); backward, y (T, W.cols) += scale (x B) A (of
+   y += x W). The (rows of T, r) intermediate lives in panel. */
+static void esft__lora_apply(float *y, int ldy, const float *x, int ldx, int T, const esft_matrix *W, int backward,
+                             float *panel)
 {
     const esft_lora *a = W->lora;
-    int t0, step = esft__lora_chunk(a);
+    int t0, step = esft__lora_chunk(a), r = a->rank, in = backward ? W->rows : W->cols;
+    int out = backward ? W->cols : W->rows;
+    const float *first = backward ? a->b : a->a, *second = backward ? a->a : a->b;
     for (t0 = 0; t0 < T; t0 += step) {
         int n = T - t0 < step ? T - t0 : step;
-        esft__sgemm(0, 1, n, a->rank, W->cols, 1.0f, x + (size_t)t0 * ldx, ldx, a->a, W->cols, 0.0f, panel, a->rank);
-        esft__sgemm(0, 1, n, W->rows, a->rank, a->scale, panel, a->rank, a->b, a->rank, 1.0f, y + (size_t)t0 * ldy,
-                    ldy);
-    }
-}
-
-/* y (T, W.cols) += scale (x B) A: the adapter's part of y += x W. */
-static void esft__lora_backward(float *y, int ldy, const float *x, int ldx, int T, const esft_matrix *W, float *panel)
-{
-    const esft_lora *a = W->lora;
-    int t0, step = esft__lora_chunk(a);
-    for (t0 = 0; t0 < T; t0 += step) {
-        int n = T - t0 < step ? T - t0 : step;
-        esft__sgemm(0, 0, n, a->rank, W->rows, 1.0f, x + (size_t)t0 * ldx, ldx, a->b, a->rank, 0.0f, panel, a->rank);
-        esft__sgemm(0, 0, n, W->cols, a->rank, a->scale, panel, a->rank, a->a, W->cols, 1.0f, y + (size_t)t0 * ldy,
-                    ldy);
+        esft__sgemm(0, !backward, n, r, in, 1.0f, x + (size_t)t0 * ldx, ldx, first, backward ? r : in, 0.0f, panel, r);
+        esft__sgemm(0, !backward, n, out, r, a->scale, panel, r, second, backward ? out : r, 1.0f,
+                    y + (size_t)t0 * ldy, ldy);
     }
 }
 
@@ -9380,7 +9663,7 @@ static void esft__matmul(float *y, int ldy, const float *x, int ldx, int T, cons
             esft__sgemm(0, 1, T, n, W->cols, 1.0f, x, ldx, panel, W->cols, 0.0f, y + r0, ldy);
         }
     }
-    if (W->lora) esft__lora_forward(y, ldy, x, ldx, T, W, panel);
+    if (W->lora) esft__lora_apply(y, ldy, x, ldx, T, W, 0, panel);
 }
 
 /* A vector (norm weights, biases) is read as fp32 at load; this is its data. */
@@ -11120,11 +11403,25 @@ ESFTDEF esft_status esft_model_trainable_open(esft_model_trainable *tr, const es
     if (!tr || !m || !path) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model or path");
     memset(tr, 0, sizeof *tr);
     if ((s = esft_safetensors_open(&st, path, NULL, err)) != ESFT_OK) return s;
-    s = esft_checkpoint_read_config(&st, &cfg, err);
-    esft_safetensors_close(&st);
-    if (s != ESFT_OK) return s;
-    s = esft_model_trainable_init(tr, m, &cfg, NULL, err);
-    esft_expert_config_free(&cfg);
+    if (esft_safetensors_metadata(&st, esft__pesc_meta_keys[0])) { /* PESC adapters: their config, no expert config */
+        esft_train_spec sp;
+        const char *v[4];
+        int j;
+        for (j = 0; j < 4; j++) v[j] = esft_safetensors_metadata(&st, esft__pesc_meta_keys[j]);
+        memset(&sp, 0, sizeof sp);
+        sp.method = ESFT_TRAIN_PESC;
+        sp.pesc = esft_pesc_config_init(0, v[0] ? atoi(v[0]) : 0, v[1] ? atoi(v[1]) : 0, v[2] ? atoi(v[2]) : 0);
+        sp.pesc.scale = v[3] ? (float)atof(v[3]) : 0.0f;
+        sp.pesc.aux_alpha = 0.0f; /* evaluation: the aux loss is training's */
+        esft_safetensors_close(&st);
+        s = esft_model_trainable_init_spec(tr, m, &sp, NULL, err);
+    } else {
+        s = esft_checkpoint_read_config(&st, &cfg, err);
+        esft_safetensors_close(&st);
+        if (s != ESFT_OK) return s;
+        s = esft_model_trainable_init(tr, m, &cfg, NULL, err);
+        esft_expert_config_free(&cfg);
+    }
     if (s == ESFT_OK && (s = esft_model_trainable_load(tr, m, path, err)) != ESFT_OK) esft_model_trainable_uninit(tr);
     return s;
 }
@@ -11198,7 +11495,7 @@ static void esft__matmul_acc(float *y, int ldy, const float *x, int ldx, int T, 
             esft__sgemm(0, 0, T, W->cols, n, 1.0f, x + r0, ldx, panel, W->cols, 1.0f, y, ldy);
         }
     }
-    if (W->lora) esft__lora_backward(y, ldy, x, ldx, T, W, panel);
+    if (W->lora) esft__lora_apply(y, ldy, x, ldx, T, W, 1, panel);
 }
 
 /* dx += backward of y = RMSNorm(x) * w over rows of n, from dy:

@@ -5,8 +5,9 @@
             gpu->alloc / upload / download, then esft_route_with(gpu, ...) etc.
 
    One exported symbol, esft_backend_cuda(); everything else is static and named
-   esft_cuda__*. This file includes esft.h without ESFT_IMPLEMENTATION and calls no
-   esft_ function, so it links next to any translation unit that holds the
+   esft_cuda__*. This file includes esft.h without ESFT_IMPLEMENTATION and calls
+   one esft_ function, esft_moe_workspace_view_at (the MoE workspace's layout has
+   one owner, esft.h), so it links next to the translation unit that holds the
    implementation. docs/cuda.md describes the kernels, the precision policy and the
    tolerances the tests hold them to.
 
@@ -25,6 +26,10 @@
         err->message (memory entries have no err; see esft_cuda__alloc).
       - Ops take device memory only; a host pointer is rejected with
         ESFT_ERR_INVALID_ARGUMENT, never copied across silently.
+      - Ops check their own data (esft.h's wrappers never read device memory):
+        NaN/Inf inputs and outputs, ids and weights out of range are found by a
+        kernel that sets the context's flag, and reported with the status and
+        message the CPU backend gives (ESFT_ERR_NUMERIC / ESFT_ERR_RANGE).
       - Ops run on the backend's stream and return after it has finished, so a
         status always describes work that is complete (and ops that can fail on
         data, like NaN logits, can say which token). */
@@ -46,7 +51,7 @@ typedef struct esft_cuda__context {
     int device;                     /* the device current at construction */
     cudaStream_t stream;            /* every op and copy runs here */
     cublasHandle_t blas;            /* created on first use (GEMM ops) */
-    unsigned long long *flag;       /* device: first bad element of an op, ~0 = none */
+    unsigned long long *flag;       /* device (2): first bad element of an op, ~0 = none; a wrap flag */
     void *scratch;                  /* device: op scratch beyond the caller's workspace */
     size_t scratch_bytes;
     int32_t *host;                  /* host: small per-op tables (expert slots, offsets) */
@@ -124,6 +129,48 @@ static esft_status esft_cuda__take_flag(esft_cuda__context *c, unsigned long lon
                              "reset error flag", err);
     if (s == ESFT_OK) s = esft_cuda__finish(c, "read error flag", err);
     return s;
+}
+
+/* Flags the first NaN or Inf of a[0..n) (its index, by atomicMin). */
+__global__ static void esft_cuda__finite_kernel(const float *a, size_t n, unsigned long long *flag)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        if (!isfinite(a[i])) atomicMin(flag, (unsigned long long)i);
+}
+
+/* esft.h's esft__check_finite on device memory: ESFT_ERR_NUMERIC naming a's
+   first NaN or Inf as what[row][col] (rows of width) or what[i] (width 0). */
+static esft_status esft_cuda__check_finite(esft_cuda__context *c, const float *a, size_t n, const char *what,
+                                           size_t width, esft_error *err)
+{
+    unsigned long long bad;
+    float v = 0.0f;
+    size_t blocks = (n + 255) / 256;
+    esft_status s;
+    if (n == 0) return ESFT_OK;
+    esft_cuda__finite_kernel<<<(unsigned)(blocks > 4096 ? 4096 : blocks), 256, 0, c->stream>>>(a, n, c->flag);
+    if ((s = esft_cuda__launched("finite check kernel", err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__take_flag(c, &bad, err)) != ESFT_OK || bad == ~0ULL) return s;
+    s = esft_cuda__check(cudaMemcpy(&v, a + bad, sizeof v, cudaMemcpyDeviceToHost), "read a bad value", err);
+    if (s != ESFT_OK) return s;
+    if (width)
+        return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "%s[%llu][%llu] is %s", what, bad / width, bad % width,
+                               isnan(v) ? "NaN" : "Inf");
+    return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "%s[%llu] is %s", what, bad, isnan(v) ? "NaN" : "Inf");
+}
+
+/* An output of finite inputs that came out NaN or Inf (esft.h's esft__moe_check_output). */
+static esft_status esft_cuda__check_output(esft_cuda__context *c, const float *a, size_t n, const char *what,
+                                           size_t width, esft_error *err)
+{
+    esft_error where;
+    esft_status s = esft_cuda__check_finite(c, a, n, what, width, &where);
+    if (s != ESFT_ERR_NUMERIC) {
+        if (s != ESFT_OK && err) *err = where;
+        return s;
+    }
+    return esft_cuda__fail(err, s, "%s, from finite inputs: a weight is NaN or Inf, or the layer overflowed",
+                           where.message);
 }
 
 /* ===================================================================== */
@@ -357,6 +404,16 @@ static esft_status esft_cuda__route_run(esft_cuda__context *c, const esft_route_
     if (smem > 48 * 1024)
         return esft_cuda__fail(err, ESFT_ERR_UNSUPPORTED, "cuda route: %d experts need %lu bytes of shared memory "
                                "(at most 48 KiB)", p.E, (unsigned long)smem);
+    /* the bias is this backend's memory: checked here, as the CPU op checks its own */
+    if (p.bias) {
+        esft_error where;
+        s = esft_cuda__check_finite(c, p.bias, (size_t)p.E, "selection_bias", 0, &where);
+        if (s == ESFT_ERR_NUMERIC) return esft_cuda__fail(err, ESFT_ERR_INVALID_ARGUMENT, "%s", where.message);
+        if (s != ESFT_OK) {
+            if (err) *err = where;
+            return s;
+        }
+    }
     esft_cuda__route_kernel<<<(T + ESFT_CUDA__ROUTE_WARPS - 1) / ESFT_CUDA__ROUTE_WARPS, 32 * ESFT_CUDA__ROUTE_WARPS,
                               smem, c->stream>>>(ids, weights, probs, logits, T, p, c->flag);
     if ((s = esft_cuda__launched("route kernel", err)) != ESFT_OK) return s;
@@ -388,8 +445,10 @@ static esft_status esft_cuda__route(void *context, const esft_route_config *cfg,
 /* One thread per (token, slot). Counts and fixed-point weights are integers, so
    atomic addition in any order gives the CPU's bits exactly. A block first sums
    into shared memory when 2E counters fit, to spare the global atomics on the
-   few hot experts. An id outside [0, E) is flagged (esft_stats_add validates
-   before calling, but the op may be called directly). */
+   few hot experts. The op checks its input as the CPU op does (esft_stats_add
+   never reads it): an id outside [0, E) or a weight not finite in [0,
+   ESFT_MAX_GATE_WEIGHT] is flagged, masked tokens included; a gate sum that
+   wraps its 64 bits (a sample past the fixed-point capacity) sets flag[1]. */
 #define ESFT_CUDA__STATS_THREADS 256
 #define ESFT_CUDA__STATS_SHARED_E 1024
 
@@ -403,7 +462,7 @@ __device__ static unsigned long long esft_cuda__to_fixed(float w)
 __global__ static void esft_cuda__stats_kernel(unsigned long long *count, unsigned long long *gate_sum,
                                                const int32_t *ids, const float *weights,
                                                const unsigned char *mask, int T, int K, int E,
-                                               unsigned long long *flag)
+                                               unsigned long long *flag, unsigned long long *wrapped)
 {
     extern __shared__ unsigned long long esft_cuda__stats_smem[];
     bool local = E <= ESFT_CUDA__STATS_SHARED_E;
@@ -414,21 +473,27 @@ __global__ static void esft_cuda__stats_kernel(unsigned long long *count, unsign
         for (int e = threadIdx.x; e < 2 * E; e += blockDim.x) esft_cuda__stats_smem[e] = 0;
         __syncthreads();
     }
-    if (i < n && (!mask || mask[i / (size_t)K])) {
+    if (i < n) {
         int id = ids[i];
         float w = weights ? weights[i] : 0.0f;
         /* the CPU op's rule: an id in [0, E), a weight finite in [0, ESFT_MAX_GATE_WEIGHT] */
         if (id < 0 || id >= E || !(w >= 0.0f && w <= ESFT_MAX_GATE_WEIGHT)) atomicMin(flag, (unsigned long long)i);
-        else {
+        else if (!mask || mask[i / (size_t)K]) {
             atomicAdd(c + id, 1ULL);
-            if (weights) atomicAdd(g + id, esft_cuda__to_fixed(weights[i]));
+            if (weights) {
+                unsigned long long v = esft_cuda__to_fixed(w), old = atomicAdd(g + id, v);
+                if (!local && old + v < old) *wrapped = 1;
+            }
         }
     }
-    if (local) {
+    if (local) { /* a block's sums: at most 256 weights of 2^48, no wrap */
         __syncthreads();
         for (int e = threadIdx.x; e < E; e += blockDim.x) {
             if (c[e]) atomicAdd(count + e, c[e]);
-            if (g[e]) atomicAdd(gate_sum + e, g[e]);
+            if (g[e]) {
+                unsigned long long old = atomicAdd(gate_sum + e, g[e]);
+                if (old + g[e] < old) *wrapped = 1;
+            }
         }
     }
 }
@@ -439,7 +504,9 @@ static esft_status esft_cuda__stats_accumulate(void *context, uint64_t *count, u
 {
     esft_cuda__context *c = (esft_cuda__context *)context;
     size_t n = (size_t)T * (size_t)K, smem;
-    unsigned long long bad;
+    unsigned long long bad, wrapped = 0;
+    int32_t id = 0;
+    float w = 0.0f;
     esft_status s;
     if (n == 0) return ESFT_OK;
     if ((s = esft_cuda__need_device(count, "count", err)) != ESFT_OK ||
@@ -449,15 +516,33 @@ static esft_status esft_cuda__stats_accumulate(void *context, uint64_t *count, u
         (s = esft_cuda__need_device(mask, "mask", err)) != ESFT_OK)
         return s;
     smem = E <= ESFT_CUDA__STATS_SHARED_E ? 2 * (size_t)E * sizeof(unsigned long long) : 0;
+    s = esft_cuda__check(cudaMemsetAsync(c->flag + 1, 0, sizeof *c->flag, c->stream), "clear wrap flag", err);
+    if (s != ESFT_OK) return s;
     esft_cuda__stats_kernel<<<(unsigned)((n + ESFT_CUDA__STATS_THREADS - 1) / ESFT_CUDA__STATS_THREADS),
                               ESFT_CUDA__STATS_THREADS, smem, c->stream>>>(
-        (unsigned long long *)count, (unsigned long long *)gate_sum, ids, weights, mask, T, K, E, c->flag);
+        (unsigned long long *)count, (unsigned long long *)gate_sum, ids, weights, mask, T, K, E, c->flag,
+        c->flag + 1);
     if ((s = esft_cuda__launched("stats kernel", err)) != ESFT_OK) return s;
     if ((s = esft_cuda__take_flag(c, &bad, err)) != ESFT_OK) return s;
-    if (bad != ~0ULL)
-        return esft_cuda__fail(err, ESFT_ERR_RANGE, "token %llu: expert id outside [0, %d) or weight not finite in [0, %g]",
-                               bad / (unsigned long long)K, E, (double)ESFT_MAX_GATE_WEIGHT);
-    return ESFT_OK;
+    if (bad == ~0ULL) {
+        s = esft_cuda__check(cudaMemcpy(&wrapped, c->flag + 1, sizeof wrapped, cudaMemcpyDeviceToHost),
+                             "read wrap flag", err);
+        if (s == ESFT_OK && wrapped)
+            s = esft_cuda__fail(err, ESFT_ERR_RANGE, "the sample's gate weights sum past the fixed-point capacity "
+                                "(%.6g per sample)", ESFT_MAX_SAMPLE_WEIGHT);
+        return s;
+    }
+    /* the culprit, named as the CPU op names it */
+    s = esft_cuda__check(cudaMemcpy(&id, ids + bad, sizeof id, cudaMemcpyDeviceToHost), "read a bad id", err);
+    if (s == ESFT_OK && weights)
+        s = esft_cuda__check(cudaMemcpy(&w, weights + bad, sizeof w, cudaMemcpyDeviceToHost), "read a bad weight", err);
+    if (s != ESFT_OK) return s;
+    if (id < 0 || id >= E)
+        return esft_cuda__fail(err, ESFT_ERR_RANGE, "token %llu: expert id %ld outside [0, %d)",
+                               bad / (unsigned long long)K, (long)id, E);
+    return esft_cuda__fail(err, isnan(w) || isinf(w) ? ESFT_ERR_NUMERIC : ESFT_ERR_RANGE,
+                           "token %llu: weight %g is not a finite number in [0, %g]", bad / (unsigned long long)K,
+                           (double)w, (double)ESFT_MAX_GATE_WEIGHT);
 }
 
 /* ===================================================================== */
@@ -547,62 +632,12 @@ static esft_status esft_cuda__host_table(esft_cuda__context *c, size_t n, esft_e
 /* 6. MoE layer: forward and backward                                    */
 /* ===================================================================== */
 
-/* The workspace is the caller's, sized by esft_moe_workspace_size(), and this
-   backend uses esft.h's layout region for region (esft__moe_ws_layout): the
-   size query stays the one truth, and a forward on one backend can be followed
-   by the backward on another. Keep the two in step. */
-typedef struct esft_cuda__moe_ws {
-    float *probs, *weights;
-    int32_t *ids, *perm, *pos, *offsets;
-    float *xg, *g, *u, *o, *a, *b, *d, *gs, *us, *as, *bs, *logits, *dw, *aux_coef;
-    float *so, *sig, *dys, *dz; /* the gated shared block's (CPU only); unused here, carved to keep the layout */
-    int32_t *aux_offsets; /* the CPU's scratch; unused here, carved to keep the layout */
-    float *route_tmp;
-} esft_cuda__moe_ws;
-
-static char *esft_cuda__carve(char *base, size_t *off, size_t count, size_t elem)
-{
-    size_t start = (*off + 63) & ~(size_t)63;
-    *off = start + count * elem;
-    return base + start;
-}
-
-static void esft_cuda__moe_ws_at(esft_cuda__moe_ws *w, const esft_moe_config *c, int T, void *workspace)
-{
-    uintptr_t u = (uintptr_t)workspace;
-    /* after esft.h's 64-byte header (the stamp of the forward that filled it) */
-    char *p = (char *)workspace + ((64 - (u & 63)) & 63) + 64;
-    size_t off = 0, t = (size_t)T, E = (size_t)c->route.n_experts, K = (size_t)c->route.top_k;
-    size_t D = (size_t)c->d_model, F = (size_t)c->d_expert, FS = (size_t)c->d_shared, tk = t * K;
-    size_t G = (size_t)(c->route.n_group > 0 ? c->route.n_group : 1);
-    size_t n_seq = c->aux_mode == ESFT_AUX_SEQUENCE && c->aux_seq_len > 0 ? t / (size_t)c->aux_seq_len + 1 : 1;
-    w->probs = (float *)esft_cuda__carve(p, &off, t * E, sizeof(float));
-    w->weights = (float *)esft_cuda__carve(p, &off, tk, sizeof(float));
-    w->ids = (int32_t *)esft_cuda__carve(p, &off, tk, sizeof(int32_t));
-    w->perm = (int32_t *)esft_cuda__carve(p, &off, tk, sizeof(int32_t));
-    w->pos = (int32_t *)esft_cuda__carve(p, &off, tk, sizeof(int32_t));
-    w->offsets = (int32_t *)esft_cuda__carve(p, &off, E + 1, sizeof(int32_t));
-    w->xg = (float *)esft_cuda__carve(p, &off, tk * D, sizeof(float));
-    w->g = (float *)esft_cuda__carve(p, &off, tk * F, sizeof(float));
-    w->u = (float *)esft_cuda__carve(p, &off, tk * F, sizeof(float));
-    w->o = (float *)esft_cuda__carve(p, &off, tk * D, sizeof(float));
-    w->a = (float *)esft_cuda__carve(p, &off, tk * F, sizeof(float));
-    w->b = (float *)esft_cuda__carve(p, &off, tk * F, sizeof(float));
-    w->d = (float *)esft_cuda__carve(p, &off, tk * D, sizeof(float));
-    w->gs = (float *)esft_cuda__carve(p, &off, t * FS, sizeof(float));
-    w->us = (float *)esft_cuda__carve(p, &off, t * FS, sizeof(float));
-    w->as = (float *)esft_cuda__carve(p, &off, t * FS, sizeof(float));
-    w->bs = (float *)esft_cuda__carve(p, &off, t * FS, sizeof(float));
-    w->so = (float *)esft_cuda__carve(p, &off, c->shared_gated ? t * D : 0, sizeof(float));
-    w->sig = (float *)esft_cuda__carve(p, &off, c->shared_gated ? t : 0, sizeof(float));
-    w->dys = (float *)esft_cuda__carve(p, &off, c->shared_gated ? t * D : 0, sizeof(float));
-    w->dz = (float *)esft_cuda__carve(p, &off, c->shared_gated ? t : 0, sizeof(float));
-    w->logits = (float *)esft_cuda__carve(p, &off, t * E, sizeof(float));
-    w->dw = (float *)esft_cuda__carve(p, &off, tk, sizeof(float));
-    w->aux_coef = (float *)esft_cuda__carve(p, &off, n_seq * E, sizeof(float));
-    w->aux_offsets = (int32_t *)esft_cuda__carve(p, &off, E + 1, sizeof(int32_t));
-    w->route_tmp = (float *)esft_cuda__carve(p, &off, 3 * E + 2 * G, sizeof(float));
-}
+/* The workspace is the caller's, sized by esft_moe_workspace_size(), carved
+   by esft.h's published layout (esft_moe_workspace_view_at): one owner, so a
+   forward on one backend can be followed by the backward on another. The
+   regions of the gated shared block, aux_offsets and route_tmp are the CPU's
+   and unused here. */
+typedef esft_moe_workspace_view esft_cuda__moe_ws;
 
 /* --- elementwise kernels: the CPU's formulas, one thread per element --- */
 
@@ -997,7 +1032,9 @@ static esft_status esft_cuda__moe_forward(void *context, const esft_moe *m, floa
     esft_status s;
     if ((s = esft_cuda__moe_check(m, y, x, x, workspace, err)) != ESFT_OK) return s;
     if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
-    esft_cuda__moe_ws_at(&w, cfg, T, workspace);
+    if ((s = esft_moe_workspace_view_at(cfg, T, workspace, &w, err)) != ESFT_OK) return s;
+    /* the input is this backend's to check: NaN/Inf in x, nothing written */
+    if ((s = esft_cuda__check_finite(c, x, (size_t)T * D, "x", (size_t)D, err)) != ESFT_OK) return s;
     /* router in fp32, then the routing kernel (which reports non-finite logits) */
     s = esft_cuda__gemm(c, CUBLAS_COMPUTE_32F, 0, 1, T, E, D, 1.0f, x, D, esft_cuda__router_w(m), D, 0.0f, w.logits,
                         E, err);
@@ -1014,6 +1051,7 @@ static esft_status esft_cuda__moe_forward(void *context, const esft_moe *m, floa
     if ((s = esft_cuda__launched("combine kernel", err)) != ESFT_OK) return s;
     s = esft_cuda__aux_forward(c, cfg, &w, T, aux_loss, err);
     if (s == ESFT_OK) s = esft_cuda__finish(c, "moe forward", err);
+    if (s == ESFT_OK) s = esft_cuda__check_output(c, y, (size_t)T * D, "y", (size_t)D, err);
     return s;
 }
 
@@ -1118,7 +1156,8 @@ static esft_status esft_cuda__moe_backward(void *context, const esft_moe *m, flo
     esft_status s;
     if ((s = esft_cuda__moe_check(m, dx, dy, x, workspace, err)) != ESFT_OK) return s;
     if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
-    esft_cuda__moe_ws_at(&w, cfg, T, workspace);
+    if ((s = esft_moe_workspace_view_at(cfg, T, workspace, &w, err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__check_finite(c, dy, (size_t)T * D, "dy", (size_t)D, err)) != ESFT_OK) return s;
     if ((s = esft_cuda__moe_tables(c, m, &w, &slot, &off, err)) != ESFT_OK) return s;
     s = esft_cuda__experts_backward(c, m, &w, slot, off, dx, dy, T, math, err);
     if (s == ESFT_OK) s = esft_cuda__shared_backward(c, m, &w, dx, dy, x, T, math, err);
@@ -1132,6 +1171,7 @@ static esft_status esft_cuda__moe_backward(void *context, const esft_moe *m, flo
     if (s == ESFT_OK && m->d_router)
         s = esft_cuda__gemm(c, CUBLAS_COMPUTE_32F, 1, 0, E, D, T, 1.0f, w.logits, E, x, D, 1.0f, m->d_router, D, err);
     if (s == ESFT_OK) s = esft_cuda__finish(c, "moe backward", err);
+    if (s == ESFT_OK) s = esft_cuda__check_output(c, dx, (size_t)T * D, "dx", (size_t)D, err);
     return s;
 }
 
@@ -1143,7 +1183,7 @@ static esft_status esft_cuda__moe_backward(void *context, const esft_moe *m, flo
    parameter, the minimum. The CPU's float operations in the CPU's order, each
    rounded on its own (the _rn intrinsics forbid fused multiply-adds), and the
    scalar factors computed on the host by the CPU's formulas: the result is the
-   CPU's bits. (esft_adamw_step has checked the gradients for NaN/Inf.) */
+   CPU's bits. The op first checks the gradients for NaN/Inf, as the CPU op. */
 typedef struct esft_cuda__adamw_params {
     float b1, b2, one_minus_b1, one_minus_b2, decay, step_size, bc2_sqrt, eps;
 } esft_cuda__adamw_params;
@@ -1176,6 +1216,7 @@ static esft_status esft_cuda__adamw_step(void *context, const esft_adamw_config 
         (s = esft_cuda__need_device(grads, "grads", err)) != ESFT_OK ||
         (s = esft_cuda__need_device(m, "m", err)) != ESFT_OK || (s = esft_cuda__need_device(v, "v", err)) != ESFT_OK)
         return s;
+    if ((s = esft_cuda__check_finite(c, grads, n, "gradient", 0, err)) != ESFT_OK) return s;
     a.b1 = cfg->beta1;
     a.b2 = cfg->beta2;
     a.one_minus_b1 = 1.0f - cfg->beta1;
@@ -1233,7 +1274,7 @@ static esft_status esft_cuda__start(esft_cuda__context *c, esft_error *err)
     if (s == ESFT_OK) snprintf(c->device_name, sizeof c->device_name, "%s", prop.name);
     if (s == ESFT_OK) s = esft_cuda__check(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking),
                                            "cudaStreamCreate", err);
-    if (s == ESFT_OK) s = esft_cuda__check(cudaMalloc((void **)&c->flag, sizeof *c->flag), "cudaMalloc flag", err);
+    if (s == ESFT_OK) s = esft_cuda__check(cudaMalloc((void **)&c->flag, 2 * sizeof *c->flag), "cudaMalloc flag", err);
     /* armed on the op stream (non-blocking, so unordered with the legacy stream) and waited for */
     if (s == ESFT_OK) s = esft_cuda__check(cudaMemcpyAsync(c->flag, &none, sizeof none, cudaMemcpyHostToDevice,
                                                            c->stream), "arm the error flag", err);

@@ -149,9 +149,9 @@ static double time_median(int reps, int backward, layer_run *L)
     for (i = -1; i < reps; i++) { /* run -1 warms up (first touch of gradient pages) */
         double t0 = now();
         float aux;
-        if (esft_moe_forward(L->y, &aux, L->x, &L->layer, L->ws, L->ws_bytes, L->T, NULL) != ESFT_OK) exit(1);
+        if (esft_moe_forward(&L->layer, L->y, &aux, L->x, L->ws, L->ws_bytes, L->T, NULL) != ESFT_OK) exit(1);
         if (backward) {
-            if (esft_moe_backward(L->dx, &L->layer, L->dy, L->x, L->ws, L->ws_bytes, L->T, NULL) != ESFT_OK) exit(1);
+            if (esft_moe_backward(&L->layer, L->dx, L->dy, L->x, L->ws, L->ws_bytes, L->T, NULL) != ESFT_OK) exit(1);
         }
         if (i >= 0) t[i] = now() - t0;
     }

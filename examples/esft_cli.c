@@ -1335,7 +1335,7 @@ static int cmd_stats_model(const char *name, int argc, char **argv)
 /* ---- esft train -------------------------------------------------------- */
 
 static const char train_help[] =
-    "usage: esft train MODEL_DIR --data TRAIN.jsonl --method esft|fft|lora --steps N\n"
+    "usage: esft train MODEL_DIR --data TRAIN.jsonl --method esft|fft|lora|pesc --steps N\n"
     "                  --batch-tokens B -o OUT [options]\n"
     "\n"
     "Fine-tunes a Hugging Face checkpoint with one of the methods of ESFT's comparison:\n"
@@ -1346,19 +1346,28 @@ static const char train_help[] =
     "  lora  rank-r adapters on the attention projections (and/or dense MLPs), base\n"
     "        frozen; OUT is a directory in PEFT's layout (adapter_model.safetensors,\n"
     "        adapter_config.json) that peft.PeftModel.from_pretrained loads\n"
+    "  pesc  Camelidae: an adapter MoE after each frozen dense MLP (router + rank-r\n"
+    "        adapters train, upcycled so step 0 is the base); OUT.safetensors holds\n"
+    "        them under Camelidae's names, the adapter config in the metadata\n"
     "`esft merge MODEL_DIR OUT.safetensors -o DIR` puts an esft/fft result back into\n"
-    "a full checkpoint. Each step packs whole samples, in a seeded shuffled order,\n"
+    "a full checkpoint (pesc: `esft eval MODEL_DIR --trained OUT` runs base + adapters).\n"
+    "Each step packs whole samples, in a seeded shuffled order,\n"
     "until the batch holds at least B scored tokens; each sample is one micro-batch\n"
     "whose gradient is accumulated; the batch's mean-loss gradient is clipped to a\n"
     "global norm, then one AdamW step (ESFT's recipe by default).\n"
     "\n"
-    "  --method M              esft (default), fft or lora\n"
+    "  --method M              esft (default), fft, lora or pesc\n"
     "  --data FILE             training samples, {\"input_ids\": [...], \"labels\": [...]}\n"
     "  --expert-config FILE    esft: ESFT's expert config (esft select writes one)\n"
     "  --lora-rank R           lora: adapter rank (default 8)\n"
     "  --lora-alpha A          lora: scale alpha / R (default alpha = R)\n"
     "  --lora-targets T        lora: attn, mlp or attn,mlp (default attn; mlp = dense\n"
     "                          MLP layers; adapters on routed experts: not implemented)\n"
+    "  --pesc-experts N        pesc: adapters per layer (default 8)\n"
+    "  --pesc-top-k K          pesc: adapters per token (default 2)\n"
+    "  --pesc-rank R           pesc: adapter rank (default 512, at most the width)\n"
+    "  --pesc-scale S          pesc: adapter output scale (default 0.25)\n"
+    "  --pesc-aux A            pesc: auxiliary loss weight (default 0.01)\n"
     "  --steps N               optimizer steps (>= 1)\n"
     "  --batch-tokens B        scored tokens per step, at least (>= 1)\n"
     "  --micro-batch-tokens b  refuse samples longer than b tokens before any step (one\n"
@@ -1385,7 +1394,8 @@ static const char train_help[] =
 typedef struct cli_train_opts {
     const char *dir, *data, *method, *config, *out, *log, *eval_data, *schedule, *state, *resume, *lora_targets;
     int steps, batch_tokens, micro_tokens, warmup, eval_every, state_every, quiet, lora_rank;
-    double lr, weight_decay, clip, lora_alpha;
+    int pesc_experts, pesc_top_k, pesc_rank;
+    double lr, weight_decay, clip, lora_alpha, pesc_scale, pesc_aux;
     long long seed;
     esft_train_spec spec; /* the method, filled by cli_train_check_usage */
 } cli_train_opts;
@@ -1407,8 +1417,8 @@ static int cli_train_parse(const char *name, int argc, char **argv, cli_train_op
     o->method = "esft";
     o->schedule = "constant";
     o->steps = o->batch_tokens = o->micro_tokens = o->warmup = o->eval_every = o->state_every = -1;
-    o->lora_rank = -1;
-    o->lora_alpha = -1.0;
+    o->lora_rank = o->pesc_experts = o->pesc_top_k = o->pesc_rank = -1;
+    o->lora_alpha = o->pesc_scale = o->pesc_aux = -1.0;
     o->lr = esft.lr;
     o->weight_decay = esft.weight_decay;
     o->clip = 1.0;
@@ -1431,6 +1441,11 @@ static int cli_train_parse(const char *name, int argc, char **argv, cli_train_op
             (r = cli_int_option(name, argc, argv, &i, "--lora-rank", &o->lora_rank)) ||
             (r = cli_double_option(name, argc, argv, &i, "--lora-alpha", &o->lora_alpha)) ||
             (r = cli_text(name, argc, argv, &i, "--lora-targets", NULL, &o->lora_targets)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--pesc-experts", &o->pesc_experts)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--pesc-top-k", &o->pesc_top_k)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--pesc-rank", &o->pesc_rank)) ||
+            (r = cli_double_option(name, argc, argv, &i, "--pesc-scale", &o->pesc_scale)) ||
+            (r = cli_double_option(name, argc, argv, &i, "--pesc-aux", &o->pesc_aux)) ||
             (r = cli_int_option(name, argc, argv, &i, "--warmup", &o->warmup)) ||
             (r = cli_int_option(name, argc, argv, &i, "--eval-every", &o->eval_every)) ||
             (r = cli_double_option(name, argc, argv, &i, "--lr", &o->lr)) ||
@@ -1470,21 +1485,45 @@ static unsigned cli_lora_targets(const char *list, char *what, size_t cap)
     return bits;
 }
 
+/* --pesc-*: Camelidae's adapter MoE (8 adapters, top 2, scale 0.25, aux 0.01;
+   rank 512, or the model's width when that is smaller, decided at open). */
+static int cli_train_check_pesc(const char *name, cli_train_opts *o)
+{
+    esft_pesc_config *c = &o->spec.pesc;
+    *c = esft_pesc_config_camelidae(0);
+    if (o->pesc_experts != -1) c->n_experts = o->pesc_experts;
+    if (o->pesc_top_k != -1) c->top_k = o->pesc_top_k;
+    c->rank = o->pesc_rank; /* -1: the default, set when the model's width is known */
+    if (o->pesc_scale != -1.0) c->scale = (float)o->pesc_scale;
+    if (o->pesc_aux != -1.0) c->aux_alpha = (float)o->pesc_aux;
+    if (c->n_experts < 1 || c->n_experts > 4096 || c->top_k < 1 || c->top_k > c->n_experts)
+        return cli_usage(name, "--pesc-experts must be in [1, 4096] and --pesc-top-k in [1, experts]%s%s", "", "");
+    if (o->pesc_rank != -1 && (o->pesc_rank < 1 || o->pesc_rank > 65536))
+        return cli_usage(name, "--pesc-rank must be in [1, 65536]%s%s", "", "");
+    if (!isfinite(c->scale) || !isfinite(c->aux_alpha) || c->aux_alpha < 0.0f)
+        return cli_usage(name, "--pesc-scale must be finite and --pesc-aux finite and >= 0%s%s", "", "");
+    o->spec.seed = (uint64_t)o->seed;
+    return EXIT_OK;
+}
+
 /* --method and the options that belong to it into o->spec. */
 static int cli_train_check_method(const char *name, cli_train_opts *o)
 {
     int esft = strcmp(o->method, "esft") == 0, lora = strcmp(o->method, "lora") == 0;
+    int pesc = strcmp(o->method, "pesc") == 0;
     char bad[64];
     memset(&o->spec, 0, sizeof o->spec);
-    if (strcmp(o->method, "pesc") == 0)
-        return cli_usage(name, "--method pesc is not in esft train yet (esft.h trains PESC adapters: see docs/pesc.md)%s%s", "", "");
-    if (!esft && !lora && strcmp(o->method, "fft") != 0)
-        return cli_usage(name, "--method expects esft, fft or lora, got '%s'%s", o->method, "");
+    if (!esft && !lora && !pesc && strcmp(o->method, "fft") != 0)
+        return cli_usage(name, "--method expects esft, fft, lora or pesc, got '%s'%s", o->method, "");
+    if (!pesc && (o->pesc_experts != -1 || o->pesc_top_k != -1 || o->pesc_rank != -1 || o->pesc_scale != -1.0 ||
+                  o->pesc_aux != -1.0))
+        return cli_usage(name, "--pesc-experts, --pesc-top-k, --pesc-rank, --pesc-scale and --pesc-aux are for --method pesc%s%s", "", "");
     if (esft && !o->config) return cli_missing(name, "--expert-config CFG.json");
     if (!esft && o->config) return cli_usage(name, "--expert-config is for --method esft, not %s%s", o->method, "");
     if (!lora && (o->lora_rank != -1 || o->lora_alpha != -1.0 || o->lora_targets))
         return cli_usage(name, "--lora-rank, --lora-alpha and --lora-targets are for --method lora%s%s", "", "");
-    o->spec.method = esft ? ESFT_TRAIN_ESFT : lora ? ESFT_TRAIN_LORA : ESFT_TRAIN_FFT;
+    o->spec.method = esft ? ESFT_TRAIN_ESFT : lora ? ESFT_TRAIN_LORA : pesc ? ESFT_TRAIN_PESC : ESFT_TRAIN_FFT;
+    if (pesc) return cli_train_check_pesc(name, o);
     if (!lora) return EXIT_OK;
     /* PEFT's defaults: r 8, alpha 8; the attention projections */
     o->spec.lora_rank = o->lora_rank == -1 ? 8 : o->lora_rank;
@@ -1725,6 +1764,8 @@ static esft_status cli_train_open(const char *name, const cli_train_opts *o, cli
         t->have_cfg = 1;
         spec.experts = &t->cfg;
     }
+    if (spec.method == ESFT_TRAIN_PESC && spec.pesc.rank == -1) /* Camelidae's 512, at most the width */
+        spec.pesc.rank = t->m.cfg.d_model < 512 ? t->m.cfg.d_model : 512;
     if ((s = esft_model_trainable_init_spec(&t->tr, &t->m, &spec, NULL, err)) != ESFT_OK) return s;
     t->have_tr = 1;
     if (t->tr.n_params == 0 && o->config) {
@@ -1760,12 +1801,14 @@ static esft_status cli_train_pick(cli_train_state *t, int batch_tokens, int *n, 
     return ESFT_OK;
 }
 
-/* One optimizer step; loss is the batch's mean before the update. */
-static esft_status cli_train_step(cli_train_state *t, const cli_train_opts *o, int step, double *loss, double *lr,
-                                  double *norm, int64_t *tokens, esft_error *err)
+/* One optimizer step; loss is the batch's mean before the update, aux (PESC,
+   else -1) the token-weighted mean of the samples' auxiliary losses, the term
+   the gradient also holds. */
+static esft_status cli_train_step(cli_train_state *t, const cli_train_opts *o, int step, double *loss, double *aux,
+                                  double *lr, double *norm, int64_t *tokens, esft_error *err)
 {
     esft_status s;
-    double sum = 0.0;
+    double sum = 0.0, aux_sum = 0.0;
     int n, b;
     float *g = t->tr.grads;
     if ((s = cli_train_pick(t, o->batch_tokens, &n, tokens)) != ESFT_OK) return s;
@@ -1779,8 +1822,10 @@ static esft_status cli_train_step(cli_train_state *t, const cli_train_opts *o, i
                                         &ls, &ns, err);
         if (s != ESFT_OK) return s;
         sum += ls;
+        aux_sum += t->tr.aux_loss * (double)ns;
     }
     *loss = sum / (double)*tokens;
+    *aux = t->tr.method == ESFT_TRAIN_PESC ? aux_sum / (double)*tokens : -1.0;
     if ((s = esft_clip_grad_norm(&g, &t->tr.n_params, 1, (float)o->clip, norm, err)) != ESFT_OK) return s;
     *lr = cli_train_lr(o, step);
     t->opt.cfg.lr = (float)*lr;
@@ -1788,10 +1833,12 @@ static esft_status cli_train_step(cli_train_state *t, const cli_train_opts *o, i
 }
 
 /* The log line of one step (eval < 0: no eval this step). */
-static void cli_train_log(FILE *f, int step, double loss, double lr, double norm, int64_t tokens, double eval)
+static void cli_train_log(FILE *f, int step, double loss, double lr, double norm, int64_t tokens, double eval,
+                          double aux)
 {
     fprintf(f, "{\"step\": %d, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g, \"tokens\": %lld", step, loss, lr, norm,
             (long long)tokens);
+    if (aux >= 0.0) fprintf(f, ", \"aux_loss\": %.9g", aux);
     if (eval >= 0.0) fprintf(f, ", \"eval_loss\": %.9g", eval);
     fprintf(f, "}\n");
 }
@@ -1843,12 +1890,13 @@ static void cli_train_setup(const cli_train_state *t, const cli_train_opts *o, i
 {
     uint64_t h = 14695981039346656037ull;
     int64_t n = t->ds.offset[t->ds.n_samples];
-    double opts[4];
+    double opts[6];
     int ints[2];
     h = cli_fnv(h, t->ds.offset, (size_t)(t->ds.n_samples + 1) * sizeof *t->ds.offset);
     h = cli_fnv(h, t->ds.ids, (size_t)n * sizeof *t->ds.ids);
     setup[0] = (int64_t)cli_fnv(h, t->ds.labels, (size_t)n * sizeof *t->ds.labels);
     opts[0] = o->lr, opts[1] = o->weight_decay, opts[2] = o->clip, opts[3] = o->spec.lora_alpha;
+    opts[4] = o->spec.pesc.scale, opts[5] = o->spec.pesc.aux_alpha;
     ints[0] = o->batch_tokens, ints[1] = o->warmup;
     h = cli_fnv(14695981039346656037ull, opts, sizeof opts);
     h = cli_fnv(h, ints, sizeof ints);
@@ -1929,7 +1977,9 @@ static esft_status cli_train_state_experts(const cli_train_state *t, const cli_t
         snprintf(err->file, sizeof err->file, "%.200s", path);
         snprintf(err->message, sizeof err->message, "the state's run had %s: resume with the same %s",
                  work[0] != setup[0] ? "other training data" : "other options",
-                 work[0] != setup[0] ? "--data" : "--lr, --weight-decay, --clip, --batch-tokens, --warmup, --schedule and --lora-alpha");
+                 work[0] != setup[0] ? "--data"
+                                     : "--lr, --weight-decay, --clip, --batch-tokens, --warmup, --schedule, --lora-alpha, "
+                                       "--pesc-scale and --pesc-aux");
         s = ESFT_ERR_INVALID_ARGUMENT;
     }
     return s;
@@ -1990,16 +2040,16 @@ static esft_status cli_train_run(const char *name, const cli_train_opts *o, cli_
     int step, run_n = 0;
     cli_eta_begin(&eta, name, o->quiet);
     for (step = (int)t->opt.step + 1; step <= o->steps; step++) {
-        double loss, lr, norm, eval = -1.0, now;
+        double loss, aux, lr, norm, eval = -1.0, now;
         int64_t tokens;
-        esft_status s = cli_train_step(t, o, step, &loss, &lr, &norm, &tokens, err);
+        esft_status s = cli_train_step(t, o, step, &loss, &aux, &lr, &norm, &tokens, err);
         if (s != ESFT_OK) return s;
         if (t->have_eval && (step % o->eval_every == 0 || step == o->steps)) {
             if ((s = cli_train_eval(&t->m, &t->tr, &t->eval, &eval, err)) != ESFT_OK) return s;
             last_eval = eval;
         }
         *tokens_done += tokens;
-        if (log) cli_train_log(log, step, loss, lr, norm, tokens, eval);
+        if (log) cli_train_log(log, step, loss, lr, norm, tokens, eval, aux);
         if (log && fflush(log) != 0) return ESFT_ERR_IO;
         if (o->state && (step % o->state_every == 0 || step == o->steps) &&
             (s = cli_train_state_save(t, o, err)) != ESFT_OK)
@@ -2056,6 +2106,7 @@ static int cmd_train(const char *name, int argc, char **argv)
     if (s == ESFT_OK)
         s = o.spec.method == ESFT_TRAIN_LORA ? esft_model_lora_save(&t.tr, o.out, &err)
                                              : esft_model_trainable_save(&t.tr, &t.m, t.have_cfg ? &t.cfg : NULL, o.out, &err);
+    /* (fft and pesc: no config; the file says what it holds) */
     if (log && fclose(log) != 0 && s == ESFT_OK) s = ESFT_ERR_IO;
     if (log && s == ESFT_OK && rename(log_tmp, o.log) != 0) {
         snprintf(err.file, sizeof err.file, "%.200s", o.log);
@@ -2068,9 +2119,9 @@ static int cmd_train(const char *name, int argc, char **argv)
         char mem[32], opt[32];
         double dt = cli_now() - t0;
         fprintf(stderr, "esft %s: %d steps (%d..%d), %lld scored tokens in %.1f s (%.0f tokens/s); %s: %d experts, "
-                        "%d other tensors, %d adapters, %llu trainable parameters, optimizer state %s, peak memory %s -> %s\n",
+                        "%d other tensors, %d adapters, %d PESC layers, %llu trainable parameters, optimizer state %s, peak memory %s -> %s\n",
                 name, o.steps - first + 1, first, o.steps, tokens, dt, dt > 0 ? (double)tokens / dt : 0.0, o.method,
-                t.tr.n_trained + t.tr.n_shared, t.tr.n_modules, t.tr.n_lora, (unsigned long long)t.tr.n_params, cli_bytes(esft_adamw_state_bytes(&t.opt), opt, sizeof opt),
+                t.tr.n_trained + t.tr.n_shared, t.tr.n_modules, t.tr.n_lora, t.tr.n_pesc, (unsigned long long)t.tr.n_params, cli_bytes(esft_adamw_state_bytes(&t.opt), opt, sizeof opt),
                 cli_bytes(cli_peak_rss(), mem, sizeof mem), o.out);
     }
     cli_train_close(&t);

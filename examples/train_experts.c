@@ -59,7 +59,7 @@ int main(void)
     if (esft_moe_init(&student, &cfg, &w, NULL, &err) != ESFT_OK) { fprintf(stderr, "%s\n", err.message); return 1; }
     esft_moe_workspace_size(&cfg, T, &ws_bytes, NULL);
     ws = malloc(ws_bytes);
-    esft_moe_forward(target, NULL, x, &teacher, ws, ws_bytes, T, NULL);
+    esft_moe_forward(&teacher, target, NULL, x, ws, ws_bytes, T, NULL);
 
     ocfg.lr = 3e-3f; /* a toy problem: ESFT's 1e-5 is for a pretrained 16B model */
     esft_adamw_init(&opt, &ocfg, student.n_params, NULL, NULL);
@@ -71,7 +71,7 @@ int main(void)
         double loss = 0.0, norm;
         float *blocks[1];
         size_t sizes[1];
-        esft_moe_forward(y, &aux, x, &student, ws, ws_bytes, T, NULL);
+        esft_moe_forward(&student, y, &aux, x, ws, ws_bytes, T, NULL);
         for (i = 0; i < (size_t)T * D; i++) { /* L = mean squared error / 2 */
             double d = y[i] - target[i];
             loss += 0.5 * d * d / (T * D);
@@ -79,7 +79,7 @@ int main(void)
         }
         esft_moe_zero_grad(&student);
         memset(dx, 0, sizeof(float) * T * D); /* a real model passes dx on down */
-        esft_moe_backward(dx, &student, dy, x, ws, ws_bytes, T, NULL);
+        esft_moe_backward(&student, dx, dy, x, ws, ws_bytes, T, NULL);
         blocks[0] = student.grads;
         sizes[0] = student.n_params;
         esft_clip_grad_norm(blocks, sizes, 1, 1.0f, &norm, NULL);

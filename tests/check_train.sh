@@ -141,7 +141,7 @@ def names(p):
 d = sys.argv[2]
 base = set()
 for f in os.listdir(d):
-    if f.endswith(".safetensors") and "golden" not in f:
+    if f.endswith(".safetensors") and f.startswith("model"):  # the checkpoint, not goldens or PESC starts
         base |= names(os.path.join(d, f))
 got = names(sys.argv[1])
 assert got == base, (sorted(base - got)[:5], sorted(got - base)[:5])
@@ -210,6 +210,31 @@ PY
     if near "$adapted" "$(field "$T/$v.lora.log" last eval_loss)"; then pass "train_lora_${v}_eval_with_the_adapter"
     else fail "train_lora_${v}_eval_with_the_adapter" "$adapted vs $(field "$T/$v.lora.log" last eval_loss)"; fi
 done
+# pesc on the dense llama: the loss falls, the file holds Camelidae's names and
+# the adapter config, base + file evaluates as the run's last eval
+D="$M/llama"
+if "$ESFT" train "$D" --data "$D/data.jsonl" --method pesc --pesc-rank 8 --pesc-scale 1 --steps 8 --batch-tokens 40 \
+        --lr 1e-2 --warmup 0 --eval-data "$D/data.jsonl" -o "$T/pesc.safetensors" --log "$T/pesc.log" -q > "$T/out" 2> "$T/err" &&
+   lt "$(field "$T/pesc.log" last loss)" "$(field "$T/pesc.log" 1 loss)" && [ "$(field "$T/pesc.log" 1 aux_loss)" != "'absent'" ]; then
+    pass train_pesc_llama_loss_decreases
+else fail train_pesc_llama_loss_decreases "$(tail -1 "$T/pesc.log" 2>/dev/null)"; fi
+if "$PYTHON" - "$T/pesc.safetensors" > "$T/err" 2>&1 <<'PY'
+import sys, json, struct
+with open(sys.argv[1], "rb") as f:
+    n = struct.unpack("<Q", f.read(8))[0]
+    h = json.loads(f.read(n))
+meta = h.pop("__metadata__")
+assert meta["pesc_n_experts"] == "8" and meta["pesc_top_k"] == "2" and meta["pesc_rank"] == "8", meta
+want = {"model.layers.%d.mlp.moe_adapter.router.weight" % l for l in (0, 1)}
+want |= {"model.layers.%d.mlp.moe_adapter.experts.expert_%d.adapter_%s.weight" % (l, e, w)
+         for l in (0, 1) for e in range(8) for w in ("down", "up")}
+assert set(h) == want, sorted(set(h) ^ want)[:4]
+PY
+then pass train_pesc_file_holds_camelidae_names; else fail train_pesc_file_holds_camelidae_names "see above"; fi
+if near "$("$ESFT" eval "$D" --trained "$T/pesc.safetensors" --data "$D/data.jsonl" -q | cut -d' ' -f2)" \
+        "$(field "$T/pesc.log" last eval_loss)"; then pass train_pesc_base_plus_file_evaluates_as_the_run
+else fail train_pesc_base_plus_file_evaluates_as_the_run "$(field "$T/pesc.log" last eval_loss)"; fi
+
 # resume equals uninterrupted for fft and lora too
 for meth in fft lora; do
     run="train $O --data $O/data.jsonl --method $meth --batch-tokens 20 --lr 1e-3 --warmup 2 --seed 5 -q"
@@ -271,6 +296,11 @@ expect_fail train_lora_bad_target_exit_2 2 train "$O" --data "$O/data.jsonl" --m
     --steps 1 --batch-tokens 4 -o "$T/x.safetensors"
 expect_fail train_lora_rank_0_exit_2 2 train "$O" --data "$O/data.jsonl" --method lora --lora-rank 0 \
     --steps 1 --batch-tokens 4 -o "$T/x.safetensors"
+expect_fail train_pesc_options_without_pesc_exit_2 2 train "$O" --data "$O/data.jsonl" $ok --pesc-rank 4
+expect_fail train_pesc_top_k_past_experts_exit_2 2 train "$M/llama" --data "$O/data.jsonl" --method pesc --pesc-experts 2 \
+    --pesc-top-k 3 --steps 1 --batch-tokens 4 -o "$T/x.safetensors"
+expect_fail train_pesc_without_a_dense_layer_exit_1 1 train "$M/mixtral" --data "$M/mixtral/data.jsonl" --method pesc \
+    --steps 1 --batch-tokens 4 -o "$T/x.safetensors"
 expect_fail train_micro_batch_below_a_sample_exit_1 1 train "$O" --data "$O/data.jsonl" $ok --micro-batch-tokens 4
 expect_fail train_resume_other_lr_exit_1 1 train "$O" --data "$O/data.jsonl" $ok --resume "$T/state.safetensors" --seed 5 \
     --steps 9 --batch-tokens 20 --warmup 2 --lr 2e-3
@@ -285,9 +315,9 @@ if cmp -s "$O/data.jsonl" "$T/data_copy.jsonl"; then pass train_output_is_the_da
 else fail train_output_is_the_data_leaves_it "the data file changed"; fi
 expect_fail train_log_is_the_config_exit_2 2 train "$O" --data "$O/data.jsonl" --expert-config "$C" --steps 1 \
     --batch-tokens 4 -o "$T/x.safetensors" --log "$C"
-"$ESFT" train "$O" --data "$O/data.jsonl" $ok --method pesc > "$T/out" 2> "$T/err"
-if grep -q 'not in esft train yet' "$T/err"; then pass train_other_method_says_not_yet
-else fail train_other_method_says_not_yet "$(head -1 "$T/err")"; fi
+"$ESFT" train "$O" --data "$O/data.jsonl" $ok --method qlora > "$T/out" 2> "$T/err"
+if grep -q 'expects esft, fft, lora or pesc' "$T/err"; then pass train_unknown_method_lists_the_methods
+else fail train_unknown_method_lists_the_methods "$(head -1 "$T/err")"; fi
 if "$ESFT" train --help > "$T/out" 2> "$T/err" && grep -q '^usage: esft train' "$T/out"; then pass train_help
 else fail train_help "no usage on stdout"; fi
 

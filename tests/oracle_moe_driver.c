@@ -77,8 +77,8 @@ int main(int argc, char **argv)
     }
     ws = malloc(bytes);
     ids = (int32_t *)malloc((size_t)T * K * sizeof(int32_t));
-    if (esft_moe_forward(y, &aux, x, &m, ws, bytes, T, &err) != ESFT_OK ||
-        esft_moe_backward(dx, &m, dy, x, ws, bytes, T, &err) != ESFT_OK) {
+    if (esft_moe_forward(&m, y, &aux, x, ws, bytes, T, &err) != ESFT_OK ||
+        esft_moe_backward(&m, dx, dy, x, ws, bytes, T, &err) != ESFT_OK) {
         fprintf(stderr, "forward/backward: %s\n", err.message);
         return 1;
     }

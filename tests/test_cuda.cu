@@ -1,11 +1,17 @@
-/* test_cuda.cu - the CUDA backend against the CPU reference.
+/* test_cuda.cu - the CUDA backend against the CPU reference, through the public API.
 
    Build:  make cuda   (nvcc -I. tests/test_cuda.cu esft_cuda.cu -lcublas)
-   Every test that needs a GPU SKIPs with "no CUDA device" when there is none;
-   the constructor test runs everywhere. Same seeded inputs go through
-   esft_backend_cpu() and esft_backend_cuda(); tolerances are stated next to each
-   comparison (docs/cuda.md explains them). Mismatches print the first few
-   elements and the worst error, and fail the process. */
+   Every test that needs a GPU SKIPs with "no CUDA device" when there is none
+   (ESFT_REQUIRE_CUDA=1 makes that a failure: the GPU machine's run must not
+   pass by skipping); the constructor test runs everywhere. Same seeded inputs
+   go through esft_backend_cpu() and esft_backend_cuda(), by the public calls
+   (esft_route_with, esft_stats_add, esft_moe_forward/_backward,
+   esft_adamw_step) on plain cudaMalloc memory (the backend's alloc: never
+   managed memory, which would hide a host read). Outputs are poisoned (NaN
+   bytes) before every run, each op runs twice and the two runs must give the
+   same bits. Tolerances are stated next to each comparison (docs/cuda.md
+   explains them). Mismatches print the first few elements and the worst
+   error, and fail the process. */
 #include "esft.h"
 #define ESFT_IMPLEMENTATION
 #include "esft.h"
@@ -28,12 +34,21 @@ static const esft_backend *gpu(void)
     return gpu_backend;
 }
 
-/* No device: SKIP. A device that fails to start is a failure, not a skip. */
+static int require_cuda(void)
+{
+    const char *r = getenv("ESFT_REQUIRE_CUDA");
+    return r && strcmp(r, "1") == 0;
+}
+
+/* No device: SKIP, or a failure under ESFT_REQUIRE_CUDA=1. A device that fails
+   to start is a failure, not a skip. */
 #define NEED_GPU()                                                                      \
     do {                                                                                \
         if (!gpu()) {                                                                   \
-            if (strncmp(gpu_err.message, "no CUDA device", 14) == 0) SKIP("%s", gpu_err.message); \
-            CHECK_MSG(0, "CUDA backend failed to start: %s", gpu_err.message);          \
+            if (strncmp(gpu_err.message, "no CUDA device", 14) == 0 && !require_cuda())   \
+                SKIP("%s", gpu_err.message);                                            \
+            CHECK_MSG(0, "CUDA backend failed to start%s: %s",                          \
+                      require_cuda() ? " (ESFT_REQUIRE_CUDA=1)" : "", gpu_err.message);   \
         }                                                                               \
         pool_release();                                                                 \
     } while (0)
@@ -71,6 +86,40 @@ static void *dev(const void *host, size_t bytes)
 static int get(void *host, const void *d, size_t bytes)
 {
     return gpu()->download(gpu()->context, host, d, bytes) == ESFT_OK;
+}
+
+/* Fills device memory with 0xFF bytes (NaN as floats, -1 as ints): an output
+   the op forgets to write shows. */
+static int poison(void *d, size_t bytes)
+{
+    return d && cudaMemset(d, 0xFF, bytes) == cudaSuccess && cudaDeviceSynchronize() == cudaSuccess;
+}
+
+/* Downloads a device result into a new host buffer (NULL on failure). */
+static void *fetch(const void *d, size_t bytes)
+{
+    void *h = malloc(bytes ? bytes : 1);
+    if (h && !get(h, d, bytes)) {
+        free(h);
+        return NULL;
+    }
+    return h;
+}
+
+/* 1 when the device buffer holds the same bits as host copy `first` (the
+   first run's result); says which element differs. */
+static int same_bits(const char *what, const void *first, const void *d, size_t bytes)
+{
+    unsigned char *again = (unsigned char *)fetch(d, bytes);
+    size_t i;
+    int ok = again != NULL;
+    for (i = 0; ok && i < bytes; i++)
+        if (again[i] != ((const unsigned char *)first)[i]) {
+            printf("    %s: run 2 differs from run 1 at byte %lu\n", what, (unsigned long)i);
+            ok = 0;
+        }
+    free(again);
+    return ok;
 }
 
 /* ---------------------------------------------------------------------- */
@@ -117,12 +166,20 @@ static int compare_route(const esft_route_config *cfg, const float *logits, int 
     } else if (esft_route(cfg, ic, wc, pc, logits, T, &e) != ESFT_OK) {
         snprintf(cmp_msg, sizeof cmp_msg, "%s: cpu route failed: %.200s", label, e.message);
         bad = 1;
-    } else if (esft_route_with(gpu(), &dcfg, (int32_t *)d_ids, (float *)d_w, (float *)d_p,
+    } else if (!poison(d_ids, nk * 4) || !poison(d_w, nk * 4) || !poison(d_p, ne * 4) ||
+               esft_route_with(gpu(), &dcfg, (int32_t *)d_ids, (float *)d_w, (float *)d_p,
                                (const float *)d_logits, T, &e) != ESFT_OK) {
         snprintf(cmp_msg, sizeof cmp_msg, "%s: cuda route failed: %.200s", label, e.message);
         bad = 1;
     } else if (!get(ig, d_ids, nk * 4) || !get(wg, d_w, nk * 4) || !get(pg, d_p, ne * 4)) {
         snprintf(cmp_msg, sizeof cmp_msg, "%s: download failed", label);
+        bad = 1;
+    } else if (!poison(d_ids, nk * 4) || !poison(d_w, nk * 4) || !poison(d_p, ne * 4) ||
+               esft_route_with(gpu(), &dcfg, (int32_t *)d_ids, (float *)d_w, (float *)d_p,
+                               (const float *)d_logits, T, &e) != ESFT_OK ||
+               !same_bits("ids", ig, d_ids, nk * 4) || !same_bits("weights", wg, d_w, nk * 4) ||
+               !same_bits("probs", pg, d_p, ne * 4)) {
+        snprintf(cmp_msg, sizeof cmp_msg, "%s: a second run did not give the same bits", label);
         bad = 1;
     }
     for (t = 0; !bad && t < T; t++) {
@@ -313,22 +370,26 @@ TEST(cuda_route_rejects_host_memory_and_huge_E)
 }
 
 /* ---------------------------------------------------------------------- */
-/* router statistics: bit-identical                                        */
+/* router statistics: bit-identical, through esft_stats_add                */
 /* ---------------------------------------------------------------------- */
 
-/* Adds the same routing twice (the op accumulates) on both backends and
-   compares the counters bit for bit. */
+/* Two accumulators, one per backend (esft_stats_set_backend puts the GPU's
+   histogram on the device); the same samples added to both, ids, weights and
+   mask in device memory for the GPU one; every counter compared bit for bit.
+   The GPU accumulator is filled twice from zero: the same bits both times. */
 static int compare_stats(int T, int K, int E, int with_weights, int with_mask, const char *label)
 {
-    size_t nk = (size_t)T * K, i;
+    size_t nk = (size_t)T * K, le = (size_t)2 * E, i;
     int32_t *ids = (int32_t *)malloc(nk * 4);
     float *w = (float *)malloc(nk * 4);
     unsigned char *mask = (unsigned char *)malloc((size_t)T);
-    uint64_t *cc = (uint64_t *)calloc(2 * (size_t)E, 8), *cg = (uint64_t *)calloc(2 * (size_t)E, 8);
-    void *d_ids, *d_w, *d_mask, *d_c;
-    const esft_backend *cpu = esft_backend_cpu();
+    void *d_ids, *d_w, *d_mask;
+    esft_stats sc, sg;
+    uint64_t *first = (uint64_t *)malloc(4 * le * 8);
     esft_error e;
-    int r, ok = 1, shown = 0;
+    int r, run, ok = 1, shown = 0;
+    memset(&sc, 0, sizeof sc);
+    memset(&sg, 0, sizeof sg);
     for (i = 0; i < nk; i++) {
         /* skewed ids, so a few experts are hot (the atomics' hard case) */
         uint32_t u = rng_u32() % (uint32_t)(E * 4);
@@ -339,36 +400,48 @@ static int compare_stats(int T, int K, int E, int with_weights, int with_mask, c
     d_ids = dev(ids, nk * 4);
     d_w = dev(w, nk * 4);
     d_mask = dev(mask, (size_t)T);
-    d_c = dev(cg, 2 * (size_t)E * 8);
     cmp_msg[0] = 0;
-    if (!d_ids || !d_w || !d_mask || !d_c) {
-        snprintf(cmp_msg, sizeof cmp_msg, "%s: device allocation failed", label);
+    if (!d_ids || !d_w || !d_mask || !first || esft_stats_init(&sc, 2, E, K, NULL) != ESFT_OK ||
+        esft_stats_init(&sg, 2, E, K, NULL) != ESFT_OK || esft_stats_set_backend(&sg, gpu(), &e) != ESFT_OK) {
+        snprintf(cmp_msg, sizeof cmp_msg, "%s: setting up failed", label);
         ok = 0;
     }
-    for (r = 0; ok && r < 2; r++) {
-        const float *hw = with_weights ? w : NULL, *dw = with_weights ? (const float *)d_w : NULL;
-        const unsigned char *hm = with_mask ? mask : NULL, *dm = with_mask ? (const unsigned char *)d_mask : NULL;
-        if (cpu->stats_accumulate(cpu->context, cc, cc + E, ids, hw, hm, T, K, E, &e) != ESFT_OK ||
-            gpu()->stats_accumulate(gpu()->context, (uint64_t *)d_c, (uint64_t *)d_c + E, (const int32_t *)d_ids,
-                                    dw, dm, T, K, E, &e) != ESFT_OK) {
-            snprintf(cmp_msg, sizeof cmp_msg, "%s: stats_accumulate failed: %.200s", label, e.message);
+    for (r = 0; ok && r < 2; r++) /* layer 1, two samples */
+        if (esft_stats_add(&sc, 1, ids, with_weights ? w : NULL, with_mask ? mask : NULL, T, &e) != ESFT_OK) {
+            snprintf(cmp_msg, sizeof cmp_msg, "%s: cpu esft_stats_add: %.200s", label, e.message);
             ok = 0;
         }
+    for (run = 0; ok && run < 2; run++) {
+        esft_stats_reset(&sg);
+        for (r = 0; ok && r < 2; r++)
+            if (esft_stats_add(&sg, 1, (const int32_t *)d_ids, with_weights ? (const float *)d_w : NULL,
+                               with_mask ? (const unsigned char *)d_mask : NULL, T, &e) != ESFT_OK) {
+                snprintf(cmp_msg, sizeof cmp_msg, "%s: cuda esft_stats_add: %.200s", label, e.message);
+                ok = 0;
+            }
+        for (i = 0; ok && i < le; i++) {
+            const uint64_t *a[4] = {sg.count, sg.gate_sum, sg.token_frac_sum, sg.gate_frac_sum};
+            const uint64_t *b[4] = {sc.count, sc.gate_sum, sc.token_frac_sum, sc.gate_frac_sum};
+            int k;
+            for (k = 0; k < 4; k++) {
+                if (a[k][i] != b[k][i] && shown++ < 5)
+                    printf("  %s: array %d [%lu] cuda %llu cpu %llu\n", label, k, (unsigned long)i,
+                           (unsigned long long)a[k][i], (unsigned long long)b[k][i]);
+                if (run == 0) first[k * le + i] = a[k][i];
+                else if (first[k * le + i] != a[k][i] && shown++ < 5)
+                    printf("  %s: array %d [%lu] differs between two runs\n", label, k, (unsigned long)i);
+            }
+        }
+        if (ok && (sg.n_tokens[1] != sc.n_tokens[1] || sg.n_samples[1] != sc.n_samples[1])) shown++;
     }
-    if (ok && !get(cg, d_c, 2 * (size_t)E * 8)) {
-        snprintf(cmp_msg, sizeof cmp_msg, "%s: download failed", label);
-        ok = 0;
-    }
-    for (i = 0; ok && i < 2 * (size_t)E; i++)
-        if (cc[i] != cg[i] && shown++ < 5)
-            printf("  %s: %s[%lu] cuda %llu cpu %llu\n", label, i < (size_t)E ? "count" : "gate_sum",
-                   (unsigned long)(i % E), (unsigned long long)cg[i], (unsigned long long)cc[i]);
     if (ok) printf("  %s: T %d K %d E %d: %d counters differ\n", label, T, K, E, shown);
     if (ok && shown) {
         snprintf(cmp_msg, sizeof cmp_msg, "%s: %d counters differ (see above)", label, shown);
         ok = 0;
     }
-    free(ids); free(w); free(mask); free(cc); free(cg);
+    esft_stats_uninit(&sc);
+    esft_stats_uninit(&sg);
+    free(ids); free(w); free(mask); free(first);
     return ok;
 }
 
@@ -382,75 +455,50 @@ TEST(cuda_stats_bit_identical_to_cpu)
     CHECK_MSG(compare_stats(5000, 4, 3000, 1, 1, "E3000 global atomics"), "%s", cmp_msg);
 }
 
-TEST(cuda_stats_rejects_bad_ids_and_host_memory)
+/* Bad ids and weights are the backend's to find (esft_stats_add never reads
+   device memory): the same status and message as the CPU, nothing added;
+   a masked token is checked too. Host memory is refused. */
+TEST(cuda_stats_rejects_what_the_cpu_rejects)
 {
-    int32_t ids[6] = {0, 1, 2, 3, 64, 5};
-    uint64_t c[128];
-    esft_error e;
-    void *d_ids, *d_c;
-    NEED_GPU();
-    d_ids = dev(ids, sizeof ids);
-    d_c = dev(NULL, sizeof c);
-    CHECK(d_ids && d_c);
-    CHECK_STATUS(gpu()->stats_accumulate(gpu()->context, (uint64_t *)d_c, (uint64_t *)d_c + 64,
-                                         (const int32_t *)d_ids, NULL, NULL, 3, 2, 64, &e), ESFT_ERR_RANGE);
-    CHECK_MSG(strstr(e.message, "token 2") != NULL, "message: %s", e.message);
-    CHECK_STATUS(gpu()->stats_accumulate(gpu()->context, c, c + 64, ids, NULL, NULL, 3, 2, 64, &e),
-                 ESFT_ERR_INVALID_ARGUMENT);
-}
-
-/* Weights the CPU op refuses (NaN, negative, past ESFT_MAX_GATE_WEIGHT) are
-   refused here too, naming the token. */
-TEST(cuda_stats_rejects_weights_the_cpu_rejects)
-{
-    int32_t ids[4] = {0, 1, 2, 3};
-    const float bad[3] = {NAN, -0.5f, 1e6f};
-    uint64_t c[16];
-    esft_error e;
+    const float badw[3] = {NAN, -0.5f, 1e6f};
+    esft_stats sc, sg;
+    esft_error ec, eg;
     int k;
     NEED_GPU();
-    for (k = 0; k < 3; k++) {
-        float w[4] = {0.25f, 0.25f, 0.25f, 0.25f};
-        void *d_ids, *d_w, *d_c;
-        esft_error cpu;
-        w[3] = bad[k];
+    CHECK_STATUS(esft_stats_init(&sc, 1, 8, 2, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_init(&sg, 1, 8, 2, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_set_backend(&sg, gpu(), &eg), ESFT_OK);
+    for (k = 0; k < 4; k++) {
+        int32_t ids[6] = {0, 1, 2, 3, 4, 5};
+        float w[6] = {0.25f, 0.25f, 0.25f, 0.25f, 0.25f, 0.25f};
+        unsigned char mask[3] = {1, 0, 1};
+        esft_status want;
+        void *d_ids, *d_w, *d_mask;
+        if (k < 3) w[3] = badw[k];
+        else ids[2] = 8; /* token 1, which the mask leaves out: still an error */
         d_ids = dev(ids, sizeof ids);
         d_w = dev(w, sizeof w);
-        d_c = dev(NULL, sizeof c);
-        CHECK(d_ids && d_w && d_c);
-        CHECK_STATUS(esft_backend_cpu()->stats_accumulate(NULL, c, c + 8, ids, w, NULL, 2, 2, 8, &cpu), ESFT_ERR_RANGE);
-        CHECK_STATUS(gpu()->stats_accumulate(gpu()->context, (uint64_t *)d_c, (uint64_t *)d_c + 8,
-                                             (const int32_t *)d_ids, (const float *)d_w, NULL, 2, 2, 8, &e),
-                     ESFT_ERR_RANGE);
-        CHECK_MSG(strstr(e.message, "token 1") != NULL, "message: %s", e.message);
+        d_mask = dev(mask, sizeof mask);
+        CHECK(d_ids && d_w && d_mask);
+        want = esft_stats_add(&sc, 0, ids, w, mask, 3, &ec);
+        CHECK(want != ESFT_OK);
+        CHECK_STATUS(esft_stats_add(&sg, 0, (const int32_t *)d_ids, (const float *)d_w, (const unsigned char *)d_mask,
+                                    3, &eg), want);
+        CHECK_MSG(strcmp(eg.message, ec.message) == 0, "cuda '%.100s', cpu '%.100s'", eg.message, ec.message);
+        CHECK_EQ_INT(sg.n_tokens[0], 0);
     }
+    {
+        int32_t ids[2] = {0, 1};
+        CHECK_STATUS(esft_stats_add(&sg, 0, ids, NULL, NULL, 1, &eg), ESFT_ERR_INVALID_ARGUMENT);
+        CHECK_MSG(strstr(eg.message, "host memory") != NULL, "message: %s", eg.message);
+    }
+    esft_stats_uninit(&sc);
+    esft_stats_uninit(&sg);
 }
 
 /* ---------------------------------------------------------------------- */
 /* MoE layer: CPU vs CUDA, forward and backward                            */
 /* ---------------------------------------------------------------------- */
-
-/* esft_moe_forward/_backward check x and dy on the host and esft_moe_init
-   fills the parameter block with memcpy, so the CUDA layer lives in managed
-   memory (host- and device-addressable): an allocator over cudaMallocManaged. */
-static void *managed_alloc(void *user, size_t n)
-{
-    void *p = NULL;
-    (void)user;
-    return cudaMallocManaged(&p, n ? n : 1) == cudaSuccess ? p : NULL;
-}
-static void managed_free(void *user, void *p) { (void)user; cudaFree(p); }
-
-/* A managed copy of n floats (or n zero bytes when src is NULL), freed with the pool. */
-static void *managed(const void *src, size_t bytes)
-{
-    void *p = managed_alloc(NULL, bytes);
-    if (!p || pool_n == 64) return NULL;
-    pool[pool_n++] = p;
-    if (src) memcpy(p, src, bytes);
-    else memset(p, 0, bytes);
-    return p;
-}
 
 static float *random_floats(size_t n, float lo, float hi)
 {
@@ -468,6 +516,10 @@ static int close_enough(const char *what, const float *got, const float *ref, si
     double num = 0, den = 0, worst = 0, peak = 0, nmse;
     size_t i;
     int shown = 0;
+    if (!got) {
+        printf("    %s: download failed\n", what);
+        return 0;
+    }
     for (i = 0; i < n; i++) peak = fabs(ref[i]) > peak ? fabs(ref[i]) : peak;
     for (i = 0; i < n; i++) {
         double d = fabs((double)got[i] - ref[i]);
@@ -478,7 +530,7 @@ static int close_enough(const char *what, const float *got, const float *ref, si
             printf("    %s[%lu]: cuda %.9g cpu %.9g\n", what, (unsigned long)i, got[i], ref[i]);
     }
     nmse = den > 0 ? num / den : num;
-    printf("    %-8s n %-7lu NMSE %.3g (tol %.0e)  worst |d| %.3g = %.3g of max|ref| (tol %.0e)\n", what,
+    printf("    %-8s n %-9lu NMSE %.3g (tol %.0e)  worst |d| %.3g = %.3g of max|ref| (tol %.0e)\n", what,
            (unsigned long)n, nmse, nmse_tol, worst, peak > 0 ? worst / peak : worst, max_tol);
     return nmse <= nmse_tol && shown == 0;
 }
@@ -491,10 +543,28 @@ typedef struct moe_case {
     const char *label;
 } moe_case;
 
-/* Runs one case through both backends (ESFT_CUDA_MATH = math) and compares y,
-   aux, dx (accumulated onto a non-zero start) and the gradient block. With
-   cross_check, also runs the CPU backward on the CUDA forward's workspace: the
-   two backends must agree on its layout. */
+/* One forward + backward of the GPU layer from poisoned outputs: y and the
+   workspace filled with NaN bytes, dx reset to dx0, gradients zeroed. */
+static esft_status gpu_moe_run(esft_moe *lg, float *y, float *aux, const float *x, const float *dy, float *dx,
+                               const float *dx0_d, void *ws, size_t ws_bytes, int T, esft_error *e)
+{
+    size_t td = (size_t)T * lg->cfg.d_model * 4;
+    esft_status s;
+    if (!poison(y, td) || !poison(ws, ws_bytes) ||
+        cudaMemcpy(dx, dx0_d, td, cudaMemcpyDeviceToDevice) != cudaSuccess)
+        return ESFT_ERR_BACKEND;
+    esft_moe_zero_grad(lg);
+    s = esft_moe_forward(lg, y, aux, x, ws, ws_bytes, T, e);
+    if (s == ESFT_OK) s = esft_moe_backward(lg, dx, dy, x, ws, ws_bytes, T, e);
+    return s;
+}
+
+/* Runs one case through both backends (ESFT_CUDA_MATH = math), the GPU layer
+   moved onto the device with esft_moe_set_backend, every array plain device
+   memory; compares y, aux, dx (accumulated onto a non-zero start) and the
+   gradient block; runs the GPU twice from poisoned outputs and wants the same
+   bits. With cross_check, the CPU backward also runs on the CUDA forward's
+   workspace (downloaded): the layout has one owner, and this proves it. */
 static int compare_moe(moe_case *mc, const char *math, double nmse_tol, double max_tol, int cross_check)
 {
     esft_moe_config cfg = mc->cfg;
@@ -509,88 +579,108 @@ static int compare_moe(moe_case *mc, const char *math, double nmse_tol, double m
     float *sd = random_floats(ns + 1, -1.0f / sqrtf((float)(FS + 1)), 1.0f / sqrtf((float)(FS + 1)));
     float *x = random_floats(td, -1.0f, 1.0f), *dy = random_floats(td, -1.0f, 1.0f);
     float *dx0 = random_floats(td, -0.5f, 0.5f);
-    float *y_c = (float *)malloc(td * 4), *dx_c = (float *)malloc(td * 4), aux_c = 0, aux_g = 0;
-    float *y_g, *dx_g, *x_g, *dy_g;
+    float *y_c = (float *)malloc(td * 4), *dx_c = (float *)malloc(td * 4), aux_c = 0, aux_g = 0, aux_g2 = 0;
+    float *y_g, *dx_g, *x_g, *dy_g, *dx0_g, *y1 = NULL, *dx1 = NULL, *g1 = NULL;
     void *ws_c, *ws_g;
     esft_moe_weights wc, wg;
     esft_moe lc, lg;
-    esft_allocator man = {NULL, managed_alloc, managed_free};
     esft_error e;
     memset(&lc, 0, sizeof lc);
     memset(&lg, 0, sizeof lg);
     setenv("ESFT_CUDA_MATH", math, 1);
     printf("  %s, ESFT_CUDA_MATH=%s\n", mc->label, math);
     cfg.trainable_experts = mc->trainable;
+    memset(&wg, 0, sizeof wg);
     wc.router = router; wc.gate = gate; wc.up = up; wc.down = down;
     wc.shared_gate = FS ? sg : NULL; wc.shared_up = FS ? su : NULL; wc.shared_down = FS ? sd : NULL;
-    wg.router = (const float *)managed(router, nr * 4);
-    wg.gate = (const float *)managed(gate, ne * 4);
-    wg.up = (const float *)managed(up, ne * 4);
-    wg.down = (const float *)managed(down, ne * 4);
-    wg.shared_gate = FS ? (const float *)managed(sg, ns * 4) : NULL;
-    wg.shared_up = FS ? (const float *)managed(su, ns * 4) : NULL;
-    wg.shared_down = FS ? (const float *)managed(sd, ns * 4) : NULL;
-    x_g = (float *)managed(x, td * 4);
-    dy_g = (float *)managed(dy, td * 4);
-    y_g = (float *)managed(NULL, td * 4);
-    dx_g = (float *)managed(dx0, td * 4);
+    wc.shared_router = NULL;
+    wg.router = (const float *)dev(router, nr * 4);
+    wg.gate = (const float *)dev(gate, ne * 4);
+    wg.up = (const float *)dev(up, ne * 4);
+    wg.down = (const float *)dev(down, ne * 4);
+    wg.shared_gate = FS ? (const float *)dev(sg, ns * 4) : NULL;
+    wg.shared_up = FS ? (const float *)dev(su, ns * 4) : NULL;
+    wg.shared_down = FS ? (const float *)dev(sd, ns * 4) : NULL;
+    x_g = (float *)dev(x, td * 4);
+    dy_g = (float *)dev(dy, td * 4);
+    dx0_g = (float *)dev(dx0, td * 4);
+    y_g = (float *)dev(NULL, td * 4);
+    dx_g = (float *)dev(NULL, td * 4);
     memcpy(dx_c, dx0, td * 4);
     cmp_msg[0] = 0;
     if (esft_moe_workspace_size(&cfg, T, &ws_bytes, &e) != ESFT_OK) {
         snprintf(cmp_msg, sizeof cmp_msg, "%s: workspace size: %.200s", mc->label, e.message);
         ok = 0;
     }
-    ws_c = malloc(ws_bytes);
-    ws_g = managed(NULL, ws_bytes);
-    if (ok && (!wg.router || !wg.gate || !wg.up || !wg.down || !x_g || !dy_g || !y_g || !dx_g || !ws_g ||
-               (mc->use_bias && !(cfg.route.selection_bias = (const float *)managed(mc->bias, (size_t)E * 4))))) {
-        snprintf(cmp_msg, sizeof cmp_msg, "%s: managed allocation failed", mc->label);
+    ws_c = NULL;
+    if (posix_memalign(&ws_c, 64, ws_bytes ? ws_bytes : 64) != 0) ws_c = NULL;
+    ws_g = dev(NULL, ws_bytes);
+    if (ok && (!wg.router || !wg.gate || !wg.up || !wg.down || !x_g || !dy_g || !dx0_g || !y_g || !dx_g || !ws_g ||
+               !ws_c || (mc->use_bias && !(cfg.route.selection_bias = (const float *)dev(mc->bias, (size_t)E * 4))))) {
+        snprintf(cmp_msg, sizeof cmp_msg, "%s: allocation failed", mc->label);
         ok = 0;
     }
     if (ok) {
         esft_moe_config cfg_c = cfg;
         if (mc->use_bias) cfg_c.route.selection_bias = mc->bias;
-        if (esft_moe_init(&lc, &cfg_c, &wc, NULL, &e) != ESFT_OK || esft_moe_init(&lg, &cfg, &wg, &man, &e) != ESFT_OK) {
-            snprintf(cmp_msg, sizeof cmp_msg, "%s: esft_moe_init: %.200s", mc->label, e.message);
+        /* the GPU layer: made from host weights, then moved (cfg's bias is the device's) */
+        if (esft_moe_init(&lc, &cfg_c, &wc, NULL, &e) != ESFT_OK || esft_moe_init(&lg, &cfg_c, &wc, NULL, &e) != ESFT_OK ||
+            esft_moe_set_backend(&lg, gpu(), &wg, &e) != ESFT_OK) {
+            snprintf(cmp_msg, sizeof cmp_msg, "%s: esft_moe_init / set_backend: %.200s", mc->label, e.message);
             ok = 0;
         }
-        lg.backend = gpu();
+        lg.cfg.route.selection_bias = cfg.route.selection_bias;
     }
-    if (ok && (esft_moe_forward(y_c, &aux_c, x, &lc, ws_c, ws_bytes, T, &e) != ESFT_OK ||
-               esft_moe_forward(y_g, &aux_g, x_g, &lg, ws_g, ws_bytes, T, &e) != ESFT_OK)) {
-        snprintf(cmp_msg, sizeof cmp_msg, "%s: forward: %.200s", mc->label, e.message);
+    if (ok && (esft_moe_forward(&lc, y_c, &aux_c, x, ws_c, ws_bytes, T, &e) != ESFT_OK ||
+               esft_moe_backward(&lc, dx_c, dy, x, ws_c, ws_bytes, T, &e) != ESFT_OK)) {
+        snprintf(cmp_msg, sizeof cmp_msg, "%s: cpu: %.200s", mc->label, e.message);
         ok = 0;
     }
-    if (ok && (esft_moe_backward(dx_c, &lc, dy, x, ws_c, ws_bytes, T, &e) != ESFT_OK ||
-               esft_moe_backward(dx_g, &lg, dy_g, x_g, ws_g, ws_bytes, T, &e) != ESFT_OK)) {
-        snprintf(cmp_msg, sizeof cmp_msg, "%s: backward: %.200s", mc->label, e.message);
+    if (ok && gpu_moe_run(&lg, y_g, &aux_g, x_g, dy_g, dx_g, dx0_g, ws_g, ws_bytes, T, &e) != ESFT_OK) {
+        snprintf(cmp_msg, sizeof cmp_msg, "%s: cuda: %.200s", mc->label, e.message);
         ok = 0;
     }
     if (ok) {
-        int good = close_enough("y", y_g, y_c, td, nmse_tol, max_tol);
+        int good;
+        y1 = (float *)fetch(y_g, td * 4);
+        dx1 = (float *)fetch(dx_g, td * 4);
+        g1 = (float *)fetch(lg.grads, lg.n_params * 4);
+        good = close_enough("y", y1, y_c, td, nmse_tol, max_tol);
         printf("    aux      cuda %.9g cpu %.9g\n", aux_g, aux_c);
         good &= fabs(aux_g - aux_c) <= 1e-5 * fabs(aux_c) + 1e-9;
-        good &= close_enough("dx", dx_g, dx_c, td, nmse_tol, max_tol);
+        good &= close_enough("dx", dx1, dx_c, td, nmse_tol, max_tol);
         good &= lg.n_params == lc.n_params;
-        if (lc.n_params) good &= close_enough("grads", lg.grads, lc.grads, lc.n_params, nmse_tol, max_tol);
+        if (lc.n_params) good &= close_enough("grads", g1, lc.grads, lc.n_params, nmse_tol, max_tol);
         if (!good) {
             snprintf(cmp_msg, sizeof cmp_msg, "%s (%s): CUDA and CPU differ beyond tolerance (see above)", mc->label,
                      math);
             ok = 0;
         }
     }
-    if (ok && cross_check) { /* CPU backward on the CUDA forward's saved workspace */
-        memcpy(dx_g, dx0, td * 4);
-        esft_moe_zero_grad(&lg);
-        lg.backend = esft_backend_cpu();
-        if (esft_moe_backward(dx_g, &lg, dy_g, x_g, ws_g, ws_bytes, T, &e) != ESFT_OK) {
+    if (ok) { /* run 2, from poisoned outputs again: the same bits */
+        int good = gpu_moe_run(&lg, y_g, &aux_g2, x_g, dy_g, dx_g, dx0_g, ws_g, ws_bytes, T, &e) == ESFT_OK;
+        good = good && same_bits("y", y1, y_g, td * 4) && same_bits("dx", dx1, dx_g, td * 4) &&
+               same_bits("grads", g1, lg.grads, lg.n_params * 4) && memcmp(&aux_g, &aux_g2, 4) == 0;
+        printf("    two runs from poisoned outputs: %s\n", good ? "same bits" : "DIFFER");
+        if (!good) {
+            snprintf(cmp_msg, sizeof cmp_msg, "%s (%s): two runs differ", mc->label, math);
+            ok = 0;
+        }
+    }
+    if (ok && cross_check) { /* the CPU backward on the CUDA forward's workspace, downloaded */
+        memcpy(dx_c, dx0, td * 4);
+        esft_moe_zero_grad(&lc);
+        if (!get(ws_c, ws_g, ws_bytes)) { /* both 64-byte aligned: the same base */
+            snprintf(cmp_msg, sizeof cmp_msg, "%s: workspace download failed", mc->label);
+            ok = 0;
+        } else if (esft_moe_backward(&lc, dx_c, dy, x, ws_c, ws_bytes, T, &e) != ESFT_OK) {
             snprintf(cmp_msg, sizeof cmp_msg, "%s: cpu backward on cuda workspace: %.200s", mc->label, e.message);
             ok = 0;
         } else {
             int good;
             printf("    cross-check: CPU backward from the CUDA forward's workspace\n");
-            good = close_enough("dx", dx_g, dx_c, td, nmse_tol, max_tol);
-            if (lc.n_params) good &= close_enough("grads", lg.grads, lc.grads, lc.n_params, nmse_tol, max_tol);
+            good = close_enough("dx", dx1, dx_c, td, nmse_tol, max_tol);
+            if (lc.n_params) good &= close_enough("grads", g1, lc.grads, lc.n_params, nmse_tol, max_tol);
             if (!good) {
                 snprintf(cmp_msg, sizeof cmp_msg, "%s: workspace layouts of the backends disagree", mc->label);
                 ok = 0;
@@ -600,7 +690,7 @@ static int compare_moe(moe_case *mc, const char *math, double nmse_tol, double m
     esft_moe_uninit(&lc);
     esft_moe_uninit(&lg);
     free(router); free(gate); free(up); free(down); free(sg); free(su); free(sd);
-    free(x); free(dy); free(dx0); free(y_c); free(dx_c); free(ws_c);
+    free(x); free(dy); free(dx0); free(y_c); free(dx_c); free(ws_c); free(y1); free(dx1); free(g1);
     return ok;
 }
 
@@ -719,60 +809,167 @@ TEST(cuda_moe_rejects_bad_math_and_host_memory)
         CHECK_STATUS(esft_moe_workspace_size(&cfg, 16, &bytes, &e), ESFT_OK);
         ws = malloc(bytes);
         layer.backend = gpu();
-        CHECK_STATUS(esft_moe_forward(y, NULL, x, &layer, ws, bytes, 16, &e), ESFT_ERR_INVALID_ARGUMENT);
+        CHECK_STATUS(esft_moe_forward(&layer, y, NULL, x, ws, bytes, 16, &e), ESFT_ERR_INVALID_ARGUMENT);
         free(ws);
         esft_moe_uninit(&layer);
         CHECK_MSG(strstr(e.message, "host memory") != NULL, "message: %s", e.message);
     }
 }
 
+/* DeepSeek-V2-Lite's layer at full width: D 2048, E 64, K 6, F 1408, FS 2816,
+   8 of 64 experts, router and shared block trainable, aux per sequence. T is
+   kept small (the CPU reference runs it too): 256 tokens, ESFT_TEST_LIGHT=1
+   64. fp32 GEMMs, so the fp32 tolerances hold at this depth too. */
+TEST(cuda_moe_deepseek_v2_lite_shape_matches_cpu)
+{
+    moe_case mc;
+    const char *light = getenv("ESFT_TEST_LIGHT");
+    int i;
+    NEED_GPU();
+    rng_seed(23);
+    memset(&mc, 0, sizeof mc);
+    mc.cfg = esft_moe_config_deepseek_v2_lite();
+    mc.T = light && strcmp(light, "1") == 0 ? 64 : 256;
+    mc.cfg.aux_seq_len = mc.T / 2;
+    mc.cfg.train_router = 1;
+    mc.cfg.train_shared = 1;
+    for (i = 0; i < 64; i += 8) mc.trainable[i + i / 8 % 8] = 1; /* 8 of 64, spread */
+    mc.label = "DeepSeek-V2-Lite D2048 E64 K6 F1408 FS2816";
+    CHECK_MSG(compare_moe(&mc, "fp32", MOE_FP32_NMSE, MOE_FP32_MAX, 0), "%s", cmp_msg);
+    unsetenv("ESFT_CUDA_MATH");
+}
+
+/* NaN/Inf in x or dy: the backend finds it on the device (the wrapper never
+   reads device memory) and names it as the CPU does; nothing is written. */
+TEST(cuda_moe_non_finite_inputs_named_like_the_cpu)
+{
+    esft_moe_config cfg = esft_moe_config_init(16, 8, 2, 8, 8);
+    size_t ne = (size_t)8 * 8 * 16, ns = (size_t)8 * 16, bytes = 0;
+    float *w = random_floats(ne, -0.2f, 0.2f), *x = random_floats(32 * 16, -1.0f, 1.0f);
+    float y[32 * 16], dx[32 * 16];
+    esft_moe_weights wh, wd;
+    esft_moe lc, lg;
+    esft_error ec, eg;
+    void *ws_c = NULL, *ws_g, *x_g, *y_g, *dx_g;
+    int k;
+    NEED_GPU();
+    memset(&wh, 0, sizeof wh);
+    wh.router = w; wh.gate = w; wh.up = w; wh.down = w;
+    wh.shared_gate = w; wh.shared_up = w; wh.shared_down = w;
+    wd = wh;
+    wd.router = wd.gate = wd.up = wd.down = (const float *)dev(w, ne * 4);
+    wd.shared_gate = wd.shared_up = wd.shared_down = (const float *)dev(w, ns * 4);
+    CHECK_STATUS(esft_moe_workspace_size(&cfg, 32, &bytes, &ec), ESFT_OK);
+    ws_c = malloc(bytes);
+    ws_g = dev(NULL, bytes);
+    y_g = dev(NULL, sizeof y);
+    dx_g = dev(NULL, sizeof dx);
+    CHECK(wd.router && wd.shared_gate && ws_c && ws_g && y_g && dx_g);
+    CHECK_STATUS(esft_moe_init(&lc, &cfg, &wh, NULL, &ec), ESFT_OK);
+    CHECK_STATUS(esft_moe_init(&lg, &cfg, &wh, NULL, &eg), ESFT_OK);
+    CHECK_STATUS(esft_moe_set_backend(&lg, gpu(), &wd, &eg), ESFT_OK);
+    for (k = 0; k < 2; k++) {
+        float bad = k ? INFINITY : NAN;
+        x[3 * 16 + 5] = bad;
+        x_g = dev(x, 32 * 16 * 4);
+        CHECK(x_g && poison(y_g, sizeof y));
+        CHECK_STATUS(esft_moe_forward(&lc, y, NULL, x, ws_c, bytes, 32, &ec), ESFT_ERR_NUMERIC);
+        CHECK_STATUS(esft_moe_forward(&lg, (float *)y_g, NULL, (const float *)x_g, ws_g, bytes, 32, &eg),
+                     ESFT_ERR_NUMERIC);
+        CHECK_MSG(strcmp(eg.message, ec.message) == 0, "cuda '%.100s', cpu '%.100s'", eg.message, ec.message);
+    }
+    x[3 * 16 + 5] = 0.5f;
+    x_g = dev(x, 32 * 16 * 4);
+    CHECK(x_g);
+    CHECK_STATUS(esft_moe_forward(&lc, y, NULL, x, ws_c, bytes, 32, &ec), ESFT_OK);
+    CHECK_STATUS(esft_moe_forward(&lg, (float *)y_g, NULL, (const float *)x_g, ws_g, bytes, 32, &eg), ESFT_OK);
+    x[7 * 16 + 1] = NAN; /* now as dy */
+    {
+        void *dy_g = dev(x, 32 * 16 * 4);
+        CHECK(dy_g);
+        CHECK_STATUS(esft_moe_backward(&lc, dx, x, x, ws_c, bytes, 32, &ec), ESFT_ERR_NUMERIC);
+        CHECK_STATUS(esft_moe_backward(&lg, (float *)dx_g, (const float *)dy_g, (const float *)x_g, ws_g, bytes, 32,
+                                       &eg), ESFT_ERR_NUMERIC);
+        CHECK_MSG(strcmp(eg.message, ec.message) == 0, "cuda '%.100s', cpu '%.100s'", eg.message, ec.message);
+    }
+    esft_moe_uninit(&lc);
+    esft_moe_uninit(&lg);
+    free(w); free(x); free(ws_c);
+}
+
 /* ---------------------------------------------------------------------- */
-/* AdamW: bit-identical                                                    */
+/* AdamW: bit-identical, through esft_adamw_step                            */
 /* ---------------------------------------------------------------------- */
 
+/* Two optimizers from the same start, one moved to the GPU with
+   esft_adamw_set_backend (m, v on the device, params and grads plain device
+   memory); three steps each; every bit of p, m, v compared. The GPU side is
+   run twice from the same start: the same bits. A NaN gradient is the op's
+   to find, with the CPU's message, and changes nothing. */
 TEST(cuda_adamw_bit_identical_to_cpu)
 {
     const size_t n = 100003; /* odd: no assumption of a multiple of anything */
-    const esft_backend *cpu = esft_backend_cpu();
     esft_adamw_config cfg = esft_adamw_config_init();
-    float *p = NULL, *g = NULL, *m = NULL, *v = NULL, *back = NULL;
-    void *dp, *dg, *dm, *dv;
-    float *host[4];
-    void *dev4[4];
-    esft_error e;
+    esft_adamw oc, og;
+    float *p0, *g, *p, *run1 = NULL;
+    void *dp, *dg;
+    esft_error e, ec;
     long step;
-    int k, diff = 0;
+    int run, diff = 0;
     size_t i;
     NEED_GPU();
     rng_seed(30);
     cfg.lr = 1e-2f;
-    p = random_floats(n, -1.0f, 1.0f);
+    p0 = random_floats(n, -1.0f, 1.0f);
     g = random_floats(n, -1e-2f, 1e-2f);
-    m = random_floats(n, -1e-3f, 1e-3f);
-    v = random_floats(n, 0.0f, 1e-4f);
-    g[7] = 0.0f; v[7] = 0.0f; /* the eps-only denominator */
-    back = (float *)malloc(n * 4);
-    dp = dev(p, n * 4); dg = dev(g, n * 4); dm = dev(m, n * 4); dv = dev(v, n * 4);
-    CHECK(dp && dg && dm && dv && back);
-    for (step = 1; step <= 3; step++) {
-        CHECK_STATUS(cpu->adamw_step(cpu->context, &cfg, p, g, m, v, n, step, &e), ESFT_OK);
-        CHECK_STATUS(gpu()->adamw_step(gpu()->context, &cfg, (float *)dp, (const float *)dg, (float *)dm, (float *)dv,
-                                       n, step, &e), ESFT_OK);
+    g[7] = 0.0f; /* the eps-only denominator */
+    p = (float *)malloc(n * 4);
+    dp = dev(p0, n * 4);
+    dg = dev(g, n * 4);
+    CHECK(p && dp && dg);
+    CHECK_STATUS(esft_adamw_init(&oc, &cfg, n, NULL, &e), ESFT_OK);
+    memcpy(p, p0, n * 4);
+    for (step = 1; step <= 3; step++) CHECK_STATUS(esft_adamw_step(&oc, p, g, &e), ESFT_OK);
+    for (run = 0; run < 2; run++) {
+        float *got[3];
+        const float *want[3] = {p, oc.m, oc.v};
+        int k;
+        CHECK_STATUS(esft_adamw_init(&og, &cfg, n, NULL, &e), ESFT_OK);
+        CHECK_STATUS(esft_adamw_set_backend(&og, gpu(), &e), ESFT_OK);
+        CHECK(cudaMemcpy(dp, p0, n * 4, cudaMemcpyHostToDevice) == cudaSuccess);
+        for (step = 1; step <= 3; step++) CHECK_STATUS(esft_adamw_step(&og, (float *)dp, (const float *)dg, &e), ESFT_OK);
+        got[0] = (float *)fetch(dp, n * 4);
+        got[1] = (float *)fetch(og.m, n * 4);
+        got[2] = (float *)fetch(og.v, n * 4);
+        CHECK(got[0] && got[1] && got[2]);
+        for (k = 0; k < 3; k++)
+            for (i = 0; i < n; i++)
+                if (memcmp(got[k] + i, want[k] + i, 4) != 0 && diff++ < 5)
+                    printf("  run %d %s[%lu]: cuda %.9g cpu %.9g\n", run + 1, k == 0 ? "p" : k == 1 ? "m" : "v",
+                           (unsigned long)i, got[k][i], want[k][i]);
+        if (run == 0) run1 = got[0];
+        else {
+            CHECK(memcmp(run1, got[0], n * 4) == 0);
+            free(got[0]);
+        }
+        free(got[1]);
+        free(got[2]);
+        if (run == 1) { /* a NaN gradient: the CPU's status and message, nothing changes */
+            float nan_g = NAN;
+            CHECK(cudaMemcpy((float *)dg + 4242, &nan_g, 4, cudaMemcpyHostToDevice) == cudaSuccess);
+            g[4242] = NAN;
+            CHECK_STATUS(esft_adamw_step(&oc, p, g, &ec), ESFT_ERR_NUMERIC);
+            CHECK_STATUS(esft_adamw_step(&og, (float *)dp, (const float *)dg, &e), ESFT_ERR_NUMERIC);
+            CHECK_MSG(strcmp(e.message, ec.message) == 0, "cuda '%.100s', cpu '%.100s'", e.message, ec.message);
+            CHECK(og.step == 3);
+            CHECK(same_bits("p after a refused step", run1, dp, n * 4));
+        }
+        esft_adamw_uninit(&og);
     }
-    host[0] = p; host[1] = m; host[2] = v; host[3] = NULL;
-    dev4[0] = dp; dev4[1] = dm; dev4[2] = dv;
-    for (k = 0; k < 3; k++) {
-        CHECK(get(back, dev4[k], n * 4));
-        for (i = 0; i < n; i++)
-            if (memcmp(back + i, host[k] + i, 4) != 0 && diff++ < 5)
-                printf("  %s[%lu]: cuda %.9g cpu %.9g\n", k == 0 ? "p" : k == 1 ? "m" : "v", (unsigned long)i,
-                       back[i], host[k][i]);
-    }
-    printf("  adamw n %lu, 3 steps: %d of p, m, v differ in any bit\n", (unsigned long)n, diff);
-    free(p); free(g); free(m); free(v); free(back);
+    printf("  adamw n %lu, 3 steps, twice: %d of p, m, v differ in any bit\n", (unsigned long)n, diff);
     CHECK_EQ_INT(diff, 0);
-    CHECK_STATUS(gpu()->adamw_step(gpu()->context, &cfg, (float *)dp, (const float *)dg, (float *)dm, (float *)dv, 0, 4,
-                                   &e), ESFT_OK); /* n = 0 */
+    esft_adamw_uninit(&oc);
+    free(p0); free(g); free(p); free(run1);
 }
 
 TEST(cuda_adapter_ops_absent_until_implemented)

@@ -6,6 +6,7 @@
 #include "esft.h"
 #include "harness.h"
 #include "gradcheck.h"
+#include "own_memory.h"
 
 /* xorshift32: a small portable generator (the same one as tests/oracle_moe_driver.c). */
 static uint32_t rng_state = 1;
@@ -108,7 +109,7 @@ static double loss_fn(void *ctx)
     int i;
     route_of(f, ids);
     if (memcmp(ids, f->ref_ids, sizeof ids) != 0) return NAN;
-    if (esft_moe_forward(f->y, &aux, f->x, &f->layer, f->ws, f->ws_bytes, f->T, NULL) != ESFT_OK) return NAN;
+    if (esft_moe_forward(&f->layer, f->y, &aux, f->x, f->ws, f->ws_bytes, f->T, NULL) != ESFT_OK) return NAN;
     for (i = 0; i < f->T * TD; i++) L += (double)f->y[i] * f->r[i];
     return L + aux;
 }
@@ -120,8 +121,8 @@ static int run_backward(fixture *f)
     route_of(f, f->ref_ids);
     esft_moe_zero_grad(&f->layer);
     memset(f->dx, 0, (size_t)f->T * TD * 4);
-    if (esft_moe_forward(f->y, &aux, f->x, &f->layer, f->ws, f->ws_bytes, f->T, NULL) != ESFT_OK) return 0;
-    return esft_moe_backward(f->dx, &f->layer, f->r, f->x, f->ws, f->ws_bytes, f->T, NULL) == ESFT_OK;
+    if (esft_moe_forward(&f->layer, f->y, &aux, f->x, f->ws, f->ws_bytes, f->T, NULL) != ESFT_OK) return 0;
+    return esft_moe_backward(&f->layer, f->dx, f->r, f->x, f->ws, f->ws_bytes, f->T, NULL) == ESFT_OK;
 }
 
 /* Tolerances. The loss is evaluated in fp32 (y) and summed in double; with
@@ -204,13 +205,13 @@ TEST(shared_gate_forward_matches_definition)
     fixture_init(&gated, 0, 0.0f, ESFT_AUX_BATCH, 1, ESFT_GATING_SOFTMAX);
     gated.cfg.shared_gated = 1;
     CHECK(fixture_build(&plain) && fixture_build(&gated) && y_routed);
-    CHECK_STATUS(esft_moe_forward(plain.y, &aux, plain.x, &plain.layer, plain.ws, plain.ws_bytes, TT, NULL), ESFT_OK);
-    CHECK_STATUS(esft_moe_forward(gated.y, &aux, gated.x, &gated.layer, gated.ws, gated.ws_bytes, TT, NULL), ESFT_OK);
+    CHECK_STATUS(esft_moe_forward(&plain.layer, plain.y, &aux, plain.x, plain.ws, plain.ws_bytes, TT, NULL), ESFT_OK);
+    CHECK_STATUS(esft_moe_forward(&gated.layer, gated.y, &aux, gated.x, gated.ws, gated.ws_bytes, TT, NULL), ESFT_OK);
     esft_moe_uninit(&plain.layer); /* the same layer without its shared block: R alone */
     plain.cfg.d_shared = 0;
     plain.cfg.train_shared = 0;
     CHECK(esft_moe_init(&plain.layer, &plain.cfg, &plain.w, NULL, NULL) == ESFT_OK);
-    CHECK_STATUS(esft_moe_forward(y_routed, &aux, plain.x, &plain.layer, plain.ws, plain.ws_bytes, TT, NULL), ESFT_OK);
+    CHECK_STATUS(esft_moe_forward(&plain.layer, y_routed, &aux, plain.x, plain.ws, plain.ws_bytes, TT, NULL), ESFT_OK);
     for (t = 0; t < TT; t++) {
         double z = 0.0, c;
         for (d = 0; d < TD; d++) z += (double)gated.x[t * TD + d] * gated.sr[d];
@@ -285,7 +286,7 @@ TEST(aux_loss_value_matches_definition)
     int s, t, e, j, d, S = 3;
     fixture_init(&f, 0, 0.25f, ESFT_AUX_SEQUENCE, 0, ESFT_GATING_SOFTMAX);
     CHECK(fixture_build(&f));
-    CHECK_STATUS(esft_moe_forward(f.y, &aux, f.x, &f.layer, f.ws, f.ws_bytes, TT, NULL), ESFT_OK);
+    CHECK_STATUS(esft_moe_forward(&f.layer, f.y, &aux, f.x, f.ws, f.ws_bytes, TT, NULL), ESFT_OK);
     for (t = 0; t < TT; t++)
         for (e = 0; e < TE; e++) {
             double v = 0.0;
@@ -324,7 +325,7 @@ TEST(forward_hand_case)
     CHECK_STATUS(esft_moe_init(&m, &c, &w, NULL, NULL), ESFT_OK);
     CHECK_STATUS(esft_moe_workspace_size(&c, 2, &bytes, NULL), ESFT_OK);
     ws = malloc(bytes);
-    CHECK_STATUS(esft_moe_forward(y, &aux, x, &m, ws, bytes, 2, NULL), ESFT_OK);
+    CHECK_STATUS(esft_moe_forward(&m, y, &aux, x, ws, bytes, 2, NULL), ESFT_OK);
     /* token 0: logits (2, 0) -> expert 0 with p = sigmoid(2); g = 2, u = 2;
        act = silu(2) * 2; out = act * (1, 2). Shared: g = 2, u = 0 -> 0. */
     p0 = s2;
@@ -350,11 +351,54 @@ TEST(forward_is_deterministic)
     float y2[TT * TD];
     fixture_init(&f, 1, 0.1f, ESFT_AUX_BATCH, 0, ESFT_GATING_SOFTMAX);
     CHECK(fixture_build(&f));
-    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, &f.layer, f.ws, f.ws_bytes, TT, NULL), ESFT_OK);
+    CHECK_STATUS(esft_moe_forward(&f.layer, f.y, NULL, f.x, f.ws, f.ws_bytes, TT, NULL), ESFT_OK);
     memcpy(y2, f.y, sizeof y2);
     memset(f.ws, 0x7f, f.ws_bytes);
-    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, &f.layer, f.ws, f.ws_bytes, TT, NULL), ESFT_OK);
+    CHECK_STATUS(esft_moe_forward(&f.layer, f.y, NULL, f.x, f.ws, f.ws_bytes, TT, NULL), ESFT_OK);
     CHECK(memcmp(y2, f.y, sizeof y2) == 0);
+    fixture_free(&f);
+}
+
+/* The forward's routing is published (esft_moe_workspace_view_at): its ids and
+   weights feed esft_stats_add with no second router pass, and equal what
+   esft_route gives on the same router and x. */
+TEST(forward_routing_feeds_statistics)
+{
+    fixture f;
+    esft_moe_workspace_view v;
+    esft_moe_workspace_layout L;
+    esft_stats a, b;
+    int32_t ids[TT * TK];
+    float w[TT * TK];
+    int i;
+    fixture_init(&f, 1, 0.0f, ESFT_AUX_BATCH, 0, ESFT_GATING_SOFTMAX);
+    CHECK(fixture_build(&f));
+    CHECK_STATUS(esft_moe_forward(&f.layer, f.y, NULL, f.x, f.ws, f.ws_bytes, TT, NULL), ESFT_OK);
+    CHECK_STATUS(esft_moe_workspace_view_at(&f.cfg, TT, f.ws, &v, NULL), ESFT_OK);
+    CHECK_STATUS(esft_moe_workspace_regions(&f.cfg, TT, &L, NULL), ESFT_OK);
+    CHECK(L.bytes == f.ws_bytes && (char *)v.ids == (char *)v.header + L.ids && L.ids % 64 == 0);
+    {
+        float logits[TT * TE];
+        int t, e, d;
+        for (t = 0; t < TT; t++)
+            for (e = 0; e < TE; e++) {
+                float s = 0.0f;
+                for (d = 0; d < TD; d++) s += f.x[t * TD + d] * f.router[e * TD + d];
+                logits[t * TE + e] = s;
+            }
+        CHECK_STATUS(esft_route(&f.cfg.route, ids, w, NULL, logits, TT, NULL), ESFT_OK);
+    }
+    for (i = 0; i < TT * TK; i++) {
+        CHECK_EQ_INT(v.ids[i], ids[i]);
+        CHECK_NEAR(v.weights[i], w[i], 1e-6);
+    }
+    CHECK_STATUS(esft_stats_init(&a, 1, TE, TK, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_init(&b, 1, TE, TK, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_add(&a, 0, v.ids, v.weights, NULL, TT, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_add(&b, 0, ids, v.weights, NULL, TT, NULL), ESFT_OK);
+    CHECK(memcmp(a.count, b.count, TE * sizeof(uint64_t)) == 0 && a.n_tokens[0] == TT);
+    esft_stats_uninit(&a);
+    esft_stats_uninit(&b);
     fixture_free(&f);
 }
 
@@ -391,8 +435,8 @@ TEST(same_bits_for_any_thread_count)
         esft_set_num_threads(run == 0 ? 1 : 3);
         y[run] = calloc(n, 4); dx[run] = calloc(n, 4); g[run] = calloc(m.n_params, 4);
         esft_moe_zero_grad(&m);
-        CHECK_STATUS(esft_moe_forward(y[run], NULL, x, &m, ws, bytes, BT, NULL), ESFT_OK);
-        CHECK_STATUS(esft_moe_backward(dx[run], &m, dy, x, ws, bytes, BT, NULL), ESFT_OK);
+        CHECK_STATUS(esft_moe_forward(&m, y[run], NULL, x, ws, bytes, BT, NULL), ESFT_OK);
+        CHECK_STATUS(esft_moe_backward(&m, dx[run], dy, x, ws, bytes, BT, NULL), ESFT_OK);
         memcpy(g[run], m.grads, m.n_params * 4);
     }
     esft_set_num_threads(0);
@@ -551,33 +595,33 @@ TEST(bad_inputs_write_nothing)
     CHECK_STATUS(esft_moe_init(&bad, &f.cfg, NULL, NULL, NULL), ESFT_ERR_INVALID_ARGUMENT);
 
     for (i = 0; i < n; i++) f.y[i] = sentinel[i] = -7.0f;
-    CHECK_STATUS(esft_moe_forward(NULL, NULL, f.x, &f.layer, f.ws, f.ws_bytes, TT, NULL), ESFT_ERR_INVALID_ARGUMENT);
-    CHECK_STATUS(esft_moe_forward(f.y, NULL, NULL, &f.layer, f.ws, f.ws_bytes, TT, NULL), ESFT_ERR_INVALID_ARGUMENT);
-    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, &f.layer, NULL, f.ws_bytes, TT, NULL), ESFT_ERR_INVALID_ARGUMENT);
-    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, NULL, f.ws, f.ws_bytes, TT, NULL), ESFT_ERR_INVALID_ARGUMENT);
-    CHECK_STATUS(esft_moe_forward(f.y, &aux, f.x, &f.layer, f.ws, f.ws_bytes - 1, TT, &err), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(esft_moe_forward(&f.layer, NULL, NULL, f.x, f.ws, f.ws_bytes, TT, NULL), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(esft_moe_forward(&f.layer, f.y, NULL, NULL, f.ws, f.ws_bytes, TT, NULL), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(esft_moe_forward(&f.layer, f.y, NULL, f.x, NULL, f.ws_bytes, TT, NULL), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(esft_moe_forward(NULL, f.y, NULL, f.x, f.ws, f.ws_bytes, TT, NULL), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(esft_moe_forward(&f.layer, f.y, &aux, f.x, f.ws, f.ws_bytes - 1, TT, &err), ESFT_ERR_INVALID_ARGUMENT);
     CHECK(strstr(err.message, "workspace") != NULL);
-    CHECK_STATUS(esft_moe_forward(f.y, &aux, f.x, &f.layer, f.ws, f.ws_bytes, TT - 1, &err), ESFT_ERR_SHAPE);
+    CHECK_STATUS(esft_moe_forward(&f.layer, f.y, &aux, f.x, f.ws, f.ws_bytes, TT - 1, &err), ESFT_ERR_SHAPE);
     f.x[3 * TD + 5] = NAN;
-    CHECK_STATUS(esft_moe_forward(f.y, &aux, f.x, &f.layer, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_NUMERIC);
+    CHECK_STATUS(esft_moe_forward(&f.layer, f.y, &aux, f.x, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_NUMERIC);
     CHECK(strstr(err.message, "x[3][5]") != NULL);
     f.x[3 * TD + 5] = 0.25f;
     f.layer.router[2] = INFINITY; /* a router weight: logits become non-finite */
-    CHECK_STATUS(esft_moe_forward(f.y, &aux, f.x, &f.layer, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_NUMERIC);
+    CHECK_STATUS(esft_moe_forward(&f.layer, f.y, &aux, f.x, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_NUMERIC);
     f.layer.router[2] = 0.1f;
     CHECK(same_bits(f.y, sentinel, n));
     CHECK(aux == 42.0f);
 
     /* backward: NaN in dy, nothing accumulated */
-    CHECK_STATUS(esft_moe_forward(f.y, &aux, f.x, &f.layer, f.ws, f.ws_bytes, TT, NULL), ESFT_OK);
+    CHECK_STATUS(esft_moe_forward(&f.layer, f.y, &aux, f.x, f.ws, f.ws_bytes, TT, NULL), ESFT_OK);
     esft_moe_zero_grad(&f.layer);
     for (i = 0; i < n; i++) f.dx[i] = sentinel[i];
     f.r[7] = NAN;
-    CHECK_STATUS(esft_moe_backward(f.dx, &f.layer, f.r, f.x, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_NUMERIC);
+    CHECK_STATUS(esft_moe_backward(&f.layer, f.dx, f.r, f.x, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_NUMERIC);
     CHECK(strstr(err.message, "dy[0][7]") != NULL);
     CHECK(same_bits(f.dx, sentinel, n));
     for (i = 0; i < f.layer.n_params; i++) CHECK(f.layer.grads[i] == 0.0f);
-    CHECK_STATUS(esft_moe_backward(NULL, &f.layer, f.r, f.x, f.ws, f.ws_bytes, TT, NULL), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(esft_moe_backward(&f.layer, NULL, f.r, f.x, f.ws, f.ws_bytes, TT, NULL), ESFT_ERR_INVALID_ARGUMENT);
 
     /* AdamW: NaN gradient, parameters untouched */
     {
@@ -608,22 +652,22 @@ TEST(backward_needs_a_successful_forward_of_the_same_T_on_the_workspace)
     CHECK(fixture_build(&f));
     memset(f.ws, 0, f.ws_bytes);
     esft_moe_zero_grad(&f.layer);
-    CHECK_STATUS(esft_moe_backward(f.dx, &f.layer, f.r, f.x, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(esft_moe_backward(&f.layer, f.dx, f.r, f.x, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_INVALID_ARGUMENT);
     CHECK_MSG(strstr(err.message, "holds no forward") != NULL, "%s", err.message);
-    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, &f.layer, f.ws, f.ws_bytes, TT, NULL), ESFT_OK);
-    CHECK_STATUS(esft_moe_backward(f.dx, &f.layer, f.r, f.x, f.ws, f.ws_bytes, TT - 2, &err),
+    CHECK_STATUS(esft_moe_forward(&f.layer, f.y, NULL, f.x, f.ws, f.ws_bytes, TT, NULL), ESFT_OK);
+    CHECK_STATUS(esft_moe_backward(&f.layer, f.dx, f.r, f.x, f.ws, f.ws_bytes, TT - 2, &err),
                  ESFT_ERR_INVALID_ARGUMENT);
     CHECK_MSG(strstr(err.message, "backward of 4 tokens, the last forward had 6") != NULL, "%s", err.message);
     for (i = 0; i < n; i++) CHECK(f.dx[i] == 0.0f);
     for (i = 0; i < f.layer.n_params; i++) CHECK(f.layer.grads[i] == 0.0f);
-    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, &f.layer, f.ws, f.ws_bytes, TT - 2, NULL), ESFT_OK);
-    CHECK_STATUS(esft_moe_backward(f.dx, &f.layer, f.r, f.x, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_INVALID_ARGUMENT);
-    CHECK_STATUS(esft_moe_backward(f.dx, &f.layer, f.r, f.x, f.ws, f.ws_bytes, TT - 2, &err), ESFT_OK);
+    CHECK_STATUS(esft_moe_forward(&f.layer, f.y, NULL, f.x, f.ws, f.ws_bytes, TT - 2, NULL), ESFT_OK);
+    CHECK_STATUS(esft_moe_backward(&f.layer, f.dx, f.r, f.x, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(esft_moe_backward(&f.layer, f.dx, f.r, f.x, f.ws, f.ws_bytes, TT - 2, &err), ESFT_OK);
     /* a forward that fails inside the op leaves nothing for a backward */
     f.layer.router[2] = INFINITY;
-    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, &f.layer, f.ws, f.ws_bytes, TT - 2, NULL), ESFT_ERR_NUMERIC);
+    CHECK_STATUS(esft_moe_forward(&f.layer, f.y, NULL, f.x, f.ws, f.ws_bytes, TT - 2, NULL), ESFT_ERR_NUMERIC);
     f.layer.router[2] = 0.1f;
-    CHECK_STATUS(esft_moe_backward(f.dx, &f.layer, f.r, f.x, f.ws, f.ws_bytes, TT - 2, &err),
+    CHECK_STATUS(esft_moe_backward(&f.layer, f.dx, f.r, f.x, f.ws, f.ws_bytes, TT - 2, &err),
                  ESFT_ERR_INVALID_ARGUMENT);
     CHECK_MSG(strstr(err.message, "failed") != NULL, "%s", err.message);
     fixture_free(&f);
@@ -641,18 +685,18 @@ TEST(non_finite_outputs_of_finite_inputs_are_numeric_errors)
     CHECK(fixture_build(&f));
     keep = f.layer.shared_gate[0];
     f.layer.shared_gate[0] = NAN; /* every token goes through the shared block */
-    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, &f.layer, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_NUMERIC);
+    CHECK_STATUS(esft_moe_forward(&f.layer, f.y, NULL, f.x, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_NUMERIC);
     CHECK_MSG(strstr(err.message, "y[0][0] is NaN") != NULL && strstr(err.message, "weight") != NULL, "%s",
               err.message);
     f.layer.shared_gate[0] = keep;
     for (i = 0; i < n; i++) f.x[i] = f.x[i] < 0 ? -1e22f : 1e22f; /* finite; g * u ~ 1e44 */
-    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, &f.layer, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_NUMERIC);
+    CHECK_STATUS(esft_moe_forward(&f.layer, f.y, NULL, f.x, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_NUMERIC);
     CHECK_MSG(strstr(err.message, "overflowed") != NULL, "%s", err.message);
     /* backward: dy near FLT_MAX makes dx overflow */
     fill(f.x, n, 1.0f);
-    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, &f.layer, f.ws, f.ws_bytes, TT, NULL), ESFT_OK);
+    CHECK_STATUS(esft_moe_forward(&f.layer, f.y, NULL, f.x, f.ws, f.ws_bytes, TT, NULL), ESFT_OK);
     for (i = 0; i < n; i++) f.r[i] = 3e38f;
-    CHECK_STATUS(esft_moe_backward(f.dx, &f.layer, f.r, f.x, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_NUMERIC);
+    CHECK_STATUS(esft_moe_backward(&f.layer, f.dx, f.r, f.x, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_NUMERIC);
     CHECK_MSG(strstr(err.message, "dx[") != NULL, "%s", err.message);
     fixture_free(&f);
 }
@@ -672,15 +716,70 @@ TEST(missing_backend_op_is_unsupported)
     fixture_init(&f, 0, 0.0f, ESFT_AUX_BATCH, 0, ESFT_GATING_SOFTMAX);
     CHECK(fixture_build(&f));
     f.layer.backend = &partial;
-    CHECK_STATUS(esft_moe_forward(f.y, NULL, f.x, &f.layer, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_UNSUPPORTED);
+    CHECK_STATUS(esft_moe_forward(&f.layer, f.y, NULL, f.x, f.ws, f.ws_bytes, TT, &err), ESFT_ERR_UNSUPPORTED);
     CHECK(strstr(err.message, "moe_forward") != NULL);
-    CHECK_STATUS(esft_moe_backward(f.dx, &f.layer, f.r, f.x, f.ws, f.ws_bytes, TT, NULL), ESFT_ERR_UNSUPPORTED);
+    CHECK_STATUS(esft_moe_backward(&f.layer, f.dx, f.r, f.x, f.ws, f.ws_bytes, TT, NULL), ESFT_ERR_UNSUPPORTED);
     CHECK_STATUS(esft_adamw_init(&opt, &oc, 4, NULL, NULL), ESFT_OK);
     opt.backend = &partial;
     { float p[4] = {0}, g[4] = {0};
       CHECK_STATUS(esft_adamw_step(&opt, p, g, NULL), ESFT_ERR_UNSUPPORTED); }
     esft_adamw_uninit(&opt);
     fixture_free(&f);
+}
+
+/* A backend with memory of its own (the CPU's ops, but alloc/free/upload/
+   download of its own, counted): esft_moe_set_backend and esft_adamw_set_backend
+   put the blocks there (through its entries), the results are the CPU's bits,
+   and uninit frees through it. The same path a GPU backend takes. */
+TEST(a_backend_with_its_own_memory_gets_the_blocks)
+{
+    fixture cpu, own;
+    esft_backend b = own_memory_backend();
+    esft_adamw oc_cpu, oc_own;
+    esft_adamw_config ac = esft_adamw_config_init();
+    esft_error err;
+    float aux_c = 0.0f, aux_o = 0.0f, *params_before;
+    int step;
+    fixture_init(&cpu, 1, 0.3f, ESFT_AUX_SEQUENCE, 0, ESFT_GATING_SOFTMAX);
+    fixture_init(&own, 1, 0.3f, ESFT_AUX_SEQUENCE, 0, ESFT_GATING_SOFTMAX);
+    CHECK(fixture_build(&cpu) && fixture_build(&own));
+    CHECK_STATUS(esft_moe_set_backend(&own.layer, &b, NULL, &err), ESFT_ERR_INVALID_ARGUMENT); /* frozen needed */
+    params_before = own.layer.params;
+    CHECK_STATUS(esft_moe_set_backend(&own.layer, &b, &own.w, &err), ESFT_OK);
+    CHECK(own.layer.params != params_before && own.layer.backend == &b && own_live == 2);
+    CHECK(own.layer.router == own.layer.params + (size_t)2 * 3 * TF * TD); /* views follow the block */
+    CHECK_STATUS(esft_adamw_init(&oc_cpu, &ac, cpu.layer.n_params, NULL, NULL), ESFT_OK);
+    CHECK_STATUS(esft_adamw_init(&oc_own, &ac, own.layer.n_params, NULL, NULL), ESFT_OK);
+    CHECK_STATUS(esft_adamw_set_backend(&oc_own, &b, &err), ESFT_OK);
+    CHECK(own_live == 4);
+    for (step = 0; step < 2; step++) {
+        esft_moe_zero_grad(&cpu.layer);
+        esft_moe_zero_grad(&own.layer);
+        memset(cpu.dx, 0, (size_t)TT * TD * 4);
+        memset(own.dx, 0, (size_t)TT * TD * 4);
+        CHECK_STATUS(esft_moe_forward(&cpu.layer, cpu.y, &aux_c, cpu.x, cpu.ws, cpu.ws_bytes, TT, NULL), ESFT_OK);
+        CHECK_STATUS(esft_moe_forward(&own.layer, own.y, &aux_o, own.x, own.ws, own.ws_bytes, TT, NULL), ESFT_OK);
+        CHECK_STATUS(esft_moe_backward(&cpu.layer, cpu.dx, cpu.r, cpu.x, cpu.ws, cpu.ws_bytes, TT, NULL), ESFT_OK);
+        CHECK_STATUS(esft_moe_backward(&own.layer, own.dx, own.r, own.x, own.ws, own.ws_bytes, TT, NULL), ESFT_OK);
+        CHECK_STATUS(esft_adamw_step(&oc_cpu, cpu.layer.params, cpu.layer.grads, NULL), ESFT_OK);
+        CHECK_STATUS(esft_adamw_step(&oc_own, own.layer.params, own.layer.grads, NULL), ESFT_OK);
+        CHECK(aux_c == aux_o);
+        CHECK(memcmp(cpu.y, own.y, (size_t)TT * TD * 4) == 0 && memcmp(cpu.dx, own.dx, (size_t)TT * TD * 4) == 0);
+        CHECK(memcmp(cpu.layer.params, own.layer.params, cpu.layer.n_params * 4) == 0);
+        CHECK(memcmp(oc_cpu.v, oc_own.v, oc_cpu.n * 4) == 0);
+    }
+    /* a NaN gradient is the op's to find, with the CPU's message */
+    own.layer.grads[3] = NAN;
+    CHECK_STATUS(esft_adamw_step(&oc_own, own.layer.params, own.layer.grads, &err), ESFT_ERR_NUMERIC);
+    CHECK_MSG(strcmp(err.message, "gradient 3 is NaN") == 0, "%s", err.message);
+    /* and back: the state moves with its values */
+    CHECK_STATUS(esft_adamw_set_backend(&oc_own, esft_backend_cpu(), &err), ESFT_OK);
+    CHECK(oc_own.memory == NULL && memcmp(oc_cpu.m, oc_own.m, oc_cpu.n * 4) == 0);
+    esft_adamw_uninit(&oc_cpu);
+    esft_adamw_uninit(&oc_own);
+    fixture_free(&cpu);
+    fixture_free(&own);
+    CHECK_MSG(own_live == 0, "%d blocks of the backend not freed", own_live);
 }
 
 HARNESS_MAIN()

@@ -6,6 +6,7 @@
 #define ESFT_IMPLEMENTATION
 #include "esft.h"
 #include "harness.h"
+#include "own_memory.h"
 
 #define ONE 4294967296.0 /* 2^32: one unit of weight in fixed point */
 
@@ -546,6 +547,55 @@ TEST(stats_add_checks_the_backend_api_version)
     CHECK_MSG(strstr(err.message, want) != NULL, "%s", err.message);
     CHECK_EQ_INT(st.n_tokens[0], 0);
     esft_stats_uninit(&st);
+}
+
+/* A backend with memory of its own: the sample's histogram lives there
+   (esft_stats_set_backend), the wrapper reads it back by download only, and
+   the counters are the CPU's; bad input is the op's to name. */
+TEST(stats_on_a_backend_with_its_own_memory)
+{
+    esft_backend b = own_memory_backend();
+    esft_stats cpu, own;
+    esft_error err;
+    int32_t ids[2 * 9];
+    float w[2 * 9];
+    unsigned char mask[9] = {1, 0, 1, 1, 1, 0, 1, 1, 1};
+    int i;
+    for (i = 0; i < 18; i++) {
+        ids[i] = (i * 5 + 1) % 4;
+        w[i] = 0.125f * (float)(i % 7);
+    }
+    CHECK_STATUS(esft_stats_init(&cpu, 2, 4, 2, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_init(&own, 2, 4, 2, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_set_backend(&own, &b, &err), ESFT_OK);
+    CHECK(own_live == 1 && own.backend == &b);
+    CHECK_STATUS(esft_stats_add(&cpu, 1, ids, w, mask, 9, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_add(&own, 1, ids, w, mask, 9, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_add(&cpu, 1, ids, NULL, NULL, 9, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_add(&own, 1, ids, NULL, NULL, 9, NULL), ESFT_OK);
+    CHECK(memcmp(cpu.count, own.count, 8 * sizeof(uint64_t)) == 0);
+    CHECK(memcmp(cpu.gate_sum, own.gate_sum, 8 * sizeof(uint64_t)) == 0);
+    CHECK(memcmp(cpu.token_frac_sum, own.token_frac_sum, 8 * sizeof(uint64_t)) == 0);
+    CHECK(memcmp(cpu.gate_frac_sum, own.gate_frac_sum, 8 * sizeof(uint64_t)) == 0);
+    CHECK_EQ_INT(own.n_tokens[1], cpu.n_tokens[1]);
+    CHECK_EQ_INT(own.n_tokens[1], 7 + 9);
+    ids[7] = 4; /* token 3 */
+    CHECK_STATUS(esft_stats_add(&own, 1, ids, w, mask, 9, &err), ESFT_ERR_RANGE);
+    CHECK_MSG(strcmp(err.message, "token 3: expert id 4 outside [0, 4)") == 0, "%s", err.message);
+    CHECK_EQ_INT(own.n_tokens[1], 16);
+    { /* a routing log is host text: read through the CPU backend, merged on the host */
+        const char log[] = "0\t1\t2\t3\t\t0.5\t0.25\t0.125\t0.125\n";
+        uint64_t before = own.n_tokens[0];
+        CHECK_STATUS(esft_stats_read_log_memory(&own, 0, log, sizeof log - 1, "log", &err), ESFT_OK);
+        CHECK_EQ_INT(own.n_tokens[0], before + 2);
+        CHECK_EQ_INT(own.count[2], 1);
+    }
+    own.backend = esft_backend_cpu(); /* by hand: the histogram is still the other backend's */
+    CHECK_STATUS(esft_stats_add(&own, 1, ids, w, mask, 9, &err), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(esft_stats_set_backend(&own, esft_backend_cpu(), &err), ESFT_OK);
+    CHECK(own_live == 0);
+    esft_stats_uninit(&cpu);
+    esft_stats_uninit(&own);
 }
 
 HARNESS_MAIN()

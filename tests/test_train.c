@@ -1255,6 +1255,29 @@ static void threads_family(const char *name, int pesc)
     threads_run(&f, name);
 }
 
+/* The same for FFT and LoRA sets (weight gradients of every kind: linears,
+   norms, biases, the embedding's rows, adapters' A and B). */
+static void threads_method(const char *name, esft_train_method method)
+{
+    fixture f;
+    char why[1024];
+    esft_train_spec sp;
+    esft_error err;
+    if (!fixture_open(&f, name, 2, 1, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    esft_model_trainable_uninit(&f.tr);
+    memset(&sp, 0, sizeof sp);
+    sp.method = method;
+    sp.lora_rank = 4;
+    sp.lora_alpha = 8.0f;
+    sp.lora_targets = ESFT_LORA_ATTN | ESFT_LORA_MLP;
+    sp.seed = 3;
+    CHECK_STATUS(esft_model_trainable_init_spec(&f.tr, &f.m, &sp, NULL, &err), ESFT_OK);
+    threads_run(&f, name);
+}
+
 TEST(same_bits_any_thread_count)
 {
     threads_family("qwen2_moe", 0);
@@ -1262,6 +1285,10 @@ TEST(same_bits_any_thread_count)
     threads_family("deepseek_v2_qlora_yarn", 0);
     if (harness_state) return;
     threads_family("llama", 1); /* PESC */
+    if (harness_state) return;
+    threads_method("qwen2_moe", ESFT_TRAIN_FFT);
+    if (harness_state) return;
+    threads_method("deepseek_v2_lite", ESFT_TRAIN_LORA);
 }
 
 /* At the upcycling init (W_up = 0) the crafted model is the base: the same
