@@ -43,7 +43,7 @@ DATA        = $(BUILD)/data/translation/expert_weights_1.txt
 all: features $(BUILD)/esft $(EXAMPLE_BIN) $(TEST_BIN) $(CUDA_BIN)
 
 help:
-	@echo "make run       the end-to-end demo: a tiny MoE LM on real task text, ESFT vs full vs PESC"
+	@echo "make run       the end-to-end demo: an HF MoE checkpoint on real task text, ESFT vs FFT vs LoRA vs PESC"
 	@echo "               (CPU, about a minute; DEMO_FLAGS=--quick for seconds, =--help for options)"
 	@echo "make analysis  ESFT expert analysis of the authors' DeepSeek-V2-Lite routing logs"
 	@echo "make test      the whole test suite (prints 'N passed, N failed, N skipped')"

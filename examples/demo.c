@@ -1,6 +1,8 @@
-/* demo.c - the end-to-end demo behind `make run`: ESFT and PESC on a tiny
-   byte-level Mixture-of-Experts language model, trained on real ESFT task text,
-   CPU only, about a minute on one core (--quick: seconds).
+/* demo.c - the end-to-end demo behind `make run`: ESFT on a small Hugging Face
+   MoE checkpoint (qwen2_moe: attention + routed experts + a gated shared
+   expert, byte-level vocabulary) that the demo writes, pre-trains on real ESFT
+   task text and then fine-tunes five ways, on the CPU, in a few minutes
+   (--quick: seconds).
 
    Build and run (from the repository root; -fopenmp optional):
        cc -O2 -I. examples/demo.c -o demo -lm && ./demo            (or: make run)
@@ -9,30 +11,26 @@
 
    What it does (docs/demo.md has the details and the numbers):
      1. reads the vendored task text data/text/<task>.{train,eval}.jsonl
-        (slices of the datasets the ESFT authors ship; data/README.md) with the
-        header's JSON reader;
-     2. pre-trains the model on a mix of the four tasks (everything trainable;
-        the target task is 10 % of the mix, so the base model knows a little of it);
-     3. runs the target task's training text through it, feeds the routing of
-        every MoE layer to esft_stats_add (one sample per text), writes
-        summary.json, selects experts by token and by gate score (top-p), writes
-        the expert configs and heatmaps to build/run/;
-     4. fine-tunes from the same pre-trained weights four ways with the same
-        steps and learning-rate schedule: ESFT-Token, ESFT-Gate, full fine-tune,
-        PESC adapters (frozen model + esft_pesc layer after each MoE layer);
-     5. prints a table like the paper's: bits per byte on the target task's eval
-        text and on the other tasks' eval text (forgetting), trainable
-        parameters, gradient + AdamW memory, time.
+        (slices of the datasets the ESFT authors ship; data/README.md);
+     2. writes two checkpoint directories (config.json + model.safetensors,
+        random init): a qwen2_moe model and its dense twin (qwen2, the same
+        attention, one dense MLP as wide as the MoE layer's active experts);
+        pre-trains each with the library's full fine-tune (esft_train_spec
+        ESFT_TRAIN_FFT) on a mix of the four tasks and writes the result back
+        as a checkpoint directory (esft_model_trainable_save +
+        esft_checkpoint_merge): out/base and out/dense_base, which transformers
+        loads;
+     3. runs the target task's training text through out/base with
+        esft_model_run.stats, writes summary.json, selects experts by token and
+        gate score (esft_select_top_p), writes the expert configs and heatmaps;
+     4. fine-tunes from the same weights with the same batches: ESFT-Token,
+        ESFT-Gate, full fine-tune, LoRA on attention, and PESC on the dense twin;
+     5. prints the table (bits per byte on the target task and on the other
+        tasks, trainable parameters, gradient + AdamW bytes, time), and merges
+        the ESFT-Token experts into out/merged, a full checkpoint directory.
 
-   The model (next-byte prediction, vocabulary 256):
-       x0  = concat(emb[b_{t-8}], ..., emb[b_{t-1}])        (T, CTX*DE)
-       h0  = x0 W_in^T + b_in                               (T, D)
-       h_{l+1} = h_l + MoE_l(rms(h_l))                      l = 0 .. NL-1
-       logits  = rms(h_NL) W_out^T + b_out                  (T, 256)
-   rms(h) = h / sqrt(mean(h^2) + 1e-5), without a gain. The MoE layers are
-   esft_moe (DeepSeek-V2 shape: routed SwiGLU experts + a shared one); the rest
-   (embedding, projection, norms, head, loss) is written out below with its
-   backward. Everything is seeded: the numbers are the same on every run. */
+   Everything is seeded: the numbers are the same on every run and for any
+   thread count. */
 #define _POSIX_C_SOURCE 200809L
 #define ESFT_IMPLEMENTATION
 #include "esft.h"
@@ -43,45 +41,48 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
-#if defined(_OPENMP)
-#include <omp.h>
-#define DEMO_PARALLEL_FOR _Pragma("omp parallel for schedule(static)")
-#else
-#define DEMO_PARALLEL_FOR
-#endif
 
 /* ---------------------------------------------------------------------- */
 /* sizes                                                                  */
 /* ---------------------------------------------------------------------- */
 
 enum {
-    V = 256,     /* bytes */
-    CTX = 8,     /* previous bytes the model sees */
-    DE = 16,     /* embedding width of one byte */
-    DIN = CTX * DE,
-    D = 96,      /* model width */
-    NL = 2,      /* MoE layers */
-    E = 32,      /* routed experts per layer */
-    K = 2,       /* experts per token */
-    F = 32,      /* hidden width of one routed expert (FS: of the shared one) */
-    FS = 32,
-    TB = 256,    /* bytes per training batch */
-    TE = 512,    /* bytes per evaluation chunk */
-    PE = 8,      /* PESC: adapter experts per layer (Camelidae's n) */
-    PK = 2,      /* PESC: adapters per token (Camelidae's k) */
-    PR = 16,     /* PESC: adapter rank */
-    N_TASKS = 4
+    V = 256,        /* bytes: the vocabulary, no tokenizer */
+    SEQ = 128,      /* bytes per training sequence */
+    BATCH = 4,      /* sequences per optimizer step */
+    EVAL_T = SEQ,   /* bytes per evaluation and statistics window: the length trained */
+    N_TASKS = 4,
+    N_ROWS = 6      /* table rows: pre-trained + five fine-tunes */
 };
 
 static const char *const task_names[N_TASKS] = {"intent", "law", "summary", "translation"};
 
-/* dense (non-MoE) parameters, one block: emb, w_in, b_in, w_out, b_out */
-#define OFF_EMB 0
-#define OFF_WIN (OFF_EMB + V * DE)
-#define OFF_BIN (OFF_WIN + D * DIN)
-#define OFF_WOUT (OFF_BIN + D)
-#define OFF_BOUT (OFF_WOUT + V * D)
-#define DENSE_N (OFF_BOUT + V)
+/* The shape of both checkpoints. The dense twin's MLP width is the MoE
+   layer's active width (K routed experts + the shared one), so both spend
+   about the same compute per token. */
+typedef struct shape {
+    int d_model, n_layers, n_heads, n_kv_heads, head_dim;
+    int n_experts, top_k, d_expert, d_shared;
+    int max_positions;
+} shape;
+
+static shape demo_shape(void)
+{
+    shape s;
+    s.d_model = 64;
+    s.n_layers = 2;
+    s.n_heads = 4;
+    s.n_kv_heads = 2;
+    s.head_dim = 16;
+    s.n_experts = 32;
+    s.top_k = 2;
+    s.d_expert = 32;
+    s.d_shared = 64;
+    s.max_positions = 8192; /* the longest text a statistics pass runs whole */
+    return s;
+}
+
+static int dense_width(const shape *s) { return s->top_k * s->d_expert + s->d_shared; }
 
 /* ---------------------------------------------------------------------- */
 /* small utilities                                                        */
@@ -103,11 +104,15 @@ static unsigned long long rng_next(void)
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
     return z ^ (z >> 31);
 }
-static float rng_uniform(float a) { return a * (2.0f * (float)((rng_next() >> 40) * (1.0 / 16777216.0)) - 1.0f); }
-static void fill_uniform(float *x, size_t n, float a)
+static double rng_unit(void) { return (double)(rng_next() >> 11) * (1.0 / 9007199254740992.0); }
+
+/* Normal(0, std) by Box-Muller: the init transformers uses for Linear and
+   Embedding weights (initializer_range). */
+static float rng_normal(float std)
 {
-    size_t i;
-    for (i = 0; i < n; i++) x[i] = rng_uniform(a);
+    double u1 = rng_unit(), u2 = rng_unit();
+    if (u1 < 1e-300) u1 = 1e-300;
+    return std * (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
 }
 
 static void *xcalloc(size_t n, size_t size)
@@ -128,105 +133,49 @@ static void check(esft_status s, const esft_error *err, const char *what)
     exit(1);
 }
 
-/* ---------------------------------------------------------------------- */
-/* matrix products (row-parallel: the same bits for any thread count)     */
-/* ---------------------------------------------------------------------- */
-
-/* c (M, N) += a (M, Kd) b (Kd, N), N a multiple of 16 (every width here is).
-   16 output columns are kept in a small array across the whole k loop: a loop
-   of constant length that compilers vectorise at -O2. */
-static void mm_nn(float *c, const float *a, const float *b, int M, int N, int Kd)
+static void make_dirs(const char *path)
 {
-    int i;
-    DEMO_PARALLEL_FOR
-    for (i = 0; i < M; i++) {
-        int j0, j, k;
-        for (j0 = 0; j0 < N; j0 += 16) {
-            float acc[16], *ci = c + (size_t)i * N + j0;
-            memcpy(acc, ci, sizeof acc);
-            for (k = 0; k < Kd; k++) {
-                const float aik = a[(size_t)i * Kd + k], *bk = b + (size_t)k * N + j0;
-                for (j = 0; j < 16; j++) acc[j] += aik * bk[j];
-            }
-            memcpy(ci, acc, sizeof acc);
+    char buf[1024];
+    size_t i, n = strlen(path);
+    if (n >= sizeof buf) return;
+    memcpy(buf, path, n + 1);
+    for (i = 1; i <= n; i++)
+        if (buf[i] == '/' || buf[i] == '\0') {
+            char keep = buf[i];
+            buf[i] = '\0';
+            mkdir(buf, 0755);
+            buf[i] = keep;
         }
+}
+
+static FILE *open_out(const char *path)
+{
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        fprintf(stderr, "demo: cannot write %s\n", path);
+        exit(1);
     }
-}
-
-/* wt (Kd, N) = w^T, w (N, Kd) */
-static void transpose(float *wt, const float *w, int N, int Kd)
-{
-    int i, k;
-    for (i = 0; i < N; i++)
-        for (k = 0; k < Kd; k++) wt[(size_t)k * N + i] = w[(size_t)i * Kd + k];
-}
-
-/* c (M, N) += a^T b, a (T, M), b (T, N): a weight gradient dW += dy^T x.
-   at: M*T floats of scratch for a^T. */
-static void mm_tn(float *c, const float *a, const float *b, int M, int N, int T, float *at)
-{
-    transpose(at, a, T, M);
-    mm_nn(c, at, b, M, N, T);
-}
-
-/* y (T, N) = x (T, Kd) w^T + b, w (N, Kd), b (N) or NULL; wt: Kd*N scratch */
-static void linear(float *y, const float *x, const float *w, const float *b, int T, int N, int Kd, float *wt)
-{
-    int t;
-    transpose(wt, w, N, Kd);
-    for (t = 0; t < T; t++) {
-        if (b) memcpy(y + (size_t)t * N, b, (size_t)N * sizeof(float));
-        else memset(y + (size_t)t * N, 0, (size_t)N * sizeof(float));
-    }
-    mm_nn(y, x, wt, T, N, Kd);
-}
-
-/* n = h / sqrt(mean(h^2) + eps), per row; r keeps 1/rms for the backward */
-static void rms_forward(float *n, float *r, const float *h, int T)
-{
-    int t, i;
-    for (t = 0; t < T; t++) {
-        const float *ht = h + (size_t)t * D;
-        double ss = 0.0;
-        for (i = 0; i < D; i++) ss += (double)ht[i] * ht[i];
-        r[t] = (float)(1.0 / sqrt(ss / D + 1e-5));
-        for (i = 0; i < D; i++) n[(size_t)t * D + i] = ht[i] * r[t];
-    }
-}
-
-/* dh += (dn - n mean(dn . n)) / rms: accumulates */
-static void rms_backward(float *dh, const float *dn, const float *n, const float *r, int T)
-{
-    int t, i;
-    for (t = 0; t < T; t++) {
-        const float *dt = dn + (size_t)t * D, *nt = n + (size_t)t * D;
-        double dot = 0.0;
-        for (i = 0; i < D; i++) dot += (double)dt[i] * nt[i];
-        dot /= D;
-        for (i = 0; i < D; i++) dh[(size_t)t * D + i] += r[t] * (dt[i] - (float)dot * nt[i]);
-    }
+    return f;
 }
 
 /* ---------------------------------------------------------------------- */
 /* data: data/text/<task>.{train,eval}.jsonl                              */
 /* ---------------------------------------------------------------------- */
 
-/* A task's text: samples one after another, each preceded by CTX zero bytes
-   (the context at a sample's start). pos lists the bytes to predict. */
+/* A task's text: records one after another, each preceded by one zero byte
+   (the model's "start of text"). */
 typedef struct text {
     unsigned char *buf;
     size_t n, cap;
-    int32_t *pos;             /* (n_pos) indices into buf */
-    size_t n_pos;
-    size_t *start, *len;      /* (n_samples) where each sample's bytes are */
+    size_t *start, *len;      /* (n_samples) where each record's bytes are (after its zero byte) */
     int n_samples;
 } text;
 
 static void text_append(text *tx, const char *s, size_t n)
 {
     size_t i;
-    if (tx->n + n + CTX > tx->cap) {
-        tx->cap = 2 * (tx->n + n + CTX) + 4096;
+    if (tx->n + n + 1 > tx->cap) {
+        tx->cap = 2 * (tx->n + n + 1) + 4096;
         tx->buf = (unsigned char *)realloc(tx->buf, tx->cap);
         if (!tx->buf) { fprintf(stderr, "demo: out of memory\n"); exit(1); }
     }
@@ -277,7 +226,6 @@ static int load_text(text *tx, const char *path)
     char *data, *line, *end;
     long size;
     int lineno = 0;
-    size_t i, p;
     memset(tx, 0, sizeof *tx);
     if (!f) { fprintf(stderr, "demo: cannot open %s (run from the repository root, or --data DIR)\n", path); return 0; }
     fseek(f, 0, SEEK_END);
@@ -301,7 +249,7 @@ static int load_text(text *tx, const char *path)
             free(data);
             return 0;
         }
-        text_append(tx, "\0\0\0\0\0\0\0\0", CTX); /* CTX zero bytes of context */
+        text_append(tx, "", 1); /* the zero byte that starts a record */
         before = tx->n;
         if (!append_record(tx, &js)) {
             fprintf(stderr, "demo: %s:%d: neither \"messages\" nor \"prompt\"\n", path, lineno);
@@ -314,363 +262,181 @@ static int load_text(text *tx, const char *path)
         tx->len[tx->n_samples++] = tx->n - before;
     }
     free(data);
-    tx->pos = NEW(int32_t, tx->n);
-    for (i = 0; i < (size_t)tx->n_samples; i++)
-        for (p = tx->start[i]; p < tx->start[i] + tx->len[i]; p++) tx->pos[tx->n_pos++] = (int32_t)p;
-    return tx->n_samples > 0;
+    return tx->n_samples > 0 && tx->n > SEQ;
 }
 
 static void free_text(text *tx)
 {
     free(tx->buf);
-    free(tx->pos);
     free(tx->start);
     free(tx->len);
 }
 
 /* ---------------------------------------------------------------------- */
-/* the model                                                              */
+/* the checkpoints: config.json and random-init model.safetensors         */
 /* ---------------------------------------------------------------------- */
 
-/* The pre-trained weights (after step 2); every fine-tune starts from them. */
-typedef struct moe_w {
-    float *router, *gate, *up, *down, *sg, *su, *sd; /* HF layout, see esft_moe_weights */
-} moe_w;
-
-typedef struct model {
-    float dense[DENSE_N];
-    moe_w w[NL];
-} model;
-
-typedef enum method { M_PRETRAIN, M_FROZEN, M_ESFT, M_FULL, M_PESC } method;
-
-/* One training (or evaluation) set-up: what is trainable, its gradients and
-   AdamW state. Frozen tensors are read from the model, never copied. */
-typedef struct run {
-    method how;
-    float *dense;                 /* (DENSE_N) own copy when trained, else the model's */
-    float *ddense;                /* (DENSE_N) its gradient, NULL when frozen */
-    esft_adamw opt_dense;
-    esft_moe moe[NL];
-    esft_adamw opt_moe[NL];
-    esft_pesc_config pcfg;
-    float *pesc[NL], *dpesc[NL];  /* (esft_pesc_param_count) per layer, PESC only */
-    esft_pesc_saved psaved[NL];
-    esft_adamw opt_pesc[NL];
-} run;
-
-/* Activations and scratch for up to TE tokens. */
-typedef struct acts {
-    unsigned char ctx[TE * CTX];
-    int32_t target[TE];
-    float x0[TE * DIN], h[NL + 1][TE * D], n[NL][TE * D], r[NL][TE];
-    float f[NL][TE * D], m[NL][TE * D]; /* MoE output; layer output (PESC: adapters on f) */
-    float o[TE * D], ro[TE], logits[TE * V];
-    float dlogits[TE * V], dh[TE * D], dn[TE * D], dm[TE * D], dx0[TE * DIN];
-    float wt[V * D > D * DIN ? V * D : D * DIN];
-    float at[TE * V];                   /* scratch of mm_tn */
-    float rlogits[TE * E];
-    void *ws[NL];
-    size_t ws_bytes;
-} acts;
-
-static esft_moe_config moe_config(void)
+/* config.json as transformers writes it for Qwen2MoeForCausalLM (moe = 1) or
+   Qwen2ForCausalLM (moe = 0): the fields esft_model_config_parse reads and
+   the ones transformers needs to build the model. No tokenizer: ids are bytes. */
+static void write_config(const char *dir, const shape *s, int moe)
 {
-    esft_moe_config c = esft_moe_config_init(D, E, K, F, FS);
-    c.aux_alpha = 0.01f; /* DeepSeek-V2's balance loss; keeps all 16 experts in use */
-    c.aux_mode = ESFT_AUX_BATCH;
-    return c;
-}
-
-static esft_moe_weights moe_weights(const moe_w *w)
-{
-    esft_moe_weights x;
-    x.router = w->router; x.gate = w->gate; x.up = w->up; x.down = w->down;
-    x.shared_gate = w->sg; x.shared_up = w->su; x.shared_down = w->sd;
-    return x;
-}
-
-static void model_init(model *md)
-{
+    char path[1200];
+    FILE *f;
     int l;
-    fill_uniform(md->dense + OFF_EMB, (size_t)V * DE, 1.0f);
-    fill_uniform(md->dense + OFF_WIN, (size_t)D * DIN, 1.0f / sqrtf((float)DIN));
-    fill_uniform(md->dense + OFF_WOUT, (size_t)V * D, 1.0f / sqrtf((float)D));
-    for (l = 0; l < NL; l++) {
-        moe_w *w = &md->w[l];
-        w->router = NEW(float, E * D);
-        w->gate = NEW(float, E * F * D);
-        w->up = NEW(float, E * F * D);
-        w->down = NEW(float, E * D * F);
-        w->sg = NEW(float, FS * D);
-        w->su = NEW(float, FS * D);
-        w->sd = NEW(float, D * FS);
-        fill_uniform(w->router, (size_t)E * D, 1.0f / sqrtf((float)D));
-        fill_uniform(w->gate, (size_t)E * F * D, 1.0f / sqrtf((float)D));
-        fill_uniform(w->up, (size_t)E * F * D, 1.0f / sqrtf((float)D));
-        fill_uniform(w->down, (size_t)E * D * F, 0.5f / sqrtf((float)F));
-        fill_uniform(w->sg, (size_t)FS * D, 1.0f / sqrtf((float)D));
-        fill_uniform(w->su, (size_t)FS * D, 1.0f / sqrtf((float)D));
-        fill_uniform(w->sd, (size_t)D * FS, 0.5f / sqrtf((float)FS));
-    }
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    f = open_out(path);
+    fprintf(f, "{\n  \"architectures\": [\"%s\"],\n  \"model_type\": \"%s\",\n",
+            moe ? "Qwen2MoeForCausalLM" : "Qwen2ForCausalLM", moe ? "qwen2_moe" : "qwen2");
+    fprintf(f, "  \"vocab_size\": %d,\n  \"hidden_size\": %d,\n  \"num_hidden_layers\": %d,\n"
+               "  \"num_attention_heads\": %d,\n  \"num_key_value_heads\": %d,\n  \"hidden_act\": \"silu\",\n"
+               "  \"max_position_embeddings\": %d,\n  \"rms_norm_eps\": 1e-06,\n  \"rope_theta\": 10000.0,\n"
+               "  \"rope_scaling\": null,\n  \"tie_word_embeddings\": false,\n  \"attention_dropout\": 0.0,\n"
+               "  \"initializer_range\": 0.02,\n  \"use_sliding_window\": false,\n  \"sliding_window\": null,\n"
+               "  \"max_window_layers\": %d,\n  \"use_cache\": true,\n  \"bos_token_id\": 0,\n"
+               "  \"eos_token_id\": 0,\n  \"pad_token_id\": null,\n  \"dtype\": \"float32\",\n  \"layer_types\": [",
+            V, s->d_model, s->n_layers, s->n_heads, s->n_kv_heads, s->max_positions, s->n_layers);
+    for (l = 0; l < s->n_layers; l++) fprintf(f, "%s\"full_attention\"", l ? ", " : "");
+    fprintf(f, "],\n");
+    if (moe)
+        fprintf(f, "  \"qkv_bias\": true,\n  \"intermediate_size\": %d,\n  \"moe_intermediate_size\": %d,\n"
+                   "  \"shared_expert_intermediate_size\": %d,\n  \"num_experts\": %d,\n"
+                   "  \"num_experts_per_tok\": %d,\n  \"norm_topk_prob\": true,\n  \"decoder_sparse_step\": 1,\n"
+                   "  \"mlp_only_layers\": [],\n  \"output_router_logits\": false,\n"
+                   "  \"router_aux_loss_coef\": 0.001\n}\n",
+                dense_width(s), s->d_expert, s->d_shared, s->n_experts, s->top_k);
+    else
+        fprintf(f, "  \"intermediate_size\": %d\n}\n", dense_width(s));
+    if (fclose(f) != 0) { fprintf(stderr, "demo: cannot write %s\n", path); exit(1); }
 }
 
-static void model_free(model *md)
+/* The tensors of a checkpoint being built: names, shapes, fp32 values. */
+typedef struct tensor_list {
+    esft_st_write_tensor *t;
+    char (*names)[128];
+    int n, cap;
+} tensor_list;
+
+typedef enum init_kind { INIT_NORMAL, INIT_ONES, INIT_ZEROS } init_kind;
+
+/* Adds one tensor (rows, cols; rows 0 = a vector of cols) named prefix+name. */
+static void add_tensor(tensor_list *tl, const char *prefix, const char *name, int rows, int cols, init_kind init)
 {
-    int l;
-    for (l = 0; l < NL; l++) {
-        moe_w *w = &md->w[l];
-        free(w->router); free(w->gate); free(w->up); free(w->down); free(w->sg); free(w->su); free(w->sd);
+    esft_st_write_tensor *t;
+    size_t n = (size_t)(rows ? rows : 1) * (size_t)cols, i;
+    float *v = NEW(float, n);
+    if (tl->n == tl->cap) {
+        tl->cap = 2 * tl->cap + 64;
+        tl->t = (esft_st_write_tensor *)realloc(tl->t, (size_t)tl->cap * sizeof *tl->t);
+        tl->names = (char(*)[128])realloc(tl->names, (size_t)tl->cap * sizeof *tl->names);
+        if (!tl->t || !tl->names) { fprintf(stderr, "demo: out of memory\n"); exit(1); }
     }
+    snprintf(tl->names[tl->n], sizeof tl->names[tl->n], "%s%s", prefix, name);
+    for (i = 0; i < n; i++) v[i] = init == INIT_NORMAL ? rng_normal(0.02f) : init == INIT_ONES ? 1.0f : 0.0f;
+    t = &tl->t[tl->n++];
+    memset(t, 0, sizeof *t);
+    t->dtype = ESFT_DTYPE_F32;
+    t->n_dims = rows ? 2 : 1;
+    t->shape[0] = rows ? rows : cols;
+    t->shape[1] = cols;
+    t->f32 = v;
 }
 
-/* Copies a trained run's weights back into the model (after pre-training). */
-static void model_take(model *md, const run *rn)
+/* Layer l's attention (Qwen2: GQA, q/k/v with bias, o without) and norms. */
+static void add_attention(tensor_list *tl, const char *p, const shape *s)
 {
-    int l, e;
-    memcpy(md->dense, rn->dense, sizeof md->dense);
-    for (l = 0; l < NL; l++) {
-        const esft_moe *m = &rn->moe[l];
-        moe_w *w = &md->w[l];
-        for (e = 0; e < E; e++) {
-            const float *g, *u, *d;
-            check(esft_moe_expert_weights(m, e, &g, &u, &d, NULL), NULL, "expert weights");
-            memcpy(w->gate + (size_t)e * F * D, g, (size_t)F * D * sizeof(float));
-            memcpy(w->up + (size_t)e * F * D, u, (size_t)F * D * sizeof(float));
-            memcpy(w->down + (size_t)e * D * F, d, (size_t)D * F * sizeof(float));
-        }
-        if (m->router) memcpy(w->router, m->router, (size_t)E * D * sizeof(float));
-        if (m->shared_gate) {
-            memcpy(w->sg, m->shared_gate, (size_t)FS * D * sizeof(float));
-            memcpy(w->su, m->shared_up, (size_t)FS * D * sizeof(float));
-            memcpy(w->sd, m->shared_down, (size_t)D * FS * sizeof(float));
-        }
-    }
+    int D = s->d_model, q = s->n_heads * s->head_dim, kv = s->n_kv_heads * s->head_dim;
+    add_tensor(tl, p, "input_layernorm.weight", 0, D, INIT_ONES);
+    add_tensor(tl, p, "self_attn.q_proj.weight", q, D, INIT_NORMAL);
+    add_tensor(tl, p, "self_attn.q_proj.bias", 0, q, INIT_ZEROS);
+    add_tensor(tl, p, "self_attn.k_proj.weight", kv, D, INIT_NORMAL);
+    add_tensor(tl, p, "self_attn.k_proj.bias", 0, kv, INIT_ZEROS);
+    add_tensor(tl, p, "self_attn.v_proj.weight", kv, D, INIT_NORMAL);
+    add_tensor(tl, p, "self_attn.v_proj.bias", 0, kv, INIT_ZEROS);
+    add_tensor(tl, p, "self_attn.o_proj.weight", D, q, INIT_NORMAL);
+    add_tensor(tl, p, "post_attention_layernorm.weight", 0, D, INIT_ONES);
 }
 
-/* Sets up a run. masks[l] (E) marks the trainable experts of layer l (ESFT). */
-static void run_init(run *rn, model *md, method how, unsigned char masks[NL][E], const esft_adamw_config *ocfg)
+/* Layer l's FFN: Qwen2-MoE's router, per-expert SwiGLUs (the names of the
+   released checkpoints), shared expert and its gate; or a dense SwiGLU. */
+static void add_ffn(tensor_list *tl, const char *p, const shape *s, int moe)
 {
+    int D = s->d_model, e;
+    char name[128];
+    if (!moe) {
+        add_tensor(tl, p, "mlp.gate_proj.weight", dense_width(s), D, INIT_NORMAL);
+        add_tensor(tl, p, "mlp.up_proj.weight", dense_width(s), D, INIT_NORMAL);
+        add_tensor(tl, p, "mlp.down_proj.weight", D, dense_width(s), INIT_NORMAL);
+        return;
+    }
+    add_tensor(tl, p, "mlp.gate.weight", s->n_experts, D, INIT_NORMAL);
+    for (e = 0; e < s->n_experts; e++) {
+        snprintf(name, sizeof name, "mlp.experts.%d.gate_proj.weight", e);
+        add_tensor(tl, p, name, s->d_expert, D, INIT_NORMAL);
+        snprintf(name, sizeof name, "mlp.experts.%d.up_proj.weight", e);
+        add_tensor(tl, p, name, s->d_expert, D, INIT_NORMAL);
+        snprintf(name, sizeof name, "mlp.experts.%d.down_proj.weight", e);
+        add_tensor(tl, p, name, D, s->d_expert, INIT_NORMAL);
+    }
+    add_tensor(tl, p, "mlp.shared_expert.gate_proj.weight", s->d_shared, D, INIT_NORMAL);
+    add_tensor(tl, p, "mlp.shared_expert.up_proj.weight", s->d_shared, D, INIT_NORMAL);
+    add_tensor(tl, p, "mlp.shared_expert.down_proj.weight", D, s->d_shared, INIT_NORMAL);
+    add_tensor(tl, p, "mlp.shared_expert_gate.weight", 1, D, INIT_NORMAL);
+}
+
+/* dir/config.json and dir/model.safetensors with transformers' init: normal
+   weights of std initializer_range (0.02), norms 1, biases 0. */
+static void write_init_checkpoint(const char *dir, const shape *s, int moe)
+{
+    tensor_list tl;
     esft_error err;
-    int l, train_all = how == M_PRETRAIN || how == M_FULL;
-    unsigned char all[E];
-    memset(rn, 0, sizeof *rn);
-    memset(all, 1, sizeof all);
-    rn->how = how;
-    rn->dense = md->dense;
-    if (train_all) {
-        rn->dense = NEW(float, DENSE_N);
-        memcpy(rn->dense, md->dense, sizeof md->dense);
-        rn->ddense = NEW(float, DENSE_N);
-        check(esft_adamw_init(&rn->opt_dense, ocfg, DENSE_N, NULL, &err), &err, "adamw");
+    char path[1200], p[64];
+    int l, i;
+    memset(&tl, 0, sizeof tl);
+    make_dirs(dir);
+    write_config(dir, s, moe);
+    add_tensor(&tl, "", "model.embed_tokens.weight", V, s->d_model, INIT_NORMAL);
+    for (l = 0; l < s->n_layers; l++) {
+        snprintf(p, sizeof p, "model.layers.%d.", l);
+        add_attention(&tl, p, s);
+        add_ffn(&tl, p, s, moe);
     }
-    for (l = 0; l < NL; l++) {
-        esft_moe_config c = moe_config();
-        esft_moe_weights w = moe_weights(&md->w[l]);
-        c.trainable_experts = train_all ? all : how == M_ESFT ? masks[l] : NULL;
-        c.train_router = c.train_shared = train_all;
-        check(esft_moe_init(&rn->moe[l], &c, &w, NULL, &err), &err, "MoE layer");
-        if (rn->moe[l].n_params)
-            check(esft_adamw_init(&rn->opt_moe[l], ocfg, rn->moe[l].n_params, NULL, &err), &err, "adamw");
-    }
-    if (how == M_PESC) {
-        size_t n;
-        rn->pcfg = esft_pesc_config_init(D, PE, PK, PR); /* scale 0.25, aux 0.01, as Camelidae */
-        n = esft_pesc_param_count(&rn->pcfg);
-        for (l = 0; l < NL; l++) {
-            rn->pesc[l] = NEW(float, n);
-            rn->dpesc[l] = NEW(float, n);
-            check(esft_pesc_init_weights(&rn->pcfg, rn->pesc[l], 1000u + (unsigned)l, &err), &err, "pesc init");
-            check(esft_pesc_saved_init(&rn->psaved[l], &rn->pcfg, TE, NULL, &err), &err, "pesc saved");
-            check(esft_adamw_init(&rn->opt_pesc[l], ocfg, n, NULL, &err), &err, "adamw");
-        }
-    }
+    add_tensor(&tl, "", "model.norm.weight", 0, s->d_model, INIT_ONES);
+    add_tensor(&tl, "", "lm_head.weight", V, s->d_model, INIT_NORMAL);
+    for (i = 0; i < tl.n; i++) tl.t[i].name = tl.names[i];
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    check(esft_safetensors_write(path, tl.t, tl.n, NULL, NULL, 0, &err), &err, "writing the initial checkpoint");
+    for (i = 0; i < tl.n; i++) free((void *)tl.t[i].f32);
+    free(tl.t);
+    free(tl.names);
 }
 
-static void run_free(run *rn)
-{
-    int l;
-    if (rn->ddense) {
-        free(rn->dense);
-        free(rn->ddense);
-        esft_adamw_uninit(&rn->opt_dense);
-    }
-    for (l = 0; l < NL; l++) {
-        if (rn->moe[l].n_params) esft_adamw_uninit(&rn->opt_moe[l]);
-        esft_moe_uninit(&rn->moe[l]);
-        if (rn->pesc[l]) {
-            free(rn->pesc[l]);
-            free(rn->dpesc[l]);
-            esft_pesc_saved_uninit(&rn->psaved[l]);
-            esft_adamw_uninit(&rn->opt_pesc[l]);
-        }
-    }
-}
+/* ---------------------------------------------------------------------- */
+/* training                                                               */
+/* ---------------------------------------------------------------------- */
 
-/* Trainable parameters and the bytes of their gradients + AdamW moments. */
-static void run_memory(const run *rn, size_t *params, size_t *bytes)
-{
-    int l;
-    *params = *bytes = 0;
-    if (rn->ddense) {
-        *params += DENSE_N;
-        *bytes += DENSE_N * sizeof(float) + esft_adamw_state_bytes(&rn->opt_dense);
-    }
-    for (l = 0; l < NL; l++) {
-        *params += rn->moe[l].n_params;
-        if (rn->moe[l].n_params) *bytes += esft_moe_grad_bytes(&rn->moe[l]) + esft_adamw_state_bytes(&rn->opt_moe[l]);
-        if (rn->pesc[l]) {
-            size_t n = esft_pesc_param_count(&rn->pcfg);
-            *params += n;
-            *bytes += n * sizeof(float) + esft_adamw_state_bytes(&rn->opt_pesc[l]);
-        }
-    }
-}
+/* Where training batches come from: n_parts texts, part k drawn with
+   probability share[k] (they sum to 1). */
+typedef struct sampler {
+    const text *parts;
+    const double *share;
+    int n_parts;
+} sampler;
 
-/* The router of layer l as the run sees it (trained copy or the model's). */
-static const float *run_router(const run *rn, int l)
+/* One sequence of SEQ bytes at a random place of a randomly drawn part. */
+static void sample_sequence(const sampler *sp, int32_t *ids)
 {
-    return rn->moe[l].router ? rn->moe[l].router : rn->moe[l].frozen.router;
-}
-
-/* Forward over T positions of tx. Returns the mean cross-entropy (nats) and
-   the summed auxiliary losses; counts correct top-1 guesses into *correct.
-   ids/wts (optional, per layer (T, K)): the routing of each MoE layer,
-   recomputed from its input with esft_route the way the layer routes. */
-static double forward(const run *rn, acts *a, const unsigned char *buf, const int32_t *pos, int T,
-                      double *aux_total, long *correct, int32_t *ids[NL], float *wts[NL])
-{
-    const float *dense = rn->dense;
-    esft_error err;
-    double loss = 0.0;
-    int t, c, l;
-    *aux_total = 0.0;
-    for (t = 0; t < T; t++) {
-        a->target[t] = buf[pos[t]];
-        for (c = 0; c < CTX; c++) {
-            unsigned char b = buf[pos[t] - CTX + c];
-            a->ctx[t * CTX + c] = b;
-            memcpy(a->x0 + (size_t)t * DIN + c * DE, dense + OFF_EMB + (size_t)b * DE, DE * sizeof(float));
-        }
+    double u = rng_unit(), acc = 0.0;
+    const text *tx;
+    size_t start;
+    int k, t;
+    for (k = 0; k < sp->n_parts - 1; k++) {
+        acc += sp->share[k];
+        if (u < acc) break;
     }
-    linear(a->h[0], a->x0, dense + OFF_WIN, dense + OFF_BIN, T, D, DIN, a->wt);
-    for (l = 0; l < NL; l++) {
-        float aux = 0.0f;
-        const float *out = a->f[l];
-        rms_forward(a->n[l], a->r[l], a->h[l], T);
-        check(esft_moe_forward(&rn->moe[l], a->f[l], &aux, a->n[l], a->ws[l], a->ws_bytes, T, &err), &err,
-              "MoE forward");
-        *aux_total += aux;
-        if (rn->pesc[l]) {
-            check(esft_pesc_forward(&rn->pcfg, a->m[l], &aux, a->f[l], a->n[l], rn->pesc[l], (esft_pesc_saved *)&rn->psaved[l],
-                                    T, &err), &err, "PESC forward");
-            *aux_total += aux;
-            out = a->m[l];
-        }
-        for (t = 0; t < T * D; t++) a->h[l + 1][t] = a->h[l][t] + out[t];
-        if (ids) {
-            esft_moe_config mc = moe_config();
-            linear(a->rlogits, a->n[l], run_router(rn, l), NULL, T, E, D, a->wt);
-            check(esft_route(&mc.route, ids[l], wts[l], NULL, a->rlogits, T, &err), &err, "route");
-        }
-    }
-    rms_forward(a->o, a->ro, a->h[NL], T);
-    linear(a->logits, a->o, dense + OFF_WOUT, dense + OFF_BOUT, T, V, D, a->wt);
-    for (t = 0; t < T; t++) { /* softmax cross-entropy; dlogits = (p - onehot) / T */
-        const float *z = a->logits + (size_t)t * V;
-        float *dz = a->dlogits + (size_t)t * V, mx = z[0];
-        double sum = 0.0;
-        int j, best = 0;
-        for (j = 1; j < V; j++) if (z[j] > mx) { mx = z[j]; best = j; }
-        for (j = 0; j < V; j++) { dz[j] = expf(z[j] - mx); sum += dz[j]; }
-        loss += log(sum) - (double)(z[a->target[t]] - mx);
-        for (j = 0; j < V; j++) dz[j] = (float)(dz[j] / sum) / (float)T;
-        dz[a->target[t]] -= 1.0f / (float)T;
-        if (best == a->target[t]) (*correct)++;
-    }
-    return loss / T;
-}
-
-/* Backward of the last forward: accumulates into the run's gradient blocks. */
-static void backward(run *rn, acts *a, int T)
-{
-    esft_error err;
-    float *dense = rn->dense, *dd = rn->ddense;
-    int t, c, l, j;
-    if (dd) {
-        mm_tn(dd + OFF_WOUT, a->dlogits, a->o, V, D, T, a->at);
-        for (t = 0; t < T; t++)
-            for (j = 0; j < V; j++) dd[OFF_BOUT + j] += a->dlogits[(size_t)t * V + j];
-    }
-    memset(a->dn, 0, (size_t)T * D * sizeof(float));
-    mm_nn(a->dn, a->dlogits, dense + OFF_WOUT, T, D, V); /* d o */
-    memset(a->dh, 0, (size_t)T * D * sizeof(float));
-    rms_backward(a->dh, a->dn, a->o, a->ro, T);
-    for (l = NL - 1; l >= 0; l--) {
-        /* h_{l+1} = h_l + out_l: dh flows on unchanged, plus the layer's part */
-        const float *dy = a->dh;
-        memset(a->dn, 0, (size_t)T * D * sizeof(float));
-        if (rn->pesc[l]) { /* y = F + adapters(F): dF to the MoE, du (router) to its input */
-            memset(a->dm, 0, (size_t)T * D * sizeof(float));
-            check(esft_pesc_backward(&rn->pcfg, a->dm, a->dn, rn->dpesc[l], a->dh, 1.0f, &rn->psaved[l], a->f[l],
-                                     a->n[l], rn->pesc[l], T, &err), &err, "PESC backward");
-            dy = a->dm;
-        }
-        check(esft_moe_backward(&rn->moe[l], a->dn, dy, a->n[l], a->ws[l], a->ws_bytes, T, &err), &err,
-              "MoE backward");
-        rms_backward(a->dh, a->dn, a->n[l], a->r[l], T);
-    }
-    if (!dd) return; /* embedding and projection frozen: nothing below needs dh */
-    mm_tn(dd + OFF_WIN, a->dh, a->x0, D, DIN, T, a->at);
-    for (t = 0; t < T; t++)
-        for (j = 0; j < D; j++) dd[OFF_BIN + j] += a->dh[(size_t)t * D + j];
-    memset(a->dx0, 0, (size_t)T * DIN * sizeof(float));
-    mm_nn(a->dx0, a->dh, dense + OFF_WIN, T, DIN, D);
-    for (t = 0; t < T; t++)
-        for (c = 0; c < CTX; c++) {
-            float *de = dd + OFF_EMB + (size_t)a->ctx[t * CTX + c] * DE;
-            const float *g = a->dx0 + (size_t)t * DIN + c * DE;
-            for (j = 0; j < DE; j++) de[j] += g[j];
-        }
-}
-
-/* Zero grads, clip the global norm to 1, one AdamW step on every block. */
-static void zero_grads(run *rn)
-{
-    int l;
-    if (rn->ddense) memset(rn->ddense, 0, DENSE_N * sizeof(float));
-    for (l = 0; l < NL; l++) {
-        esft_moe_zero_grad(&rn->moe[l]);
-        if (rn->dpesc[l]) memset(rn->dpesc[l], 0, esft_pesc_param_count(&rn->pcfg) * sizeof(float));
-    }
-}
-
-static void step(run *rn, float lr)
-{
-    float *blocks[1 + 2 * NL];
-    size_t sizes[1 + 2 * NL];
-    esft_error err;
-    int nb = 0, l;
-    if (rn->ddense) { blocks[nb] = rn->ddense; sizes[nb++] = DENSE_N; }
-    for (l = 0; l < NL; l++) {
-        if (rn->moe[l].n_params) { blocks[nb] = rn->moe[l].grads; sizes[nb++] = rn->moe[l].n_params; }
-        if (rn->dpesc[l]) { blocks[nb] = rn->dpesc[l]; sizes[nb++] = esft_pesc_param_count(&rn->pcfg); }
-    }
-    check(esft_clip_grad_norm(blocks, sizes, nb, 1.0f, NULL, &err), &err, "clip");
-    if (rn->ddense) {
-        rn->opt_dense.cfg.lr = lr;
-        check(esft_adamw_step(&rn->opt_dense, rn->dense, rn->ddense, &err), &err, "adamw");
-    }
-    for (l = 0; l < NL; l++) {
-        if (rn->moe[l].n_params) {
-            rn->opt_moe[l].cfg.lr = lr;
-            check(esft_adamw_step(&rn->opt_moe[l], rn->moe[l].params, rn->moe[l].grads, &err), &err, "adamw");
-        }
-        if (rn->dpesc[l]) {
-            rn->opt_pesc[l].cfg.lr = lr;
-            check(esft_adamw_step(&rn->opt_pesc[l], rn->pesc[l], rn->dpesc[l], &err), &err, "adamw");
-        }
-    }
+    tx = &sp->parts[k];
+    start = (size_t)(rng_next() % (unsigned long long)(tx->n - SEQ + 1));
+    for (t = 0; t < SEQ; t++) ids[t] = tx->buf[start + t];
 }
 
 /* Linear warm-up over the first 5 % of the steps, then cosine down to 10 %. */
@@ -683,38 +449,66 @@ static float lr_at(float peak, int s, int n)
     return peak * (float)(0.1 + 0.9 * 0.5 * (1.0 + cos(3.14159265358979 * p)));
 }
 
-/* Trains rn for n_steps batches of TB positions of tx. Each position first
-   picks one of the n_parts ranges of tx->pos (a task of the mix) with
-   probability part_share[k] (they sum to 1), then a position in it. Prints the loss now and then. */
-static void train(run *rn, acts *a, const text *tx, const size_t *part_begin, const size_t *part_end,
-                  const double *part_share, int n_parts, int n_steps, float peak_lr, int verbose)
+/* A trainable set and its optimizer. */
+typedef struct trainer {
+    esft_model_trainable tr;
+    esft_adamw opt;
+} trainer;
+
+static void trainer_init(trainer *t, const esft_model *m, const esft_train_spec *spec, float weight_decay)
 {
-    int32_t pos[TB];
-    int s, t, print_every = n_steps / 4 > 0 ? n_steps / 4 : 1;
+    esft_adamw_config ac = esft_adamw_config_init();
+    esft_error err;
+    ac.weight_decay = weight_decay;
+    check(esft_model_trainable_init_spec(&t->tr, m, spec, NULL, &err), &err, "trainable set");
+    check(esft_adamw_init(&t->opt, &ac, t->tr.n_params, NULL, &err), &err, "AdamW");
+}
+
+static void trainer_uninit(trainer *t)
+{
+    esft_adamw_uninit(&t->opt);
+    esft_model_trainable_uninit(&t->tr);
+}
+
+/* Gradient + AdamW state: what training holds beyond the weights. */
+static size_t trainer_bytes(const trainer *t) { return t->tr.n_params * sizeof(float) + esft_adamw_state_bytes(&t->opt); }
+
+/* n_steps AdamW steps, each on BATCH sequences of the sampler: the gradient of
+   the batch's mean loss, clipped at global norm 1. Returns the last steps'
+   smoothed loss (nats). */
+static double train(const esft_model *m, trainer *t, const sampler *sp, int n_steps, float peak_lr, int verbose)
+{
+    int32_t ids[BATCH][SEQ];
+    float *grads = t->tr.grads;
+    size_t n_params = t->tr.n_params;
+    esft_error err;
+    int s, b, print_every = n_steps / 4 > 0 ? n_steps / 4 : 1;
     double avg = 0.0;
     for (s = 0; s < n_steps; s++) {
-        double aux, loss;
-        long correct = 0;
-        for (t = 0; t < TB; t++) {
-            double u = (double)(rng_next() >> 11) * (1.0 / 9007199254740992.0), acc = 0.0;
-            int k;
-            size_t n;
-            for (k = 0; k < n_parts - 1; k++) {
-                acc += part_share[k];
-                if (u < acc) break;
-            }
-            n = part_end[k] - part_begin[k];
-            pos[t] = tx->pos[part_begin[k] + (size_t)(rng_next() % (unsigned long long)n)];
+        double loss = 0.0;
+        int64_t n = 0;
+        for (b = 0; b < BATCH; b++) sample_sequence(sp, ids[b]);
+        memset(grads, 0, n_params * sizeof(float));
+        for (b = 0; b < BATCH; b++) {
+            double l;
+            int64_t k;
+            /* labels = ids: position t predicts byte t+1 (Hugging Face's shift) */
+            check(esft_model_forward_backward(m, &t->tr, ids[b], ids[b], SEQ, 1.0f / (float)(BATCH * (SEQ - 1)), &l,
+                                              &k, &err),
+                  &err, "forward/backward");
+            loss += l;
+            n += k;
         }
-        zero_grads(rn);
-        loss = forward(rn, a, tx->buf, pos, TB, &aux, &correct, NULL, NULL);
-        backward(rn, a, TB);
-        step(rn, lr_at(peak_lr, s, n_steps));
+        check(esft_clip_grad_norm(&grads, &n_params, 1, 1.0f, NULL, &err), &err, "clipping");
+        t->opt.cfg.lr = lr_at(peak_lr, s, n_steps);
+        check(esft_adamw_step(&t->opt, t->tr.params, grads, &err), &err, "AdamW step");
+        loss /= (double)n;
         avg = s == 0 ? loss : 0.9 * avg + 0.1 * loss;
         if (verbose && (s % print_every == 0 || s == n_steps - 1))
-            printf("      step %4d/%d  train loss %.3f bits/byte (smoothed %.3f)  aux %.4f\n", s + 1, n_steps,
-                   loss / log(2.0), avg / log(2.0), aux);
+            printf("      step %4d/%d  train loss %.3f bits/byte (smoothed %.3f)\n", s + 1, n_steps, loss / log(2.0),
+                   avg / log(2.0));
     }
+    return avg;
 }
 
 /* ---------------------------------------------------------------------- */
@@ -722,58 +516,100 @@ static void train(run *rn, acts *a, const text *tx, const size_t *part_begin, co
 /* ---------------------------------------------------------------------- */
 
 typedef struct score {
-    double bpb; /* bits per byte: mean -log2 p(next byte); lower is better */
-    double acc; /* next-byte top-1 accuracy */
+    double bpb;  /* bits per byte: mean -log2 p(next byte); lower is better */
+    double acc;  /* next-byte top-1 accuracy */
+    double nats; /* mean loss in nats, as `esft eval` prints it */
 } score;
 
-/* Scores the first max_pos positions of tx (all of them when it has fewer). */
-static score evaluate(const run *rn, acts *a, const text *tx, size_t max_pos)
+/* Windows of EVAL_T bytes over the first max_bytes of tx (every byte of a
+   window but the first is scored): the held-out text as the model sees it. */
+static int n_windows(const text *tx, size_t max_bytes)
 {
-    size_t n = tx->n_pos < max_pos ? tx->n_pos : max_pos, i;
-    double nats = 0.0, aux;
-    long correct = 0;
+    size_t n = tx->n < max_bytes ? tx->n : max_bytes;
+    return (int)((n + EVAL_T - 2) / (EVAL_T - 1));
+}
+
+/* Window w: its first byte and length (consecutive windows share one byte, so
+   every byte after the first is predicted once). */
+static void window_at(const text *tx, size_t max_bytes, int w, size_t *first, int *T)
+{
+    size_t n = tx->n < max_bytes ? tx->n : max_bytes, a = (size_t)w * (EVAL_T - 1);
+    *first = a;
+    *T = (int)(n - a < (size_t)EVAL_T ? n - a : (size_t)EVAL_T);
+}
+
+/* Scores the model (with tr's training when tr is not NULL) on tx. */
+static score evaluate(const esft_model *m, const esft_model_trainable *tr, const text *tx, size_t max_bytes)
+{
+    static int32_t ids[EVAL_T];
+    static float logits[EVAL_T * V];
+    esft_model_run run;
+    esft_error err;
+    double nats = 0.0;
+    int64_t n = 0, correct = 0;
+    int w, t, v, T;
     score sc;
-    for (i = 0; i < n; i += TE) {
-        int T = (int)(n - i < (size_t)TE ? n - i : (size_t)TE);
-        nats += forward(rn, a, tx->buf, tx->pos + i, T, &aux, &correct, NULL, NULL) * T;
+    memset(&run, 0, sizeof run);
+    run.labels = ids;
+    run.logits = logits;
+    run.trainable = tr;
+    for (w = 0; w < n_windows(tx, max_bytes); w++) {
+        size_t first;
+        double l;
+        int64_t k;
+        window_at(tx, max_bytes, w, &first, &T);
+        if (T < 2) continue;
+        for (t = 0; t < T; t++) ids[t] = tx->buf[first + t];
+        check(esft_model_forward(m, ids, T, &run, &l, &k, &err), &err, "evaluation forward");
+        nats += l;
+        n += k;
+        for (t = 0; t + 1 < T; t++) {
+            const float *row = logits + (size_t)t * V;
+            int best = 0;
+            for (v = 1; v < V; v++) if (row[v] > row[best]) best = v;
+            correct += best == ids[t + 1];
+        }
     }
-    sc.bpb = nats / (double)n / log(2.0);
+    sc.nats = nats / (double)n;
+    sc.bpb = sc.nats / log(2.0);
     sc.acc = (double)correct / (double)n;
     return sc;
 }
 
-/* Routes every sample of tx through the model and adds each MoE layer's
-   top-K ids and weights to st as one sample per text (layers numbered from
-   1, as ESFT numbers DeepSeek's MoE layers; layer 0 is never fed). */
-static void collect_stats(const run *rn, acts *a, const text *tx, esft_stats *st)
+/* The windows evaluate() scores, as esft_dataset JSONL (labels = the ids), so
+   `esft eval DIR --data FILE` computes the same loss. */
+static void write_eval_jsonl(const char *path, const text *tx, size_t max_bytes)
 {
-    size_t max_len = 0, first = 0, c;
-    int32_t *ids[NL], *ip[NL];
-    float *wts[NL], *wp[NL];
+    FILE *f = open_out(path);
+    int w, t, T;
+    for (w = 0; w < n_windows(tx, max_bytes); w++) {
+        size_t first;
+        window_at(tx, max_bytes, w, &first, &T);
+        if (T < 2) continue;
+        fprintf(f, "{\"input_ids\": [");
+        for (t = 0; t < T; t++) fprintf(f, "%s%d", t ? ", " : "", tx->buf[first + t]);
+        fprintf(f, "]}\n");
+    }
+    if (fclose(f) != 0) { fprintf(stderr, "demo: cannot write %s\n", path); exit(1); }
+}
+
+/* The first max_bytes of tx through the model in the windows evaluate()
+   scores, one statistics sample per window, every token counted (ESFT's
+   scoring counted every token of whole samples; the model here has only seen
+   positions below SEQ, so longer texts go in windows of that length). */
+static void collect_stats(const esft_model *m, const text *tx, size_t max_bytes, esft_stats *st)
+{
+    int32_t ids[EVAL_T];
+    esft_model_run run;
     esft_error err;
-    int i, l;
-    long correct = 0;
-    double aux;
-    for (i = 0; i < tx->n_samples; i++) if (tx->len[i] > max_len) max_len = tx->len[i];
-    for (l = 0; l < NL; l++) {
-        ids[l] = NEW(int32_t, max_len * K);
-        wts[l] = NEW(float, max_len * K);
-    }
-    for (i = 0; i < tx->n_samples; first += tx->len[i], i++) {
-        for (c = 0; c < tx->len[i]; c += TE) {
-            int T = (int)(tx->len[i] - c < (size_t)TE ? tx->len[i] - c : (size_t)TE);
-            for (l = 0; l < NL; l++) {
-                ip[l] = ids[l] + c * K;
-                wp[l] = wts[l] + c * K;
-            }
-            forward(rn, a, tx->buf, tx->pos + first + c, T, &aux, &correct, ip, wp);
-        }
-        for (l = 0; l < NL; l++)
-            check(esft_stats_add(st, l + 1, ids[l], wts[l], NULL, (int)tx->len[i], &err), &err, "stats");
-    }
-    for (l = 0; l < NL; l++) {
-        free(ids[l]);
-        free(wts[l]);
+    int w, t, T;
+    memset(&run, 0, sizeof run);
+    run.stats = st;
+    for (w = 0; w < n_windows(tx, max_bytes); w++) {
+        size_t first;
+        window_at(tx, max_bytes, w, &first, &T);
+        for (t = 0; t < T; t++) ids[t] = tx->buf[first + t];
+        check(esft_model_forward(m, ids, T, &run, NULL, NULL, &err), &err, "statistics forward");
     }
 }
 
@@ -784,7 +620,7 @@ static void collect_stats(const run *rn, acts *a, const text *tx, esft_stats *st
 typedef struct options {
     int quick, threads, target, pre_steps, ft_steps;
     const char *data, *out;
-    double top_p, ft_lr, target_share;
+    double top_p, pre_lr, ft_lr, target_share;
 } options;
 
 static void usage(FILE *f)
@@ -792,36 +628,37 @@ static void usage(FILE *f)
     fprintf(f,
             "usage: demo [--quick] [--task NAME] [--top-p P] [--data DIR] [--out DIR] [--threads N]\n"
             "\n"
-            "ESFT and PESC end to end on a tiny byte-level MoE language model trained on\n"
-            "the ESFT authors' task text (CPU only). Pre-trains on a mix of the tasks\n"
-            "intent, law, summary, translation; collects router statistics on the target\n"
-            "task; selects experts by token and gate score (top-p); fine-tunes four ways\n"
-            "(ESFT-Token, ESFT-Gate, full, PESC) and prints the comparison table.\n"
+            "ESFT end to end on a small Hugging Face MoE checkpoint (qwen2_moe, byte-level,\n"
+            "CPU only): writes and pre-trains it and its dense twin (qwen2) on the ESFT\n"
+            "authors' task text (intent, law, summary, translation) as checkpoint\n"
+            "directories; collects router statistics on the target task; selects experts\n"
+            "by token and gate score (top-p); fine-tunes five ways from the same weights\n"
+            "and batches (ESFT-Token, ESFT-Gate, full, LoRA; PESC on the dense twin) and\n"
+            "prints the comparison table; merges the ESFT-Token experts into a checkpoint.\n"
             "\n"
             "  --quick        CI size: few steps, short evaluation (seconds, not minutes)\n"
             "  --task NAME    target task (default translation)\n"
             "  --top-p P      ESFT selection threshold, 0 < P <= 1 (default 0.25)\n"
             "  --data DIR     the text slices (default data/text)\n"
-            "  --out DIR      summary.json, expert configs, heatmaps, results.tsv (default build/run)\n"
-            "  --threads N    CPU threads (default 1; the numbers do not depend on it)\n"
-            "  --pre-steps N, --ft-steps N, --ft-lr LR, --target-share S\n"
-            "                 pre-training steps (3000), fine-tuning steps (600), fine-tuning\n"
-            "                 peak learning rate (1e-3), the target task's share of the\n"
-            "                 pre-training mix (0.1)\n"
+            "  --out DIR      checkpoints, summary.json, expert configs, heatmaps, results.tsv\n"
+            "                 (default build/run)\n"
+            "  --threads N    CPU threads (default 1: these matrices are too small to share; the\n"
+            "                 numbers do not depend on it)\n"
+            "  --pre-steps N, --ft-steps N, --pre-lr LR, --ft-lr LR, --target-share S\n"
+            "                 pre-training steps (1000), fine-tuning steps (300), peak learning\n"
+            "                 rates (3e-3, 1e-3), the target task's share of the pre-training\n"
+            "                 mix (0.1)\n"
             "  -h, --help     this text\n");
 }
 
 static int parse_args(options *o, int argc, char **argv)
 {
     int i, k;
-    o->quick = 0;
-    o->threads = 0;
+    memset(o, 0, sizeof *o);
     o->target = 3;
     o->data = "data/text";
     o->out = "build/run";
     o->top_p = 0.25;
-    o->pre_steps = o->ft_steps = 0;
-    o->ft_lr = 0.0;
     o->target_share = 0.1;
     for (i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -832,6 +669,7 @@ static int parse_args(options *o, int argc, char **argv)
         else if (v && !strcmp(a, "--threads")) { o->threads = atoi(v); i++; }
         else if (v && !strcmp(a, "--pre-steps")) { o->pre_steps = atoi(v); i++; }
         else if (v && !strcmp(a, "--ft-steps")) { o->ft_steps = atoi(v); i++; }
+        else if (v && !strcmp(a, "--pre-lr")) { o->pre_lr = atof(v); i++; }
         else if (v && !strcmp(a, "--ft-lr")) { o->ft_lr = atof(v); i++; }
         else if (v && !strcmp(a, "--target-share")) { o->target_share = atof(v); i++; }
         else if (v && !strcmp(a, "--top-p")) {
@@ -848,268 +686,339 @@ static int parse_args(options *o, int argc, char **argv)
             return 0;
         }
     }
+    if (!(o->target_share > 0.0 && o->target_share < 1.0)) {
+        fprintf(stderr, "demo: --target-share must be in (0, 1)\n");
+        return 0;
+    }
     return 1;
 }
 
-static void make_dirs(const char *path)
-{
-    char buf[1024];
-    size_t i, n = strlen(path);
-    if (n >= sizeof buf) return;
-    memcpy(buf, path, n + 1);
-    for (i = 1; i <= n; i++)
-        if (buf[i] == '/' || buf[i] == '\0') {
-            char keep = buf[i];
-            buf[i] = '\0';
-            mkdir(buf, 0755);
-            buf[i] = keep;
-        }
-}
-
-/* Concatenates the tasks' training texts into one; part k = task k's positions. */
-static void make_mix(text *mix, const text *tr, size_t *begin, size_t *end)
-{
-    size_t off = 0, i;
-    int k;
-    memset(mix, 0, sizeof *mix);
-    for (k = 0; k < N_TASKS; k++) mix->n_pos += tr[k].n_pos;
-    mix->pos = NEW(int32_t, mix->n_pos);
-    mix->n_pos = 0;
-    for (k = 0; k < N_TASKS; k++) {
-        begin[k] = mix->n_pos;
-        text_append(mix, (const char *)tr[k].buf, tr[k].n);
-        for (i = 0; i < tr[k].n_pos; i++) mix->pos[mix->n_pos++] = (int32_t)(tr[k].pos[i] + off);
-        end[k] = mix->n_pos;
-        off += tr[k].n;
-    }
-}
-
+/* One row of the table. */
 typedef struct result {
-    const char *name;
+    char name[64];
     score task, general, per_task[N_TASKS];
     size_t params, bytes;
     double seconds;
-    int experts; /* routed experts trained, of NL * E; -1: not an expert method */
 } result;
 
-static result evaluate_all(const char *name, const run *rn, acts *a, const text *ev, int target, size_t max_pos)
+static void evaluate_all(result *r, const esft_model *m, const esft_model_trainable *tr, const text *ev, int target,
+                         size_t max_bytes)
 {
-    result r;
     int k, n = 0;
-    memset(&r, 0, sizeof r);
-    r.name = name;
+    memset(&r->general, 0, sizeof r->general);
     for (k = 0; k < N_TASKS; k++) {
-        r.per_task[k] = evaluate(rn, a, &ev[k], max_pos);
+        r->per_task[k] = evaluate(m, tr, &ev[k], max_bytes);
         if (k == target) continue;
-        r.general.bpb += r.per_task[k].bpb;
-        r.general.acc += r.per_task[k].acc;
+        r->general.bpb += r->per_task[k].bpb;
+        r->general.acc += r->per_task[k].acc;
+        r->general.nats += r->per_task[k].nats;
         n++;
     }
-    r.task = r.per_task[target];
-    r.general.bpb /= n;
-    r.general.acc /= n;
-    run_memory(rn, &r.params, &r.bytes);
-    r.experts = 0;
-    for (k = 0; k < NL; k++) r.experts += rn->moe[k].n_trainable_experts;
-    return r;
+    r->task = r->per_task[target];
+    r->general.bpb /= n;
+    r->general.acc /= n;
+    r->general.nats /= n;
+}
+
+/* Pre-trains the checkpoint in init_dir with every parameter trainable
+   (the library's FFT) on the mix and writes it to base_dir as a checkpoint
+   directory: the trained tensors (esft_model_trainable_save, every one) merged
+   into the initial shards (the merge copies config.json too). */
+static void pretrain(const char *init_dir, const char *base_dir, const char *trained_path, const sampler *mix,
+                     int steps, float lr, const char *what)
+{
+    esft_model m;
+    esft_train_spec spec;
+    esft_error err;
+    trainer t;
+    double t0 = now_s();
+    check(esft_model_open(&m, init_dir, NULL, &err), &err, init_dir);
+    memset(&spec, 0, sizeof spec);
+    spec.method = ESFT_TRAIN_FFT;
+    trainer_init(&t, &m, &spec, 0.0f);
+    printf("      %s: %lu parameters, every one trainable\n", what, (unsigned long)t.tr.n_params);
+    rng_state = 4242u; /* both checkpoints see the same batches */
+    train(&m, &t, mix, steps, lr, 1);
+    check(esft_model_trainable_save(&t.tr, &m, NULL, trained_path, &err), &err, "saving the pre-trained tensors");
+    check(esft_checkpoint_merge(init_dir, trained_path, base_dir, NULL, &err), &err, "merging the pre-trained tensors");
+    trainer_uninit(&t);
+    esft_model_close(&m);
+    printf("        -> %s (config.json + model.safetensors) in %.1f s\n", base_dir, now_s() - t0);
+}
+
+/* Fine-tunes one way: the trainable set of spec over m, the target task's
+   batches (the sampler re-seeded: every method sees the same ones), then
+   every eval text. With keep, the trained set stays in *keep (the caller
+   uninits it); without, it is freed here. */
+static void fine_tune(result *r, const esft_model *m, const esft_train_spec *spec, const sampler *task,
+                      const options *o, int steps, float lr, const text *ev, size_t max_eval, trainer *keep)
+{
+    trainer own, *t = keep ? keep : &own;
+    double t0;
+    trainer_init(t, m, spec, 0.0f);
+    rng_state = 7777u;
+    t0 = now_s();
+    train(m, t, task, steps, lr, 0);
+    r->seconds = now_s() - t0;
+    r->params = t->tr.n_params;
+    r->bytes = trainer_bytes(t);
+    evaluate_all(r, m, &t->tr, ev, o->target, max_eval);
+    printf("        %-14s trained in %5.1f s: %s %.3f bits/byte, general %.3f\n", r->name, r->seconds,
+           task_names[o->target], r->task.bpb, r->general.bpb);
+    if (!keep) trainer_uninit(t);
 }
 
 static void print_layers(const esft_expert_config *cfg)
 {
     int l, i;
-    for (l = 1; l <= NL; l++) {
+    for (l = 0; l < cfg->n_layers; l++) {
+        if (cfg->offset[l] == cfg->offset[l + 1]) continue;
         printf("        layer %d: experts", l);
         for (i = cfg->offset[l]; i < cfg->offset[l + 1]; i++) printf(" %d", (int)cfg->ids[i]);
         printf("\n");
     }
 }
 
+static void print_table(const result *res, int n, const options *o)
+{
+    int i, k;
+    printf("| method | %s bpb | general bpb | trainable params | grad + AdamW bytes | fine-tune time |\n",
+           task_names[o->target]);
+    printf("|---|---:|---:|---:|---:|---:|\n");
+    for (i = 0; i < n; i++) {
+        if (res[i].seconds == 0.0)
+            printf("| %s | %.3f | %.3f | 0 | 0 | - |\n", res[i].name, res[i].task.bpb, res[i].general.bpb);
+        else
+            printf("| %s | %.3f | %.3f | %lu | %lu | %.1f s |\n", res[i].name, res[i].task.bpb, res[i].general.bpb,
+                   (unsigned long)res[i].params, (unsigned long)res[i].bytes, res[i].seconds);
+    }
+    printf("\nper task (bpb):             ");
+    for (k = 0; k < N_TASKS; k++) printf("  %11s", task_names[k]);
+    printf("\n");
+    for (i = 0; i < n; i++) {
+        printf("  %-26s", res[i].name);
+        for (k = 0; k < N_TASKS; k++) printf("  %11.3f", res[i].per_task[k].bpb);
+        printf("\n");
+    }
+}
+
+static void write_results(const char *path, const result *res, int n, const options *o)
+{
+    FILE *f = open_out(path);
+    int i, k;
+    fprintf(f, "method\ttask\ttask_bpb\ttask_acc\tgeneral_bpb\tgeneral_acc");
+    for (k = 0; k < N_TASKS; k++) fprintf(f, "\t%s_bpb", task_names[k]);
+    fprintf(f, "\ttask_nats\ttrainable_params\tgrad_adam_bytes\tseconds\n");
+    for (i = 0; i < n; i++) {
+        fprintf(f, "%s\t%s\t%.4f\t%.4f\t%.4f\t%.4f", res[i].name, task_names[o->target], res[i].task.bpb,
+                res[i].task.acc, res[i].general.bpb, res[i].general.acc);
+        for (k = 0; k < N_TASKS; k++) fprintf(f, "\t%.4f", res[i].per_task[k].bpb);
+        fprintf(f, "\t%.8f\t%lu\t%lu\t%.2f\n", res[i].task.nats, (unsigned long)res[i].params,
+                (unsigned long)res[i].bytes, res[i].seconds);
+    }
+    if (fclose(f) != 0) { fprintf(stderr, "demo: cannot write %s\n", path); exit(1); }
+}
+
+/* PESC on the dense twin: Camelidae's adapter MoE after each frozen dense MLP
+   (8 adapters, top-2, rank 16, scale 0.25, aux alpha 0.01; upcycled, so the
+   model equals the dense base at step 0). */
+static void pesc_row(result *r, const char *dense_dir, const sampler *task, const options *o, int steps, float lr,
+                     const text *ev, size_t max_eval)
+{
+    esft_model dm;
+    esft_train_spec spec;
+    esft_error err;
+    check(esft_model_open(&dm, dense_dir, NULL, &err), &err, dense_dir);
+    memset(&spec, 0, sizeof spec);
+    spec.method = ESFT_TRAIN_PESC;
+    spec.pesc = esft_pesc_config_init(dm.cfg.d_model, 8, 2, 16);
+    spec.pesc.scale = 0.25f;
+    spec.pesc.aux_alpha = 0.01f;
+    spec.seed = 1;
+    fine_tune(r, &dm, &spec, task, o, steps, lr, ev, max_eval, NULL);
+    esft_model_close(&dm);
+}
+
 int main(int argc, char **argv)
 {
-    static acts a;
-    static model md;
     options o;
-    text tr[N_TASKS], ev[N_TASKS], mix;
-    size_t begin[N_TASKS], end[N_TASKS], one_begin, one_end, max_eval;
-    double share[N_TASKS], one_share = 1.0;
+    shape sh = demo_shape();
+    text tr[N_TASKS], ev[N_TASKS];
+    double share[N_TASKS], one = 1.0;
+    sampler mix, task;
+    esft_model m;
     esft_stats st;
     esft_scores sc;
     esft_expert_config sel[2];
-    esft_adamw_config ocfg = esft_adamw_config_init();
+    esft_train_spec spec;
     esft_error err;
-    unsigned char masks[2][NL][E];
-    result res[5];
-    char path[1200];
-    run rn;
+    result res[N_ROWS + 1];
+    trainer keep;
+    char path[1200], dir[1200], dense_dir[1200], base_dir[1200];
     double t0 = now_s(), t;
-    float ft_lr;
-    int k, l, e, pre_steps, ft_steps, i;
+    float pre_lr, ft_lr;
+    int k, i, pre_steps, ft_steps, n_res = 0;
+    size_t max_eval;
     const char *score_names[2] = {"token", "gate"};
-    FILE *f;
 
     if (!parse_args(&o, argc, argv)) return 2;
-    /* One thread unless asked: this model's matrices are so small that waking
-       threads costs more than it saves (and the numbers are the same either way). */
+    setvbuf(stdout, NULL, _IOLBF, 0); /* progress shows through a pipe (make run | tee) */
     esft_set_num_threads(o.threads > 0 ? o.threads : 1);
-#if defined(_OPENMP)
-    omp_set_num_threads(o.threads > 0 ? o.threads : 1);
-#endif
-    pre_steps = o.pre_steps > 0 ? o.pre_steps : o.quick ? 200 : 3000;
-    ft_steps = o.ft_steps > 0 ? o.ft_steps : o.quick ? 100 : 600;
+    pre_steps = o.pre_steps > 0 ? o.pre_steps : o.quick ? 60 : 1000;
+    ft_steps = o.ft_steps > 0 ? o.ft_steps : o.quick ? 20 : 300;
+    pre_lr = o.pre_lr > 0.0 ? (float)o.pre_lr : 3e-3f;
     ft_lr = o.ft_lr > 0.0 ? (float)o.ft_lr : 1e-3f;
     max_eval = o.quick ? 2048 : (size_t)-1;
-    ocfg.weight_decay = 0.0f;
+    memset(res, 0, sizeof res);
 
-    printf("esft demo: ESFT vs full fine-tuning vs PESC on a tiny byte-level MoE language model%s\n",
+    printf("esft demo: ESFT vs full fine-tuning vs LoRA vs PESC on a small Hugging Face MoE checkpoint%s\n",
            o.quick ? " (--quick)" : "");
-    printf("[1/5] data: %s/<task>.{train,eval}.jsonl (slices of the ESFT authors' datasets)\n", o.data);
+    printf("[1/6] data: %s/<task>.{train,eval}.jsonl (slices of the ESFT authors' datasets)\n", o.data);
     for (k = 0; k < N_TASKS; k++) {
         snprintf(path, sizeof path, "%s/%s.train.jsonl", o.data, task_names[k]);
         if (!load_text(&tr[k], path)) return 1;
         snprintf(path, sizeof path, "%s/%s.eval.jsonl", o.data, task_names[k]);
         if (!load_text(&ev[k], path)) return 1;
         printf("      %-12s train %3d texts %6lu bytes | eval %d texts %6lu bytes%s\n", task_names[k],
-               tr[k].n_samples, (unsigned long)tr[k].n_pos, ev[k].n_samples, (unsigned long)ev[k].n_pos,
+               tr[k].n_samples, (unsigned long)tr[k].n, ev[k].n_samples, (unsigned long)ev[k].n,
                k == o.target ? "   <- target task" : "");
-    }
-    make_mix(&mix, tr, begin, end);
-    for (k = 0; k < N_TASKS; k++)
         share[k] = k == o.target ? o.target_share : (1.0 - o.target_share) / (N_TASKS - 1);
+    }
+    mix.parts = tr;
+    mix.share = share;
+    mix.n_parts = N_TASKS;
+    task.parts = &tr[o.target];
+    task.share = &one;
+    task.n_parts = 1;
 
-    /* ---- 2. pre-train ---- */
-    t = now_s();
-    a.ws_bytes = 0;
-    {
-        esft_moe_config mc = moe_config();
-        check(esft_moe_workspace_size(&mc, TE, &a.ws_bytes, &err), &err, "workspace");
-        for (l = 0; l < NL; l++) a.ws[l] = xcalloc(1, a.ws_bytes);
-    }
-    model_init(&md);
-    ocfg.lr = 3e-3f;
-    run_init(&rn, &md, M_PRETRAIN, NULL, &ocfg);
-    {
-        size_t p, b;
-        run_memory(&rn, &p, &b);
-        printf("[2/5] pre-train: %lu parameters (%d MoE layers x %d experts, top-%d, expert width %d, one\n"
-               "      shared expert; context %d bytes), everything trainable; %d steps x %d bytes, AdamW lr %.0e;\n"
-               "      the mix: %s %.0f %%, each other task %.0f %% of the bytes\n",
-               (unsigned long)p, NL, E, K, F, CTX, pre_steps, TB, 3e-3, task_names[o.target],
-               100.0 * o.target_share, 100.0 * (1.0 - o.target_share) / (N_TASKS - 1));
-    }
-    train(&rn, &a, &mix, begin, end, share, N_TASKS, pre_steps, 3e-3f, 1);
-    model_take(&md, &rn);
-    run_free(&rn);
-    printf("      done in %.1f s\n", now_s() - t);
+    /* ---- 2. the checkpoints, pre-trained ---- */
+    make_dirs(o.out);
+    snprintf(base_dir, sizeof base_dir, "%s/base", o.out);
+    snprintf(dense_dir, sizeof dense_dir, "%s/dense_base", o.out);
+    printf("[2/6] pre-train: qwen2_moe (%d layers, hidden %d, GQA %d/%d heads of %d, %d experts of width %d,\n"
+           "      top-%d, shared expert %d) and its dense twin qwen2 (MLP width %d), byte vocabulary; %d steps\n"
+           "      x %d sequences of %d bytes, AdamW lr %.0e, the same batches for both; the mix: %s %.0f %%,\n"
+           "      each other task %.0f %%\n",
+           sh.n_layers, sh.d_model, sh.n_heads, sh.n_kv_heads, sh.head_dim, sh.n_experts, sh.d_expert, sh.top_k,
+           sh.d_shared, dense_width(&sh), pre_steps, BATCH, SEQ, (double)pre_lr, task_names[o.target],
+           100.0 * o.target_share, 100.0 * (1.0 - o.target_share) / (N_TASKS - 1));
+    rng_state = 20240702u;
+    snprintf(dir, sizeof dir, "%s/init/qwen2_moe", o.out);
+    write_init_checkpoint(dir, &sh, 1);
+    snprintf(path, sizeof path, "%s/init/qwen2_moe.trained.safetensors", o.out);
+    pretrain(dir, base_dir, path, &mix, pre_steps, pre_lr, "qwen2_moe");
+    snprintf(dir, sizeof dir, "%s/init/qwen2", o.out);
+    write_init_checkpoint(dir, &sh, 0);
+    snprintf(path, sizeof path, "%s/init/qwen2.trained.safetensors", o.out);
+    pretrain(dir, dense_dir, path, &mix, pre_steps, pre_lr, "qwen2 (dense twin)");
 
     /* ---- 3. router statistics on the target task, selection ---- */
     t = now_s();
-    run_init(&rn, &md, M_FROZEN, NULL, &ocfg);
-    res[0] = evaluate_all("pre-trained (no fine-tune)", &rn, &a, ev, o.target, max_eval);
-    res[0].experts = -1;
-    check(esft_stats_init(&st, NL + 1, E, K, NULL), NULL, "stats");
-    collect_stats(&rn, &a, &tr[o.target], &st);
-    run_free(&rn);
+    check(esft_model_open(&m, base_dir, NULL, &err), &err, base_dir);
+    snprintf(res[n_res].name, sizeof res[n_res].name, "pre-trained (no fine-tune)");
+    evaluate_all(&res[n_res++], &m, NULL, ev, o.target, max_eval);
+    check(esft_stats_init(&st, m.cfg.n_layers, m.cfg.route.n_experts, m.cfg.route.top_k, NULL), NULL, "stats");
+    collect_stats(&m, &tr[o.target], o.quick ? 8192 : (size_t)-1, &st);
     check(esft_stats_scores(&st, ESFT_NORM_POOLED, &sc), NULL, "scores");
-    make_dirs(o.out);
     snprintf(path, sizeof path, "%s/summary.json", o.out);
     check(esft_scores_write_json(path, &sc, 4, &err), &err, "summary.json");
     esft_scores_round(&sc, 4); /* select from the scores as written, as ESFT does */
-    printf("[3/5] router statistics on %s's training text: %lu texts, %lu bytes routed per layer -> %s\n",
-           task_names[o.target], (unsigned long)st.n_samples[1], (unsigned long)st.n_tokens[1], path);
+    printf("[3/6] router statistics of %s on %s's training text: %lu windows of %d bytes,\n"
+           "      %lu bytes routed per layer -> %s\n",
+           base_dir, task_names[o.target], (unsigned long)st.n_samples[0], EVAL_T, (unsigned long)st.n_tokens[0],
+           path);
     for (i = 0; i < 2; i++) {
-        check(esft_select_top_p(&sc, i == 0 ? ESFT_SCORE_TOKEN : ESFT_SCORE_GATE, o.top_p, &sel[i], &err), &err,
-              "select");
+        esft_score which = i == 0 ? ESFT_SCORE_TOKEN : ESFT_SCORE_GATE;
+        check(esft_select_top_p(&sc, which, o.top_p, &sel[i], &err), &err, "select");
         snprintf(path, sizeof path, "%s/config_%s.json", o.out, score_names[i]);
         check(esft_expert_config_write(path, &sel[i], &err), &err, "expert config");
         snprintf(path, sizeof path, "%s/heatmap_%s.svg", o.out, score_names[i]);
-        check(esft_heatmap_write_svg(path, &sc, i == 0 ? ESFT_SCORE_TOKEN : ESFT_SCORE_GATE, &sel[i], &err), &err,
-              "heatmap");
+        check(esft_heatmap_write_svg(path, &sc, which, &sel[i], &err), &err, "heatmap");
         printf("      %s scores, top-p %.2f: %d of %d experts -> %s/config_%s.json, %s\n", score_names[i], o.top_p,
-               esft_expert_config_count(&sel[i]), NL * E, o.out, score_names[i], path);
+               esft_expert_config_count(&sel[i]), sh.n_layers * sh.n_experts, o.out, score_names[i], path);
         print_layers(&sel[i]);
-        for (l = 0; l < NL; l++)
-            for (e = 0; e < E; e++) masks[i][l][e] = (unsigned char)esft_expert_config_has(&sel[i], l + 1, e);
     }
     printf("      done in %.1f s\n", now_s() - t);
 
-    /* ---- 4. fine-tune four ways from the same weights ---- */
-    printf("[4/5] fine-tune on %s: %d steps x %d bytes each, AdamW lr %.0e (same schedule for all)\n",
-           task_names[o.target], ft_steps, TB, (double)ft_lr);
-    one_begin = 0;
-    one_end = tr[o.target].n_pos;
-    for (i = 1; i <= 4; i++) {
-        static const char *names[5] = {"", "ESFT-Token", "ESFT-Gate", "Full fine-tune", "PESC adapters"};
-        static const char *what[5] = {"",
-                                      "only the token-selected experts train",
-                                      "only the gate-selected experts train",
-                                      "everything trains",
-                                      "model frozen; a PESC adapter layer (8 adapters, top-2, rank 16) after each MoE layer"};
-        method how = i <= 2 ? M_ESFT : i == 3 ? M_FULL : M_PESC;
-        ocfg.lr = ft_lr;
-        run_init(&rn, &md, how, masks[i == 2 ? 1 : 0], &ocfg); /* token or gate selection */
-        printf("      %s: %s\n", names[i], what[i]);
-        rng_state = 7777u; /* every method sees the same batches */
-        t = now_s();
-        train(&rn, &a, &tr[o.target], &one_begin, &one_end, &one_share, 1, ft_steps, ft_lr, 0);
-        t = now_s() - t;
-        res[i] = evaluate_all(names[i], &rn, &a, ev, o.target, max_eval);
-        res[i].seconds = t;
-        if (how == M_PESC || how == M_FULL) res[i].experts = -1;
-        run_free(&rn);
-        printf("        trained in %.1f s: %s %.3f bits/byte, general %.3f\n", t, task_names[o.target], res[i].task.bpb,
-               res[i].general.bpb);
+    /* ---- 4. five fine-tunes from the same weights and batches ---- */
+    printf("[4/6] fine-tune on %s: %d steps x %d sequences of %d bytes each, AdamW lr %.0e, warm-up + cosine,\n"
+           "      clipping at 1 (the same batches and schedule for all)\n",
+           task_names[o.target], ft_steps, BATCH, SEQ, (double)ft_lr);
+    for (i = 0; i < 2; i++) {
+        memset(&spec, 0, sizeof spec);
+        spec.method = ESFT_TRAIN_ESFT;
+        spec.experts = &sel[i];
+        snprintf(res[n_res].name, sizeof res[n_res].name, "ESFT-%s (%d/%d experts)", i == 0 ? "Token" : "Gate",
+                 esft_expert_config_count(&sel[i]), sh.n_layers * sh.n_experts);
+        fine_tune(&res[n_res++], &m, &spec, &task, &o, ft_steps, ft_lr, ev, max_eval, i == 0 ? &keep : NULL);
     }
+    memset(&spec, 0, sizeof spec);
+    spec.method = ESFT_TRAIN_FFT;
+    snprintf(res[n_res].name, sizeof res[n_res].name, "Full fine-tune");
+    fine_tune(&res[n_res++], &m, &spec, &task, &o, ft_steps, ft_lr, ev, max_eval, NULL);
+    memset(&spec, 0, sizeof spec);
+    spec.method = ESFT_TRAIN_LORA;
+    spec.lora_rank = 8;
+    spec.lora_alpha = 16.0f;
+    spec.lora_targets = ESFT_LORA_ATTN;
+    spec.seed = 1;
+    snprintf(res[n_res].name, sizeof res[n_res].name, "LoRA (attention, r 8)");
+    fine_tune(&res[n_res++], &m, &spec, &task, &o, ft_steps, ft_lr, ev, max_eval, NULL);
+    {
+        esft_model dm;
+        check(esft_model_open(&dm, dense_dir, NULL, &err), &err, dense_dir);
+        snprintf(res[n_res].name, sizeof res[n_res].name, "dense twin, pre-trained");
+        evaluate_all(&res[n_res++], &dm, NULL, ev, o.target, max_eval);
+        esft_model_close(&dm);
+    }
+    snprintf(res[n_res].name, sizeof res[n_res].name, "PESC on the dense twin");
+    pesc_row(&res[n_res++], dense_dir, &task, &o, ft_steps, ft_lr, ev, max_eval);
 
-    /* ---- 5. the table ---- */
-    printf("[5/5] results (bits per byte on held-out eval text: lower is better; general = mean over the\n"
-           "      other three tasks, so a rise there is forgetting)\n\n");
-    printf("| method | %s bpb | general bpb | trainable params | grad + AdamW bytes | fine-tune time |\n",
-           task_names[o.target]);
-    printf("|---|---:|---:|---:|---:|---:|\n");
-    for (i = 0; i < 5; i++) {
-        char name[64];
-        if (res[i].experts >= 0) snprintf(name, sizeof name, "%s (%d/%d experts)", res[i].name, res[i].experts, NL * E);
-        else snprintf(name, sizeof name, "%s", res[i].name);
-        if (i == 0)
-            printf("| %s | %.3f | %.3f | 0 | 0 | - |\n", name, res[i].task.bpb, res[i].general.bpb);
-        else
-            printf("| %s | %.3f | %.3f | %lu | %lu | %.1f s |\n", name, res[i].task.bpb, res[i].general.bpb,
-                   (unsigned long)res[i].params, (unsigned long)res[i].bytes, res[i].seconds);
-    }
-    snprintf(path, sizeof path, "%s/results.tsv", o.out);
-    f = fopen(path, "w");
-    if (f) {
-        fprintf(f, "method\ttask\ttask_bpb\ttask_acc\tgeneral_bpb\tgeneral_acc");
-        for (k = 0; k < N_TASKS; k++) fprintf(f, "\t%s_bpb", task_names[k]);
-        fprintf(f, "\ttrainable_params\tgrad_adam_bytes\tseconds\n");
-        for (i = 0; i < 5; i++) {
-            fprintf(f, "%s\t%s\t%.4f\t%.4f\t%.4f\t%.4f", res[i].name, task_names[o.target], res[i].task.bpb,
-                    res[i].task.acc, res[i].general.bpb, res[i].general.acc);
-            for (k = 0; k < N_TASKS; k++) fprintf(f, "\t%.4f", res[i].per_task[k].bpb);
-            fprintf(f, "\t%lu\t%lu\t%.2f\n", (unsigned long)res[i].params, (unsigned long)res[i].bytes, res[i].seconds);
+    /* ---- 5. the ESFT-Token experts as a checkpoint ---- */
+    t = now_s();
+    snprintf(path, sizeof path, "%s/esft_token.safetensors", o.out);
+    check(esft_model_trainable_save(&keep.tr, &m, &sel[0], path, &err), &err, "saving the ESFT-Token experts");
+    trainer_uninit(&keep);
+    snprintf(dir, sizeof dir, "%s/merged", o.out);
+    check(esft_checkpoint_merge(base_dir, path, dir, NULL, &err), &err, "merging the ESFT-Token experts");
+    snprintf(path, sizeof path, "%s/%s.eval.jsonl", o.out, task_names[o.target]);
+    write_eval_jsonl(path, &ev[o.target], max_eval);
+    {
+        esft_model mm;
+        score s;
+        check(esft_model_open(&mm, dir, NULL, &err), &err, dir);
+        s = evaluate(&mm, NULL, &ev[o.target], max_eval);
+        esft_model_close(&mm);
+        printf("[5/6] ESFT-Token's %d experts -> %s/esft_token.safetensors, merged into %s (a full checkpoint\n"
+               "      directory): %s loss %.8f nats = %.3f bits/byte (ESFT-Token's row: %.8f nats)%s\n"
+               "      %s holds the scored windows: build/esft eval %s --data %s\n",
+               esft_expert_config_count(&sel[0]), o.out, dir, task_names[o.target], s.nats, s.bpb, res[1].task.nats,
+               s.nats == res[1].task.nats ? ", the same" : " DIFFERENT", path, dir, path);
+        if (s.nats != res[1].task.nats) {
+            fprintf(stderr, "demo: the merged checkpoint does not evaluate as the trained experts did\n");
+            return 1;
         }
-        fclose(f);
     }
-    printf("\nper task (bpb):");
-    for (k = 0; k < N_TASKS; k++) printf("  %s", task_names[k]);
-    printf("\n");
-    for (i = 0; i < 5; i++) {
-        printf("  %-28s", res[i].name);
-        for (k = 0; k < N_TASKS; k++) printf("  %.3f", res[i].per_task[k].bpb);
-        printf("\n");
-    }
-    printf("\noutputs in %s/: summary.json, config_token.json, config_gate.json, heatmap_token.svg,\n"
-           "heatmap_gate.svg, results.tsv. Total %.1f s.\n", o.out, now_s() - t0);
+    printf("      done in %.1f s\n", now_s() - t);
+
+    /* ---- 6. the table ---- */
+    printf("[6/6] results (bits per byte on held-out eval text: lower is better; general = mean over the\n"
+           "      other three tasks, so a rise there is forgetting)\n\n");
+    print_table(res, n_res, &o);
+    snprintf(path, sizeof path, "%s/results.tsv", o.out);
+    write_results(path, res, n_res, &o);
+    printf("\noutputs in %s/: base/ and dense_base/ (pre-trained checkpoints), summary.json,\n"
+           "config_token.json, config_gate.json, heatmap_token.svg, heatmap_gate.svg, esft_token.safetensors,\n"
+           "merged/ (base + ESFT-Token experts), %s.eval.jsonl, results.tsv. Total %.1f s.\n",
+           o.out, task_names[o.target], now_s() - t0);
 
     for (i = 0; i < 2; i++) esft_expert_config_free(&sel[i]);
     esft_scores_free(&sc);
     esft_stats_uninit(&st);
-    for (l = 0; l < NL; l++) free(a.ws[l]);
+    esft_model_close(&m);
     for (k = 0; k < N_TASKS; k++) {
         free_text(&tr[k]);
         free_text(&ev[k]);
     }
-    free_text(&mix);
-    model_free(&md);
     return 0;
 }
