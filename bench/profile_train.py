@@ -45,7 +45,7 @@ static double esft__prof_t[%(n)d];
 static double esft__prof_now(void)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 static void esft__prof_dump(void) __attribute__((destructor));
@@ -104,6 +104,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--build", default="build")
     ap.add_argument("--cc", default=os.environ.get("CC", "cc"))
+    ap.add_argument("--header", default="esft.h", help="the esft.h to time (e.g. an older one, for before/after)")
     a = ap.parse_args()
     d = os.path.join(a.build, "bench_models", "olmoe_div%d_L%d" % (a.width_div, a.layers))
     cfg = os.path.join(d, "bench_expert_config_top%d.json" % a.top_k)
@@ -112,7 +113,7 @@ def main():
         sys.exit("profile_train: no %s or %s: run bench/bench_train.py with the same shape first" % (cfg, data))
     prof = os.path.join(a.build, "prof")
     os.makedirs(prof, exist_ok=True)
-    with open("esft.h") as f:
+    with open(a.header) as f:
         src = patch(f.read())
     with open(os.path.join(prof, "esft.h"), "w") as f:
         f.write(src)
