@@ -55,6 +55,10 @@ def args():
     ap.add_argument("--esft", default="build/esft")
     ap.add_argument("--out", default="build/bench_models")
     ap.add_argument("--skip-fft", action="store_true", help="no full fine-tuning rows")
+    ap.add_argument("--omp-wait-policy", choices=["passive", "active"],
+                    help="OMP_WAIT_POLICY for both sides (default: the environment's); passive keeps "
+                         "OpenMP threads from spinning at barriers: on a busy machine a spinning thread holds "
+                         "the core its descheduled partner needs (docs/training.md)")
     ap.add_argument("--worker", choices=["esft", "fft"], help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     return ap.parse_args()
@@ -132,6 +136,7 @@ def worker(a):
     d, cfg = olmoe_bench.checkpoint(a.out, a.width_div, a.layers)
     ids, _ = olmoe_bench.sample(d, cfg, a.tokens)
     m = OlmoeForCausalLM.from_pretrained(d, dtype=torch.float32)
+    loaded = olmoe_bench.rss()
     impl = "attn %s, experts %s" % (m.config._attn_implementation,
                                     getattr(m.config, "_experts_implementation", None) or "default")
     syncs = []
@@ -161,7 +166,7 @@ def worker(a):
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
     print(json.dumps({"times": times, "losses": losses, "peak": olmoe_bench.peak_rss(), "params": n_params,
-                      "impl": impl}))
+                      "impl": impl, "loaded": loaded}))
 
 
 # ---- esft side ----------------------------------------------------------------
@@ -227,13 +232,13 @@ def expert_config(a, d, data, env):
     return cfg
 
 
-def run_torch(a, which, cfg_path):
+def run_torch(a, which, cfg_path, env):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", which, "--layers", str(a.layers),
            "--width-div", str(a.width_div), "--tokens", str(a.tokens), "--steps", str(a.steps),
            "--warmup-steps", str(a.warmup_steps), "--threads", str(a.threads), "--out", a.out]
     if cfg_path:
         cmd += ["--config", cfg_path]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode:
         sys.exit("torch worker %s failed:\n%s" % (which, r.stderr[-3000:]))
     res = json.loads(r.stdout.strip().splitlines()[-1])
@@ -259,6 +264,9 @@ def main():
     d, cfg = olmoe_bench.checkpoint(a.out, a.width_div, a.layers)
     _, data = olmoe_bench.sample(d, cfg, a.tokens)
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+    if a.omp_wait_policy:
+        env["OMP_WAIT_POLICY"] = a.omp_wait_policy
+    load0 = os.getloadavg()
     cfg_path = expert_config(a, d, data, env)
     with open(cfg_path) as f:
         n_sel = sum(len(v) for v in json.load(f)["experts"].values())
@@ -267,6 +275,8 @@ def main():
                                                                      transformers.__version__, torch.__version__))
     print("expert config %s: %d experts (%d per layer of 64, esft select --top-k %d of this sample's routing)"
           % (cfg_path, n_sel, a.top_k, a.top_k))
+    print("OMP_WAIT_POLICY %s; load average at the start %.1f %.1f %.1f (%d cores)"
+          % (env.get("OMP_WAIT_POLICY", "unset (the runtimes' default)"), load0[0], load0[1], load0[2], os.cpu_count()))
     print("each side: %d warm-up step(s) untimed, then %d timed steps of one %d-token batch (%d scored)"
           % (a.warmup_steps, a.steps, a.tokens, a.tokens - 1), flush=True)
 
@@ -274,8 +284,9 @@ def main():
     e = run_esft(a, d, data, cfg_path, "esft", env)
     print("esft train --method esft: %s" % e["summary"], flush=True)
     rows.append(("esft train --method esft", e))
-    t = run_torch(a, "esft", cfg_path)
-    print("torch ESFT: %s, %d trainable parameters" % (t["impl"], t["params"]), flush=True)
+    t = run_torch(a, "esft", cfg_path, env)
+    print("torch ESFT: %s, %d trainable parameters, %s resident after loading" % (t["impl"], t["params"], gb(t["loaded"])),
+          flush=True)
     rows.append(("transformers + torch, ESFT", t))
     if not a.skip_fft:
         ef = run_esft(a, d, data, cfg_path, "fft", env)
@@ -283,10 +294,13 @@ def main():
             print("esft train --method fft: not supported by this build (%s)" % ef["refused"])
         else:
             rows.append(("esft train --method fft", ef))
-        tf = run_torch(a, "fft", None)
-        print("torch FFT: %s, %d trainable parameters" % (tf["impl"], tf["params"]), flush=True)
+        tf = run_torch(a, "fft", None, env)
+        print("torch FFT: %s, %d trainable parameters, %s resident after loading" % (tf["impl"], tf["params"],
+                                                                                    gb(tf["loaded"])), flush=True)
         rows.append(("transformers + torch, full fine-tuning", tf))
 
+    load1 = os.getloadavg()
+    print("load average at the end %.1f %.1f %.1f" % load1)
     print()
     print("| | s/step (timed steps) | steps/s | esft / torch ESFT | peak RSS |")
     print("|---|---|---|---|---|")

@@ -52,13 +52,22 @@ def shape_line(cfg, div, tokens, threads):
             % (div, cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size, cfg.vocab_size, tokens, threads))
 
 
-def peak_rss():
-    """This process's peak resident memory in bytes (VmHWM; 0 if unknown)."""
+def _status(key):
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def peak_rss():
+    """This process's peak resident memory in bytes (VmHWM; 0 if unknown)."""
+    return _status("VmHWM")
+
+
+def rss():
+    """This process's resident memory now in bytes (VmRSS; 0 if unknown)."""
+    return _status("VmRSS")
