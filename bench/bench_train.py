@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""esft train against transformers + torch doing the same training step (issue 11).
+"""esft train against transformers + torch doing the same training step.
 
 The checkpoint of bench_models.py (bench/olmoe_bench.py: OLMoE-1B-7B at 1/4 width,
 random bf16 weights), one sample of --tokens ids (default 1024, so 1023 scored
@@ -30,7 +30,7 @@ default 6 of 64, 9.4 %). Same run, same machine, same thread count:
 Each torch variant runs in its own process (its peak RSS is its own VmHWM,
 loading included). --warmup-steps steps (default 1) are run first on each side
 and not timed. Prints steps/s, the ratio esft / torch, peak RSS, and the loss of
-every step on both sides (same weights, same data: they agree to ~1e-6).
+every step on both sides (same weights, same data: they agree to ~1e-7).
 Needs torch + transformers.
   python3 bench/bench_train.py [--layers 16] [--width-div 4] [--tokens 1024]
                                [--steps 3] [--warmup-steps 1] [--threads N] [--top-k 6]

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Where the time of `esft train` goes: a copy of esft.h with wall-clock timers.
+"""Where the time of `esft train` goes: a copy of esft.h with CPU-time timers.
 
 Writes BUILD/prof/esft.h (esft.h with a timer around each phase of
 esft_model_forward_backward, found by exact source lines: if one has moved,
@@ -7,8 +7,10 @@ this script says which and stops), builds BUILD/prof/esft from
 examples/esft_cli.c against it, runs one `esft train` (the bench_train.py
 checkpoint and expert config, made first by `make bench-train` or bench_train.py
 with the same --layers / --width-div / --top-k) and prints the seconds per phase.
-Run it with 1 thread (the default): the timers are then exact sums, and no
-OpenMP barrier waits (which a busy shared machine inflates) are mixed in.
+The timers read the process's CPU time (CLOCK_PROCESS_CPUTIME_ID): run it with
+1 thread (the default), where that is the work itself, unaffected by other
+processes on a shared machine and with no OpenMP barrier waits mixed in (with
+more threads it sums every thread's time, spinning included).
   python3 bench/profile_train.py [--layers 16] [--width-div 4] [--top-k 6] [--steps 1] [--threads 1]
 """
 import argparse, os, re, subprocess, sys
