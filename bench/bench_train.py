@@ -49,7 +49,7 @@ def args():
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=3, help="timed steps on each side")
-    ap.add_argument("--warmup-steps", type=int, default=1, help="untimed steps before them")
+    ap.add_argument("--warmup-steps", type=int, default=1, help="untimed steps before them (>= 1)")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--top-k", type=int, default=6, help="experts per layer trained")
     ap.add_argument("--esft", default="build/esft")
@@ -186,23 +186,27 @@ def run_esft(a, d, data, cfg_path, method, env):
     timer = os.path.exists("/usr/bin/time")
     full = (["/usr/bin/time", "-f", "maxrss_kb %M"] if timer else []) + cmd
     p = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    seen, stamps = 0, []
+    seen, stamps, late = 0, [], []
     while p.poll() is None:
+        # the log is written to LOG.tmp.<pid> and renamed at the end, after the
+        # experts are written (with an fsync: tens of ms, against a 5 ms poll)
         tmp = glob.glob(log + ".tmp.*")
-        if tmp:
+        renamed = not tmp and os.path.exists(log)
+        if tmp or renamed:
             try:
-                with open(tmp[0]) as f:
+                with open(tmp[0] if tmp else log) as f:
                     n = f.read().count("\n")
             except OSError:
                 n = seen
             now = time.perf_counter()
             while seen < n:
                 stamps.append(now)
+                late.append(renamed)
                 seen += 1
         time.sleep(0.005)
     out, err = p.communicate()
-    if p.returncode == 2:
-        return {"refused": (err.strip().splitlines() or ["exit 2"])[0], "cmd": " ".join(cmd)}
+    if p.returncode and method != "esft":
+        return {"refused": (err.strip().splitlines() or ["exit %d" % p.returncode])[0], "cmd": " ".join(cmd)}
     if p.returncode:
         sys.exit("esft train failed (exit %d): %s\n%s" % (p.returncode, " ".join(cmd), err))
     with open(log) as f:
@@ -217,6 +221,9 @@ def run_esft(a, d, data, cfg_path, method, env):
     # a step's time is the gap between its log line and the previous one: the first
     # timed step starts when the last warm-up step's line appeared
     times = [stamps[i] - stamps[i - 1] for i in range(a.warmup_steps, len(stamps)) if i > 0]
+    if any(late):
+        print("note: esft's last log line was seen only after the run ended: the last timed step includes "
+              "writing the experts")
     return {"times": times, "losses": [r["loss"] for r in rows], "peak": peak,
             "summary": summary[0] if summary else "", "cmd": " ".join(cmd)}
 
@@ -258,8 +265,9 @@ def main():
     a = args()
     if a.worker:
         return worker(a)
-    if a.steps < 1 or a.warmup_steps < 0 or a.tokens < 2:
-        sys.exit("need --steps >= 1, --warmup-steps >= 0, --tokens >= 2")
+    if a.steps < 1 or a.warmup_steps < 1 or a.tokens < 2:
+        sys.exit("need --steps >= 1, --warmup-steps >= 1 (a timed esft step starts at the log line of the one "
+                 "before), --tokens >= 2")
     import torch, transformers
     d, cfg = olmoe_bench.checkpoint(a.out, a.width_div, a.layers)
     _, data = olmoe_bench.sample(d, cfg, a.tokens)
@@ -292,6 +300,7 @@ def main():
         ef = run_esft(a, d, data, cfg_path, "fft", env)
         if "refused" in ef:
             print("esft train --method fft: not supported by this build (%s)" % ef["refused"])
+            print("  (tried: %s)" % ef["cmd"])
         else:
             rows.append(("esft train --method fft", ef))
         tf = run_torch(a, "fft", None, env)
