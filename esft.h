@@ -48,11 +48,11 @@
         (DeepSeek-V2, Mixtral, Qwen-MoE, Camelidae), fused 3-D experts; extract /
         save / merge experts.
       - Models: Hugging Face MoE checkpoint directories (DeepSeek-V2/V3, Qwen2/3-MoE,
-        OLMoE, Mixtral; per-expert or fused experts; fp32, bf16, FP8 + block scales)
-        run whole on the CPU with weights in their file dtype; the forward's own
+        OLMoE, Mixtral; per-expert or fused experts; fp32, bf16, FP8 + block scales),
+        and the dense Llama, Mistral and Qwen2 that PESC upcycles, run whole on the CPU with weights in their file dtype; the forward's own
         routing feeds the statistics; backward through the frozen model to the
-        experts an ESFT config trains (fp32 master copies, 12 bytes per trainable
-        parameter beyond them).
+        experts an ESFT config trains, or to a PESC adapter MoE after each dense
+        MLP (fp32 master copies, 12 bytes per trainable parameter beyond them).
       - A small strict JSON reader/writer of our own (no outside library).
 
    CONTENTS (same order in declarations and implementation)
@@ -1188,8 +1188,11 @@ ESFTDEF esft_status esft_checkpoint_read_config(const esft_safetensors *st, esft
    its own temp files left by killed runs ("<one of its output files>.tmp.<pid>.<n>")
    and refuses (ESFT_ERR_INVALID_ARGUMENT) an out_dir holding checkpoint files
    (*.safetensors, *.index.json) unless its record names the same base shards
-   (names and sizes): an earlier merge of the same base. Other files there
-   (config.json, tokenizer files) are left alone. */
+   (names and sizes): an earlier merge of the same base. When base is a
+   directory, its other files that a loader needs (config.json,
+   generation_config.json, tokenizer files, *.txt, *.model, *.tiktoken,
+   *.jinja, remote code *.py) are copied into out_dir (each atomically,
+   replacing what is there), so out_dir is a whole model directory. */
 #define ESFT_MERGE_RECORD "esft_merge.json"
 ESFTDEF esft_status esft_checkpoint_merge(const char *base, const char *trained, const char *out_dir,
                                           const esft_checkpoint_options *opt, esft_error *err);
@@ -1253,9 +1256,10 @@ ESFTDEF void esft_file_free(char *data, const esft_allocator *allocator);
    DR qk_rope_head_dim, DV v_head_dim.
 
    A model directory (config.json + safetensors, one file or shards) opened as
-   one frozen transformer: embeddings, L x (RMSNorm, causal self-attention with
-   the family's RoPE, residual, RMSNorm, dense SwiGLU MLP or MoE, residual),
-   final RMSNorm, lm_head. Weights stay in their file dtype (F32, BF16, F16, or
+   one frozen transformer: embeddings, L x (RMSNorm, causal self-attention
+   with the family's RoPE, residual, RMSNorm, dense SwiGLU MLP or MoE,
+   residual), final RMSNorm, lm_head. The dense families (Llama, Mistral,
+   Qwen2) have no MoE layer at all: route.n_experts is 0. Weights stay in their file dtype (F32, BF16, F16, or
    FP8 E4M3 with per-block weight_scale_inv) and are converted to fp32 a panel at
    a time inside the matrix products, so memory is about the checkpoint's bytes.
    docs/models.md lists the families, the config fields each reads, the layouts. */
@@ -1271,6 +1275,9 @@ typedef enum esft_model_family {
     ESFT_MODEL_QWEN3_MOE,       /* GQA, per-head q_norm / k_norm */
     ESFT_MODEL_OLMOE,           /* MHA/GQA, q_norm / k_norm over the whole projections */
     ESFT_MODEL_MIXTRAL,         /* GQA, top-2 renormalised */
+    ESFT_MODEL_LLAMA,           /* dense: GQA, SwiGLU MLP in every layer (no MoE layer) */
+    ESFT_MODEL_MISTRAL,         /* dense: as Llama, optional sliding window */
+    ESFT_MODEL_QWEN2,           /* dense: GQA + qkv bias */
     ESFT_MODEL_FAMILY_COUNT
 } esft_model_family;
 
@@ -1307,7 +1314,8 @@ typedef struct esft_model_config {
     int q_lora_rank;           /* QR; 0 = q_proj directly */
     int kv_lora_rank;          /* KR */
     int qk_nope_dim, qk_rope_dim, v_head_dim; /* DN, DR, DV */
-    int qkv_bias;              /* q/k/v projections have a bias (Qwen2-MoE) */
+    int qkv_bias;              /* q/k/v projections have a bias (Qwen2-MoE, Qwen2) */
+    int o_bias;                /* o_proj has a bias too (Llama attention_bias) */
     esft_qk_norm qk_norm;
     float clip_qkv;            /* OLMoE: clamp q, k, v to +-clip; 0 = none */
     int sliding_window;        /* keys at distance >= this are masked; 0 = none */
@@ -1332,8 +1340,17 @@ ESFTDEF esft_status esft_model_config_parse(esft_model_config *cfg, const char *
                                             const char *name, esft_error *err);
 ESFTDEF esft_status esft_model_config_read(esft_model_config *cfg, const char *path, esft_error *err);
 ESFTDEF const char *esft_model_family_name(esft_model_family f); /* the model_type */
-/* Layers that are MoE layers (those ESFT scores and trains). */
+/* Layers that are MoE layers (those ESFT scores and trains); 0 for the dense families. */
 ESFTDEF int esft_model_config_moe_layers(const esft_model_config *cfg);
+
+/* A low-rank adapter (LoRA) on a frozen matrix W (rows, cols): the product
+   x W^T becomes x W^T + scale (x A^T) B^T, A (rank, cols), B (rows, rank),
+   scale = lora_alpha / rank (PEFT's lora_A, lora_B and scaling). */
+typedef struct esft_lora {
+    int rank;
+    float scale;
+    const float *a, *b;
+} esft_lora;
 
 /* A frozen matrix (rows, cols) as the file stores it, row-major. FP8 matrices
    carry their dequantisation scales: value = fp8 * scale[r / BR][c / BC]. */
@@ -1343,6 +1360,7 @@ typedef struct esft_matrix {
     const void *data;          /* (rows, cols) values of dtype */
     const float *scale;        /* (ceil(rows/BR), ceil(cols/BC)) FP8 only, else NULL */
     int block_rows, block_cols;/* BR, BC */
+    const esft_lora *lora;     /* training: an adapter on this matrix; NULL = none */
 } esft_matrix;
 
 /* The weights of one decoder layer (absent ones have data NULL). */
@@ -1350,6 +1368,7 @@ typedef struct esft_model_layer {
     esft_matrix attn_norm, ffn_norm;          /* (1, D) */
     esft_matrix q, k, v, o;                   /* GQA: (H HD, D) (HK HD, D) (HK HD, D) (D, H HD) */
     esft_matrix q_bias, k_bias, v_bias;       /* (1, H HD) (1, HK HD) (1, HK HD) */
+    esft_matrix o_bias;                       /* (1, D) */
     esft_matrix q_norm, k_norm;               /* (1, HD) per head, or (1, H HD) (1, HK HD) whole */
     esft_matrix q_a, q_a_norm, q_b;           /* MLA: (QR, D) (1, QR) (H (DN+DR), QR); q = (H (DN+DR), D) */
     esft_matrix kv_a, kv_a_norm, kv_b;        /* MLA: (KR+DR, D) (1, KR) (H (DN+DV), KR); o (D, H DV) */
@@ -1361,6 +1380,18 @@ typedef struct esft_model_layer {
     esft_matrix shared_router;                /* (1, D) Qwen2-MoE shared_expert_gate */
 } esft_model_layer;
 
+/* A weight of the model that is no expert: embedding, norms, attention,
+   dense MLPs, routers, lm_head (what ESFT calls non-expert modules), with the
+   name it has in the checkpoint. */
+typedef struct esft_model_tensor {
+    const char *name;          /* Hugging Face name, e.g. model.layers.3.self_attn.q_proj.weight */
+    const esft_matrix *matrix; /* in the model */
+    int layer;                 /* -1: embedding, final norm, lm_head */
+    int attention;             /* 1: the attention half of its layer (input norm, projections, q/k norms) */
+    esft_dtype file_dtype;     /* as the checkpoint stores it (vectors are held as F32) */
+    int file_dims;             /* 1 (a vector stored 1-D) or 2 */
+} esft_model_tensor;
+
 typedef struct esft_model {
     esft_model_config cfg;
     esft_matrix embed;          /* (V, D) */
@@ -1371,6 +1402,10 @@ typedef struct esft_model {
     esft_family expert_names;   /* naming of per-expert tensors: DeepSeek-V2's (mlp.experts.{e}.gate_proj)
                                    or Mixtral's (block_sparse_moe.experts.{e}.w1) */
     uint64_t weight_bytes;      /* bytes of weights held in memory */
+    esft_model_tensor *tensors; /* (n_tensors) the non-expert weights, in load order; a tied
+                                   lm_head is the embedding's entry; routed and shared experts
+                                   and DeepSeek-V3's selection bias (a buffer) are not here */
+    int n_tensors;
     /* private */
     void **blobs_;
     int n_blobs_, cap_blobs_;
@@ -1385,7 +1420,9 @@ ESFTDEF esft_status esft_model_open(esft_model *m, const char *dir, const esft_a
                                     esft_error *err);
 ESFTDEF void esft_model_close(esft_model *m);
 
-/* Called by the forward for each MoE layer with the routing it used. */
+/* Called by the forward for each MoE layer with the routing it used, and for
+   each PESC layer of run->trainable with its adapter MoE's routing (K = the
+   PESC top_k; a PESC layer is a dense layer, so the layer index tells which). */
 typedef void (*esft_route_fn)(void *user, int layer,
                               const int32_t *ids,    /* (T, K) */
                               const float *weights,  /* (T, K) as multiplied into the outputs */
@@ -1400,7 +1437,9 @@ typedef struct esft_model_run {
     const unsigned char *stats_mask; /* (T) tokens counted in stats; NULL = all */
     esft_route_fn on_route;      /* and/or a callback */
     void *user;
-    const struct esft_model_trainable *trainable; /* experts it holds run from its fp32 copies */
+    const struct esft_model_trainable *trainable; /* the forward runs trainable->view (its trained copies and adapters) */
+    double *aux_loss;            /* out: PESC, the sum over layers of the adapter MoEs' auxiliary
+                                    losses (alpha included); 0 without PESC. NULL = not wanted */
 } esft_model_run;
 
 /* One sample through the model. loss_sum (optional) receives the sum of the
@@ -1413,40 +1452,97 @@ ESFTDEF esft_status esft_model_forward(const esft_model *m, const int32_t *ids, 
                                        int T, const esft_model_run *run,
                                        double *loss_sum, int64_t *n_scored, esft_error *err);
 
-/* ---- training: backward to ESFT's trainable experts -------------------- */
+/* ---- training: what trains, and the backward to it ---------------------- */
 
-/* ESFT's trainable set: the routed experts an expert config lists (its layer =
-   the model's layer index), as fp32 master copies in ONE parameter block,
-   mirrored by ONE gradient block (and by esft_adamw's m and v: the optimizer is
-   one loop over n_params floats). Frozen weights stay in their file dtype and
-   own no gradient and no optimizer state: training costs 12 bytes per
-   trainable parameter (gradient 4, Adam moments 8) beyond the fp32 copy (4).
-   Block layout: the trained experts in increasing (layer, expert) order, each
-   gate (F, D), up (F, D), down (D, F), the Hugging Face shapes; then, when
-   the config sets shared_experts, the shared experts of every MoE layer in
-   layer order, each gate (FS, D), up (FS, D), down (D, FS) (Qwen2-MoE's
-   shared_expert_gate is a non-expert module, as esft_expert_config_trains
-   says, and stays frozen). */
+/* The methods of ESFT's comparison (plus the PEFT baseline). */
+typedef enum esft_train_method {
+    ESFT_TRAIN_ESFT = 0, /* the experts of an expert config (+ its shared / non-expert flags) */
+    ESFT_TRAIN_FFT,      /* every parameter */
+    ESFT_TRAIN_LORA,     /* rank-r adapters on chosen frozen matrices */
+    ESFT_TRAIN_PESC      /* Camelidae: an adapter MoE after each frozen dense MLP (router + adapters train) */
+} esft_train_method;
+
+/* Which matrices LoRA adapts (bits). */
+#define ESFT_LORA_ATTN 1u /* the attention projections (q/k/v/o; MLA's q_a, q_b, kv_a, kv_b, o) */
+#define ESFT_LORA_MLP  2u /* dense MLP layers' gate/up/down */
+
+typedef struct esft_train_spec {
+    esft_train_method method;
+    const esft_expert_config *experts; /* ESFT: what trains (required) */
+    int lora_rank;                     /* LoRA: r >= 1 */
+    float lora_alpha;                  /* LoRA: scale = alpha / r */
+    unsigned lora_targets;             /* LoRA: ESFT_LORA_* bits */
+    uint64_t seed;                     /* LoRA: A drawn as PEFT's default (uniform +-1/sqrt(cols)), B = 0;
+                                          PESC: the upcycling draw (layer l's block from seed mixed with l) */
+    esft_pesc_config pesc;             /* PESC: n_experts, top_k, rank, scale, aux_alpha; d_model is taken
+                                          from the model; dropout must be 0 (not implemented on models) */
+} esft_train_spec;
+
+/* The trainable set, as fp32 master copies in ONE parameter block, mirrored
+   by ONE gradient block (and by esft_adamw's m and v: the optimizer is one
+   loop over n_params floats). Frozen weights stay in their file dtype and own
+   no gradient and no optimizer state: training costs 12 bytes per trainable
+   parameter (gradient 4, Adam moments 8) beyond the fp32 copy (4).
+   Block layout, in order:
+   1. routed experts in increasing (layer, expert) order, each gate (F, D),
+      up (F, D), down (D, F), the Hugging Face shapes;
+   2. shared experts of every MoE layer in layer order (ESFT's shared_experts
+      flag, or FFT), each gate (FS, D), up (FS, D), down (D, FS);
+   3. non-expert tensors trained in full (ESFT's non_expert_modules flag, or
+      FFT), in m->tensors order, each (rows, cols) as the file has it;
+   4. LoRA adapters, in m->tensors order, each A (r, cols) then B (rows, r);
+   5. PESC blocks, one per dense-MLP layer (cfg.is_moe[l] == 0) in layer
+      order, each esft_pesc_param_count(&tr->pesc) floats laid out as
+      esft_pesc_tensor_offset says: router (E, D), then per adapter expert
+      W_down (R, D), W_up (D, R); upcycled by esft_pesc_init_weights (W_up = 0:
+      the model equals the base until it trains).
+   The model as trained (frozen weights, trained copies, adapters) is tr->view:
+   forward it (esft_model_run.trainable does) to evaluate base + training. */
 typedef struct esft_model_trainable {
+    esft_train_method method;
     int n_layers, n_experts;   /* L, E of the model it was built for */
     int n_trained;             /* experts in the block */
     size_t expert_floats;      /* 3 F D */
-    size_t n_params;           /* n_trained * expert_floats */
+    size_t n_params;           /* every float of the block */
     float *params;             /* (n_params) fp32 copies, initialised from the model's weights */
     float *grads;              /* (n_params) mirrored; the backward accumulates, the caller zeroes */
     int32_t *layer, *expert;   /* (n_trained) the (layer, expert) of each block slot */
     int32_t *slot;             /* (L, E) slot of expert e of layer l, -1 = frozen */
-    int n_shared;              /* shared blocks in the block (0 unless cfg->shared_experts) */
+    int n_shared;              /* shared blocks in the block */
     size_t shared_floats;      /* 3 FS D */
     int32_t *shared_slot;      /* (L) shared block of layer l, -1 = frozen */
+    int n_modules;             /* non-expert tensors trained in full */
+    int32_t *module;           /* (n_modules) index into m->tensors */
+    size_t *module_offset;     /* (n_modules) first float in the block */
+    int n_lora;                /* adapted matrices */
+    int lora_rank;
+    float lora_alpha;
+    unsigned lora_targets;
+    int32_t *lora_tensor;      /* (n_lora) index into m->tensors */
+    esft_lora *lora;           /* (n_lora) a, b point into params */
+    int n_pesc;                /* PESC blocks (dense-MLP layers) */
+    esft_pesc_config pesc;     /* PESC: the layers' config (d_model = the model's) */
+    size_t pesc_floats;        /* esft_pesc_param_count(&pesc) */
+    size_t pesc_offset;        /* first float of section 5 in the block */
+    int32_t *pesc_slot;        /* (L) PESC block of layer l, -1 = none */
+    double aux_loss;           /* PESC: sum over layers of the auxiliary losses (alpha included) of the
+                                  last esft_model_forward_backward; 0 otherwise */
+    esft_model view;           /* m with trained tensors and adapters in place (shares m's memory) */
     esft_allocator allocator;
+    /* private */
+    esft_model_layer *view_layers_;
+    const esft_model *base_;
 } esft_model_trainable;
 
-/* Copies the experts cfg lists out of m (any file dtype, per-expert or fused)
-   (and, with cfg->shared_experts, every MoE layer's shared experts) into a
-   zero-gradient block. An id past E, a layer past L or a dense layer is
-   ESFT_ERR_RANGE; cfg->non_expert_modules set is ESFT_ERR_UNSUPPORTED (not
-   implemented yet). Pair: _uninit. */
+/* Builds the trainable set of spec over m: the experts (any file dtype,
+   per-expert or fused) and tensors it trains copied out of m, adapters drawn,
+   gradients zero. ESFT: an id past E, a layer past L or a dense layer is
+   ESFT_ERR_RANGE. LoRA: a rank < 1 or no target is ESFT_ERR_INVALID_ARGUMENT.
+   m must outlive tr. Pair: _uninit. */
+ESFTDEF esft_status esft_model_trainable_init_spec(esft_model_trainable *tr, const esft_model *m,
+                                                   const esft_train_spec *spec, const esft_allocator *allocator,
+                                                   esft_error *err);
+/* ESFT's trainable set of cfg (esft_model_trainable_init_spec with method ESFT). */
 ESFTDEF esft_status esft_model_trainable_init(esft_model_trainable *tr, const esft_model *m,
                                               const esft_expert_config *cfg, const esft_allocator *allocator,
                                               esft_error *err);
@@ -1457,28 +1553,67 @@ ESFTDEF float *esft_model_trainable_expert(const esft_model_trainable *tr, float
 /* Layer l's shared experts inside block: gate (FS, D), up (FS, D), down (D,
    FS); NULL when frozen. */
 ESFTDEF float *esft_model_trainable_shared(const esft_model_trainable *tr, float *block, int layer);
-/* Writes tr's experts to path (safetensors, cfg = the config tr was built
-   from, in __metadata__) under the per-expert Hugging Face names of m's
-   checkpoint, in m's file dtype (fp32 copies rounded to nearest-even for
-   BF16/F16), so esft_checkpoint_merge puts them back into the base, per-expert
-   or fused. FP8 experts are ESFT_ERR_UNSUPPORTED (no re-quantisation). */
+/* Layer l's PESC block inside block (esft_pesc_param_count(&tr->pesc)
+   floats, esft_pesc_tensor_offset's layout); NULL when l has none. */
+ESFTDEF float *esft_model_trainable_pesc(const esft_model_trainable *tr, float *block, int layer);
+/* Writes what tr trains in full (experts, shared experts, non-expert tensors)
+   to path (safetensors) under the Hugging Face names of m's checkpoint, in
+   m's file dtype (fp32 copies rounded to nearest-even for BF16/F16), with
+   the expert config in __metadata__ (cfg: the one tr was built from; NULL
+   for FFT: every expert, shared_experts and non_expert_modules set), so
+   esft_checkpoint_merge puts them back into the base, per-expert or fused.
+   FP8 tensors are ESFT_ERR_UNSUPPORTED (no re-quantisation); a LoRA set is
+   saved by esft_model_lora_save. A PESC set (cfg ignored, NULL allowed) writes
+   its routers and adapters in F32 under Camelidae's names
+   (esft_pesc_tensor_name) with the PESC config in __metadata__ (keys
+   "pesc_n_experts", "pesc_top_k", "pesc_rank", "pesc_scale"): new tensors,
+   not merged into the base (docs/pesc.md says how a model directory is built). */
 ESFTDEF esft_status esft_model_trainable_save(const esft_model_trainable *tr, const esft_model *m,
                                               const esft_expert_config *cfg, const char *path, esft_error *err);
-/* Reads a file of trained experts (as _save writes: per-expert and shared
-   tensors under Hugging Face names, F32/BF16/F16) into tr->params, e.g. to
-   evaluate base + trained file or to go on training. Every tensor in it must
-   be one tr trains, with its shape (ESFT_ERR_RANGE / ESFT_ERR_SHAPE naming it);
-   experts the file lacks keep their values. */
+/* Reads a file of trained tensors (as _save writes, F32/BF16/F16) into
+   tr->params, e.g. to evaluate base + trained file or to go on training.
+   Every tensor in it must be one tr trains, with its shape (ESFT_ERR_RANGE /
+   ESFT_ERR_SHAPE naming it); tensors the file lacks keep their values. A
+   PESC file's __metadata__ config, when present, must match tr's
+   (ESFT_ERR_SHAPE). */
 ESFTDEF esft_status esft_model_trainable_load(esft_model_trainable *tr, const esft_model *m, const char *path,
                                               esft_error *err);
+/* A LoRA set in PEFT's layout: dir/adapter_model.safetensors (F32,
+   base_model.model.<module>.lora_A.weight (r, cols) and .lora_B.weight
+   (rows, r)) and dir/adapter_config.json (peft_type LORA, r, lora_alpha,
+   target_modules, ...), which peft.PeftModel.from_pretrained loads onto the
+   base model. dir is created if missing; each file is written atomically. */
+ESFTDEF esft_status esft_model_lora_save(const esft_model_trainable *tr, const char *dir, esft_error *err);
+/* Reads dir/adapter_model.safetensors into tr's adapters (every tensor must
+   be one of tr's, with its shape). */
+ESFTDEF esft_status esft_model_lora_load(esft_model_trainable *tr, const char *dir, esft_error *err);
+/* Rebuilds a trainable set from what training wrote, to evaluate base +
+   training without merging (or to go on training): from a trained file (the
+   expert config in its metadata says what it trains; FFT's says everything;
+   a PESC file's pesc_* keys give its adapter config, aux_alpha 0),
+   or from a PEFT LoRA directory (r and lora_alpha from adapter_config.json,
+   the targets from the adapted modules' names; modules PEFT did not adapt
+   get B = 0, which adds nothing). Pair: esft_model_trainable_uninit. */
+ESFTDEF esft_status esft_model_trainable_open(esft_model_trainable *tr, const esft_model *m, const char *path,
+                                              esft_error *err);
+ESFTDEF esft_status esft_model_lora_open(esft_model_trainable *tr, const esft_model *m, const char *dir,
+                                         esft_error *err);
 
-/* One training pass over one sample: the forward (with tr's experts), the
+/* One training pass over one sample: the forward of tr->view, the
    cross-entropy of the scored positions (labels as esft_model_run's; loss_sum
    and n_scored as esft_model_forward's: the SUM of the token losses), and the
-   backward through the frozen model (lm_head, final norm, every layer's MoE or
-   dense MLP, router weights, shared experts, norms, attention, residuals) into
-   tr->grads: accumulates grad_scale * d(loss_sum)/d(params). For the mean loss
+   backward through the model (lm_head, final norm, every layer's MoE or dense
+   MLP, router weights, shared experts, norms, attention, residuals,
+   embedding), down to the lowest layer that trains anything, into tr->grads: accumulates grad_scale * d(loss_sum)/d(params). For the mean loss
    of a batch pass grad_scale = 1 / (scored tokens of the whole batch).
+   PESC: the objective is loss_sum + n_scored * aux (aux = the sum over PESC
+   layers of this sample's auxiliary losses, alpha included, left in
+   tr->aux_loss; loss_sum stays the cross-entropy alone): each layer's aux
+   gradient enters with daux = grad_scale * n_scored. With grad_scale =
+   1 / (batch's scored tokens) the batch gradient is that of mean CE +
+   (token-weighted mean over samples of aux); for one sample it is exactly
+   Camelidae's CE + sum of the layers' aux. A sample with nothing scored adds
+   no aux gradient.
    Memory: the residual stream entering each layer is kept ((L + 1) T D
    floats); everything inside a layer is recomputed in the backward, one layer
    at a time (docs/training.md). The same bits for any thread count. */
@@ -7990,17 +8125,28 @@ static esft_status esft__merge_shard(esft__out *o, const esft_safetensors *b, co
     return esft__out_copy(o, b, at, end - at, buf, ESFT__COPY_CHUNK, pr, err);
 }
 
-/* Creates dir if missing; refuses the base checkpoint's own directory. */
-static esft_status esft__merge_dir(const char *dir, const char *base_dir, esft_error *err)
+/* Creates dir if missing. */
+static esft_status esft__make_dir(const char *dir, esft_error *err)
 {
 #if defined(_WIN32)
     if (_mkdir(dir) != 0 && errno != EEXIST)
+#else
+    if (mkdir(dir, 0755) != 0 && errno != EEXIST)
+#endif
         return esft__fail_at(err, ESFT_ERR_IO, dir, 0, "cannot create the directory: %s", strerror(errno));
+    return ESFT_OK;
+}
+
+/* Creates dir if missing; refuses the base checkpoint's own directory. */
+static esft_status esft__merge_dir(const char *dir, const char *base_dir, esft_error *err)
+{
+    esft_status s = esft__make_dir(dir, err);
+#if defined(_WIN32)
+    if (s != ESFT_OK) return s;
     if (strcmp(dir, base_dir) == 0)
 #else
     struct stat a, b;
-    if (mkdir(dir, 0755) != 0 && errno != EEXIST)
-        return esft__fail_at(err, ESFT_ERR_IO, dir, 0, "cannot create the directory: %s", strerror(errno));
+    if (s != ESFT_OK) return s;
     if (stat(dir, &a) == 0 && stat(base_dir, &b) == 0 && a.st_dev == b.st_dev && a.st_ino == b.st_ino)
 #endif
         return esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, dir, 0, "the output directory is the base checkpoint's; choose another");
@@ -8084,6 +8230,47 @@ static esft_status esft__merge_scan(const char *out_dir, const esft_checkpoint *
 #endif
 }
 
+/* The files of a model directory that are not weights but that a loader of
+   the merged checkpoint needs: config.json, generation_config.json, tokenizer
+   files, remote code (DeepSeek's modeling_*.py). */
+static int esft__is_side_file(const char *name)
+{
+    if (esft__ends_with(name, ".index.json") || strcmp(name, ESFT_MERGE_RECORD) == 0) return 0;
+    return esft__ends_with(name, ".json") || esft__ends_with(name, ".txt") || esft__ends_with(name, ".model") ||
+           esft__ends_with(name, ".py") || esft__ends_with(name, ".tiktoken") || esft__ends_with(name, ".jinja");
+}
+
+/* Copies base's side files (base a directory) into out_dir, each atomically. */
+static esft_status esft__merge_side_files(const char *base, const char *out_dir, const esft_checkpoint *ck,
+                                          esft_error *err)
+{
+#if defined(_WIN32)
+    (void)base; (void)out_dir; (void)ck; (void)err;
+    return ESFT_OK;
+#else
+    struct stat sb;
+    DIR *d;
+    struct dirent *ent;
+    esft_status s = ESFT_OK;
+    if (stat(base, &sb) != 0 || !S_ISDIR(sb.st_mode)) return ESFT_OK; /* a bare file: nothing beside it is ours */
+    if (!(d = opendir(base))) return esft__fail_at(err, ESFT_ERR_IO, base, 0, "cannot list the directory: %s", strerror(errno));
+    while (s == ESFT_OK && (ent = readdir(d)) != NULL) {
+        char from[4200], to[4200], *text = NULL;
+        size_t size = 0;
+        if (!esft__is_side_file(ent->d_name)) continue;
+        if ((size_t)snprintf(from, sizeof from, "%s/%s", base, ent->d_name) >= sizeof from ||
+            (size_t)snprintf(to, sizeof to, "%s/%s", out_dir, ent->d_name) >= sizeof to)
+            s = esft__fail_at(err, ESFT_ERR_INVALID_ARGUMENT, ent->d_name, 0, "path too long");
+        else if (stat(from, &sb) == 0 && S_ISREG(sb.st_mode) &&
+                 (s = esft__read_file(from, (uint64_t)256 << 20, &ck->allocator, &text, &size, err)) == ESFT_OK)
+            s = esft__write_file_atomic(to, text, size, err);
+        esft__release(&ck->allocator, text);
+    }
+    closedir(d);
+    return s;
+#endif
+}
+
 /* Makes out_dir ready: created, not the base's, nothing foreign in it, stale
    temp files of killed merges removed. */
 static esft_status esft__merge_prepare(const char *out_dir, const esft_checkpoint *ck, esft_error *err)
@@ -8159,6 +8346,7 @@ static esft_status esft__merge_write(const esft_checkpoint *ck, const esft_safet
        (esft__out_advance), so these wait for the last steps only */
     for (sh = 0; sh <= ck->n_shards && s == ESFT_OK; sh++)
         if (outs[sh].fd >= 0) s = esft__out_finish(outs + sh, err);
+    if (s == ESFT_OK) s = esft__merge_side_files(base, out_dir, ck, err);
     if (s == ESFT_OK) s = esft__merge_write_record(out_dir, ck, "renaming", err);
     for (sh = 0; sh <= ck->n_shards && s == ESFT_OK; sh++)
         if (outs[sh].tmp[0]) s = esft__out_commit(outs + sh, err);
@@ -8732,13 +8920,16 @@ static int esft__cfg_choice(esft__cfg_reader *r, const char *key, const char *co
     return 0;
 }
 
-/* A field that, when present and true (or non-null), asks for something not implemented. */
-static void esft__cfg_refuse_true(esft__cfg_reader *r, const char *key)
+/* A field that, when present and true (or non-null), asks for something not
+   implemented; why says what (NULL: a generic line). */
+static void esft__cfg_refuse_true_why(esft__cfg_reader *r, const char *key, const char *why)
 {
     int t = esft__cfg_token(r, key);
     if (t >= 0 && r->js->tokens[t].type != ESFT_JSON_FALSE)
-        esft__cfg_fail(r, ESFT_ERR_UNSUPPORTED, key, "only false/null is implemented");
+        esft__cfg_fail(r, ESFT_ERR_UNSUPPORTED, key, why ? why : "only false/null is implemented");
 }
+
+static void esft__cfg_refuse_true(esft__cfg_reader *r, const char *key) { esft__cfg_refuse_true_why(r, key, NULL); }
 
 static double esft__yarn_mscale(double scale, double mscale)
 {
@@ -8905,6 +9096,33 @@ static void esft__cfg_route_plain(esft__cfg_reader *r, esft_model_config *c, con
     c->route.renormalize = esft__cfg_bool(r, "norm_topk_prob", renormalize_default);
 }
 
+/* The dense families (Llama, Mistral, Qwen2): a SwiGLU MLP of intermediate_size
+   in every layer and no router (is_moe all 0, route.n_experts 0), the models
+   PESC turns into MoEs. Each refuses what its transformers class would compute
+   and the forward does not. */
+static void esft__cfg_dense(esft__cfg_reader *r, esft_model_config *c)
+{
+    esft__cfg_gqa(r, c);
+    c->d_ff = esft__cfg_int(r, "intermediate_size", 0, 1, 1, 1 << 24);
+    switch (c->family) {
+    case ESFT_MODEL_LLAMA:
+        c->qkv_bias = c->o_bias = esft__cfg_bool(r, "attention_bias", 0);
+        esft__cfg_refuse_true_why(r, "mlp_bias", "true (biases on gate/up/down_proj) is not implemented");
+        break;
+    case ESFT_MODEL_MISTRAL:
+        /* Mistral's class has no attention_bias: it ignores the field, and so do we */
+        c->sliding_window = esft__cfg_int(r, "sliding_window", 0, 0, 0, 0x7FFFFFFF);
+        break;
+    default:
+        /* Qwen2: q/k/v always biased; its window applies only to the layers
+           from max_window_layers on, a per-layer mask the forward lacks */
+        c->qkv_bias = 1;
+        esft__cfg_refuse_true_why(r, "use_sliding_window",
+                                  "true (a sliding window from max_window_layers on) is not implemented");
+        break;
+    }
+}
+
 static void esft__cfg_family(esft__cfg_reader *r, esft_model_config *c)
 {
     int l;
@@ -8949,6 +9167,11 @@ static void esft__cfg_family(esft__cfg_reader *r, esft_model_config *c)
         c->sliding_window = esft__cfg_int(r, "sliding_window", 0, 0, 0, 0x7FFFFFFF);
         for (l = 0; l < c->n_layers; l++) c->is_moe[l] = 1;
         break;
+    case ESFT_MODEL_LLAMA:
+    case ESFT_MODEL_MISTRAL:
+    case ESFT_MODEL_QWEN2:
+        esft__cfg_dense(r, c);
+        break;
     default:
         break;
     }
@@ -8989,8 +9212,9 @@ static void esft__cfg_quantization(esft__cfg_reader *r, esft_model_config *c)
 
 ESFTDEF const char *esft_model_family_name(esft_model_family f)
 {
-    static const char *const names[ESFT_MODEL_FAMILY_COUNT] = {"deepseek_v2", "deepseek_v3", "qwen2_moe",
-                                                              "qwen3_moe", "olmoe", "mixtral"};
+    static const char *const names[ESFT_MODEL_FAMILY_COUNT] = {"deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe",
+                                                              "olmoe",       "mixtral",     "llama",     "mistral",
+                                                              "qwen2"};
     return (int)f >= 0 && f < ESFT_MODEL_FAMILY_COUNT ? names[f] : "?";
 }
 
@@ -9026,10 +9250,11 @@ ESFTDEF esft_status esft_model_config_parse(esft_model_config *cfg, const char *
     for (f = 0; r.status == ESFT_OK && f < ESFT_MODEL_FAMILY_COUNT; f++)
         if (esft_json_string_equals(&js, t, esft_model_family_name((esft_model_family)f))) break;
     if (r.status == ESFT_OK && f == ESFT_MODEL_FAMILY_COUNT) {
-        char value[64], why[200];
+        char value[64], why[240];
         if (esft_json_string(&js, t, value, sizeof value) != ESFT_OK) snprintf(value, sizeof value, "?");
-        snprintf(why, sizeof why, "\"%s\" is not one of deepseek_v2, deepseek_v3, qwen2_moe, qwen3_moe, olmoe, mixtral",
-                 value);
+        snprintf(why, sizeof why,
+                 "\"%s\" is not one of deepseek_v2, deepseek_v3, qwen2_moe, qwen3_moe, olmoe, mixtral, llama, mistral, "
+                 "qwen2", value);
         esft__cfg_fail(&r, ESFT_ERR_UNSUPPORTED, "model_type", why);
     }
     if (r.status == ESFT_OK) {
@@ -9037,7 +9262,8 @@ ESFTDEF esft_status esft_model_config_parse(esft_model_config *cfg, const char *
         esft__cfg_family(&r, cfg);
         esft__cfg_quantization(&r, cfg);
     }
-    if (r.status == ESFT_OK) {
+    /* a dense model has no router to check (route.n_experts stays 0) */
+    if (r.status == ESFT_OK && esft_model_config_moe_layers(cfg) > 0) {
         esft_route_config rc = cfg->route;
         esft_error e2;
         if (esft_route_config_validate(&rc, &e2) != ESFT_OK)
@@ -9112,20 +9338,42 @@ static int esft__panel_rows(const esft_matrix *W)
 
 /* y (T, W.rows) = x (T, W.cols) W^T, y's rows ldy apart and x's ldx. W in any
    of its dtypes; panel holds ESFT__PANEL_FLOATS (unused for fp32 W). */
+/* Rows of T a LoRA product can take at once: its (rows, r) intermediate fits the panel. */
+static int esft__lora_chunk(const esft_lora *a) { return (int)(ESFT__PANEL_FLOATS / (size_t)a->rank); }
+
+/* The adapter's part of a product with W: forward, y (T, W.rows) += scale
+   (x A^T) B^T (of y = x W^T); backward, y (T, W.cols) += scale (x B) A (of
+   y += x W). The (rows of T, r) intermediate lives in panel. */
+static void esft__lora_apply(float *y, int ldy, const float *x, int ldx, int T, const esft_matrix *W, int backward,
+                             float *panel)
+{
+    const esft_lora *a = W->lora;
+    int t0, step = esft__lora_chunk(a), r = a->rank, in = backward ? W->rows : W->cols;
+    int out = backward ? W->cols : W->rows;
+    const float *first = backward ? a->b : a->a, *second = backward ? a->a : a->b;
+    for (t0 = 0; t0 < T; t0 += step) {
+        int n = T - t0 < step ? T - t0 : step;
+        esft__sgemm(0, !backward, n, r, in, 1.0f, x + (size_t)t0 * ldx, ldx, first, backward ? r : in, 0.0f, panel, r);
+        esft__sgemm(0, !backward, n, out, r, a->scale, panel, r, second, backward ? out : r, 1.0f,
+                    y + (size_t)t0 * ldy, ldy);
+    }
+}
+
 static void esft__matmul(float *y, int ldy, const float *x, int ldx, int T, const esft_matrix *W, float *panel)
 {
     int r0, step;
     if (W->dtype == ESFT_DTYPE_F32) {
         esft__sgemm(0, 1, T, W->rows, W->cols, 1.0f, x, ldx, ESFT__CAST(const float *, W->data), W->cols, 0.0f, y,
                     ldy);
-        return;
+    } else {
+        step = esft__panel_rows(W);
+        for (r0 = 0; r0 < W->rows; r0 += step) {
+            int n = W->rows - r0 < step ? W->rows - r0 : step;
+            esft__matrix_rows_f32(panel, W, r0, n);
+            esft__sgemm(0, 1, T, n, W->cols, 1.0f, x, ldx, panel, W->cols, 0.0f, y + r0, ldy);
+        }
     }
-    step = esft__panel_rows(W);
-    for (r0 = 0; r0 < W->rows; r0 += step) {
-        int n = W->rows - r0 < step ? W->rows - r0 : step;
-        esft__matrix_rows_f32(panel, W, r0, n);
-        esft__sgemm(0, 1, T, n, W->cols, 1.0f, x, ldx, panel, W->cols, 0.0f, y + r0, ldy);
-    }
+    if (W->lora) esft__lora_apply(y, ldy, x, ldx, T, W, 0, panel);
 }
 
 /* A vector (norm weights, biases) is read as fp32 at load; this is its data. */
@@ -9137,7 +9385,35 @@ typedef struct esft__loader {
     esft_model *m;
     esft_checkpoint ck;
     esft_error *err;
+    int listing;        /* 1: what loads next goes into m->tensors (no expert, no buffer) */
+    int layer, attention; /* and is of this layer / half */
+    int capacity;       /* of m->tensors */
+    char *names;        /* (capacity, ESFT__TENSOR_NAME) */
 } esft__loader;
+
+#define ESFT__TENSOR_NAME 128
+
+/* Lists a loaded non-expert weight in m->tensors, under its checkpoint name. */
+static esft_status esft__loader_list(esft__loader *ld, const esft_matrix *w, const char *name,
+                                     const esft_st_tensor *file)
+{
+    esft_model *m = ld->m;
+    esft_model_tensor *t;
+    char *dst;
+    if (!ld->listing) return ESFT_OK;
+    if (m->n_tensors == ld->capacity || strlen(name) >= ESFT__TENSOR_NAME)
+        return esft__fail(ld->err, ESFT_ERR_RANGE, "tensor %s: more weights or a longer name than a layer has", name);
+    dst = ld->names + (size_t)m->n_tensors * ESFT__TENSOR_NAME;
+    strcpy(dst, name);
+    t = &m->tensors[m->n_tensors++];
+    t->name = dst;
+    t->matrix = w;
+    t->layer = ld->layer;
+    t->attention = ld->attention;
+    t->file_dtype = file->dtype;
+    t->file_dims = file->n_dims == 1 ? 1 : 2;
+    return ESFT_OK;
+}
 
 static void *esft__model_blob(esft_model *m, size_t bytes)
 {
@@ -9263,7 +9539,7 @@ static esft_status esft__load(esft__loader *ld, esft_matrix *out, const char *na
         out->dtype = ESFT_DTYPE_F32;
         out->data = f;
         ld->m->weight_bytes += t->n_elements * sizeof(float);
-        return ESFT_OK;
+        return esft__loader_list(ld, out, name, t);
     }
     blob = esft__model_blob(ld->m, (size_t)t->n_bytes);
     if (!blob) return esft__fail(ld->err, ESFT_ERR_OUT_OF_MEMORY, "tensor %s (%llu bytes)", name,
@@ -9274,10 +9550,11 @@ static esft_status esft__load(esft__loader *ld, esft_matrix *out, const char *na
     out->data = blob;
     ld->m->weight_bytes += t->n_bytes;
     if (t->dtype == ESFT_DTYPE_F8_E4M3) {
+        esft_status s;
         if (n_dims == 3) return esft__fail(ld->err, ESFT_ERR_UNSUPPORTED, "tensor %s: fused FP8 experts", name);
-        return esft__load_scale(ld, out, name);
+        if ((s = esft__load_scale(ld, out, name)) != ESFT_OK) return s;
     }
-    return ESFT_OK;
+    return esft__loader_list(ld, out, name, t);
 }
 
 /* Loads "<prefix><suffix>". */
@@ -9321,6 +9598,7 @@ static esft_status esft__load_attention(esft__loader *ld, esft_model_layer *w, c
          (s = esft__load_at(ld, &w->k_bias, p, "self_attn.k_proj.bias", 1, HK * HD, 1, 1)) ||
          (s = esft__load_at(ld, &w->v_bias, p, "self_attn.v_proj.bias", 1, HK * HD, 1, 1))))
         return s;
+    if (c->o_bias && (s = esft__load_at(ld, &w->o_bias, p, "self_attn.o_proj.bias", 1, D, 1, 1))) return s;
     if (c->qk_norm != ESFT_QK_NORM_NONE) {
         int whole = c->qk_norm == ESFT_QK_NORM_WHOLE;
         if ((s = esft__load_at(ld, &w->q_norm, p, "self_attn.q_norm.weight", 1, whole ? H * HD : HD, 1, 1)) ||
@@ -9398,17 +9676,21 @@ static esft_status esft__load_ffn(esft__loader *ld, esft_model_layer *w, const c
         ld->m->expert_names = ESFT_FAMILY_MIXTRAL;
     }
     if ((s = esft__load_at(ld, &w->router, moe, "gate.weight", E, D, 1, 1))) return s;
+    ld->listing = 0; /* the selection bias is a buffer; experts have their own table */
     if (c->route_bias && (s = esft__load_at(ld, &w->router_bias, moe, "gate.e_score_correction_bias", 1, E, 1, 1)))
         return s;
     if ((s = esft__load_experts(ld, w, moe))) return s;
+    ld->listing = 1;
     if (FS > 0) {
         const char *sh = c->family == ESFT_MODEL_QWEN2_MOE ? "shared_expert." : "shared_experts.";
         char q[160];
         snprintf(q, sizeof q, "%s%s", moe, sh);
+        ld->listing = 0;
         if ((s = esft__load_at(ld, &w->shared_gate, q, "gate_proj.weight", FS, D, 1, 0)) ||
             (s = esft__load_at(ld, &w->shared_up, q, "up_proj.weight", FS, D, 1, 0)) ||
             (s = esft__load_at(ld, &w->shared_down, q, "down_proj.weight", D, FS, 1, 0)))
             return s;
+        ld->listing = 1;
         if (c->shared_gate && (s = esft__load_at(ld, &w->shared_router, moe, "shared_expert_gate.weight", 1, D, 1, 1)))
             return s;
     }
@@ -9421,6 +9703,15 @@ static esft_status esft__load_model(esft__loader *ld)
     const esft_model_config *c = &m->cfg;
     int l;
     esft_status s;
+    /* at most 16 weights a layer (MLA with q_lora and a router: 9 + 2 norms +
+       router; GQA: 4 + 3 biases + 2 q/k norms + 2 norms + router + shared gate) */
+    ld->capacity = 16 * c->n_layers + 3;
+    m->tensors = ESFT__CAST(esft_model_tensor *, esft__model_blob(m, (size_t)ld->capacity * sizeof(esft_model_tensor)));
+    ld->names = ESFT__CAST(char *, esft__model_blob(m, (size_t)ld->capacity * ESFT__TENSOR_NAME));
+    if (!m->tensors || !ld->names) return esft__fail(ld->err, ESFT_ERR_OUT_OF_MEMORY, "tensor table");
+    ld->listing = 1;
+    ld->layer = -1;
+    ld->attention = 0;
     if ((s = esft__load(ld, &m->embed, "model.embed_tokens.weight", 2, 0, c->vocab, c->d_model, 1, 0)) ||
         (s = esft__load(ld, &m->final_norm, "model.norm.weight", 1, 0, 1, c->d_model, 1, 1)))
         return s;
@@ -9434,9 +9725,14 @@ static esft_status esft__load_model(esft__loader *ld)
         esft_model_layer *w = &m->layers[l];
         char p[64];
         snprintf(p, sizeof p, "model.layers.%d.", l);
+        ld->layer = l;
+        ld->attention = 1;
         if ((s = esft__load_at(ld, &w->attn_norm, p, "input_layernorm.weight", 1, c->d_model, 1, 1)) ||
-            (s = esft__load_at(ld, &w->ffn_norm, p, "post_attention_layernorm.weight", 1, c->d_model, 1, 1)) ||
-            (s = esft__load_attention(ld, w, p)) || (s = esft__load_ffn(ld, w, p, l)))
+            (s = esft__load_attention(ld, w, p)))
+            return s;
+        ld->attention = 0;
+        if ((s = esft__load_at(ld, &w->ffn_norm, p, "post_attention_layernorm.weight", 1, c->d_model, 1, 1)) ||
+            (s = esft__load_ffn(ld, w, p, l)))
             return s;
     }
     return ESFT_OK;
@@ -9463,6 +9759,7 @@ ESFTDEF esft_status esft_model_open(esft_model *m, const char *dir, const esft_a
     snprintf(path, sizeof path, "%s/config.json", dir);
     s = esft_model_config_read(&m->cfg, path, err);
     if (s != ESFT_OK) return s;
+    memset(&ld, 0, sizeof ld);
     ld.m = m;
     ld.err = err;
     s = esft_checkpoint_open(&ld.ck, dir, allocator, err);
@@ -9502,6 +9799,9 @@ typedef struct esft__fwd {
     float *weights;          /* (T K) */
     int nt;
     const esft_model_trainable *tr; /* experts run from their fp32 copies; NULL = none */
+    esft_pesc_saved ps;      /* PESC (tr has PESC blocks): one layer's saved, reused layer after layer */
+    float *py, *pdF;         /* PESC: (T, D) the adapter MoE's output y; the gradient of its input F */
+    double aux;              /* PESC: auxiliary losses summed over the layers run */
 } esft__fwd;
 
 static size_t esft__max3(size_t a, size_t b, size_t c) { return a > b ? (a > c ? a : c) : (b > c ? b : c); }
@@ -9713,6 +10013,7 @@ static void esft__attn_gqa(esft__fwd *f, const esft_model_config *c, const esft_
     esft__rope_apply(f->k, HK * HD, HK, HD, T, HD, c->rope.interleaved, f->cos_, f->sin_, nt);
     esft__attention(f->ao, f->q, f->k, f->v, c, T, H, HK, HD, HD, f->scores, nt);
     esft__matmul(f->a, D, f->ao, H * HD, T, &w->o, f->panels);
+    esft__add_bias_rows(f->a, &w->o_bias, T, D);
 }
 
 /* a (T, D) = multi-head latent attention of h (DeepSeek-V2/V3): q from h (or
@@ -9902,6 +10203,52 @@ static void esft__moe_ffn(esft__fwd *f, const esft_model_config *c, const esft_m
     esft__moe_combine(f, T, K, D);
 }
 
+/* PESC buffers of f for T tokens when f->tr has PESC blocks (none otherwise):
+   one esft_pesc_saved (the backward recomputes each layer's forward just
+   before its backward, so one serves every layer) and py, pdF. Pair: _end. */
+static esft_status esft__pesc_begin(esft__fwd *f, const esft_model *m, int T, esft_error *err)
+{
+    esft_status s;
+    memset(&f->ps, 0, sizeof f->ps);
+    f->py = f->pdF = NULL;
+    f->aux = 0.0;
+    if (!f->tr || f->tr->n_pesc == 0) return ESFT_OK;
+    if ((s = esft_pesc_saved_init(&f->ps, &f->tr->pesc, T, NULL, err)) != ESFT_OK) return s;
+    f->py = ESFT__CAST(float *, m->allocator.alloc(m->allocator.user, 2 * (size_t)T * m->cfg.d_model * sizeof(float)));
+    if (!f->py) {
+        esft_pesc_saved_uninit(&f->ps);
+        return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "PESC buffers for %d tokens", T);
+    }
+    f->pdF = f->py + (size_t)T * m->cfg.d_model;
+    return ESFT_OK;
+}
+
+static void esft__pesc_end(esft__fwd *f, const esft_model *m)
+{
+    esft_pesc_saved_uninit(&f->ps);
+    if (f->py) m->allocator.free(m->allocator.user, f->py);
+    f->py = f->pdF = NULL;
+}
+
+/* Camelidae's adapter MoE after layer l's frozen MLP, when f->tr gives l a
+   PESC block: f->py = PESC(F = f->a, u = f->h) (the router reads the MLP's
+   input), *out = f->py, aux added to f->aux, the routing shown to run's
+   on_route; otherwise *out stays f->a. */
+static esft_status esft__pesc_layer(esft__fwd *f, int l, int T, const esft_model_run *run, const float **out,
+                                    esft_error *err)
+{
+    const esft_model_trainable *tr = f->tr;
+    const float *p = tr ? esft_model_trainable_pesc(tr, tr->params, l) : NULL;
+    float aux = 0.0f;
+    esft_status s;
+    if (!p) return ESFT_OK;
+    if ((s = esft_pesc_forward(&tr->pesc, f->py, &aux, f->a, f->h, p, &f->ps, T, err)) != ESFT_OK) return s;
+    if (run && run->on_route) run->on_route(run->user, l, f->ps.ids, f->ps.weights, T, tr->pesc.top_k);
+    f->aux += aux;
+    *out = f->py;
+    return ESFT_OK;
+}
+
 /* Cross-entropy of rows t0 .. t0+n of logits (n, V) against labels[t+1]. */
 static esft_status esft__head_loss(const float *logits, int t0, int n, int V, const int32_t *labels, int T,
                                    double *loss, int64_t *count, esft_error *err)
@@ -9943,11 +10290,8 @@ static esft_status esft__forward_check(const esft_model *m, const int32_t *ids, 
         return esft__fail(err, ESFT_ERR_SHAPE, "stats of %d layers, E %d, K %d for a model of %d layers, E %d, K %d",
                           run->stats->n_layers, run->stats->n_experts, run->stats->top_k, m->cfg.n_layers,
                           m->cfg.route.n_experts, m->cfg.route.top_k);
-    if (run && run->trainable &&
-        (run->trainable->n_layers != m->cfg.n_layers || run->trainable->n_experts != m->cfg.route.n_experts ||
-         run->trainable->expert_floats != 3 * (size_t)m->cfg.d_expert * m->cfg.d_model ||
-         run->trainable->shared_floats != 3 * (size_t)m->cfg.d_shared * m->cfg.d_model))
-        return esft__fail(err, ESFT_ERR_SHAPE, "trainable experts built for another model (L %d, E %d)",
+    if (run && run->trainable && run->trainable->base_ != m)
+        return esft__fail(err, ESFT_ERR_SHAPE, "trainable set built for another model (L %d, E %d)",
                           run->trainable->n_layers, run->trainable->n_experts);
     return ESFT_OK;
 }
@@ -9961,6 +10305,7 @@ static esft_status esft__forward_layers(const esft_model *m, esft__fwd *f, int T
     esft_status s;
     for (l = 0; l < c->n_layers; l++) {
         const esft_model_layer *w = &m->layers[l];
+        const float *out = f->a; /* the FFN half's output: the MLP's, or PESC's after it */
         esft__rmsnorm_rows(f->h, D, f->x, D, esft__vec(&w->attn_norm), T, D, c->rms_eps, f->nt);
         if (c->mla) esft__attn_mla(f, c, w, T);
         else esft__attn_gqa(f, c, w, T);
@@ -9975,8 +10320,9 @@ static esft_status esft__forward_layers(const esft_model *m, esft__fwd *f, int T
             esft__moe_ffn(f, c, w, l, T);
         } else {
             esft__swiglu_mlp(f->a, f->h, T, D, &w->mlp_gate, &w->mlp_up, &w->mlp_down, f->g, f->u, f->panels);
+            if ((s = esft__pesc_layer(f, l, T, run, &out, err)) != ESFT_OK) return s;
         }
-        for (i = 0; i < n; i++) f->x[i] += f->a[i];
+        for (i = 0; i < n; i++) f->x[i] += out[i];
     }
     return ESFT_OK;
 }
@@ -9984,6 +10330,7 @@ static esft_status esft__forward_layers(const esft_model *m, esft__fwd *f, int T
 ESFTDEF esft_status esft_model_forward(const esft_model *m, const int32_t *ids, int T, const esft_model_run *run,
                                        double *loss_sum, int64_t *n_scored, esft_error *err)
 {
+    esft_model view;
     const esft_model_config *c;
     esft__fwd f;
     unsigned char *base;
@@ -9994,6 +10341,11 @@ ESFTDEF esft_status esft_model_forward(const esft_model *m, const int32_t *ids, 
     esft_status s;
     if (!m) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL model");
     if ((s = esft__forward_check(m, ids, T, run, err)) != ESFT_OK) return s;
+    if (run && run->trainable) { /* trained copies and adapters in place, m's config as it is now */
+        view = run->trainable->view;
+        view.cfg = m->cfg;
+        m = &view;
+    }
     c = &m->cfg;
     V = c->vocab;
     D = c->d_model;
@@ -10005,7 +10357,9 @@ ESFTDEF esft_status esft_model_forward(const esft_model *m, const int32_t *ids, 
     f.tr = run ? run->trainable : NULL;
     for (t = 0; t < T; t++) esft__matrix_rows_f32(f.x + (size_t)t * D, &m->embed, ids[t], 1);
     esft__rope_tables(f.cos_, f.sin_, &c->rope, c->mla ? c->qk_rope_dim : c->head_dim, T);
-    s = esft__forward_layers(m, &f, T, run, err);
+    s = esft__pesc_begin(&f, m, T, err);
+    if (s == ESFT_OK) s = esft__forward_layers(m, &f, T, run, err);
+    esft__pesc_end(&f, m);
     if (s == ESFT_OK) esft__rmsnorm_rows(f.h, D, f.x, D, esft__vec(&m->final_norm), T, D, c->rms_eps, nt);
     for (t = 0; s == ESFT_OK && t < T; t += ESFT__HEAD_BLOCK) {
         int n = T - t < ESFT__HEAD_BLOCK ? T - t : ESFT__HEAD_BLOCK;
@@ -10017,10 +10371,11 @@ ESFTDEF esft_status esft_model_forward(const esft_model *m, const int32_t *ids, 
     if (s != ESFT_OK) return s;
     if (loss_sum) *loss_sum = loss;
     if (n_scored) *n_scored = count;
+    if (run && run->aux_loss) *run->aux_loss = f.aux;
     return ESFT_OK;
 }
 
-/* ---- training: the backward to ESFT's trainable experts --------------------- */
+/* ---- training: the trainable set ------------------------------------------ */
 
 ESFTDEF void esft_model_trainable_uninit(esft_model_trainable *tr)
 {
@@ -10030,19 +10385,20 @@ ESFTDEF void esft_model_trainable_uninit(esft_model_trainable *tr)
     esft__release(&tr->allocator, tr->layer);
     esft__release(&tr->allocator, tr->slot);
     esft__release(&tr->allocator, tr->shared_slot);
+    esft__release(&tr->allocator, tr->module);
+    esft__release(&tr->allocator, tr->module_offset);
+    esft__release(&tr->allocator, tr->lora_tensor);
+    esft__release(&tr->allocator, tr->lora);
+    esft__release(&tr->allocator, tr->pesc_slot);
+    esft__release(&tr->allocator, tr->view_layers_);
     memset(tr, 0, sizeof *tr);
 }
 
-/* Checks cfg against m and counts the experts it trains. */
-static esft_status esft__trainable_count(const esft_model *m, const esft_expert_config *cfg, int *count,
-                                         esft_error *err)
+/* Checks an ESFT config against m. */
+static esft_status esft__trainable_check_config(const esft_model *m, const esft_expert_config *cfg, esft_error *err)
 {
     const esft_model_config *c = &m->cfg;
     int l, i;
-    *count = 0;
-    if (cfg->non_expert_modules)
-        return esft__fail(err, ESFT_ERR_UNSUPPORTED,
-                          "expert config trains non_expert_modules: only experts train so far");
     for (l = 0; l < cfg->n_layers; l++) {
         if (cfg->layer_present && !cfg->layer_present[l]) continue;
         for (i = cfg->offset[l]; i < cfg->offset[l + 1]; i++) {
@@ -10055,8 +10411,250 @@ static esft_status esft__trainable_count(const esft_model *m, const esft_expert_
                                   c->route.n_experts);
         }
     }
-    for (l = 0; l < cfg->n_layers && l < c->n_layers; l++)
-        for (i = 0; i < c->route.n_experts; i++) *count += esft_expert_config_has(cfg, l, i) != 0;
+    return ESFT_OK;
+}
+
+/* The PESC config of sp on m: the template with the model's width. */
+static esft_pesc_config esft__spec_pesc(const esft_model *m, const esft_train_spec *sp)
+{
+    esft_pesc_config pc = sp->pesc;
+    pc.d_model = m->cfg.d_model;
+    return pc;
+}
+
+static esft_status esft__pesc_spec_check(const esft_model *m, const esft_train_spec *sp, esft_error *err)
+{
+    esft_pesc_config pc = esft__spec_pesc(m, sp);
+    esft_status s = esft_pesc_config_validate(&pc, err);
+    if (s != ESFT_OK) return s;
+    if (pc.dropout != 0.0f)
+        return esft__fail(err, ESFT_ERR_UNSUPPORTED, "PESC dropout %g on a model: not implemented (set 0)",
+                          (double)pc.dropout);
+    if (esft_model_config_moe_layers(&m->cfg) == m->cfg.n_layers)
+        return esft__fail(err, ESFT_ERR_UNSUPPORTED,
+                          "PESC goes after dense MLPs, and every layer of this %s model is an MoE layer",
+                          esft_model_family_name(m->cfg.family));
+    return ESFT_OK;
+}
+
+static esft_status esft__train_spec_check(const esft_model *m, const esft_train_spec *sp, esft_error *err)
+{
+    switch (sp->method) {
+    case ESFT_TRAIN_ESFT:
+        if (!sp->experts) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "ESFT needs an expert config");
+        return esft__trainable_check_config(m, sp->experts, err);
+    case ESFT_TRAIN_FFT:
+        return ESFT_OK;
+    case ESFT_TRAIN_LORA:
+        if (sp->lora_rank < 1 || sp->lora_rank > 65536 || !(sp->lora_alpha > 0.0f) || !isfinite(sp->lora_alpha))
+            return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "LoRA rank %d / alpha %g: rank in [1, 65536], alpha > 0",
+                              sp->lora_rank, (double)sp->lora_alpha);
+        if (!(sp->lora_targets & (ESFT_LORA_ATTN | ESFT_LORA_MLP)) || (sp->lora_targets & ~(ESFT_LORA_ATTN | ESFT_LORA_MLP)))
+            return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "LoRA targets 0x%x: ESFT_LORA_ATTN and/or ESFT_LORA_MLP",
+                              sp->lora_targets);
+        return ESFT_OK;
+    case ESFT_TRAIN_PESC:
+        return esft__pesc_spec_check(m, sp, err);
+    }
+    return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "unknown training method %d", (int)sp->method);
+}
+
+/* What sp trains in full, and where LoRA goes. */
+static int esft__spec_expert(const esft_train_spec *sp, const esft_model_config *c, int l, int e)
+{
+    if (!c->is_moe[l]) return 0;
+    if (sp->method == ESFT_TRAIN_FFT) return 1;
+    return sp->method == ESFT_TRAIN_ESFT && l < sp->experts->n_layers && esft_expert_config_has(sp->experts, l, e);
+}
+
+static int esft__spec_shared(const esft_train_spec *sp, const esft_model_config *c, int l)
+{
+    if (!c->is_moe[l] || c->d_shared == 0) return 0;
+    return sp->method == ESFT_TRAIN_FFT || (sp->method == ESFT_TRAIN_ESFT && sp->experts->shared_experts);
+}
+
+static int esft__spec_module(const esft_train_spec *sp)
+{
+    return sp->method == ESFT_TRAIN_FFT || (sp->method == ESFT_TRAIN_ESFT && sp->experts->non_expert_modules);
+}
+
+static int esft__spec_lora(const esft_train_spec *sp, const esft_model *m, const esft_model_tensor *t)
+{
+    if (sp->method != ESFT_TRAIN_LORA || t->layer < 0 || t->matrix->rows < 2) return 0; /* vectors: norms, biases */
+    if (t->attention) return (sp->lora_targets & ESFT_LORA_ATTN) != 0;
+    return !m->cfg.is_moe[t->layer] && (sp->lora_targets & ESFT_LORA_MLP) != 0; /* a dense layer's MLP */
+}
+
+/* Sizes the block and fills the tables (tr's arrays allocated by the caller
+   when counting is done: pass 0 counts, pass 1 fills). */
+static void esft__trainable_plan(esft_model_trainable *tr, const esft_model *m, const esft_train_spec *sp, int fill)
+{
+    const esft_model_config *c = &m->cfg;
+    int L = c->n_layers, E = c->route.n_experts, l, e, i;
+    size_t at = 0;
+    tr->n_trained = tr->n_shared = tr->n_modules = tr->n_lora = tr->n_pesc = 0;
+    for (l = 0; l < L; l++)
+        for (e = 0; e < E; e++) {
+            int on = esft__spec_expert(sp, c, l, e);
+            if (fill) {
+                tr->slot[(size_t)l * E + e] = on ? tr->n_trained : -1;
+                if (on) tr->layer[tr->n_trained] = l, tr->expert[tr->n_trained] = e;
+            }
+            tr->n_trained += on;
+        }
+    at += (size_t)tr->n_trained * tr->expert_floats;
+    for (l = 0; l < L; l++) {
+        int on = esft__spec_shared(sp, c, l);
+        if (fill) tr->shared_slot[l] = on ? tr->n_shared : -1;
+        tr->n_shared += on;
+    }
+    at += (size_t)tr->n_shared * tr->shared_floats;
+    for (i = 0; i < m->n_tensors; i++) {
+        const esft_matrix *w = m->tensors[i].matrix;
+        if (!esft__spec_module(sp)) break;
+        if (fill) tr->module[tr->n_modules] = i, tr->module_offset[tr->n_modules] = at;
+        tr->n_modules++;
+        at += (size_t)w->rows * w->cols;
+    }
+    for (i = 0; i < m->n_tensors; i++) {
+        const esft_matrix *w = m->tensors[i].matrix;
+        size_t ra = (size_t)sp->lora_rank * w->cols;
+        if (!esft__spec_lora(sp, m, &m->tensors[i])) continue;
+        if (fill) {
+            esft_lora *a = &tr->lora[tr->n_lora];
+            tr->lora_tensor[tr->n_lora] = i;
+            a->rank = sp->lora_rank;
+            a->scale = sp->lora_alpha / (float)sp->lora_rank;
+            a->a = tr->params + at;
+            a->b = tr->params + at + ra;
+        }
+        tr->n_lora++;
+        at += ra + (size_t)w->rows * sp->lora_rank;
+    }
+    tr->pesc_offset = at;
+    for (l = 0; l < L; l++) {
+        int on = sp->method == ESFT_TRAIN_PESC && !c->is_moe[l];
+        if (fill) tr->pesc_slot[l] = on ? tr->n_pesc : -1;
+        tr->n_pesc += on;
+    }
+    at += (size_t)tr->n_pesc * tr->pesc_floats;
+    tr->n_params = at;
+}
+
+/* The view's copy of one of m's matrices (same place in view / its layers). */
+static esft_matrix *esft__view_matrix(esft_model_trainable *tr, const esft_model *m, const esft_matrix *w)
+{
+    uintptr_t p = (uintptr_t)w, lo = (uintptr_t)m->layers;
+    if (p >= lo && p < lo + (size_t)m->cfg.n_layers * sizeof(esft_model_layer))
+        return ESFT__CAST(esft_matrix *, (void *)((unsigned char *)tr->view_layers_ + (p - lo)));
+    return ESFT__CAST(esft_matrix *, (void *)((unsigned char *)&tr->view + (p - (uintptr_t)m)));
+}
+
+/* Copies what trains out of m and builds tr->view around it. */
+static void esft__trainable_fill(esft_model_trainable *tr, const esft_model *m, const esft_train_spec *sp)
+{
+    const esft_model_config *c = &m->cfg;
+    int F = c->d_expert, D = c->d_model, FS = c->d_shared, k, l, i;
+    size_t drawn = 0;
+    for (k = 0; k < tr->n_trained; k++) {
+        const esft_model_layer *w = &m->layers[tr->layer[k]];
+        float *p = tr->params + (size_t)k * tr->expert_floats;
+        esft__matrix_rows_f32(p, &w->expert_gate[tr->expert[k]], 0, F);
+        esft__matrix_rows_f32(p + (size_t)F * D, &w->expert_up[tr->expert[k]], 0, F);
+        esft__matrix_rows_f32(p + 2 * (size_t)F * D, &w->expert_down[tr->expert[k]], 0, D);
+    }
+    for (l = 0; l < c->n_layers; l++) {
+        float *p = esft_model_trainable_shared(tr, tr->params, l);
+        if (!p) continue;
+        esft__matrix_rows_f32(p, &m->layers[l].shared_gate, 0, FS);
+        esft__matrix_rows_f32(p + (size_t)FS * D, &m->layers[l].shared_up, 0, FS);
+        esft__matrix_rows_f32(p + 2 * (size_t)FS * D, &m->layers[l].shared_down, 0, D);
+    }
+    tr->view = *m;
+    tr->view.layers = tr->view_layers_;
+    tr->view.blobs_ = NULL; /* the view owns nothing: closing it frees nothing */
+    tr->view.n_blobs_ = tr->view.cap_blobs_ = 0;
+    memcpy(tr->view_layers_, m->layers, (size_t)c->n_layers * sizeof(esft_model_layer));
+    for (i = 0; i < tr->n_modules; i++) {
+        const esft_matrix *w = m->tensors[tr->module[i]].matrix;
+        esft_matrix *v = esft__view_matrix(tr, m, w);
+        float *p = tr->params + tr->module_offset[i];
+        esft__matrix_rows_f32(p, w, 0, w->rows);
+        memset(v, 0, sizeof *v);
+        v->dtype = ESFT_DTYPE_F32;
+        v->rows = w->rows;
+        v->cols = w->cols;
+        v->data = p;
+    }
+    if (c->tie_embeddings) tr->view.lm_head = tr->view.embed;
+    for (i = 0; i < tr->n_lora; i++) {
+        const esft_matrix *w = m->tensors[tr->lora_tensor[i]].matrix;
+        size_t ra = (size_t)tr->lora_rank * w->cols;
+        /* PEFT's default: A kaiming-uniform (a = sqrt 5), i.e. +-1/sqrt(cols); B = 0 (the start is the base) */
+        esft__adapter_uniform(tr->params + (tr->lora[i].a - tr->params), ra, sp->seed, drawn,
+                              (float)(1.0 / sqrt((double)w->cols)));
+        drawn += ra;
+        esft__view_matrix(tr, m, w)->lora = &tr->lora[i];
+    }
+    for (l = 0; l < c->n_layers; l++) { /* upcycling: each layer its own stream, W_up = 0 */
+        float *p = esft_model_trainable_pesc(tr, tr->params, l);
+        if (p) (void)esft_pesc_init_weights(&tr->pesc, p, esft__adapter_mix(sp->seed + (uint64_t)l), NULL);
+    }
+}
+
+ESFTDEF esft_status esft_model_trainable_init_spec(esft_model_trainable *tr, const esft_model *m,
+                                                   const esft_train_spec *sp, const esft_allocator *allocator,
+                                                   esft_error *err)
+{
+    const esft_model_config *c;
+    size_t le;
+    int L;
+    esft_status s;
+    if (!tr || !m || !m->layers || !sp)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model or training spec");
+    memset(tr, 0, sizeof *tr);
+    tr->allocator = esft__allocator_or_default(allocator);
+    if ((s = esft__train_spec_check(m, sp, err)) != ESFT_OK) return s;
+    c = &m->cfg;
+    L = c->n_layers;
+    tr->method = sp->method;
+    tr->base_ = m;
+    tr->n_layers = L;
+    tr->n_experts = c->route.n_experts;
+    tr->expert_floats = 3 * (size_t)c->d_expert * c->d_model;
+    tr->shared_floats = 3 * (size_t)c->d_shared * c->d_model;
+    tr->lora_rank = sp->method == ESFT_TRAIN_LORA ? sp->lora_rank : 0;
+    tr->lora_alpha = sp->method == ESFT_TRAIN_LORA ? sp->lora_alpha : 0.0f;
+    tr->lora_targets = sp->method == ESFT_TRAIN_LORA ? sp->lora_targets : 0;
+    if (sp->method == ESFT_TRAIN_PESC) {
+        tr->pesc = esft__spec_pesc(m, sp);
+        tr->pesc_floats = esft_pesc_param_count(&tr->pesc);
+    }
+    esft__trainable_plan(tr, m, sp, 0);
+    le = (size_t)L * (tr->n_experts > 0 ? tr->n_experts : 1);
+    tr->params = ESFT__CAST(float *, esft__calloc(&tr->allocator, tr->n_params ? tr->n_params : 1, sizeof(float)));
+    tr->grads = ESFT__CAST(float *, esft__calloc(&tr->allocator, tr->n_params ? tr->n_params : 1, sizeof(float)));
+    tr->layer = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, 2 * (size_t)(tr->n_trained + 1), sizeof(int32_t)));
+    tr->slot = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, le, sizeof(int32_t)));
+    tr->shared_slot = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, (size_t)L, sizeof(int32_t)));
+    tr->module = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, (size_t)tr->n_modules + 1, sizeof(int32_t)));
+    tr->module_offset = ESFT__CAST(size_t *, esft__calloc(&tr->allocator, (size_t)tr->n_modules + 1, sizeof(size_t)));
+    tr->lora_tensor = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, (size_t)tr->n_lora + 1, sizeof(int32_t)));
+    tr->lora = ESFT__CAST(esft_lora *, esft__calloc(&tr->allocator, (size_t)tr->n_lora + 1, sizeof(esft_lora)));
+    tr->pesc_slot = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, (size_t)L, sizeof(int32_t)));
+    tr->view_layers_ = ESFT__CAST(esft_model_layer *, esft__calloc(&tr->allocator, (size_t)L, sizeof(esft_model_layer)));
+    if (!tr->params || !tr->grads || !tr->layer || !tr->slot || !tr->shared_slot || !tr->module ||
+        !tr->module_offset || !tr->lora_tensor || !tr->lora || !tr->pesc_slot || !tr->view_layers_) {
+        size_t n = tr->n_params;
+        esft_allocator a = tr->allocator;
+        esft_model_trainable_uninit(tr);
+        tr->allocator = a;
+        return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "trainable block of %lu floats (and its gradient)",
+                          (unsigned long)n);
+    }
+    tr->expert = tr->layer + tr->n_trained + 1;
+    esft__trainable_plan(tr, m, sp, 1);
+    esft__trainable_fill(tr, m, sp);
     return ESFT_OK;
 }
 
@@ -10064,66 +10662,12 @@ ESFTDEF esft_status esft_model_trainable_init(esft_model_trainable *tr, const es
                                               const esft_expert_config *cfg, const esft_allocator *allocator,
                                               esft_error *err)
 {
-    const esft_model_config *c;
-    int L, E, F, D, n, l, e, k = 0;
-    size_t le;
-    esft_status s;
-    if (!tr || !m || !m->layers || !cfg)
-        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model or expert config");
-    memset(tr, 0, sizeof *tr);
-    tr->allocator = esft__allocator_or_default(allocator);
-    c = &m->cfg;
-    L = c->n_layers;
-    E = c->route.n_experts;
-    F = c->d_expert;
-    D = c->d_model;
-    if ((s = esft__trainable_count(m, cfg, &n, err)) != ESFT_OK) return s;
-    le = (size_t)L * (E > 0 ? E : 1);
-    tr->n_layers = L;
-    tr->n_experts = E;
-    tr->n_trained = n;
-    tr->expert_floats = 3 * (size_t)F * D;
-    tr->shared_floats = 3 * (size_t)c->d_shared * D;
-    tr->shared_slot = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, (size_t)L, sizeof(int32_t)));
-    for (l = 0; tr->shared_slot && l < L; l++)
-        tr->shared_slot[l] = cfg->shared_experts && c->is_moe[l] && c->d_shared > 0 ? tr->n_shared++ : -1;
-    tr->n_params = (size_t)n * tr->expert_floats + (size_t)tr->n_shared * tr->shared_floats;
-    tr->params = ESFT__CAST(float *, esft__calloc(&tr->allocator, tr->n_params ? tr->n_params : 1, sizeof(float)));
-    tr->grads = ESFT__CAST(float *, esft__calloc(&tr->allocator, tr->n_params ? tr->n_params : 1, sizeof(float)));
-    tr->layer = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, 2 * (size_t)(n ? n : 1), sizeof(int32_t)));
-    tr->slot = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, le, sizeof(int32_t)));
-    if (!tr->params || !tr->grads || !tr->layer || !tr->slot || !tr->shared_slot) {
-        esft_allocator a = tr->allocator;
-        esft_model_trainable_uninit(tr);
-        tr->allocator = a;
-        return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "%d trainable experts (%lu floats)", n,
-                          (unsigned long)(2 * (size_t)n * 3 * F * D));
-    }
-    tr->expert = tr->layer + (n ? n : 1);
-    for (l = 0; l < L; l++)
-        for (e = 0; e < E; e++) {
-            float *p;
-            size_t fd = (size_t)F * D;
-            tr->slot[(size_t)l * E + e] = -1;
-            if (!(l < cfg->n_layers && esft_expert_config_has(cfg, l, e))) continue;
-            tr->slot[(size_t)l * E + e] = k;
-            tr->layer[k] = l;
-            tr->expert[k] = e;
-            p = tr->params + (size_t)k * tr->expert_floats;
-            esft__matrix_rows_f32(p, &m->layers[l].expert_gate[e], 0, F);
-            esft__matrix_rows_f32(p + fd, &m->layers[l].expert_up[e], 0, F);
-            esft__matrix_rows_f32(p + 2 * fd, &m->layers[l].expert_down[e], 0, D);
-            k++;
-        }
-    for (l = 0; l < L; l++) {
-        float *p = esft_model_trainable_shared(tr, tr->params, l);
-        size_t sd = (size_t)c->d_shared * D;
-        if (!p) continue;
-        esft__matrix_rows_f32(p, &m->layers[l].shared_gate, 0, c->d_shared);
-        esft__matrix_rows_f32(p + sd, &m->layers[l].shared_up, 0, c->d_shared);
-        esft__matrix_rows_f32(p + 2 * sd, &m->layers[l].shared_down, 0, D);
-    }
-    return ESFT_OK;
+    esft_train_spec sp;
+    memset(&sp, 0, sizeof sp);
+    sp.method = ESFT_TRAIN_ESFT;
+    sp.experts = cfg;
+    if (!cfg) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL expert config");
+    return esft_model_trainable_init_spec(tr, m, &sp, allocator, err);
 }
 
 ESFTDEF float *esft_model_trainable_shared(const esft_model_trainable *tr, float *block, int layer)
@@ -10131,6 +10675,13 @@ ESFTDEF float *esft_model_trainable_shared(const esft_model_trainable *tr, float
     if (!tr || !block || !tr->shared_slot || layer < 0 || layer >= tr->n_layers || tr->shared_slot[layer] < 0)
         return NULL;
     return block + (size_t)tr->n_trained * tr->expert_floats + (size_t)tr->shared_slot[layer] * tr->shared_floats;
+}
+
+ESFTDEF float *esft_model_trainable_pesc(const esft_model_trainable *tr, float *block, int layer)
+{
+    if (!tr || !block || !tr->pesc_slot || layer < 0 || layer >= tr->n_layers || tr->pesc_slot[layer] < 0)
+        return NULL;
+    return block + tr->pesc_offset + (size_t)tr->pesc_slot[layer] * tr->pesc_floats;
 }
 
 ESFTDEF float *esft_model_trainable_expert(const esft_model_trainable *tr, float *block, int layer, int expert)
@@ -10142,78 +10693,179 @@ ESFTDEF float *esft_model_trainable_expert(const esft_model_trainable *tr, float
     return slot < 0 ? NULL : block + (size_t)slot * tr->expert_floats;
 }
 
+/* The gradient of a value of tr->params (its mirror in tr->grads); NULL for
+   memory outside the block (frozen weights). */
+static float *esft__grad_of(const esft_model_trainable *tr, const void *p)
+{
+    uintptr_t u = (uintptr_t)p, lo;
+    if (!tr || !p || !tr->n_params) return NULL;
+    lo = (uintptr_t)tr->params;
+    if (u < lo || u >= lo + tr->n_params * sizeof(float)) return NULL;
+    return tr->grads + (u - lo) / sizeof(float);
+}
+
+/* Every bit of an expert config set (all experts of every MoE layer, shared
+   experts, non-expert modules): what FFT trains, for its file's metadata. */
+static esft_status esft__config_every(esft_expert_config *cfg, const esft_model *m, const esft_allocator *a,
+                                      esft_error *err)
+{
+    const esft_model_config *c = &m->cfg;
+    int L = c->n_layers, E = c->route.n_experts, l, e, n = 0;
+    if (esft__config_alloc(cfg, L, E, (size_t)L * E + 1, a) != ESFT_OK)
+        return esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "expert config of %d layers", L);
+    for (l = 0; l < L; l++) {
+        cfg->offset[l] = n;
+        cfg->layer_present[l] = 1;
+        for (e = 0; c->is_moe[l] && e < E; e++) cfg->ids[n++] = e;
+    }
+    cfg->offset[L] = n;
+    cfg->shared_experts = cfg->non_expert_modules = 1;
+    return ESFT_OK;
+}
+
+/* One tensor of a trained file: its name (written into name, 160 bytes),
+   dtype and shape from the model, values from the block. */
+static esft_status esft__trained_tensor(esft_st_write_tensor *x, char *name, const esft_matrix *w, esft_dtype dtype,
+                                        int n_dims, const float *values, esft_error *err)
+{
+    if (dtype == ESFT_DTYPE_F8_E4M3)
+        return esft__fail(err, ESFT_ERR_UNSUPPORTED, "%s is FP8: saving it would re-quantise", name);
+    x->name = name;
+    x->dtype = dtype;
+    x->n_dims = n_dims;
+    x->shape[0] = n_dims == 1 ? w->cols : w->rows;
+    x->shape[1] = w->cols;
+    x->f32 = values;
+    return ESFT_OK;
+}
+
+/* The PESC config as __metadata__ strings (keys and values of 4 pairs; vals 4 x 32 bytes). */
+static const char *const esft__pesc_meta_keys[4] = {"pesc_n_experts", "pesc_top_k", "pesc_rank", "pesc_scale"};
+
+static void esft__pesc_meta_values(const esft_pesc_config *c, char vals[4][32])
+{
+    snprintf(vals[0], 32, "%d", c->n_experts);
+    snprintf(vals[1], 32, "%d", c->top_k);
+    snprintf(vals[2], 32, "%d", c->rank);
+    snprintf(vals[3], 32, "%.9g", (double)c->scale);
+}
+
+/* A PESC set's routers and adapters, F32, Camelidae's names, config in __metadata__. */
+static esft_status esft__pesc_save(const esft_model_trainable *tr, const char *path, esft_error *err)
+{
+    const esft_pesc_config *c = &tr->pesc;
+    int per = 1 + 2 * c->n_experts, n = tr->n_pesc * per, l, j, at = 0;
+    const char *keys[5], *values[5];
+    char vals[4][32], *names;
+    esft_st_write_tensor *t = ESFT__CAST(esft_st_write_tensor *, esft__calloc(&tr->allocator, (size_t)n + 1, sizeof *t));
+    esft_status s = ESFT_OK;
+    names = ESFT__CAST(char *, esft__calloc(&tr->allocator, (size_t)n + 1, 160));
+    if (!t || !names) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "names of %d tensors", n);
+    for (l = 0; s == ESFT_OK && l < tr->n_layers; l++) {
+        const float *p = esft_model_trainable_pesc(tr, tr->params, l);
+        for (j = 0; p && s == ESFT_OK && j < per; j++, at++) {
+            esft_pesc_tensor which = j == 0 ? ESFT_PESC_ROUTER : (j - 1) % 2 ? ESFT_PESC_UP : ESFT_PESC_DOWN;
+            int e = (j - 1) / 2;
+            t[at].name = names + (size_t)at * 160;
+            s = esft_pesc_tensor_name(names + (size_t)at * 160, 160, l, which, e);
+            t[at].dtype = ESFT_DTYPE_F32;
+            t[at].n_dims = 2;
+            t[at].shape[0] = which == ESFT_PESC_ROUTER ? c->n_experts : which == ESFT_PESC_DOWN ? c->rank : c->d_model;
+            t[at].shape[1] = which == ESFT_PESC_UP ? c->rank : c->d_model;
+            t[at].f32 = p + esft_pesc_tensor_offset(c, which, e);
+        }
+    }
+    esft__pesc_meta_values(c, vals);
+    keys[0] = "format";
+    values[0] = "pt";
+    for (j = 0; j < 4; j++) keys[j + 1] = esft__pesc_meta_keys[j], values[j + 1] = vals[j];
+    if (s == ESFT_OK) s = esft_safetensors_write(path, t, n, keys, values, 5, err);
+    esft__release(&tr->allocator, t);
+    esft__release(&tr->allocator, names);
+    return s;
+}
+
 ESFTDEF esft_status esft_model_trainable_save(const esft_model_trainable *tr, const esft_model *m,
                                               const esft_expert_config *cfg, const char *path, esft_error *err)
 {
     static const esft_part parts[3] = {ESFT_PART_EXPERT_GATE, ESFT_PART_EXPERT_UP, ESFT_PART_EXPERT_DOWN};
     static const esft_part shared_parts[3] = {ESFT_PART_SHARED_GATE, ESFT_PART_SHARED_UP, ESFT_PART_SHARED_DOWN};
+    esft_expert_config every;
     esft_st_write_tensor *t;
     char *names;
-    size_t fd;
-    int i, j, n;
+    int i, j, n, at = 0;
     esft_status s = ESFT_OK;
-    if (!tr || !m || !m->layers || !cfg || !path || !tr->slot)
+    if (!tr || !m || !m->layers || !path || !tr->slot ||
+        (!cfg && tr->method != ESFT_TRAIN_FFT && tr->method != ESFT_TRAIN_PESC))
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model, config or path");
-    if (tr->n_layers != m->cfg.n_layers || tr->n_experts != m->cfg.route.n_experts)
-        return esft__fail(err, ESFT_ERR_SHAPE, "trainable experts built for another model");
-    n = 3 * (tr->n_trained + tr->n_shared);
-    fd = (size_t)m->cfg.d_expert * m->cfg.d_model;
-    t = ESFT__CAST(esft_st_write_tensor *, esft__calloc(&tr->allocator, (size_t)(n ? n : 1), sizeof *t));
-    names = ESFT__CAST(char *, esft__calloc(&tr->allocator, (size_t)(n ? n : 1), 160));
+    if (tr->n_layers != m->cfg.n_layers || tr->n_experts != m->cfg.route.n_experts || tr->base_ != m)
+        return esft__fail(err, ESFT_ERR_SHAPE, "trainable set built for another model");
+    if (tr->method == ESFT_TRAIN_PESC) return esft__pesc_save(tr, path, err);
+    if (tr->method == ESFT_TRAIN_LORA)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "a LoRA set is saved with esft_model_lora_save");
+    memset(&every, 0, sizeof every);
+    if (!cfg && (s = esft__config_every(&every, m, &tr->allocator, err)) != ESFT_OK) return s;
+    n = 3 * (tr->n_trained + tr->n_shared) + tr->n_modules;
+    t = ESFT__CAST(esft_st_write_tensor *, esft__calloc(&tr->allocator, (size_t)n + 1, sizeof *t));
+    names = ESFT__CAST(char *, esft__calloc(&tr->allocator, (size_t)n + 1, 160));
     if (!t || !names) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "names of %d tensors", n);
     for (i = 0; s == ESFT_OK && i < tr->n_trained; i++) {
-        int l = tr->layer[i], e = tr->expert[i];
-        const esft_model_layer *w = &m->layers[l];
+        const esft_model_layer *w = &m->layers[tr->layer[i]];
+        const float *p = tr->params + (size_t)i * tr->expert_floats;
         const esft_matrix *mats[3];
-        mats[0] = &w->expert_gate[e];
-        mats[1] = &w->expert_up[e];
-        mats[2] = &w->expert_down[e];
-        if (!esft_expert_config_has(cfg, l, e))
-            s = esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "layer %d expert %d trains but cfg does not list it", l, e);
-        for (j = 0; s == ESFT_OK && j < 3; j++) {
-            esft_st_write_tensor *x = &t[3 * i + j];
-            if (mats[j]->dtype == ESFT_DTYPE_F8_E4M3) {
-                s = esft__fail(err, ESFT_ERR_UNSUPPORTED, "layer %d expert %d is FP8: saving would re-quantise", l, e);
-                break;
-            }
-            s = esft_tensor_name_format(names + (size_t)(3 * i + j) * 160, 160, m->expert_names, parts[j], l, e);
-            x->name = names + (size_t)(3 * i + j) * 160;
-            x->dtype = mats[j]->dtype;
-            x->n_dims = 2;
-            x->shape[0] = mats[j]->rows;
-            x->shape[1] = mats[j]->cols;
-            x->f32 = tr->params + (size_t)i * tr->expert_floats + (size_t)j * fd;
+        mats[0] = &w->expert_gate[tr->expert[i]];
+        mats[1] = &w->expert_up[tr->expert[i]];
+        mats[2] = &w->expert_down[tr->expert[i]];
+        for (j = 0; s == ESFT_OK && j < 3; j++, at++) {
+            char *name = names + (size_t)at * 160;
+            s = esft_tensor_name_format(name, 160, m->expert_names, parts[j], tr->layer[i], tr->expert[i]);
+            if (s == ESFT_OK)
+                s = esft__trained_tensor(&t[at], name, mats[j], mats[j]->dtype, 2, p + (size_t)j * tr->expert_floats / 3,
+                                         err);
         }
     }
-    for (i = 0, j = 3 * tr->n_trained; s == ESFT_OK && i < tr->n_layers; i++) {
+    for (i = 0; s == ESFT_OK && i < tr->n_layers; i++) {
         const esft_model_layer *w = &m->layers[i];
-        const esft_matrix *mats[3];
         const float *p = esft_model_trainable_shared(tr, tr->params, i);
         esft_family fam = m->cfg.family == ESFT_MODEL_QWEN2_MOE ? ESFT_FAMILY_QWEN_MOE : ESFT_FAMILY_DEEPSEEK_V2;
-        int k;
+        const esft_matrix *mats[3];
         if (!p) continue;
         mats[0] = &w->shared_gate;
         mats[1] = &w->shared_up;
         mats[2] = &w->shared_down;
-        for (k = 0; s == ESFT_OK && k < 3; k++, j++) {
-            esft_st_write_tensor *x = &t[j];
-            if (mats[k]->dtype == ESFT_DTYPE_F8_E4M3) {
-                s = esft__fail(err, ESFT_ERR_UNSUPPORTED, "layer %d shared experts are FP8: saving would re-quantise", i);
-                break;
-            }
-            s = esft_tensor_name_format(names + (size_t)j * 160, 160, fam, shared_parts[k], i, -1);
-            x->name = names + (size_t)j * 160;
-            x->dtype = mats[k]->dtype;
-            x->n_dims = 2;
-            x->shape[0] = mats[k]->rows;
-            x->shape[1] = mats[k]->cols;
-            x->f32 = p + (size_t)k * m->cfg.d_shared * m->cfg.d_model;
+        for (j = 0; s == ESFT_OK && j < 3; j++, at++) {
+            char *name = names + (size_t)at * 160;
+            s = esft_tensor_name_format(name, 160, fam, shared_parts[j], i, -1);
+            if (s == ESFT_OK)
+                s = esft__trained_tensor(&t[at], name, mats[j], mats[j]->dtype, 2, p + (size_t)j * tr->shared_floats / 3,
+                                         err);
         }
     }
-    if (s == ESFT_OK) s = esft_checkpoint_save_trained(path, cfg, t, n, err);
+    for (i = 0; s == ESFT_OK && i < tr->n_modules; i++, at++) {
+        const esft_model_tensor *mt = &m->tensors[tr->module[i]];
+        char *name = names + (size_t)at * 160;
+        snprintf(name, 160, "%s", mt->name);
+        s = esft__trained_tensor(&t[at], name, mt->matrix, mt->file_dtype, mt->file_dims,
+                                 tr->params + tr->module_offset[i], err);
+    }
+    if (s == ESFT_OK) s = esft_checkpoint_save_trained(path, cfg ? cfg : &every, t, n, err);
+    esft_expert_config_free(&every);
     esft__release(&tr->allocator, t);
     esft__release(&tr->allocator, names);
     return s;
+}
+
+/* Where a PESC tensor (Camelidae's name, parsed) goes in tr->params, and its shape. */
+static float *esft__pesc_target(const esft_model_trainable *tr, const esft_tensor_name *tn, int64_t shape[2])
+{
+    const esft_pesc_config *c = &tr->pesc;
+    float *p = esft_model_trainable_pesc(tr, tr->params, tn->layer);
+    esft_pesc_tensor which = tn->part == ESFT_PART_ROUTER ? ESFT_PESC_ROUTER
+                             : tn->part == ESFT_PART_ADAPTER_DOWN ? ESFT_PESC_DOWN : ESFT_PESC_UP;
+    if (!p || (which != ESFT_PESC_ROUTER && (tn->expert < 0 || tn->expert >= c->n_experts))) return NULL;
+    shape[0] = which == ESFT_PESC_ROUTER ? c->n_experts : which == ESFT_PESC_DOWN ? c->rank : c->d_model;
+    shape[1] = which == ESFT_PESC_UP ? c->rank : c->d_model;
+    return p + esft_pesc_tensor_offset(c, which, tn->expert);
 }
 
 /* Where tensor name of a trained file goes in tr->params, and its shape. */
@@ -10224,8 +10876,9 @@ static float *esft__trainable_target(const esft_model_trainable *tr, const esft_
     const esft_model_config *c = &m->cfg;
     float *p = NULL;
     size_t width;
-    int k;
-    if (!esft_tensor_name_parse(name, &tn)) return NULL;
+    int k, i;
+    esft_tensor_name_parse(name, &tn);
+    if (tn.family == ESFT_FAMILY_CAMELIDAE && tn.part != ESFT_PART_NONE) return esft__pesc_target(tr, &tn, shape);
     switch (tn.part) {
     case ESFT_PART_EXPERT_GATE: case ESFT_PART_EXPERT_UP: case ESFT_PART_EXPERT_DOWN:
         p = esft_model_trainable_expert(tr, tr->params, tn.layer, tn.expert);
@@ -10238,6 +10891,13 @@ static float *esft__trainable_target(const esft_model_trainable *tr, const esft_
         width = (size_t)c->d_shared;
         break;
     default:
+        for (i = 0; i < tr->n_modules; i++) {
+            const esft_model_tensor *mt = &m->tensors[tr->module[i]];
+            if (strcmp(mt->name, name) != 0) continue;
+            shape[0] = mt->matrix->rows;
+            shape[1] = mt->matrix->cols;
+            return tr->params + tr->module_offset[i];
+        }
         return NULL;
     }
     if (!p) return NULL;
@@ -10246,32 +10906,286 @@ static float *esft__trainable_target(const esft_model_trainable *tr, const esft_
     return p + (size_t)k * width * c->d_model;
 }
 
-ESFTDEF esft_status esft_model_trainable_load(esft_model_trainable *tr, const esft_model *m, const char *path,
-                                              esft_error *err)
+/* 1 if tensor t has the shape (rows, cols), a vector (1, cols) also as 1-D (cols). */
+static int esft__tensor_is(const esft_st_tensor *t, const int64_t shape[2])
+{
+    if (t->n_dims == 2) return t->shape[0] == shape[0] && t->shape[1] == shape[1];
+    return t->n_dims == 1 && shape[0] == 1 && t->shape[0] == shape[1];
+}
+
+/* Reads every tensor of path into the block place target gives, all checked
+   before any value is written. */
+static esft_status esft__trainable_read(esft_model_trainable *tr, const esft_model *m, const char *path,
+                                        float *(*target)(const esft_model_trainable *, const esft_model *,
+                                                         const char *, int64_t[2]),
+                                        esft_error *err)
 {
     esft_safetensors st;
     esft_status s;
     int i;
-    if (!tr || !m || !m->layers || !path || !tr->slot)
-        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model or path");
-    if (tr->n_layers != m->cfg.n_layers || tr->n_experts != m->cfg.route.n_experts)
-        return esft__fail(err, ESFT_ERR_SHAPE, "trainable experts built for another model");
     if ((s = esft_safetensors_open(&st, path, &tr->allocator, err)) != ESFT_OK) return s;
-    /* every tensor checked before any value is written */
     for (i = 0; s == ESFT_OK && i < st.n_tensors; i++) {
         const esft_st_tensor *t = &st.tensors[i];
         int64_t shape[2];
-        if (!esft__trainable_target(tr, m, t->name, shape))
-            s = esft__fail(err, ESFT_ERR_RANGE, "%s: tensor %s is not one of the trained experts", path, t->name);
-        else if (t->n_dims != 2 || t->shape[0] != shape[0] || t->shape[1] != shape[1])
+        if (!target(tr, m, t->name, shape))
+            s = esft__fail(err, ESFT_ERR_RANGE, "%s: tensor %s is not one this run trains", path, t->name);
+        else if (!esft__tensor_is(t, shape))
             s = esft__fail(err, ESFT_ERR_SHAPE, "%s: tensor %s is not (%lld, %lld)", path, t->name,
                            (long long)shape[0], (long long)shape[1]);
     }
     for (i = 0; s == ESFT_OK && i < st.n_tensors; i++) {
         int64_t shape[2];
-        s = esft_safetensors_read_f32(&st, i, esft__trainable_target(tr, m, st.tensors[i].name, shape), err);
+        s = esft_safetensors_read_f32(&st, i, target(tr, m, st.tensors[i].name, shape), err);
     }
     esft_safetensors_close(&st);
+    return s;
+}
+
+/* A PESC file's __metadata__ config (where given) against tr's: adapters
+   trained at another scale would load with the right shapes and mean
+   something else. */
+static esft_status esft__pesc_meta_check(const esft_model_trainable *tr, const char *path, esft_error *err)
+{
+    esft_safetensors st;
+    char vals[4][32];
+    int j;
+    esft_status s = esft_safetensors_open(&st, path, &tr->allocator, err);
+    if (s != ESFT_OK) return s;
+    esft__pesc_meta_values(&tr->pesc, vals);
+    for (j = 0; s == ESFT_OK && j < 4; j++) {
+        const char *v = esft_safetensors_metadata(&st, esft__pesc_meta_keys[j]);
+        if (v && strcmp(v, vals[j]) != 0)
+            s = esft__fail(err, ESFT_ERR_SHAPE, "%s: %s is %s, this PESC set has %s", path, esft__pesc_meta_keys[j], v,
+                           vals[j]);
+    }
+    esft_safetensors_close(&st);
+    return s;
+}
+
+ESFTDEF esft_status esft_model_trainable_load(esft_model_trainable *tr, const esft_model *m, const char *path,
+                                              esft_error *err)
+{
+    if (!tr || !m || !m->layers || !path || !tr->slot)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model or path");
+    if (tr->n_layers != m->cfg.n_layers || tr->n_experts != m->cfg.route.n_experts || tr->base_ != m)
+        return esft__fail(err, ESFT_ERR_SHAPE, "trainable set built for another model");
+    if (tr->method == ESFT_TRAIN_PESC) {
+        esft_status s = esft__pesc_meta_check(tr, path, err);
+        if (s != ESFT_OK) return s;
+    }
+    return esft__trainable_read(tr, m, path, esft__trainable_target, err);
+}
+
+/* ---- LoRA in PEFT's files ------------------------------------------------- */
+
+/* PEFT's name of adapter i's A (which 0) or B (1): base_model.model.<module>.lora_A.weight. */
+static void esft__lora_name(char *buf, size_t cap, const esft_model *m, const esft_model_trainable *tr, int i, int which)
+{
+    const char *name = m->tensors[tr->lora_tensor[i]].name;
+    size_t n = strlen(name);
+    if (n > 7 && strcmp(name + n - 7, ".weight") == 0) n -= 7;
+    snprintf(buf, cap, "base_model.model.%.*s.lora_%c.weight", (int)n, name, which ? 'B' : 'A');
+}
+
+/* Adapter i's module, relative to its layer (self_attn.q_proj, mlp.gate_proj). */
+static const char *esft__lora_module(const esft_model *m, const esft_model_trainable *tr, int i, size_t *len)
+{
+    const char *name = m->tensors[tr->lora_tensor[i]].name, *p = name;
+    int dots = 0;
+    while (*p && dots < 3) dots += *p++ == '.'; /* past "model.layers.N." */
+    *len = strlen(p) - (strlen(p) > 7 && strcmp(p + strlen(p) - 7, ".weight") == 0 ? 7 : 0);
+    return p;
+}
+
+/* adapter_config.json: what PEFT's LoraConfig needs to rebuild the adapters.
+   target_modules is a regular expression PEFT matches against whole module
+   names: the adapted modules exactly (a list of last components such as
+   gate_proj would also catch shared experts' gate_proj). */
+static void esft__lora_config_json(esft__buf *b, const esft_model_trainable *tr, const esft_model *m)
+{
+    esft__buf re;
+    int i, j;
+    esft__buf_printf(b, "{\n  \"peft_type\": \"LORA\",\n  \"task_type\": \"CAUSAL_LM\",\n  \"r\": %d,\n"
+                        "  \"lora_alpha\": %.9g,\n  \"lora_dropout\": 0.0,\n  \"bias\": \"none\",\n"
+                        "  \"fan_in_fan_out\": false,\n  \"use_rslora\": false,\n  \"inference_mode\": true,\n"
+                        "  \"base_model_name_or_path\": null,\n  \"target_modules\": ",
+                     tr->lora_rank, (double)tr->lora_alpha);
+    esft__buf_init(&re, &tr->allocator);
+    esft__buf_puts(&re, ".*\\.layers\\.\\d+\\.(");
+    for (i = 0; i < tr->n_lora; i++) {
+        size_t n, k;
+        const char *mod = esft__lora_module(m, tr, i, &n);
+        int seen = 0;
+        for (j = 0; j < i && !seen; j++) {
+            size_t n2;
+            const char *other = esft__lora_module(m, tr, j, &n2);
+            seen = n2 == n && strncmp(other, mod, n) == 0;
+        }
+        if (seen) continue;
+        if (re.size > strlen(".*\\.layers\\.\\d+\\.(")) esft__buf_puts(&re, "|");
+        for (k = 0; k < n; k++) esft__buf_append(&re, mod[k] == '.' ? "\\." : mod + k, mod[k] == '.' ? 2 : 1);
+    }
+    esft__buf_puts(&re, ")");
+    if (re.failed) b->failed = 1;
+    else esft__buf_json_string(b, re.data);
+    esft__buf_free(&re);
+    esft__buf_puts(b, "\n}\n");
+}
+
+ESFTDEF esft_status esft_model_lora_save(const esft_model_trainable *tr, const char *dir, esft_error *err)
+{
+    const esft_model *m;
+    esft_st_write_tensor *t;
+    char *names, path[4200];
+    esft__buf json;
+    int i, n;
+    esft_status s = ESFT_OK;
+    if (!tr || !dir || !tr->base_) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable or directory");
+    if (tr->method != ESFT_TRAIN_LORA || !tr->n_lora)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "the trainable set holds no LoRA adapter");
+    m = tr->base_;
+    if ((s = esft__make_dir(dir, err)) != ESFT_OK) return s;
+    n = 2 * tr->n_lora;
+    t = ESFT__CAST(esft_st_write_tensor *, esft__calloc(&tr->allocator, (size_t)n, sizeof *t));
+    names = ESFT__CAST(char *, esft__calloc(&tr->allocator, (size_t)n, 2 * ESFT__TENSOR_NAME));
+    if (!t || !names) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "names of %d tensors", n);
+    for (i = 0; s == ESFT_OK && i < n; i++) {
+        const esft_matrix *w = m->tensors[tr->lora_tensor[i / 2]].matrix;
+        const esft_lora *a = &tr->lora[i / 2];
+        char *name = names + (size_t)i * 2 * ESFT__TENSOR_NAME;
+        esft__lora_name(name, 2 * ESFT__TENSOR_NAME, m, tr, i / 2, i % 2);
+        t[i].name = name;
+        t[i].dtype = ESFT_DTYPE_F32;
+        t[i].n_dims = 2;
+        t[i].shape[0] = i % 2 ? w->rows : a->rank;
+        t[i].shape[1] = i % 2 ? a->rank : w->cols;
+        t[i].f32 = i % 2 ? a->b : a->a;
+    }
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    if (s == ESFT_OK) s = esft_safetensors_write(path, t, n, NULL, NULL, 0, err);
+    esft__buf_init(&json, &tr->allocator);
+    esft__lora_config_json(&json, tr, m);
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    if (s == ESFT_OK)
+        s = json.failed ? esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "adapter_config.json")
+                        : esft__write_file_atomic(path, json.data, json.size, err);
+    esft__buf_free(&json);
+    esft__release(&tr->allocator, t);
+    esft__release(&tr->allocator, names);
+    return s;
+}
+
+/* Where a PEFT tensor name goes among tr's adapters, and its shape. */
+static float *esft__lora_target(const esft_model_trainable *tr, const esft_model *m, const char *name,
+                                int64_t shape[2])
+{
+    char mine[2 * ESFT__TENSOR_NAME];
+    int i, which;
+    for (i = 0; i < tr->n_lora; i++)
+        for (which = 0; which < 2; which++) {
+            const esft_matrix *w = m->tensors[tr->lora_tensor[i]].matrix;
+            const float *p = which ? tr->lora[i].b : tr->lora[i].a;
+            esft__lora_name(mine, sizeof mine, m, tr, i, which);
+            if (strcmp(mine, name) != 0) continue;
+            shape[0] = which ? w->rows : tr->lora_rank;
+            shape[1] = which ? tr->lora_rank : w->cols;
+            return tr->params + (p - tr->params);
+        }
+    return NULL;
+}
+
+ESFTDEF esft_status esft_model_lora_load(esft_model_trainable *tr, const char *dir, esft_error *err)
+{
+    char path[4200];
+    if (!tr || !dir || !tr->base_) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable or directory");
+    if (tr->method != ESFT_TRAIN_LORA)
+        return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "the trainable set holds no LoRA adapter");
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    return esft__trainable_read(tr, tr->base_, path, esft__lora_target, err);
+}
+
+ESFTDEF esft_status esft_model_trainable_open(esft_model_trainable *tr, const esft_model *m, const char *path,
+                                              esft_error *err)
+{
+    esft_safetensors st;
+    esft_expert_config cfg;
+    esft_status s;
+    if (!tr || !m || !path) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model or path");
+    memset(tr, 0, sizeof *tr);
+    if ((s = esft_safetensors_open(&st, path, NULL, err)) != ESFT_OK) return s;
+    if (esft_safetensors_metadata(&st, esft__pesc_meta_keys[0])) { /* PESC adapters: their config, no expert config */
+        esft_train_spec sp;
+        const char *v[4];
+        int j;
+        for (j = 0; j < 4; j++) v[j] = esft_safetensors_metadata(&st, esft__pesc_meta_keys[j]);
+        memset(&sp, 0, sizeof sp);
+        sp.method = ESFT_TRAIN_PESC;
+        sp.pesc = esft_pesc_config_init(0, v[0] ? atoi(v[0]) : 0, v[1] ? atoi(v[1]) : 0, v[2] ? atoi(v[2]) : 0);
+        sp.pesc.scale = v[3] ? (float)atof(v[3]) : 0.0f;
+        sp.pesc.aux_alpha = 0.0f; /* evaluation: the aux loss is training's */
+        esft_safetensors_close(&st);
+        s = esft_model_trainable_init_spec(tr, m, &sp, NULL, err);
+    } else {
+        s = esft_checkpoint_read_config(&st, &cfg, err);
+        esft_safetensors_close(&st);
+        if (s != ESFT_OK) return s;
+        s = esft_model_trainable_init(tr, m, &cfg, NULL, err);
+        esft_expert_config_free(&cfg);
+    }
+    if (s == ESFT_OK && (s = esft_model_trainable_load(tr, m, path, err)) != ESFT_OK) esft_model_trainable_uninit(tr);
+    return s;
+}
+
+/* r and lora_alpha of a PEFT adapter_config.json. */
+static esft_status esft__lora_config_read(const char *path, int *rank, double *alpha, esft_error *err)
+{
+    char *text = NULL;
+    size_t size = 0;
+    esft_json js;
+    int tr, ta;
+    esft_status s = esft_file_read(path, 1u << 20, NULL, &text, &size, err);
+    if (s != ESFT_OK) return s;
+    s = esft_json_parse(&js, text, size, NULL, err);
+    if (s == ESFT_OK) {
+        double r = 0.0;
+        tr = esft_json_find(&js, 0, "r");
+        ta = esft_json_find(&js, 0, "lora_alpha");
+        if (tr < 0 || ta < 0 || esft_json_number(&js, tr, &r) != ESFT_OK || esft_json_number(&js, ta, alpha) != ESFT_OK ||
+            r != floor(r) || r < 1 || r > 65536)
+            s = esft__fail_at(err, ESFT_ERR_PARSE, path, 0, "r (an integer >= 1) and lora_alpha (a number) are needed");
+        *rank = (int)r;
+        esft_json_free(&js);
+    }
+    esft_file_free(text, NULL);
+    return s;
+}
+
+ESFTDEF esft_status esft_model_lora_open(esft_model_trainable *tr, const esft_model *m, const char *dir,
+                                         esft_error *err)
+{
+    esft_train_spec sp;
+    esft_safetensors st;
+    char path[4200];
+    double alpha = 0.0;
+    int i;
+    esft_status s;
+    if (!tr || !m || !dir) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "NULL trainable, model or directory");
+    memset(tr, 0, sizeof *tr);
+    memset(&sp, 0, sizeof sp);
+    sp.method = ESFT_TRAIN_LORA;
+    snprintf(path, sizeof path, "%s/adapter_config.json", dir);
+    if ((s = esft__lora_config_read(path, &sp.lora_rank, &alpha, err)) != ESFT_OK) return s;
+    sp.lora_alpha = (float)alpha;
+    snprintf(path, sizeof path, "%s/adapter_model.safetensors", dir);
+    if ((s = esft_safetensors_open(&st, path, NULL, err)) != ESFT_OK) return s;
+    for (i = 0; i < st.n_tensors; i++) {
+        if (strstr(st.tensors[i].name, ".self_attn.")) sp.lora_targets |= ESFT_LORA_ATTN;
+        else if (strstr(st.tensors[i].name, ".mlp.")) sp.lora_targets |= ESFT_LORA_MLP;
+    }
+    esft_safetensors_close(&st);
+    if ((s = esft_model_trainable_init_spec(tr, m, &sp, NULL, err)) != ESFT_OK) return s;
+    memset(tr->params, 0, tr->n_params * sizeof(float)); /* what the file lacks adds nothing */
+    if ((s = esft_model_lora_load(tr, dir, err)) != ESFT_OK) esft_model_trainable_uninit(tr);
     return s;
 }
 
@@ -10283,23 +11197,35 @@ static void esft__matmul_acc(float *y, int ldy, const float *x, int ldx, int T, 
     if (W->dtype == ESFT_DTYPE_F32) {
         esft__sgemm(0, 0, T, W->cols, W->rows, 1.0f, x, ldx, ESFT__CAST(const float *, W->data), W->cols, 1.0f, y,
                     ldy);
-        return;
+    } else {
+        step = esft__panel_rows(W);
+        for (r0 = 0; r0 < W->rows; r0 += step) {
+            int n = W->rows - r0 < step ? W->rows - r0 : step;
+            esft__matrix_rows_f32(panel, W, r0, n);
+            esft__sgemm(0, 0, T, W->cols, n, 1.0f, x + r0, ldx, panel, W->cols, 1.0f, y, ldy);
+        }
     }
-    step = esft__panel_rows(W);
-    for (r0 = 0; r0 < W->rows; r0 += step) {
-        int n = W->rows - r0 < step ? W->rows - r0 : step;
-        esft__matrix_rows_f32(panel, W, r0, n);
-        esft__sgemm(0, 0, T, W->cols, n, 1.0f, x + r0, ldx, panel, W->cols, 1.0f, y, ldy);
-    }
+    if (W->lora) esft__lora_apply(y, ldy, x, ldx, T, W, 1, panel);
 }
 
 /* dx += backward of y = RMSNorm(x) * w over rows of n, from dy:
-   dx_i += inv w_i dy_i - x_i inv^3 (sum_j w_j dy_j x_j) / n, inv as the forward's. */
+   dx_i += inv w_i dy_i - x_i inv^3 (sum_j w_j dy_j x_j) / n, inv as the
+   forward's; and dw_i += sum over rows of dy_i x_i inv when dw is given (one
+   thread, rows in order: the same bits for any thread count). */
 static void esft__rmsnorm_backward_rows(float *dx, int lddx, const float *dy, int lddy, const float *x, int ldx,
-                                        const float *w, int rows, int n, float eps, int nt)
+                                        const float *w, float *dw, int rows, int n, float eps, int nt)
 {
     int r;
     (void)nt;
+    for (r = 0; dw && r < rows; r++) {
+        const float *xr = x + (size_t)r * ldx, *dyr = dy + (size_t)r * lddy;
+        double ss = 0.0;
+        float inv;
+        int i;
+        for (i = 0; i < n; i++) ss += (double)xr[i] * xr[i];
+        inv = 1.0f / sqrtf((float)(ss / n) + eps);
+        for (i = 0; i < n; i++) dw[i] += dyr[i] * xr[i] * inv;
+    }
     ESFT__MOE_FOR_STATIC(nt)
     for (r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * ldx, *dyr = dy + (size_t)r * lddy;
@@ -10356,6 +11282,7 @@ typedef struct esft__trn {
     float *sg, *su, *sact, *sdg, *sdu; /* (T, max(FF, FS)) dense MLP / shared expert */
     float *ys, *sz;          /* (T, D) shared expert output before its gate; (T) gate logit */
     float *dlogits;          /* (HEAD_BLOCK, V) */
+    float daux;              /* PESC: d objective / d (a layer's aux loss) = grad_scale * n_scored */
 } esft__trn;
 
 static size_t esft__trn_layout(esft__trn *b, const esft_model_config *c, int T, int nt, unsigned char *base)
@@ -10433,23 +11360,53 @@ static void esft__swiglu_mlp_keep(float *out, const float *in, int n, int D, con
     esft__matmul(out, D, act, F, n, down, panel);
 }
 
-/* dx (n, D) += backward of esft__swiglu_mlp_keep from dy (n, D). dg and du (n,
-   F) are scratch. With dgate/dup/ddown (trained weights) their gradients
-   accumulate too: dW_down += dy^T act, dW_gate += dg^T in, dW_up += du^T in. */
-static void esft__swiglu_mlp_backward(float *dx, const float *dy, const float *in, int n, int D,
-                                      const esft_matrix *gate, const esft_matrix *up, const esft_matrix *down,
-                                      const float *g, const float *u, const float *act, float *dg, float *du,
-                                      float *dgate, float *dup, float *ddown, float *panel)
+/* The weight gradients of y (T, W.rows) = x (T, W.cols) W^T (+ its LoRA)
+   from dy: dW += dy^T x when W is one of tr's trained copies (its data in
+   tr->params); dA += scale (dy B)^T x and dB += scale dy^T (x A^T) when W
+   carries an adapter. Frozen, unadapted W: nothing. */
+static void esft__linear_grads(const esft_model_trainable *tr, const esft_matrix *W, const float *dy, int ldy,
+                               const float *x, int ldx, int T, float *panel)
+{
+    float *dW = esft__grad_of(tr, W->data);
+    if (dW) esft__sgemm(1, 0, W->rows, W->cols, T, 1.0f, dy, ldy, x, ldx, 1.0f, dW, W->cols);
+    if (W->lora) {
+        const esft_lora *a = W->lora;
+        float *dA = esft__grad_of(tr, a->a), *dB = esft__grad_of(tr, a->b);
+        int t0, step = esft__lora_chunk(a), r = a->rank;
+        for (t0 = 0; dA && dB && t0 < T; t0 += step) {
+            int n = T - t0 < step ? T - t0 : step;
+            const float *xt = x + (size_t)t0 * ldx, *dyt = dy + (size_t)t0 * ldy;
+            esft__sgemm(0, 1, n, r, W->cols, 1.0f, xt, ldx, a->a, W->cols, 0.0f, panel, r);
+            esft__sgemm(1, 0, W->rows, r, n, a->scale, dyt, ldy, panel, r, 1.0f, dB, r);
+            esft__sgemm(0, 0, n, r, W->rows, 1.0f, dyt, ldy, a->b, r, 0.0f, panel, r);
+            esft__sgemm(1, 0, r, W->cols, n, a->scale, panel, r, xt, ldx, 1.0f, dA, W->cols);
+        }
+    }
+}
+
+/* db (n) += the column sums of dy (T, n), when the bias b trains. */
+static void esft__bias_grad(const esft_model_trainable *tr, const esft_matrix *b, const float *dy, int T, int n)
+{
+    float *db = esft__grad_of(tr, b->data);
+    int t, i;
+    for (t = 0; db && t < T; t++)
+        for (i = 0; i < n; i++) db[i] += dy[(size_t)t * n + i];
+}
+
+/* dx (n, D) += backward of esft__swiglu_mlp_keep from dy (n, D), and the
+   gradients of whichever of gate/up/down tr trains. dg and du (n, F) are scratch. */
+static void esft__swiglu_mlp_backward(const esft_model_trainable *tr, float *dx, const float *dy, const float *in,
+                                      int n, int D, const esft_matrix *gate, const esft_matrix *up,
+                                      const esft_matrix *down, const float *g, const float *u, const float *act,
+                                      float *dg, float *du, float *panel)
 {
     int F = gate->rows;
     memset(dg, 0, (size_t)n * F * sizeof(float));
     esft__matmul_acc(dg, F, dy, D, n, down, panel);
-    if (ddown) esft__sgemm(1, 0, D, F, n, 1.0f, dy, D, act, F, 1.0f, ddown, F);
+    esft__linear_grads(tr, down, dy, D, act, F, n, panel);
     esft__swiglu_backward(du, dg, g, u, (size_t)n * F);
-    if (dgate) {
-        esft__sgemm(1, 0, F, D, n, 1.0f, dg, F, in, D, 1.0f, dgate, D);
-        esft__sgemm(1, 0, F, D, n, 1.0f, du, F, in, D, 1.0f, dup, D);
-    }
+    esft__linear_grads(tr, gate, dg, F, in, D, n, panel);
+    esft__linear_grads(tr, up, du, F, in, D, n, panel);
     esft__matmul_acc(dx, D, dg, F, n, gate, panel);
     esft__matmul_acc(dx, D, du, F, n, up, panel);
 }
@@ -10488,6 +11445,7 @@ static void esft__trn_gqa_forward(esft__trn *b, const esft_model_config *c, cons
     esft__rope_apply(f->k, HK * HD, HK, HD, T, HD, c->rope.interleaved, f->cos_, f->sin_, nt);
     esft__attention(f->ao, f->q, f->k, f->v, c, T, H, HK, HD, HD, f->scores, nt);
     esft__matmul(f->a, D, f->ao, H * HD, T, &w->o, f->panels);
+    esft__add_bias_rows(f->a, &w->o_bias, T, D);
 }
 
 /* The backward of esft__attention from dout (T, H dv): dq (T, H dq), dk (T,
@@ -10549,15 +11507,20 @@ static void esft__clamp_backward(float *d, const float *x, size_t n, float clip)
         if (x[i] > clip || x[i] < -clip) d[i] = 0.0f;
 }
 
-/* b->dh (T, D) += backward of GQA attention from da (T, D), after the layer's forward. */
+/* b->dh (T, D) += backward of GQA attention from da (T, D), after the
+   layer's forward; and the gradients of whichever of its weights tr trains. */
 static void esft__trn_gqa_backward(esft__trn *b, const esft_model_config *c, const esft_model_layer *w, int T,
                                    const float *da)
 {
     esft__fwd *f = &b->f;
+    const esft_model_trainable *tr = f->tr;
     int H = c->n_heads, HK = c->n_kv_heads, HD = c->head_dim, D = c->d_model, nt = f->nt;
     size_t nq = (size_t)T * H * HD, nk = (size_t)T * HK * HD;
+    const float *dqp = b->dq, *dkp = b->dk; /* gradients of the projections (+ bias), qb and kb */
     memset(b->dao, 0, nq * sizeof(float));
     esft__matmul_acc(b->dao, H * HD, da, D, T, &w->o, f->panels);
+    esft__linear_grads(tr, &w->o, da, D, f->ao, H * HD, T, f->panels);
+    esft__bias_grad(tr, &w->o_bias, da, T, D);
     esft__attention_backward(b->dq, b->dk, b->dv, f->q, f->k, f->v, b->dao, c, T, H, HK, HD, HD, b->P, b->dP, nt);
     esft__rope_backward(b->dq, H * HD, H, HD, T, HD, c->rope.interleaved, f->cos_, f->sin_, nt);
     esft__rope_backward(b->dk, HK * HD, HK, HD, T, HD, c->rope.interleaved, f->cos_, f->sin_, nt);
@@ -10567,26 +11530,26 @@ static void esft__trn_gqa_backward(esft__trn *b, const esft_model_config *c, con
         esft__clamp_backward(b->dv, b->vb, nk, c->clip_qkv);
     }
     if (c->qk_norm != ESFT_QK_NORM_NONE) {
-        int whole = c->qk_norm == ESFT_QK_NORM_WHOLE;
+        /* whole rows (OLMoE) or one row per head (Qwen3) */
+        int whole = c->qk_norm == ESFT_QK_NORM_WHOLE, qn = whole ? H * HD : HD, kn = whole ? HK * HD : HD;
+        int qrows = whole ? T : T * H, krows = whole ? T : T * HK;
         memset(b->dqb, 0, nq * sizeof(float));
         memset(b->dkb, 0, nk * sizeof(float));
-        if (whole) {
-            esft__rmsnorm_backward_rows(b->dqb, H * HD, b->dq, H * HD, b->qb, H * HD, esft__vec(&w->q_norm), T,
-                                        H * HD, c->rms_eps, nt);
-            esft__rmsnorm_backward_rows(b->dkb, HK * HD, b->dk, HK * HD, b->kb, HK * HD, esft__vec(&w->k_norm), T,
-                                        HK * HD, c->rms_eps, nt);
-        } else {
-            esft__rmsnorm_backward_rows(b->dqb, HD, b->dq, HD, b->qb, HD, esft__vec(&w->q_norm), T * H, HD,
-                                        c->rms_eps, nt);
-            esft__rmsnorm_backward_rows(b->dkb, HD, b->dk, HD, b->kb, HD, esft__vec(&w->k_norm), T * HK, HD,
-                                        c->rms_eps, nt);
-        }
-        esft__matmul_acc(b->dh, D, b->dqb, H * HD, T, &w->q, f->panels);
-        esft__matmul_acc(b->dh, D, b->dkb, HK * HD, T, &w->k, f->panels);
-    } else {
-        esft__matmul_acc(b->dh, D, b->dq, H * HD, T, &w->q, f->panels);
-        esft__matmul_acc(b->dh, D, b->dk, HK * HD, T, &w->k, f->panels);
+        esft__rmsnorm_backward_rows(b->dqb, qn, b->dq, qn, b->qb, qn, esft__vec(&w->q_norm),
+                                    esft__grad_of(tr, w->q_norm.data), qrows, qn, c->rms_eps, nt);
+        esft__rmsnorm_backward_rows(b->dkb, kn, b->dk, kn, b->kb, kn, esft__vec(&w->k_norm),
+                                    esft__grad_of(tr, w->k_norm.data), krows, kn, c->rms_eps, nt);
+        dqp = b->dqb;
+        dkp = b->dkb;
     }
+    esft__bias_grad(tr, &w->q_bias, dqp, T, H * HD);
+    esft__bias_grad(tr, &w->k_bias, dkp, T, HK * HD);
+    esft__bias_grad(tr, &w->v_bias, b->dv, T, HK * HD);
+    esft__linear_grads(tr, &w->q, dqp, H * HD, b->h1, D, T, f->panels);
+    esft__linear_grads(tr, &w->k, dkp, HK * HD, b->h1, D, T, f->panels);
+    esft__linear_grads(tr, &w->v, b->dv, HK * HD, b->h1, D, T, f->panels);
+    esft__matmul_acc(b->dh, D, dqp, H * HD, T, &w->q, f->panels);
+    esft__matmul_acc(b->dh, D, dkp, HK * HD, T, &w->k, f->panels);
     esft__matmul_acc(b->dh, D, b->dv, HK * HD, T, &w->v, f->panels);
 }
 
@@ -10635,8 +11598,10 @@ static void esft__trn_mla_backward(esft__trn *b, const esft_model_config *c, con
     int H = c->n_heads, D = c->d_model, DN = c->qk_nope_dim, DR = c->qk_rope_dim, DV = c->v_head_dim;
     int QR = c->q_lora_rank, KR = c->kv_lora_rank, dq = DN + DR, nt = f->nt, LW = QR + KR + DR, t;
     float *dlat = b->dqb, *dkvb = b->dkb, *tmp = b->qn; /* tmp: (T, LW) gradient of the normed latents */
+    const esft_model_trainable *tr = f->tr;
     memset(b->dao, 0, (size_t)T * H * DV * sizeof(float));
     esft__matmul_acc(b->dao, H * DV, da, D, T, &w->o, f->panels);
+    esft__linear_grads(tr, &w->o, da, D, f->ao, H * DV, T, f->panels);
     esft__attention_backward(b->dq, b->dk, b->dv, f->q, f->k, f->v, b->dao, c, T, H, H, dq, DV, b->P, b->dP, nt);
     memset(dlat, 0, (size_t)T * LW * sizeof(float));
     memset(tmp, 0, (size_t)T * LW * sizeof(float));
@@ -10654,16 +11619,21 @@ static void esft__trn_mla_backward(esft__trn *b, const esft_model_config *c, con
     esft__rope_backward(dlat + QR + KR, LW, 1, DR, T, DR, c->rope.interleaved, f->cos_, f->sin_, nt);
     esft__rope_backward(b->dq + DN, H * dq, H, dq, T, DR, c->rope.interleaved, f->cos_, f->sin_, nt);
     esft__matmul_acc(tmp + QR, LW, dkvb, H * (DN + DV), T, &w->kv_b, f->panels);
-    esft__rmsnorm_backward_rows(dlat + QR, LW, tmp + QR, LW, b->qb + QR, LW, esft__vec(&w->kv_a_norm), T, KR,
-                                ESFT__MLA_NORM_EPS, nt);
+    esft__linear_grads(tr, &w->kv_b, dkvb, H * (DN + DV), f->lat + QR, LW, T, f->panels);
+    esft__rmsnorm_backward_rows(dlat + QR, LW, tmp + QR, LW, b->qb + QR, LW, esft__vec(&w->kv_a_norm),
+                                esft__grad_of(tr, w->kv_a_norm.data), T, KR, ESFT__MLA_NORM_EPS, nt);
     if (QR) {
         esft__matmul_acc(tmp, LW, b->dq, H * dq, T, &w->q_b, f->panels);
-        esft__rmsnorm_backward_rows(dlat, LW, tmp, LW, b->qb, LW, esft__vec(&w->q_a_norm), T, QR, ESFT__MLA_NORM_EPS,
-                                    nt);
+        esft__linear_grads(tr, &w->q_b, b->dq, H * dq, f->lat, LW, T, f->panels);
+        esft__rmsnorm_backward_rows(dlat, LW, tmp, LW, b->qb, LW, esft__vec(&w->q_a_norm),
+                                    esft__grad_of(tr, w->q_a_norm.data), T, QR, ESFT__MLA_NORM_EPS, nt);
+        esft__linear_grads(tr, &w->q_a, dlat, LW, b->h1, D, T, f->panels);
         esft__matmul_acc(b->dh, D, dlat, LW, T, &w->q_a, f->panels);
     } else {
+        esft__linear_grads(tr, &w->q, b->dq, H * dq, b->h1, D, T, f->panels);
         esft__matmul_acc(b->dh, D, b->dq, H * dq, T, &w->q, f->panels);
     }
+    esft__linear_grads(tr, &w->kv_a, dlat + QR, LW, b->h1, D, T, f->panels);
     esft__matmul_acc(b->dh, D, dlat + QR, LW, T, &w->kv_a, f->panels);
 }
 
@@ -10728,15 +11698,13 @@ static void esft__trn_moe_backward(esft__trn *b, const esft_model_config *c, con
     for (e = 0; e < E; e++) {
         int r0 = f->offsets[e], n = f->offsets[e + 1] - r0;
         float *panel = f->panels + (size_t)esft__thread_id() * ESFT__PANEL_FLOATS;
-        float *dW = esft_model_trainable_expert(tr, tr->grads, l, e);
-        size_t rf = (size_t)r0 * F, rd = (size_t)r0 * D, fd = (size_t)F * D;
+        size_t rf = (size_t)r0 * F, rd = (size_t)r0 * D;
         esft_matrix mg, mu, md;
         if (n == 0) continue;
         esft__expert_mats(f, w, l, e, &mg, &mu, &md);
         memset(b->dxg + rd, 0, (size_t)n * D * sizeof(float));
-        esft__swiglu_mlp_backward(b->dxg + rd, b->dO + rd, f->xg + rd, n, D, &mg, &mu, &md, b->eg + rf, b->eu + rf,
-                                  b->eact + rf, b->edg + rf, b->edu + rf, dW, dW ? dW + fd : NULL,
-                                  dW ? dW + 2 * fd : NULL, panel);
+        esft__swiglu_mlp_backward(tr, b->dxg + rd, b->dO + rd, f->xg + rd, n, D, &mg, &mu, &md, b->eg + rf,
+                                  b->eu + rf, b->eact + rf, b->edg + rf, b->edu + rf, panel);
     }
     ESFT__MOE_FOR_STATIC(f->nt)
     for (t = 0; t < T; t++) {
@@ -10754,15 +11722,15 @@ static void esft__trn_moe_backward(esft__trn *b, const esft_model_config *c, con
         esft__route_backward_token(&rc, b->dl + (size_t)t * E, p, f->ids + (size_t)t * K, b->dw + (size_t)t * K,
                                    NULL, E);
     }
+    esft__linear_grads(tr, &w->router, b->dl, E, f->h, D, T, f->panels);
     esft__sgemm(0, 0, T, D, E, 1.0f, b->dl, E, esft__vec(&w->router), D, 1.0f, b->dh, D);
     if (FS > 0) {
         const float *dys = da;
-        float *dS = esft_model_trainable_shared(tr, tr->grads, l);
-        size_t sd = (size_t)FS * D;
         esft_matrix sg, su, smd;
         esft__shared_mats(f, w, l, &sg, &su, &smd);
         if (w->shared_router.data) {
             const float *ws = esft__vec(&w->shared_router);
+            float *dws = esft__grad_of(tr, w->shared_router.data);
             for (t = 0; t < T; t++) {
                 const float *dat = da + (size_t)t * D, *y = b->ys + (size_t)t * D;
                 float s = esft__sigmoidf(b->sz[t]), *dst = b->dxg + (size_t)t * D, dz;
@@ -10774,11 +11742,12 @@ static void esft__trn_moe_backward(esft__trn *b, const esft_model_config *c, con
                 }
                 dz = (float)dot * s * (1.0f - s);
                 for (d = 0; d < D; d++) b->dh[(size_t)t * D + d] += dz * ws[d];
+                for (d = 0; dws && d < D; d++) dws[d] += dz * f->h[(size_t)t * D + d];
             }
             dys = b->dxg; /* free again after the routed experts' scatter: (T K, D) >= (T, D) */
         }
-        esft__swiglu_mlp_backward(b->dh, dys, f->h, T, D, &sg, &su, &smd, b->sg, b->su, b->sact, b->sdg, b->sdu, dS,
-                                  dS ? dS + sd : NULL, dS ? dS + 2 * sd : NULL, f->panels);
+        esft__swiglu_mlp_backward(tr, b->dh, dys, f->h, T, D, &sg, &su, &smd, b->sg, b->su, b->sact, b->sdg, b->sdu,
+                                  f->panels);
     }
 }
 
@@ -10794,6 +11763,7 @@ static esft_status esft__trn_layer_forward(esft__trn *b, const esft_model *m, in
     size_t n = (size_t)T * D, i;
     const float *xin = b->X + (size_t)l * n;
     float *xout = b->X + (size_t)(l + 1) * n;
+    const float *out = f->a; /* the FFN half's output (PESC's when l has a block; f->a keeps its input F) */
     esft_status s;
     esft__rmsnorm_rows(b->h1, D, xin, D, esft__vec(&w->attn_norm), T, D, c->rms_eps, f->nt);
     if (c->mla) esft__trn_mla_forward(b, c, w, T);
@@ -10806,14 +11776,15 @@ static esft_status esft__trn_layer_forward(esft__trn *b, const esft_model *m, in
     } else {
         esft__swiglu_mlp_keep(f->a, f->h, T, D, &w->mlp_gate, &w->mlp_up, &w->mlp_down, b->sg, b->su, b->sact,
                               f->panels);
+        if ((s = esft__pesc_layer(f, l, T, NULL, &out, err)) != ESFT_OK) return s;
     }
-    for (i = 0; i < n; i++) xout[i] = b->xm[i] + f->a[i];
+    for (i = 0; i < n; i++) xout[i] = b->xm[i] + out[i];
     return ESFT_OK;
 }
 
 /* b->dx (T, D) = gradient of grad_scale * loss_sum w.r.t. X[L], through the
-   final norm and lm_head (logits recomputed 64 positions at a time); the loss
-   as esft_model_forward computes it. */
+   final norm and lm_head (logits recomputed 64 positions at a time), and their
+   gradients when they train; the loss as esft_model_forward computes it. */
 static esft_status esft__trn_head(esft__trn *b, const esft_model *m, const int32_t *labels, int T, float grad_scale,
                                   double *loss, int64_t *count, esft_error *err)
 {
@@ -10847,16 +11818,20 @@ static esft_status esft__trn_head(esft__trn *b, const esft_model *m, const int32
             inv = (double)grad_scale / sum;
             for (j = 0; j < V; j++) drow[j] = (float)(drow[j] * inv - (j == y ? (double)grad_scale : 0.0));
         }
+        esft__linear_grads(f->tr, &m->lm_head, b->dlogits, V, f->h + (size_t)t * D, D, n, f->panels);
         esft__matmul_acc(b->dh + (size_t)t * D, D, b->dlogits, V, n, &m->lm_head, f->panels);
     }
     if (s != ESFT_OK) return s;
     memset(b->dx, 0, (size_t)T * D * sizeof(float));
-    esft__rmsnorm_backward_rows(b->dx, D, b->dh, D, xl, D, esft__vec(&m->final_norm), T, D, c->rms_eps, f->nt);
+    esft__rmsnorm_backward_rows(b->dx, D, b->dh, D, xl, D, esft__vec(&m->final_norm),
+                                esft__grad_of(f->tr, m->final_norm.data), T, D, c->rms_eps, f->nt);
     return ESFT_OK;
 }
 
-/* b->dx: gradient w.r.t. X[l+1] in, w.r.t. X[l] out (not needed below the
-   lowest trained layer, so that one stops after its FFN: last). */
+/* b->dx: gradient w.r.t. X[l+1] in, w.r.t. X[l] out. The lowest layer that
+   trains anything stops as soon as nothing below needs a gradient: after its
+   FFN when its attention half trains nothing (last = 1), else after the
+   attention (last = 2; the embedding's gradient needs X[0]'s: last = 0). */
 static esft_status esft__trn_layer_backward(esft__trn *b, const esft_model *m, esft_model_trainable *tr, int l,
                                             int T, int last, esft_error *err)
 {
@@ -10866,19 +11841,51 @@ static esft_status esft__trn_layer_backward(esft__trn *b, const esft_model *m, e
     int D = c->d_model;
     size_t n = (size_t)T * D;
     esft_status s = esft__trn_layer_forward(b, m, l, T, err);
+    const float *pesc = esft_model_trainable_pesc(tr, tr->params, l), *dmlp = b->dx;
     if (s != ESFT_OK) return s;
     memset(b->dh, 0, n * sizeof(float));
+    if (pesc) { /* y = PESC(F, u): dF feeds the frozen MLP's backward, du the FFN input's gradient */
+        memset(f->pdF, 0, n * sizeof(float));
+        s = esft_pesc_backward(&tr->pesc, f->pdF, b->dh, esft__grad_of(tr, pesc), b->dx, b->daux, &f->ps, f->a,
+                               f->h, pesc, T, err);
+        if (s != ESFT_OK) return s;
+        dmlp = f->pdF;
+    }
     if (c->is_moe[l]) esft__trn_moe_backward(b, c, w, tr, l, T, b->dx);
-    else esft__swiglu_mlp_backward(b->dh, b->dx, f->h, T, D, &w->mlp_gate, &w->mlp_up, &w->mlp_down, b->sg, b->su,
-                                   b->sact, b->sdg, b->sdu, NULL, NULL, NULL, f->panels);
-    if (last) return ESFT_OK;
-    esft__rmsnorm_backward_rows(b->dx, D, b->dh, D, b->xm, D, esft__vec(&w->ffn_norm), T, D, c->rms_eps, f->nt);
+    else esft__swiglu_mlp_backward(tr, b->dh, dmlp, f->h, T, D, &w->mlp_gate, &w->mlp_up, &w->mlp_down, b->sg,
+                                   b->su, b->sact, b->sdg, b->sdu, f->panels);
+    esft__rmsnorm_backward_rows(b->dx, D, b->dh, D, b->xm, D, esft__vec(&w->ffn_norm),
+                                esft__grad_of(tr, w->ffn_norm.data), T, D, c->rms_eps, f->nt);
+    if (last == 1) return ESFT_OK;
     memset(b->dh, 0, n * sizeof(float));
     if (c->mla) esft__trn_mla_backward(b, c, w, T, b->dx);
     else esft__trn_gqa_backward(b, c, w, T, b->dx);
-    esft__rmsnorm_backward_rows(b->dx, D, b->dh, D, b->X + (size_t)l * n, D, esft__vec(&w->attn_norm), T, D,
-                                c->rms_eps, f->nt);
+    esft__rmsnorm_backward_rows(b->dx, D, b->dh, D, b->X + (size_t)l * n, D, esft__vec(&w->attn_norm),
+                                esft__grad_of(tr, w->attn_norm.data), T, D, c->rms_eps, f->nt);
     return ESFT_OK;
+}
+
+/* How far down the backward goes: the lowest layer whose FFN half trains
+   anything (*attn 0) or whose attention half does (*attn 1); L when nothing
+   trains; *embed when the embedding does (then down to X[0]). */
+static int esft__trn_lowest(const esft_model_trainable *tr, const esft_model *m, int *attn, int *embed)
+{
+    int l, i, lowest = m->cfg.n_layers;
+    *attn = *embed = 0;
+    if (tr->n_trained > 0) lowest = tr->layer[0];
+    for (l = 0; l < lowest; l++)
+        if (tr->shared_slot[l] >= 0 || tr->pesc_slot[l] >= 0) lowest = l;
+    for (i = 0; i < tr->n_modules + tr->n_lora; i++) {
+        const esft_model_tensor *t = &m->tensors[i < tr->n_modules ? tr->module[i] : tr->lora_tensor[i - tr->n_modules]];
+        if (t->layer < 0) {
+            *embed |= t->matrix == &m->embed;
+            continue;
+        }
+        if (t->layer < lowest || (t->layer == lowest && t->attention)) *attn = t->attention;
+        if (t->layer < lowest) lowest = t->layer;
+    }
+    if (*embed) lowest = 0, *attn = 1;
+    return lowest;
 }
 
 ESFTDEF esft_status esft_model_forward_backward(const esft_model *m, esft_model_trainable *tr, const int32_t *ids,
@@ -10886,11 +11893,13 @@ ESFTDEF esft_status esft_model_forward_backward(const esft_model *m, esft_model_
                                                 int64_t *n_scored, esft_error *err)
 {
     const esft_model_config *c;
+    esft_model view;
+    const esft_model *v;
     esft_model_run run;
     esft__trn b;
     unsigned char *base;
     size_t bytes;
-    int nt = esft_get_num_threads(), t, l, D, lowest;
+    int nt = esft_get_num_threads(), t, l, D, lowest, attn, embed;
     double loss = 0.0;
     int64_t count = 0;
     esft_status s;
@@ -10900,6 +11909,9 @@ ESFTDEF esft_status esft_model_forward_backward(const esft_model *m, esft_model_
     run.labels = labels;
     run.trainable = tr;
     if ((s = esft__forward_check(m, ids, T, &run, err)) != ESFT_OK) return s;
+    view = tr->view; /* the model as trained: copies and adapters in place, m's config as it is now */
+    view.cfg = m->cfg;
+    v = &view;
     c = &m->cfg;
     D = c->d_model;
     /* a small model runs on one thread: starting a team per loop costs more
@@ -10911,17 +11923,26 @@ ESFTDEF esft_status esft_model_forward_backward(const esft_model *m, esft_model_
                                  (unsigned long)bytes, T);
     esft__trn_layout(&b, c, T, nt, ESFT__CAST(unsigned char *, (void *)(((uintptr_t)base + 63) & ~(uintptr_t)63)));
     b.f.tr = tr;
-    for (t = 0; t < T; t++) esft__matrix_rows_f32(b.X + (size_t)t * D, &m->embed, ids[t], 1);
+    for (t = 0; t < T; t++) esft__matrix_rows_f32(b.X + (size_t)t * D, &v->embed, ids[t], 1);
     esft__rope_tables(b.f.cos_, b.f.sin_, &c->rope, c->mla ? c->qk_rope_dim : c->head_dim, T);
-    s = ESFT_OK;
-    for (l = 0; s == ESFT_OK && l < c->n_layers; l++) s = esft__trn_layer_forward(&b, m, l, T, err);
-    if (s == ESFT_OK) s = esft__trn_head(&b, m, labels, T, grad_scale, &loss, &count, err);
-    /* layers below the lowest trained expert need no gradient */
-    lowest = tr->n_trained > 0 ? tr->layer[0] : c->n_layers;
-    for (l = 0; l < lowest; l++)
-        if (tr->shared_slot[l] >= 0) lowest = l;
+    s = esft__pesc_begin(&b.f, m, T, err);
+    for (l = 0; s == ESFT_OK && l < c->n_layers; l++) s = esft__trn_layer_forward(&b, v, l, T, err);
+    tr->aux_loss = b.f.aux; /* the first pass's; the backward's recomputations add to b.f.aux again */
+    if (s == ESFT_OK) s = esft__trn_head(&b, v, labels, T, grad_scale, &loss, &count, err);
+    b.daux = grad_scale * (float)count;
+    lowest = esft__trn_lowest(tr, m, &attn, &embed);
     for (l = c->n_layers - 1; s == ESFT_OK && l >= lowest; l--)
-        s = esft__trn_layer_backward(&b, m, tr, l, T, l == lowest, err);
+        s = esft__trn_layer_backward(&b, v, tr, l, T, l > lowest || embed ? 0 : attn ? 2 : 1, err);
+    if (s == ESFT_OK && embed) {
+        float *dE = esft__grad_of(tr, v->embed.data);
+        for (t = 0; t < T; t++) {
+            const float *g = b.dx + (size_t)t * D;
+            float *row = dE + (size_t)ids[t] * D;
+            int d;
+            for (d = 0; d < D; d++) row[d] += g[d];
+        }
+    }
+    esft__pesc_end(&b.f, m);
     m->allocator.free(m->allocator.user, base);
     if (s != ESFT_OK) return s;
     if (loss_sum) *loss_sum = loss;

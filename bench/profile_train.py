@@ -18,9 +18,9 @@ import argparse, os, re, subprocess, sys
 # (name, exact source text, what the timer covers). Nested timers are fine: the
 # report lists each as a part of the step.
 PHASES = [
-    ("fwd1", "    for (l = 0; s == ESFT_OK && l < c->n_layers; l++) s = esft__trn_layer_forward(&b, m, l, T, err);\n",
+    ("fwd1", "    for (l = 0; s == ESFT_OK && l < c->n_layers; l++) s = esft__trn_layer_forward(&b, v, l, T, err);\n",
      "first forward pass: every layer, keeping only the residual stream"),
-    ("head", "    if (s == ESFT_OK) s = esft__trn_head(&b, m, labels, T, grad_scale, &loss, &count, err);\n",
+    ("head", "    if (s == ESFT_OK) s = esft__trn_head(&b, v, labels, T, grad_scale, &loss, &count, err);\n",
      "head: final norm, logits (64 rows at a time), loss, dlogits, dh = dlogits W_lm"),
     ("recompute", "    esft_status s = esft__trn_layer_forward(b, m, l, T, err);\n",
      "recompute forward of the layer inside the backward"),
@@ -34,10 +34,10 @@ PHASES = [
      "  router + grouping (both passes)"),
     ("moe_fwd", "        esft__trn_moe_forward(b, c, w, l, T);\n",
      "  MoE experts forward + combine (both passes)"),
-    ("dW", "    if (ddown) esft__sgemm(1, 0, D, F, n, 1.0f, dy, D, act, F, 1.0f, ddown, F);\n",
-     "  dW_down of the trained experts"),
-    ("dW2", "        esft__sgemm(1, 0, F, D, n, 1.0f, dg, F, in, D, 1.0f, dgate, D);\n        esft__sgemm(1, 0, F, D, n, 1.0f, du, F, in, D, 1.0f, dup, D);\n",
-     "  dW_gate, dW_up of the trained experts"),
+    ("dW", "    esft__linear_grads(tr, down, dy, D, act, F, n, panel);\n",
+     "  dW_down of the trained experts (SwiGLU backward)"),
+    ("dW2", "    esft__linear_grads(tr, gate, dg, F, in, D, n, panel);\n    esft__linear_grads(tr, up, du, F, in, D, n, panel);\n",
+     "  dW_gate, dW_up of the trained experts (SwiGLU backward)"),
 ]
 
 PRELUDE = r'''

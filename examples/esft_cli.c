@@ -354,6 +354,11 @@ static int cli_stats_model_config(const char *cmd, const char *path, int given_k
     memset(&err, 0, sizeof err);
     s = esft_model_config_read(&mc, path, &err);
     if (s != ESFT_OK) return cli_fail(cmd, s, &err);
+    if (esft_model_config_moe_layers(&mc) == 0) {
+        fprintf(stderr, "esft %s: %s: the model has no MoE layer (%s): no router, so no routing logs to score\n", cmd,
+                path, esft_model_family_name(mc.family));
+        return EXIT_RUNTIME;
+    }
     if (cli_model_value(cmd, "--top-k", given_k, mc.route.top_k, path, k) ||
         cli_model_value(cmd, "--experts", given_e, mc.route.n_experts, path, experts) ||
         cli_model_value(cmd, "--layers", given_l, mc.n_layers, path, layers))
@@ -1105,6 +1110,20 @@ static int cli_has_option(int argc, char **argv, const char *flag)
     return 0;
 }
 
+/* ESFT scores and trains routed experts, which a dense model (llama, mistral,
+   qwen2) does not have. Reads only config.json, so the refusal comes before
+   the weights load; a config that does not read is left to the open after. */
+static int cli_require_moe(const char *cmd, const char *dir, const char *what)
+{
+    char path[4200];
+    esft_model_config c;
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    if (esft_model_config_read(&c, path, NULL) != ESFT_OK || esft_model_config_moe_layers(&c) > 0) return EXIT_OK;
+    fprintf(stderr, "esft %s: %s: the model has no MoE layer (%s, %d dense layers): no router, so no expert to %s\n",
+            cmd, dir, esft_model_family_name(c.family), c.n_layers, what);
+    return EXIT_RUNTIME;
+}
+
 /* Opens MODEL_DIR and reads the data; prints what failed. */
 static int cli_open_model(const char *cmd, const char *dir, const char *data, int max_samples, esft_model *m,
                           esft_dataset *ds, int quiet)
@@ -1129,17 +1148,21 @@ static int cli_open_model(const char *cmd, const char *dir, const char *data, in
 }
 
 static const char eval_help[] =
-    "usage: esft eval MODEL_DIR --data FILE.jsonl [--logits OUT.npy] [--max-samples N] [-q]\n"
+    "usage: esft eval MODEL_DIR --data FILE.jsonl [--trained FILE | --adapter DIR] [--logits OUT.npy]\n"
+    "                 [--max-samples N] [-q]\n"
     "\n"
-    "Runs a Hugging Face MoE checkpoint (config.json + safetensors; families\n"
-    "deepseek_v2, deepseek_v3, qwen2_moe, qwen3_moe, olmoe, mixtral) over the\n"
-    "samples of FILE.jsonl and prints, on stdout:\n"
+    "Runs a Hugging Face checkpoint (config.json + safetensors; MoE families\n"
+    "deepseek_v2, deepseek_v3, qwen2_moe, qwen3_moe, olmoe, mixtral; dense llama,\n"
+    "mistral, qwen2) over the samples of FILE.jsonl and prints, on stdout:\n"
     "  loss <mean cross-entropy in nats> tokens <scored targets>\n"
     "the mean over every scored target of every sample (position t predicts\n"
     "labels[t+1]; labels of -100 are not scored), as transformers computes it.\n"
     "\n"
     "  --data FILE        one sample a line: {\"input_ids\": [...], \"labels\": [...]}\n"
     "                     (labels optional: then every token is scored)\n"
+    "  --trained FILE     with what `esft train` wrote (esft or fft) in place of the\n"
+    "                     checkpoint's tensors, unmerged (exactly the run's fp32 values)\n"
+    "  --adapter DIR      with a LoRA adapter directory (PEFT's layout) on the model\n"
     "  --logits OUT.npy   every position's logits, float32, shape (positions, vocab),\n"
     "                     samples concatenated in file order\n"
     "  --max-samples N    only the first N samples\n"
@@ -1147,9 +1170,10 @@ static const char eval_help[] =
 
 static int cmd_eval(const char *name, int argc, char **argv)
 {
-    const char *dir = NULL, *data = NULL, *logits_path = NULL;
-    int i, r, max_samples = 0, quiet = 0, sidx;
+    const char *dir = NULL, *data = NULL, *logits_path = NULL, *trained = NULL, *adapter = NULL;
+    int i, r, max_samples = 0, quiet = 0, sidx, have_tr = 0;
     esft_model m;
+    esft_model_trainable tr;
     esft_dataset ds;
     esft_npy_writer npy;
     esft_error err;
@@ -1162,6 +1186,8 @@ static int cmd_eval(const char *name, int argc, char **argv)
     for (i = 1; i < argc; i++) {
         if ((r = cli_text(name, argc, argv, &i, "--data", NULL, &data)) ||
             (r = cli_text(name, argc, argv, &i, "--logits", NULL, &logits_path)) ||
+            (r = cli_text(name, argc, argv, &i, "--trained", NULL, &trained)) ||
+            (r = cli_text(name, argc, argv, &i, "--adapter", NULL, &adapter)) ||
             (r = cli_int_option(name, argc, argv, &i, "--max-samples", &max_samples))) {
             if (r < 0) return EXIT_USAGE;
         } else if (cli_flag(argc, argv, &i, "-q", "--quiet")) {
@@ -1173,13 +1199,18 @@ static int cmd_eval(const char *name, int argc, char **argv)
     if (!dir) return cli_missing(name, "the MODEL_DIR");
     if (!data) return cli_missing(name, "--data FILE.jsonl");
     if (max_samples < 0) return cli_usage(name, "--max-samples must be >= 1%s%s", "", "");
+    if (trained && adapter) return cli_usage(name, "give --trained or --adapter, not both%s%s", "", "");
     if (logits_path && (r = cli_check_model(name, logits_path, dir, data)) != EXIT_OK) return r;
     if ((r = cli_open_model(name, dir, data, max_samples, &m, &ds, quiet)) != EXIT_OK) return r;
+    if (trained || adapter) {
+        s = trained ? esft_model_trainable_open(&tr, &m, trained, &err) : esft_model_lora_open(&tr, &m, adapter, &err);
+        have_tr = s == ESFT_OK;
+    }
     for (sidx = 0; sidx < ds.n_samples; sidx++) {
         long long n = ds.offset[sidx + 1] - ds.offset[sidx];
         if (n > max_len) max_len = n;
     }
-    if (logits_path) {
+    if (s == ESFT_OK && logits_path) {
         logits = (float *)malloc((size_t)max_len * (size_t)m.cfg.vocab * sizeof(float));
         if (!logits) s = ESFT_ERR_OUT_OF_MEMORY;
         else s = esft_npy_open(&npy, logits_path, ds.offset[ds.n_samples], m.cfg.vocab, &err);
@@ -1193,6 +1224,7 @@ static int cmd_eval(const char *name, int argc, char **argv)
         memset(&run, 0, sizeof run);
         run.labels = ds.labels + ds.offset[sidx];
         run.logits = logits;
+        run.trainable = have_tr ? &tr : NULL;
         s = esft_model_forward(&m, ds.ids + ds.offset[sidx], T, &run, &ls, &ns, &err);
         if (s == ESFT_OK && logits) s = esft_npy_append(&npy, logits, T, &err);
         loss += ls;
@@ -1213,6 +1245,7 @@ static int cmd_eval(const char *name, int argc, char **argv)
                     logits_path ? "; logits -> " : "", logits_path ? logits_path : "");
         }
     }
+    if (have_tr) esft_model_trainable_uninit(&tr);
     esft_dataset_free(&ds);
     esft_model_close(&m);
     return s == ESFT_OK ? EXIT_OK : cli_fail(name, s, &err);
@@ -1261,6 +1294,7 @@ static int cmd_stats_model(const char *name, int argc, char **argv)
     if (decimals < -1 || decimals > 17) return cli_usage(name, "--decimals must be -1..17%s%s", "", "");
     if (max_samples < 0) return cli_usage(name, "--max-samples must be >= 1%s%s", "", "");
     if ((r = cli_check_model(name, out, dir, data)) != EXIT_OK) return r;
+    if ((r = cli_require_moe(name, dir, "score")) != EXIT_OK) return r;
     if ((r = cli_open_model(name, dir, data, max_samples, &m, &ds, quiet)) != EXIT_OK) return r;
     s = esft_stats_init(&st, m.cfg.n_layers, m.cfg.route.n_experts, m.cfg.route.top_k, NULL);
     if (s == ESFT_OK && labelled) {
@@ -1301,44 +1335,69 @@ static int cmd_stats_model(const char *name, int argc, char **argv)
 /* ---- esft train -------------------------------------------------------- */
 
 static const char train_help[] =
-    "usage: esft train MODEL_DIR --data TRAIN.jsonl --method esft --expert-config CFG.json --steps N\n"
-    "                  --batch-tokens B -o OUT.safetensors [options]\n"
+    "usage: esft train MODEL_DIR --data TRAIN.jsonl --method esft|fft|lora|pesc --steps N\n"
+    "                  --batch-tokens B -o OUT [options]\n"
     "\n"
-    "Trains the routed experts an ESFT expert config lists (everything else frozen)\n"
-    "and writes only those experts, under the checkpoint's own tensor names with the\n"
-    "config in its metadata: `esft merge MODEL_DIR OUT.safetensors -o DIR` puts them\n"
-    "back. Each step packs whole samples, in a seeded shuffled order, until the batch\n"
-    "holds at least B scored tokens; its gradient is that of the batch's mean loss,\n"
-    "clipped to a global norm, then one AdamW step (ESFT's recipe by default).\n"
+    "Fine-tunes a Hugging Face checkpoint with one of the methods of ESFT's comparison:\n"
+    "  esft  the routed experts an ESFT expert config lists (+ its shared_experts /\n"
+    "        non_expert_modules flags); OUT.safetensors holds only those tensors,\n"
+    "        under the checkpoint's own names with the config in its metadata\n"
+    "  fft   every parameter; OUT.safetensors holds them all\n"
+    "  lora  rank-r adapters on the attention projections (and/or dense MLPs), base\n"
+    "        frozen; OUT is a directory in PEFT's layout (adapter_model.safetensors,\n"
+    "        adapter_config.json) that peft.PeftModel.from_pretrained loads\n"
+    "  pesc  Camelidae: an adapter MoE after each frozen dense MLP (router + rank-r\n"
+    "        adapters train, upcycled so step 0 is the base); OUT.safetensors holds\n"
+    "        them under Camelidae's names, the adapter config in the metadata\n"
+    "`esft merge MODEL_DIR OUT.safetensors -o DIR` puts an esft/fft result back into\n"
+    "a full checkpoint (pesc: `esft eval MODEL_DIR --trained OUT` runs base + adapters).\n"
+    "Each step packs whole samples, in a seeded shuffled order,\n"
+    "until the batch holds at least B scored tokens; each sample is one micro-batch\n"
+    "whose gradient is accumulated; the batch's mean-loss gradient is clipped to a\n"
+    "global norm, then one AdamW step (ESFT's recipe by default).\n"
     "\n"
-    "  --method esft           the only method so far (lora, fft, pesc: not yet)\n"
+    "  --method M              esft (default), fft, lora or pesc\n"
     "  --data FILE             training samples, {\"input_ids\": [...], \"labels\": [...]}\n"
-    "  --expert-config FILE    ESFT's expert config (esft select writes one)\n"
+    "  --expert-config FILE    esft: ESFT's expert config (esft select writes one)\n"
+    "  --lora-rank R           lora: adapter rank (default 8)\n"
+    "  --lora-alpha A          lora: scale alpha / R (default alpha = R)\n"
+    "  --lora-targets T        lora: attn, mlp or attn,mlp (default attn; mlp = dense\n"
+    "                          MLP layers; adapters on routed experts: not implemented)\n"
+    "  --pesc-experts N        pesc: adapters per layer (default 8)\n"
+    "  --pesc-top-k K          pesc: adapters per token (default 2)\n"
+    "  --pesc-rank R           pesc: adapter rank (default 512, at most the width)\n"
+    "  --pesc-scale S          pesc: adapter output scale (default 0.25)\n"
+    "  --pesc-aux A            pesc: auxiliary loss weight (default 0.01)\n"
     "  --steps N               optimizer steps (>= 1)\n"
     "  --batch-tokens B        scored tokens per step, at least (>= 1)\n"
-    "  -o, --output FILE       the trained experts (.safetensors), written at the end\n"
+    "  --micro-batch-tokens b  refuse samples longer than b tokens before any step (one\n"
+    "                          sample is one forward-backward: b bounds its memory)\n"
+    "  -o, --output OUT        the trained tensors (.safetensors; lora: a directory),\n"
+    "                          written at the end\n"
     "  --lr LR                 peak learning rate (default 1e-5)\n"
     "  --warmup W              linear warm-up steps (default min(100, N / 10))\n"
     "  --schedule S            constant (default) or cosine (to 0 after the warm-up)\n"
     "  --weight-decay WD       AdamW weight decay (default 0.1; betas 0.9, 0.95)\n"
     "  --clip C                global gradient-norm clip (default 1.0; 0 = off)\n"
-    "  --seed S                sample order (default 1); same seed, same bits\n"
+    "  --seed S                sample order and LoRA init (default 1); same seed, same bits\n"
     "  --eval-data FILE        held-out samples: mean loss every K steps and at the end\n"
     "  --eval-every K          (default: only at the end)\n"
     "  --log FILE              one JSON object a line per step: step, loss, lr,\n"
     "                          grad_norm, tokens (and eval_loss on eval steps)\n"
-    "  --state FILE            save the run's state (experts, AdamW moments, step,\n"
-    "                          sample order) every K steps and at the end\n"
+    "  --state FILE            save the run's state (trained tensors, AdamW moments,\n"
+    "                          step, sample order) every K steps and at the end\n"
     "  --state-every K         (default: only at the end)\n"
-    "  --resume FILE           go on from such a state with the same options and\n"
+    "  --resume FILE           go on from such a state with the same data, options and\n"
     "                          seed: the steps after it as an uninterrupted run's\n"
     "  -q, --quiet             no progress or summary on stderr\n";
 
 typedef struct cli_train_opts {
-    const char *dir, *data, *method, *config, *out, *log, *eval_data, *schedule, *state, *resume;
-    int steps, batch_tokens, warmup, eval_every, state_every, quiet;
-    double lr, weight_decay, clip;
+    const char *dir, *data, *method, *config, *out, *log, *eval_data, *schedule, *state, *resume, *lora_targets;
+    int steps, batch_tokens, micro_tokens, warmup, eval_every, state_every, quiet, lora_rank;
+    int pesc_experts, pesc_top_k, pesc_rank;
+    double lr, weight_decay, clip, lora_alpha, pesc_scale, pesc_aux;
     long long seed;
+    esft_train_spec spec; /* the method, filled by cli_train_check_usage */
 } cli_train_opts;
 
 /* A number option read with cli_double: 0 not this option; 1 read; -1 usage error. */
@@ -1357,7 +1416,9 @@ static int cli_train_parse(const char *name, int argc, char **argv, cli_train_op
     memset(o, 0, sizeof *o);
     o->method = "esft";
     o->schedule = "constant";
-    o->steps = o->batch_tokens = o->warmup = o->eval_every = o->state_every = -1;
+    o->steps = o->batch_tokens = o->micro_tokens = o->warmup = o->eval_every = o->state_every = -1;
+    o->lora_rank = o->pesc_experts = o->pesc_top_k = o->pesc_rank = -1;
+    o->lora_alpha = o->pesc_scale = o->pesc_aux = -1.0;
     o->lr = esft.lr;
     o->weight_decay = esft.weight_decay;
     o->clip = 1.0;
@@ -1376,6 +1437,15 @@ static int cli_train_parse(const char *name, int argc, char **argv, cli_train_op
             (r = cli_text(name, argc, argv, &i, "--seed", NULL, &seed)) ||
             (r = cli_int_option(name, argc, argv, &i, "--steps", &o->steps)) ||
             (r = cli_int_option(name, argc, argv, &i, "--batch-tokens", &o->batch_tokens)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--micro-batch-tokens", &o->micro_tokens)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--lora-rank", &o->lora_rank)) ||
+            (r = cli_double_option(name, argc, argv, &i, "--lora-alpha", &o->lora_alpha)) ||
+            (r = cli_text(name, argc, argv, &i, "--lora-targets", NULL, &o->lora_targets)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--pesc-experts", &o->pesc_experts)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--pesc-top-k", &o->pesc_top_k)) ||
+            (r = cli_int_option(name, argc, argv, &i, "--pesc-rank", &o->pesc_rank)) ||
+            (r = cli_double_option(name, argc, argv, &i, "--pesc-scale", &o->pesc_scale)) ||
+            (r = cli_double_option(name, argc, argv, &i, "--pesc-aux", &o->pesc_aux)) ||
             (r = cli_int_option(name, argc, argv, &i, "--warmup", &o->warmup)) ||
             (r = cli_int_option(name, argc, argv, &i, "--eval-every", &o->eval_every)) ||
             (r = cli_double_option(name, argc, argv, &i, "--lr", &o->lr)) ||
@@ -1396,22 +1466,92 @@ static int cli_train_parse(const char *name, int argc, char **argv, cli_train_op
     return EXIT_OK;
 }
 
+/* --lora-targets: a comma list of attn and mlp; 0 when malformed (what names the bad word). */
+static unsigned cli_lora_targets(const char *list, char *what, size_t cap)
+{
+    unsigned bits = 0;
+    const char *p = list;
+    while (*p) {
+        size_t n = strcspn(p, ",");
+        if (n == 4 && strncmp(p, "attn", 4) == 0) bits |= ESFT_LORA_ATTN;
+        else if (n == 3 && strncmp(p, "mlp", 3) == 0) bits |= ESFT_LORA_MLP;
+        else {
+            snprintf(what, cap, "%.*s", (int)(n < 60 ? n : 60), p);
+            return 0;
+        }
+        p += n + (p[n] == ',');
+    }
+    if (!bits) snprintf(what, cap, "(empty)");
+    return bits;
+}
+
+/* --pesc-*: Camelidae's adapter MoE (8 adapters, top 2, scale 0.25, aux 0.01;
+   rank 512, or the model's width when that is smaller, decided at open). */
+static int cli_train_check_pesc(const char *name, cli_train_opts *o)
+{
+    esft_pesc_config *c = &o->spec.pesc;
+    *c = esft_pesc_config_camelidae(0);
+    if (o->pesc_experts != -1) c->n_experts = o->pesc_experts;
+    if (o->pesc_top_k != -1) c->top_k = o->pesc_top_k;
+    c->rank = o->pesc_rank; /* -1: the default, set when the model's width is known */
+    if (o->pesc_scale != -1.0) c->scale = (float)o->pesc_scale;
+    if (o->pesc_aux != -1.0) c->aux_alpha = (float)o->pesc_aux;
+    if (c->n_experts < 1 || c->n_experts > 4096 || c->top_k < 1 || c->top_k > c->n_experts)
+        return cli_usage(name, "--pesc-experts must be in [1, 4096] and --pesc-top-k in [1, experts]%s%s", "", "");
+    if (o->pesc_rank != -1 && (o->pesc_rank < 1 || o->pesc_rank > 65536))
+        return cli_usage(name, "--pesc-rank must be in [1, 65536]%s%s", "", "");
+    if (!isfinite(c->scale) || !isfinite(c->aux_alpha) || c->aux_alpha < 0.0f)
+        return cli_usage(name, "--pesc-scale must be finite and --pesc-aux finite and >= 0%s%s", "", "");
+    o->spec.seed = (uint64_t)o->seed;
+    return EXIT_OK;
+}
+
+/* --method and the options that belong to it into o->spec. */
+static int cli_train_check_method(const char *name, cli_train_opts *o)
+{
+    int esft = strcmp(o->method, "esft") == 0, lora = strcmp(o->method, "lora") == 0;
+    int pesc = strcmp(o->method, "pesc") == 0;
+    char bad[64];
+    memset(&o->spec, 0, sizeof o->spec);
+    if (!esft && !lora && !pesc && strcmp(o->method, "fft") != 0)
+        return cli_usage(name, "--method expects esft, fft, lora or pesc, got '%s'%s", o->method, "");
+    if (!pesc && (o->pesc_experts != -1 || o->pesc_top_k != -1 || o->pesc_rank != -1 || o->pesc_scale != -1.0 ||
+                  o->pesc_aux != -1.0))
+        return cli_usage(name, "--pesc-experts, --pesc-top-k, --pesc-rank, --pesc-scale and --pesc-aux are for --method pesc%s%s", "", "");
+    if (esft && !o->config) return cli_missing(name, "--expert-config CFG.json");
+    if (!esft && o->config) return cli_usage(name, "--expert-config is for --method esft, not %s%s", o->method, "");
+    if (!lora && (o->lora_rank != -1 || o->lora_alpha != -1.0 || o->lora_targets))
+        return cli_usage(name, "--lora-rank, --lora-alpha and --lora-targets are for --method lora%s%s", "", "");
+    o->spec.method = esft ? ESFT_TRAIN_ESFT : lora ? ESFT_TRAIN_LORA : pesc ? ESFT_TRAIN_PESC : ESFT_TRAIN_FFT;
+    if (pesc) return cli_train_check_pesc(name, o);
+    if (!lora) return EXIT_OK;
+    /* PEFT's defaults: r 8, alpha 8; the attention projections */
+    o->spec.lora_rank = o->lora_rank == -1 ? 8 : o->lora_rank;
+    o->spec.lora_alpha = (float)(o->lora_alpha == -1.0 ? o->spec.lora_rank : o->lora_alpha);
+    if (o->spec.lora_rank < 1 || o->spec.lora_rank > 65536) return cli_usage(name, "--lora-rank must be in [1, 65536]%s%s", "", "");
+    if (!isfinite(o->lora_alpha) || (o->lora_alpha != -1.0 && !(o->lora_alpha > 0.0)))
+        return cli_usage(name, "--lora-alpha must be a number > 0%s%s", "", "");
+    if (o->lora_targets && strstr(o->lora_targets, "experts"))
+        return cli_usage(name, "--lora-targets experts: adapters on routed experts are not implemented (attn, mlp)%s%s", "", "");
+    o->spec.lora_targets = o->lora_targets ? cli_lora_targets(o->lora_targets, bad, sizeof bad) : ESFT_LORA_ATTN;
+    if (!o->spec.lora_targets) return cli_usage(name, "--lora-targets: '%s' is neither attn nor mlp%s", bad, "");
+    o->spec.seed = (uint64_t)o->seed;
+    return EXIT_OK;
+}
+
 /* Everything that can be judged from the command line alone: usage errors (2). */
 static int cli_train_check_usage(const char *name, cli_train_opts *o)
 {
-    if (strcmp(o->method, "esft") != 0) {
-        if (strcmp(o->method, "lora") == 0 || strcmp(o->method, "fft") == 0 || strcmp(o->method, "pesc") == 0)
-            return cli_usage(name, "--method %s is not implemented yet (only --method esft)%s", o->method, "");
-        return cli_usage(name, "--method expects esft, got '%s'%s", o->method, "");
-    }
+    int r;
     if (!o->dir) return cli_missing(name, "the MODEL_DIR");
     if (!o->data) return cli_missing(name, "--data TRAIN.jsonl");
-    if (!o->config) return cli_missing(name, "--expert-config CFG.json");
-    if (!o->out) return cli_missing(name, "-o OUT.safetensors");
+    if ((r = cli_train_check_method(name, o)) != EXIT_OK) return r;
+    if (!o->out) return cli_missing(name, o->spec.method == ESFT_TRAIN_LORA ? "-o ADAPTER_DIR" : "-o OUT.safetensors");
     if (o->steps == -1) return cli_missing(name, "--steps N");
     if (o->batch_tokens == -1) return cli_missing(name, "--batch-tokens B");
     if (o->steps < 1) return cli_usage(name, "--steps must be >= 1%s%s", "", "");
     if (o->batch_tokens < 1) return cli_usage(name, "--batch-tokens must be >= 1%s%s", "", "");
+    if (o->micro_tokens != -1 && o->micro_tokens < 2) return cli_usage(name, "--micro-batch-tokens must be >= 2%s%s", "", "");
     /* the default: a short ramp, at most 100 steps, that a short run barely sees */
     if (o->warmup == -1) o->warmup = o->steps / 10 < 100 ? o->steps / 10 : 100;
     if (o->warmup < 0) return cli_usage(name, "--warmup must be >= 0%s%s", "", "");
@@ -1441,8 +1581,8 @@ static int cli_train_check_outputs(const char *name, const cli_train_opts *o)
     cli_inputs in;
     int ok, r;
     memset(&in, 0, sizeof in);
-    ok = cli_inputs_add_checkpoint(&in, o->dir) && cli_inputs_add(&in, o->data) && cli_inputs_add(&in, o->config) &&
-         (!o->eval_data || cli_inputs_add(&in, o->eval_data));
+    ok = cli_inputs_add_checkpoint(&in, o->dir) && cli_inputs_add(&in, o->data) &&
+         (!o->config || cli_inputs_add(&in, o->config)) && (!o->eval_data || cli_inputs_add(&in, o->eval_data));
     r = ok && o->log ? cli_check_output(name, &in, o->log) : EXIT_OK;
     /* the state may be the file resumed from (that is how a run goes on), so it is
        checked before the resumed file joins the inputs */
@@ -1540,6 +1680,23 @@ static esft_status cli_train_eval(const esft_model *m, const esft_model_trainabl
     return st;
 }
 
+/* --micro-batch-tokens bounds the tokens of one forward-backward (its memory):
+   a sample is one micro-batch, so a longer one is an error before any step. */
+static esft_status cli_train_check_lengths(const cli_train_opts *o, const esft_dataset *ds, esft_error *err)
+{
+    int s;
+    for (s = 0; o->micro_tokens > 0 && s < ds->n_samples; s++) {
+        int64_t n = ds->offset[s + 1] - ds->offset[s];
+        if (n <= o->micro_tokens) continue;
+        snprintf(err->file, sizeof err->file, "%.200s", o->data);
+        snprintf(err->message, sizeof err->message,
+                 "sample %d has %lld tokens, more than --micro-batch-tokens %d (one sample is one forward: split it, "
+                 "or raise the bound)", s, (long long)n, o->micro_tokens);
+        return ESFT_ERR_RANGE;
+    }
+    return ESFT_OK;
+}
+
 /* What a run holds; zeroed, then filled as it opens. */
 typedef struct cli_train_state {
     esft_model m;
@@ -1572,6 +1729,7 @@ static void cli_train_close(cli_train_state *t)
 static esft_status cli_train_open(const char *name, const cli_train_opts *o, cli_train_state *t, esft_error *err)
 {
     esft_adamw_config ac = esft_adamw_config_esft();
+    esft_train_spec spec = o->spec;
     esft_status s;
     int i;
     if ((s = esft_model_open(&t->m, o->dir, NULL, err)) != ESFT_OK) return s;
@@ -1600,11 +1758,17 @@ static esft_status cli_train_open(const char *name, const cli_train_opts *o, cli
                  t->ds.n_samples ? "no training signal" : "empty data", t->ds.n_samples);
         return ESFT_ERR_INVALID_ARGUMENT;
     }
-    if ((s = esft_expert_config_read(o->config, &t->cfg, err)) != ESFT_OK) return s;
-    t->have_cfg = 1;
-    if ((s = esft_model_trainable_init(&t->tr, &t->m, &t->cfg, NULL, err)) != ESFT_OK) return s;
+    if ((s = cli_train_check_lengths(o, &t->ds, err)) != ESFT_OK) return s;
+    if (o->config) {
+        if ((s = esft_expert_config_read(o->config, &t->cfg, err)) != ESFT_OK) return s;
+        t->have_cfg = 1;
+        spec.experts = &t->cfg;
+    }
+    if (spec.method == ESFT_TRAIN_PESC && spec.pesc.rank == -1) /* Camelidae's 512, at most the width */
+        spec.pesc.rank = t->m.cfg.d_model < 512 ? t->m.cfg.d_model : 512;
+    if ((s = esft_model_trainable_init_spec(&t->tr, &t->m, &spec, NULL, err)) != ESFT_OK) return s;
     t->have_tr = 1;
-    if (t->tr.n_params == 0) {
+    if (t->tr.n_params == 0 && o->config) {
         snprintf(err->file, sizeof err->file, "%.200s", o->config);
         snprintf(err->message, sizeof err->message, "the expert config selects no expert: nothing to train");
         return ESFT_ERR_INVALID_ARGUMENT;
@@ -1637,12 +1801,14 @@ static esft_status cli_train_pick(cli_train_state *t, int batch_tokens, int *n, 
     return ESFT_OK;
 }
 
-/* One optimizer step; loss is the batch's mean before the update. */
-static esft_status cli_train_step(cli_train_state *t, const cli_train_opts *o, int step, double *loss, double *lr,
-                                  double *norm, int64_t *tokens, esft_error *err)
+/* One optimizer step; loss is the batch's mean before the update, aux (PESC,
+   else -1) the token-weighted mean of the samples' auxiliary losses, the term
+   the gradient also holds. */
+static esft_status cli_train_step(cli_train_state *t, const cli_train_opts *o, int step, double *loss, double *aux,
+                                  double *lr, double *norm, int64_t *tokens, esft_error *err)
 {
     esft_status s;
-    double sum = 0.0;
+    double sum = 0.0, aux_sum = 0.0;
     int n, b;
     float *g = t->tr.grads;
     if ((s = cli_train_pick(t, o->batch_tokens, &n, tokens)) != ESFT_OK) return s;
@@ -1656,8 +1822,10 @@ static esft_status cli_train_step(cli_train_state *t, const cli_train_opts *o, i
                                         &ls, &ns, err);
         if (s != ESFT_OK) return s;
         sum += ls;
+        aux_sum += t->tr.aux_loss * (double)ns;
     }
     *loss = sum / (double)*tokens;
+    *aux = t->tr.method == ESFT_TRAIN_PESC ? aux_sum / (double)*tokens : -1.0;
     if ((s = esft_clip_grad_norm(&g, &t->tr.n_params, 1, (float)o->clip, norm, err)) != ESFT_OK) return s;
     *lr = cli_train_lr(o, step);
     t->opt.cfg.lr = (float)*lr;
@@ -1665,10 +1833,12 @@ static esft_status cli_train_step(cli_train_state *t, const cli_train_opts *o, i
 }
 
 /* The log line of one step (eval < 0: no eval this step). */
-static void cli_train_log(FILE *f, int step, double loss, double lr, double norm, int64_t tokens, double eval)
+static void cli_train_log(FILE *f, int step, double loss, double lr, double norm, int64_t tokens, double eval,
+                          double aux)
 {
     fprintf(f, "{\"step\": %d, \"loss\": %.9g, \"lr\": %.9g, \"grad_norm\": %.9g, \"tokens\": %lld", step, loss, lr, norm,
             (long long)tokens);
+    if (aux >= 0.0) fprintf(f, ", \"aux_loss\": %.9g", aux);
     if (eval >= 0.0) fprintf(f, ", \"eval_loss\": %.9g", eval);
     fprintf(f, "}\n");
 }
@@ -1676,30 +1846,69 @@ static void cli_train_log(FILE *f, int step, double loss, double lr, double norm
 /* ---- train state: --state / --resume -------------------------------------- */
 
 /* The state file is a safetensors file: "params", "adam_m", "adam_v" (F32,
-   n_params each, the trainable block's layout), "experts" (I32: layer, expert
-   of each slot, then -1, shared blocks), "order" (I32, the current
-   shuffle of the scoring samples) and "counters" (I64: steps done, position
-   in the order, draws taken, seed), all a run needs to go on with the same
-   bits. I64 and I32 bytes are written as this machine holds them
-   (safetensors is little-endian, as are x86 and ARM Linux). */
+   n_params each, the trainable block's layout), "experts" (I32: what the
+   block holds, cli_train_experts), "order" (I32, the current shuffle of the
+   scoring samples), "counters" (I64: steps done, position in the order,
+   draws taken, seed) and "setup" (I64: fingerprints of the data and of the
+   options that change the math), all a run needs to go on with the same
+   bits, and what tells a resume with other data or options. I64 and I32
+   bytes are written as this machine holds them (safetensors is
+   little-endian, as are x86 and ARM Linux). */
+#define CLI_LAYOUT_TAIL 6
+
 /* What the block trains, as the state records it: (layer, expert) per slot,
-   then -1 and the number of shared blocks. NULL when out of memory. */
+   then -1, shared blocks, non-expert tensors, adapters, LoRA rank, method.
+   NULL when out of memory. */
 static int32_t *cli_train_experts(const esft_model_trainable *tr)
 {
-    int32_t *ex = (int32_t *)malloc((size_t)(2 * tr->n_trained + 2) * sizeof *ex);
+    int32_t *ex = (int32_t *)malloc((size_t)(2 * tr->n_trained + CLI_LAYOUT_TAIL) * sizeof *ex), *tail;
     int i;
     if (!ex) return NULL;
     for (i = 0; i < tr->n_trained; i++) ex[2 * i] = tr->layer[i], ex[2 * i + 1] = tr->expert[i];
-    ex[2 * tr->n_trained] = -1;
-    ex[2 * tr->n_trained + 1] = tr->n_shared;
+    tail = ex + 2 * tr->n_trained;
+    tail[0] = -1;
+    tail[1] = tr->n_shared;
+    tail[2] = tr->n_modules;
+    tail[3] = tr->n_lora;
+    tail[4] = tr->lora_rank;
+    tail[5] = (int32_t)tr->method;
     return ex;
 }
 
-static esft_status cli_train_state_save(const cli_train_state *t, const char *path, uint64_t seed, esft_error *err)
+static uint64_t cli_fnv(uint64_t h, const void *data, size_t n)
+{
+    const unsigned char *p = (const unsigned char *)data;
+    size_t i;
+    for (i = 0; i < n; i++) h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+}
+
+/* Fingerprints: [0] the training data (ids, labels, sample bounds), [1] the
+   options a resumed run must keep (lr, weight decay, clip, batch, warm-up,
+   schedule, LoRA alpha). --steps may grow; eval and state options may change. */
+static void cli_train_setup(const cli_train_state *t, const cli_train_opts *o, int64_t setup[2])
+{
+    uint64_t h = 14695981039346656037ull;
+    int64_t n = t->ds.offset[t->ds.n_samples];
+    double opts[6];
+    int ints[2];
+    h = cli_fnv(h, t->ds.offset, (size_t)(t->ds.n_samples + 1) * sizeof *t->ds.offset);
+    h = cli_fnv(h, t->ds.ids, (size_t)n * sizeof *t->ds.ids);
+    setup[0] = (int64_t)cli_fnv(h, t->ds.labels, (size_t)n * sizeof *t->ds.labels);
+    opts[0] = o->lr, opts[1] = o->weight_decay, opts[2] = o->clip, opts[3] = o->spec.lora_alpha;
+    opts[4] = o->spec.pesc.scale, opts[5] = o->spec.pesc.aux_alpha;
+    ints[0] = o->batch_tokens, ints[1] = o->warmup;
+    h = cli_fnv(14695981039346656037ull, opts, sizeof opts);
+    h = cli_fnv(h, ints, sizeof ints);
+    setup[1] = (int64_t)cli_fnv(h, o->schedule, strlen(o->schedule));
+}
+
+static esft_status cli_train_state_save(const cli_train_state *t, const cli_train_opts *o, esft_error *err)
 {
     static const char *const keys[] = {"format"}, *const values[] = {"esft-train-state"};
-    int64_t counters[4];
-    esft_st_write_tensor w[6];
+    int64_t counters[4], setup[2];
+    uint64_t seed = (uint64_t)o->seed;
+    esft_st_write_tensor w[7];
     int32_t *ex;
     esft_status s;
     int i;
@@ -1715,9 +1924,12 @@ static esft_status cli_train_state_save(const cli_train_state *t, const char *pa
     w[3].name = "order", w[3].dtype = ESFT_DTYPE_I32, w[3].n_dims = 1, w[3].shape[0] = t->order.n, w[3].data = t->order.perm;
     w[4].name = "counters", w[4].dtype = ESFT_DTYPE_I64, w[4].n_dims = 1, w[4].shape[0] = 4, w[4].data = counters;
     if (!(ex = cli_train_experts(&t->tr))) return ESFT_ERR_OUT_OF_MEMORY;
-    w[5].name = "experts", w[5].dtype = ESFT_DTYPE_I32, w[5].n_dims = 1, w[5].shape[0] = 2 * t->tr.n_trained + 2;
+    w[5].name = "experts", w[5].dtype = ESFT_DTYPE_I32, w[5].n_dims = 1;
+    w[5].shape[0] = 2 * t->tr.n_trained + CLI_LAYOUT_TAIL;
     w[5].data = ex;
-    s = esft_safetensors_write(path, w, 6, keys, values, 1, err);
+    cli_train_setup(t, o, setup);
+    w[6].name = "setup", w[6].dtype = ESFT_DTYPE_I64, w[6].n_dims = 1, w[6].shape[0] = 2, w[6].data = setup;
+    s = esft_safetensors_write(o->state, w, 7, keys, values, 1, err);
     free(ex);
     return s;
 }
@@ -1737,26 +1949,48 @@ static esft_status cli_state_tensor(const esft_safetensors *st, const char *path
     return f ? esft_safetensors_read_f32(st, i, f, err) : esft_safetensors_read_i64(st, i, l, err);
 }
 
-/* The state's "experts" must be the block's (work: 2 n_trained + 2 values). */
-static esft_status cli_train_state_experts(const cli_train_state *t, const esft_safetensors *st, const char *path,
-                                           int64_t *work, esft_error *err)
+/* The state's "experts" must be the block's (work: 2 n_trained + CLI_LAYOUT_TAIL
+   values), its "setup" this run's. */
+static esft_status cli_train_state_experts(const cli_train_state *t, const cli_train_opts *o,
+                                           const esft_safetensors *st, const char *path, int64_t *work,
+                                           esft_error *err)
 {
-    size_t n = 2 * (size_t)t->tr.n_trained + 2, i;
+    size_t n = 2 * (size_t)t->tr.n_trained + CLI_LAYOUT_TAIL, i;
     int32_t *ex = cli_train_experts(&t->tr);
-    esft_status s = ex ? cli_state_tensor(st, path, "experts", n, NULL, work, err) : ESFT_ERR_OUT_OF_MEMORY;
-    for (i = 0; s == ESFT_OK && i < n; i++)
-        if (work[i] != ex[i]) {
-            snprintf(err->file, sizeof err->file, "%.200s", path);
-            snprintf(err->message, sizeof err->message, "the state trains other experts than --expert-config");
-            s = ESFT_ERR_SHAPE;
-        }
+    int64_t setup[2];
+    int at = esft_safetensors_find(st, "experts");
+    int other = at >= 0 && st->tensors[at].n_elements != n; /* another layout: another trainable set */
+    esft_status s = !ex      ? ESFT_ERR_OUT_OF_MEMORY
+                    : other ? ESFT_ERR_SHAPE
+                            : cli_state_tensor(st, path, "experts", n, NULL, work, err);
+    for (i = 0; s == ESFT_OK && i < n; i++) other |= work[i] != ex[i];
+    if (other) {
+        snprintf(err->file, sizeof err->file, "%.200s", path);
+        snprintf(err->message, sizeof err->message, "the state trains something else than this run (method %s, "
+                 "--expert-config, --lora-rank or --lora-targets differ)", o->method);
+        s = ESFT_ERR_SHAPE;
+    }
     free(ex);
+    if (s == ESFT_OK) s = cli_state_tensor(st, path, "setup", 2, NULL, work, err);
+    cli_train_setup(t, o, setup);
+    if (s == ESFT_OK && (work[0] != setup[0] || work[1] != setup[1])) {
+        snprintf(err->file, sizeof err->file, "%.200s", path);
+        snprintf(err->message, sizeof err->message, "the state's run had %s: resume with the same %s",
+                 work[0] != setup[0] ? "other training data" : "other options",
+                 work[0] != setup[0] ? "--data"
+                                     : "--lr, --weight-decay, --clip, --batch-tokens, --warmup, --schedule, --lora-alpha, "
+                                       "--pesc-scale and --pesc-aux");
+        s = ESFT_ERR_INVALID_ARGUMENT;
+    }
     return s;
 }
 
 /* Reads a state written by cli_train_state_save for this very run setup. */
-static esft_status cli_train_state_load(cli_train_state *t, const char *path, uint64_t seed, int steps, esft_error *err)
+static esft_status cli_train_state_load(cli_train_state *t, const cli_train_opts *o, esft_error *err)
 {
+    const char *path = o->resume;
+    uint64_t seed = (uint64_t)o->seed;
+    int steps = o->steps;
     esft_safetensors st;
     int64_t c[4], *order = NULL;
     esft_status s;
@@ -1764,10 +1998,10 @@ static esft_status cli_train_state_load(cli_train_state *t, const char *path, ui
     int i;
     if ((s = esft_safetensors_open(&st, path, NULL, err)) != ESFT_OK) return s;
     s = cli_state_tensor(&st, path, "counters", 4, NULL, c, err);
-    n = 2 * (size_t)t->tr.n_trained + 2;
+    n = 2 * (size_t)t->tr.n_trained + CLI_LAYOUT_TAIL;
     n = n > (size_t)t->order.n ? n : (size_t)t->order.n;
     if (s == ESFT_OK && !(order = (int64_t *)malloc((n + 1) * sizeof *order))) s = ESFT_ERR_OUT_OF_MEMORY;
-    if (s == ESFT_OK) s = cli_train_state_experts(t, &st, path, order, err);
+    if (s == ESFT_OK) s = cli_train_state_experts(t, o, &st, path, order, err);
     if (s == ESFT_OK) s = cli_state_tensor(&st, path, "order", (size_t)t->order.n, NULL, order, err);
     if (s == ESFT_OK) s = cli_state_tensor(&st, path, "params", t->tr.n_params, t->tr.params, NULL, err);
     if (s == ESFT_OK) s = cli_state_tensor(&st, path, "adam_m", t->tr.n_params, t->opt.m, NULL, err);
@@ -1806,19 +2040,19 @@ static esft_status cli_train_run(const char *name, const cli_train_opts *o, cli_
     int step, run_n = 0;
     cli_eta_begin(&eta, name, o->quiet);
     for (step = (int)t->opt.step + 1; step <= o->steps; step++) {
-        double loss, lr, norm, eval = -1.0, now;
+        double loss, aux, lr, norm, eval = -1.0, now;
         int64_t tokens;
-        esft_status s = cli_train_step(t, o, step, &loss, &lr, &norm, &tokens, err);
+        esft_status s = cli_train_step(t, o, step, &loss, &aux, &lr, &norm, &tokens, err);
         if (s != ESFT_OK) return s;
         if (t->have_eval && (step % o->eval_every == 0 || step == o->steps)) {
             if ((s = cli_train_eval(&t->m, &t->tr, &t->eval, &eval, err)) != ESFT_OK) return s;
             last_eval = eval;
         }
         *tokens_done += tokens;
-        if (log) cli_train_log(log, step, loss, lr, norm, tokens, eval);
+        if (log) cli_train_log(log, step, loss, lr, norm, tokens, eval, aux);
         if (log && fflush(log) != 0) return ESFT_ERR_IO;
         if (o->state && (step % o->state_every == 0 || step == o->steps) &&
-            (s = cli_train_state_save(t, o->state, (uint64_t)o->seed, err)) != ESFT_OK)
+            (s = cli_train_state_save(t, o, err)) != ESFT_OK)
             return s;
         run_loss += loss;
         run_n++;
@@ -1851,10 +2085,11 @@ static int cmd_train(const char *name, int argc, char **argv)
     if ((r = cli_train_parse(name, argc, argv, &o)) != EXIT_OK) return r;
     if ((r = cli_train_check_usage(name, &o)) != EXIT_OK) return r;
     if ((r = cli_train_check_outputs(name, &o)) != EXIT_OK) return r;
+    if (o.spec.method == ESFT_TRAIN_ESFT && (r = cli_require_moe(name, o.dir, "train")) != EXIT_OK) return r;
     memset(&t, 0, sizeof t);
     memset(&err, 0, sizeof err);
     s = cli_train_open(name, &o, &t, &err);
-    if (s == ESFT_OK && o.resume) s = cli_train_state_load(&t, o.resume, (uint64_t)o.seed, o.steps, &err);
+    if (s == ESFT_OK && o.resume) s = cli_train_state_load(&t, &o, &err);
     if (s == ESFT_OK && o.log) {
         /* the log is written beside its name and renamed at the end, so a failed
            run leaves an earlier log untouched (watch the .tmp file meanwhile) */
@@ -1868,7 +2103,10 @@ static int cmd_train(const char *name, int argc, char **argv)
     first = (int)t.opt.step + 1;
     t0 = cli_now();
     if (s == ESFT_OK) s = cli_train_run(name, &o, &t, log, &tokens, &err);
-    if (s == ESFT_OK) s = esft_model_trainable_save(&t.tr, &t.m, &t.cfg, o.out, &err);
+    if (s == ESFT_OK)
+        s = o.spec.method == ESFT_TRAIN_LORA ? esft_model_lora_save(&t.tr, o.out, &err)
+                                             : esft_model_trainable_save(&t.tr, &t.m, t.have_cfg ? &t.cfg : NULL, o.out, &err);
+    /* (fft and pesc: no config; the file says what it holds) */
     if (log && fclose(log) != 0 && s == ESFT_OK) s = ESFT_ERR_IO;
     if (log && s == ESFT_OK && rename(log_tmp, o.log) != 0) {
         snprintf(err.file, sizeof err.file, "%.200s", o.log);
@@ -1880,10 +2118,10 @@ static int cmd_train(const char *name, int argc, char **argv)
     if (s == ESFT_OK && !o.quiet) {
         char mem[32], opt[32];
         double dt = cli_now() - t0;
-        fprintf(stderr, "esft %s: %d steps (%d..%d), %lld scored tokens in %.1f s (%.0f tokens/s); %d experts, %llu trainable parameters, "
-                        "optimizer state %s, peak memory %s -> %s\n",
-                name, o.steps - first + 1, first, o.steps, tokens, dt, dt > 0 ? (double)tokens / dt : 0.0, t.tr.n_trained + t.tr.n_shared,
-                (unsigned long long)t.tr.n_params, cli_bytes(esft_adamw_state_bytes(&t.opt), opt, sizeof opt),
+        fprintf(stderr, "esft %s: %d steps (%d..%d), %lld scored tokens in %.1f s (%.0f tokens/s); %s: %d experts, "
+                        "%d other tensors, %d adapters, %d PESC layers, %llu trainable parameters, optimizer state %s, peak memory %s -> %s\n",
+                name, o.steps - first + 1, first, o.steps, tokens, dt, dt > 0 ? (double)tokens / dt : 0.0, o.method,
+                t.tr.n_trained + t.tr.n_shared, t.tr.n_modules, t.tr.n_lora, t.tr.n_pesc, (unsigned long long)t.tr.n_params, cli_bytes(esft_adamw_state_bytes(&t.opt), opt, sizeof opt),
                 cli_bytes(cli_peak_rss(), mem, sizeof mem), o.out);
     }
     cli_train_close(&t);
@@ -1911,18 +2149,28 @@ static int cli_print_architecture(const char *dir)
         if (c.is_moe[l] && first < 0) first = l;
         dense += !c.is_moe[l];
     }
-    printf("architecture: %s, %d layers (%d MoE from layer %d, %d dense), hidden %d, vocab %d%s\n",
-           esft_model_family_name(c.family), c.n_layers, c.n_layers - dense, first, dense, c.d_model, c.vocab,
-           c.tie_embeddings ? ", tied embeddings" : "");
+    if (first < 0)
+        printf("architecture: %s, %d layers (all dense, no MoE layer), hidden %d, vocab %d%s\n",
+               esft_model_family_name(c.family), c.n_layers, c.d_model, c.vocab,
+               c.tie_embeddings ? ", tied embeddings" : "");
+    else
+        printf("architecture: %s, %d layers (%d MoE from layer %d, %d dense), hidden %d, vocab %d%s\n",
+               esft_model_family_name(c.family), c.n_layers, c.n_layers - dense, first, dense, c.d_model, c.vocab,
+               c.tie_embeddings ? ", tied embeddings" : "");
     if (c.mla)
         printf("attention: MLA, %d heads, q_lora_rank %d, kv_lora_rank %d, qk nope/rope %d/%d, v %d\n", c.n_heads,
                c.q_lora_rank, c.kv_lora_rank, c.qk_nope_dim, c.qk_rope_dim, c.v_head_dim);
     else
         printf("attention: %s, %d heads, %d kv heads, head_dim %d%s%s\n", c.n_kv_heads == c.n_heads ? "MHA" : "GQA",
-               c.n_heads, c.n_kv_heads, c.head_dim, c.qkv_bias ? ", qkv bias" : "",
+               c.n_heads, c.n_kv_heads, c.head_dim, c.o_bias ? ", q/k/v/o bias" : c.qkv_bias ? ", qkv bias" : "",
                c.qk_norm == ESFT_QK_NORM_HEAD ? ", per-head q/k norm" : c.qk_norm == ESFT_QK_NORM_WHOLE ? ", q/k norm" : "");
     printf("rope: theta %g%s%s\n", c.rope.theta, c.rope.interleaved ? ", interleaved" : "",
            c.rope.yarn ? ", YaRN" : "");
+    if (c.sliding_window) printf("sliding window: %d\n", c.sliding_window);
+    if (c.n_layers == dense) {
+        printf("experts: none (dense model: every layer an MLP of hidden %d)\n", c.d_ff);
+        return 1;
+    }
     printf("experts: %d routed (hidden %d), top-%d, %s gating%s%s, scaling %g%s; shared hidden %d%s\n",
            c.route.n_experts, c.d_expert, c.route.top_k, c.route.gating == ESFT_GATING_SIGMOID ? "sigmoid" : "softmax",
            c.route.renormalize ? ", renormalised" : "", c.route.n_group > 1 ? ", group-limited" : "",

@@ -1,5 +1,5 @@
 #!/bin/sh
-# `esft eval`, `esft stats MODEL` and `esft inspect MODEL` on the tiny checkpoints
+# `esft eval`, `esft stats MODEL` and `esft inspect MODEL` on the tiny MoE and dense checkpoints
 # of tests/models/ against the goldens transformers wrote: the printed loss and
 # token count, the --logits .npy, the summary.json token scores from the model's
 # own routing, the architecture lines, and exit codes with no output on failure.
@@ -30,7 +30,7 @@ print("%.8f %d" % (float(g["loss"][0]), int(g["n_tokens"][0])))
 PY
 }
 
-for v in deepseek_v2_lite deepseek_v3_fp8 qwen2_moe_fused olmoe mixtral; do
+for v in deepseek_v2_lite deepseek_v3_fp8 qwen2_moe_fused olmoe mixtral llama mistral qwen2; do
     if ! "$ESFT" eval "$M/$v" --data "$M/$v/data.jsonl" --logits "$T/$v.npy" > "$T/out" 2> "$T/err"; then
         fail "eval_$v" "exit $?"; continue
     fi
@@ -83,6 +83,12 @@ if "$ESFT" inspect "$M/deepseek_v2_qlora_yarn" > "$T/out" 2> "$T/err" &&
     pass inspect_prints_the_architecture
 else fail inspect_prints_the_architecture "$(head -3 "$T/out")"; fi
 
+if "$ESFT" inspect "$M/mistral" > "$T/out" 2> "$T/err" &&
+   grep -q '^architecture: mistral, 2 layers (all dense, no MoE layer)' "$T/out" &&
+   grep -q '^sliding window: 8' "$T/out" && grep -q '^experts: none (dense model' "$T/out"; then
+    pass inspect_dense_model
+else fail inspect_dense_model "$(head -5 "$T/out")"; fi
+
 # Fused 3-D experts: extract then merge the unchanged experts back gives the
 # base file byte for byte; the merged directory evaluates like the base.
 printf '{"experts": {"0": [1, 6], "1": [3]}, "shared_experts": false, "non_expert_modules": false}\n' > "$T/fcfg.json"
@@ -115,6 +121,13 @@ expect_fail eval_bad_jsonl_exit_1 1 "$T/x.npy" eval "$M/olmoe" --data "$T/bad.js
 expect_fail eval_missing_model_exit_1 1 "" eval "$T/nothing" --data "$M/olmoe/data.jsonl"
 expect_fail eval_without_data_exit_2 2 "" eval "$M/olmoe"
 expect_fail stats_model_bad_jsonl_exit_1 1 "$T/s.json" stats "$M/olmoe" --data "$T/bad.jsonl" -o "$T/s.json"
+# a dense model has no router: nothing to score or train, said before any weight loads
+expect_fail stats_dense_model_exit_1 1 "$T/d.json" stats "$M/llama" --data "$M/llama/data.jsonl" -o "$T/d.json"
+if grep -q 'no MoE layer' "$T/err"; then pass stats_dense_model_says_why
+else fail stats_dense_model_says_why "$(cat "$T/err")"; fi
+printf '{"experts": {}, "shared_experts": false, "non_expert_modules": false}\n' > "$T/empty.json"
+expect_fail train_dense_model_exit_1 1 "$T/d.safetensors" train "$M/qwen2" --data "$M/qwen2/data.jsonl" \
+    --expert-config "$T/empty.json" --steps 1 --batch-tokens 64 -o "$T/d.safetensors"
 if "$ESFT" eval --help > "$T/out" 2> "$T/err" && grep -q '^usage: esft eval' "$T/out"; then pass eval_help
 else fail eval_help "no usage on stdout"; fi
 

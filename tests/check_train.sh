@@ -120,6 +120,137 @@ if "$ESFT" $run --steps 7 --resume "$T/state.safetensors" -o "$T/x.safetensors" 
     pass train_resume_a_finished_state_exit_1
 else fail train_resume_a_finished_state_exit_1 "$(head -1 "$T/err")"; fi
 
+# ---- fft and lora: the loss falls, the files are what they say, resume ----
+# fft: every weight in the file (the checkpoint's names), merged it evaluates as
+# the run's last eval; lora: PEFT's two files, and (with peft installed) PEFT
+# loading them onto the transformers model gives esft's eval loss.
+for v in olmoe llama; do
+    D="$M/$v"
+    run="train $D --data $D/data.jsonl --steps 8 --batch-tokens 40 --lr 1e-3 --warmup 0 --seed 3 --eval-data $D/data.jsonl -q"
+    if "$ESFT" $run --method fft -o "$T/$v.fft.safetensors" --log "$T/$v.fft.log" > "$T/out" 2> "$T/err" &&
+       lt "$(field "$T/$v.fft.log" last loss)" "$(field "$T/$v.fft.log" 1 loss)"; then pass "train_fft_${v}_loss_decreases"
+    else fail "train_fft_${v}_loss_decreases" "$(tail -1 "$T/$v.fft.log" 2>/dev/null)"; fi
+    if "$PYTHON" - "$T/$v.fft.safetensors" "$D" > "$T/err" 2>&1 <<'PY'
+import sys, json, struct, os
+def names(p):
+    with open(p, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        h = json.loads(f.read(n))
+    h.pop("__metadata__", None)
+    return set(h)
+d = sys.argv[2]
+base = set()
+for f in os.listdir(d):
+    if f.endswith(".safetensors") and f.startswith("model"):  # the checkpoint, not goldens or PESC starts
+        base |= names(os.path.join(d, f))
+got = names(sys.argv[1])
+assert got == base, (sorted(base - got)[:5], sorted(got - base)[:5])
+PY
+    then pass "train_fft_${v}_file_holds_every_weight"; else fail "train_fft_${v}_file_holds_every_weight" "see above"; fi
+    # base + file (unmerged) and the merged checkpoint hold the same values, the
+    # run's fp32 ones rounded to the file dtype: equal to the run's eval only
+    # for an fp32 checkpoint (olmoe; llama is bf16)
+    unmerged=$("$ESFT" eval "$D" --trained "$T/$v.fft.safetensors" --data "$D/data.jsonl" -q | cut -d' ' -f2)
+    if [ $v = llama ] || near "$unmerged" "$(field "$T/$v.fft.log" last eval_loss)"; then
+        pass "train_fft_${v}_base_plus_file_evaluates_as_the_run"
+    else fail "train_fft_${v}_base_plus_file_evaluates_as_the_run" "$unmerged vs $(field "$T/$v.fft.log" last eval_loss)"; fi
+    if "$ESFT" merge "$D" "$T/$v.fft.safetensors" -o "$T/$v.fft.merged" -q > "$T/out" 2> "$T/err" &&
+       cmp -s "$D/config.json" "$T/$v.fft.merged/config.json" &&
+       merged=$("$ESFT" eval "$T/$v.fft.merged" --data "$D/data.jsonl" -q | cut -d' ' -f2) &&
+       near "$merged" "$unmerged" && lt "$merged" "$(field "$T/$v.fft.log" 1 loss)"; then
+        pass "train_fft_${v}_merged_evaluates_as_base_plus_file"
+    else fail "train_fft_${v}_merged_evaluates_as_base_plus_file" "merged $merged, unmerged $unmerged"; fi
+    # merge copied config.json (and the rest a loader needs): transformers loads the result
+    if ! "$PYTHON" -c "import transformers, torch" 2> /dev/null; then
+        echo "SKIP train_fft_${v}_merged_loads_in_transformers: needs torch and transformers"; skipped=$((skipped + 1))
+    elif "$PYTHON" - "$T/$v.fft.merged" "$D/data.jsonl" "$merged" > "$T/err" 2>&1 <<'PY'
+import sys, json, torch, transformers
+d, data, want = sys.argv[1], sys.argv[2], float(sys.argv[3])
+m = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+total, n = 0.0, 0
+with torch.no_grad():
+    for line in open(data):
+        s = json.loads(line)
+        ids = s["input_ids"]; lab = s.get("labels", ids)
+        logits = m(input_ids=torch.tensor([ids])).logits[0]
+        t = torch.tensor(lab[1:])
+        total += float(torch.nn.functional.cross_entropy(logits[:-1], t, ignore_index=-100, reduction="sum"))
+        n += int((t != -100).sum())
+assert abs(total / n - want) <= 1e-4 * abs(want), (total / n, want)
+PY
+    then pass "train_fft_${v}_merged_loads_in_transformers"; else fail "train_fft_${v}_merged_loads_in_transformers" "see above"; fi
+    if "$ESFT" $run --method lora --lora-rank 4 --lora-alpha 8 --lora-targets attn,mlp -o "$T/$v.lora" \
+            --log "$T/$v.lora.log" > "$T/out" 2> "$T/err" &&
+       [ -s "$T/$v.lora/adapter_model.safetensors" ] && [ -s "$T/$v.lora/adapter_config.json" ] &&
+       lt "$(field "$T/$v.lora.log" last loss)" "$(field "$T/$v.lora.log" 1 loss)"; then pass "train_lora_${v}_loss_decreases"
+    else fail "train_lora_${v}_loss_decreases" "$(tail -1 "$T/$v.lora.log" 2>/dev/null)"; fi
+    if ! "$PYTHON" -c "import peft, transformers, torch" 2> /dev/null; then
+        echo "SKIP train_lora_${v}_loads_in_peft: needs torch, transformers and peft (pip install peft)"
+        skipped=$((skipped + 1))
+    elif "$PYTHON" - "$D" "$T/$v.lora" "$(field "$T/$v.lora.log" last eval_loss)" > "$T/err" 2>&1 <<'PY'
+import sys, json, torch, transformers, peft
+d, ad, want = sys.argv[1], sys.argv[2], float(sys.argv[3])
+m = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+m = peft.PeftModel.from_pretrained(m, ad).eval()
+total, n = 0.0, 0
+with torch.no_grad():
+    for line in open(d + "/data.jsonl"):
+        s = json.loads(line)
+        ids = s["input_ids"]; lab = s.get("labels", ids)
+        logits = m(input_ids=torch.tensor([ids])).logits[0]
+        t = torch.tensor(lab[1:])
+        total += float(torch.nn.functional.cross_entropy(logits[:-1], t, ignore_index=-100, reduction="sum"))
+        n += int((t != -100).sum())
+got = total / n
+assert abs(got - want) <= 1e-4 * abs(want), (got, want)
+print("peft", got, "esft", want)
+PY
+    then pass "train_lora_${v}_loads_in_peft"; else fail "train_lora_${v}_loads_in_peft" "see above"; fi
+    adapted=$("$ESFT" eval "$D" --adapter "$T/$v.lora" --data "$D/data.jsonl" -q | cut -d' ' -f2)
+    if near "$adapted" "$(field "$T/$v.lora.log" last eval_loss)"; then pass "train_lora_${v}_eval_with_the_adapter"
+    else fail "train_lora_${v}_eval_with_the_adapter" "$adapted vs $(field "$T/$v.lora.log" last eval_loss)"; fi
+done
+# pesc on the dense llama: the loss falls, the file holds Camelidae's names and
+# the adapter config, base + file evaluates as the run's last eval
+D="$M/llama"
+if "$ESFT" train "$D" --data "$D/data.jsonl" --method pesc --pesc-rank 8 --pesc-scale 1 --steps 8 --batch-tokens 40 \
+        --lr 1e-2 --warmup 0 --eval-data "$D/data.jsonl" -o "$T/pesc.safetensors" --log "$T/pesc.log" -q > "$T/out" 2> "$T/err" &&
+   lt "$(field "$T/pesc.log" last loss)" "$(field "$T/pesc.log" 1 loss)" && [ "$(field "$T/pesc.log" 1 aux_loss)" != "'absent'" ]; then
+    pass train_pesc_llama_loss_decreases
+else fail train_pesc_llama_loss_decreases "$(tail -1 "$T/pesc.log" 2>/dev/null)"; fi
+if "$PYTHON" - "$T/pesc.safetensors" > "$T/err" 2>&1 <<'PY'
+import sys, json, struct
+with open(sys.argv[1], "rb") as f:
+    n = struct.unpack("<Q", f.read(8))[0]
+    h = json.loads(f.read(n))
+meta = h.pop("__metadata__")
+assert meta["pesc_n_experts"] == "8" and meta["pesc_top_k"] == "2" and meta["pesc_rank"] == "8", meta
+want = {"model.layers.%d.mlp.moe_adapter.router.weight" % l for l in (0, 1)}
+want |= {"model.layers.%d.mlp.moe_adapter.experts.expert_%d.adapter_%s.weight" % (l, e, w)
+         for l in (0, 1) for e in range(8) for w in ("down", "up")}
+assert set(h) == want, sorted(set(h) ^ want)[:4]
+PY
+then pass train_pesc_file_holds_camelidae_names; else fail train_pesc_file_holds_camelidae_names "see above"; fi
+if near "$("$ESFT" eval "$D" --trained "$T/pesc.safetensors" --data "$D/data.jsonl" -q | cut -d' ' -f2)" \
+        "$(field "$T/pesc.log" last eval_loss)"; then pass train_pesc_base_plus_file_evaluates_as_the_run
+else fail train_pesc_base_plus_file_evaluates_as_the_run "$(field "$T/pesc.log" last eval_loss)"; fi
+
+# resume equals uninterrupted for fft and lora too
+for meth in fft lora; do
+    run="train $O --data $O/data.jsonl --method $meth --batch-tokens 20 --lr 1e-3 --warmup 2 --seed 5 -q"
+    out="$T/r.$meth"; [ $meth = fft ] && out="$T/r.$meth.safetensors"
+    if "$ESFT" $run --steps 5 -o "$out.full" --log "$T/r.$meth.full.log" > "$T/out" 2> "$T/err" &&
+       "$ESFT" $run --steps 2 -o "$out.part" --state "$T/r.$meth.state" > "$T/out" 2> "$T/err" &&
+       "$ESFT" $run --steps 5 --resume "$T/r.$meth.state" -o "$out.rest" --log "$T/r.$meth.rest.log" > "$T/out" 2> "$T/err" &&
+       tail -n 3 "$T/r.$meth.full.log" | cmp -s - "$T/r.$meth.rest.log"; then
+        pass "train_${meth}_resume_equals_an_uninterrupted_run"
+    else fail "train_${meth}_resume_equals_an_uninterrupted_run" "$(head -1 "$T/r.$meth.rest.log" 2>/dev/null)"; fi
+done
+if "$ESFT" train "$O" --data "$O/data.jsonl" --method lora --batch-tokens 20 --seed 5 --steps 5 --resume "$T/r.fft.state" \
+        -o "$T/x.lora" -q > "$T/out" 2> "$T/err"; [ $? -eq 1 ] && grep -q 'trains something else' "$T/err" && [ ! -e "$T/x.lora" ]; then
+    pass train_resume_another_method_exit_1
+else fail train_resume_another_method_exit_1 "$(head -1 "$T/err")"; fi
+
 # ---- failures: exit 1 (runtime) / 2 (usage), nothing on stdout, no output or log ----
 expect_fail() {
     name=$1; code=$2; shift 2
@@ -157,7 +288,25 @@ expect_fail train_resume_other_config_exit_1 1 train "$O" --data "$O/data.jsonl"
     --steps 9 --expert-config "$T/olmoe2.cfg.json"
 expect_fail train_resume_not_a_state_exit_1 1 train "$O" --data "$O/data.jsonl" $ok --resume "$O/model.safetensors"
 expect_fail train_state_every_without_state_exit_2 2 train "$O" --data "$O/data.jsonl" $ok --state-every 2
-expect_fail train_method_lora_not_yet_exit_2 2 train "$O" --data "$O/data.jsonl" $ok --method lora
+expect_fail train_lora_with_expert_config_exit_2 2 train "$O" --data "$O/data.jsonl" $ok --method lora
+expect_fail train_lora_options_without_lora_exit_2 2 train "$O" --data "$O/data.jsonl" $ok --lora-rank 4
+expect_fail train_lora_on_experts_exit_2 2 train "$O" --data "$O/data.jsonl" --method lora --lora-targets attn,experts \
+    --steps 1 --batch-tokens 4 -o "$T/x.safetensors"
+expect_fail train_lora_bad_target_exit_2 2 train "$O" --data "$O/data.jsonl" --method lora --lora-targets qkv \
+    --steps 1 --batch-tokens 4 -o "$T/x.safetensors"
+expect_fail train_lora_rank_0_exit_2 2 train "$O" --data "$O/data.jsonl" --method lora --lora-rank 0 \
+    --steps 1 --batch-tokens 4 -o "$T/x.safetensors"
+expect_fail train_pesc_options_without_pesc_exit_2 2 train "$O" --data "$O/data.jsonl" $ok --pesc-rank 4
+expect_fail train_pesc_top_k_past_experts_exit_2 2 train "$M/llama" --data "$O/data.jsonl" --method pesc --pesc-experts 2 \
+    --pesc-top-k 3 --steps 1 --batch-tokens 4 -o "$T/x.safetensors"
+expect_fail train_pesc_without_a_dense_layer_exit_1 1 train "$M/mixtral" --data "$M/mixtral/data.jsonl" --method pesc \
+    --steps 1 --batch-tokens 4 -o "$T/x.safetensors"
+expect_fail train_micro_batch_below_a_sample_exit_1 1 train "$O" --data "$O/data.jsonl" $ok --micro-batch-tokens 4
+expect_fail train_resume_other_lr_exit_1 1 train "$O" --data "$O/data.jsonl" $ok --resume "$T/state.safetensors" --seed 5 \
+    --steps 9 --batch-tokens 20 --warmup 2 --lr 2e-3
+cp "$O/data.jsonl" "$T/data_other.jsonl"; echo '{"input_ids": [5, 6, 7, 8]}' >> "$T/data_other.jsonl"
+expect_fail train_resume_other_data_exit_1 1 train "$O" --data "$T/data_other.jsonl" $ok --resume "$T/state.safetensors" \
+    --seed 5 --steps 9 --batch-tokens 20 --warmup 2 --lr 1e-3
 expect_fail train_without_steps_exit_2 2 train "$O" --data "$O/data.jsonl" --expert-config "$C" --batch-tokens 4 -o "$T/x.safetensors"
 cp "$O/data.jsonl" "$T/data_copy.jsonl"
 expect_fail train_output_is_the_data_exit_2 2 train "$O" --data "$T/data_copy.jsonl" --expert-config "$C" --steps 1 \
@@ -166,9 +315,9 @@ if cmp -s "$O/data.jsonl" "$T/data_copy.jsonl"; then pass train_output_is_the_da
 else fail train_output_is_the_data_leaves_it "the data file changed"; fi
 expect_fail train_log_is_the_config_exit_2 2 train "$O" --data "$O/data.jsonl" --expert-config "$C" --steps 1 \
     --batch-tokens 4 -o "$T/x.safetensors" --log "$C"
-"$ESFT" train "$O" --data "$O/data.jsonl" $ok --method pesc > "$T/out" 2> "$T/err"
-if grep -q 'not implemented yet' "$T/err"; then pass train_other_method_says_not_yet
-else fail train_other_method_says_not_yet "$(head -1 "$T/err")"; fi
+"$ESFT" train "$O" --data "$O/data.jsonl" $ok --method qlora > "$T/out" 2> "$T/err"
+if grep -q 'expects esft, fft, lora or pesc' "$T/err"; then pass train_unknown_method_lists_the_methods
+else fail train_unknown_method_lists_the_methods "$(head -1 "$T/err")"; fi
 if "$ESFT" train --help > "$T/out" 2> "$T/err" && grep -q '^usage: esft train' "$T/out"; then pass train_help
 else fail train_help "no usage on stdout"; fi
 

@@ -34,6 +34,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -47,7 +48,7 @@ from safetensors.numpy import save_file as np_save_file
 from safetensors.torch import save_file as pt_save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
-SIZE_LIMIT = 6 * 1024 * 1024  # the whole tree is committed; keep clones cheap
+SIZE_LIMIT = 8 * 1024 * 1024  # the whole tree (training goldens included) is committed; keep clones cheap
 FP8_BLOCK = 128               # DeepSeek-V3's weight_block_size
 FP8_MAX = 448.0               # largest finite float8_e4m3fn
 LENGTHS = (24, 9, 40)
@@ -66,6 +67,11 @@ DS_COMMON = dict(vocab_size=192, hidden_size=64, num_hidden_layers=3, num_attent
                  kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                  max_position_embeddings=64, first_k_dense_replace=1, rms_norm_eps=1e-6,
                  rope_theta=10000.0, bos_token_id=None, eos_token_id=None)
+
+# What the dense variants share: two layers of width 64 over the same vocabulary.
+DENSE_COMMON = dict(vocab_size=192, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=96, max_position_embeddings=64, bos_token_id=None,
+                    eos_token_id=None)
 
 VARIANTS = [
     dict(name="deepseek_v2_lite", model_type="deepseek_v2", dtype="fp32", seed=101,
@@ -143,6 +149,25 @@ VARIANTS = [
                      num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
                      max_position_embeddings=64, rope_theta=1000000.0, rms_norm_eps=1e-5,
                      tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)),
+    # Dense families (no MoE layer): what PESC upcycles.
+    dict(name="llama", model_type="llama", dtype="bf16", seed=110,
+         note="dense: GQA 4q/2kv, explicit head_dim 24 != hidden/heads, attention_bias true "
+              "(q/k/v and o_proj biases), mlp_bias false, rope_theta 500000.",
+         config=dict(DENSE_COMMON, num_key_value_heads=2, head_dim=24, attention_bias=True,
+                     mlp_bias=False, rope_theta=500000.0, rms_norm_eps=1e-5,
+                     tie_word_embeddings=False, pad_token_id=None)),
+    dict(name="mistral", model_type="mistral", dtype="bf16", seed=111,
+         note="dense: GQA 4q/2kv, head_dim not given (the config writes hidden/heads = 16), "
+              "sliding_window 8: the 24- and 40-token samples run past it (asserted to change "
+              "the logits).",
+         config=dict(DENSE_COMMON, num_key_value_heads=2, head_dim=None, sliding_window=8,
+                     rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)),
+    dict(name="qwen2", model_type="qwen2", dtype="fp32", seed=112,
+         note="dense: q/k/v bias (o_proj none), MHA 4q/4kv, use_sliding_window false, tied "
+              "embeddings (no lm_head.weight on disk).",
+         config=dict(DENSE_COMMON, num_key_value_heads=4, use_sliding_window=False,
+                     max_window_layers=2, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                     tie_word_embeddings=True)),
 ]
 
 
@@ -277,6 +302,14 @@ def run_goldens(model, samples):
     # Pooled over samples: sum of HF per-sample means weighted by their counts.
     pooled = sum(l * n for l, n in zip(losses, counts)) / n_tokens
     assert abs(pooled - direct_sum / n_tokens) < 1e-5 * max(1.0, abs(pooled)), (pooled, direct_sum / n_tokens)
+    golden = {
+        "logits": torch.cat(logits, 0).numpy().astype(np.float32),
+        "loss": np.array([pooled], dtype=np.float32),
+        "n_tokens": np.array([n_tokens], dtype=np.int64),
+        "loss_per_sample": np.array(losses, dtype=np.float32),
+    }
+    if not layers:
+        return golden, []  # a dense model: no router, so no routing tensors
 
     E = model.config.num_experts if hasattr(model.config, "num_experts") else model.config.num_local_experts
     lab_mask = torch.cat(labelled)
@@ -292,17 +325,13 @@ def run_goldens(model, samples):
         gate = model.model.layers[l].mlp.gate
         bias = getattr(gate, "e_score_correction_bias", None)
         gaps.append(check_routing(model.config, torch.cat(router_logits[l], 0), bias, idx, w))
-    golden = {
-        "logits": torch.cat(logits, 0).numpy().astype(np.float32),
-        "loss": np.array([pooled], dtype=np.float32),
-        "n_tokens": np.array([n_tokens], dtype=np.int64),
-        "loss_per_sample": np.array(losses, dtype=np.float32),
+    golden.update({
         "moe_layers": np.array(layers, dtype=np.int64),
         "router_ids": torch.stack(ids_all).numpy().astype(np.int32),
         "router_weights": torch.stack(w_all).numpy().astype(np.float32),
         "router_counts_all": torch.stack(c_all).numpy().astype(np.int64),
         "router_counts_labelled": torch.stack(c_lab).numpy().astype(np.int64),
-    }
+    })
     return golden, gaps
 
 
@@ -370,6 +399,20 @@ def check_routing(cfg, logits, bias, ids, weights):
 @torch.no_grad()
 def logits_only(model, samples):
     return torch.cat([model(input_ids=torch.tensor([s["input_ids"]])).logits[0].float() for s in samples])
+
+
+def assert_window_matters(model, samples, logits):
+    """A sliding window shorter than a sample must change its logits, or the
+    golden would not test the mask."""
+    w = getattr(model.config, "sliding_window", None)
+    if not w or max(len(s["input_ids"]) for s in samples) <= w:
+        return
+    model.config.sliding_window = None
+    try:
+        full = logits_only(model, samples)
+    finally:
+        model.config.sliding_window = w
+    assert float((full - torch.from_numpy(logits)).abs().max()) > 1e-3, "the sliding window changes nothing"
 
 
 # ---------------------------------------------------------------------------
@@ -566,9 +609,12 @@ def build_variant_seed(v, out, tmp, seed):
     assert np.isfinite(golden["logits"]).all()
     # The in-memory model must also agree with a forward without labels.
     assert float((logits_only(model, samples) - a).abs().max()) == 0.0
+    assert_window_matters(model, samples, golden["logits"])
     return dict(v=v, dir=d, cfg=json.load(open(os.path.join(d, "config.json"))),
                 golden=golden, table=tensor_table(d), model=model, diff=diff,
-                gap=min(g[0] for g in gaps), ggap=min(g[1] for g in gaps), seed=seed)
+                gap=min((g[0] for g in gaps), default=math.inf),
+                ggap=min((g[1] for g in gaps), default=math.inf), seed=seed,
+                versions=versions_line())
 
 
 # ---------------------------------------------------------------------------
@@ -580,7 +626,6 @@ def dir_bytes(d):
 
 def compact_names(table):
     """Collapse layer and expert indices into {l} / {e}, keeping exact dtype/shape."""
-    import re
     groups = {}
     for name, dt, shape, f in table:
         key = name
@@ -617,8 +662,9 @@ KEY_FIELDS = ["model_type", "vocab_size", "hidden_size", "num_hidden_layers", "n
               "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts", "num_local_experts",
               "n_shared_experts", "num_experts_per_tok", "first_k_dense_replace", "decoder_sparse_step",
               "mlp_only_layers", "topk_method", "scoring_func", "n_group", "topk_group",
-              "routed_scaling_factor", "norm_topk_prob", "rope_interleave", "attention_bias",
-              "qkv_bias", "clip_qkv", "sliding_window", "use_sliding_window", "rms_norm_eps",
+              "routed_scaling_factor", "norm_topk_prob", "rope_interleave", "attention_bias", "mlp_bias",
+              "qkv_bias", "clip_qkv", "sliding_window", "use_sliding_window", "max_window_layers",
+              "rms_norm_eps",
               "tie_word_embeddings", "max_position_embeddings", "rope_theta", "rope_scaling",
               "rope_parameters", "quantization_config", "hidden_act"]
 
@@ -637,6 +683,8 @@ NOTES = r"""
   asserted equal (1e-5) to a direct float64 sum of cross-entropies / count.
   `n_tokens` I64 (1,) = sum_i n_i; `loss_per_sample` F32 (3,) = HF's per-sample means.
 * `moe_layers` I64 (M,): model layer indices holding an MoE block, ascending.
+  Dense variants (llama, mistral, qwen2) have no MoE layer and their goldens no
+  `moe_layers` and no `router_*` tensors: logits and losses only.
 * `router_ids` I32 (M, P, K), `router_weights` F32 (M, P, K): captured by a
   forward **pre-hook on each MoE layer's `mlp.experts` module**; they are its
   `top_k_index` / `top_k_weights` arguments, i.e. exactly what the experts
@@ -674,7 +722,7 @@ after normalising (no `1 + w`). DeepSeek's `q_a_layernorm` and
 final `model.norm`, then `lm_head` (or `embed_tokens` when tied). SiLU-gated MLPs:
 `down(silu(gate(x)) * up(x))`.
 
-### Standard attention (qwen2_moe, qwen3_moe, olmoe, mixtral)
+### Standard attention (qwen2_moe, qwen3_moe, olmoe, mixtral, llama, mistral, qwen2)
 Scores `q·k * head_dim^-0.5`, causal softmax in fp32. GQA: kv head `h // (H/Hkv)`
 serves query head h (repeat_kv = each kv head repeated for a contiguous group).
 RoPE is the **half-split (rotate_half / NeoX) layout**: for pair i in 0..d/2-1,
@@ -689,6 +737,17 @@ RoPE is the **half-split (rotate_half / NeoX) layout**: for pair i in 0..d/2-1,
   over the **whole** projection output (all heads together) before the head
   split and before RoPE. `clip_qkv` null (no clamping).
 * mixtral: sliding_window null = full causal attention.
+* qwen2: q/k/v biases, o_proj none, as qwen2_moe; use_sliding_window false
+  (then no layer has a window, whatever sliding_window and max_window_layers say).
+* llama: attention_bias true here: q/k/v **and o_proj** have biases (mlp_bias
+  false: the MLP has none); head_dim explicit (24 here, not hidden/heads = 16).
+* mistral: head_dim = hidden/heads; sliding_window W = 8: query t attends to
+  keys j with t - W < j <= t (transformers' `sliding_window_overlay`:
+  kv_idx > q_idx - W), so the 24- and 40-token samples are windowed.
+
+### Dense families (llama, mistral, qwen2)
+Every layer's MLP is `mlp.{gate,up,down}_proj` of width intermediate_size
+(SwiGLU as above); there is no router and no expert.
 
 ### DeepSeek MLA (deepseek_v2, deepseek_v3)
 * config.json's `head_dim` is set by the config class to `qk_rope_head_dim`
@@ -783,7 +842,7 @@ RoPE is the **half-split (rotate_half / NeoX) layout**: for pair i in 0..d/2-1,
   loaded into DeepseekV3ForCausalLM in fp32, no activation quantisation.
 
 ### Tied embeddings and shards
-* tie_word_embeddings true (deepseek_v3_bf16_tied, olmoe): no `lm_head.weight`
+* tie_word_embeddings true (deepseek_v3_bf16_tied, olmoe, qwen2): no `lm_head.weight`
   on disk; logits = final_norm(h) · embed_tokens.weight^T.
 * Sharded (deepseek_v3_bf16_tied, mixtral): `model-00001-of-00002.safetensors`,
   `model-00002-of-00002.safetensors` and `model.safetensors.index.json`
@@ -791,64 +850,128 @@ RoPE is the **half-split (rotate_half / NeoX) layout**: for pair i in 0..d/2-1,
 """
 
 
-def write_manifest(out, results):
-    L = []
-    L.append("# Tiny MoE checkpoints and goldens\n")
-    L.append("Generated by `tests/gen_models.py` (rerun: `python3 tests/gen_models.py "
-             "[--out tests/models]`). Do not edit by hand.\n")
-    L.append(f"* torch `{torch.__version__}`, transformers `{transformers.__version__}`, "
-             f"numpy `{np.__version__}`, safetensors `{safetensors.__version__}`")
-    L.append(f"* size of the variant directories: {sum(dir_bytes(r['dir']) for r in results)} bytes\n")
-    L.append("## Variants\n")
-    L.append("| variant | family | weights | layout | layers (MoE) | E | K | P | loss |")
-    L.append("|---|---|---|---|---|---|---|---|---|")
-    for r in results:
-        v, g = r["v"], r["golden"]
-        files = st_files(r["dir"])
-        layout = ("fused 3-D" if v.get("fused") else "per-expert") + \
-                 (f", {len(files)} shards" if len(files) > 1 else "") + \
-                 (", fp8 block scales" if v["dtype"] == "fp8" else "")
-        E = g["router_counts_all"].shape[1]
-        L.append(f"| {v['name']} | {v['model_type']} | {v['dtype']} | {layout} | "
-                 f"{r['cfg']['num_hidden_layers']} ({','.join(map(str, g['moe_layers']))}) | {E} | "
-                 f"{g['router_ids'].shape[2]} | {g['logits'].shape[0]} | {float(g['loss'][0]):.6f} |")
-    L.append(NOTES.replace("VERSION_T", transformers.__version__))
-    for r in results:
-        v, g, cfg = r["v"], r["golden"], r["cfg"]
-        L.append(f"## {v['name']}\n")
-        L.append(f"{v['note']}\n")
+def versions_line():
+    return (f"torch `{torch.__version__}`, transformers `{transformers.__version__}`, "
+            f"numpy `{np.__version__}`, safetensors `{safetensors.__version__}`")
+
+
+def table_row(r):
+    v, g = r["v"], r["golden"]
+    files = st_files(r["dir"])
+    dense = "moe_layers" not in g
+    layout = ("dense" if dense else "fused 3-D" if v.get("fused") else "per-expert") + \
+             (f", {len(files)} shards" if len(files) > 1 else "") + \
+             (", fp8 block scales" if v["dtype"] == "fp8" else "")
+    moe = "" if dense else ",".join(map(str, g["moe_layers"]))
+    E = "-" if dense else g["router_counts_all"].shape[1]
+    K = "-" if dense else g["router_ids"].shape[2]
+    return (f"| {v['name']} | {v['model_type']} | {v['dtype']} | {layout} | "
+            f"{r['cfg']['num_hidden_layers']} ({moe}) | {E} | {K} | {g['logits'].shape[0]} | "
+            f"{float(g['loss'][0]):.6f} |")
+
+
+def variant_section(r):
+    v, g, cfg = r["v"], r["golden"], r["cfg"]
+    L = [f"## {v['name']}\n", f"Generated with {r['versions']}.\n", f"{v['note']}\n"]
+    if "moe_layers" in g:
         L.append(f"Seed {r['seed']}. Smallest routing margins over all positions and MoE layers: "
                  f"top-k boundary {r['gap']:.3g}, group boundary {r['ggap']:.3g} "
                  "(logit units for softmax routers, biased-sigmoid units for noaux_tc).\n")
-        L.append("Config fields that matter:\n")
-        L.append("```")
-        for k in KEY_FIELDS:
-            if k in cfg:
-                L.append(f"{k}: {json.dumps(cfg[k], sort_keys=True)}")
-        L.append("```\n")
-        files = st_files(r["dir"])
-        L.append(f"Files: {', '.join(files)}"
-                 + (", model.safetensors.index.json" if len(files) > 1 else "")
-                 + ", config.json, data.jsonl, golden.safetensors\n")
-        dts = sorted({row[1] for row in r["table"]})
-        L.append(f"On-disk dtypes: {', '.join(dts)}. Tensors ({len(r['table'])}; "
-                 "{l} = layer index, {e} = expert index):\n")
-        L.append("```")
-        L.extend(compact_names(r["table"]))
-        L.append("```\n")
-        if len(files) > 1:
-            idx = json.load(open(os.path.join(r["dir"], "model.safetensors.index.json")))
-            per = {}
-            for k, f in idx["weight_map"].items():
-                per[f] = per.get(f, 0) + 1
-            L.append("Shards: " + ", ".join(f"{f}: {n} tensors" for f, n in sorted(per.items())) + "\n")
-        L.append("Goldens:\n")
-        L.append("```")
-        for k, a in g.items():
-            L.append(f"{k:<24} {str(a.dtype):<8} {list(a.shape)}")
-        L.append(f"loss = {float(g['loss'][0]):.8f}  n_tokens = {int(g['n_tokens'][0])}  "
-                 f"loss_per_sample = {[round(float(x), 6) for x in g['loss_per_sample']]}")
-        L.append("```\n")
+    else:
+        L.append(f"Seed {r['seed']}. No MoE layer: the goldens hold no routing tensors.\n")
+    L.append("Config fields that matter:\n")
+    L.append("```")
+    for k in KEY_FIELDS:
+        if k in cfg:
+            L.append(f"{k}: {json.dumps(cfg[k], sort_keys=True)}")
+    L.append("```\n")
+    files = st_files(r["dir"])
+    L.append(f"Files: {', '.join(files)}"
+             + (", model.safetensors.index.json" if len(files) > 1 else "")
+             + ", config.json, data.jsonl, golden.safetensors\n")
+    dts = sorted({row[1] for row in r["table"]})
+    L.append(f"On-disk dtypes: {', '.join(dts)}. Tensors ({len(r['table'])}; "
+             "{l} = layer index, {e} = expert index):\n")
+    L.append("```")
+    L.extend(compact_names(r["table"]))
+    L.append("```\n")
+    if len(files) > 1:
+        idx = json.load(open(os.path.join(r["dir"], "model.safetensors.index.json")))
+        per = {}
+        for k, f in idx["weight_map"].items():
+            per[f] = per.get(f, 0) + 1
+        L.append("Shards: " + ", ".join(f"{f}: {n} tensors" for f, n in sorted(per.items())) + "\n")
+    L.append("Goldens:\n")
+    L.append("```")
+    for k, a in g.items():
+        L.append(f"{k:<24} {str(a.dtype):<8} {list(a.shape)}")
+    L.append(f"loss = {float(g['loss'][0]):.8f}  n_tokens = {int(g['n_tokens'][0])}  "
+             f"loss_per_sample = {[round(float(x), 6) for x in g['loss_per_sample']]}")
+    L.append("```\n")
+    return "\n".join(L)
+
+
+def kept_entries(out):
+    """The table rows and sections an earlier run wrote, by variant name, so that
+    --only rewrites the manifest without dropping the variants it did not rebuild.
+    A section without its own "Generated with" line takes the versions of the
+    old manifest's header."""
+    p = os.path.join(out, "MANIFEST.md")
+    if not os.path.exists(p):
+        return {}
+    text = open(p).read()
+    names = {v["name"] for v in VARIANTS}
+    m = re.search(r"(?m)^\* (torch `[^\n]*)$", text)
+    header_versions = m.group(1) if m else "unrecorded versions"
+    rows = {}
+    for line in text.splitlines():
+        cells = line.split("|")
+        if line.startswith("| ") and len(cells) > 2 and cells[1].strip() in names:
+            rows[cells[1].strip()] = line
+    kept = {}
+    for chunk in re.split(r"(?m)^## ", text)[1:]:
+        name = chunk.split("\n", 1)[0].strip()
+        if name not in names or name not in rows:
+            continue
+        body = chunk.split("\n", 1)[1].strip("\n")
+        m = re.match(r"Generated with (.*)\.\n", body)
+        versions = m.group(1) if m else header_versions
+        if not m:
+            body = f"Generated with {versions}.\n\n" + body
+        kept[name] = dict(name=name, row=rows[name], versions=versions,
+                          section=f"## {name}\n\n{body}\n")
+    return kept
+
+
+def write_manifest(out, results):
+    kept = kept_entries(out)
+    built = {r["v"]["name"]: r for r in results}
+    entries = []
+    for v in VARIANTS:
+        r = built.get(v["name"])
+        if r:
+            entries.append(dict(name=v["name"], row=table_row(r), versions=r["versions"],
+                                section=variant_section(r)))
+        elif v["name"] in kept and os.path.isdir(os.path.join(out, v["name"])):
+            entries.append(kept[v["name"]])
+    groups = {}
+    for e in entries:
+        groups.setdefault(e["versions"], []).append(e["name"])
+    L = []
+    L.append("# Tiny checkpoints and goldens (MoE and dense)\n")
+    L.append("Generated by `tests/gen_models.py` (rerun: `python3 tests/gen_models.py "
+             "[--out tests/models] [--only NAME,...]`). Do not edit by hand.\n")
+    for ver, names in groups.items():
+        L.append(f"* {ver}" + (f": {', '.join(names)}" if len(groups) > 1 else ""))
+    L.append(f"* size of the variant directories: "
+             f"{sum(dir_bytes(os.path.join(out, e['name'])) for e in entries)} bytes\n")
+    L.append("## Variants\n")
+    L.append("| variant | family | weights | layout | layers (MoE) | E | K | P | loss |")
+    L.append("|---|---|---|---|---|---|---|---|---|")
+    L.extend(e["row"] for e in entries)
+    tv = sorted({ver.split("transformers `")[1].split("`")[0] for ver in groups if "transformers `" in ver})
+    L.append(NOTES.replace("VERSION_T", " / ".join(tv)))
+    L.extend(e["section"] for e in entries)
     with open(os.path.join(out, "MANIFEST.md"), "w") as f:
         f.write("\n".join(L) + "\n")
 
@@ -856,7 +979,7 @@ def write_manifest(out, results):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "models"))
-    ap.add_argument("--only", default="", help="comma-separated variant names (manifest lists only these)")
+    ap.add_argument("--only", default="", help="comma-separated variant names; the manifest keeps the others' entries")
     args = ap.parse_args()
     torch.set_num_threads(1)  # reductions in one fixed order: reruns give identical bytes
     torch.use_deterministic_algorithms(True)
@@ -873,9 +996,11 @@ def main():
           f"{'loss':>10} {'reload':>7} {'topk gap':>9} {'grp gap':>8}")
     for r in results:
         g = r["golden"]
+        M = len(g["moe_layers"]) if "moe_layers" in g else 0
+        K = g["router_ids"].shape[2] if "router_ids" in g else 0
         print(f"{r['v']['name']:<24} {r['v']['dtype']:<5} {len(st_files(r['dir'])):>5} "
-              f"{dir_bytes(r['dir']):>9} {g['logits'].shape[0]:>4} {len(g['moe_layers']):>2} "
-              f"{g['router_ids'].shape[2]:>2} {float(g['loss'][0]):>10.6f} {r['diff']:>7.1g} "
+              f"{dir_bytes(r['dir']):>9} {g['logits'].shape[0]:>4} {M:>2} "
+              f"{K:>2} {float(g['loss'][0]):>10.6f} {r['diff']:>7.1g} "
               f"{r['gap']:>9.2e} {r['ggap']:>8.2e}")
     total = dir_bytes(args.out)
     print(f"total {total} bytes under {args.out}")

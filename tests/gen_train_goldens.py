@@ -22,25 +22,47 @@ writes <variant>/train_golden.safetensors:
                                           betas 0.9/0.95, eps 1e-8, wd 0.1, the whole
                                           batch each step, only the trained experts move)
 
+And, for every variant of METHODS (the MoE ones and the dense llama, mistral,
+qwen2), two files of the other methods of ESFT's comparison:
+
+  fft_golden.safetensors    every parameter trains (torch.optim.AdamW over
+                            model.parameters()): loss (1), adamw_losses (6), and
+                            per non-expert tensor (checkpoint name N) a sample of
+                            its gradient, grad.N = flat[::stride] with stride =
+                            max(1, numel // 256), and gmax.N = max |gradient|
+                            (experts: the ESFT golden checks their gradients)
+  lora/                     PEFT (LoraConfig r 4, alpha 8, dropout 0) on the
+                            attention projections (and, dense families, the
+                            MLPs), A and B drawn
+                            non-zero (so both have gradients) and saved by
+                            PEFT's save_pretrained: adapter_model.safetensors +
+                            adapter_config.json, the start of the C run
+  lora_golden.safetensors   loss (1), adamw_losses (6) (AdamW over the adapters
+                            only), grad.N / gmax.N sampled as fft's, N = the
+                            PEFT file's tensor name
+
 Everything in fp32 (bf16 checkpoints loaded as fp32 on their bf16 values, FP8
 dequantised), eager attention and experts, eval mode (no dropout), one thread.
 Only ESFT's experts train: the other experts' slices of the fused tensors are
 restored after every step (torch's AdamW would decay them), so the run is
 ESFT's. Rerun with:
 
-    python3 tests/gen_train_goldens.py [--only NAME[,NAME...]]
+    python3 tests/gen_train_goldens.py [--only NAME[,NAME...]] [--methods esft,fft,lora]
 
-Needs torch, transformers v5, numpy, safetensors (what gen_models.py needs).
+Needs torch, transformers v5, numpy, safetensors (what gen_models.py needs),
+and peft for the LoRA goldens.
 """
 
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.numpy import save_file as np_save_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -53,8 +75,17 @@ VARIANTS = ["olmoe", "qwen3_moe", "mixtral", "qwen2_moe", "deepseek_v2_lite", "d
             "deepseek_v3_bf16_tied"]
 # variants whose config also trains the shared experts (Qwen2's gated one, DeepSeek's)
 SHARED = {"qwen2_moe", "deepseek_v2_qlora_yarn"}
+# the other methods: every MoE variant above plus the dense families
+METHODS = VARIANTS + ["llama", "mistral", "qwen2"]
 STEPS = 5
 ADAMW = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+LORA_R, LORA_ALPHA = 4, 8.0
+# esft's LoRA targets: the attention projections (attn), plus the dense MLP
+# layers' gate/up/down (mlp) on the dense families only: on a MoE model PEFT
+# 0.22 also puts adapters on transformers' fused experts when a target is
+# named down_proj (its target_parameters), which esft does not do
+LORA_ATTN = r".*\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj)"
+LORA_ATTN_MLP = r".*\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 
 
 def read_samples(d):
@@ -186,23 +217,129 @@ def build(name, tmp):
     return path, out
 
 
+def grad_sample(g):
+    flat = g.detach().reshape(-1).numpy().astype(np.float32)
+    stride = max(1, flat.size // 256)
+    return flat[::stride].copy(), np.array([np.abs(flat).max()], dtype=np.float32)
+
+
+def adamw_losses(model, samples, params):
+    opt = torch.optim.AdamW(params, **ADAMW)
+    losses = []
+    for step in range(STEPS + 1):
+        opt.zero_grad()
+        loss, _ = pooled_loss(model, samples)
+        losses.append(float(loss.detach()))
+        if step == STEPS:
+            break
+        loss.backward()
+        opt.step()
+    return np.array(losses, dtype=np.float64)
+
+
+def source_dir(name, tmp):
+    d = os.path.join(MODELS, name)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    if "quantization_config" not in cfg:
+        return d
+    src = os.path.join(tmp, name + "_deq")
+    dequantised_dir(d, src)
+    return src
+
+
+def checkpoint_names(d):
+    names = set()
+    for f in os.listdir(d):
+        if f.endswith(".safetensors") and "golden" not in f:
+            with safe_open(os.path.join(d, f), "np") as st:
+                names |= set(st.keys())
+    return names
+
+
+def build_fft(name, tmp):
+    d = os.path.join(MODELS, name)
+    model = load_model(source_dir(name, tmp))
+    samples = read_samples(d)
+    loss, n = pooled_loss(model, samples)
+    loss.backward()
+    out = {"loss": np.array([float(loss.detach())], dtype=np.float64), "n_scored": np.array([n], dtype=np.int64)}
+    stored = checkpoint_names(d)
+    for pname, p in model.named_parameters():
+        if ".experts." in pname or "shared_expert" in pname and "shared_expert_gate" not in pname:
+            continue  # experts (routed and shared): the ESFT golden's
+        # the checkpoint's name (Mixtral's released files say block_sparse_moe)
+        key = pname if pname in stored else pname.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+        assert key in stored, pname
+        out["grad." + key], out["gmax." + key] = grad_sample(p.grad)
+    model.zero_grad()
+    out["adamw_losses"] = adamw_losses(model, samples, list(model.parameters()))
+    path = os.path.join(d, "fft_golden.safetensors")
+    np_save_file(out, path, metadata={"format": "np", "torch": torch.__version__})
+    return path, out
+
+
+def build_lora(name, tmp):
+    import peft
+    d = os.path.join(MODELS, name)
+    model = load_model(source_dir(name, tmp))
+    samples = read_samples(d)
+    dense = not moe_layers(model)
+    cfg = peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                          target_modules=LORA_ATTN_MLP if dense else LORA_ATTN, bias="none", task_type="CAUSAL_LM")
+    model = peft.get_peft_model(model, cfg)
+    g = np.random.default_rng(11)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "lora_A" in pname:
+                bound = 1.0 / np.sqrt(p.shape[1])
+                p.copy_(torch.from_numpy(g.uniform(-bound, bound, size=tuple(p.shape)).astype(np.float32)))
+            elif "lora_B" in pname:
+                p.copy_(torch.from_numpy((0.05 * g.standard_normal(size=tuple(p.shape))).astype(np.float32)))
+    shutil.rmtree(os.path.join(d, "lora"), ignore_errors=True)
+    model.save_pretrained(os.path.join(d, "lora"))
+    os.remove(os.path.join(d, "lora", "README.md"))  # PEFT's model card template: not data
+    model.eval()
+    loss, n = pooled_loss(model, samples)
+    loss.backward()
+    out = {"loss": np.array([float(loss.detach())], dtype=np.float64), "n_scored": np.array([n], dtype=np.int64)}
+    lora = [(pname, p) for pname, p in model.named_parameters() if "lora_" in pname]
+    for pname, p in lora:
+        # PEFT's file name: without the adapter name ("default")
+        key = pname.replace(".default", "")
+        out["grad." + key], out["gmax." + key] = grad_sample(p.grad)
+    model.zero_grad()
+    out["adamw_losses"] = adamw_losses(model, samples, [p for _, p in lora])
+    path = os.path.join(d, "lora_golden.safetensors")
+    np_save_file(out, path, metadata={"format": "np", "torch": torch.__version__})
+    return path, out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", default="")
+    ap.add_argument("--methods", default="esft,fft,lora")
     args = ap.parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     want = [n for n in args.only.split(",") if n]
+    methods = set(args.methods.split(","))
     total = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for name in VARIANTS:
+        for name in METHODS:
             if want and name not in want:
                 continue
-            path, out = build(name, tmp)
-            size = os.path.getsize(path)
-            total += size
-            print(f"{name:<24} experts {list(zip(out['train_layers'].tolist(), out['train_experts'].tolist()))} "
-                  f"loss {out['loss'][0]:.6f} -> {out['adamw_losses'][-1]:.6f}  {size} bytes")
+            if "esft" in methods and name in VARIANTS:
+                path, out = build(name, tmp)
+                total += os.path.getsize(path)
+                print(f"{name:<24} esft experts {list(zip(out['train_layers'].tolist(), out['train_experts'].tolist()))} "
+                      f"loss {out['loss'][0]:.6f} -> {out['adamw_losses'][-1]:.6f}")
+            for meth, fn in (("fft", build_fft), ("lora", build_lora)):
+                if meth not in methods:
+                    continue
+                path, out = fn(name, tmp)
+                total += os.path.getsize(path)
+                print(f"{name:<24} {meth} loss {out['loss'][0]:.6f} -> {out['adamw_losses'][-1]:.6f}  "
+                      f"{os.path.getsize(path)} bytes")
     print(f"total {total} bytes")
 
 

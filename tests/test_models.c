@@ -1,4 +1,4 @@
-/* test_models.c - Hugging Face MoE checkpoints through esft_model_forward,
+/* test_models.c - Hugging Face MoE and dense checkpoints through esft_model_forward,
    against the goldens transformers wrote (tests/gen_models.py, tests/models/):
    logits, pooled loss, every MoE layer's routing (ids as sets, weights), the
    router counts over all and over labelled tokens through esft_stats, the same
@@ -22,7 +22,7 @@
 static const char *const variants[] = {
     "deepseek_v2_lite", "deepseek_v2_qlora_yarn", "deepseek_v3_fp8", "deepseek_v3_bf16_tied",
     "qwen2_moe",        "qwen2_moe_fused",        "qwen3_moe",       "olmoe",
-    "mixtral",
+    "mixtral",          "llama",                  "mistral",         "qwen2",
 };
 #define N_VARIANTS ((int)(sizeof variants / sizeof variants[0]))
 
@@ -88,6 +88,7 @@ static int golden_read(golden *g, const char *variant)
     float *loss;
     int64_t *n;
     const esft_st_tensor *ids;
+    int dense;
     memset(g, 0, sizeof *g);
     snprintf(path, sizeof path, MODELS "%s/golden.safetensors", variant);
     if (esft_safetensors_open(&g->st, path, NULL, NULL) != ESFT_OK) return 0;
@@ -99,8 +100,10 @@ static int golden_read(golden *g, const char *variant)
     g->moe_layers = golden_i64(g, "moe_layers");
     loss = golden_f32(g, "loss");
     n = golden_i64(g, "n_tokens");
-    if (!g->logits || !g->router_weights || !g->router_ids || !g->counts_all || !g->counts_labelled ||
-        !g->moe_layers || !loss || !n) {
+    /* a dense model's golden has no routing tensors at all (M = K = E = 0) */
+    dense = esft_safetensors_find(&g->st, "moe_layers") < 0;
+    if (!g->logits || !loss || !n ||
+        (!dense && (!g->router_weights || !g->router_ids || !g->counts_all || !g->counts_labelled || !g->moe_layers))) {
         free(loss);
         free(n);
         return 0;
@@ -111,6 +114,7 @@ static int golden_read(golden *g, const char *variant)
     free(n);
     g->P = (int)g->st.tensors[esft_safetensors_find(&g->st, "logits")].shape[0];
     g->V = (int)g->st.tensors[esft_safetensors_find(&g->st, "logits")].shape[1];
+    if (dense) return 1;
     ids = &g->st.tensors[esft_safetensors_find(&g->st, "router_ids")];
     g->M = (int)ids->shape[0];
     g->K = (int)ids->shape[2];
@@ -161,15 +165,18 @@ static esft_status pass_run(pass *p, const esft_model *m, const esft_dataset *ds
     p->P = (int)ds->offset[ds->n_samples];
     p->K = K;
     p->logits = (float *)malloc((size_t)p->P * V * sizeof(float));
-    p->ids = (int32_t *)calloc((size_t)L * p->P * K, sizeof(int32_t));
-    p->weights = (float *)calloc((size_t)L * p->P * K, sizeof(float));
+    /* + 1: a dense model routes nothing (K = 0), and calloc(0) may be NULL */
+    p->ids = (int32_t *)calloc((size_t)L * p->P * K + 1, sizeof(int32_t));
+    p->weights = (float *)calloc((size_t)L * p->P * K + 1, sizeof(float));
     mask = (unsigned char *)malloc((size_t)p->P);
     if (!p->logits || !p->ids || !p->weights || !mask) {
         free(mask);
         return ESFT_ERR_OUT_OF_MEMORY;
     }
-    esft_stats_init(&p->all, L, c->route.n_experts, K, NULL);
-    esft_stats_init(&p->labelled, L, c->route.n_experts, K, NULL);
+    if (esft_model_config_moe_layers(c) > 0) { /* stats of a model without a router: nothing to count */
+        esft_stats_init(&p->all, L, c->route.n_experts, K, NULL);
+        esft_stats_init(&p->labelled, L, c->route.n_experts, K, NULL);
+    }
     for (s = 0; s < p->P; s++) mask[s] = ds->labels[s] != -100;
     for (s = 0; s < ds->n_samples && st == ESFT_OK; s++) {
         int64_t o = ds->offset[s];
@@ -180,7 +187,7 @@ static esft_status pass_run(pass *p, const esft_model *m, const esft_dataset *ds
         memset(&r, 0, sizeof r);
         r.labels = ds->labels + o;
         r.logits = p->logits + (size_t)o * V;
-        r.stats = &p->all;
+        r.stats = p->all.count ? &p->all : NULL;
         r.on_route = record_route;
         r.user = p;
         p->base = o;
@@ -190,7 +197,7 @@ static esft_status pass_run(pass *p, const esft_model *m, const esft_dataset *ds
                must route the same tokens the same way */
             esft_model_run r2;
             memset(&r2, 0, sizeof r2);
-            r2.stats = &p->labelled;
+            r2.stats = p->labelled.count ? &p->labelled : NULL;
             r2.stats_mask = mask + o;
             st = esft_model_forward(m, ds->ids + o, T, &r2, NULL, NULL, err);
         }
@@ -344,6 +351,9 @@ TEST(qwen2_moe_fused_matches_transformers) { check_variant("qwen2_moe_fused"); }
 TEST(qwen3_moe_matches_transformers) { check_variant("qwen3_moe"); }
 TEST(olmoe_matches_transformers) { check_variant("olmoe"); }
 TEST(mixtral_matches_transformers) { check_variant("mixtral"); }
+TEST(llama_dense_matches_transformers) { check_variant("llama"); }
+TEST(mistral_dense_sliding_window_matches_transformers) { check_variant("mistral"); }
+TEST(qwen2_dense_tied_matches_transformers) { check_variant("qwen2"); }
 
 /* The forward's logits and routing: the same bits for 1 and 3 threads. */
 TEST(forward_same_bits_for_any_thread_count)
@@ -392,6 +402,50 @@ TEST(config_names_family_and_moe_layers)
     CHECK(c.family == ESFT_MODEL_OLMOE && c.qk_norm == ESFT_QK_NORM_WHOLE && c.tie_embeddings);
 }
 
+/* A dense model through what ESFT's training builds on: an empty trainable
+   set, a forward-backward that trains nothing but computes the forward's loss
+   (its own attention: window, biases), and an expert of a dense layer refused. */
+static void check_dense_trainable(const char *variant)
+{
+    esft_model m;
+    esft_model_trainable tr;
+    esft_expert_config none, one;
+    esft_model_run r;
+    esft_error err;
+    const char *empty = "{\"experts\": {}, \"shared_experts\": false, \"non_expert_modules\": false}";
+    const char *layer0 = "{\"experts\": {\"0\": [0]}, \"shared_experts\": false, \"non_expert_modules\": false}";
+    int32_t ids[20] = {1, 5, 9, 3, 7, 2, 8, 4, 6, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20};
+    char path[256];
+    double loss = 0, fwd_loss = 0;
+    int64_t n = 0, fwd_n = 0;
+    snprintf(path, sizeof path, MODELS "%s", variant);
+    CHECK_STATUS(esft_model_open(&m, path, NULL, &err), ESFT_OK);
+    CHECK_STATUS(esft_expert_config_parse(empty, strlen(empty), "e.json", &none, &err), ESFT_OK);
+    CHECK_STATUS(esft_expert_config_parse(layer0, strlen(layer0), "e.json", &one, &err), ESFT_OK);
+    CHECK_STATUS(esft_model_trainable_init(&tr, &m, &none, NULL, &err), ESFT_OK);
+    CHECK(tr.n_trained == 0 && tr.n_params == 0 && tr.n_experts == 0);
+    CHECK(esft_model_trainable_expert(&tr, tr.params, 0, 0) == NULL);
+    CHECK_STATUS(esft_model_forward_backward(&m, &tr, ids, ids, 20, 1.0f, &loss, &n, &err), ESFT_OK);
+    memset(&r, 0, sizeof r);
+    r.labels = ids;
+    CHECK_STATUS(esft_model_forward(&m, ids, 20, &r, &fwd_loss, &fwd_n, &err), ESFT_OK);
+    CHECK_MSG(n == 19 && fwd_n == 19 && fabs(loss - fwd_loss) <= 1e-6 * fabs(fwd_loss), "%s: loss %.9g vs %.9g",
+              variant, loss, fwd_loss);
+    esft_model_trainable_uninit(&tr);
+    CHECK_STATUS(esft_model_trainable_init(&tr, &m, &one, NULL, &err), ESFT_ERR_RANGE);
+    CHECK_MSG(strstr(err.message, "dense layer") != NULL, "message: %s", err.message);
+    esft_expert_config_free(&none);
+    esft_expert_config_free(&one);
+    esft_model_close(&m);
+}
+
+TEST(dense_model_trainable_set_is_empty)
+{
+    check_dense_trainable("llama");
+    check_dense_trainable("mistral");
+    check_dense_trainable("qwen2");
+}
+
 /* ---- bad input ---------------------------------------------------------- */
 
 /* Text of config.json of a variant with one substring replaced. */
@@ -419,6 +473,28 @@ static esft_status parse_edited_config(const char *variant, const char *from, co
     return st;
 }
 
+/* The dense families: every layer dense, no router (E = K = 0), the fields each reads. */
+TEST(dense_configs_have_no_moe_layer)
+{
+    esft_model_config c;
+    esft_error err;
+    int l, dense = 1;
+    CHECK_STATUS(esft_model_config_read(&c, MODELS "llama/config.json", &err), ESFT_OK);
+    CHECK(c.family == ESFT_MODEL_LLAMA && !c.mla && c.head_dim == 24 && c.n_kv_heads == 2);
+    CHECK(c.qkv_bias && c.o_bias); /* attention_bias true: q/k/v and o */
+    CHECK(c.d_ff == 96 && c.route.n_experts == 0 && c.route.top_k == 0 && c.rope.theta == 500000.0);
+    CHECK_EQ_INT(esft_model_config_moe_layers(&c), 0);
+    CHECK_STATUS(esft_model_config_read(&c, MODELS "mistral/config.json", &err), ESFT_OK);
+    CHECK(c.family == ESFT_MODEL_MISTRAL && c.sliding_window == 8 && c.head_dim == 16);
+    CHECK_STATUS(esft_model_config_read(&c, MODELS "qwen2/config.json", &err), ESFT_OK);
+    CHECK(c.family == ESFT_MODEL_QWEN2 && c.qkv_bias && c.tie_embeddings && c.sliding_window == 0);
+    for (l = 0; l < c.n_layers; l++) dense &= !c.is_moe[l];
+    CHECK(dense);
+    CHECK(strcmp(esft_model_family_name(ESFT_MODEL_QWEN2), "qwen2") == 0);
+    /* head_dim null (older Mistral configs) is hidden / heads */
+    CHECK_STATUS(parse_edited_config("mistral", "\"head_dim\": 16", "\"head_dim\": null", &err), ESFT_OK);
+}
+
 TEST(unknown_model_type_is_unsupported_naming_the_field)
 {
     esft_error err;
@@ -435,6 +511,28 @@ TEST(unimplemented_field_values_are_unsupported_naming_the_field)
                                      "\"topk_method\": \"sinkhorn\"", &err),
                  ESFT_ERR_UNSUPPORTED);
     CHECK_MSG(strstr(err.message, "topk_method") != NULL, "message: %s", err.message);
+}
+
+/* What the dense families' configs may ask for that the forward does not
+   compute: refused, the message naming the field. */
+TEST(dense_unsupported_options_are_refused_naming_the_field)
+{
+    static const struct {
+        const char *variant, *from, *to, *field;
+    } cases[] = {
+        {"llama", "\"mlp_bias\": false", "\"mlp_bias\": true", "mlp_bias"},
+        {"llama", "\"rope_type\": \"default\"", "\"rope_type\": \"llama3\"", "rope_type"},
+        {"mistral", "\"rope_type\": \"default\"", "\"rope_type\": \"linear\"", "rope_type"},
+        {"qwen2", "\"use_sliding_window\": false", "\"use_sliding_window\": true", "use_sliding_window"},
+        {"qwen2", "\"silu\"", "\"gelu\"", "hidden_act"},
+    };
+    int i;
+    for (i = 0; i < (int)(sizeof cases / sizeof cases[0]); i++) {
+        esft_error err;
+        memset(&err, 0, sizeof err);
+        CHECK_STATUS(parse_edited_config(cases[i].variant, cases[i].from, cases[i].to, &err), ESFT_ERR_UNSUPPORTED);
+        CHECK_MSG(strstr(err.message, cases[i].field) != NULL, "%s: message: %s", cases[i].variant, err.message);
+    }
 }
 
 TEST(malformed_config_is_a_parse_error)

@@ -27,6 +27,8 @@ typedef struct fixture {
     int32_t *ref_ids;     /* (L, T, K) routing of the unperturbed model */
     int64_t *counts;      /* (L, E) */
     int recording, moved; /* on_route: record the routing, or note a change */
+    int32_t *pesc_ref;    /* (L, T, PESC K) routing of the PESC layers, when tr has them */
+    double aux_weight;    /* loss_fn adds aux_weight * the PESC aux loss (n_scored: the training objective) */
     esft_expert_config cfg;
     int cfg_offset[ESFT_MODEL_MAX_LAYERS + 1];
     int32_t cfg_ids[256];
@@ -40,6 +42,12 @@ static void on_route(void *user, int layer, const int32_t *ids, const float *wei
     int32_t *ref = f->ref_ids + (size_t)layer * T * K;
     int i;
     (void)weights;
+    if (!f->m.cfg.is_moe[layer]) { /* a PESC layer: its adapter MoE's routing */
+        ref = f->pesc_ref + (size_t)layer * T * K;
+        if (f->recording) memcpy(ref, ids, (size_t)T * K * sizeof(int32_t));
+        else if (memcmp(ref, ids, (size_t)T * K * sizeof(int32_t)) != 0) f->moved = 1;
+        return;
+    }
     if (f->recording) {
         memcpy(ref, ids, (size_t)T * K * sizeof(int32_t));
         for (i = 0; i < T * K; i++) f->counts[(size_t)layer * f->E + ids[i]]++;
@@ -53,16 +61,17 @@ static double loss_fn(void *ctx)
 {
     fixture *f = (fixture *)ctx;
     esft_model_run run;
-    double loss = 0.0;
+    double loss = 0.0, aux = 0.0;
     int64_t n = 0;
     memset(&run, 0, sizeof run);
     run.labels = f->labels;
     run.trainable = &f->tr;
     run.on_route = on_route;
     run.user = f;
+    run.aux_loss = &aux;
     f->moved = 0;
     if (esft_model_forward(&f->m, f->ids, f->T, &run, &loss, &n, NULL) != ESFT_OK || f->moved) return NAN;
-    return loss;
+    return loss + f->aux_weight * aux;
 }
 
 /* The per_layer most used experts of every MoE layer (ties: lower id). */
@@ -153,6 +162,7 @@ static void fixture_close(fixture *f)
     esft_model_close(&f->m);
     free(f->ref_ids);
     free(f->counts);
+    free(f->pesc_ref);
 }
 
 /* ---- gradient checks ----------------------------------------------------------- */
@@ -240,6 +250,254 @@ GRADCHECK_TEST(deepseek_v2_lite)
 GRADCHECK_TEST(deepseek_v2_qlora_yarn)
 GRADCHECK_TEST(deepseek_v3_bf16_tied)
 GRADCHECK_TEST(deepseek_v3_fp8)
+
+/* ---- FFT and LoRA: every tensor of the trainable set ------------------------ */
+
+/* One block of the trainable set against central differences, ~4 coordinates
+   (2 under ESFT_TEST_LIGHT); its worst relative error into *worst. 0 on failure
+   (why filled). */
+static int gradcheck_block(fixture *f, float *p, float *g, size_t n, const char *what, double *worst, char *why,
+                           size_t why_n)
+{
+    char buf[512];
+    gc_result r = gc_check(p, n, g, (n / (getenv("ESFT_TEST_LIGHT") ? 2 : 4)) | 1, loss_fn, f, &tol);
+    double rel = r.worst_err / (r.max_abs_grad + 1e-30);
+    if (getenv("ESFT_TEST_VERBOSE"))
+        printf("      %s: checked %lu skipped %lu worst num %.6g ana %.6g max|g| %.3g\n", what,
+               (unsigned long)r.checked, (unsigned long)r.skipped, r.worst_num, r.worst_ana, r.max_abs_grad);
+    if (rel > *worst) *worst = rel;
+    if (r.failed || (r.checked > 0 && r.max_abs_grad == 0.0)) {
+        snprintf(why, why_n, "%s: %s (checked %lu)", what, gc_describe(&r, "d", buf, sizeof buf),
+                 (unsigned long)r.checked);
+        return 0;
+    }
+    return 1;
+}
+
+/* PESC: W_up drawn small and non-zero (at the upcycling init W_up = 0, so
+   W_down's gradient is 0), and room for the adapter routing's reference. */
+static void pesc_prepare(fixture *f)
+{
+    const esft_pesc_config *c = &f->tr.pesc;
+    int l, e;
+    size_t j, rd = (size_t)c->rank * c->d_model;
+    if (f->tr.n_pesc == 0) return;
+    f->pesc_ref = (int32_t *)calloc((size_t)f->L * f->T * c->top_k, sizeof(int32_t));
+    for (l = 0; l < f->L; l++) {
+        float *p = esft_model_trainable_pesc(&f->tr, f->tr.params, l);
+        for (e = 0; p && e < c->n_experts; e++) {
+            float *up = p + esft_pesc_tensor_offset(c, ESFT_PESC_UP, e);
+            for (j = 0; j < rd; j++) up[j] = 0.3f * (float)sin(1.0 + (double)(j + e * rd) * 0.7);
+        }
+    }
+}
+
+/* Every PESC block: its router, and W_down and W_up of each adapter expert
+   the sample routes to (an unused one has no gradient; each layer must use one). */
+static int gradcheck_pesc(fixture *f, double *worst, char *why, size_t why_n)
+{
+    const esft_pesc_config *c = &f->tr.pesc;
+    size_t rd = (size_t)c->rank * c->d_model, j;
+    int l, e, k;
+    char what[200];
+    for (l = 0; l < f->L; l++) {
+        float *p = esft_model_trainable_pesc(&f->tr, f->tr.params, l), *g = esft_model_trainable_pesc(&f->tr, f->tr.grads, l);
+        int used = 0;
+        if (!p) continue;
+        snprintf(what, sizeof what, "layer %d PESC router", l);
+        if (!gradcheck_block(f, p, g, (size_t)c->n_experts * c->d_model, what, worst, why, why_n)) return 0;
+        for (e = 0; e < c->n_experts; e++) {
+            size_t down = esft_pesc_tensor_offset(c, ESFT_PESC_DOWN, e);
+            for (j = 0; j < rd && g[down + j] == 0.0f; j++) {
+            }
+            if (j == rd) continue;
+            used++;
+            for (k = 0; k < 2; k++) {
+                size_t at = esft_pesc_tensor_offset(c, k ? ESFT_PESC_UP : ESFT_PESC_DOWN, e);
+                snprintf(what, sizeof what, "layer %d PESC expert %d adapter_%s", l, e, k ? "up" : "down");
+                if (!gradcheck_block(f, p + at, g + at, rd, what, worst, why, why_n)) return 0;
+            }
+        }
+        if (!used) {
+            snprintf(why, why_n, "layer %d: no PESC expert got a gradient", l);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* The trainable set of spec on a family's model, every block of it checked:
+   each non-expert tensor (the embedding on the row of a token the sample
+   holds), the first expert and shared block, each adapter's A and B (B drawn
+   non-zero first: at B = 0 A's gradient is 0). */
+static void gradcheck_method(const char *name, const esft_train_spec *spec, double *worst)
+{
+    fixture f;
+    char why[1024];
+    double loss = 0.0, aux = 0.0;
+    int64_t scored = 0;
+    int i;
+    size_t j;
+    esft_error err;
+    *worst = 0.0;
+    if (!fixture_open(&f, name, 0, 1, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    esft_model_trainable_uninit(&f.tr);
+    CHECK_STATUS(esft_model_trainable_init_spec(&f.tr, &f.m, spec, NULL, &err), ESFT_OK);
+    for (i = 0; i < f.tr.n_lora; i++) {
+        const esft_matrix *w = f.m.tensors[f.tr.lora_tensor[i]].matrix;
+        float *b = f.tr.params + (f.tr.lora[i].b - f.tr.params);
+        for (j = 0; j < (size_t)w->rows * f.tr.lora_rank; j++) b[j] = 0.05f * (float)sin(1.0 + (double)j * 0.7);
+    }
+    pesc_prepare(&f);
+    f.recording = 1; /* the routing of the model as adapted is the reference now */
+    loss_fn(&f);
+    f.recording = 0;
+    CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, f.ids, f.labels, f.T, 1.0f, &loss, &scored, &err), ESFT_OK);
+    aux = f.tr.aux_loss;
+    if (loss != loss_fn(&f)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%s: training loss %.17g != forward loss %.17g", name, loss, loss_fn(&f));
+    }
+    /* PESC's objective: loss_sum + n_scored * aux (grad_scale 1), aux as the forward reports it */
+    f.aux_weight = (double)scored;
+    if (f.tr.n_pesc && (!(aux > 0.0) || loss_fn(&f) != loss + scored * aux)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%s: training aux %.17g, forward objective %.17g != %.17g", name, aux, loss_fn(&f),
+                      loss + scored * aux);
+    }
+    if (!gradcheck_pesc(&f, worst, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%s: %.400s", name, why);
+    }
+    for (i = 0; i < f.tr.n_modules; i++) {
+        const esft_model_tensor *t = &f.m.tensors[f.tr.module[i]];
+        size_t at = f.tr.module_offset[i], n = (size_t)t->matrix->rows * t->matrix->cols;
+        if (t->matrix == &f.m.embed) at += (size_t)f.ids[1] * t->matrix->cols, n = (size_t)t->matrix->cols;
+        if (!gradcheck_block(&f, f.tr.params + at, f.tr.grads + at, n, t->name, worst, why, sizeof why)) {
+            fixture_close(&f);
+            HARNESS_FAIL_("%s: %.400s", name, why);
+        }
+    }
+    for (i = 0; i < f.tr.n_trained; i++) { /* the first expert the sample routes to */
+        for (j = 0; j < f.tr.expert_floats && f.tr.grads[(size_t)i * f.tr.expert_floats + j] == 0.0f; j++) {
+        }
+        if (j < f.tr.expert_floats) break;
+    }
+    if ((i < f.tr.n_trained && !gradcheck_block(&f, f.tr.params + (size_t)i * f.tr.expert_floats,
+                                                f.tr.grads + (size_t)i * f.tr.expert_floats, f.tr.expert_floats,
+                                                "first used expert", worst, why, sizeof why)) ||
+        (f.tr.n_shared && !gradcheck_block(&f, f.tr.params + (size_t)f.tr.n_trained * f.tr.expert_floats,
+                                           f.tr.grads + (size_t)f.tr.n_trained * f.tr.expert_floats,
+                                           f.tr.shared_floats, "first shared block", worst, why, sizeof why))) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%s: %.400s", name, why);
+    }
+    for (i = 0; i < 2 * f.tr.n_lora; i++) {
+        const esft_matrix *w = f.m.tensors[f.tr.lora_tensor[i / 2]].matrix;
+        const float *p = i % 2 ? f.tr.lora[i / 2].b : f.tr.lora[i / 2].a;
+        size_t at = (size_t)(p - f.tr.params), n = (size_t)f.tr.lora_rank * (i % 2 ? w->rows : w->cols);
+        char what[200];
+        snprintf(what, sizeof what, "%s lora_%c", f.m.tensors[f.tr.lora_tensor[i / 2]].name, i % 2 ? 'B' : 'A');
+        if (!gradcheck_block(&f, f.tr.params + at, f.tr.grads + at, n, what, worst, why, sizeof why)) {
+            fixture_close(&f);
+            HARNESS_FAIL_("%s: %.400s", name, why);
+        }
+    }
+    fixture_close(&f);
+}
+
+static void gradcheck_fft(const char *name)
+{
+    esft_train_spec sp;
+    double worst = 0.0;
+    memset(&sp, 0, sizeof sp);
+    sp.method = ESFT_TRAIN_FFT;
+    gradcheck_method(name, &sp, &worst);
+    if (harness_state == 0) printf("    %s fft: worst |a - num| / max|num| = %.2e\n", name, worst);
+}
+
+static void gradcheck_lora(const char *name)
+{
+    esft_train_spec sp;
+    double worst = 0.0;
+    memset(&sp, 0, sizeof sp);
+    sp.method = ESFT_TRAIN_LORA;
+    sp.lora_rank = 3;
+    sp.lora_alpha = 6.0f;
+    sp.lora_targets = ESFT_LORA_ATTN | ESFT_LORA_MLP;
+    sp.seed = 7;
+    gradcheck_method(name, &sp, &worst);
+    if (harness_state == 0) printf("    %s lora: worst |a - num| / max|num| = %.2e\n", name, worst);
+}
+
+/* Under ESFT_TEST_LIGHT (valgrind) the FFT / LoRA checks run on three
+   families that cover their code paths: GQA with q/k norms (olmoe), MLA with
+   q_lora (deepseek_v2_qlora_yarn), biases + tied embeddings + dense MLPs (qwen2). */
+static int light_skips(const char *fam)
+{
+    return getenv("ESFT_TEST_LIGHT") && strcmp(fam, "olmoe") != 0 && strcmp(fam, "deepseek_v2_qlora_yarn") != 0 &&
+           strcmp(fam, "qwen2") != 0;
+}
+#define LIGHT_SKIP(fam) \
+    if (light_skips(fam)) SKIP("ESFT_TEST_LIGHT: olmoe, deepseek_v2_qlora_yarn and qwen2 cover these paths")
+
+/* every weight kind: GQA + whole q/k norms + clip (OLMoE), qkv bias + gated
+   shared expert (Qwen2), per-head norms (Qwen3), plain GQA (Mixtral), MLA +
+   dense layer (V2-Lite), MLA with q_lora (V2), tied embeddings + sigmoid
+   routing (V3) */
+static void gradcheck_pesc_method(const char *name)
+{
+    esft_train_spec sp;
+    double worst = 0.0;
+    memset(&sp, 0, sizeof sp);
+    sp.method = ESFT_TRAIN_PESC;
+    sp.pesc = esft_pesc_config_init(0, 4, 2, 3); /* d_model: the model's */
+    sp.pesc.scale = 1.0f;
+    sp.pesc.aux_alpha = 0.1f; /* large enough that a wrong aux gradient shows */
+    sp.seed = 11;
+    gradcheck_method(name, &sp, &worst);
+    if (harness_state == 0) printf("    %s pesc: worst |a - num| / max|num| = %.2e\n", name, worst);
+}
+
+/* dense llama (attention bias), mistral, qwen2 (qkv bias); DeepSeek-V2-Lite's
+   dense layer 0 under MLA, its MoE layers untouched */
+#define PESC_TEST(fam)                 \
+    TEST(gradcheck_pesc_##fam)         \
+    {                                  \
+        LIGHT_SKIP(#fam);              \
+        gradcheck_pesc_method(#fam);   \
+    }
+
+PESC_TEST(llama)
+PESC_TEST(mistral)
+PESC_TEST(qwen2)
+PESC_TEST(deepseek_v2_lite)
+
+#define FFT_TEST(fam)                                   \
+    TEST(gradcheck_fft_##fam)                           \
+    {                                                   \
+        LIGHT_SKIP(#fam);                               \
+        gradcheck_fft(#fam);                            \
+    }                                                   \
+    TEST(gradcheck_lora_##fam)                          \
+    {                                                   \
+        LIGHT_SKIP(#fam);                               \
+        gradcheck_lora(#fam);                           \
+    }
+
+FFT_TEST(olmoe)
+FFT_TEST(qwen2_moe)
+FFT_TEST(qwen3_moe)
+FFT_TEST(mixtral)
+FFT_TEST(deepseek_v2_lite)
+FFT_TEST(deepseek_v2_qlora_yarn)
+FFT_TEST(deepseek_v3_bf16_tied)
+FFT_TEST(llama)
+FFT_TEST(mistral)
+FFT_TEST(qwen2)
 
 /* Longer than one attention block and one head block (T = 150 > 64), with a
    sliding window switched on in the config (it changes the loss: the
@@ -447,11 +705,15 @@ typedef struct train_golden {
     int n_shared;
 } train_golden;
 
+static int golden_raw_st(const esft_safetensors *st, const char *name, void *dst, size_t bytes)
+{
+    int i = esft_safetensors_find(st, name);
+    return i >= 0 && st->tensors[i].n_bytes == bytes && esft_safetensors_read(st, i, dst, 0, bytes, NULL) == ESFT_OK;
+}
+
 static int golden_raw(train_golden *g, const char *name, void *dst, size_t bytes)
 {
-    int i = esft_safetensors_find(&g->st, name);
-    return i >= 0 && g->st.tensors[i].n_bytes == bytes &&
-           esft_safetensors_read(&g->st, i, dst, 0, bytes, NULL) == ESFT_OK;
+    return golden_raw_st(&g->st, name, dst, bytes);
 }
 
 static int train_golden_open(train_golden *g, const char *name, size_t expert_floats)
@@ -533,17 +795,41 @@ static uint64_t model_hash(const esft_model *m)
     return h;
 }
 
+/* 5 AdamW steps over the whole batch, as torch.optim.AdamW took them (lr 1e-3,
+   betas 0.9/0.95, eps 1e-8, wd 0.1): the worst relative difference of the
+   pooled loss before each step and after the last from golden (6) into
+   *worst. Returns the passes made (6 when all went through). */
+static int adamw_steps(fixture *f, int64_t n_scored, const double *golden, double *worst)
+{
+    esft_adamw opt;
+    esft_adamw_config ac = esft_adamw_config_init(); /* lr 1e-3, eps 1e-8 */
+    double mean = 0.0;
+    int step;
+    ac.beta2 = 0.95f;
+    ac.weight_decay = 0.1f;
+    *worst = 0.0;
+    if (esft_adamw_init(&opt, &ac, f->tr.n_params, NULL, NULL) != ESFT_OK) return 0;
+    for (step = 0; step <= 5; step++) {
+        double d;
+        memset(f->tr.grads, 0, f->tr.n_params * sizeof(float));
+        if (batch_pass(f, n_scored, &mean) != ESFT_OK) break;
+        d = fabs(mean - golden[step]) / fabs(golden[step]);
+        if (d > *worst) *worst = d;
+        if (step < 5 && esft_adamw_step(&opt, f->tr.params, f->tr.grads, NULL) != ESFT_OK) break;
+    }
+    esft_adamw_uninit(&opt);
+    return step;
+}
+
 static void torch_family(const char *name, double *worst_loss, double *worst_grad, double *worst_step)
 {
     fixture f;
     train_golden g;
     char why[1024];
-    esft_adamw opt;
-    esft_adamw_config ac;
     esft_error err;
     double mean = 0.0;
     uint64_t before;
-    int i, l, step;
+    int i, l;
     if (!fixture_open(&f, name, 0, 1, why, sizeof why)) {
         fixture_close(&f);
         HARNESS_FAIL_("%.400s", why);
@@ -597,24 +883,7 @@ static void torch_family(const char *name, double *worst_loss, double *worst_gra
         }
         if (err_max / mx > *worst_grad) *worst_grad = err_max / mx;
     }
-    /* 5 AdamW steps over the whole batch, as torch.optim.AdamW took them */
-    ac.lr = 1e-3f;
-    ac.beta1 = 0.9f;
-    ac.beta2 = 0.95f;
-    ac.eps = 1e-8f;
-    ac.weight_decay = 0.1f;
-    CHECK_STATUS(esft_adamw_init(&opt, &ac, f.tr.n_params, NULL, &err), ESFT_OK);
-    *worst_step = 0.0;
-    for (step = 0; step <= 5; step++) {
-        double d;
-        memset(f.tr.grads, 0, f.tr.n_params * sizeof(float));
-        if (batch_pass(&f, g.n_scored, &mean) != ESFT_OK) break;
-        d = fabs(mean - g.adamw[step]) / fabs(g.adamw[step]);
-        if (d > *worst_step) *worst_step = d;
-        if (step < 5 && esft_adamw_step(&opt, f.tr.params, f.tr.grads, &err) != ESFT_OK) break;
-    }
-    esft_adamw_uninit(&opt);
-    CHECK_EQ_INT(step, 6);
+    CHECK_EQ_INT(adamw_steps(&f, g.n_scored, g.adamw, worst_step), 6);
     CHECK(model_hash(&f.m) == before);
     free(g.grad);
     free(g.shared_grad);
@@ -639,6 +908,177 @@ TORCH_TEST(qwen2_moe)
 TORCH_TEST(deepseek_v2_lite)
 TORCH_TEST(deepseek_v2_qlora_yarn)
 TORCH_TEST(deepseek_v3_bf16_tied)
+
+/* FFT and LoRA against torch / PEFT (fft_golden.safetensors, lora/ and
+   lora_golden.safetensors of tests/gen_train_goldens.py): the batch's loss,
+   each tensor's gradient (the golden's sample of it: every stride-th value,
+   stride = max(1, numel / 256), relative to its largest), 5 AdamW steps; the
+   model's own weights bit-identical after. LoRA starts from the adapters PEFT
+   saved (esft_model_lora_open reads PEFT's own files). */
+static void torch_method(const char *name, esft_train_method method, double *worst_loss, double *worst_grad,
+                         double *worst_step)
+{
+    fixture f;
+    esft_safetensors g;
+    esft_train_spec sp;
+    char why[1024], path[300];
+    esft_error err;
+    double loss = 0.0, adamw[6];
+    int64_t n_scored = 0;
+    uint64_t before;
+    int i, steps;
+    if (!fixture_open(&f, name, 0, 1, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    snprintf(path, sizeof path, MODELS "%s/%s_golden.safetensors", name, method == ESFT_TRAIN_FFT ? "fft" : "lora");
+    if (esft_safetensors_open(&g, path, NULL, &err) != ESFT_OK || !golden_raw_st(&g, "loss", &loss, 8) ||
+        !golden_raw_st(&g, "n_scored", &n_scored, 8) || !golden_raw_st(&g, "adamw_losses", adamw, 48)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%s missing or malformed", path);
+    }
+    esft_model_trainable_uninit(&f.tr);
+    memset(&sp, 0, sizeof sp);
+    sp.method = method;
+    snprintf(path, sizeof path, MODELS "%s/lora", name);
+    if (method == ESFT_TRAIN_FFT) CHECK_STATUS(esft_model_trainable_init_spec(&f.tr, &f.m, &sp, NULL, &err), ESFT_OK);
+    else CHECK_STATUS(esft_model_lora_open(&f.tr, &f.m, path, &err), ESFT_OK);
+    before = model_hash(&f.m);
+    {
+        double mean = 0.0;
+        CHECK_STATUS(batch_pass(&f, n_scored, &mean), ESFT_OK);
+        *worst_loss = fabs(mean - loss) / fabs(loss);
+    }
+    *worst_grad = 0.0;
+    for (i = 0; i < g.n_tensors; i++) {
+        const char *tn = g.tensors[i].name;
+        char gmax_name[300];
+        float *sample, gmax = 0.0f, *ours;
+        int64_t shape[2];
+        size_t n, stride, j, k = (size_t)g.tensors[i].n_elements;
+        if (strncmp(tn, "grad.", 5) != 0) continue;
+        ours = method == ESFT_TRAIN_FFT ? esft__trainable_target(&f.tr, &f.m, tn + 5, shape)
+                                        : esft__lora_target(&f.tr, &f.m, tn + 5, shape);
+        if (!ours) {
+            esft_safetensors_close(&g);
+            fixture_close(&f);
+            HARNESS_FAIL_("%s: golden tensor %s is not one esft trains", name, tn + 5);
+        }
+        snprintf(gmax_name, sizeof gmax_name, "gmax.%s", tn + 5);
+        sample = (float *)malloc(k * sizeof(float));
+        CHECK(sample && esft_safetensors_read_f32(&g, i, sample, NULL) == ESFT_OK &&
+              golden_raw_st(&g, gmax_name, &gmax, 4));
+        n = (size_t)(shape[0] * shape[1]);
+        stride = n / 256 > 1 ? n / 256 : 1;
+        ours = f.tr.grads + (ours - f.tr.params);
+        for (j = 0; sample && j < k && j * stride < n; j++) {
+            double d = fabs((double)ours[j * stride] - sample[j]) / (gmax > 0.0f ? gmax : 1.0f);
+            if (d > *worst_grad) *worst_grad = d;
+        }
+        free(sample);
+    }
+    steps = adamw_steps(&f, n_scored, adamw, worst_step);
+    CHECK_EQ_INT(steps, 6);
+    CHECK(model_hash(&f.m) == before);
+    esft_safetensors_close(&g);
+    fixture_close(&f);
+}
+
+#define TORCH_METHOD_TEST(fam)                                                                                 \
+    TEST(torch_fft_lora_##fam)                                                                                 \
+    {                                                                                                          \
+        double wl = 0, wg = 0, ws = 0, ll = 0, lg = 0, ls = 0;                                                 \
+        LIGHT_SKIP(#fam);                                                                                      \
+        torch_method(#fam, ESFT_TRAIN_FFT, &wl, &wg, &ws);                                                     \
+        if (harness_state) return;                                                                             \
+        torch_method(#fam, ESFT_TRAIN_LORA, &ll, &lg, &ls);                                                    \
+        if (harness_state) return;                                                                             \
+        printf("    %s fft vs torch: loss %.2e, gradient %.2e, steps %.2e; lora vs PEFT: %.2e, %.2e, %.2e\n", \
+               #fam, wl, wg, ws, ll, lg, ls);                                                                   \
+        CHECK_MSG(wl <= TORCH_TOL && wg <= TORCH_TOL && ws <= TORCH_TOL && ll <= TORCH_TOL && lg <= TORCH_TOL && \
+                      ls <= TORCH_TOL,                                                                         \
+                  "%s: over 1e-4", #fam);                                                                      \
+    }
+
+TORCH_METHOD_TEST(olmoe)
+TORCH_METHOD_TEST(qwen3_moe)
+TORCH_METHOD_TEST(mixtral)
+TORCH_METHOD_TEST(qwen2_moe)
+TORCH_METHOD_TEST(deepseek_v2_lite)
+TORCH_METHOD_TEST(deepseek_v2_qlora_yarn)
+TORCH_METHOD_TEST(deepseek_v3_bf16_tied)
+TORCH_METHOD_TEST(llama)
+TORCH_METHOD_TEST(mistral)
+TORCH_METHOD_TEST(qwen2)
+
+
+/* PESC on the tiny llama against transformers' LlamaForCausalLM with an adapter
+   MoE hooked after each MLP (tests/gen_pesc_goldens.py): the starting
+   adapters read from Camelidae-named tensors (esft_model_trainable_load), the
+   pooled loss, the aux term, the gradient of (CE sum + n_scored aux) / N,
+   and the loss after each of 5 AdamW steps. */
+TEST(torch_pesc_llama)
+{
+    fixture f;
+    char why[1024];
+    esft_train_spec sp;
+    esft_safetensors st;
+    esft_error err;
+    double config[5], loss, aux, adamw[6], mean = 0.0, aux_sum = 0.0, wl, wa, wg = 0.0, ws = 0.0, mx = 0.0;
+    int64_t n_scored;
+    float *grad;
+    int i, step;
+    size_t j;
+    if (!fixture_open(&f, "llama", 0, 1, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    CHECK_STATUS(esft_safetensors_open(&st, MODELS "llama/pesc_golden.safetensors", NULL, &err), ESFT_OK);
+    CHECK_STATUS(esft_safetensors_read(&st, esft_safetensors_find(&st, "config"), config, 0, sizeof config, &err), ESFT_OK);
+    CHECK_STATUS(esft_safetensors_read(&st, esft_safetensors_find(&st, "loss"), &loss, 0, 8, &err), ESFT_OK);
+    CHECK_STATUS(esft_safetensors_read(&st, esft_safetensors_find(&st, "aux"), &aux, 0, 8, &err), ESFT_OK);
+    CHECK_STATUS(esft_safetensors_read(&st, esft_safetensors_find(&st, "n_scored"), &n_scored, 0, 8, &err), ESFT_OK);
+    CHECK_STATUS(esft_safetensors_read(&st, esft_safetensors_find(&st, "adamw_losses"), adamw, 0, sizeof adamw, &err),
+                 ESFT_OK);
+    esft_model_trainable_uninit(&f.tr);
+    memset(&sp, 0, sizeof sp);
+    sp.method = ESFT_TRAIN_PESC;
+    sp.pesc = esft_pesc_config_init(0, (int)config[0], (int)config[1], (int)config[2]);
+    sp.pesc.scale = (float)config[3];
+    sp.pesc.aux_alpha = (float)config[4];
+    CHECK_STATUS(esft_model_trainable_init_spec(&f.tr, &f.m, &sp, NULL, &err), ESFT_OK);
+    CHECK_STATUS(esft_model_trainable_load(&f.tr, &f.m, MODELS "llama/pesc_init.safetensors", &err), ESFT_OK);
+    i = esft_safetensors_find(&st, "grad");
+    CHECK(i >= 0 && st.tensors[i].n_elements == f.tr.n_params);
+    grad = (float *)malloc(f.tr.n_params * sizeof(float));
+    CHECK_STATUS(esft_safetensors_read_f32(&st, i, grad, &err), ESFT_OK);
+    esft_safetensors_close(&st);
+    /* one batch pass: the mean CE, the aux term (each sample's tr->aux_loss weighted by its scored tokens) */
+    for (i = 0; i < f.ds.n_samples; i++) {
+        int64_t o = f.ds.offset[i], n = 0;
+        double ls = 0.0;
+        CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, f.ds.ids + o, f.ds.labels + o,
+                                                 (int)(f.ds.offset[i + 1] - o), (float)(1.0 / n_scored), &ls, &n,
+                                                 &err),
+                     ESFT_OK);
+        mean += ls / (double)n_scored;
+        aux_sum += (double)n * f.tr.aux_loss / (double)n_scored;
+    }
+    wl = fabs(mean - loss) / loss;
+    wa = fabs(aux_sum - aux) / aux;
+    for (j = 0; j < f.tr.n_params; j++) mx = fabs(grad[j]) > mx ? fabs(grad[j]) : mx;
+    for (j = 0; j < f.tr.n_params; j++) {
+        double d = fabs((double)f.tr.grads[j] - grad[j]) / mx;
+        wg = d > wg ? d : wg;
+    }
+    free(grad);
+    step = adamw_steps(&f, n_scored, adamw, &ws);
+    fixture_close(&f);
+    CHECK_EQ_INT(step, 6);
+    printf("    llama PESC vs torch: loss %.2e, aux %.2e, gradient %.2e (of max), AdamW step losses %.2e\n", wl, wa,
+           wg, ws);
+    CHECK_MSG(wl <= TORCH_TOL && wa <= TORCH_TOL && wg <= TORCH_TOL && ws <= TORCH_TOL, "llama PESC: over 1e-4");
+}
 
 /* ---- save, merge, reload ----------------------------------------------------- */
 
@@ -753,47 +1193,207 @@ TEST(save_refuses_fp8)
 
 /* ---- threads, bad configs ------------------------------------------------------ */
 
-/* One pass on 1 and on 3 threads: the same loss and gradient bits. 1100
-   tokens: a model this small runs on one thread below ~1000 tokens. */
-static void threads_family(const char *name)
+/* A fixture's trainable set replaced by a PESC set (E 4, K 2, R 3), W_up
+   left at the upcycling init (0) unless prepare. 0 on failure (why filled). */
+static int fixture_pesc(fixture *f, const char *name, int sample, int prepare, char *why, size_t why_n)
+{
+    esft_train_spec sp;
+    esft_error err;
+    if (!fixture_open(f, name, sample, 1, why, why_n)) return 0;
+    esft_model_trainable_uninit(&f->tr);
+    memset(&sp, 0, sizeof sp);
+    sp.method = ESFT_TRAIN_PESC;
+    sp.pesc = esft_pesc_config_init(0, 4, 2, 3);
+    sp.seed = 5;
+    if (esft_model_trainable_init_spec(&f->tr, &f->m, &sp, NULL, &err) != ESFT_OK) {
+        snprintf(why, why_n, "%s: PESC set: %s", name, err.message);
+        return 0;
+    }
+    if (prepare) pesc_prepare(f);
+    return 1;
+}
+
+/* One pass of f's set on 1 and on 3 threads: the same loss, aux and gradient
+   bits. 1100 tokens: a model this small runs on one thread below ~1000 tokens.
+   Closes f. */
+static void threads_run(fixture *f, const char *name)
 {
     enum { TT = 1100 };
-    fixture f;
-    char why[1024];
-    double l1 = 0.0, l3 = 0.0;
+    double l1 = 0.0, l3 = 0.0, a1;
     int64_t n1 = 0, n3 = 0;
-    float *g1;
+    float *g1 = (float *)malloc(f->tr.n_params * sizeof(float));
     int32_t *ids = (int32_t *)malloc(2 * TT * sizeof(int32_t)), *labels = ids + TT;
     int same, t;
-    if (!fixture_open(&f, name, 2, 3, why, sizeof why)) {
-        free(ids);
+    for (t = 0; t < TT; t++) {
+        ids[t] = f->ds.ids[(t * 11) % (int)f->ds.offset[f->ds.n_samples]];
+        labels[t] = t % 3 ? ids[t] : -100;
+    }
+    esft_set_num_threads(1);
+    CHECK_STATUS(esft_model_forward_backward(&f->m, &f->tr, ids, labels, TT, 0.5f, &l1, &n1, NULL), ESFT_OK);
+    memcpy(g1, f->tr.grads, f->tr.n_params * sizeof(float));
+    a1 = f->tr.aux_loss;
+    memset(f->tr.grads, 0, f->tr.n_params * sizeof(float));
+    esft_set_num_threads(3);
+    CHECK_STATUS(esft_model_forward_backward(&f->m, &f->tr, ids, labels, TT, 0.5f, &l3, &n3, NULL), ESFT_OK);
+    esft_set_num_threads(0);
+    same = memcmp(g1, f->tr.grads, f->tr.n_params * sizeof(float)) == 0 && l1 == l3 && n1 == n3 &&
+           a1 == f->tr.aux_loss;
+    free(g1);
+    free(ids);
+    fixture_close(f);
+    CHECK_MSG(same, "%s: 1 and 3 threads differ (loss %.17g vs %.17g)", name, l1, l3);
+}
+
+static void threads_family(const char *name, int pesc)
+{
+    fixture f;
+    char why[1024];
+    if (!(pesc ? fixture_pesc(&f, name, 2, 1, why, sizeof why) : fixture_open(&f, name, 2, 3, why, sizeof why))) {
         fixture_close(&f);
         HARNESS_FAIL_("%.400s", why);
     }
-    for (t = 0; t < TT; t++) {
-        ids[t] = f.ds.ids[(t * 11) % (int)f.ds.offset[f.ds.n_samples]];
-        labels[t] = t % 3 ? ids[t] : -100;
+    threads_run(&f, name);
+}
+
+/* The same for FFT and LoRA sets (weight gradients of every kind: linears,
+   norms, biases, the embedding's rows, adapters' A and B). */
+static void threads_method(const char *name, esft_train_method method)
+{
+    fixture f;
+    char why[1024];
+    esft_train_spec sp;
+    esft_error err;
+    if (!fixture_open(&f, name, 2, 1, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
     }
-    g1 = (float *)malloc(f.tr.n_params * sizeof(float));
-    esft_set_num_threads(1);
-    CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, ids, labels, TT, 0.5f, &l1, &n1, NULL), ESFT_OK);
-    memcpy(g1, f.tr.grads, f.tr.n_params * sizeof(float));
-    memset(f.tr.grads, 0, f.tr.n_params * sizeof(float));
-    esft_set_num_threads(3);
-    CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, ids, labels, TT, 0.5f, &l3, &n3, NULL), ESFT_OK);
-    esft_set_num_threads(0);
-    same = memcmp(g1, f.tr.grads, f.tr.n_params * sizeof(float)) == 0 && l1 == l3 && n1 == n3;
-    free(g1);
-    free(ids);
-    fixture_close(&f);
-    CHECK_MSG(same, "%s: 1 and 3 threads differ (loss %.17g vs %.17g)", name, l1, l3);
+    esft_model_trainable_uninit(&f.tr);
+    memset(&sp, 0, sizeof sp);
+    sp.method = method;
+    sp.lora_rank = 4;
+    sp.lora_alpha = 8.0f;
+    sp.lora_targets = ESFT_LORA_ATTN | ESFT_LORA_MLP;
+    sp.seed = 3;
+    CHECK_STATUS(esft_model_trainable_init_spec(&f.tr, &f.m, &sp, NULL, &err), ESFT_OK);
+    threads_run(&f, name);
 }
 
 TEST(same_bits_any_thread_count)
 {
-    threads_family("qwen2_moe");
+    threads_family("qwen2_moe", 0);
     if (harness_state) return;
-    threads_family("deepseek_v2_qlora_yarn");
+    threads_family("deepseek_v2_qlora_yarn", 0);
+    if (harness_state) return;
+    threads_family("llama", 1); /* PESC */
+    if (harness_state) return;
+    threads_method("qwen2_moe", ESFT_TRAIN_FFT);
+    if (harness_state) return;
+    threads_method("deepseek_v2_lite", ESFT_TRAIN_LORA);
+}
+
+/* At the upcycling init (W_up = 0) the crafted model is the base: the same
+   loss bits, in the forward and in training; trained adapters change it. */
+static void pesc_init_family(const char *name)
+{
+    fixture f;
+    char why[1024];
+    double base = 0.0, crafted = 0.0, trained = 0.0;
+    esft_model_run run;
+    if (!fixture_pesc(&f, name, 0, 0, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    memset(&run, 0, sizeof run);
+    run.labels = f.labels;
+    CHECK_STATUS(esft_model_forward(&f.m, f.ids, f.T, &run, &base, NULL, NULL), ESFT_OK);
+    run.trainable = &f.tr;
+    CHECK_STATUS(esft_model_forward(&f.m, f.ids, f.T, &run, &crafted, NULL, NULL), ESFT_OK);
+    CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, f.ids, f.labels, f.T, 1.0f, &trained, NULL, NULL),
+                 ESFT_OK);
+    CHECK_MSG(base == crafted && base == trained, "%s: base %.17g, PESC at init %.17g / %.17g", name, base, crafted,
+              trained);
+    pesc_prepare(&f);
+    CHECK_STATUS(esft_model_forward(&f.m, f.ids, f.T, &run, &crafted, NULL, NULL), ESFT_OK);
+    CHECK_MSG(crafted != base, "%s: adapters with W_up != 0 leave the loss at %.17g", name, base);
+    fixture_close(&f);
+}
+
+TEST(pesc_at_init_is_the_base)
+{
+    pesc_init_family("llama");
+    if (harness_state) return;
+    pesc_init_family("qwen2");
+    if (harness_state) return;
+    pesc_init_family("deepseek_v2_lite");
+}
+
+/* save -> load into a fresh set: the same block bits; Camelidae's names and the
+   config in the file; a file of another config refused. */
+TEST(pesc_save_load)
+{
+    const char *path = "build/test-tmp-pesc.safetensors";
+    fixture f;
+    char why[1024], name[160];
+    esft_model_trainable again;
+    esft_train_spec sp;
+    esft_safetensors st;
+    esft_error err;
+    size_t i;
+    if (!fixture_pesc(&f, "mistral", 0, 1, why, sizeof why)) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%.400s", why);
+    }
+    for (i = 0; i < f.tr.n_params; i++) f.tr.params[i] += 1e-3f * (float)(i % 7);
+    CHECK_STATUS(esft_model_trainable_save(&f.tr, &f.m, NULL, path, &err), ESFT_OK);
+    CHECK_STATUS(esft_safetensors_open(&st, path, NULL, &err), ESFT_OK);
+    CHECK(st.n_tensors == f.tr.n_pesc * (1 + 2 * 4));
+    CHECK(esft_safetensors_metadata(&st, "pesc_n_experts") && strcmp(esft_safetensors_metadata(&st, "pesc_n_experts"), "4") == 0);
+    CHECK(esft_safetensors_metadata(&st, "pesc_scale") && strcmp(esft_safetensors_metadata(&st, "pesc_scale"), "0.25") == 0);
+    CHECK_STATUS(esft_pesc_tensor_name(name, sizeof name, 1, ESFT_PESC_UP, 3), ESFT_OK);
+    CHECK(esft_safetensors_find(&st, name) >= 0);
+    esft_safetensors_close(&st);
+    memset(&sp, 0, sizeof sp);
+    sp.method = ESFT_TRAIN_PESC;
+    sp.pesc = f.tr.pesc;
+    sp.seed = 99; /* another init: the file must overwrite all of it */
+    CHECK_STATUS(esft_model_trainable_init_spec(&again, &f.m, &sp, NULL, &err), ESFT_OK);
+    CHECK_STATUS(esft_model_trainable_load(&again, &f.m, path, &err), ESFT_OK);
+    CHECK(again.n_params == f.tr.n_params && memcmp(again.params, f.tr.params, f.tr.n_params * sizeof(float)) == 0);
+    esft_model_trainable_uninit(&again);
+    sp.pesc.scale = 0.5f; /* same shapes, another scale */
+    CHECK_STATUS(esft_model_trainable_init_spec(&again, &f.m, &sp, NULL, &err), ESFT_OK);
+    CHECK_STATUS(esft_model_trainable_load(&again, &f.m, path, &err), ESFT_ERR_SHAPE);
+    esft_model_trainable_uninit(&again);
+    sp.pesc.scale = 0.25f;
+    sp.pesc.rank = 2;
+    CHECK_STATUS(esft_model_trainable_init_spec(&again, &f.m, &sp, NULL, &err), ESFT_OK);
+    CHECK_STATUS(esft_model_trainable_load(&again, &f.m, path, &err), ESFT_ERR_SHAPE);
+    esft_model_trainable_uninit(&again);
+    remove(path);
+    fixture_close(&f);
+}
+
+/* A model with no dense layer, PESC dropout, a bad PESC config: refused. */
+TEST(pesc_refusals)
+{
+    esft_model m;
+    esft_model_trainable tr;
+    esft_train_spec sp;
+    esft_error err;
+    memset(&sp, 0, sizeof sp);
+    sp.method = ESFT_TRAIN_PESC;
+    sp.pesc = esft_pesc_config_init(0, 4, 2, 3);
+    CHECK_STATUS(esft_model_open(&m, MODELS "mixtral", NULL, &err), ESFT_OK);
+    CHECK_STATUS(esft_model_trainable_init_spec(&tr, &m, &sp, NULL, &err), ESFT_ERR_UNSUPPORTED);
+    CHECK(strstr(err.message, "dense") != NULL);
+    esft_model_close(&m);
+    CHECK_STATUS(esft_model_open(&m, MODELS "llama", NULL, &err), ESFT_OK);
+    sp.pesc.dropout = 0.1f;
+    CHECK_STATUS(esft_model_trainable_init_spec(&tr, &m, &sp, NULL, &err), ESFT_ERR_UNSUPPORTED);
+    sp.pesc.dropout = 0.0f;
+    sp.pesc.top_k = 5;
+    CHECK_STATUS(esft_model_trainable_init_spec(&tr, &m, &sp, NULL, &err), ESFT_ERR_INVALID_ARGUMENT);
+    esft_model_close(&m);
 }
 
 /* Accumulation: two passes with scale 1 give twice one pass's gradient; the
@@ -843,8 +1443,10 @@ TEST(bad_expert_configs)
     f.cfg_ids[0] = 99;  /* past E in layer 1 */
     CHECK_STATUS(esft_model_trainable_init(&tr, &f.m, &f.cfg, NULL, &err), ESFT_ERR_RANGE);
     f.cfg_ids[0] = 0;
-    f.cfg.non_expert_modules = 1;
-    CHECK_STATUS(esft_model_trainable_init(&tr, &f.m, &f.cfg, NULL, &err), ESFT_ERR_UNSUPPORTED);
+    f.cfg.non_expert_modules = 1; /* every non-expert tensor trains too */
+    CHECK_STATUS(esft_model_trainable_init(&tr, &f.m, &f.cfg, NULL, &err), ESFT_OK);
+    CHECK(tr.n_modules == f.m.n_tensors && tr.n_modules > 0);
+    esft_model_trainable_uninit(&tr);
     f.cfg.non_expert_modules = 0;
     CHECK_STATUS(esft_model_trainable_init(&tr, &f.m, &f.cfg, NULL, &err), ESFT_OK);
     CHECK(esft_model_trainable_expert(&tr, tr.params, 1, f.cfg_ids[0]) == tr.params);
