@@ -328,6 +328,10 @@ def main():
     print("worst relative loss difference %.1e (%s 1e-4)" % (worst, "within" if worst <= 1e-4 else "ABOVE"))
     if not a.skip_fft and "losses" in tf:
         print("torch FFT first-step loss %.7f (same weights and batch: equals torch ESFT's %.7f)" % (tf["losses"][0], t["losses"][0]))
+        if "losses" in ef:
+            print("full fine-tuning, esft against torch: " + ", ".join(
+                "step %d %.7f / %.7f (%.1e)" % (i + 1, le, lt, abs(le - lt) / abs(lt))
+                for i, (le, lt) in enumerate(zip(ef["losses"], tf["losses"]))))
 
 
 if __name__ == "__main__":
