@@ -38,7 +38,7 @@ BENCH_BIN   = $(patsubst bench/%.c,$(BUILD)/bench/%,$(BENCH_SRC))
 FUZZ_SRC    = $(wildcard tests/fuzz_*.c)
 DATA        = $(BUILD)/data/translation/expert_weights_1.txt
 
-.PHONY: all test run analysis bench sanitize fuzz cuda bench-cuda gpu-check features help clean deps
+.PHONY: all test run analysis bench bench-train sanitize fuzz cuda bench-cuda gpu-check features help clean deps
 
 all: features $(BUILD)/esft $(EXAMPLE_BIN) $(TEST_BIN) $(CUDA_BIN)
 
@@ -48,6 +48,8 @@ help:
 	@echo "make analysis  ESFT expert analysis of the authors' DeepSeek-V2-Lite routing logs"
 	@echo "make test      the whole test suite (prints 'N passed, N failed, N skipped')"
 	@echo "make bench     benchmarks (need libopenblas-dev for the BLAS baselines)"
+	@echo "make bench-train  esft train against transformers + torch, same run (needs torch +"
+	@echo "               transformers; a few minutes; BENCH_TRAIN_ARGS=--help for options)"
 	@echo "make sanitize  tests under ASan+UBSan, then valgrind"
 	@echo "make fuzz      libFuzzer targets, FUZZ_SECONDS each (needs clang)"
 	@echo "make cuda      esft_cuda.cu and its tests (needs nvcc)"
@@ -131,6 +133,11 @@ analysis: $(BUILD)/esft $(DATA)
 
 bench: $(BUILD)/esft $(DATA)
 	@BUILD=$(BUILD) CC="$(CC)" sh bench/run_all.sh
+
+# esft train vs transformers + torch on bench_models.py's checkpoint (docs/training.md)
+BENCH_TRAIN_ARGS ?=
+bench-train: $(BUILD)/esft
+	@$(PYTHON) bench/bench_train.py --esft $(BUILD)/esft --out $(BUILD)/bench_models $(BENCH_TRAIN_ARGS)
 
 sanitize: $(DATA)
 	@BUILD=$(BUILD)/asan ESFT_DATA=$(BUILD)/data CC="$(CC)" sh tests/sanitize.sh

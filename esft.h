@@ -12086,23 +12086,28 @@ static esft_status esft__trn_head(esft__trn *b, const esft_model *m, const int32
     esft__rmsnorm_rows(f->h, D, xl, D, esft__vec(&m->final_norm), T, D, c->rms_eps, f->nt);
     memset(b->dh, 0, (size_t)T * D * sizeof(float));
     for (t = 0; s == ESFT_OK && t < T; t += ESFT__HEAD_BLOCK) {
-        int n = T - t < ESFT__HEAD_BLOCK ? T - t : ESFT__HEAD_BLOCK, i, j;
+        int n = T - t < ESFT__HEAD_BLOCK ? T - t : ESFT__HEAD_BLOCK, i;
         esft__matmul(f->logits, V, f->h + (size_t)t * D, D, n, &m->lm_head, f->panels);
         s = esft__head_loss(f->logits, t, n, V, labels, T, loss, count, err);
-        for (i = 0; s == ESFT_OK && i < n; i++) {
+        if (s != ESFT_OK) break;
+        /* dlogits = s (softmax - onehot): one expf per logit, as esft__head_loss
+           sums them (values <= 0: exact to an ulp; the sum in double); rows
+           are independent, so any thread count gives the same bits */
+        ESFT__MOE_FOR_STATIC(f->nt)
+        for (i = 0; i < n; i++) {
             const float *row = f->logits + (size_t)i * V;
-            float *drow = b->dlogits + (size_t)i * V;
-            int y = t + i + 1 < T ? labels[t + i + 1] : -100;
-            double mx = -INFINITY, sum = 0.0;
+            float *drow = b->dlogits + (size_t)i * V, mx = -INFINITY;
+            int y = t + i + 1 < T ? labels[t + i + 1] : -100, j;
+            double sum = 0.0, inv;
             if (y == -100) {
                 memset(drow, 0, (size_t)V * sizeof(float));
                 continue;
             }
             for (j = 0; j < V; j++) mx = row[j] > mx ? row[j] : mx;
-            for (j = 0; j < V; j++) sum += exp((double)row[j] - mx);
-            for (j = 0; j < V; j++) drow[j] = (float)(grad_scale * (exp((double)row[j] - mx) / sum - (j == y)));
+            for (j = 0; j < V; j++) sum += (double)(drow[j] = expf(row[j] - mx));
+            inv = (double)grad_scale / sum;
+            for (j = 0; j < V; j++) drow[j] = (float)(drow[j] * inv - (j == y ? (double)grad_scale : 0.0));
         }
-        if (s != ESFT_OK) break;
         esft__linear_grads(f->tr, &m->lm_head, b->dlogits, V, f->h + (size_t)t * D, D, n, f->panels);
         esft__matmul_acc(b->dh + (size_t)t * D, D, b->dlogits, V, n, &m->lm_head, f->panels);
     }

@@ -3,14 +3,15 @@
 
 Default shape: OLMoE-1B-7B at 1/4 width (hidden 512, 16 layers, 64 experts, top-8,
 expert hidden 256, 4 heads of 128, vocab 50304), bf16 weights, one 1024-token sample.
-Writes the checkpoint under build/bench_models/, then times (same machine, same run):
+Writes the checkpoint under build/bench_models/ (bench/olmoe_bench.py, shared with
+bench_train.py), then times (same machine, same run):
   transformers forward (torch fp32 compute on the bf16 weights upcast, its default kernels, no grad)
   esft eval (fp32 compute, bf16 weights in memory)
 and reports the ratio, esft's peak memory (its own getrusage, on stderr) against the
 checkpoint's bytes, and the loss difference. Needs torch + transformers.
   python3 bench/bench_models.py [--width-div 4] [--tokens 1024] [--layers 16]
 """
-import argparse, json, os, subprocess, sys, time
+import argparse, os, subprocess, sys, time
 
 def main():
     ap = argparse.ArgumentParser()
@@ -24,25 +25,14 @@ def main():
     ap.add_argument("--experts-impl", default=None, help="transformers experts_implementation (default: its own)")
     a = ap.parse_args()
     import torch
-    from transformers import OlmoeConfig, OlmoeForCausalLM
-    torch.manual_seed(0)
+    from transformers import OlmoeForCausalLM
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import olmoe_bench
     torch.set_num_threads(a.threads)
     div = a.width_div
-    cfg = OlmoeConfig(vocab_size=50304, hidden_size=2048 // div, intermediate_size=1024 // div,
-                      num_hidden_layers=a.layers, num_attention_heads=16 // div, num_key_value_heads=16 // div,
-                      num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096,
-                      tie_word_embeddings=False)
-    d = os.path.join(a.out, "olmoe_div%d_L%d" % (div, a.layers))
-    if not os.path.exists(os.path.join(d, "config.json")):
-        m = OlmoeForCausalLM(cfg).to(torch.bfloat16)
-        for p in m.parameters():
-            torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
-        m.save_pretrained(d)
-    ids = torch.randint(0, cfg.vocab_size, (1, a.tokens), generator=torch.Generator().manual_seed(1))
-    data = os.path.join(d, "bench.jsonl")
-    with open(data, "w") as f:
-        f.write(json.dumps({"input_ids": ids[0].tolist()}) + "\n")
-    ckpt_bytes = sum(os.path.getsize(os.path.join(d, x)) for x in os.listdir(d) if x.endswith(".safetensors"))
+    d, cfg = olmoe_bench.checkpoint(a.out, div, a.layers)
+    ids, data = olmoe_bench.sample(d, cfg, a.tokens)
+    ckpt_bytes = olmoe_bench.checkpoint_bytes(d)
 
     # transformers' own defaults (sdpa attention, its default experts kernel): the strongest baseline
     kw = {"experts_implementation": a.experts_impl} if a.experts_impl else {}
@@ -68,8 +58,7 @@ def main():
         loss = float(r.stdout.split()[1])
     # esft's time includes opening the checkpoint; time the open alone too
     r = subprocess.run([a.esft, "eval", d, "--data", data, "--max-samples", "1"], capture_output=True, text=True, env=env)
-    print("shape: OLMoE-1B-7B / %d width: hidden %d, %d layers, 64 experts top-8, F %d, vocab %d; %d tokens; %d threads"
-          % (div, cfg.hidden_size, a.layers, cfg.intermediate_size, cfg.vocab_size, a.tokens, a.threads))
+    print(olmoe_bench.shape_line(cfg, div, a.tokens, a.threads))
     print("checkpoint: %.1f MB bf16" % (ckpt_bytes / 1e6))
     print("transformers %s, torch %s (%s)" % (__import__("transformers").__version__, torch.__version__, impl))
     print("transformers forward (fp32, no grad): best %.3f s  (runs %s)" % (min(t_hf), " ".join("%.3f" % t for t in t_hf)))
