@@ -1561,6 +1561,8 @@ typedef enum esft_train_method {
 /* Which matrices LoRA adapts (bits). */
 #define ESFT_LORA_ATTN 1u /* the attention projections (q/k/v/o; MLA's q_a, q_b, kv_a, kv_b, o) */
 #define ESFT_LORA_MLP  2u /* dense MLP layers' gate/up/down */
+#define ESFT_LORA_EXPERTS 4u /* every routed expert's gate/up/down (Hugging Face per-expert names) */
+#define ESFT__LORA_ALL (ESFT_LORA_ATTN | ESFT_LORA_MLP | ESFT_LORA_EXPERTS)
 
 typedef struct esft_train_spec {
     esft_train_method method;
@@ -1614,7 +1616,9 @@ typedef struct esft_model_trainable {
     int lora_rank;
     float lora_alpha;
     unsigned lora_targets;
-    int32_t *lora_tensor;      /* (n_lora) index into m->tensors */
+    int32_t *lora_tensor;      /* (n_lora) index into m->tensors, or for a routed expert's
+                                  projection -1 - ((layer E + expert) 3 + part), part 0 gate,
+                                  1 up, 2 down (esft_model_trainable_lora_base says which) */
     esft_lora *lora;           /* (n_lora) a, b point into params */
     int n_pesc;                /* PESC blocks (dense-MLP layers) */
     esft_pesc_config pesc;     /* PESC: the layers' config (d_model = the model's) */
@@ -1627,6 +1631,7 @@ typedef struct esft_model_trainable {
     esft_allocator allocator;
     /* private */
     esft_model_layer *view_layers_;
+    esft_matrix *view_experts_;  /* (L, 3, E) the view's expert tables, when experts carry adapters */
     const esft_model *base_;
 } esft_model_trainable;
 
@@ -1649,6 +1654,11 @@ ESFTDEF float *esft_model_trainable_expert(const esft_model_trainable *tr, float
 /* Layer l's shared experts inside block: gate (FS, D), up (FS, D), down (D,
    FS); NULL when frozen. */
 ESFTDEF float *esft_model_trainable_shared(const esft_model_trainable *tr, float *block, int layer);
+/* LoRA adapter i's frozen matrix in m (tr->lora[i] adapts it), and, each
+   optional, its checkpoint name (into name, cap bytes), its layer and 1 when
+   it is in the attention half of that layer; NULL for i out of range. */
+ESFTDEF const esft_matrix *esft_model_trainable_lora_base(const esft_model_trainable *tr, const esft_model *m, int i,
+                                                          char *name, size_t cap, int *layer, int *attention);
 /* Layer l's PESC block inside block (esft_pesc_param_count(&tr->pesc)
    floats, esft_pesc_tensor_offset's layout); NULL when l has none. */
 ESFTDEF float *esft_model_trainable_pesc(const esft_model_trainable *tr, float *block, int layer);
@@ -10681,6 +10691,7 @@ ESFTDEF void esft_model_trainable_uninit(esft_model_trainable *tr)
     esft__release(&tr->allocator, tr->lora);
     esft__release(&tr->allocator, tr->pesc_slot);
     esft__release(&tr->allocator, tr->view_layers_);
+    esft__release(&tr->allocator, tr->view_experts_);
     memset(tr, 0, sizeof *tr);
 }
 
@@ -10739,8 +10750,9 @@ static esft_status esft__train_spec_check(const esft_model *m, const esft_train_
         if (sp->lora_rank < 1 || sp->lora_rank > 65536 || !(sp->lora_alpha > 0.0f) || !isfinite(sp->lora_alpha))
             return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "LoRA rank %d / alpha %g: rank in [1, 65536], alpha > 0",
                               sp->lora_rank, (double)sp->lora_alpha);
-        if (!(sp->lora_targets & (ESFT_LORA_ATTN | ESFT_LORA_MLP)) || (sp->lora_targets & ~(ESFT_LORA_ATTN | ESFT_LORA_MLP)))
-            return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "LoRA targets 0x%x: ESFT_LORA_ATTN and/or ESFT_LORA_MLP",
+        if (!(sp->lora_targets & ESFT__LORA_ALL) || (sp->lora_targets & ~ESFT__LORA_ALL))
+            return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT,
+                              "LoRA targets 0x%x: ESFT_LORA_ATTN, ESFT_LORA_MLP and/or ESFT_LORA_EXPERTS",
                               sp->lora_targets);
         return ESFT_OK;
     case ESFT_TRAIN_PESC:
@@ -10773,6 +10785,41 @@ static int esft__spec_lora(const esft_train_spec *sp, const esft_model *m, const
     if (sp->method != ESFT_TRAIN_LORA || t->layer < 0 || t->matrix->rows < 2) return 0; /* vectors: norms, biases */
     if (t->attention) return (sp->lora_targets & ESFT_LORA_ATTN) != 0;
     return !m->cfg.is_moe[t->layer] && (sp->lora_targets & ESFT_LORA_MLP) != 0; /* a dense layer's MLP */
+}
+
+/* A routed expert's projection by its code (layer E + expert) 3 + part
+   (part 0 gate, 1 up, 2 down); its layer, expert and part where wanted. */
+static const esft_matrix *esft__expert_part(const esft_model *m, int code, int *layer, int *expert, int *part)
+{
+    int E = m->cfg.route.n_experts, l = code / (3 * E), e = (code / 3) % E, p = code % 3;
+    const esft_model_layer *w = &m->layers[l];
+    if (layer) *layer = l;
+    if (expert) *expert = e;
+    if (part) *part = p;
+    return p == 0 ? &w->expert_gate[e] : p == 1 ? &w->expert_up[e] : &w->expert_down[e];
+}
+
+ESFTDEF const esft_matrix *esft_model_trainable_lora_base(const esft_model_trainable *tr, const esft_model *m, int i,
+                                                          char *name, size_t cap, int *layer, int *attention)
+{
+    const esft_model_tensor *t;
+    const esft_matrix *w;
+    int l, e, p;
+    if (!tr || !m || i < 0 || i >= tr->n_lora) return NULL;
+    if (tr->lora_tensor[i] >= 0) {
+        t = &m->tensors[tr->lora_tensor[i]];
+        if (name && cap) snprintf(name, cap, "%s", t->name);
+        if (layer) *layer = t->layer;
+        if (attention) *attention = t->attention;
+        return t->matrix;
+    }
+    w = esft__expert_part(m, -1 - tr->lora_tensor[i], &l, &e, &p);
+    if (name && cap && esft_tensor_name_format(name, cap, m->expert_names, (esft_part)(ESFT_PART_EXPERT_GATE + p), l, e) !=
+                           ESFT_OK)
+        name[0] = 0;
+    if (layer) *layer = l;
+    if (attention) *attention = 0;
+    return w;
 }
 
 /* Sizes the block and fills the tables (tr's arrays allocated by the caller
@@ -10820,6 +10867,21 @@ static void esft__trainable_plan(esft_model_trainable *tr, const esft_model *m, 
         }
         tr->n_lora++;
         at += ra + (size_t)w->rows * sp->lora_rank;
+    }
+    for (i = 0; sp->method == ESFT_TRAIN_LORA && (sp->lora_targets & ESFT_LORA_EXPERTS) && i < L * E * 3; i++) {
+        const esft_matrix *w;
+        if (!c->is_moe[i / (3 * E)]) continue;
+        w = esft__expert_part(m, i, NULL, NULL, NULL);
+        if (fill) {
+            tr->lora_tensor[tr->n_lora] = -1 - i;
+            esft_lora *a = &tr->lora[tr->n_lora];
+            a->rank = sp->lora_rank;
+            a->scale = sp->lora_alpha / (float)sp->lora_rank;
+            a->a = tr->params + at;
+            a->b = tr->params + at + (size_t)sp->lora_rank * w->cols;
+        }
+        tr->n_lora++;
+        at += (size_t)sp->lora_rank * ((size_t)w->cols + w->rows);
     }
     tr->pesc_offset = at;
     for (l = 0; l < L; l++) {
@@ -10877,14 +10939,33 @@ static void esft__trainable_fill(esft_model_trainable *tr, const esft_model *m, 
         v->data = p;
     }
     if (c->tie_embeddings) tr->view.lm_head = tr->view.embed;
+    if (tr->view_experts_) { /* the view's own expert tables, so its experts can carry adapters */
+        int E = c->route.n_experts;
+        for (l = 0; l < c->n_layers; l++) {
+            esft_matrix *v = tr->view_experts_ + (size_t)l * 3 * E;
+            if (!c->is_moe[l]) continue;
+            memcpy(v, m->layers[l].expert_gate, (size_t)E * sizeof *v);
+            memcpy(v + E, m->layers[l].expert_up, (size_t)E * sizeof *v);
+            memcpy(v + 2 * E, m->layers[l].expert_down, (size_t)E * sizeof *v);
+            tr->view_layers_[l].expert_gate = v;
+            tr->view_layers_[l].expert_up = v + E;
+            tr->view_layers_[l].expert_down = v + 2 * E;
+        }
+    }
     for (i = 0; i < tr->n_lora; i++) {
-        const esft_matrix *w = m->tensors[tr->lora_tensor[i]].matrix;
+        const esft_matrix *w = esft_model_trainable_lora_base(tr, m, i, NULL, 0, NULL, NULL);
         size_t ra = (size_t)tr->lora_rank * w->cols;
         /* PEFT's default: A kaiming-uniform (a = sqrt 5), i.e. +-1/sqrt(cols); B = 0 (the start is the base) */
         esft__adapter_uniform(tr->params + (tr->lora[i].a - tr->params), ra, sp->seed, drawn,
                               (float)(1.0 / sqrt((double)w->cols)));
         drawn += ra;
-        esft__view_matrix(tr, m, w)->lora = &tr->lora[i];
+        if (tr->lora_tensor[i] >= 0) {
+            esft__view_matrix(tr, m, w)->lora = &tr->lora[i];
+        } else {
+            int code = -1 - tr->lora_tensor[i], E = c->route.n_experts;
+            tr->view_experts_[(size_t)(code / (3 * E)) * 3 * E + (size_t)(code % 3) * E + (size_t)((code / 3) % E)].lora =
+                &tr->lora[i];
+        }
     }
     for (l = 0; l < c->n_layers; l++) { /* upcycling: each layer its own stream, W_up = 0 */
         float *p = esft_model_trainable_pesc(tr, tr->params, l);
@@ -10933,8 +11014,11 @@ ESFTDEF esft_status esft_model_trainable_init_spec(esft_model_trainable *tr, con
     tr->lora = ESFT__CAST(esft_lora *, esft__calloc(&tr->allocator, (size_t)tr->n_lora + 1, sizeof(esft_lora)));
     tr->pesc_slot = ESFT__CAST(int32_t *, esft__calloc(&tr->allocator, (size_t)L, sizeof(int32_t)));
     tr->view_layers_ = ESFT__CAST(esft_model_layer *, esft__calloc(&tr->allocator, (size_t)L, sizeof(esft_model_layer)));
+    if (tr->lora_targets & ESFT_LORA_EXPERTS)
+        tr->view_experts_ = ESFT__CAST(esft_matrix *, esft__calloc(&tr->allocator, le * 3, sizeof(esft_matrix)));
     if (!tr->params || !tr->grads || !tr->layer || !tr->slot || !tr->shared_slot || !tr->module ||
-        !tr->module_offset || !tr->lora_tensor || !tr->lora || !tr->pesc_slot || !tr->view_layers_) {
+        !tr->module_offset || !tr->lora_tensor || !tr->lora || !tr->pesc_slot || !tr->view_layers_ ||
+        ((tr->lora_targets & ESFT_LORA_EXPERTS) && !tr->view_experts_)) {
         size_t n = tr->n_params;
         esft_allocator a = tr->allocator;
         esft_model_trainable_uninit(tr);
@@ -11271,20 +11355,33 @@ ESFTDEF esft_status esft_model_trainable_load(esft_model_trainable *tr, const es
 /* PEFT's name of adapter i's A (which 0) or B (1): base_model.model.<module>.lora_A.weight. */
 static void esft__lora_name(char *buf, size_t cap, const esft_model *m, const esft_model_trainable *tr, int i, int which)
 {
-    const char *name = m->tensors[tr->lora_tensor[i]].name;
-    size_t n = strlen(name);
+    char name[ESFT__TENSOR_NAME];
+    size_t n;
+    esft_model_trainable_lora_base(tr, m, i, name, sizeof name, NULL, NULL);
+    n = strlen(name);
     if (n > 7 && strcmp(name + n - 7, ".weight") == 0) n -= 7;
     snprintf(buf, cap, "base_model.model.%.*s.lora_%c.weight", (int)n, name, which ? 'B' : 'A');
 }
 
-/* Adapter i's module, relative to its layer (self_attn.q_proj, mlp.gate_proj). */
-static const char *esft__lora_module(const esft_model *m, const esft_model_trainable *tr, int i, size_t *len)
+/* Adapter i's module relative to its layer, into mod (ESFT__TENSOR_NAME
+   bytes): self_attn.q_proj, mlp.gate_proj, and for routed experts
+   mlp.experts.#.gate_proj (# standing for every expert's number). */
+static void esft__lora_module(const esft_model *m, const esft_model_trainable *tr, int i, char *mod)
 {
-    const char *name = m->tensors[tr->lora_tensor[i]].name, *p = name;
+    char name[ESFT__TENSOR_NAME];
+    const char *p = name, *ex;
+    size_t n;
     int dots = 0;
+    esft_model_trainable_lora_base(tr, m, i, name, sizeof name, NULL, NULL);
     while (*p && dots < 3) dots += *p++ == '.'; /* past "model.layers.N." */
-    *len = strlen(p) - (strlen(p) > 7 && strcmp(p + strlen(p) - 7, ".weight") == 0 ? 7 : 0);
-    return p;
+    n = strlen(p) - (strlen(p) > 7 && strcmp(p + strlen(p) - 7, ".weight") == 0 ? 7 : 0);
+    snprintf(mod, ESFT__TENSOR_NAME, "%.*s", (int)n, p);
+    if (tr->lora_tensor[i] < 0 && (ex = strstr(mod, ".experts.")) != NULL) {
+        char *num = mod + (ex - mod) + 9, *end = num;
+        while (*end >= '0' && *end <= '9') end++;
+        memmove(num + 1, end, strlen(end) + 1);
+        *num = '#';
+    }
 }
 
 /* adapter_config.json: what PEFT's LoraConfig needs to rebuild the adapters.
@@ -11293,27 +11390,31 @@ static const char *esft__lora_module(const esft_model *m, const esft_model_train
    gate_proj would also catch shared experts' gate_proj). */
 static void esft__lora_config_json(esft__buf *b, const esft_model_trainable *tr, const esft_model *m)
 {
+    enum { MAX_KINDS = 64 };
+    char kinds[MAX_KINDS][ESFT__TENSOR_NAME], mod[ESFT__TENSOR_NAME];
     esft__buf re;
-    int i, j;
+    int i, j, n_kinds = 0;
     esft__buf_printf(b, "{\n  \"peft_type\": \"LORA\",\n  \"task_type\": \"CAUSAL_LM\",\n  \"r\": %d,\n"
                         "  \"lora_alpha\": %.9g,\n  \"lora_dropout\": 0.0,\n  \"bias\": \"none\",\n"
                         "  \"fan_in_fan_out\": false,\n  \"use_rslora\": false,\n  \"inference_mode\": true,\n"
                         "  \"base_model_name_or_path\": null,\n  \"target_modules\": ",
                      tr->lora_rank, (double)tr->lora_alpha);
+    for (i = 0; i < tr->n_lora; i++) { /* the distinct modules: a handful */
+        esft__lora_module(m, tr, i, mod);
+        for (j = 0; j < n_kinds && strcmp(kinds[j], mod) != 0; j++) {
+        }
+        if (j == n_kinds && n_kinds < MAX_KINDS) strcpy(kinds[n_kinds++], mod);
+    }
     esft__buf_init(&re, &tr->allocator);
     esft__buf_puts(&re, ".*\\.layers\\.\\d+\\.(");
-    for (i = 0; i < tr->n_lora; i++) {
-        size_t n, k;
-        const char *mod = esft__lora_module(m, tr, i, &n);
-        int seen = 0;
-        for (j = 0; j < i && !seen; j++) {
-            size_t n2;
-            const char *other = esft__lora_module(m, tr, j, &n2);
-            seen = n2 == n && strncmp(other, mod, n) == 0;
+    for (j = 0; j < n_kinds; j++) {
+        const char *c;
+        if (j) esft__buf_puts(&re, "|");
+        for (c = kinds[j]; *c; c++) {
+            if (*c == '.') esft__buf_puts(&re, "\\.");
+            else if (*c == '#') esft__buf_puts(&re, "\\d+");
+            else esft__buf_append(&re, c, 1);
         }
-        if (seen) continue;
-        if (re.size > strlen(".*\\.layers\\.\\d+\\.(")) esft__buf_puts(&re, "|");
-        for (k = 0; k < n; k++) esft__buf_append(&re, mod[k] == '.' ? "\\." : mod + k, mod[k] == '.' ? 2 : 1);
     }
     esft__buf_puts(&re, ")");
     if (re.failed) b->failed = 1;
@@ -11340,7 +11441,7 @@ ESFTDEF esft_status esft_model_lora_save(const esft_model_trainable *tr, const c
     names = ESFT__CAST(char *, esft__calloc(&tr->allocator, (size_t)n, 2 * ESFT__TENSOR_NAME));
     if (!t || !names) s = esft__fail(err, ESFT_ERR_OUT_OF_MEMORY, "names of %d tensors", n);
     for (i = 0; s == ESFT_OK && i < n; i++) {
-        const esft_matrix *w = m->tensors[tr->lora_tensor[i / 2]].matrix;
+        const esft_matrix *w = esft_model_trainable_lora_base(tr, m, i / 2, NULL, 0, NULL, NULL);
         const esft_lora *a = &tr->lora[i / 2];
         char *name = names + (size_t)i * 2 * ESFT__TENSOR_NAME;
         esft__lora_name(name, 2 * ESFT__TENSOR_NAME, m, tr, i / 2, i % 2);
@@ -11365,23 +11466,51 @@ ESFTDEF esft_status esft_model_lora_save(const esft_model_trainable *tr, const c
     return s;
 }
 
-/* Where a PEFT tensor name goes among tr's adapters, and its shape. */
+/* The adapter of module (a checkpoint weight name): its index among tr's, or -1.
+   A routed expert's by its parsed (layer, expert, part); the others by name. */
+static int esft__lora_find(const esft_model_trainable *tr, const esft_model *m, const char *module)
+{
+    esft_tensor_name tn;
+    int i, lo, hi;
+    if (esft_tensor_name_parse(module, &tn) && tn.part >= ESFT_PART_EXPERT_GATE && tn.part <= ESFT_PART_EXPERT_DOWN) {
+        int32_t want;
+        if (tn.layer < 0 || tn.layer >= m->cfg.n_layers || tn.expert < 0 || tn.expert >= m->cfg.route.n_experts)
+            return -1;
+        want = -1 - ((tn.layer * m->cfg.route.n_experts + tn.expert) * 3 + (int)(tn.part - ESFT_PART_EXPERT_GATE));
+        /* expert adapters come last, their codes increasing: lora_tensor decreasing */
+        for (lo = 0, hi = tr->n_lora; lo < hi;) {
+            int mid = (lo + hi) / 2;
+            if (tr->lora_tensor[mid] >= 0 || tr->lora_tensor[mid] > want) lo = mid + 1;
+            else hi = mid;
+        }
+        return lo < tr->n_lora && tr->lora_tensor[lo] == want ? lo : -1;
+    }
+    for (i = 0; i < tr->n_lora && tr->lora_tensor[i] >= 0; i++)
+        if (strcmp(m->tensors[tr->lora_tensor[i]].name, module) == 0) return i;
+    return -1;
+}
+
+/* Where a PEFT tensor name (base_model.model.<module>.lora_A.weight) goes
+   among tr's adapters, and its shape. */
 static float *esft__lora_target(const esft_model_trainable *tr, const esft_model *m, const char *name,
                                 int64_t shape[2])
 {
-    char mine[2 * ESFT__TENSOR_NAME];
-    int i, which;
-    for (i = 0; i < tr->n_lora; i++)
-        for (which = 0; which < 2; which++) {
-            const esft_matrix *w = m->tensors[tr->lora_tensor[i]].matrix;
-            const float *p = which ? tr->lora[i].b : tr->lora[i].a;
-            esft__lora_name(mine, sizeof mine, m, tr, i, which);
-            if (strcmp(mine, name) != 0) continue;
-            shape[0] = which ? w->rows : tr->lora_rank;
-            shape[1] = which ? tr->lora_rank : w->cols;
-            return tr->params + (p - tr->params);
-        }
-    return NULL;
+    static const char head[] = "base_model.model.", tail_a[] = ".lora_A.weight", tail_b[] = ".lora_B.weight";
+    char module[ESFT__TENSOR_NAME + 8];
+    size_t n = strlen(name), h = sizeof head - 1, t = sizeof tail_a - 1;
+    const esft_matrix *w;
+    int which, i;
+    if (n <= h + t || strncmp(name, head, h) != 0) return NULL;
+    if (strcmp(name + n - t, tail_a) == 0) which = 0;
+    else if (strcmp(name + n - t, tail_b) == 0) which = 1;
+    else return NULL;
+    if (n - h - t >= ESFT__TENSOR_NAME) return NULL;
+    snprintf(module, sizeof module, "%.*s.weight", (int)(n - h - t), name + h);
+    if ((i = esft__lora_find(tr, m, module)) < 0) return NULL;
+    w = esft_model_trainable_lora_base(tr, m, i, NULL, 0, NULL, NULL);
+    shape[0] = which ? w->rows : tr->lora_rank;
+    shape[1] = which ? tr->lora_rank : w->cols;
+    return tr->params + ((which ? tr->lora[i].b : tr->lora[i].a) - tr->params);
 }
 
 ESFTDEF esft_status esft_model_lora_load(esft_model_trainable *tr, const char *dir, esft_error *err)
@@ -11470,6 +11599,7 @@ ESFTDEF esft_status esft_model_lora_open(esft_model_trainable *tr, const esft_mo
     if ((s = esft_safetensors_open(&st, path, NULL, err)) != ESFT_OK) return s;
     for (i = 0; i < st.n_tensors; i++) {
         if (strstr(st.tensors[i].name, ".self_attn.")) sp.lora_targets |= ESFT_LORA_ATTN;
+        else if (strstr(st.tensors[i].name, ".experts.")) sp.lora_targets |= ESFT_LORA_EXPERTS;
         else if (strstr(st.tensors[i].name, ".mlp.")) sp.lora_targets |= ESFT_LORA_MLP;
     }
     esft_safetensors_close(&st);
@@ -12166,13 +12296,20 @@ static int esft__trn_lowest(const esft_model_trainable *tr, const esft_model *m,
     for (l = 0; l < lowest; l++)
         if (tr->shared_slot[l] >= 0 || tr->pesc_slot[l] >= 0) lowest = l;
     for (i = 0; i < tr->n_modules + tr->n_lora; i++) {
-        const esft_model_tensor *t = &m->tensors[i < tr->n_modules ? tr->module[i] : tr->lora_tensor[i - tr->n_modules]];
-        if (t->layer < 0) {
-            *embed |= t->matrix == &m->embed;
+        const esft_matrix *w;
+        int layer, attention;
+        if (i < tr->n_modules) {
+            const esft_model_tensor *t = &m->tensors[tr->module[i]];
+            w = t->matrix, layer = t->layer, attention = t->attention;
+        } else {
+            w = esft_model_trainable_lora_base(tr, m, i - tr->n_modules, NULL, 0, &layer, &attention);
+        }
+        if (layer < 0) {
+            *embed |= w == &m->embed;
             continue;
         }
-        if (t->layer < lowest || (t->layer == lowest && t->attention)) *attn = t->attention;
-        if (t->layer < lowest) lowest = t->layer;
+        if (layer < lowest || (layer == lowest && attention)) *attn = attention;
+        if (layer < lowest) lowest = layer;
     }
     if (*embed) lowest = 0, *attn = 1;
     return lowest;

@@ -1361,8 +1361,8 @@ static const char train_help[] =
     "  --expert-config FILE    esft: ESFT's expert config (esft select writes one)\n"
     "  --lora-rank R           lora: adapter rank (default 8)\n"
     "  --lora-alpha A          lora: scale alpha / R (default alpha = R)\n"
-    "  --lora-targets T        lora: attn, mlp or attn,mlp (default attn; mlp = dense\n"
-    "                          MLP layers; adapters on routed experts: not implemented)\n"
+    "  --lora-targets T        lora: a comma list of attn, mlp (dense MLP layers) and\n"
+    "                          experts (every routed expert's gate/up/down); default attn\n"
     "  --pesc-experts N        pesc: adapters per layer (default 8)\n"
     "  --pesc-top-k K          pesc: adapters per token (default 2)\n"
     "  --pesc-rank R           pesc: adapter rank (default 512, at most the width)\n"
@@ -1466,7 +1466,7 @@ static int cli_train_parse(const char *name, int argc, char **argv, cli_train_op
     return EXIT_OK;
 }
 
-/* --lora-targets: a comma list of attn and mlp; 0 when malformed (what names the bad word). */
+/* --lora-targets: a comma list of attn, mlp and experts; 0 when malformed (what names the bad word). */
 static unsigned cli_lora_targets(const char *list, char *what, size_t cap)
 {
     unsigned bits = 0;
@@ -1475,6 +1475,7 @@ static unsigned cli_lora_targets(const char *list, char *what, size_t cap)
         size_t n = strcspn(p, ",");
         if (n == 4 && strncmp(p, "attn", 4) == 0) bits |= ESFT_LORA_ATTN;
         else if (n == 3 && strncmp(p, "mlp", 3) == 0) bits |= ESFT_LORA_MLP;
+        else if (n == 7 && strncmp(p, "experts", 7) == 0) bits |= ESFT_LORA_EXPERTS;
         else {
             snprintf(what, cap, "%.*s", (int)(n < 60 ? n : 60), p);
             return 0;
@@ -1531,10 +1532,8 @@ static int cli_train_check_method(const char *name, cli_train_opts *o)
     if (o->spec.lora_rank < 1 || o->spec.lora_rank > 65536) return cli_usage(name, "--lora-rank must be in [1, 65536]%s%s", "", "");
     if (!isfinite(o->lora_alpha) || (o->lora_alpha != -1.0 && !(o->lora_alpha > 0.0)))
         return cli_usage(name, "--lora-alpha must be a number > 0%s%s", "", "");
-    if (o->lora_targets && strstr(o->lora_targets, "experts"))
-        return cli_usage(name, "--lora-targets experts: adapters on routed experts are not implemented (attn, mlp)%s%s", "", "");
     o->spec.lora_targets = o->lora_targets ? cli_lora_targets(o->lora_targets, bad, sizeof bad) : ESFT_LORA_ATTN;
-    if (!o->spec.lora_targets) return cli_usage(name, "--lora-targets: '%s' is neither attn nor mlp%s", bad, "");
+    if (!o->spec.lora_targets) return cli_usage(name, "--lora-targets: '%s' is not attn, mlp or experts%s", bad, "");
     o->spec.seed = (uint64_t)o->seed;
     return EXIT_OK;
 }

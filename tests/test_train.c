@@ -351,7 +351,7 @@ static void gradcheck_method(const char *name, const esft_train_spec *spec, doub
     char why[1024];
     double loss = 0.0, aux = 0.0;
     int64_t scored = 0;
-    int i;
+    int i, experts_checked = 0;
     size_t j;
     esft_error err;
     *worst = 0.0;
@@ -360,7 +360,7 @@ static void gradcheck_method(const char *name, const esft_train_spec *spec, doub
         HARNESS_FAIL_("%.400s", why);
     }
     for (i = 0; i < f.tr.n_lora; i++) {
-        const esft_matrix *w = f.m.tensors[f.tr.lora_tensor[i]].matrix;
+        const esft_matrix *w = esft_model_trainable_lora_base(&f.tr, &f.m, i, NULL, 0, NULL, NULL);
         float *b = f.tr.params + (f.tr.lora[i].b - f.tr.params);
         for (j = 0; j < (size_t)w->rows * f.tr.lora_rank; j++) b[j] = 0.05f * (float)sin(1.0 + (double)j * 0.7);
     }
@@ -409,15 +409,27 @@ static void gradcheck_method(const char *name, const esft_train_spec *spec, doub
         HARNESS_FAIL_("%s: %.400s", name, why);
     }
     for (i = 0; i < 2 * f.tr.n_lora; i++) {
-        const esft_matrix *w = f.m.tensors[f.tr.lora_tensor[i / 2]].matrix;
+        char base[160], what[200];
+        const esft_matrix *w = esft_model_trainable_lora_base(&f.tr, &f.m, i / 2, base, sizeof base, NULL, NULL);
         const float *p = i % 2 ? f.tr.lora[i / 2].b : f.tr.lora[i / 2].a;
         size_t at = (size_t)(p - f.tr.params), n = (size_t)f.tr.lora_rank * (i % 2 ? w->rows : w->cols);
-        char what[200];
-        snprintf(what, sizeof what, "%s lora_%c", f.m.tensors[f.tr.lora_tensor[i / 2]].name, i % 2 ? 'B' : 'A');
+        if (f.tr.lora_tensor[i / 2] < 0) { /* a routed expert's: zero when the sample never reaches it */
+            for (j = 0; j < n && f.tr.grads[at + j] == 0.0f; j++) {
+            }
+            if (j == n) continue;
+            experts_checked++;
+        }
+        snprintf(what, sizeof what, "%s lora_%c", base, i % 2 ? 'B' : 'A');
         if (!gradcheck_block(&f, f.tr.params + at, f.tr.grads + at, n, what, worst, why, sizeof why)) {
             fixture_close(&f);
             HARNESS_FAIL_("%s: %.400s", name, why);
         }
+    }
+    for (i = 0; i < f.tr.n_lora && f.tr.lora_tensor[i] >= 0; i++) {
+    }
+    if (i < f.tr.n_lora && experts_checked == 0) {
+        fixture_close(&f);
+        HARNESS_FAIL_("%s: no routed expert's adapter has a gradient", name);
     }
     fixture_close(&f);
 }
@@ -432,7 +444,7 @@ static void gradcheck_fft(const char *name)
     if (harness_state == 0) printf("    %s fft: worst |a - num| / max|num| = %.2e\n", name, worst);
 }
 
-/* A spec of method; for LoRA rank r, alpha 2r, attention and dense MLPs. */
+/* A spec of method; for LoRA rank r, alpha 2r, attention, dense MLPs and routed experts. */
 static esft_train_spec method_spec(esft_train_method method, int rank, uint64_t seed)
 {
     esft_train_spec sp;
@@ -440,7 +452,7 @@ static esft_train_spec method_spec(esft_train_method method, int rank, uint64_t 
     sp.method = method;
     sp.lora_rank = rank;
     sp.lora_alpha = 2.0f * (float)rank;
-    sp.lora_targets = ESFT_LORA_ATTN | ESFT_LORA_MLP;
+    sp.lora_targets = ESFT_LORA_ATTN | ESFT_LORA_MLP | ESFT_LORA_EXPERTS;
     sp.seed = seed;
     return sp;
 }
