@@ -916,7 +916,7 @@ typedef struct esft_pesc_saved {
     float *hidden;           /* (T*K, R) W_down x per slot, in `order` */
     float *frac;             /* (E) f_i of the last forward */
     float aux_loss;          /* of the last forward */
-    float *work;             /* scratch: 2 (T, D) + 2 (T, R) + (T, K) + (T, E) floats */
+    float *work;             /* scratch, laid out by esft_pesc_work_view_at */
     const esft_backend *backend;
 } esft_pesc_saved;
 
@@ -924,6 +924,20 @@ ESFTDEF esft_status esft_pesc_saved_init(esft_pesc_saved *s, const esft_pesc_con
                                          int max_tokens, const esft_backend *backend,
                                          esft_error *err);
 ESFTDEF void esft_pesc_saved_uninit(esft_pesc_saved *s);
+
+/* The scratch regions of saved->work for T tokens, as pointers (any memory
+   space: nothing is read), for backends: the layout has one owner, this file,
+   as esft_moe_workspace_view_at is for the MoE. xg (T, D) gathered adapter
+   inputs, later dx; yg (T, D) adapter outputs or gathered dy; g (2T, R) the
+   adapter's work; dw (T, K) gate-weight gradients; dlogits (T, E); wg (T) and
+   dwg (T) one expert's row scales and their gradients; coef (E) the auxiliary
+   loss's dL/dP. */
+typedef struct esft_pesc_work_view {
+    float *xg, *yg, *g, *dw, *dlogits, *wg, *dwg, *coef;
+} esft_pesc_work_view;
+
+ESFTDEF esft_status esft_pesc_work_view_at(const esft_pesc_config *c, int T, float *work,
+                                           esft_pesc_work_view *out, esft_error *err);
 
 /* y = F + sum_j w_j A_{id_j}(F); aux_loss (optional) receives the auxiliary loss.
    y must not alias F. NaN/Inf in u, F or the router weights -> ESFT_ERR_NUMERIC. */
@@ -5789,14 +5803,9 @@ ESFTDEF esft_status esft_pesc_init_weights(const esft_pesc_config *c, float *par
     return ESFT_OK;
 }
 
-/* The scratch inside saved->work for T tokens, in floats:
-   xg (T, D) gathered adapter inputs, later dx; yg (T, D) adapter outputs or
-   gathered dy; g (2T, R) the primitive's work; dw (T, K) gate-weight gradients;
-   dlogits (T, E); wg (T) and dwg (T) one expert's row scales and their
-   gradients; coef (E) the auxiliary loss's dP. */
-typedef struct esft__pesc_work {
-    float *xg, *yg, *g, *dw, *dlogits, *wg, *dwg, *coef;
-} esft__pesc_work;
+/* The scratch inside saved->work for T tokens: the published view (its
+   regions are described where esft_pesc_work_view is declared). */
+typedef esft_pesc_work_view esft__pesc_work;
 
 static size_t esft__pesc_work_floats(const esft_pesc_config *c, size_t T)
 {
@@ -5816,6 +5825,17 @@ static esft__pesc_work esft__pesc_work_split(const esft_pesc_config *c, float *b
     w.dwg = w.wg + T;
     w.coef = w.dwg + T;
     return w;
+}
+
+ESFTDEF esft_status esft_pesc_work_view_at(const esft_pesc_config *c, int T, float *work,
+                                           esft_pesc_work_view *out, esft_error *err)
+{
+    esft_status st = esft_pesc_config_validate(c, err);
+    if (st != ESFT_OK) return st;
+    if (!out || !work) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "view or work is NULL");
+    if (T < 0) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "T = %d < 0", T);
+    *out = esft__pesc_work_split(c, work, (size_t)T);
+    return ESFT_OK;
 }
 
 ESFTDEF void esft_pesc_saved_uninit(esft_pesc_saved *s)

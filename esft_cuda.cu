@@ -6,9 +6,11 @@
 
    One exported symbol, esft_backend_cuda(); everything else is static and named
    esft_cuda__*. This file includes esft.h without ESFT_IMPLEMENTATION and calls
-   one esft_ function, esft_moe_workspace_view_at (the MoE workspace's layout has
-   one owner, esft.h), so it links next to the translation unit that holds the
-   implementation. docs/cuda.md describes the kernels, the precision policy and the
+   a few esft_ functions: the published layouts esft_moe_workspace_view_at and
+   esft_pesc_work_view_at (each scratch layout has one owner, esft.h) and the
+   PESC block's esft_pesc_param_count / esft_pesc_tensor_offset /
+   esft_route_config_init, so it links next to the translation unit that holds
+   the implementation. docs/cuda.md describes the kernels, the precision policy and the
    tolerances the tests hold them to.
 
    Contents
@@ -18,8 +20,9 @@
       4. router-statistics kernel
       5. GEMMs (cuBLAS) and scratch
       6. MoE layer: forward and backward
-      7. AdamW
-      8. the table and its constructor
+      7. PESC adapter layer: forward and backward
+      8. AdamW
+      9. the table and its constructor
 
    Rules kept throughout
       - Every CUDA/cuBLAS failure becomes ESFT_ERR_BACKEND with CUDA's own text in
@@ -722,7 +725,7 @@ __global__ static void esft_cuda__place_kernel(int32_t *perm, int32_t *pos, cons
         if (id >= 0) {
             int p = esft_cuda__place_smem[id] + rank;
             perm[p] = i;
-            pos[i] = p;
+            if (pos) pos[i] = p;
         }
         __syncwarp();
         if (id >= 0 && lane == __ffs(peers) - 1) esft_cuda__place_smem[id] += __popc(peers);
@@ -730,7 +733,12 @@ __global__ static void esft_cuda__place_kernel(int32_t *perm, int32_t *pos, cons
     }
 }
 
-static esft_status esft_cuda__permute(esft_cuda__context *c, esft_cuda__moe_ws *w, int n, int E, esft_error *err)
+/* esft.h's esft__sort_slots on the device, for both layers: order[p] is the
+   slot at sorted position p, pos (NULL: not wanted) its inverse, expert e's
+   positions are [offsets[e], offsets[e+1]). n >= 1; ids in [0, E) (the routing
+   kernel's output). Uses the context's scratch for the chunk histograms. */
+static esft_status esft_cuda__sort_slots(esft_cuda__context *c, int32_t *order, int32_t *pos, int32_t *offsets,
+                                         const int32_t *ids, int n, int E, esft_error *err)
 {
     int n_chunks = (n + ESFT_CUDA__CHUNK - 1) / ESFT_CUDA__CHUNK;
     void *scratch;
@@ -738,9 +746,9 @@ static esft_status esft_cuda__permute(esft_cuda__context *c, esft_cuda__moe_ws *
     int32_t *counts = (int32_t *)scratch;
     size_t smem = (size_t)(E + 1) * sizeof(int32_t);
     if (s != ESFT_OK) return s;
-    esft_cuda__hist_kernel<<<n_chunks, 256, smem, c->stream>>>(counts, w->ids, n, E);
-    esft_cuda__scan_kernel<<<1, 256, smem, c->stream>>>(counts, w->offsets, n_chunks, E);
-    esft_cuda__place_kernel<<<n_chunks, 32, smem, c->stream>>>(w->perm, w->pos, w->ids, counts, n, E);
+    esft_cuda__hist_kernel<<<n_chunks, 256, smem, c->stream>>>(counts, ids, n, E);
+    esft_cuda__scan_kernel<<<1, 256, smem, c->stream>>>(counts, offsets, n_chunks, E);
+    esft_cuda__place_kernel<<<n_chunks, 32, smem, c->stream>>>(order, pos, ids, counts, n, E);
     return esft_cuda__launched("permutation kernels", err);
 }
 
@@ -1039,7 +1047,7 @@ static esft_status esft_cuda__moe_forward(void *context, const esft_moe *m, floa
     s = esft_cuda__gemm(c, CUBLAS_COMPUTE_32F, 0, 1, T, E, D, 1.0f, x, D, esft_cuda__router_w(m), D, 0.0f, w.logits,
                         E, err);
     if (s == ESFT_OK) s = esft_cuda__route_run(c, &cfg->route, w.ids, w.weights, w.probs, w.logits, T, err);
-    if (s == ESFT_OK) s = esft_cuda__permute(c, &w, n, E, err);
+    if (s == ESFT_OK) s = esft_cuda__sort_slots(c, w.perm, w.pos, w.offsets, w.ids, n, E, err);
     if (s == ESFT_OK) s = esft_cuda__moe_tables(c, m, &w, &slot, &off, err);
     if (s != ESFT_OK) return s;
     esft_cuda__gather_kernel<<<n, 128, 0, c->stream>>>(w.xg, x, w.perm, K, D);
@@ -1176,7 +1184,401 @@ static esft_status esft_cuda__moe_backward(void *context, const esft_moe *m, flo
 }
 
 /* ===================================================================== */
-/* 7. AdamW                                                              */
+/* 7. PESC adapter layer: forward and backward                           */
+/* ===================================================================== */
+
+/* esft.h's esft__pesc_forward_cpu / _backward_cpu on the device, step by step:
+   router GEMM (fp32) and the routing kernel; the slots sorted by expert with
+   the MoE's counting sort; then, expert by expert in ascending order, gather
+   (through the dropout mask), W_down GEMM, GELU, W_up GEMM and a scatter-add
+   into y. Experts run one after another on the stream, and one expert's slots
+   are distinct tokens, so every y[t] receives its K adapter outputs in
+   ascending expert order, the CPU's order, without atomics: same bits on every
+   run. The scratch is saved->work, carved by esft.h's published layout
+   (esft_pesc_work_view_at): xg and yg hold one expert's rows (at most T), so
+   the layer needs no memory beyond the CPU's. */
+
+/* The dropout of the adapters' input (esft_pesc_config's dropout, seed). */
+typedef struct esft_cuda__pesc_dropout {
+    int on;                 /* 0: a plain copy, as the CPU's memcpy */
+    uint32_t threshold;     /* a column is kept when its hash's top 32 bits are >= this */
+    float keep_scale;       /* 1 / (1 - p) */
+    unsigned long long seed;
+} esft_cuda__pesc_dropout;
+
+/* The CPU's formulas for threshold and scale, so both backends drop the same
+   columns and scale them by the same float. */
+static esft_cuda__pesc_dropout esft_cuda__pesc_dropout_of(const esft_pesc_config *cfg)
+{
+    esft_cuda__pesc_dropout dr;
+    dr.on = cfg->dropout != 0.0f;
+    dr.threshold = (uint32_t)((double)cfg->dropout * 4294967296.0);
+    dr.keep_scale = 1.0f / (1.0f - cfg->dropout);
+    dr.seed = cfg->dropout_seed;
+    return dr;
+}
+
+/* splitmix64, esft.h's esft__adapter_mix (private there): the masks must be
+   the CPU's bits, and integer arithmetic makes them so. */
+__device__ static unsigned long long esft_cuda__mix(unsigned long long x)
+{
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+
+/* esft__pesc_keep: 1 keeps column d of token t's input to expert e. */
+__device__ static bool esft_cuda__pesc_keep(const esft_cuda__pesc_dropout &dr, int e, int t, int d)
+{
+    unsigned long long key = esft_cuda__mix(dr.seed ^ ((unsigned long long)(uint32_t)e << 32 | (uint32_t)t));
+    return (uint32_t)(esft_cuda__mix(key + (unsigned long long)d) >> 32) >= dr.threshold;
+}
+
+__device__ static float esft_cuda__gelu(float h) { return 0.5f * h * (1.0f + erff(h * 0.70710678118654752f)); }
+
+/* d gelu / dh = Phi(h) + h phi(h) (esft__gelu_grad). */
+__device__ static float esft_cuda__gelu_grad(float h)
+{
+    return 0.5f * (1.0f + erff(h * 0.70710678118654752f)) + h * 0.39894228040143268f * expf(-0.5f * h * h);
+}
+
+/* Row j of xg = dropout_e(src[token of slots[j]]) (esft__pesc_gather_input);
+   with dr.on = 0 a plain gather (dy's rows in the backward). One block per row. */
+__global__ static void esft_cuda__pesc_gather_kernel(float *xg, const float *src, const int32_t *slots, int K, int D,
+                                                     int e, esft_cuda__pesc_dropout dr)
+{
+    int t = slots[blockIdx.x] / K;
+    const float *from = src + (size_t)t * D;
+    float *to = xg + (size_t)blockIdx.x * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x)
+        to[d] = !dr.on ? from[d] : esft_cuda__pesc_keep(dr, e, t, d) ? from[d] * dr.keep_scale : 0.0f;
+}
+
+/* dst[token of slots[j]] += row j, through expert e's mask when dr.on
+   (esft__pesc_scatter_add for y, esft__pesc_scatter_dx for dF). One block per
+   row; one expert's slots are distinct tokens, so no two blocks share a row. */
+__global__ static void esft_cuda__pesc_scatter_kernel(float *dst, const float *rows, const int32_t *slots, int K,
+                                                      int D, int e, esft_cuda__pesc_dropout dr)
+{
+    int t = slots[blockIdx.x] / K;
+    const float *from = rows + (size_t)blockIdx.x * D;
+    float *to = dst + (size_t)t * D;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        if (!dr.on) to[d] += from[d];
+        else if (esft_cuda__pesc_keep(dr, e, t, d)) to[d] += from[d] * dr.keep_scale;
+    }
+}
+
+/* g[j][r] = k_j gelu(hidden[j][r]), k_j = scale * the gate weight of slot
+   slots[j] (esft__adapter_forward_cpu's activation pass, row_scale = weights). */
+__global__ static void esft_cuda__pesc_act_kernel(float *g, const float *hidden, const float *weights,
+                                                  const int32_t *slots, size_t n, int R, float scale)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float k = scale * weights[slots[i / (size_t)R]];
+        g[i] = k * esft_cuda__gelu(hidden[i]);
+    }
+}
+
+/* esft__adapter_backward_cpu's row pass, one warp per row j: from z = dy W_up
+   (n, R), writes kg = k g, turns z into dh = k z gelu'(h), and dw[slot] = scale
+   <z, gelu(h)> (the gate weight's gradient; the dot in double, as the CPU, in a
+   fixed warp order). kg is (n, R) past z, where the CPU's primitive keeps it. */
+__global__ static void esft_cuda__pesc_act_back_kernel(float *z, float *kg, float *dw, const float *hidden,
+                                                       const float *weights, const int32_t *slots, int n, int R,
+                                                       float scale)
+{
+    int lane = threadIdx.x % 32, j = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    float k;
+    double dot = 0.0;
+    if (j >= n) return; /* whole warps leave together: j is per warp */
+    k = scale * weights[slots[j]];
+    for (int r = lane; r < R; r += 32) {
+        size_t i = (size_t)j * R + r;
+        float h = hidden[i], g = esft_cuda__gelu(h);
+        dot += (double)z[i] * g;
+        kg[i] = k * g;
+        z[i] *= k * esft_cuda__gelu_grad(h);
+    }
+    for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+    if (lane == 0) dw[slots[j]] = scale * (float)dot;
+}
+
+/* a += b over n floats (the residual path's dF += dy). */
+__global__ static void esft_cuda__add_kernel(float *a, const float *b, size_t n)
+{
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        a[i] += b[i];
+}
+
+/* esft__balance: frac[e] = count_e / (T K) and *sum = sum_e f_e (P_e / T), P_e
+   the double sum of expert e's probabilities over tokens in order. One thread
+   per expert, then thread 0 adds the terms in expert order: the CPU's
+   operations in the CPU's order (the _rn intrinsics forbid contractions). */
+__global__ static void esft_cuda__pesc_balance_kernel(double *sum, float *frac, const float *probs,
+                                                      const int32_t *offset, int T, int E, int K)
+{
+    extern __shared__ double esft_cuda__balance_smem[]; /* (E) terms */
+    for (int e = threadIdx.x; e < E; e += blockDim.x) {
+        double P = 0.0, fe = __ddiv_rn((double)(offset[e + 1] - offset[e]), (double)T * K);
+        for (int t = 0; t < T; t++) P = __dadd_rn(P, (double)probs[(size_t)t * E + e]);
+        frac[e] = (float)fe;
+        esft_cuda__balance_smem[e] = __dmul_rn(fe, __ddiv_rn(P, (double)T));
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double s = 0.0;
+        for (int e = 0; e < E; e++) s = __dadd_rn(s, esft_cuda__balance_smem[e]);
+        *sum = s;
+    }
+}
+
+/* coef[e] = (float)(a * frac[e] / T), a = daux alpha E formed on the host in
+   double as esft__pesc_router_grad forms it: the CPU's bits. */
+__global__ static void esft_cuda__pesc_coef_kernel(float *coef, const float *frac, double a, int T, int E)
+{
+    for (int e = threadIdx.x; e < E; e += blockDim.x)
+        coef[e] = (float)__ddiv_rn(__dmul_rn(a, (double)frac[e]), (double)T);
+}
+
+/* Checks the memory space of the call's arrays (saved's buffers are the
+   backend's own: esft.h checks saved->backend). */
+static esft_status esft_cuda__pesc_check(const float *out, const char *out_name, const float *F, const float *u,
+                                         const float *params, const float *du, const float *dparams,
+                                         const float *dy, esft_error *err)
+{
+    esft_status s;
+    if ((s = esft_cuda__need_device(out, out_name, err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(F, "F", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(u, "u", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(params, "params", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(du, "du", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(dparams, "dparams", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(dy, "dy", err)) != ESFT_OK)
+        return s;
+    return ESFT_OK;
+}
+
+/* Host copy of the expert offsets (E + 1): the per-expert GEMMs are launched
+   from the host. Ends with the stream synchronised. */
+static esft_status esft_cuda__pesc_offsets(esft_cuda__context *c, const esft_pesc_saved *sv, int E, int32_t **off,
+                                           esft_error *err)
+{
+    esft_status s = esft_cuda__host_table(c, (size_t)E + 1, err);
+    if (s != ESFT_OK) return s;
+    *off = c->host;
+    s = esft_cuda__check(cudaMemcpyAsync(*off, sv->offset, (size_t)(E + 1) * sizeof(int32_t), cudaMemcpyDeviceToHost,
+                                         c->stream), "read expert offsets", err);
+    if (s == ESFT_OK) s = esft_cuda__finish(c, "read expert offsets", err);
+    return s;
+}
+
+/* Router logits (fp32), routing, slots by expert. A non-finite logit is named
+   as the CPU names it: u when u holds the NaN/Inf, else an overflow. */
+static esft_status esft_cuda__pesc_route(esft_cuda__context *c, const esft_pesc_config *cfg, esft_pesc_saved *sv,
+                                         const float *u, const float *params, int T, esft_error *err)
+{
+    int D = cfg->d_model, E = cfg->n_experts, K = cfg->top_k;
+    esft_route_config rc = esft_route_config_init(E, K);
+    esft_status s;
+    rc.renormalize = 1; /* softmax over the K chosen, as the CPU routes */
+    s = esft_cuda__gemm(c, CUBLAS_COMPUTE_32F, 0, 1, T, E, D, 1.0f, u, D, params, D, 0.0f, sv->logits, E, err);
+    if (s == ESFT_OK) s = esft_cuda__route_run(c, &rc, sv->ids, sv->weights, sv->probs, sv->logits, T, err);
+    if (s == ESFT_ERR_NUMERIC) {
+        if ((s = esft_cuda__check_finite(c, u, (size_t)T * D, "u", (size_t)D, err)) != ESFT_OK) return s;
+        return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "router logits overflow (u or router weights too large)");
+    }
+    if (s != ESFT_OK) return s;
+    return esft_cuda__sort_slots(c, sv->order, NULL, sv->offset, sv->ids, T * K, E, err);
+}
+
+/* frac on the device and the auxiliary loss alpha E balance on the host. */
+static esft_status esft_cuda__pesc_aux(esft_cuda__context *c, const esft_pesc_config *cfg, esft_pesc_saved *sv, int T,
+                                       esft_error *err)
+{
+    int E = cfg->n_experts;
+    double balance = 0.0;
+    void *scratch;
+    esft_status s = esft_cuda__scratch(c, sizeof(double), &scratch, err);
+    if (s != ESFT_OK) return s;
+    esft_cuda__pesc_balance_kernel<<<1, 256, (size_t)E * sizeof(double), c->stream>>>(
+        (double *)scratch, sv->frac, sv->probs, sv->offset, T, E, cfg->top_k);
+    if ((s = esft_cuda__launched("balance kernel", err)) != ESFT_OK) return s;
+    s = esft_cuda__check(cudaMemcpyAsync(&balance, scratch, sizeof balance, cudaMemcpyDeviceToHost, c->stream),
+                         "read the balance", err);
+    if (s == ESFT_OK) s = esft_cuda__finish(c, "balance kernel", err);
+    if (s == ESFT_OK) sv->aux_loss = (float)((double)cfg->aux_alpha * E * balance);
+    return s;
+}
+
+/* One expert's adapter on its n gathered rows into w->yg (esft__adapter_forward_cpu
+   with beta 0); hidden (n, R) is saved for the backward. */
+static esft_status esft_cuda__pesc_expert_forward(esft_cuda__context *c, const esft_pesc_config *cfg,
+                                                  esft_pesc_saved *sv, esft_pesc_work_view *w, const float *params,
+                                                  const int32_t *slots, int first, int n, int e,
+                                                  cublasComputeType_t math, esft_error *err)
+{
+    int D = cfg->d_model, R = cfg->rank;
+    size_t nr = (size_t)n * R;
+    float *hidden = sv->hidden + (size_t)first * R;
+    esft_status s = esft_cuda__gemm(c, math, 0, 1, n, R, D, 1.0f, w->xg, D,
+                                    params + esft_pesc_tensor_offset(cfg, ESFT_PESC_DOWN, e), D, 0.0f, hidden, R, err);
+    if (s != ESFT_OK) return s;
+    esft_cuda__pesc_act_kernel<<<esft_cuda__grid(nr, 256), 256, 0, c->stream>>>(w->g, hidden, sv->weights, slots, nr,
+                                                                                R, cfg->scale);
+    if ((s = esft_cuda__launched("adapter activation kernel", err)) != ESFT_OK) return s;
+    return esft_cuda__gemm(c, math, 0, 1, n, D, R, 1.0f, w->g, R, params + esft_pesc_tensor_offset(cfg, ESFT_PESC_UP, e),
+                           R, 0.0f, w->yg, D, err);
+}
+
+static esft_status esft_cuda__pesc_forward(void *context, const esft_pesc_config *cfg, float *y, float *aux_loss,
+                                           const float *F, const float *u, const float *params, esft_pesc_saved *sv,
+                                           int T, esft_error *err)
+{
+    esft_cuda__context *c = (esft_cuda__context *)context;
+    int D = cfg->d_model, E = cfg->n_experts, K = cfg->top_k;
+    esft_cuda__pesc_dropout dr = esft_cuda__pesc_dropout_of(cfg), plain = dr;
+    cublasComputeType_t math;
+    esft_pesc_work_view w;
+    int32_t *off;
+    esft_status s;
+    sv->T = 0;
+    if (T == 0) {
+        sv->aux_loss = 0.0f;
+        if (aux_loss) *aux_loss = 0.0f;
+        return ESFT_OK;
+    }
+    plain.on = 0;
+    if ((s = esft_cuda__pesc_check(y, "y", F, u, params, NULL, NULL, NULL, err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
+    if ((s = esft_pesc_work_view_at(cfg, T, sv->work, &w, err)) != ESFT_OK) return s;
+    /* F and the parameters are checked before y is written (the CPU's order) */
+    if ((s = esft_cuda__check_finite(c, F, (size_t)T * D, "F", (size_t)D, err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__check_finite(c, params, esft_pesc_param_count(cfg), "params", 0, err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__pesc_route(c, cfg, sv, u, params, T, err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__pesc_offsets(c, sv, E, &off, err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__pesc_aux(c, cfg, sv, T, err)) != ESFT_OK) return s;
+    s = esft_cuda__check(cudaMemcpyAsync(y, F, (size_t)T * D * sizeof(float), cudaMemcpyDeviceToDevice, c->stream),
+                         "copy F into y", err);
+    for (int e = 0; e < E && s == ESFT_OK; e++) {
+        const int32_t *slots = sv->order + off[e];
+        int n = off[e + 1] - off[e];
+        if (n == 0) continue;
+        esft_cuda__pesc_gather_kernel<<<n, 128, 0, c->stream>>>(w.xg, F, slots, K, D, e, dr);
+        s = esft_cuda__launched("adapter gather kernel", err);
+        if (s == ESFT_OK) s = esft_cuda__pesc_expert_forward(c, cfg, sv, &w, params, slots, off[e], n, e, math, err);
+        if (s != ESFT_OK) break;
+        esft_cuda__pesc_scatter_kernel<<<n, 128, 0, c->stream>>>(y, w.yg, slots, K, D, e, plain);
+        s = esft_cuda__launched("adapter scatter kernel", err);
+    }
+    if (s == ESFT_OK) s = esft_cuda__finish(c, "pesc forward", err);
+    if (s == ESFT_OK) s = esft_cuda__check_output(c, y, (size_t)T * D, "y", (size_t)D, err);
+    if (s != ESFT_OK) return s;
+    sv->cfg = *cfg;
+    sv->T = T;
+    if (aux_loss) *aux_loss = sv->aux_loss;
+    return ESFT_OK;
+}
+
+/* One expert's backward on its n rows (esft__adapter_backward_cpu, then dx =
+   dh W_down over xg and its scatter through the mask into dF): w->xg holds the
+   gathered input, w->yg the gathered dy. dw (T, K) gets the slots' gate-weight
+   gradients. */
+static esft_status esft_cuda__pesc_expert_backward(esft_cuda__context *c, const esft_pesc_config *cfg,
+                                                   const esft_pesc_saved *sv, esft_pesc_work_view *w, float *dF,
+                                                   float *dparams, const float *params, const int32_t *slots,
+                                                   int first, int n, int e, cublasComputeType_t math,
+                                                   esft_error *err)
+{
+    int D = cfg->d_model, R = cfg->rank, K = cfg->top_k;
+    const float *down = params + esft_pesc_tensor_offset(cfg, ESFT_PESC_DOWN, e);
+    const float *up = params + esft_pesc_tensor_offset(cfg, ESFT_PESC_UP, e);
+    float *z = w->g, *kg = w->g + (size_t)n * R;
+    esft_status s = esft_cuda__gemm(c, math, 0, 0, n, R, D, 1.0f, w->yg, D, up, R, 0.0f, z, R, err);
+    if (s != ESFT_OK) return s;
+    esft_cuda__pesc_act_back_kernel<<<(n + 3) / 4, 128, 0, c->stream>>>(z, kg, w->dw, sv->hidden + (size_t)first * R,
+                                                                        sv->weights, slots, n, R, cfg->scale);
+    if ((s = esft_cuda__launched("adapter activation backward kernel", err)) != ESFT_OK) return s;
+    if (dparams) { /* dW_up += dy^T (k g), dW_down += dh^T xg */
+        s = esft_cuda__gemm(c, math, 1, 0, D, R, n, 1.0f, w->yg, D, kg, R, 1.0f,
+                            dparams + esft_pesc_tensor_offset(cfg, ESFT_PESC_UP, e), R, err);
+        if (s == ESFT_OK)
+            s = esft_cuda__gemm(c, math, 1, 0, R, D, n, 1.0f, z, R, w->xg, D, 1.0f,
+                                dparams + esft_pesc_tensor_offset(cfg, ESFT_PESC_DOWN, e), D, err);
+        if (s != ESFT_OK) return s;
+    }
+    /* dx = dh W_down over xg (read above: the stream orders it), then into dF */
+    s = esft_cuda__gemm(c, math, 0, 0, n, D, R, 1.0f, z, R, down, D, 0.0f, w->xg, D, err);
+    if (s != ESFT_OK) return s;
+    esft_cuda__pesc_scatter_kernel<<<n, 128, 0, c->stream>>>(dF, w->xg, slots, K, D, e, esft_cuda__pesc_dropout_of(cfg));
+    return esft_cuda__launched("adapter scatter kernel", err);
+}
+
+/* dlogits from the gate weights' gradient and the aux loss (the MoE's router
+   backward kernel: renormalised softmax, routed_scaling 1, one sequence of T
+   tokens), then the router's dW and du in fp32. */
+static esft_status esft_cuda__pesc_router_backward(esft_cuda__context *c, const esft_pesc_config *cfg,
+                                                   const esft_pesc_saved *sv, esft_pesc_work_view *w, float *du,
+                                                   float *dparams, const float *u, const float *params, float daux,
+                                                   int T, esft_error *err)
+{
+    int D = cfg->d_model, E = cfg->n_experts, K = cfg->top_k;
+    esft_status s;
+    esft_cuda__pesc_coef_kernel<<<1, 256, 0, c->stream>>>(w->coef, sv->frac, (double)daux * cfg->aux_alpha * E, T, E);
+    if ((s = esft_cuda__launched("aux coefficient kernel", err)) != ESFT_OK) return s;
+    esft_cuda__route_back_kernel<<<(T + 3) / 4, 128, 0, c->stream>>>(w->dlogits, sv->probs, sv->ids, w->dw, w->coef, T,
+                                                                     E, K, T, 1, 0, 1.0f);
+    if ((s = esft_cuda__launched("router backward kernel", err)) != ESFT_OK) return s;
+    if (dparams)
+        s = esft_cuda__gemm(c, CUBLAS_COMPUTE_32F, 1, 0, E, D, T, 1.0f, w->dlogits, E, u, D, 1.0f, dparams, D, err);
+    if (s == ESFT_OK && du)
+        s = esft_cuda__gemm(c, CUBLAS_COMPUTE_32F, 0, 0, T, D, E, 1.0f, w->dlogits, E, params, D, 1.0f, du, D, err);
+    return s;
+}
+
+static esft_status esft_cuda__pesc_backward(void *context, const esft_pesc_config *cfg, float *dF, float *du,
+                                            float *dparams, const float *dy, float daux, esft_pesc_saved *sv,
+                                            const float *F, const float *u, const float *params, int T,
+                                            esft_error *err)
+{
+    esft_cuda__context *c = (esft_cuda__context *)context;
+    int D = cfg->d_model, E = cfg->n_experts, K = cfg->top_k;
+    size_t nd = (size_t)T * D;
+    esft_cuda__pesc_dropout dr = esft_cuda__pesc_dropout_of(cfg), plain = dr;
+    cublasComputeType_t math;
+    esft_pesc_work_view w;
+    int32_t *off;
+    esft_status s;
+    if (T == 0) return ESFT_OK;
+    if (!isfinite(daux)) return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "daux is not finite");
+    plain.on = 0;
+    if ((s = esft_cuda__pesc_check(dF, "dF", F, u, params, du, dparams, dy, err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
+    if ((s = esft_pesc_work_view_at(cfg, T, sv->work, &w, err)) != ESFT_OK) return s;
+    /* before any gradient is touched: a NaN in dy would spread into all of them */
+    if ((s = esft_cuda__check_finite(c, dy, nd, "dy", (size_t)D, err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__pesc_offsets(c, sv, E, &off, err)) != ESFT_OK) return s;
+    for (int e = 0; e < E && s == ESFT_OK; e++) {
+        const int32_t *slots = sv->order + off[e];
+        int n = off[e + 1] - off[e];
+        if (n == 0) continue;
+        esft_cuda__pesc_gather_kernel<<<n, 128, 0, c->stream>>>(w.xg, F, slots, K, D, e, dr);
+        esft_cuda__pesc_gather_kernel<<<n, 128, 0, c->stream>>>(w.yg, dy, slots, K, D, e, plain);
+        s = esft_cuda__launched("adapter gather kernels", err);
+        if (s == ESFT_OK)
+            s = esft_cuda__pesc_expert_backward(c, cfg, sv, &w, dF, dparams, params, slots, off[e], n, e, math, err);
+    }
+    if (s != ESFT_OK) return s;
+    esft_cuda__add_kernel<<<esft_cuda__grid(nd, 256), 256, 0, c->stream>>>(dF, dy, nd); /* the residual y = F + ... */
+    if ((s = esft_cuda__launched("residual kernel", err)) != ESFT_OK) return s;
+    s = esft_cuda__pesc_router_backward(c, cfg, sv, &w, du, dparams, u, params, daux, T, err);
+    if (s == ESFT_OK) s = esft_cuda__finish(c, "pesc backward", err);
+    return s;
+}
+
+/* ===================================================================== */
+/* 8. AdamW                                                              */
 /* ===================================================================== */
 
 /* One pass over the block: reads p, g, m, v and writes p, m, v — 28 bytes per
@@ -1231,7 +1633,7 @@ static esft_status esft_cuda__adamw_step(void *context, const esft_adamw_config 
 }
 
 /* ===================================================================== */
-/* 8. the table and its constructor                                      */
+/* 9. the table and its constructor                                      */
 /* ===================================================================== */
 
 /* nvcc takes designated initializers only in declaration order, so the table is
@@ -1250,8 +1652,8 @@ static const esft_backend esft_cuda__backend = {
     /* .moe_forward = */ esft_cuda__moe_forward,
     /* .moe_backward = */ esft_cuda__moe_backward,
     /* .adamw_step = */ esft_cuda__adamw_step,
-    /* .adapter_forward = */ NULL,  /* not yet: ESFT_ERR_UNSUPPORTED through esft.h's dispatch */
-    /* .adapter_backward = */ NULL,
+    /* .adapter_forward = */ esft_cuda__pesc_forward,
+    /* .adapter_backward = */ esft_cuda__pesc_backward,
 };
 
 static int esft_cuda__ready;

@@ -6,7 +6,7 @@
    pass by skipping); the constructor test runs everywhere. Same seeded inputs
    go through esft_backend_cpu() and esft_backend_cuda(), by the public calls
    (esft_route_with, esft_stats_add, esft_moe_forward/_backward,
-   esft_adamw_step) on plain cudaMalloc memory (the backend's alloc: never
+   esft_adamw_step, esft_pesc_forward_with/_backward_with) on plain cudaMalloc memory (the backend's alloc: never
    managed memory, which would hide a host read). Outputs are poisoned (NaN
    bytes) before every run, each op runs twice and the two runs must give the
    same bits. Tolerances are stated next to each comparison (docs/cuda.md
@@ -972,11 +972,319 @@ TEST(cuda_adamw_bit_identical_to_cpu)
     free(p0); free(g); free(p); free(run1);
 }
 
-TEST(cuda_adapter_ops_absent_until_implemented)
+/* ---------------------------------------------------------------------- */
+/* PESC adapter layer: CPU vs CUDA, forward and backward                   */
+/* ---------------------------------------------------------------------- */
+
+typedef struct pesc_case {
+    esft_pesc_config cfg;
+    int T;
+    const char *label;
+} pesc_case;
+
+/* A parameter block whose every tensor is non-zero (esft_pesc_init_weights
+   zeroes W_up, which would hide the adapters): router +-2/sqrt(D), W_down
+   +-1/sqrt(D), W_up +-1/sqrt(R), the fan-ins. */
+static float *pesc_random_params(const esft_pesc_config *c)
 {
+    size_t D = (size_t)c->d_model, R = (size_t)c->rank, i;
+    float *p = random_floats(esft_pesc_param_count(c), -1.0f, 1.0f);
+    int e;
+    for (i = 0; i < (size_t)c->n_experts * D; i++) p[i] *= 2.0f / sqrtf((float)D);
+    for (e = 0; e < c->n_experts; e++) {
+        float *down = p + esft_pesc_tensor_offset(c, ESFT_PESC_DOWN, e);
+        float *up = p + esft_pesc_tensor_offset(c, ESFT_PESC_UP, e);
+        for (i = 0; i < R * D; i++) {
+            down[i] *= 1.0f / sqrtf((float)D);
+            up[i] *= 1.0f / sqrtf((float)R);
+        }
+    }
+    return p;
+}
+
+/* a - b in a new host buffer (b NULL: a copy); NULL if a is NULL. The part of
+   an output that the layer adds (y - F, dF - dy) is compared on its own, so
+   the large pass-through does not hide an error in it. */
+static float *minus(const float *a, const float *b, size_t n)
+{
+    float *d = a ? (float *)malloc(n * sizeof(float)) : NULL;
+    size_t i;
+    for (i = 0; d && i < n; i++) d[i] = b ? a[i] - b[i] : a[i];
+    return d;
+}
+
+/* The GPU layer's device arrays for one case. */
+typedef struct pesc_dev {
+    float *F, *u, *params, *dy, *y, *dF, *du, *dp, *dF0, *du0, *dp0;
+} pesc_dev;
+
+/* One forward + backward on the GPU from poisoned outputs and saved buffers;
+   dF, du, dparams reset to their (non-zero) starts first. */
+static esft_status gpu_pesc_run(const esft_pesc_config *c, esft_pesc_saved *sv, const pesc_dev *d, float *aux,
+                                int T, esft_error *e)
+{
+    size_t td = (size_t)T * c->d_model * 4, np = esft_pesc_param_count(c) * 4;
+    size_t nk = (size_t)T * c->top_k * 4, ne = (size_t)T * c->n_experts * 4;
+    esft_status s;
+    if (!poison(d->y, td) || !poison(sv->ids, nk) || !poison(sv->weights, nk) || !poison(sv->logits, ne) ||
+        !poison(sv->probs, ne) || !poison(sv->order, nk) || !poison(sv->offset, (size_t)(c->n_experts + 1) * 4) ||
+        !poison(sv->hidden, nk * (size_t)c->rank) || !poison(sv->frac, (size_t)c->n_experts * 4) ||
+        !poison(sv->work, esft__pesc_work_floats(c, (size_t)sv->max_tokens) * 4) ||
+        cudaMemcpy(d->dF, d->dF0, td, cudaMemcpyDeviceToDevice) != cudaSuccess ||
+        cudaMemcpy(d->du, d->du0, td, cudaMemcpyDeviceToDevice) != cudaSuccess ||
+        cudaMemcpy(d->dp, d->dp0, np, cudaMemcpyDeviceToDevice) != cudaSuccess)
+        return ESFT_ERR_BACKEND;
+    s = esft_pesc_forward_with(gpu(), c, d->y, aux, d->F, d->u, d->params, sv, T, e);
+    if (s == ESFT_OK) s = esft_pesc_backward_with(gpu(), c, d->dF, d->du, d->dp, d->dy, 1.0f, sv, d->F, d->u,
+                                                  d->params, T, e);
+    return s;
+}
+
+/* Runs one case through both backends (ESFT_CUDA_MATH = math) by the public
+   calls, the GPU's on plain device memory: compares y (and y - F), aux, the
+   saved ids (exactly: the router is fp32 on both) and weights, dF (and
+   dF - dy), du, dparams (and its router block), the gradients accumulated
+   onto non-zero starts with daux 1; then runs the GPU again from poisoned
+   outputs and wants the same bits. */
+static int compare_pesc(const pesc_case *pc, const char *math, double nmse_tol, double max_tol)
+{
+    esft_pesc_config c = pc->cfg;
+    int D = c.d_model, E = c.n_experts, K = c.top_k, T = pc->T, ok = 1;
+    size_t td = (size_t)T * D, np = esft_pesc_param_count(&c), nk = (size_t)T * K, nr = (size_t)E * D;
+    float *F = random_floats(td, -1.0f, 1.0f), *u = random_floats(td, -1.0f, 1.0f);
+    float *params = pesc_random_params(&c), *dy = random_floats(td, -1.0f, 1.0f);
+    float *dF0 = random_floats(td, -1e-2f, 1e-2f), *du0 = random_floats(td, -1e-2f, 1e-2f);
+    float *dp0 = random_floats(np, -1e-3f, 1e-3f);
+    float *y_c = (float *)malloc(td * 4), *dF_c = minus(dF0, NULL, td), *du_c = minus(du0, NULL, td);
+    float *dp_c = minus(dp0, NULL, np), aux_c = 0, aux_g = 0, aux_g2 = 0;
+    float *y1 = NULL, *dF1 = NULL, *du1 = NULL, *dp1 = NULL, *w1 = NULL;
+    int32_t *ids1 = NULL;
+    esft_pesc_saved sc, sg;
+    pesc_dev d;
+    esft_error e;
+    memset(&sc, 0, sizeof sc);
+    memset(&sg, 0, sizeof sg);
+    setenv("ESFT_CUDA_MATH", math, 1);
+    printf("  %s, ESFT_CUDA_MATH=%s\n", pc->label, math);
+    d.F = (float *)dev(F, td * 4);
+    d.u = (float *)dev(u, td * 4);
+    d.params = (float *)dev(params, np * 4);
+    d.dy = (float *)dev(dy, td * 4);
+    d.dF0 = (float *)dev(dF0, td * 4);
+    d.du0 = (float *)dev(du0, td * 4);
+    d.dp0 = (float *)dev(dp0, np * 4);
+    d.y = (float *)dev(NULL, td * 4);
+    d.dF = (float *)dev(NULL, td * 4);
+    d.du = (float *)dev(NULL, td * 4);
+    d.dp = (float *)dev(NULL, np * 4);
+    cmp_msg[0] = 0;
+    if (!d.F || !d.u || !d.params || !d.dy || !d.dF0 || !d.du0 || !d.dp0 || !d.y || !d.dF || !d.du || !d.dp ||
+        !y_c || !dF_c || !du_c || !dp_c) {
+        snprintf(cmp_msg, sizeof cmp_msg, "%s: allocation failed", pc->label);
+        ok = 0;
+    }
+    if (ok && (esft_pesc_saved_init(&sc, &c, T, NULL, &e) != ESFT_OK ||
+               esft_pesc_saved_init(&sg, &c, T, gpu(), &e) != ESFT_OK)) {
+        snprintf(cmp_msg, sizeof cmp_msg, "%s: esft_pesc_saved_init: %.200s", pc->label, e.message);
+        ok = 0;
+    }
+    if (ok && (esft_pesc_forward(&c, y_c, &aux_c, F, u, params, &sc, T, &e) != ESFT_OK ||
+               esft_pesc_backward(&c, dF_c, du_c, dp_c, dy, 1.0f, &sc, F, u, params, T, &e) != ESFT_OK)) {
+        snprintf(cmp_msg, sizeof cmp_msg, "%s: cpu: %.200s", pc->label, e.message);
+        ok = 0;
+    }
+    if (ok && gpu_pesc_run(&c, &sg, &d, &aux_g, T, &e) != ESFT_OK) {
+        snprintf(cmp_msg, sizeof cmp_msg, "%s: cuda: %.200s", pc->label, e.message);
+        ok = 0;
+    }
+    if (ok) {
+        float *a, *b;
+        int good, i, id_diff = 0;
+        y1 = (float *)fetch(d.y, td * 4);
+        dF1 = (float *)fetch(d.dF, td * 4);
+        du1 = (float *)fetch(d.du, td * 4);
+        dp1 = (float *)fetch(d.dp, np * 4);
+        w1 = (float *)fetch(sg.weights, nk * 4);
+        ids1 = (int32_t *)fetch(sg.ids, nk * 4);
+        good = y1 && dF1 && du1 && dp1 && w1 && ids1;
+        for (i = 0; good && i < (int)nk; i++)
+            if (ids1[i] != sc.ids[i] && id_diff++ < 5)
+                printf("    ids[%d][%d]: cuda %d cpu %d\n", i / K, i % K, ids1[i], sc.ids[i]);
+        printf("    ids      %d of %lu differ (want 0)\n", id_diff, (unsigned long)nk);
+        good &= id_diff == 0;
+        good &= close_enough("weights", w1, sc.weights, nk, nmse_tol, max_tol);
+        good &= close_enough("y", y1, y_c, td, nmse_tol, max_tol);
+        a = minus(y1, F, td);
+        b = minus(y_c, F, td);
+        good &= close_enough("y-F", a, b, td, nmse_tol, max_tol);
+        free(a); free(b);
+        printf("    aux      cuda %.9g cpu %.9g\n", aux_g, aux_c);
+        good &= fabs(aux_g - aux_c) <= 1e-5 * fabs(aux_c) + 1e-9 && aux_c > 0;
+        good &= close_enough("dF", dF1, dF_c, td, nmse_tol, max_tol);
+        a = minus(dF1, dy, td);
+        b = minus(dF_c, dy, td);
+        good &= close_enough("dF-dy", a, b, td, nmse_tol, max_tol);
+        free(a); free(b);
+        good &= close_enough("du", du1, du_c, td, nmse_tol, max_tol);
+        good &= close_enough("dparams", dp1, dp_c, np, nmse_tol, max_tol);
+        good &= close_enough("d_router", dp1, dp_c, nr, nmse_tol, max_tol);
+        if (!good) {
+            snprintf(cmp_msg, sizeof cmp_msg, "%s (%s): CUDA and CPU differ beyond tolerance (see above)", pc->label,
+                     math);
+            ok = 0;
+        }
+    }
+    if (ok) { /* run 2, from poisoned outputs again: the same bits */
+        int good = gpu_pesc_run(&c, &sg, &d, &aux_g2, T, &e) == ESFT_OK;
+        good = good && same_bits("y", y1, d.y, td * 4) && same_bits("dF", dF1, d.dF, td * 4) &&
+               same_bits("du", du1, d.du, td * 4) && same_bits("dparams", dp1, d.dp, np * 4) &&
+               same_bits("ids", ids1, sg.ids, nk * 4) && same_bits("weights", w1, sg.weights, nk * 4) &&
+               memcmp(&aux_g, &aux_g2, 4) == 0;
+        printf("    two runs from poisoned outputs: %s\n", good ? "same bits" : "DIFFER");
+        if (!good) {
+            snprintf(cmp_msg, sizeof cmp_msg, "%s (%s): two runs differ", pc->label, math);
+            ok = 0;
+        }
+    }
+    esft_pesc_saved_uninit(&sc);
+    esft_pesc_saved_uninit(&sg);
+    free(F); free(u); free(params); free(dy); free(dF0); free(du0); free(dp0);
+    free(y_c); free(dF_c); free(du_c); free(dp_c);
+    free(y1); free(dF1); free(du1); free(dp1); free(w1); free(ids1);
+    return ok;
+}
+
+/* Small: D 64, E 4, K 2, R 8, T 37 (not a multiple of anything), aux on,
+   scale 1 (the adapters' part of y as large as it gets), dropout as asked. */
+static pesc_case pesc_case_small(float dropout)
+{
+    pesc_case pc;
+    pc.cfg = esft_pesc_config_init(64, 4, 2, 8);
+    pc.cfg.scale = 1.0f;
+    pc.cfg.aux_alpha = 0.01f;
+    pc.cfg.dropout = dropout;
+    pc.cfg.dropout_seed = 0x5eedULL;
+    pc.T = 37;
+    pc.label = dropout > 0 ? "PESC D64 E4 K2 R8 T37 dropout 0.25" : "PESC D64 E4 K2 R8 T37";
+    return pc;
+}
+
+TEST(cuda_pesc_fp32_matches_cpu)
+{
+    pesc_case a, b, big;
     NEED_GPU();
-    /* NULL, so esft.h answers ESFT_ERR_UNSUPPORTED; never a stub that says OK */
-    CHECK(gpu()->adapter_forward == NULL && gpu()->adapter_backward == NULL);
+    rng_seed(40);
+    a = pesc_case_small(0.0f);
+    CHECK_MSG(compare_pesc(&a, "fp32", MOE_FP32_NMSE, MOE_FP32_MAX), "%s", cmp_msg);
+    pool_release();
+    b = pesc_case_small(0.25f);
+    CHECK_MSG(compare_pesc(&b, "fp32", MOE_FP32_NMSE, MOE_FP32_MAX), "%s", cmp_msg);
+    pool_release();
+    big.cfg = esft_pesc_config_init(1024, 8, 2, 64); /* scale 0.25, aux 0.01: the Camelidae defaults */
+    big.T = 256;
+    big.label = "PESC D1024 E8 K2 R64 T256";
+    CHECK_MSG(compare_pesc(&big, "fp32", MOE_FP32_NMSE, MOE_FP32_MAX), "%s", cmp_msg);
+    unsetenv("ESFT_CUDA_MATH");
+}
+
+TEST(cuda_pesc_bf16_within_tolerance)
+{
+    pesc_case a, big;
+    NEED_GPU();
+    rng_seed(41);
+    a = pesc_case_small(0.25f);
+    CHECK_MSG(compare_pesc(&a, "bf16", MOE_BF16_NMSE, MOE_BF16_MAX), "%s", cmp_msg);
+    pool_release();
+    big.cfg = esft_pesc_config_init(1024, 8, 2, 64);
+    big.cfg.dropout = 0.1f;
+    big.cfg.dropout_seed = 99;
+    big.T = 256;
+    big.label = "PESC D1024 E8 K2 R64 T256 dropout 0.1";
+    CHECK_MSG(compare_pesc(&big, "bf16", MOE_BF16_NMSE, MOE_BF16_MAX), "%s", cmp_msg);
+    unsetenv("ESFT_CUDA_MATH");
+}
+
+/* NaN/Inf in F, u or dy: found on the device, named as the CPU names it, and
+   the output (y, dF) left as it was; a host pointer is refused; T = 0 is a
+   no-op with aux 0. */
+TEST(cuda_pesc_bad_inputs_named_like_the_cpu)
+{
+    esft_pesc_config c = esft_pesc_config_init(32, 4, 2, 4);
+    const int T = 16;
+    size_t td = (size_t)T * 32, np = esft_pesc_param_count(&c);
+    float *F, *u, *params, *y, *dF, *poisoned, aux = 1.0f;
+    void *F_g, *u_g, *p_g, *y_g, *dF_g;
+    esft_pesc_saved sc, sg;
+    esft_error ec, eg;
+    int k;
+    NEED_GPU();
+    rng_seed(42);
+    F = random_floats(td, -1.0f, 1.0f);
+    u = random_floats(td, -1.0f, 1.0f);
+    params = pesc_random_params(&c);
+    y = (float *)malloc(td * 4);
+    dF = (float *)calloc(td, 4);
+    poisoned = (float *)malloc(td * 4);
+    CHECK(F && u && params && y && dF && poisoned);
+    memset(poisoned, 0xFF, td * 4);
+    p_g = dev(params, np * 4);
+    u_g = dev(u, td * 4);
+    y_g = dev(NULL, td * 4);
+    dF_g = dev(NULL, td * 4);
+    CHECK(p_g && u_g && y_g && dF_g);
+    CHECK_STATUS(esft_pesc_saved_init(&sc, &c, T, NULL, &ec), ESFT_OK);
+    CHECK_STATUS(esft_pesc_saved_init(&sg, &c, T, gpu(), &eg), ESFT_OK);
+    for (k = 0; k < 2; k++) { /* NaN, then Inf, in F: nothing written */
+        F[5 * 32 + 7] = k ? INFINITY : NAN;
+        F_g = dev(F, td * 4);
+        CHECK(F_g && poison(y_g, td * 4));
+        CHECK_STATUS(esft_pesc_forward(&c, y, NULL, F, u, params, &sc, T, &ec), ESFT_ERR_NUMERIC);
+        CHECK_STATUS(esft_pesc_forward_with(gpu(), &c, (float *)y_g, NULL, (const float *)F_g, (const float *)u_g,
+                                            (const float *)p_g, &sg, T, &eg), ESFT_ERR_NUMERIC);
+        CHECK_MSG(strcmp(eg.message, ec.message) == 0, "cuda '%.100s', cpu '%.100s'", eg.message, ec.message);
+        CHECK(same_bits("y after a refused forward", poisoned, y_g, td * 4));
+    }
+    F[5 * 32 + 7] = 0.5f;
+    F_g = dev(F, td * 4);
+    u[9 * 32 + 3] = NAN; /* a NaN router input: the CPU names u */
+    {
+        void *bad_u = dev(u, td * 4);
+        CHECK(F_g && bad_u);
+        CHECK_STATUS(esft_pesc_forward(&c, y, NULL, F, u, params, &sc, T, &ec), ESFT_ERR_NUMERIC);
+        CHECK_STATUS(esft_pesc_forward_with(gpu(), &c, (float *)y_g, NULL, (const float *)F_g, (const float *)bad_u,
+                                            (const float *)p_g, &sg, T, &eg), ESFT_ERR_NUMERIC);
+        CHECK_MSG(strcmp(eg.message, ec.message) == 0, "cuda '%.100s', cpu '%.100s'", eg.message, ec.message);
+    }
+    u[9 * 32 + 3] = 0.25f;
+    /* a host pointer: refused before anything runs */
+    CHECK_STATUS(esft_pesc_forward_with(gpu(), &c, (float *)y_g, NULL, F, (const float *)u_g, (const float *)p_g, &sg,
+                                        T, &eg), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_MSG(strstr(eg.message, "host memory") != NULL, "message: %s", eg.message);
+    /* a good forward, then dy with an Inf: dF untouched */
+    CHECK_STATUS(esft_pesc_forward(&c, y, NULL, F, u, params, &sc, T, &ec), ESFT_OK);
+    CHECK_STATUS(esft_pesc_forward_with(gpu(), &c, (float *)y_g, &aux, (const float *)F_g, (const float *)u_g,
+                                        (const float *)p_g, &sg, T, &eg), ESFT_OK);
+    F[2 * 32 + 1] = INFINITY; /* now as dy */
+    {
+        void *dy_g = dev(F, td * 4);
+        CHECK(dy_g && poison(dF_g, td * 4));
+        CHECK_STATUS(esft_pesc_backward(&c, dF, NULL, NULL, F, 1.0f, &sc, F, u, params, T, &ec), ESFT_ERR_NUMERIC);
+        CHECK_STATUS(esft_pesc_backward_with(gpu(), &c, (float *)dF_g, NULL, NULL, (const float *)dy_g, 1.0f, &sg,
+                                             (const float *)F_g, (const float *)u_g, (const float *)p_g, T, &eg),
+                     ESFT_ERR_NUMERIC);
+        CHECK_MSG(strcmp(eg.message, ec.message) == 0, "cuda '%.100s', cpu '%.100s'", eg.message, ec.message);
+        CHECK(same_bits("dF after a refused backward", poisoned, dF_g, td * 4));
+        CHECK_STATUS(esft_pesc_backward_with(gpu(), &c, (float *)dF_g, NULL, NULL, (const float *)dy_g, NAN, &sg,
+                                             (const float *)F_g, (const float *)u_g, (const float *)p_g, T, &eg),
+                     ESFT_ERR_NUMERIC);
+    }
+    /* T = 0: nothing to do, aux 0 */
+    CHECK_STATUS(esft_pesc_forward_with(gpu(), &c, (float *)y_g, &aux, (const float *)F_g, (const float *)u_g,
+                                        (const float *)p_g, &sg, 0, &eg), ESFT_OK);
+    CHECK(aux == 0.0f);
+    esft_pesc_saved_uninit(&sc);
+    esft_pesc_saved_uninit(&sg);
+    free(F); free(u); free(params); free(y); free(dF); free(poisoned);
 }
 
 HARNESS_MAIN()
