@@ -61,6 +61,14 @@ if [ -f esft_cuda.cu ]; then
     else echo "esft_cuda.cu lays out the MoE workspace itself" > "$out/err"; bad moe_workspace_layout_has_one_owner; fi
 fi
 
+# The same for the PESC layer's scratch (saved->work): esft.h publishes it
+# (esft_pesc_work_view_at); esft_cuda.cu neither sizes nor splits it.
+if [ -f esft_cuda.cu ]; then
+    if grep -q 'esft_pesc_work_view_at(' esft_cuda.cu && ! grep -qE 'pesc_work_split|pesc_work_floats|(\.|->)(yg|dlogits|coef) = ' esft_cuda.cu
+    then ok pesc_work_layout_has_one_owner
+    else echo "esft_cuda.cu lays out the PESC scratch itself" > "$out/err"; bad pesc_work_layout_has_one_owner; fi
+fi
+
 if [ -f esft_cuda.cu ]; then
     if [ -n "$NVCC" ]; then
         if $NVCC -std=c++17 -I. -c esft_cuda.cu -o "$out/esft_cuda.o" 2>"$out/err"; then ok nvcc_compiles_esft_cuda
