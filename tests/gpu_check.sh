@@ -81,7 +81,7 @@ step build 300 build.log sh -c "$MAKE cuda $BUILD/bench/bench_cuda BUILD=$BUILD"
     finish "gpu-check: FAILED: the CUDA parts do not build (see $LOGS/build.log)" 1
 
 # 2. device: the constructor must return a backend; its reason otherwise
-if ! step device 60 device.log env ESFT_REQUIRE_CUDA=1 "$BUILD/tests/test_cuda" cuda_adapter_ops_absent; then
+if ! step device 60 device.log env ESFT_REQUIRE_CUDA=1 "$BUILD/tests/test_cuda" cuda_device_starts; then
     reason=$(grep -o 'no CUDA device[^)]*)' "$LOGS/device.log" | head -n 1)
     [ -n "$reason" ] || reason="the CUDA backend did not start (see $LOGS/device.log)"
     if grep -q 'no CUDA device' "$LOGS/device.log"; then
@@ -99,11 +99,12 @@ step test 180 test_cuda.log env ESFT_REQUIRE_CUDA=1 "$BUILD/tests/test_cuda"
 # 4-5. compute-sanitizer on small cases (ESFT_TEST_LIGHT: the V2-Lite case at T 64)
 SAN=${SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
 if [ -x "$SAN" ]; then
-    for t in cuda_route_softmax_renormalised cuda_stats_rejects cuda_moe_fp32 cuda_moe_non_finite cuda_adamw; do
+    for t in cuda_route_softmax_renormalised cuda_stats_rejects cuda_moe_fp32 cuda_moe_non_finite cuda_adamw \
+             cuda_pesc_fp32; do
         step memcheck 60 "memcheck_$t.log" env ESFT_REQUIRE_CUDA=1 ESFT_TEST_LIGHT=1 \
             "$SAN" --tool memcheck --error-exitcode 3 "$BUILD/tests/test_cuda" "$t"
     done
-    for t in cuda_route_exact_ties cuda_stats_rejects cuda_moe_fp32; do
+    for t in cuda_route_exact_ties cuda_stats_rejects cuda_moe_fp32 cuda_pesc_fp32; do
         step racecheck 90 "racecheck_$t.log" env ESFT_REQUIRE_CUDA=1 ESFT_TEST_LIGHT=1 \
             "$SAN" --tool racecheck --error-exitcode 3 "$BUILD/tests/test_cuda" "$t"
     done

@@ -972,6 +972,18 @@ TEST(cuda_adamw_bit_identical_to_cpu)
     free(p0); free(g); free(p); free(run1);
 }
 
+/* The GPU check's device probe (tests/gpu_check.sh runs it alone): the
+   backend starts and fills every op of the table (NULL would make esft.h
+   answer ESFT_ERR_UNSUPPORTED). */
+TEST(cuda_device_starts_with_every_op)
+{
+    const esft_backend *b;
+    NEED_GPU();
+    b = gpu();
+    CHECK(b->route && b->stats_accumulate && b->moe_forward && b->moe_backward && b->adamw_step);
+    CHECK(b->adapter_forward && b->adapter_backward);
+}
+
 /* ---------------------------------------------------------------------- */
 /* PESC adapter layer: CPU vs CUDA, forward and backward                   */
 /* ---------------------------------------------------------------------- */
@@ -1169,8 +1181,10 @@ static pesc_case pesc_case_small(float dropout)
     return pc;
 }
 
+/* The larger case runs at T 64 under ESFT_TEST_LIGHT=1 (the sanitizers). */
 TEST(cuda_pesc_fp32_matches_cpu)
 {
+    const char *light = getenv("ESFT_TEST_LIGHT");
     pesc_case a, b, big;
     NEED_GPU();
     rng_seed(40);
@@ -1181,7 +1195,7 @@ TEST(cuda_pesc_fp32_matches_cpu)
     CHECK_MSG(compare_pesc(&b, "fp32", MOE_FP32_NMSE, MOE_FP32_MAX), "%s", cmp_msg);
     pool_release();
     big.cfg = esft_pesc_config_init(1024, 8, 2, 64); /* scale 0.25, aux 0.01: the Camelidae defaults */
-    big.T = 256;
+    big.T = light && strcmp(light, "1") == 0 ? 64 : 256;
     big.label = "PESC D1024 E8 K2 R64 T256";
     CHECK_MSG(compare_pesc(&big, "fp32", MOE_FP32_NMSE, MOE_FP32_MAX), "%s", cmp_msg);
     unsetenv("ESFT_CUDA_MATH");
