@@ -1313,23 +1313,44 @@ __global__ static void esft_cuda__add_kernel(float *a, const float *b, size_t n)
 }
 
 /* esft__balance: frac[e] = count_e / (T K) and *sum = sum_e f_e (P_e / T), P_e
-   the double sum of expert e's probabilities over tokens in order. One thread
-   per expert, then thread 0 adds the terms in expert order: the CPU's
-   operations in the CPU's order (the _rn intrinsics forbid contractions). */
+   the double sum of expert e's probabilities over the tokens in order. One
+   block: tiles of ESFT_CUDA__BALANCE_FLOATS probabilities are loaded into
+   shared memory together (coalesced), then thread e adds its column of the
+   tile to its running P_e (kept in shared memory, always by the same thread);
+   thread 0 adds the terms in expert order. The CPU's operations in the CPU's
+   order (the _rn intrinsics forbid contractions), so the loss is the CPU's
+   bits when the probabilities are; the tiles only spare each thread a chain
+   of T dependent global loads. Shared memory: E doubles, then the tile. */
+#define ESFT_CUDA__BALANCE_FLOATS 4096
+
 __global__ static void esft_cuda__pesc_balance_kernel(double *sum, float *frac, const float *probs,
                                                       const int32_t *offset, int T, int E, int K)
 {
-    extern __shared__ double esft_cuda__balance_smem[]; /* (E) terms */
-    for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        double P = 0.0, fe = __ddiv_rn((double)(offset[e + 1] - offset[e]), (double)T * K);
-        for (int t = 0; t < T; t++) P = __dadd_rn(P, (double)probs[(size_t)t * E + e]);
+    extern __shared__ double esft_cuda__balance_smem[]; /* (E) P_e, later the terms; then the tile */
+    double *acc = esft_cuda__balance_smem;
+    float *tile = (float *)(acc + E);
+    int rows = ESFT_CUDA__BALANCE_FLOATS / E; /* >= 1: E <= 4096 is checked by the caller */
+    for (int e = threadIdx.x; e < E; e += blockDim.x) acc[e] = 0.0;
+    for (int t0 = 0; t0 < T; t0 += rows) {
+        int n = min(rows, T - t0);
+        __syncthreads(); /* the previous tile is consumed */
+        for (int i = threadIdx.x; i < n * E; i += blockDim.x) tile[i] = probs[(size_t)t0 * E + i];
+        __syncthreads();
+        for (int e = threadIdx.x; e < E; e += blockDim.x) {
+            double P = acc[e];
+            for (int t = 0; t < n; t++) P = __dadd_rn(P, (double)tile[t * E + e]);
+            acc[e] = P;
+        }
+    }
+    for (int e = threadIdx.x; e < E; e += blockDim.x) { /* the thread that summed P_e */
+        double fe = __ddiv_rn((double)(offset[e + 1] - offset[e]), (double)T * K);
         frac[e] = (float)fe;
-        esft_cuda__balance_smem[e] = __dmul_rn(fe, __ddiv_rn(P, (double)T));
+        acc[e] = __dmul_rn(fe, __ddiv_rn(acc[e], (double)T));
     }
     __syncthreads();
     if (threadIdx.x == 0) {
         double s = 0.0;
-        for (int e = 0; e < E; e++) s = __dadd_rn(s, esft_cuda__balance_smem[e]);
+        for (int e = 0; e < E; e++) s = __dadd_rn(s, acc[e]);
         *sum = s;
     }
 }
@@ -1400,9 +1421,12 @@ static esft_status esft_cuda__pesc_aux(esft_cuda__context *c, const esft_pesc_co
     int E = cfg->n_experts;
     double balance = 0.0;
     void *scratch;
-    esft_status s = esft_cuda__scratch(c, sizeof(double), &scratch, err);
-    if (s != ESFT_OK) return s;
-    esft_cuda__pesc_balance_kernel<<<1, 256, (size_t)E * sizeof(double), c->stream>>>(
+    size_t smem = (size_t)E * sizeof(double) + ESFT_CUDA__BALANCE_FLOATS * sizeof(float);
+    esft_status s;
+    if (E > ESFT_CUDA__BALANCE_FLOATS || smem > 48 * 1024) /* unreachable: routing stops at E ~ 1500 */
+        return esft_cuda__fail(err, ESFT_ERR_UNSUPPORTED, "cuda pesc: %d experts are too many for the balance kernel", E);
+    if ((s = esft_cuda__scratch(c, sizeof(double), &scratch, err)) != ESFT_OK) return s;
+    esft_cuda__pesc_balance_kernel<<<1, 256, smem, c->stream>>>(
         (double *)scratch, sv->frac, sv->probs, sv->offset, T, E, cfg->top_k);
     if ((s = esft_cuda__launched("balance kernel", err)) != ESFT_OK) return s;
     s = esft_cuda__check(cudaMemcpyAsync(&balance, scratch, sizeof balance, cudaMemcpyDeviceToHost, c->stream),
