@@ -66,6 +66,7 @@ enum {
 
 typedef struct esft_cuda__context {
     int device;                     /* the device current at construction */
+    int sm_count;                   /* its multiprocessors (grid sizes of grid-stride kernels) */
     cudaStream_t stream;            /* every op and copy runs here */
     cublasHandle_t blas;            /* created on first use (GEMM ops) */
     unsigned long long *flag;       /* device (ESFT_CUDA__FLAGS), see the enum above */
@@ -522,21 +523,31 @@ static esft_status esft_cuda__route(void *context, const esft_route_config *cfg,
 /* 4. router-statistics kernel                                           */
 /* ===================================================================== */
 
-/* One thread per (token, slot). Counts and fixed-point weights are integers, so
-   atomic addition in any order gives the CPU's bits exactly. A block first sums
-   into shared memory when 2E counters fit, to spare the global atomics on the
-   few hot experts. The op checks its input as the CPU op does (esft_stats_add
-   never reads it): an id outside [0, E) or a weight not finite in [0,
-   ESFT_MAX_GATE_WEIGHT] is flagged, masked tokens included; a gate sum that
-   wraps its 64 bits (a sample past the fixed-point capacity) sets flag[1]. */
+/* A grid-stride loop over (token, slot) pairs. Counts and fixed-point weights
+   are integers, so atomic addition in any order gives the CPU's bits exactly.
+   Each block sums its pairs into shared memory when 2E counters fit, then adds
+   its 2E sums to the histogram: a grid of a few blocks per SM keeps the global
+   atomics to a few per expert per block, whatever T. The op checks its input as
+   the CPU op does (esft_stats_add never reads it): an id outside [0, E) or a
+   weight not finite in [0, ESFT_MAX_GATE_WEIGHT] is flagged, masked tokens
+   included; a gate sum that wraps its 64 bits (a sample past the fixed-point
+   capacity), in a block's sums or the histogram's, sets the WRAP flag. */
 #define ESFT_CUDA__STATS_THREADS 256
 #define ESFT_CUDA__STATS_SHARED_E 1024
+#define ESFT_CUDA__STATS_BLOCKS_PER_SM 4
 
 /* esft__to_fixed: round(w * 2^32) in double; the product is exact, so a fused
    multiply-add would give the same bits as the CPU's multiply then add. */
 __device__ static unsigned long long esft_cuda__to_fixed(float w)
 {
     return (unsigned long long)__dadd_rn(__dmul_rn((double)w, 4294967296.0), 0.5);
+}
+
+/* *sum += v, noting a wrap of the 64 bits. */
+__device__ static void esft_cuda__add_fixed(unsigned long long *sum, unsigned long long v, unsigned long long *wrapped)
+{
+    unsigned long long old = atomicAdd(sum, v);
+    if (old + v < old) *wrapped = 1;
 }
 
 __global__ static void esft_cuda__stats_kernel(unsigned long long *count, unsigned long long *gate_sum,
@@ -548,32 +559,26 @@ __global__ static void esft_cuda__stats_kernel(unsigned long long *count, unsign
     bool local = E <= ESFT_CUDA__STATS_SHARED_E;
     unsigned long long *c = local ? esft_cuda__stats_smem : count;
     unsigned long long *g = local ? esft_cuda__stats_smem + E : gate_sum;
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x, n = (size_t)T * (size_t)K;
+    size_t n = (size_t)T * (size_t)K, stride = (size_t)gridDim.x * blockDim.x;
     if (local) {
         for (int e = threadIdx.x; e < 2 * E; e += blockDim.x) esft_cuda__stats_smem[e] = 0;
         __syncthreads();
     }
-    if (i < n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         int id = ids[i];
         float w = weights ? weights[i] : 0.0f;
         /* the CPU op's rule: an id in [0, E), a weight finite in [0, ESFT_MAX_GATE_WEIGHT] */
         if (id < 0 || id >= E || !(w >= 0.0f && w <= ESFT_MAX_GATE_WEIGHT)) atomicMin(flag, (unsigned long long)i);
         else if (!mask || mask[i / (size_t)K]) {
             atomicAdd(c + id, 1ULL);
-            if (weights) {
-                unsigned long long v = esft_cuda__to_fixed(w), old = atomicAdd(g + id, v);
-                if (!local && old + v < old) *wrapped = 1;
-            }
+            if (weights) esft_cuda__add_fixed(g + id, esft_cuda__to_fixed(w), wrapped);
         }
     }
-    if (local) { /* a block's sums: at most 256 weights of 2^48, no wrap */
+    if (local) {
         __syncthreads();
         for (int e = threadIdx.x; e < E; e += blockDim.x) {
             if (c[e]) atomicAdd(count + e, c[e]);
-            if (g[e]) {
-                unsigned long long old = atomicAdd(gate_sum + e, g[e]);
-                if (old + g[e] < old) *wrapped = 1;
-            }
+            if (g[e]) esft_cuda__add_fixed(gate_sum + e, g[e], wrapped);
         }
     }
 }
@@ -583,7 +588,7 @@ static esft_status esft_cuda__stats_accumulate(void *context, uint64_t *count, u
                                                const unsigned char *mask, int T, int K, int E, esft_error *err)
 {
     esft_cuda__context *c = (esft_cuda__context *)context;
-    size_t n = (size_t)T * (size_t)K, smem;
+    size_t n = (size_t)T * (size_t)K, smem, blocks;
     unsigned long long bad, wrapped = 0;
     int32_t id = 0;
     float w = 0.0f;
@@ -598,8 +603,10 @@ static esft_status esft_cuda__stats_accumulate(void *context, uint64_t *count, u
     smem = E <= ESFT_CUDA__STATS_SHARED_E ? 2 * (size_t)E * sizeof(unsigned long long) : 0;
     s = esft_cuda__check(cudaMemsetAsync(c->flag + ESFT_CUDA__FLAG_WRAP, 0, sizeof *c->flag, c->stream), "clear wrap flag", err);
     if (s != ESFT_OK) return s;
-    esft_cuda__stats_kernel<<<(unsigned)((n + ESFT_CUDA__STATS_THREADS - 1) / ESFT_CUDA__STATS_THREADS),
-                              ESFT_CUDA__STATS_THREADS, smem, c->stream>>>(
+    blocks = (n + ESFT_CUDA__STATS_THREADS - 1) / ESFT_CUDA__STATS_THREADS;
+    if (blocks > (size_t)c->sm_count * ESFT_CUDA__STATS_BLOCKS_PER_SM)
+        blocks = (size_t)c->sm_count * ESFT_CUDA__STATS_BLOCKS_PER_SM;
+    esft_cuda__stats_kernel<<<(unsigned)blocks, ESFT_CUDA__STATS_THREADS, smem, c->stream>>>(
         (unsigned long long *)count, (unsigned long long *)gate_sum, ids, weights, mask, T, K, E, c->flag,
         c->flag + ESFT_CUDA__FLAG_WRAP);
     if ((s = esft_cuda__launched("stats kernel", err)) != ESFT_OK) return s;
@@ -1624,7 +1631,10 @@ static esft_status esft_cuda__start(esft_cuda__context *c, esft_error *err)
     if (n == 0) return esft_cuda__fail(err, ESFT_ERR_BACKEND, "no CUDA device: cudaGetDeviceCount found 0");
     esft_status s = esft_cuda__check(cudaGetDevice(&c->device), "cudaGetDevice", err);
     if (s == ESFT_OK) s = esft_cuda__check(cudaGetDeviceProperties(&prop, c->device), "cudaGetDeviceProperties", err);
-    if (s == ESFT_OK) snprintf(c->device_name, sizeof c->device_name, "%s", prop.name);
+    if (s == ESFT_OK) {
+        snprintf(c->device_name, sizeof c->device_name, "%s", prop.name);
+        c->sm_count = prop.multiProcessorCount > 0 ? prop.multiProcessorCount : 1;
+    }
     if (s == ESFT_OK) s = esft_cuda__check(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking),
                                            "cudaStreamCreate", err);
     if (s == ESFT_OK)

@@ -453,6 +453,8 @@ TEST(cuda_stats_bit_identical_to_cpu)
     CHECK_MSG(compare_stats(3001, 8, 256, 1, 0, "E256 weights"), "%s", cmp_msg);
     CHECK_MSG(compare_stats(999, 2, 8, 0, 1, "E8 counts only"), "%s", cmp_msg);
     CHECK_MSG(compare_stats(5000, 4, 3000, 1, 1, "E3000 global atomics"), "%s", cmp_msg);
+    /* more pairs than the grid has threads: every block loops (grid-stride) */
+    CHECK_MSG(compare_stats(400000, 6, 64, 1, 1, "E64 400k tokens, grid-stride"), "%s", cmp_msg);
 }
 
 /* Bad ids and weights are the backend's to find (esft_stats_add never reads
@@ -939,6 +941,61 @@ TEST(cuda_moe_non_finite_inputs_named_like_the_cpu)
     esft_moe_uninit(&lc);
     esft_moe_uninit(&lg);
     free(w); free(x); free(ws_c);
+}
+
+/* The forward's routing feeds the statistics with no second router pass: the
+   GPU layer's workspace regions (esft_moe_workspace_view_at) go straight into
+   esft_stats_add on the GPU, and give the bits the CPU accumulator gets from
+   the same routing downloaded. */
+TEST(cuda_stats_from_the_forward_routing)
+{
+    esft_moe_config cfg = esft_moe_config_init(32, 8, 2, 16, 0);
+    const int T = 96;
+    size_t ne = (size_t)8 * 16 * 32, bytes = 0, i;
+    float *w, *x;
+    void *ws, *x_g, *y_g;
+    int32_t *ids;
+    float *weights;
+    esft_moe_weights wh, wd;
+    esft_moe_workspace_view v;
+    esft_moe lg;
+    esft_stats sc, sg;
+    esft_error e;
+    NEED_GPU();
+    rng_seed(12);
+    cfg.route.renormalize = 1;
+    w = random_floats(ne, -0.3f, 0.3f);
+    x = random_floats((size_t)T * 32, -1.0f, 1.0f);
+    memset(&wh, 0, sizeof wh);
+    wh.router = w; wh.gate = w; wh.up = w; wh.down = w;
+    wd = wh;
+    wd.router = wd.gate = wd.up = wd.down = (const float *)dev(w, ne * 4);
+    CHECK_STATUS(esft_moe_workspace_size(&cfg, T, &bytes, &e), ESFT_OK);
+    ws = dev(NULL, bytes);
+    x_g = dev(x, (size_t)T * 32 * 4);
+    y_g = dev(NULL, (size_t)T * 32 * 4);
+    CHECK(wd.router && ws && x_g && y_g);
+    CHECK_STATUS(esft_moe_init(&lg, &cfg, &wh, NULL, &e), ESFT_OK);
+    CHECK_STATUS(esft_moe_set_backend(&lg, gpu(), &wd, &e), ESFT_OK);
+    CHECK_STATUS(esft_moe_forward(&lg, (float *)y_g, NULL, (const float *)x_g, ws, bytes, T, &e), ESFT_OK);
+    CHECK_STATUS(esft_moe_workspace_view_at(&cfg, T, ws, &v, &e), ESFT_OK);
+    CHECK_STATUS(esft_stats_init(&sc, 1, 8, 2, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_init(&sg, 1, 8, 2, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_set_backend(&sg, gpu(), &e), ESFT_OK);
+    CHECK_STATUS(esft_stats_add(&sg, 0, v.ids, v.weights, NULL, T, &e), ESFT_OK);
+    ids = (int32_t *)fetch(v.ids, (size_t)T * 2 * 4);
+    weights = (float *)fetch(v.weights, (size_t)T * 2 * 4);
+    CHECK(ids && weights);
+    CHECK_STATUS(esft_stats_add(&sc, 0, ids, weights, NULL, T, &e), ESFT_OK);
+    for (i = 0; i < 8; i++) {
+        CHECK(sg.count[i] == sc.count[i]);
+        CHECK(sg.gate_sum[i] == sc.gate_sum[i]);
+    }
+    CHECK(sg.n_tokens[0] == (uint64_t)T && sc.n_tokens[0] == (uint64_t)T);
+    esft_stats_uninit(&sc);
+    esft_stats_uninit(&sg);
+    esft_moe_uninit(&lg);
+    free(w); free(x); free(ids); free(weights);
 }
 
 /* ---------------------------------------------------------------------- */
