@@ -83,7 +83,8 @@ typedef struct esft_cuda__context {
     cublasHandle_t side_blas[ESFT_CUDA__STREAMS];
     cudaEvent_t fork, join[ESFT_CUDA__STREAMS];
     int sides_ready;
-    int grouped_refused;            /* cuBLAS refused a grouped call: "auto" uses streams */
+    unsigned grouped_refused;       /* bit per math (esft_cuda__math_bit): cuBLAS refused a grouped call */
+    unsigned grouped_worked;        /* bit per math: a grouped call succeeded */
     char device_name[256];
 } esft_cuda__context;
 
@@ -730,7 +731,11 @@ static esft_status esft_cuda__host_table(esft_cuda__context *c, size_t n, esft_e
                streams forked from the op stream and joined back to it;
      loop      one cublasGemmEx per problem on the op stream (the baseline);
      auto      (unset) grouped, or streams once cuBLAS has refused a grouped
-               call for the math (CUBLAS_STATUS_NOT_SUPPORTED; remembered).
+               call for the math (remembered per math). A refusal is
+               CUBLAS_STATUS_NOT_SUPPORTED, or INVALID_VALUE before any grouped
+               call of that math has worked (cuBLAS versions differ in how they
+               answer a compute type the grouped call lacks; after one success
+               an error is a real error).
    Every problem writes its own C, and a batch's problems never share one (the
    two halves of the input gradient go in two batches), so the ways give the
    same products; only cuBLAS's choice of kernel can change the last bits. */
@@ -749,6 +754,12 @@ typedef struct esft_cuda__batch {
     const float **A, **B;      /* (cap) host */
     float **C;
 } esft_cuda__batch;
+
+/* One bit per compute type the expert GEMMs use. */
+static unsigned esft_cuda__math_bit(cublasComputeType_t math)
+{
+    return math == CUBLAS_COMPUTE_32F ? 1u : math == CUBLAS_COMPUTE_32F_FAST_TF32 ? 2u : 4u;
+}
 
 static esft_status esft_cuda__experts_mode_get(esft_cuda__experts_mode *out, esft_error *err)
 {
@@ -891,8 +902,8 @@ static esft_status esft_cuda__batch_pointers(esft_cuda__context *c, size_t count
 /* One cublasGemmGroupedBatchedEx: groups of consecutive problems of one shape.
    The per-group arrays are host memory, the pointer arrays device memory
    (cuBLAS's contract); in column-major terms cuBLAS's A is our B, as in
-   esft_cuda__gemm. Returns cuBLAS's status unchanged in *refused when it is
-   CUBLAS_STATUS_NOT_SUPPORTED, so the caller can fall back. */
+   esft_cuda__gemm. Sets *refused when cuBLAS refuses the call (see auto above),
+   so the caller can fall back. */
 static esft_status esft_cuda__batch_grouped(esft_cuda__context *c, const esft_cuda__batch *b,
                                             cublasComputeType_t math, int *refused, esft_error *err)
 {
@@ -933,7 +944,9 @@ static esft_status esft_cuda__batch_grouped(esft_cuda__context *c, const esft_cu
                                     CUDA_R_32F, lda, (const void *const *)c->batch_dev, CUDA_R_32F, ldb, beta,
                                     (void *const *)(c->batch_dev + 2 * (size_t)b->cap), CUDA_R_32F, ldc, groups, size,
                                     math);
-    if (st == CUBLAS_STATUS_NOT_SUPPORTED) *refused = 1;
+    if (st == CUBLAS_STATUS_SUCCESS) c->grouped_worked |= esft_cuda__math_bit(math);
+    *refused = st == CUBLAS_STATUS_NOT_SUPPORTED ||
+               (st == CUBLAS_STATUS_INVALID_VALUE && !(c->grouped_worked & esft_cuda__math_bit(math)));
     return esft_cuda__check_blas(st, "cublasGemmGroupedBatchedEx", err);
 }
 
@@ -946,11 +959,11 @@ static esft_status esft_cuda__batch_run(esft_cuda__context *c, const esft_cuda__
     int refused;
     if (s != ESFT_OK || b->n == 0) return s;
     if (mode == ESFT_CUDA__LOOPED) return esft_cuda__batch_loop(c, b, math, err);
-    if (mode == ESFT_CUDA__STREAMED || (mode == ESFT_CUDA__AUTO && c->grouped_refused))
+    if (mode == ESFT_CUDA__STREAMED || (mode == ESFT_CUDA__AUTO && (c->grouped_refused & esft_cuda__math_bit(math))))
         return esft_cuda__batch_streams(c, b, math, err);
     s = esft_cuda__batch_grouped(c, b, math, &refused, err);
     if (!refused || mode == ESFT_CUDA__GROUPED) return s;
-    c->grouped_refused = 1;
+    c->grouped_refused |= esft_cuda__math_bit(math);
     return esft_cuda__batch_streams(c, b, math, err);
 }
 
