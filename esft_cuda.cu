@@ -160,21 +160,100 @@ static esft_status esft_cuda__take_flag(esft_cuda__context *c, unsigned long lon
     return s;
 }
 
-/* Flags the first NaN or Inf of a[0..n) (its index, by atomicMin). */
-__global__ static void esft_cuda__finite_kernel(const float *a, size_t n, unsigned long long *flag)
+/* --- 16-byte accesses over float arrays ---
+   An elementwise kernel moves float4 where its pointers allow: the first `head`
+   elements one by one until every pointer sits on a 16-byte boundary, then n4
+   float4, then the < 4 left over one by one. Pointers at different offsets
+   within 16 bytes never reach a boundary together: then head = n, all scalar.
+   The n_one scalar elements are numbered r = 0..n_one-1: the head, then the
+   tail (esft_cuda__one_at). */
+typedef struct esft_cuda__split {
+    size_t head;  /* scalar elements before the first float4 */
+    size_t n4;    /* float4 from a + head */
+    size_t tail;  /* index of the first scalar element after them */
+    size_t n_one; /* head + the tail's length */
+} esft_cuda__split;
+
+static esft_cuda__split esft_cuda__split_of(const void *const *ptrs, int count, size_t n)
 {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        if (!isfinite(a[i])) atomicMin(flag, (unsigned long long)i);
+    esft_cuda__split sp;
+    uintptr_t off = (uintptr_t)ptrs[0] & 15;
+    int i, together = (off & 3) == 0;
+    for (i = 1; i < count; i++) together = together && ((uintptr_t)ptrs[i] & 15) == off;
+    sp.head = !together ? n : off == 0 ? 0 : (16 - off) / 4 < n ? (16 - off) / 4 : n;
+    sp.n4 = (n - sp.head) / 4;
+    sp.tail = sp.head + 4 * sp.n4;
+    sp.n_one = n - 4 * sp.n4;
+    return sp;
 }
 
-/* Launches the finite check of a[0..n) into one flag word. */
+__device__ static size_t esft_cuda__one_at(const esft_cuda__split *sp, size_t r)
+{
+    return r < sp->head ? r : sp->tail + (r - sp->head);
+}
+
+__device__ static size_t esft_cuda__thread(void) { return (size_t)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ static size_t esft_cuda__threads(void) { return (size_t)gridDim.x * blockDim.x; }
+
+/* Blocks for a kernel over sp: one thread per float4 or scalar element, at most `cap` blocks. */
+static unsigned esft_cuda__split_grid(const esft_cuda__split *sp, unsigned threads, size_t cap)
+{
+    size_t items = sp->n4 > sp->n_one ? sp->n4 : sp->n_one, blocks = (items + threads - 1) / threads;
+    return (unsigned)(blocks > cap ? cap : blocks ? blocks : 1);
+}
+
+__device__ static void esft_cuda__flag_nonfinite(float x, size_t i, unsigned long long *flag)
+{
+    if (!isfinite(x)) atomicMin(flag, (unsigned long long)i);
+}
+
+/* Flags the first NaN or Inf of a[0..n) (its index, by atomicMin), in float4. */
+__global__ static void esft_cuda__finite_kernel(const float *a, esft_cuda__split sp, unsigned long long *flag)
+{
+    const float4 *a4 = (const float4 *)(a + sp.head);
+    for (size_t i = esft_cuda__thread(); i < sp.n4; i += esft_cuda__threads()) {
+        float4 q = a4[i];
+        size_t at = sp.head + 4 * i;
+        esft_cuda__flag_nonfinite(q.x, at, flag);
+        esft_cuda__flag_nonfinite(q.y, at + 1, flag);
+        esft_cuda__flag_nonfinite(q.z, at + 2, flag);
+        esft_cuda__flag_nonfinite(q.w, at + 3, flag);
+    }
+    for (size_t r = esft_cuda__thread(); r < sp.n_one; r += esft_cuda__threads()) {
+        size_t i = esft_cuda__one_at(&sp, r);
+        esft_cuda__flag_nonfinite(a[i], i, flag);
+    }
+}
+
+/* Launches the finite check of a[0..n) into one flag word (the MoE ops' deferred
+   checks use flags of their own; see the flag enum). */
 static esft_status esft_cuda__finite_launch(esft_cuda__context *c, const float *a, size_t n,
                                             unsigned long long *flag, esft_error *err)
 {
-    size_t blocks = (n + 255) / 256;
+    const void *ptrs[1] = {a};
+    esft_cuda__split sp = esft_cuda__split_of(ptrs, 1, n);
     if (n == 0) return ESFT_OK;
-    esft_cuda__finite_kernel<<<(unsigned)(blocks > 4096 ? 4096 : blocks), 256, 0, c->stream>>>(a, n, flag);
+    esft_cuda__finite_kernel<<<esft_cuda__split_grid(&sp, 256, 4096), 256, 0, c->stream>>>(a, sp, flag);
     return esft_cuda__launched("finite check kernel", err);
+}
+
+/* Queues the check of a[0..n) on the op stream into the OP flag; the flag says
+   the result once the stream has run it (esft_cuda__first_nonfinite). */
+static esft_status esft_cuda__queue_finite(esft_cuda__context *c, const float *a, size_t n, esft_error *err)
+{
+    return esft_cuda__finite_launch(c, a, n, c->flag + ESFT_CUDA__FLAG_OP, err);
+}
+
+/* After esft_cuda__queue_finite (and whatever else the op queued): waits for the
+   stream, then *bad = the first NaN/Inf's index (~0 when none) and *value = it. */
+static esft_status esft_cuda__first_nonfinite(esft_cuda__context *c, const float *a, unsigned long long *bad,
+                                              float *value, esft_error *err)
+{
+    esft_status s = esft_cuda__take_flag(c, bad, err);
+    *value = 0.0f;
+    if (s != ESFT_OK || *bad == ~0ULL) return s;
+    return esft_cuda__check(cudaMemcpy(value, a + *bad, sizeof *value, cudaMemcpyDeviceToHost), "read a bad value",
+                            err);
 }
 
 /* The verdict on a flagged index (~0: none), once the stream has finished:
@@ -1553,43 +1632,65 @@ static esft_status esft_cuda__moe_backward(void *context, const esft_moe *m, flo
 /* ===================================================================== */
 
 /* One pass over the block: reads p, g, m, v and writes p, m, v — 28 bytes per
-   parameter, the minimum. The CPU's float operations in the CPU's order, each
-   rounded on its own (the _rn intrinsics forbid fused multiply-adds), and the
-   scalar factors computed on the host by the CPU's formulas: the result is the
-   CPU's bits. The op first checks the gradients for NaN/Inf, as the CPU op. */
+   parameter, the minimum — in float4 (16-byte accesses) when the four pointers
+   share their offset within 16 bytes (cudaMalloc'd blocks all do), element by
+   element for the rest (esft_cuda__split). Multi-tensor by layout: the trainer
+   and esft_moe keep every trainable tensor of a model in one flat block with
+   mirrored gradients, m and v, so one launch updates all tensors at once (what
+   torch's fused multi-tensor apply assembles from per-tensor pointers). Every
+   element takes the CPU's float operations in the CPU's order, each rounded on
+   its own (the _rn intrinsics forbid fused multiply-adds), with the scalar
+   factors computed on the host by the CPU's formulas: the result is the CPU's
+   bits, whichever path an element takes.
+   The CPU contract — a NaN/Inf gradient gives ESFT_ERR_NUMERIC and nothing
+   changes — costs one float4 read of g (4 bytes per parameter) before the
+   update, and no extra round trip: the check and the update are queued
+   together and the update kernel does nothing when the check has set the flag,
+   so the op waits for the stream once. */
 typedef struct esft_cuda__adamw_params {
     float b1, b2, one_minus_b1, one_minus_b2, decay, step_size, bc2_sqrt, eps;
 } esft_cuda__adamw_params;
 
-__global__ static void esft_cuda__adamw_kernel(float *p, const float *g, float *m, float *v, size_t n,
-                                               esft_cuda__adamw_params a)
+__device__ static void esft_cuda__adamw_one(float *p, float g, float *m, float *v, const esft_cuda__adamw_params *a)
 {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        float gi = g[i];
-        float mi = __fadd_rn(__fmul_rn(a.b1, m[i]), __fmul_rn(a.one_minus_b1, gi));
-        float vi = __fadd_rn(__fmul_rn(a.b2, v[i]), __fmul_rn(__fmul_rn(a.one_minus_b2, gi), gi));
-        float den = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), a.bc2_sqrt), a.eps);
-        p[i] = __fsub_rn(__fmul_rn(p[i], a.decay), __fdiv_rn(__fmul_rn(a.step_size, mi), den));
-        m[i] = mi;
-        v[i] = vi;
+    float mi = __fadd_rn(__fmul_rn(a->b1, *m), __fmul_rn(a->one_minus_b1, g));
+    float vi = __fadd_rn(__fmul_rn(a->b2, *v), __fmul_rn(__fmul_rn(a->one_minus_b2, g), g));
+    float den = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), a->bc2_sqrt), a->eps);
+    *p = __fsub_rn(__fmul_rn(*p, a->decay), __fdiv_rn(__fmul_rn(a->step_size, mi), den));
+    *m = mi;
+    *v = vi;
+}
+
+/* p, g, m, v must not overlap (mirrored blocks never do). flag: the finite
+   check's result, queued before; anything but ~0 means leave everything. */
+__global__ static void esft_cuda__adamw_kernel(float *__restrict__ p, const float *__restrict__ g,
+                                               float *__restrict__ m, float *__restrict__ v, esft_cuda__split sp,
+                                               esft_cuda__adamw_params a, const unsigned long long *flag)
+{
+    float4 *p4 = (float4 *)(p + sp.head), *m4 = (float4 *)(m + sp.head), *v4 = (float4 *)(v + sp.head);
+    const float4 *g4 = (const float4 *)(g + sp.head);
+    if (*flag != ~0ULL) return;
+    for (size_t i = esft_cuda__thread(); i < sp.n4; i += esft_cuda__threads()) {
+        float4 pv = p4[i], gv = g4[i], mv = m4[i], vv = v4[i];
+        esft_cuda__adamw_one(&pv.x, gv.x, &mv.x, &vv.x, &a);
+        esft_cuda__adamw_one(&pv.y, gv.y, &mv.y, &vv.y, &a);
+        esft_cuda__adamw_one(&pv.z, gv.z, &mv.z, &vv.z, &a);
+        esft_cuda__adamw_one(&pv.w, gv.w, &mv.w, &vv.w, &a);
+        p4[i] = pv;
+        m4[i] = mv;
+        v4[i] = vv;
+    }
+    for (size_t r = esft_cuda__thread(); r < sp.n_one; r += esft_cuda__threads()) {
+        size_t i = esft_cuda__one_at(&sp, r);
+        esft_cuda__adamw_one(p + i, g[i], m + i, v + i, &a);
     }
 }
 
-static esft_status esft_cuda__adamw_step(void *context, const esft_adamw_config *cfg, float *params,
-                                         const float *grads, float *m, float *v, size_t n, long step,
-                                         esft_error *err)
+static esft_cuda__adamw_params esft_cuda__adamw_factors(const esft_adamw_config *cfg, long step)
 {
-    esft_cuda__context *c = (esft_cuda__context *)context;
     esft_cuda__adamw_params a;
     double bc1 = 1.0 - pow((double)cfg->beta1, (double)step);
     double bc2 = 1.0 - pow((double)cfg->beta2, (double)step);
-    esft_status s;
-    if (n == 0) return ESFT_OK;
-    if ((s = esft_cuda__need_device(params, "params", err)) != ESFT_OK ||
-        (s = esft_cuda__need_device(grads, "grads", err)) != ESFT_OK ||
-        (s = esft_cuda__need_device(m, "m", err)) != ESFT_OK || (s = esft_cuda__need_device(v, "v", err)) != ESFT_OK)
-        return s;
-    if ((s = esft_cuda__check_finite(c, grads, n, "gradient", 0, err)) != ESFT_OK) return s;
     a.b1 = cfg->beta1;
     a.b2 = cfg->beta2;
     a.one_minus_b1 = 1.0f - cfg->beta1;
@@ -1598,9 +1699,141 @@ static esft_status esft_cuda__adamw_step(void *context, const esft_adamw_config 
     a.step_size = (float)(cfg->lr / bc1);
     a.bc2_sqrt = (float)sqrt(bc2);
     a.eps = cfg->eps;
-    esft_cuda__adamw_kernel<<<esft_cuda__grid(n, 256), 256, 0, c->stream>>>(params, grads, m, v, n, a);
-    if ((s = esft_cuda__launched("adamw kernel", err)) != ESFT_OK) return s;
-    return esft_cuda__finish(c, "adamw step", err);
+    return a;
+}
+
+static esft_status esft_cuda__adamw_step(void *context, const esft_adamw_config *cfg, float *params,
+                                         const float *grads, float *m, float *v, size_t n, long step,
+                                         esft_error *err)
+{
+    esft_cuda__context *c = (esft_cuda__context *)context;
+    const void *ptrs[4] = {params, grads, m, v};
+    esft_cuda__split sp = esft_cuda__split_of(ptrs, 4, n);
+    unsigned long long bad;
+    float value;
+    esft_status s;
+    if (n == 0) return ESFT_OK;
+    if ((s = esft_cuda__need_device(params, "params", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(grads, "grads", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(m, "m", err)) != ESFT_OK || (s = esft_cuda__need_device(v, "v", err)) != ESFT_OK)
+        return s;
+    if ((s = esft_cuda__queue_finite(c, grads, n, err)) != ESFT_OK) return s;
+    esft_cuda__adamw_kernel<<<esft_cuda__split_grid(&sp, 256, 65535 * 8), 256, 0, c->stream>>>(
+        params, grads, m, v, sp, esft_cuda__adamw_factors(cfg, step), c->flag);
+    if ((s = esft_cuda__launched("adamw kernel", err)) != ESFT_OK) {
+        (void)esft_cuda__take_flag(c, &bad, NULL); /* waits for the queued check, re-arms the flag */
+        return s;
+    }
+    if ((s = esft_cuda__first_nonfinite(c, grads, &bad, &value, err)) != ESFT_OK || bad == ~0ULL) return s;
+    /* the CPU op's message (esft__adamw_step_cpu), word for word */
+    return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "gradient %llu is %s", bad, isnan(value) ? "NaN" : "Inf");
+}
+
+/* --- global-norm gradient clipping (esft_clip_grad_norm_with) ---
+   sum_squares: two passes with a fixed shape, so the same block gives the same
+   bits on every run. Pass 1: ESFT_CUDA__SUM_BLOCKS at most (fewer for small n,
+   a function of n and the pointer's offset within 16 bytes only, never of the
+   device), each thread adds the squares of its elements in double (float4
+   reads), the block adds its threads in a fixed tree; pass 2: one block adds
+   the partials the same way. No atomics. Each square of a float is exact in
+   double, so the only difference from the CPU's running sum is the order of
+   the additions (docs/cuda.md: ~1e-12 relative at worst in practice). */
+#define ESFT_CUDA__SUM_THREADS 256 /* a power of two: the tree halves it */
+#define ESFT_CUDA__SUM_BLOCKS 1024
+
+/* The sum of every thread's v, in a fixed tree; the result is valid in thread 0. */
+__device__ static double esft_cuda__block_sum(double v, double *smem)
+{
+    smem[threadIdx.x] = v;
+    __syncthreads();
+    for (unsigned half = ESFT_CUDA__SUM_THREADS / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) smem[threadIdx.x] += smem[threadIdx.x + half];
+        __syncthreads();
+    }
+    return smem[0];
+}
+
+__device__ static double esft_cuda__square(float x) { return (double)x * (double)x; }
+
+__global__ static void esft_cuda__sum_squares_kernel(double *partial, const float *x, esft_cuda__split sp)
+{
+    __shared__ double smem[ESFT_CUDA__SUM_THREADS];
+    const float4 *x4 = (const float4 *)(x + sp.head);
+    double acc = 0.0, total;
+    for (size_t i = esft_cuda__thread(); i < sp.n4; i += esft_cuda__threads()) {
+        float4 q = x4[i];
+        acc += esft_cuda__square(q.x) + esft_cuda__square(q.y) + esft_cuda__square(q.z) + esft_cuda__square(q.w);
+    }
+    for (size_t r = esft_cuda__thread(); r < sp.n_one; r += esft_cuda__threads())
+        acc += esft_cuda__square(x[esft_cuda__one_at(&sp, r)]);
+    total = esft_cuda__block_sum(acc, smem);
+    if (threadIdx.x == 0) partial[blockIdx.x] = total;
+}
+
+/* One block: out[0] = the sum of partial[0..n), each thread's share in index order, then the tree. */
+__global__ static void esft_cuda__sum_partials_kernel(double *out, const double *partial, unsigned n)
+{
+    __shared__ double smem[ESFT_CUDA__SUM_THREADS];
+    double acc = 0.0, total;
+    for (unsigned i = threadIdx.x; i < n; i += ESFT_CUDA__SUM_THREADS) acc += partial[i];
+    total = esft_cuda__block_sum(acc, smem);
+    if (threadIdx.x == 0) out[0] = total;
+}
+
+static esft_status esft_cuda__sum_squares(void *context, const float *x, size_t n, double *sum, esft_error *err)
+{
+    esft_cuda__context *c = (esft_cuda__context *)context;
+    const void *ptrs[1] = {x};
+    esft_cuda__split sp = esft_cuda__split_of(ptrs, 1, n);
+    unsigned blocks = esft_cuda__split_grid(&sp, ESFT_CUDA__SUM_THREADS, ESFT_CUDA__SUM_BLOCKS);
+    double *scratch, block_sum = 0.0;
+    void *mem;
+    esft_status s;
+    if (n == 0) return ESFT_OK;
+    if ((s = esft_cuda__need_device(x, "gradients", err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__scratch(c, (ESFT_CUDA__SUM_BLOCKS + 1) * sizeof(double), &mem, err)) != ESFT_OK) return s;
+    scratch = (double *)mem; /* [0, blocks): the partials; [ESFT_CUDA__SUM_BLOCKS]: the sum */
+    esft_cuda__sum_squares_kernel<<<blocks, ESFT_CUDA__SUM_THREADS, 0, c->stream>>>(scratch, x, sp);
+    if ((s = esft_cuda__launched("sum of squares kernel", err)) != ESFT_OK) return s;
+    esft_cuda__sum_partials_kernel<<<1, ESFT_CUDA__SUM_THREADS, 0, c->stream>>>(scratch + ESFT_CUDA__SUM_BLOCKS,
+                                                                                scratch, blocks);
+    if ((s = esft_cuda__launched("sum of partials kernel", err)) != ESFT_OK) return s;
+    s = esft_cuda__check(cudaMemcpyAsync(&block_sum, scratch + ESFT_CUDA__SUM_BLOCKS, sizeof block_sum,
+                                         cudaMemcpyDeviceToHost, c->stream), "download the sum of squares", err);
+    if (s == ESFT_OK) s = esft_cuda__finish(c, "sum of squares", err);
+    if (s != ESFT_OK) return s;
+    /* the CPU op's check and message (esft__sum_squares_cpu) */
+    if (!isfinite(*sum + block_sum)) return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "gradient norm is not finite");
+    *sum += block_sum;
+    return ESFT_OK;
+}
+
+/* x[i] *= factor, float4 where x's alignment allows; __fmul_rn is the CPU's product. */
+__global__ static void esft_cuda__scale_kernel(float *x, esft_cuda__split sp, float factor)
+{
+    float4 *x4 = (float4 *)(x + sp.head);
+    for (size_t i = esft_cuda__thread(); i < sp.n4; i += esft_cuda__threads()) {
+        float4 q = x4[i];
+        x4[i] = make_float4(__fmul_rn(q.x, factor), __fmul_rn(q.y, factor), __fmul_rn(q.z, factor),
+                            __fmul_rn(q.w, factor));
+    }
+    for (size_t r = esft_cuda__thread(); r < sp.n_one; r += esft_cuda__threads()) {
+        size_t i = esft_cuda__one_at(&sp, r);
+        x[i] = __fmul_rn(x[i], factor);
+    }
+}
+
+static esft_status esft_cuda__scale(void *context, float *x, size_t n, float factor, esft_error *err)
+{
+    esft_cuda__context *c = (esft_cuda__context *)context;
+    const void *ptrs[1] = {x};
+    esft_cuda__split sp = esft_cuda__split_of(ptrs, 1, n);
+    esft_status s;
+    if (n == 0) return ESFT_OK;
+    if ((s = esft_cuda__need_device(x, "gradients", err)) != ESFT_OK) return s;
+    esft_cuda__scale_kernel<<<esft_cuda__split_grid(&sp, 256, 65535 * 8), 256, 0, c->stream>>>(x, sp, factor);
+    if ((s = esft_cuda__launched("scale kernel", err)) != ESFT_OK) return s;
+    return esft_cuda__finish(c, "scale", err);
 }
 
 /* ===================================================================== */
@@ -1625,6 +1858,8 @@ static const esft_backend esft_cuda__backend = {
     /* .adamw_step = */ esft_cuda__adamw_step,
     /* .adapter_forward = */ NULL,  /* not yet: ESFT_ERR_UNSUPPORTED through esft.h's dispatch */
     /* .adapter_backward = */ NULL,
+    /* .sum_squares = */ esft_cuda__sum_squares,
+    /* .scale = */ esft_cuda__scale,
 };
 
 static int esft_cuda__ready;
