@@ -209,7 +209,7 @@ typedef struct esft_allocator {
      4. Use it: esft_route_with(b, ...), stats.backend = b, layer.backend = b,
         opt.backend = b; every public call then runs on it.
      5. Run the same tests through it and compare with the CPU backend. */
-#define ESFT_BACKEND_API_VERSION 1
+#define ESFT_BACKEND_API_VERSION 2 /* 2: sum_squares and scale appended */
 
 struct esft_route_config;
 struct esft_moe;
@@ -277,6 +277,15 @@ typedef struct esft_backend {
                                     float daux, struct esft_pesc_saved *saved,
                                     const float *F, const float *u, const float *params,
                                     int T, esft_error *err);
+    /* Global-norm clipping (esft_clip_grad_norm_with), one gradient block per call.
+       sum_squares: *sum += the sum of x[i]^2 in double (sum is host memory; each
+       square is exact in double, the additions are the backend's own order);
+       NaN/Inf in x -> ESFT_ERR_NUMERIC and *sum unchanged. scale: x[i] *= factor,
+       each product rounded to float (the CPU's bits on every backend). */
+    esft_status (*sum_squares)(void *context, const float *x, /* (n) */
+                               size_t n, double *sum, esft_error *err);
+    esft_status (*scale)(void *context, float *x, /* (n) updated */
+                         size_t n, float factor, esft_error *err);
 } esft_backend;
 
 /* The CPU reference backend; always present, never NULL. */
@@ -1028,11 +1037,22 @@ ESFTDEF esft_status esft_adamw_step(esft_adamw *opt,
                                     esft_error *err);
 
 /* Global-norm clipping over several gradient blocks (one per layer): the norm
-   is sqrt of the sum of squares of all of them; when it exceeds max_norm every
-   block is scaled by max_norm / (norm + 1e-6) (torch.nn.utils.clip_grad_norm_).
-   norm (optional) receives the norm before clipping. max_norm <= 0: measure only.
-   Host memory only: it takes no backend (a device version is not written yet;
-   for a layer on a GPU, download its gradients or clip on the device). */
+   is sqrt of the sum of squares of all of them (accumulated in double); when it
+   exceeds max_norm every block is scaled by max_norm / (norm + 1e-6)
+   (torch.nn.utils.clip_grad_norm_). norm (optional, host) receives the norm
+   before clipping. max_norm <= 0: measure only. A NaN or Inf gradient ->
+   ESFT_ERR_NUMERIC, nothing scaled and norm not written.
+   esft_clip_grad_norm_with runs on backend b (ops sum_squares and scale): the
+   blocks are b's memory, the arrays grads and sizes are host memory. The CPU
+   sums in block order, element by element; a GPU sums in a fixed tree, so its
+   norm agrees with the CPU's to ~1e-12 relative (same bits run to run), and the
+   blocks are then scaled by the same float factor as the CPU would from that norm.
+   esft_clip_grad_norm is the CPU call: host blocks. */
+ESFTDEF esft_status esft_clip_grad_norm_with(const esft_backend *b,
+                                             float *const *grads, /* (n_blocks) blocks in b's memory */
+                                             const size_t *sizes, /* (n_blocks) floats each */
+                                             int n_blocks, float max_norm, double *norm,
+                                             esft_error *err);
 ESFTDEF esft_status esft_clip_grad_norm(float *const *grads,   /* (n_blocks) blocks */
                                         const size_t *sizes,   /* (n_blocks) floats each */
                                         int n_blocks, float max_norm, double *norm,
@@ -6281,27 +6301,70 @@ ESFTDEF esft_status esft_adamw_step(esft_adamw *opt, float *params, const float 
     return s;
 }
 
-ESFTDEF esft_status esft_clip_grad_norm(float *const *grads, const size_t *sizes, int n_blocks,
-                                        float max_norm, double *norm, esft_error *err)
+/* The CPU's sum_squares: one running double sum in element order (with
+   esft_clip_grad_norm_with's block order, the same sum as a single loop). */
+static esft_status esft__sum_squares_cpu(void *context, const float *x, size_t n, double *sum, esft_error *err)
 {
-    double sum = 0.0, total;
-    int b;
+    double acc = *sum;
     size_t i;
+    (void)context;
+    for (i = 0; i < n; i++) acc += (double)x[i] * x[i];
+    if (!isfinite(acc)) return esft__fail(err, ESFT_ERR_NUMERIC, "gradient norm is not finite");
+    *sum = acc;
+    return ESFT_OK;
+}
+
+static esft_status esft__scale_cpu(void *context, float *x, size_t n, float factor, esft_error *err)
+{
+    size_t i;
+    (void)context;
+    (void)err;
+    for (i = 0; i < n; i++) x[i] *= factor;
+    return ESFT_OK;
+}
+
+/* Every block present and the ops the call will use: checked before any op
+   runs, so a refused call changes nothing. */
+static esft_status esft__clip_check(const esft_backend *b, float *const *grads, const size_t *sizes, int n_blocks,
+                                    float max_norm, esft_error *err)
+{
+    esft_status s;
+    int i;
     if (n_blocks < 0 || (n_blocks > 0 && (!grads || !sizes)))
         return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "blocks or sizes is NULL");
-    for (b = 0; b < n_blocks; b++) {
-        if (sizes[b] > 0 && !grads[b]) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "block %d is NULL", b);
-        for (i = 0; i < sizes[b]; i++) sum += (double)grads[b][i] * grads[b][i];
-    }
+    for (i = 0; i < n_blocks; i++)
+        if (sizes[i] > 0 && !grads[i]) return esft__fail(err, ESFT_ERR_INVALID_ARGUMENT, "block %d is NULL", i);
+    if ((s = esft_backend_check(b, err)) != ESFT_OK) return s;
+    if (!b->sum_squares) return esft__missing_op(b, "sum_squares", err);
+    if (max_norm > 0.0f && !b->scale) return esft__missing_op(b, "scale", err);
+    return ESFT_OK;
+}
+
+ESFTDEF esft_status esft_clip_grad_norm_with(const esft_backend *b, float *const *grads, const size_t *sizes,
+                                             int n_blocks, float max_norm, double *norm, esft_error *err)
+{
+    double sum = 0.0, total;
+    esft_status s = esft__clip_check(b, grads, sizes, n_blocks, max_norm, err);
+    int i;
+    for (i = 0; s == ESFT_OK && i < n_blocks; i++)
+        if (sizes[i] > 0) s = b->sum_squares(b->context, grads[i], sizes[i], &sum, err);
+    if (s != ESFT_OK) return s;
     total = sqrt(sum);
+    /* the ops report NaN/Inf; this guards against a backend whose op does not */
     if (!isfinite(total)) return esft__fail(err, ESFT_ERR_NUMERIC, "gradient norm is not finite");
     if (norm) *norm = total;
     if (max_norm > 0.0f && total > max_norm) {
-        float scale = (float)(max_norm / (total + 1e-6));
-        for (b = 0; b < n_blocks; b++)
-            for (i = 0; i < sizes[b]; i++) grads[b][i] *= scale;
+        float factor = (float)(max_norm / (total + 1e-6));
+        for (i = 0; s == ESFT_OK && i < n_blocks; i++)
+            if (sizes[i] > 0) s = b->scale(b->context, grads[i], sizes[i], factor, err);
     }
-    return ESFT_OK;
+    return s;
+}
+
+ESFTDEF esft_status esft_clip_grad_norm(float *const *grads, const size_t *sizes, int n_blocks,
+                                        float max_norm, double *norm, esft_error *err)
+{
+    return esft_clip_grad_norm_with(esft_backend_cpu(), grads, sizes, n_blocks, max_norm, norm, err);
 }
 
 /* ===================================================================== */
@@ -13256,6 +13319,7 @@ ESFTDEF const esft_backend *esft_backend_cpu(void)
         esft__route_cpu, esft__stats_accumulate_cpu,
         esft__moe_forward_cpu, esft__moe_backward_cpu, esft__adamw_step_cpu,
         esft__pesc_forward_cpu, esft__pesc_backward_cpu, /* adapter_forward, adapter_backward */
+        esft__sum_squares_cpu, esft__scale_cpu,
     };
     return &cpu;
 }

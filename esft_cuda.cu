@@ -50,15 +50,44 @@
 /* 1. context, errors, pointer checks                                    */
 /* ===================================================================== */
 
+/* The error flags, device words that kernels set with atomicMin to the first
+   bad element they meet (~0 = none). OP is read by the op that set it at once
+   (esft_cuda__take_flag); INPUT and LOGITS are deferred: the MoE ops copy them
+   to the host with the expert offsets, so one wait serves every check (x or dy,
+   then the router logits). WRAP is the statistics' overflow word (0 = none). */
+enum {
+    ESFT_CUDA__FLAG_OP = 0,
+    ESFT_CUDA__FLAG_WRAP = 1,
+    ESFT_CUDA__FLAG_INPUT = 2,
+    ESFT_CUDA__FLAG_LOGITS = 3,
+    ESFT_CUDA__FLAGS = 4
+};
+
+/* The streams mode of the expert GEMMs: side streams, each with its own cuBLAS
+   handle (a handle's workspace must not be shared by concurrent streams). */
+#define ESFT_CUDA__STREAMS 4
+
 typedef struct esft_cuda__context {
     int device;                     /* the device current at construction */
+    int sm_count;                   /* its multiprocessors (grid sizes of grid-stride kernels) */
     cudaStream_t stream;            /* every op and copy runs here */
     cublasHandle_t blas;            /* created on first use (GEMM ops) */
-    unsigned long long *flag;       /* device (2): first bad element of an op, ~0 = none; a wrap flag */
+    unsigned long long *flag;       /* device (ESFT_CUDA__FLAGS), see the enum above */
+    unsigned long long *host_flags; /* pinned host (ESFT_CUDA__FLAGS): deferred flags as last copied */
     void *scratch;                  /* device: op scratch beyond the caller's workspace */
     size_t scratch_bytes;
-    int32_t *host;                  /* host: small per-op tables (expert slots, offsets) */
+    int32_t *host;                  /* pinned host: per-op tables (expert offsets) */
     size_t host_count;
+    void *batch_host;               /* host: the expert GEMM batches' tables (section 5) */
+    size_t batch_host_bytes;
+    void **batch_dev;               /* device: their pointer arrays */
+    size_t batch_dev_count;
+    cudaStream_t side[ESFT_CUDA__STREAMS];      /* streams mode, made on first use */
+    cublasHandle_t side_blas[ESFT_CUDA__STREAMS];
+    cudaEvent_t fork, join[ESFT_CUDA__STREAMS];
+    int sides_ready;
+    unsigned grouped_refused;       /* bit per math (esft_cuda__math_bit): cuBLAS refused a grouped call */
+    unsigned grouped_worked;        /* bit per math: a grouped call succeeded */
     char device_name[256];
 } esft_cuda__context;
 
@@ -134,26 +163,111 @@ static esft_status esft_cuda__take_flag(esft_cuda__context *c, unsigned long lon
     return s;
 }
 
-/* Flags the first NaN or Inf of a[0..n) (its index, by atomicMin). */
-__global__ static void esft_cuda__finite_kernel(const float *a, size_t n, unsigned long long *flag)
+/* --- 16-byte accesses over float arrays ---
+   An elementwise kernel moves float4 where its pointers allow: the first `head`
+   elements one by one until every pointer sits on a 16-byte boundary, then n4
+   float4, then the < 4 left over one by one. Pointers at different offsets
+   within 16 bytes never reach a boundary together: then head = n, all scalar.
+   The n_one scalar elements are numbered r = 0..n_one-1: the head, then the
+   tail (esft_cuda__one_at). */
+typedef struct esft_cuda__split {
+    size_t head;  /* scalar elements before the first float4 */
+    size_t n4;    /* float4 from a + head */
+    size_t tail;  /* index of the first scalar element after them */
+    size_t n_one; /* head + the tail's length */
+} esft_cuda__split;
+
+static esft_cuda__split esft_cuda__split_of(const void *const *ptrs, int count, size_t n)
 {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        if (!isfinite(a[i])) atomicMin(flag, (unsigned long long)i);
+    esft_cuda__split sp;
+    uintptr_t off = (uintptr_t)ptrs[0] & 15;
+    int i, together = (off & 3) == 0;
+    for (i = 1; i < count; i++) together = together && ((uintptr_t)ptrs[i] & 15) == off;
+    sp.head = !together ? n : off == 0 ? 0 : (16 - off) / 4 < n ? (16 - off) / 4 : n;
+    sp.n4 = (n - sp.head) / 4;
+    sp.tail = sp.head + 4 * sp.n4;
+    sp.n_one = n - 4 * sp.n4;
+    return sp;
 }
 
-/* esft.h's esft__check_finite on device memory: ESFT_ERR_NUMERIC naming a's
-   first NaN or Inf as what[row][col] (rows of width) or what[i] (width 0). */
-static esft_status esft_cuda__check_finite(esft_cuda__context *c, const float *a, size_t n, const char *what,
-                                           size_t width, esft_error *err)
+__device__ static size_t esft_cuda__one_at(const esft_cuda__split *sp, size_t r)
 {
-    unsigned long long bad;
-    float v = 0.0f;
-    size_t blocks = (n + 255) / 256;
-    esft_status s;
+    return r < sp->head ? r : sp->tail + (r - sp->head);
+}
+
+__device__ static size_t esft_cuda__thread(void) { return (size_t)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ static size_t esft_cuda__threads(void) { return (size_t)gridDim.x * blockDim.x; }
+
+/* Blocks for a kernel over sp: one thread per float4 or scalar element, at most `cap` blocks. */
+static unsigned esft_cuda__split_grid(const esft_cuda__split *sp, unsigned threads, size_t cap)
+{
+    size_t items = sp->n4 > sp->n_one ? sp->n4 : sp->n_one, blocks = (items + threads - 1) / threads;
+    return (unsigned)(blocks > cap ? cap : blocks ? blocks : 1);
+}
+
+__device__ static void esft_cuda__flag_nonfinite(float x, size_t i, unsigned long long *flag)
+{
+    if (!isfinite(x)) atomicMin(flag, (unsigned long long)i);
+}
+
+/* Flags the first NaN or Inf of a[0..n) (its index, by atomicMin), in float4. */
+__global__ static void esft_cuda__finite_kernel(const float *a, esft_cuda__split sp, unsigned long long *flag)
+{
+    const float4 *a4 = (const float4 *)(a + sp.head);
+    for (size_t i = esft_cuda__thread(); i < sp.n4; i += esft_cuda__threads()) {
+        float4 q = a4[i];
+        size_t at = sp.head + 4 * i;
+        esft_cuda__flag_nonfinite(q.x, at, flag);
+        esft_cuda__flag_nonfinite(q.y, at + 1, flag);
+        esft_cuda__flag_nonfinite(q.z, at + 2, flag);
+        esft_cuda__flag_nonfinite(q.w, at + 3, flag);
+    }
+    for (size_t r = esft_cuda__thread(); r < sp.n_one; r += esft_cuda__threads()) {
+        size_t i = esft_cuda__one_at(&sp, r);
+        esft_cuda__flag_nonfinite(a[i], i, flag);
+    }
+}
+
+/* Launches the finite check of a[0..n) into one flag word (the MoE ops' deferred
+   checks use flags of their own; see the flag enum). */
+static esft_status esft_cuda__finite_launch(esft_cuda__context *c, const float *a, size_t n,
+                                            unsigned long long *flag, esft_error *err)
+{
+    const void *ptrs[1] = {a};
+    esft_cuda__split sp = esft_cuda__split_of(ptrs, 1, n);
     if (n == 0) return ESFT_OK;
-    esft_cuda__finite_kernel<<<(unsigned)(blocks > 4096 ? 4096 : blocks), 256, 0, c->stream>>>(a, n, c->flag);
-    if ((s = esft_cuda__launched("finite check kernel", err)) != ESFT_OK) return s;
-    if ((s = esft_cuda__take_flag(c, &bad, err)) != ESFT_OK || bad == ~0ULL) return s;
+    esft_cuda__finite_kernel<<<esft_cuda__split_grid(&sp, 256, 4096), 256, 0, c->stream>>>(a, sp, flag);
+    return esft_cuda__launched("finite check kernel", err);
+}
+
+/* Queues the check of a[0..n) on the op stream into the OP flag; the flag says
+   the result once the stream has run it (esft_cuda__first_nonfinite). */
+static esft_status esft_cuda__queue_finite(esft_cuda__context *c, const float *a, size_t n, esft_error *err)
+{
+    return esft_cuda__finite_launch(c, a, n, c->flag + ESFT_CUDA__FLAG_OP, err);
+}
+
+/* After esft_cuda__queue_finite (and whatever else the op queued): waits for the
+   stream, then *bad = the first NaN/Inf's index (~0 when none) and *value = it. */
+static esft_status esft_cuda__first_nonfinite(esft_cuda__context *c, const float *a, unsigned long long *bad,
+                                              float *value, esft_error *err)
+{
+    esft_status s = esft_cuda__take_flag(c, bad, err);
+    *value = 0.0f;
+    if (s != ESFT_OK || *bad == ~0ULL) return s;
+    return esft_cuda__check(cudaMemcpy(value, a + *bad, sizeof *value, cudaMemcpyDeviceToHost), "read a bad value",
+                            err);
+}
+
+/* The verdict on a flagged index (~0: none), once the stream has finished:
+   ESFT_ERR_NUMERIC naming a's element as what[row][col] (rows of width) or
+   what[i] (width 0), as esft.h's esft__check_finite does. */
+static esft_status esft_cuda__finite_verdict(const float *a, unsigned long long bad, const char *what, size_t width,
+                                             esft_error *err)
+{
+    float v = 0.0f;
+    esft_status s;
+    if (bad == ~0ULL) return ESFT_OK;
     s = esft_cuda__check(cudaMemcpy(&v, a + bad, sizeof v, cudaMemcpyDeviceToHost), "read a bad value", err);
     if (s != ESFT_OK) return s;
     if (width)
@@ -162,18 +276,62 @@ static esft_status esft_cuda__check_finite(esft_cuda__context *c, const float *a
     return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "%s[%llu] is %s", what, bad, isnan(v) ? "NaN" : "Inf");
 }
 
-/* An output of finite inputs that came out NaN or Inf (esft.h's esft__moe_check_output). */
-static esft_status esft_cuda__check_output(esft_cuda__context *c, const float *a, size_t n, const char *what,
+/* esft.h's esft__check_finite on device memory, waited for at once. */
+static esft_status esft_cuda__check_finite(esft_cuda__context *c, const float *a, size_t n, const char *what,
                                            size_t width, esft_error *err)
 {
+    unsigned long long bad;
+    esft_status s = esft_cuda__finite_launch(c, a, n, c->flag + ESFT_CUDA__FLAG_OP, err);
+    if (s == ESFT_OK && n > 0) s = esft_cuda__take_flag(c, &bad, err);
+    if (s != ESFT_OK || n == 0) return s;
+    return esft_cuda__finite_verdict(a, bad, what, width, err);
+}
+
+/* Queues the copy of the deferred flags to c->host_flags (pinned, so the copy
+   is asynchronous: it lands by the op's next wait). */
+static esft_status esft_cuda__queue_flags(esft_cuda__context *c, esft_error *err)
+{
+    return esft_cuda__check(cudaMemcpyAsync(c->host_flags + ESFT_CUDA__FLAG_INPUT, c->flag + ESFT_CUDA__FLAG_INPUT,
+                                            2 * sizeof *c->flag, cudaMemcpyDeviceToHost, c->stream),
+                            "read deferred flags", err);
+}
+
+/* After the wait: deferred flag `which` as copied, re-armed on the device when set. */
+static esft_status esft_cuda__deferred(esft_cuda__context *c, int which, unsigned long long *bad, esft_error *err)
+{
+    static const unsigned long long none = ~0ULL;
+    *bad = c->host_flags[which];
+    if (*bad == none) return ESFT_OK;
+    c->host_flags[which] = none;
+    return esft_cuda__check(cudaMemcpyAsync(c->flag + which, &none, sizeof none, cudaMemcpyHostToDevice, c->stream),
+                            "re-arm a flag", err);
+}
+
+/* The verdict on an output of finite inputs flagged NaN or Inf at `bad` (~0:
+   none): esft.h's esft__moe_check_output. */
+static esft_status esft_cuda__output_verdict(const float *a, unsigned long long bad, const char *what, size_t width,
+                                             esft_error *err)
+{
     esft_error where;
-    esft_status s = esft_cuda__check_finite(c, a, n, what, width, &where);
+    esft_status s = esft_cuda__finite_verdict(a, bad, what, width, &where);
     if (s != ESFT_ERR_NUMERIC) {
         if (s != ESFT_OK && err) *err = where;
         return s;
     }
     return esft_cuda__fail(err, s, "%s, from finite inputs: a weight is NaN or Inf, or the layer overflowed",
                            where.message);
+}
+
+/* An output of finite inputs checked and waited for at once (the PESC ops; the
+   MoE ops defer theirs): esft_cuda__output_verdict's status and message. */
+static esft_status esft_cuda__check_output(esft_cuda__context *c, const float *a, size_t n, const char *what,
+                                           size_t width, esft_error *err)
+{
+    unsigned long long bad;
+    esft_status s = esft_cuda__finite_launch(c, a, n, c->flag + ESFT_CUDA__FLAG_OP, err);
+    if (s != ESFT_OK || n == 0) return s;
+    if ((s = esft_cuda__take_flag(c, &bad, err)) != ESFT_OK) return s;
+    return esft_cuda__output_verdict(a, bad, what, width, err);
 }
 
 /* ===================================================================== */
@@ -385,14 +543,15 @@ __global__ static void esft_cuda__route_kernel(int32_t *ids, float *weights, flo
     esft_cuda__select(ids + (size_t)t * p.K, weights + (size_t)t * p.K, sel, prob, p, lane);
 }
 
-/* Launches the routing kernel and reports non-finite logits (device memory
-   already checked by the caller). */
-static esft_status esft_cuda__route_run(esft_cuda__context *c, const esft_route_config *cfg, int32_t *ids,
-                                        float *weights, float *probs, const float *logits, int T, esft_error *err)
+/* Launches the routing kernel; non-finite logits set `flag` (device memory
+   already checked by the caller). The bias, this backend's memory, is checked
+   here first, as the CPU op checks its own. */
+static esft_status esft_cuda__route_launch(esft_cuda__context *c, const esft_route_config *cfg, int32_t *ids,
+                                           float *weights, float *probs, const float *logits, int T,
+                                           unsigned long long *flag, esft_error *err)
 {
     esft_cuda__route_params p;
     size_t smem;
-    unsigned long long bad;
     esft_status s;
     p.E = cfg->n_experts;
     p.K = cfg->top_k;
@@ -407,7 +566,6 @@ static esft_status esft_cuda__route_run(esft_cuda__context *c, const esft_route_
     if (smem > 48 * 1024)
         return esft_cuda__fail(err, ESFT_ERR_UNSUPPORTED, "cuda route: %d experts need %lu bytes of shared memory "
                                "(at most 48 KiB)", p.E, (unsigned long)smem);
-    /* the bias is this backend's memory: checked here, as the CPU op checks its own */
     if (p.bias) {
         esft_error where;
         s = esft_cuda__check_finite(c, p.bias, (size_t)p.E, "selection_bias", 0, &where);
@@ -418,13 +576,28 @@ static esft_status esft_cuda__route_run(esft_cuda__context *c, const esft_route_
         }
     }
     esft_cuda__route_kernel<<<(T + ESFT_CUDA__ROUTE_WARPS - 1) / ESFT_CUDA__ROUTE_WARPS, 32 * ESFT_CUDA__ROUTE_WARPS,
-                              smem, c->stream>>>(ids, weights, probs, logits, T, p, c->flag);
-    if ((s = esft_cuda__launched("route kernel", err)) != ESFT_OK) return s;
-    if ((s = esft_cuda__take_flag(c, &bad, err)) != ESFT_OK) return s;
-    if (bad != ~0ULL)
-        return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "router logit of token %llu, expert %llu is not finite",
-                               bad / (unsigned long long)p.E, bad % (unsigned long long)p.E);
-    return ESFT_OK;
+                              smem, c->stream>>>(ids, weights, probs, logits, T, p, flag);
+    return esft_cuda__launched("route kernel", err);
+}
+
+/* The verdict on a flagged logit (~0: none), as the CPU router words it. */
+static esft_status esft_cuda__route_verdict(unsigned long long bad, int E, esft_error *err)
+{
+    if (bad == ~0ULL) return ESFT_OK;
+    return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "router logit of token %llu, expert %llu is not finite",
+                           bad / (unsigned long long)E, bad % (unsigned long long)E);
+}
+
+/* Routes and waits for the verdict. */
+static esft_status esft_cuda__route_run(esft_cuda__context *c, const esft_route_config *cfg, int32_t *ids,
+                                        float *weights, float *probs, const float *logits, int T, esft_error *err)
+{
+    unsigned long long bad;
+    esft_status s = esft_cuda__route_launch(c, cfg, ids, weights, probs, logits, T, c->flag + ESFT_CUDA__FLAG_OP,
+                                            err);
+    if (s == ESFT_OK) s = esft_cuda__take_flag(c, &bad, err);
+    if (s == ESFT_OK) s = esft_cuda__route_verdict(bad, cfg->n_experts, err);
+    return s;
 }
 
 static esft_status esft_cuda__route(void *context, const esft_route_config *cfg, int32_t *ids, float *weights,
@@ -445,21 +618,31 @@ static esft_status esft_cuda__route(void *context, const esft_route_config *cfg,
 /* 4. router-statistics kernel                                           */
 /* ===================================================================== */
 
-/* One thread per (token, slot). Counts and fixed-point weights are integers, so
-   atomic addition in any order gives the CPU's bits exactly. A block first sums
-   into shared memory when 2E counters fit, to spare the global atomics on the
-   few hot experts. The op checks its input as the CPU op does (esft_stats_add
-   never reads it): an id outside [0, E) or a weight not finite in [0,
-   ESFT_MAX_GATE_WEIGHT] is flagged, masked tokens included; a gate sum that
-   wraps its 64 bits (a sample past the fixed-point capacity) sets flag[1]. */
+/* A grid-stride loop over (token, slot) pairs. Counts and fixed-point weights
+   are integers, so atomic addition in any order gives the CPU's bits exactly.
+   Each block sums its pairs into shared memory when 2E counters fit, then adds
+   its 2E sums to the histogram: a grid of a few blocks per SM keeps the global
+   atomics to a few per expert per block, whatever T. The op checks its input as
+   the CPU op does (esft_stats_add never reads it): an id outside [0, E) or a
+   weight not finite in [0, ESFT_MAX_GATE_WEIGHT] is flagged, masked tokens
+   included; a gate sum that wraps its 64 bits (a sample past the fixed-point
+   capacity), in a block's sums or the histogram's, sets the WRAP flag. */
 #define ESFT_CUDA__STATS_THREADS 256
 #define ESFT_CUDA__STATS_SHARED_E 1024
+#define ESFT_CUDA__STATS_BLOCKS_PER_SM 4
 
 /* esft__to_fixed: round(w * 2^32) in double; the product is exact, so a fused
    multiply-add would give the same bits as the CPU's multiply then add. */
 __device__ static unsigned long long esft_cuda__to_fixed(float w)
 {
     return (unsigned long long)__dadd_rn(__dmul_rn((double)w, 4294967296.0), 0.5);
+}
+
+/* *sum += v, noting a wrap of the 64 bits. */
+__device__ static void esft_cuda__add_fixed(unsigned long long *sum, unsigned long long v, unsigned long long *wrapped)
+{
+    unsigned long long old = atomicAdd(sum, v);
+    if (old + v < old) *wrapped = 1;
 }
 
 __global__ static void esft_cuda__stats_kernel(unsigned long long *count, unsigned long long *gate_sum,
@@ -471,32 +654,26 @@ __global__ static void esft_cuda__stats_kernel(unsigned long long *count, unsign
     bool local = E <= ESFT_CUDA__STATS_SHARED_E;
     unsigned long long *c = local ? esft_cuda__stats_smem : count;
     unsigned long long *g = local ? esft_cuda__stats_smem + E : gate_sum;
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x, n = (size_t)T * (size_t)K;
+    size_t n = (size_t)T * (size_t)K, stride = (size_t)gridDim.x * blockDim.x;
     if (local) {
         for (int e = threadIdx.x; e < 2 * E; e += blockDim.x) esft_cuda__stats_smem[e] = 0;
         __syncthreads();
     }
-    if (i < n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         int id = ids[i];
         float w = weights ? weights[i] : 0.0f;
         /* the CPU op's rule: an id in [0, E), a weight finite in [0, ESFT_MAX_GATE_WEIGHT] */
         if (id < 0 || id >= E || !(w >= 0.0f && w <= ESFT_MAX_GATE_WEIGHT)) atomicMin(flag, (unsigned long long)i);
         else if (!mask || mask[i / (size_t)K]) {
             atomicAdd(c + id, 1ULL);
-            if (weights) {
-                unsigned long long v = esft_cuda__to_fixed(w), old = atomicAdd(g + id, v);
-                if (!local && old + v < old) *wrapped = 1;
-            }
+            if (weights) esft_cuda__add_fixed(g + id, esft_cuda__to_fixed(w), wrapped);
         }
     }
-    if (local) { /* a block's sums: at most 256 weights of 2^48, no wrap */
+    if (local) {
         __syncthreads();
         for (int e = threadIdx.x; e < E; e += blockDim.x) {
             if (c[e]) atomicAdd(count + e, c[e]);
-            if (g[e]) {
-                unsigned long long old = atomicAdd(gate_sum + e, g[e]);
-                if (old + g[e] < old) *wrapped = 1;
-            }
+            if (g[e]) esft_cuda__add_fixed(gate_sum + e, g[e], wrapped);
         }
     }
 }
@@ -506,7 +683,7 @@ static esft_status esft_cuda__stats_accumulate(void *context, uint64_t *count, u
                                                const unsigned char *mask, int T, int K, int E, esft_error *err)
 {
     esft_cuda__context *c = (esft_cuda__context *)context;
-    size_t n = (size_t)T * (size_t)K, smem;
+    size_t n = (size_t)T * (size_t)K, smem, blocks;
     unsigned long long bad, wrapped = 0;
     int32_t id = 0;
     float w = 0.0f;
@@ -519,16 +696,18 @@ static esft_status esft_cuda__stats_accumulate(void *context, uint64_t *count, u
         (s = esft_cuda__need_device(mask, "mask", err)) != ESFT_OK)
         return s;
     smem = E <= ESFT_CUDA__STATS_SHARED_E ? 2 * (size_t)E * sizeof(unsigned long long) : 0;
-    s = esft_cuda__check(cudaMemsetAsync(c->flag + 1, 0, sizeof *c->flag, c->stream), "clear wrap flag", err);
+    s = esft_cuda__check(cudaMemsetAsync(c->flag + ESFT_CUDA__FLAG_WRAP, 0, sizeof *c->flag, c->stream), "clear wrap flag", err);
     if (s != ESFT_OK) return s;
-    esft_cuda__stats_kernel<<<(unsigned)((n + ESFT_CUDA__STATS_THREADS - 1) / ESFT_CUDA__STATS_THREADS),
-                              ESFT_CUDA__STATS_THREADS, smem, c->stream>>>(
+    blocks = (n + ESFT_CUDA__STATS_THREADS - 1) / ESFT_CUDA__STATS_THREADS;
+    if (blocks > (size_t)c->sm_count * ESFT_CUDA__STATS_BLOCKS_PER_SM)
+        blocks = (size_t)c->sm_count * ESFT_CUDA__STATS_BLOCKS_PER_SM;
+    esft_cuda__stats_kernel<<<(unsigned)blocks, ESFT_CUDA__STATS_THREADS, smem, c->stream>>>(
         (unsigned long long *)count, (unsigned long long *)gate_sum, ids, weights, mask, T, K, E, c->flag,
-        c->flag + 1);
+        c->flag + ESFT_CUDA__FLAG_WRAP);
     if ((s = esft_cuda__launched("stats kernel", err)) != ESFT_OK) return s;
     if ((s = esft_cuda__take_flag(c, &bad, err)) != ESFT_OK) return s;
     if (bad == ~0ULL) {
-        s = esft_cuda__check(cudaMemcpy(&wrapped, c->flag + 1, sizeof wrapped, cudaMemcpyDeviceToHost),
+        s = esft_cuda__check(cudaMemcpy(&wrapped, c->flag + ESFT_CUDA__FLAG_WRAP, sizeof wrapped, cudaMemcpyDeviceToHost),
                              "read wrap flag", err);
         if (s == ESFT_OK && wrapped)
             s = esft_cuda__fail(err, ESFT_ERR_RANGE, "the sample's gate weights sum past the fixed-point capacity "
@@ -619,16 +798,267 @@ static esft_status esft_cuda__scratch(esft_cuda__context *c, size_t bytes, void 
     return ESFT_OK;
 }
 
-/* At least n int32 of host memory for small tables, kept between ops. */
+/* At least n int32 of pinned host memory for per-op tables, kept between ops:
+   pinned, so copies into it queue without waiting and one wait serves them all. */
 static esft_status esft_cuda__host_table(esft_cuda__context *c, size_t n, esft_error *err)
 {
     if (n > c->host_count) {
-        int32_t *p = (int32_t *)realloc(c->host, n * sizeof(int32_t));
-        if (!p) return esft_cuda__fail(err, ESFT_ERR_OUT_OF_MEMORY, "cuda: host table of %lu ints", (unsigned long)n);
-        c->host = p;
+        esft_status s;
+        if (c->host) (void)cudaFreeHost(c->host);
+        c->host = NULL;
+        c->host_count = 0;
+        s = esft_cuda__check(cudaMallocHost((void **)&c->host, n * sizeof(int32_t)), "cudaMallocHost table", err);
+        if (s != ESFT_OK) return s;
         c->host_count = n;
     }
     return ESFT_OK;
+}
+
+/* --- expert GEMM batches: one GEMM kind over every expert ---
+   A batch lists one problem per expert (two for gate and up), all with the
+   same transposes, leading dimensions and beta in esft_cuda__gemm's row-major
+   terms, each with its own M, N, K and pointers. ESFT_CUDA_EXPERTS picks how a
+   batch runs, so the ways can be measured side by side on one GPU:
+     grouped   one cublasGemmGroupedBatchedEx per batch; problems of one shape
+               in a row (an expert's gate and up) share a group;
+     streams   one cublasGemmEx per problem, dealt over ESFT_CUDA__STREAMS side
+               streams forked from the op stream and joined back to it;
+     loop      one cublasGemmEx per problem on the op stream (the baseline);
+     auto      (unset) grouped, or streams once cuBLAS has refused a grouped
+               call for the math (remembered per math). A refusal is
+               CUBLAS_STATUS_NOT_SUPPORTED, or INVALID_VALUE before any grouped
+               call of that math has worked (cuBLAS versions differ in how they
+               answer a compute type the grouped call lacks; after one success
+               an error is a real error).
+   Every problem writes its own C, and a batch's problems never share one (the
+   two halves of the input gradient go in two batches), so the ways give the
+   same products; only cuBLAS's choice of kernel can change the last bits. */
+typedef enum esft_cuda__experts_mode {
+    ESFT_CUDA__AUTO,
+    ESFT_CUDA__GROUPED,
+    ESFT_CUDA__STREAMED,
+    ESFT_CUDA__LOOPED
+} esft_cuda__experts_mode;
+
+typedef struct esft_cuda__batch {
+    int ta, tb, lda, ldb, ldc; /* row-major, as esft_cuda__gemm */
+    float beta;
+    int n, cap;                /* problems, room */
+    int *M, *N, *K;            /* (cap) host */
+    const float **A, **B;      /* (cap) host */
+    float **C;
+} esft_cuda__batch;
+
+/* One bit per compute type the expert GEMMs use. */
+static unsigned esft_cuda__math_bit(cublasComputeType_t math)
+{
+    return math == CUBLAS_COMPUTE_32F ? 1u : math == CUBLAS_COMPUTE_32F_FAST_TF32 ? 2u : 4u;
+}
+
+static esft_status esft_cuda__experts_mode_get(esft_cuda__experts_mode *out, esft_error *err)
+{
+    const char *m = getenv("ESFT_CUDA_EXPERTS");
+    if (!m || !*m || strcmp(m, "auto") == 0) *out = ESFT_CUDA__AUTO;
+    else if (strcmp(m, "grouped") == 0) *out = ESFT_CUDA__GROUPED;
+    else if (strcmp(m, "streams") == 0) *out = ESFT_CUDA__STREAMED;
+    else if (strcmp(m, "loop") == 0) *out = ESFT_CUDA__LOOPED;
+    else return esft_cuda__fail(err, ESFT_ERR_INVALID_ARGUMENT, "ESFT_CUDA_EXPERTS=%s: use auto, grouped, streams or loop",
+                                m);
+    return ESFT_OK;
+}
+
+/* Host bytes per problem: the batch's own arrays, then the grouped call's
+   per-group arrays (a group per problem at most). */
+#define ESFT_CUDA__BATCH_BYTES (3 * sizeof(int) + 3 * sizeof(void *) + 2 * sizeof(cublasOperation_t) + \
+                                7 * sizeof(int) + 2 * sizeof(float))
+
+/* An empty batch with room for cap problems (the context's host block). */
+static esft_status esft_cuda__batch_begin(esft_cuda__context *c, esft_cuda__batch *b, int cap, int ta, int tb,
+                                          int lda, int ldb, int ldc, float beta, esft_error *err)
+{
+    size_t bytes = (size_t)cap * ESFT_CUDA__BATCH_BYTES;
+    unsigned char *at;
+    if (bytes > c->batch_host_bytes) {
+        void *p = realloc(c->batch_host, bytes);
+        if (!p) return esft_cuda__fail(err, ESFT_ERR_OUT_OF_MEMORY, "cuda: GEMM batch of %d problems", cap);
+        c->batch_host = p;
+        c->batch_host_bytes = bytes;
+    }
+    at = (unsigned char *)c->batch_host; /* pointers first: the block is malloc-aligned */
+    b->A = (const float **)at;
+    b->B = (const float **)(at + (size_t)cap * sizeof(void *));
+    b->C = (float **)(at + 2 * (size_t)cap * sizeof(void *));
+    b->M = (int *)(at + 3 * (size_t)cap * sizeof(void *));
+    b->N = b->M + cap;
+    b->K = b->N + cap;
+    b->ta = ta;
+    b->tb = tb;
+    b->lda = lda;
+    b->ldb = ldb;
+    b->ldc = ldc;
+    b->beta = beta;
+    b->n = 0;
+    b->cap = cap;
+    return ESFT_OK;
+}
+
+/* Adds C (M, N) = op(A) op(B) (+ beta C); empty problems are left out. */
+static void esft_cuda__batch_add(esft_cuda__batch *b, int M, int N, int K, const float *A, const float *B, float *C)
+{
+    if (M == 0 || N == 0 || b->n >= b->cap) return; /* cap is every caller's exact bound */
+    b->M[b->n] = M;
+    b->N[b->n] = N;
+    b->K[b->n] = K;
+    b->A[b->n] = A;
+    b->B[b->n] = B;
+    b->C[b->n] = C;
+    b->n++;
+}
+
+static esft_status esft_cuda__batch_loop(esft_cuda__context *c, const esft_cuda__batch *b, cublasComputeType_t math,
+                                         esft_error *err)
+{
+    esft_status s = ESFT_OK;
+    for (int i = 0; i < b->n && s == ESFT_OK; i++)
+        s = esft_cuda__gemm(c, math, b->ta, b->tb, b->M[i], b->N[i], b->K[i], 1.0f, b->A[i], b->lda, b->B[i],
+                            b->ldb, b->beta, b->C[i], b->ldc, err);
+    return s;
+}
+
+/* The side streams, their handles and the fork/join events, made on first use. */
+static esft_status esft_cuda__sides(esft_cuda__context *c, esft_error *err)
+{
+    esft_status s = ESFT_OK;
+    if (c->sides_ready) return ESFT_OK;
+    s = esft_cuda__check(cudaEventCreateWithFlags(&c->fork, cudaEventDisableTiming), "cudaEventCreate", err);
+    for (int i = 0; i < ESFT_CUDA__STREAMS && s == ESFT_OK; i++) {
+        s = esft_cuda__check(cudaStreamCreateWithFlags(&c->side[i], cudaStreamNonBlocking), "cudaStreamCreate", err);
+        if (s == ESFT_OK)
+            s = esft_cuda__check(cudaEventCreateWithFlags(&c->join[i], cudaEventDisableTiming), "cudaEventCreate", err);
+        if (s == ESFT_OK) s = esft_cuda__check_blas(cublasCreate(&c->side_blas[i]), "cublasCreate", err);
+        if (s == ESFT_OK)
+            s = esft_cuda__check_blas(cublasSetStream(c->side_blas[i], c->side[i]), "cublasSetStream", err);
+    }
+    if (s == ESFT_OK) c->sides_ready = 1; /* a failure keeps what was made, freed at exit with the process */
+    return s;
+}
+
+/* One problem per side stream in turn, forked after the op stream's work so
+   far and joined before its next. */
+static esft_status esft_cuda__batch_streams(esft_cuda__context *c, const esft_cuda__batch *b,
+                                            cublasComputeType_t math, esft_error *err)
+{
+    const float one = 1.0f;
+    int used = b->n < ESFT_CUDA__STREAMS ? b->n : ESFT_CUDA__STREAMS;
+    esft_status s = esft_cuda__sides(c, err);
+    if (s == ESFT_OK) s = esft_cuda__check(cudaEventRecord(c->fork, c->stream), "cudaEventRecord", err);
+    for (int i = 0; i < used && s == ESFT_OK; i++)
+        s = esft_cuda__check(cudaStreamWaitEvent(c->side[i], c->fork, 0), "cudaStreamWaitEvent", err);
+    for (int i = 0; i < b->n && s == ESFT_OK; i++) {
+        int k = i % ESFT_CUDA__STREAMS;
+        /* column-major: C^T = op(B)^T op(A)^T, as esft_cuda__gemm */
+        s = esft_cuda__check_blas(cublasGemmEx(c->side_blas[k], b->tb ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                               b->ta ? CUBLAS_OP_T : CUBLAS_OP_N, b->N[i], b->M[i], b->K[i], &one,
+                                               b->B[i], CUDA_R_32F, b->ldb, b->A[i], CUDA_R_32F, b->lda, &b->beta,
+                                               b->C[i], CUDA_R_32F, b->ldc, math, CUBLAS_GEMM_DEFAULT),
+                                  "cublasGemmEx (side stream)", err);
+    }
+    /* joined even after a failure, so the op stream never runs ahead of a side */
+    for (int i = 0; i < used; i++) {
+        esft_status j = esft_cuda__check(cudaEventRecord(c->join[i], c->side[i]), "cudaEventRecord", err);
+        if (j == ESFT_OK) j = esft_cuda__check(cudaStreamWaitEvent(c->stream, c->join[i], 0), "cudaStreamWaitEvent", err);
+        if (s == ESFT_OK) s = j;
+    }
+    return s;
+}
+
+/* Device room for the grouped call's pointer arrays (3 per problem). They are
+   rewritten by the next batch's copy, which the op stream orders after this
+   batch's GEMMs, so one array serves every batch. */
+static esft_status esft_cuda__batch_pointers(esft_cuda__context *c, size_t count, esft_error *err)
+{
+    if (count > c->batch_dev_count) {
+        esft_status s = ESFT_OK;
+        /* the old array may still feed a queued GEMM */
+        if (c->batch_dev) s = esft_cuda__finish(c, "grow pointer arrays", err);
+        if (c->batch_dev && s == ESFT_OK) (void)cudaFree(c->batch_dev);
+        if (s != ESFT_OK) return s;
+        c->batch_dev = NULL;
+        c->batch_dev_count = 0;
+        s = esft_cuda__check(cudaMalloc((void **)&c->batch_dev, count * sizeof(void *)), "cudaMalloc pointer arrays",
+                             err);
+        if (s != ESFT_OK) return s;
+        c->batch_dev_count = count;
+    }
+    return ESFT_OK;
+}
+
+/* One cublasGemmGroupedBatchedEx: groups of consecutive problems of one shape.
+   The per-group arrays are host memory, the pointer arrays device memory
+   (cuBLAS's contract); in column-major terms cuBLAS's A is our B, as in
+   esft_cuda__gemm. Sets *refused when cuBLAS refuses the call (see auto above),
+   so the caller can fall back. */
+static esft_status esft_cuda__batch_grouped(esft_cuda__context *c, const esft_cuda__batch *b,
+                                            cublasComputeType_t math, int *refused, esft_error *err)
+{
+    unsigned char *at = (unsigned char *)c->batch_host + (size_t)b->cap * (3 * sizeof(int) + 3 * sizeof(void *));
+    cublasOperation_t *opa = (cublasOperation_t *)at, *opb = opa + b->cap;
+    int *m = (int *)(opb + b->cap), *n = m + b->cap, *k = n + b->cap, *lda = k + b->cap, *ldb = lda + b->cap;
+    int *ldc = ldb + b->cap, *size = ldc + b->cap, groups = 0;
+    float *alpha = (float *)(size + b->cap), *beta = alpha + b->cap;
+    const void **ptrs = (const void **)b->A; /* A, B, C lie in a row on the host: one copy */
+    cublasStatus_t st;
+    esft_status s;
+    *refused = 0;
+    if (b->n == 0) return ESFT_OK;
+    for (int i = 0; i < b->n; i++) {
+        if (groups > 0 && b->M[i] == n[groups - 1] && b->N[i] == m[groups - 1] && b->K[i] == k[groups - 1]) {
+            size[groups - 1]++;
+            continue;
+        }
+        opa[groups] = b->tb ? CUBLAS_OP_T : CUBLAS_OP_N;
+        opb[groups] = b->ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+        m[groups] = b->N[i];
+        n[groups] = b->M[i];
+        k[groups] = b->K[i];
+        lda[groups] = b->ldb;
+        ldb[groups] = b->lda;
+        ldc[groups] = b->ldc;
+        alpha[groups] = 1.0f;
+        beta[groups] = b->beta;
+        size[groups] = 1;
+        groups++;
+    }
+    if ((s = esft_cuda__batch_pointers(c, 3 * (size_t)b->cap, err)) != ESFT_OK) return s;
+    /* host A, B, C arrays are cap apart; the device copy packs each at cap too */
+    s = esft_cuda__check(cudaMemcpyAsync(c->batch_dev, ptrs, 3 * (size_t)b->cap * sizeof(void *),
+                                         cudaMemcpyHostToDevice, c->stream), "upload pointer arrays", err);
+    if (s != ESFT_OK) return s;
+    st = cublasGemmGroupedBatchedEx(c->blas, opa, opb, m, n, k, alpha, (const void *const *)(c->batch_dev + b->cap),
+                                    CUDA_R_32F, lda, (const void *const *)c->batch_dev, CUDA_R_32F, ldb, beta,
+                                    (void *const *)(c->batch_dev + 2 * (size_t)b->cap), CUDA_R_32F, ldc, groups, size,
+                                    math);
+    if (st == CUBLAS_STATUS_SUCCESS) c->grouped_worked |= esft_cuda__math_bit(math);
+    *refused = st == CUBLAS_STATUS_NOT_SUPPORTED ||
+               (st == CUBLAS_STATUS_INVALID_VALUE && !(c->grouped_worked & esft_cuda__math_bit(math)));
+    return esft_cuda__check_blas(st, "cublasGemmGroupedBatchedEx", err);
+}
+
+/* Runs a batch the way ESFT_CUDA_EXPERTS says. */
+static esft_status esft_cuda__batch_run(esft_cuda__context *c, const esft_cuda__batch *b, cublasComputeType_t math,
+                                        esft_error *err)
+{
+    esft_cuda__experts_mode mode;
+    esft_status s = esft_cuda__experts_mode_get(&mode, err);
+    int refused;
+    if (s != ESFT_OK || b->n == 0) return s;
+    if (mode == ESFT_CUDA__LOOPED) return esft_cuda__batch_loop(c, b, math, err);
+    if (mode == ESFT_CUDA__STREAMED || (mode == ESFT_CUDA__AUTO && (c->grouped_refused & esft_cuda__math_bit(math))))
+        return esft_cuda__batch_streams(c, b, math, err);
+    s = esft_cuda__batch_grouped(c, b, math, &refused, err);
+    if (!refused || mode == ESFT_CUDA__GROUPED) return s;
+    c->grouped_refused |= esft_cuda__math_bit(math);
+    return esft_cuda__batch_streams(c, b, math, err);
 }
 
 /* ===================================================================== */
@@ -906,9 +1336,10 @@ __global__ static void esft_cuda__route_back_kernel(float *dl_all, const float *
 /* --- the layer --- */
 
 /* Expert e's gate, up, down (its trainable copy or the frozen tensors) and its
-   gradients (NULL when frozen), from the slot table on the host. */
-static void esft_cuda__expert(const esft_moe *m, const int32_t *slot, int e, const float **W, float **G)
+   gradients (NULL when frozen), from the layer's slot table (host memory). */
+static void esft_cuda__expert(const esft_moe *m, int e, const float **W, float **G)
 {
+    const int32_t *slot = m->slot;
     size_t fd = (size_t)m->cfg.d_expert * (size_t)m->cfg.d_model;
     for (int i = 0; i < 3; i++) {
         if (slot[e] >= 0) {
@@ -956,58 +1387,72 @@ static esft_status esft_cuda__moe_check(const esft_moe *m, const void *out, cons
     return ESFT_OK;
 }
 
-/* Host copies of the slot table (E) and the expert offsets (E + 1): the
-   per-expert GEMMs are launched from the host. */
-static esft_status esft_cuda__moe_tables(esft_cuda__context *c, const esft_moe *m, const esft_cuda__moe_ws *w,
-                                         int32_t **slot, int32_t **offsets, esft_error *err)
+/* Queues the copy of E + 1 expert offsets into the pinned host table (both
+   layers launch their per-expert GEMMs from the host); valid after the op's
+   next wait. */
+static esft_status esft_cuda__queue_offsets(esft_cuda__context *c, const int32_t *device_offsets, int E,
+                                            int32_t **offsets, esft_error *err)
 {
-    int E = m->cfg.route.n_experts;
-    esft_status s = esft_cuda__host_table(c, 2 * (size_t)E + 1, err);
+    esft_status s = esft_cuda__host_table(c, (size_t)E + 1, err);
     if (s != ESFT_OK) return s;
-    *slot = c->host;
-    *offsets = c->host + E;
-    s = esft_cuda__check(cudaMemcpyAsync(*slot, m->slot, (size_t)E * sizeof(int32_t), cudaMemcpyDefault, c->stream),
-                         "read expert slots", err);
-    if (s == ESFT_OK)
-        s = esft_cuda__check(cudaMemcpyAsync(*offsets, w->offsets, (size_t)(E + 1) * sizeof(int32_t),
-                                             cudaMemcpyDeviceToHost, c->stream), "read expert offsets", err);
+    *offsets = c->host;
+    return esft_cuda__check(cudaMemcpyAsync(*offsets, device_offsets, (size_t)(E + 1) * sizeof(int32_t),
+                                            cudaMemcpyDeviceToHost, c->stream), "read expert offsets", err);
+}
+
+/* The expert offsets (E + 1) on the host, with the deferred flags, in one wait:
+   the expert GEMM batches are built on the host. (The slot table is the
+   layer's host memory: esft_moe_init allocates it with the layer's allocator.) */
+static esft_status esft_cuda__moe_tables(esft_cuda__context *c, const esft_moe *m, const esft_cuda__moe_ws *w,
+                                         int32_t **offsets, esft_error *err)
+{
+    esft_status s = esft_cuda__queue_offsets(c, w->offsets, m->cfg.route.n_experts, offsets, err);
+    if (s == ESFT_OK) s = esft_cuda__queue_flags(c, err);
     if (s == ESFT_OK) s = esft_cuda__finish(c, "read expert tables", err);
     return s;
 }
 
-/* Routed experts forward: gate and up GEMMs per expert, one fused SwiGLU over
-   all rows, then the down GEMMs. */
+/* The verdicts deferred to the tables' wait: the op's input (x or dy) first,
+   then the router logits (a finite x with NaN router weights). */
+static esft_status esft_cuda__moe_verdicts(esft_cuda__context *c, const float *input, const char *what, int D, int E,
+                                           esft_error *err)
+{
+    unsigned long long bad_input, bad_logit;
+    esft_status s = esft_cuda__deferred(c, ESFT_CUDA__FLAG_INPUT, &bad_input, err);
+    if (s == ESFT_OK) s = esft_cuda__deferred(c, ESFT_CUDA__FLAG_LOGITS, &bad_logit, err);
+    if (s == ESFT_OK) s = esft_cuda__finite_verdict(input, bad_input, what, (size_t)D, err);
+    if (s == ESFT_OK) s = esft_cuda__route_verdict(bad_logit, E, err);
+    return s;
+}
+
+/* Routed experts forward: one batch of gate and up GEMMs over every expert,
+   one fused SwiGLU over all rows, one batch of down GEMMs. */
 static esft_status esft_cuda__experts_forward(esft_cuda__context *c, const esft_moe *m, esft_cuda__moe_ws *w,
-                                              const int32_t *slot, const int32_t *off, int T,
-                                              cublasComputeType_t math, esft_error *err)
+                                              const int32_t *off, int T, cublasComputeType_t math, esft_error *err)
 {
     int D = m->cfg.d_model, F = m->cfg.d_expert, E = m->cfg.route.n_experts, K = m->cfg.route.top_k;
     size_t nf = (size_t)T * K * F;
-    esft_status s = ESFT_OK;
-    for (int e = 0; e < E && s == ESFT_OK; e++) {
+    const float *W[3];
+    float *G[3];
+    esft_cuda__batch b;
+    esft_status s = esft_cuda__batch_begin(c, &b, 2 * E, 0, 1, D, D, F, 0.0f, err);
+    if (s != ESFT_OK) return s;
+    for (int e = 0; e < E; e++) { /* g = xg Wg^T, u = xg Wu^T */
         int n = off[e + 1] - off[e];
         size_t rf = (size_t)off[e] * F, rd = (size_t)off[e] * D;
-        const float *W[3];
-        float *G[3];
-        if (n == 0) continue;
-        esft_cuda__expert(m, slot, e, W, G);
-        s = esft_cuda__gemm(c, math, 0, 1, n, F, D, 1.0f, w->xg + rd, D, W[0], D, 0.0f, w->g + rf, F, err);
-        if (s == ESFT_OK)
-            s = esft_cuda__gemm(c, math, 0, 1, n, F, D, 1.0f, w->xg + rd, D, W[1], D, 0.0f, w->u + rf, F, err);
+        esft_cuda__expert(m, e, W, G);
+        esft_cuda__batch_add(&b, n, F, D, w->xg + rd, W[0], w->g + rf);
+        esft_cuda__batch_add(&b, n, F, D, w->xg + rd, W[1], w->u + rf);
     }
-    if (s != ESFT_OK) return s;
+    if ((s = esft_cuda__batch_run(c, &b, math, err)) != ESFT_OK) return s;
     esft_cuda__swiglu_kernel<<<esft_cuda__grid(nf, 256), 256, 0, c->stream>>>(w->a, w->g, w->u, nf);
     if ((s = esft_cuda__launched("swiglu kernel", err)) != ESFT_OK) return s;
-    for (int e = 0; e < E && s == ESFT_OK; e++) {
-        int n = off[e + 1] - off[e];
-        const float *W[3];
-        float *G[3];
-        if (n == 0) continue;
-        esft_cuda__expert(m, slot, e, W, G);
-        s = esft_cuda__gemm(c, math, 0, 1, n, D, F, 1.0f, w->a + (size_t)off[e] * F, F, W[2], F, 0.0f,
-                            w->o + (size_t)off[e] * D, D, err);
+    if ((s = esft_cuda__batch_begin(c, &b, E, 0, 1, F, F, D, 0.0f, err)) != ESFT_OK) return s;
+    for (int e = 0; e < E; e++) { /* o = act Wd^T */
+        esft_cuda__expert(m, e, W, G);
+        esft_cuda__batch_add(&b, off[e + 1] - off[e], D, F, w->a + (size_t)off[e] * F, W[2], w->o + (size_t)off[e] * D);
     }
-    return s;
+    return esft_cuda__batch_run(c, &b, math, err);
 }
 
 /* The shared SwiGLU block writes y (or y = 0 without one). */
@@ -1028,93 +1473,113 @@ static esft_status esft_cuda__shared_forward(esft_cuda__context *c, const esft_m
     return esft_cuda__gemm(c, math, 0, 1, T, D, FS, 1.0f, w->as, FS, esft_cuda__shared_w(m, 2), FS, 0.0f, y, D, err);
 }
 
+/* Two waits per forward: one for the expert offsets (the GEMM batches are
+   built on the host) that also brings the verdicts on x and the logits, before
+   anything of the caller's is written; one at the end for the aux loss and the
+   verdict on y. */
 static esft_status esft_cuda__moe_forward(void *context, const esft_moe *m, float *y, float *aux_loss, const float *x,
                                           void *workspace, int T, esft_error *err)
 {
     esft_cuda__context *c = (esft_cuda__context *)context;
     const esft_moe_config *cfg = &m->cfg;
     int D = cfg->d_model, E = cfg->route.n_experts, K = cfg->route.top_k, n = T * K;
-    int32_t *slot, *off;
+    int32_t *off;
+    unsigned long long bad_y;
     cublasComputeType_t math;
     esft_cuda__moe_ws w;
     esft_status s;
     if ((s = esft_cuda__moe_check(m, y, x, x, workspace, err)) != ESFT_OK) return s;
     if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
     if ((s = esft_moe_workspace_view_at(cfg, T, workspace, &w, err)) != ESFT_OK) return s;
-    /* the input is this backend's to check: NaN/Inf in x, nothing written */
-    if ((s = esft_cuda__check_finite(c, x, (size_t)T * D, "x", (size_t)D, err)) != ESFT_OK) return s;
-    /* router in fp32, then the routing kernel (which reports non-finite logits) */
-    s = esft_cuda__gemm(c, CUBLAS_COMPUTE_32F, 0, 1, T, E, D, 1.0f, x, D, esft_cuda__router_w(m), D, 0.0f, w.logits,
-                        E, err);
-    if (s == ESFT_OK) s = esft_cuda__route_run(c, &cfg->route, w.ids, w.weights, w.probs, w.logits, T, err);
+    /* x is this backend's to check (NaN/Inf: nothing of the caller's written);
+       the router runs in fp32 and the routing kernel flags non-finite logits */
+    s = esft_cuda__finite_launch(c, x, (size_t)T * D, c->flag + ESFT_CUDA__FLAG_INPUT, err);
+    if (s == ESFT_OK)
+        s = esft_cuda__gemm(c, CUBLAS_COMPUTE_32F, 0, 1, T, E, D, 1.0f, x, D, esft_cuda__router_w(m), D, 0.0f,
+                            w.logits, E, err);
+    if (s == ESFT_OK)
+        s = esft_cuda__route_launch(c, &cfg->route, w.ids, w.weights, w.probs, w.logits, T,
+                                    c->flag + ESFT_CUDA__FLAG_LOGITS, err);
     if (s == ESFT_OK) s = esft_cuda__sort_slots(c, w.perm, w.pos, w.offsets, w.ids, n, E, err);
-    if (s == ESFT_OK) s = esft_cuda__moe_tables(c, m, &w, &slot, &off, err);
+    if (s == ESFT_OK) s = esft_cuda__moe_tables(c, m, &w, &off, err);
+    if (s == ESFT_OK) s = esft_cuda__moe_verdicts(c, x, "x", D, E, err);
     if (s != ESFT_OK) return s;
     esft_cuda__gather_kernel<<<n, 128, 0, c->stream>>>(w.xg, x, w.perm, K, D);
     if ((s = esft_cuda__launched("gather kernel", err)) != ESFT_OK) return s;
-    s = esft_cuda__experts_forward(c, m, &w, slot, off, T, math, err);
+    s = esft_cuda__experts_forward(c, m, &w, off, T, math, err);
     if (s == ESFT_OK) s = esft_cuda__shared_forward(c, m, &w, y, x, T, math, err);
     if (s != ESFT_OK) return s;
     esft_cuda__combine_kernel<<<T, 128, 0, c->stream>>>(y, w.o, w.weights, w.pos, K, D);
     if ((s = esft_cuda__launched("combine kernel", err)) != ESFT_OK) return s;
-    s = esft_cuda__aux_forward(c, cfg, &w, T, aux_loss, err);
+    /* y's check is queued before the aux loss's wait, which then serves both */
+    s = esft_cuda__finite_launch(c, y, (size_t)T * D, c->flag + ESFT_CUDA__FLAG_INPUT, err);
+    if (s == ESFT_OK) s = esft_cuda__queue_flags(c, err);
+    if (s == ESFT_OK) s = esft_cuda__aux_forward(c, cfg, &w, T, aux_loss, err);
     if (s == ESFT_OK) s = esft_cuda__finish(c, "moe forward", err);
-    if (s == ESFT_OK) s = esft_cuda__check_output(c, y, (size_t)T * D, "y", (size_t)D, err);
+    if (s == ESFT_OK) s = esft_cuda__deferred(c, ESFT_CUDA__FLAG_INPUT, &bad_y, err);
+    if (s == ESFT_OK) s = esft_cuda__output_verdict(y, bad_y, "y", (size_t)D, err);
     return s;
 }
 
 /* Routed experts backward: fills w->dw, accumulates into dx, and into the
-   gradients of trainable experts only (frozen experts skip every dW GEMM). */
+   gradients of trainable experts only (frozen experts skip every dW GEMM).
+   Each GEMM kind is one batch over the experts; the input gradient's two halves
+   (dg Wg, then du Wu into the same rows) are two batches, so no batch has two
+   problems writing one matrix. */
 static esft_status esft_cuda__experts_backward(esft_cuda__context *c, const esft_moe *m, esft_cuda__moe_ws *w,
-                                               const int32_t *slot, const int32_t *off, float *dx, const float *dy,
-                                               int T, cublasComputeType_t math, esft_error *err)
+                                               const int32_t *off, float *dx, const float *dy, int T,
+                                               cublasComputeType_t math, esft_error *err)
 {
     int D = m->cfg.d_model, F = m->cfg.d_expert, E = m->cfg.route.n_experts, K = m->cfg.route.top_k;
-    int n_all = T * K, any_trainable = 0;
+    int n_all = T * K;
     size_t nf = (size_t)n_all * F;
-    esft_status s = ESFT_OK;
     const float *W[3];
     float *G[3];
+    esft_cuda__batch b;
+    esft_status s;
     esft_cuda__dout_kernel<<<n_all, 128, 0, c->stream>>>(w->d, w->dw, dy, w->o, w->weights, w->perm, K, D);
     if ((s = esft_cuda__launched("dout kernel", err)) != ESFT_OK) return s;
-    for (int e = 0; e < E && s == ESFT_OK; e++) { /* b = dO Wd */
-        int n = off[e + 1] - off[e];
-        if (n == 0) continue;
-        esft_cuda__expert(m, slot, e, W, G);
-        any_trainable |= G[0] != NULL;
-        s = esft_cuda__gemm(c, math, 0, 0, n, F, D, 1.0f, w->d + (size_t)off[e] * D, D, W[2], F, 0.0f,
-                            w->b + (size_t)off[e] * F, F, err);
+    if ((s = esft_cuda__batch_begin(c, &b, E, 0, 0, D, F, F, 0.0f, err)) != ESFT_OK) return s;
+    for (int e = 0; e < E; e++) { /* b = dO Wd */
+        esft_cuda__expert(m, e, W, G);
+        esft_cuda__batch_add(&b, off[e + 1] - off[e], F, D, w->d + (size_t)off[e] * D, W[2], w->b + (size_t)off[e] * F);
     }
-    if (s == ESFT_OK && any_trainable) { /* dWd += dO^T act, trainable experts only */
+    if ((s = esft_cuda__batch_run(c, &b, math, err)) != ESFT_OK) return s;
+    if (m->n_trainable_experts > 0) { /* dWd += dO^T act: the activations recomputed once */
         esft_cuda__swiglu_kernel<<<esft_cuda__grid(nf, 256), 256, 0, c->stream>>>(w->a, w->g, w->u, nf);
-        s = esft_cuda__launched("swiglu kernel", err);
-        for (int e = 0; e < E && s == ESFT_OK; e++) {
-            int n = off[e + 1] - off[e];
-            esft_cuda__expert(m, slot, e, W, G);
-            if (n == 0 || !G[2]) continue;
-            s = esft_cuda__gemm(c, math, 1, 0, D, F, n, 1.0f, w->d + (size_t)off[e] * D, D, w->a + (size_t)off[e] * F,
-                                F, 1.0f, G[2], F, err);
+        if ((s = esft_cuda__launched("swiglu kernel", err)) != ESFT_OK) return s;
+        if ((s = esft_cuda__batch_begin(c, &b, E, 1, 0, D, F, F, 1.0f, err)) != ESFT_OK) return s;
+        for (int e = 0; e < E; e++) {
+            esft_cuda__expert(m, e, W, G);
+            if (G[2] && off[e + 1] > off[e])
+                esft_cuda__batch_add(&b, D, F, off[e + 1] - off[e], w->d + (size_t)off[e] * D,
+                                     w->a + (size_t)off[e] * F, G[2]);
         }
+        if ((s = esft_cuda__batch_run(c, &b, math, err)) != ESFT_OK) return s;
     }
-    if (s != ESFT_OK) return s;
     esft_cuda__swiglu_back_kernel<<<esft_cuda__grid(nf, 256), 256, 0, c->stream>>>(w->a, w->b, w->g, w->u, nf);
     if ((s = esft_cuda__launched("swiglu backward kernel", err)) != ESFT_OK) return s;
-    for (int e = 0; e < E && s == ESFT_OK; e++) {
-        int n = off[e + 1] - off[e];
-        size_t rf = (size_t)off[e] * F, rd = (size_t)off[e] * D;
-        if (n == 0) continue;
-        esft_cuda__expert(m, slot, e, W, G);
-        if (G[0]) { /* dWg += dg^T xg, dWu += du^T xg */
-            s = esft_cuda__gemm(c, math, 1, 0, F, D, n, 1.0f, w->b + rf, F, w->xg + rd, D, 1.0f, G[0], D, err);
-            if (s == ESFT_OK)
-                s = esft_cuda__gemm(c, math, 1, 0, F, D, n, 1.0f, w->a + rf, F, w->xg + rd, D, 1.0f, G[1], D, err);
+    if (m->n_trainable_experts > 0) { /* dWg += dg^T xg, dWu += du^T xg */
+        if ((s = esft_cuda__batch_begin(c, &b, 2 * E, 1, 0, F, D, D, 1.0f, err)) != ESFT_OK) return s;
+        for (int e = 0; e < E; e++) {
+            int n = off[e + 1] - off[e];
+            size_t rf = (size_t)off[e] * F, rd = (size_t)off[e] * D;
+            esft_cuda__expert(m, e, W, G);
+            if (!G[0] || n == 0) continue; /* K = n = 0 would still be a problem: C += 0 */
+            esft_cuda__batch_add(&b, F, D, n, w->b + rf, w->xg + rd, G[0]);
+            esft_cuda__batch_add(&b, F, D, n, w->a + rf, w->xg + rd, G[1]);
         }
-        if (s == ESFT_OK) /* input gradient of the expert's rows: dg Wg + du Wu */
-            s = esft_cuda__gemm(c, math, 0, 0, n, D, F, 1.0f, w->b + rf, F, W[0], D, 0.0f, w->d + rd, D, err);
-        if (s == ESFT_OK)
-            s = esft_cuda__gemm(c, math, 0, 0, n, D, F, 1.0f, w->a + rf, F, W[1], D, 1.0f, w->d + rd, D, err);
+        if ((s = esft_cuda__batch_run(c, &b, math, err)) != ESFT_OK) return s;
     }
-    if (s != ESFT_OK) return s;
+    for (int half = 0; half < 2; half++) { /* d = dg Wg, then d += du Wu */
+        const float *src = half == 0 ? w->b : w->a;
+        if ((s = esft_cuda__batch_begin(c, &b, E, 0, 0, F, D, D, half == 0 ? 0.0f : 1.0f, err)) != ESFT_OK) return s;
+        for (int e = 0; e < E; e++) {
+            esft_cuda__expert(m, e, W, G);
+            esft_cuda__batch_add(&b, off[e + 1] - off[e], D, F, src + (size_t)off[e] * F, W[half], w->d + (size_t)off[e] * D);
+        }
+        if ((s = esft_cuda__batch_run(c, &b, math, err)) != ESFT_OK) return s;
+    }
     esft_cuda__scatter_kernel<<<T, 128, 0, c->stream>>>(dx, w->d, w->pos, K, D);
     return esft_cuda__launched("scatter kernel", err);
 }
@@ -1151,6 +1616,8 @@ static esft_status esft_cuda__shared_backward(esft_cuda__context *c, const esft_
     return s;
 }
 
+/* Two waits per backward, as the forward: the expert offsets with the
+   verdict on dy (before any gradient is touched), and the end with dx's. */
 static esft_status esft_cuda__moe_backward(void *context, const esft_moe *m, float *dx, const float *dy,
                                            const float *x, void *workspace, int T, esft_error *err)
 {
@@ -1158,16 +1625,18 @@ static esft_status esft_cuda__moe_backward(void *context, const esft_moe *m, flo
     const esft_moe_config *cfg = &m->cfg;
     int D = cfg->d_model, E = cfg->route.n_experts, K = cfg->route.top_k;
     int S = esft_cuda__aux_len(cfg, T);
-    int32_t *slot, *off;
+    int32_t *off;
+    unsigned long long bad_dx;
     cublasComputeType_t math;
     esft_cuda__moe_ws w;
     esft_status s;
     if ((s = esft_cuda__moe_check(m, dx, dy, x, workspace, err)) != ESFT_OK) return s;
     if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
     if ((s = esft_moe_workspace_view_at(cfg, T, workspace, &w, err)) != ESFT_OK) return s;
-    if ((s = esft_cuda__check_finite(c, dy, (size_t)T * D, "dy", (size_t)D, err)) != ESFT_OK) return s;
-    if ((s = esft_cuda__moe_tables(c, m, &w, &slot, &off, err)) != ESFT_OK) return s;
-    s = esft_cuda__experts_backward(c, m, &w, slot, off, dx, dy, T, math, err);
+    s = esft_cuda__finite_launch(c, dy, (size_t)T * D, c->flag + ESFT_CUDA__FLAG_INPUT, err);
+    if (s == ESFT_OK) s = esft_cuda__moe_tables(c, m, &w, &off, err);
+    if (s == ESFT_OK) s = esft_cuda__moe_verdicts(c, dy, "dy", D, E, err);
+    if (s == ESFT_OK) s = esft_cuda__experts_backward(c, m, &w, off, dx, dy, T, math, err);
     if (s == ESFT_OK) s = esft_cuda__shared_backward(c, m, &w, dx, dy, x, T, math, err);
     if (s != ESFT_OK) return s;
     esft_cuda__route_back_kernel<<<(T + 3) / 4, 128, 0, c->stream>>>(
@@ -1178,8 +1647,11 @@ static esft_status esft_cuda__moe_backward(void *context, const esft_moe *m, flo
                         D, err);
     if (s == ESFT_OK && m->d_router)
         s = esft_cuda__gemm(c, CUBLAS_COMPUTE_32F, 1, 0, E, D, T, 1.0f, w.logits, E, x, D, 1.0f, m->d_router, D, err);
+    if (s == ESFT_OK) s = esft_cuda__finite_launch(c, dx, (size_t)T * D, c->flag + ESFT_CUDA__FLAG_INPUT, err);
+    if (s == ESFT_OK) s = esft_cuda__queue_flags(c, err);
     if (s == ESFT_OK) s = esft_cuda__finish(c, "moe backward", err);
-    if (s == ESFT_OK) s = esft_cuda__check_output(c, dx, (size_t)T * D, "dx", (size_t)D, err);
+    if (s == ESFT_OK) s = esft_cuda__deferred(c, ESFT_CUDA__FLAG_INPUT, &bad_dx, err);
+    if (s == ESFT_OK) s = esft_cuda__output_verdict(dx, bad_dx, "dx", (size_t)D, err);
     return s;
 }
 
@@ -1386,11 +1858,7 @@ static esft_status esft_cuda__pesc_check(const float *out, const char *out_name,
 static esft_status esft_cuda__pesc_offsets(esft_cuda__context *c, const esft_pesc_saved *sv, int E, int32_t **off,
                                            esft_error *err)
 {
-    esft_status s = esft_cuda__host_table(c, (size_t)E + 1, err);
-    if (s != ESFT_OK) return s;
-    *off = c->host;
-    s = esft_cuda__check(cudaMemcpyAsync(*off, sv->offset, (size_t)(E + 1) * sizeof(int32_t), cudaMemcpyDeviceToHost,
-                                         c->stream), "read expert offsets", err);
+    esft_status s = esft_cuda__queue_offsets(c, sv->offset, E, off, err);
     if (s == ESFT_OK) s = esft_cuda__finish(c, "read expert offsets", err);
     return s;
 }
@@ -1606,43 +2074,65 @@ static esft_status esft_cuda__pesc_backward(void *context, const esft_pesc_confi
 /* ===================================================================== */
 
 /* One pass over the block: reads p, g, m, v and writes p, m, v — 28 bytes per
-   parameter, the minimum. The CPU's float operations in the CPU's order, each
-   rounded on its own (the _rn intrinsics forbid fused multiply-adds), and the
-   scalar factors computed on the host by the CPU's formulas: the result is the
-   CPU's bits. The op first checks the gradients for NaN/Inf, as the CPU op. */
+   parameter, the minimum — in float4 (16-byte accesses) when the four pointers
+   share their offset within 16 bytes (cudaMalloc'd blocks all do), element by
+   element for the rest (esft_cuda__split). Multi-tensor by layout: the trainer
+   and esft_moe keep every trainable tensor of a model in one flat block with
+   mirrored gradients, m and v, so one launch updates all tensors at once (what
+   torch's fused multi-tensor apply assembles from per-tensor pointers). Every
+   element takes the CPU's float operations in the CPU's order, each rounded on
+   its own (the _rn intrinsics forbid fused multiply-adds), with the scalar
+   factors computed on the host by the CPU's formulas: the result is the CPU's
+   bits, whichever path an element takes.
+   The CPU contract — a NaN/Inf gradient gives ESFT_ERR_NUMERIC and nothing
+   changes — costs one float4 read of g (4 bytes per parameter) before the
+   update, and no extra round trip: the check and the update are queued
+   together and the update kernel does nothing when the check has set the flag,
+   so the op waits for the stream once. */
 typedef struct esft_cuda__adamw_params {
     float b1, b2, one_minus_b1, one_minus_b2, decay, step_size, bc2_sqrt, eps;
 } esft_cuda__adamw_params;
 
-__global__ static void esft_cuda__adamw_kernel(float *p, const float *g, float *m, float *v, size_t n,
-                                               esft_cuda__adamw_params a)
+__device__ static void esft_cuda__adamw_one(float *p, float g, float *m, float *v, const esft_cuda__adamw_params *a)
 {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        float gi = g[i];
-        float mi = __fadd_rn(__fmul_rn(a.b1, m[i]), __fmul_rn(a.one_minus_b1, gi));
-        float vi = __fadd_rn(__fmul_rn(a.b2, v[i]), __fmul_rn(__fmul_rn(a.one_minus_b2, gi), gi));
-        float den = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), a.bc2_sqrt), a.eps);
-        p[i] = __fsub_rn(__fmul_rn(p[i], a.decay), __fdiv_rn(__fmul_rn(a.step_size, mi), den));
-        m[i] = mi;
-        v[i] = vi;
+    float mi = __fadd_rn(__fmul_rn(a->b1, *m), __fmul_rn(a->one_minus_b1, g));
+    float vi = __fadd_rn(__fmul_rn(a->b2, *v), __fmul_rn(__fmul_rn(a->one_minus_b2, g), g));
+    float den = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), a->bc2_sqrt), a->eps);
+    *p = __fsub_rn(__fmul_rn(*p, a->decay), __fdiv_rn(__fmul_rn(a->step_size, mi), den));
+    *m = mi;
+    *v = vi;
+}
+
+/* p, g, m, v must not overlap (mirrored blocks never do). flag: the finite
+   check's result, queued before; anything but ~0 means leave everything. */
+__global__ static void esft_cuda__adamw_kernel(float *__restrict__ p, const float *__restrict__ g,
+                                               float *__restrict__ m, float *__restrict__ v, esft_cuda__split sp,
+                                               esft_cuda__adamw_params a, const unsigned long long *flag)
+{
+    float4 *p4 = (float4 *)(p + sp.head), *m4 = (float4 *)(m + sp.head), *v4 = (float4 *)(v + sp.head);
+    const float4 *g4 = (const float4 *)(g + sp.head);
+    if (*flag != ~0ULL) return;
+    for (size_t i = esft_cuda__thread(); i < sp.n4; i += esft_cuda__threads()) {
+        float4 pv = p4[i], gv = g4[i], mv = m4[i], vv = v4[i];
+        esft_cuda__adamw_one(&pv.x, gv.x, &mv.x, &vv.x, &a);
+        esft_cuda__adamw_one(&pv.y, gv.y, &mv.y, &vv.y, &a);
+        esft_cuda__adamw_one(&pv.z, gv.z, &mv.z, &vv.z, &a);
+        esft_cuda__adamw_one(&pv.w, gv.w, &mv.w, &vv.w, &a);
+        p4[i] = pv;
+        m4[i] = mv;
+        v4[i] = vv;
+    }
+    for (size_t r = esft_cuda__thread(); r < sp.n_one; r += esft_cuda__threads()) {
+        size_t i = esft_cuda__one_at(&sp, r);
+        esft_cuda__adamw_one(p + i, g[i], m + i, v + i, &a);
     }
 }
 
-static esft_status esft_cuda__adamw_step(void *context, const esft_adamw_config *cfg, float *params,
-                                         const float *grads, float *m, float *v, size_t n, long step,
-                                         esft_error *err)
+static esft_cuda__adamw_params esft_cuda__adamw_factors(const esft_adamw_config *cfg, long step)
 {
-    esft_cuda__context *c = (esft_cuda__context *)context;
     esft_cuda__adamw_params a;
     double bc1 = 1.0 - pow((double)cfg->beta1, (double)step);
     double bc2 = 1.0 - pow((double)cfg->beta2, (double)step);
-    esft_status s;
-    if (n == 0) return ESFT_OK;
-    if ((s = esft_cuda__need_device(params, "params", err)) != ESFT_OK ||
-        (s = esft_cuda__need_device(grads, "grads", err)) != ESFT_OK ||
-        (s = esft_cuda__need_device(m, "m", err)) != ESFT_OK || (s = esft_cuda__need_device(v, "v", err)) != ESFT_OK)
-        return s;
-    if ((s = esft_cuda__check_finite(c, grads, n, "gradient", 0, err)) != ESFT_OK) return s;
     a.b1 = cfg->beta1;
     a.b2 = cfg->beta2;
     a.one_minus_b1 = 1.0f - cfg->beta1;
@@ -1651,9 +2141,141 @@ static esft_status esft_cuda__adamw_step(void *context, const esft_adamw_config 
     a.step_size = (float)(cfg->lr / bc1);
     a.bc2_sqrt = (float)sqrt(bc2);
     a.eps = cfg->eps;
-    esft_cuda__adamw_kernel<<<esft_cuda__grid(n, 256), 256, 0, c->stream>>>(params, grads, m, v, n, a);
-    if ((s = esft_cuda__launched("adamw kernel", err)) != ESFT_OK) return s;
-    return esft_cuda__finish(c, "adamw step", err);
+    return a;
+}
+
+static esft_status esft_cuda__adamw_step(void *context, const esft_adamw_config *cfg, float *params,
+                                         const float *grads, float *m, float *v, size_t n, long step,
+                                         esft_error *err)
+{
+    esft_cuda__context *c = (esft_cuda__context *)context;
+    const void *ptrs[4] = {params, grads, m, v};
+    esft_cuda__split sp = esft_cuda__split_of(ptrs, 4, n);
+    unsigned long long bad;
+    float value;
+    esft_status s;
+    if (n == 0) return ESFT_OK;
+    if ((s = esft_cuda__need_device(params, "params", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(grads, "grads", err)) != ESFT_OK ||
+        (s = esft_cuda__need_device(m, "m", err)) != ESFT_OK || (s = esft_cuda__need_device(v, "v", err)) != ESFT_OK)
+        return s;
+    if ((s = esft_cuda__queue_finite(c, grads, n, err)) != ESFT_OK) return s;
+    esft_cuda__adamw_kernel<<<esft_cuda__split_grid(&sp, 256, 65535 * 8), 256, 0, c->stream>>>(
+        params, grads, m, v, sp, esft_cuda__adamw_factors(cfg, step), c->flag);
+    if ((s = esft_cuda__launched("adamw kernel", err)) != ESFT_OK) {
+        (void)esft_cuda__take_flag(c, &bad, NULL); /* waits for the queued check, re-arms the flag */
+        return s;
+    }
+    if ((s = esft_cuda__first_nonfinite(c, grads, &bad, &value, err)) != ESFT_OK || bad == ~0ULL) return s;
+    /* the CPU op's message (esft__adamw_step_cpu), word for word */
+    return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "gradient %llu is %s", bad, isnan(value) ? "NaN" : "Inf");
+}
+
+/* --- global-norm gradient clipping (esft_clip_grad_norm_with) ---
+   sum_squares: two passes with a fixed shape, so the same block gives the same
+   bits on every run. Pass 1: ESFT_CUDA__SUM_BLOCKS at most (fewer for small n,
+   a function of n and the pointer's offset within 16 bytes only, never of the
+   device), each thread adds the squares of its elements in double (float4
+   reads), the block adds its threads in a fixed tree; pass 2: one block adds
+   the partials the same way. No atomics. Each square of a float is exact in
+   double, so the only difference from the CPU's running sum is the order of
+   the additions (docs/cuda.md: ~1e-12 relative at worst in practice). */
+#define ESFT_CUDA__SUM_THREADS 256 /* a power of two: the tree halves it */
+#define ESFT_CUDA__SUM_BLOCKS 1024
+
+/* The sum of every thread's v, in a fixed tree; the result is valid in thread 0. */
+__device__ static double esft_cuda__block_sum(double v, double *smem)
+{
+    smem[threadIdx.x] = v;
+    __syncthreads();
+    for (unsigned half = ESFT_CUDA__SUM_THREADS / 2; half > 0; half /= 2) {
+        if (threadIdx.x < half) smem[threadIdx.x] += smem[threadIdx.x + half];
+        __syncthreads();
+    }
+    return smem[0];
+}
+
+__device__ static double esft_cuda__square(float x) { return (double)x * (double)x; }
+
+__global__ static void esft_cuda__sum_squares_kernel(double *partial, const float *x, esft_cuda__split sp)
+{
+    __shared__ double smem[ESFT_CUDA__SUM_THREADS];
+    const float4 *x4 = (const float4 *)(x + sp.head);
+    double acc = 0.0, total;
+    for (size_t i = esft_cuda__thread(); i < sp.n4; i += esft_cuda__threads()) {
+        float4 q = x4[i];
+        acc += esft_cuda__square(q.x) + esft_cuda__square(q.y) + esft_cuda__square(q.z) + esft_cuda__square(q.w);
+    }
+    for (size_t r = esft_cuda__thread(); r < sp.n_one; r += esft_cuda__threads())
+        acc += esft_cuda__square(x[esft_cuda__one_at(&sp, r)]);
+    total = esft_cuda__block_sum(acc, smem);
+    if (threadIdx.x == 0) partial[blockIdx.x] = total;
+}
+
+/* One block: out[0] = the sum of partial[0..n), each thread's share in index order, then the tree. */
+__global__ static void esft_cuda__sum_partials_kernel(double *out, const double *partial, unsigned n)
+{
+    __shared__ double smem[ESFT_CUDA__SUM_THREADS];
+    double acc = 0.0, total;
+    for (unsigned i = threadIdx.x; i < n; i += ESFT_CUDA__SUM_THREADS) acc += partial[i];
+    total = esft_cuda__block_sum(acc, smem);
+    if (threadIdx.x == 0) out[0] = total;
+}
+
+static esft_status esft_cuda__sum_squares(void *context, const float *x, size_t n, double *sum, esft_error *err)
+{
+    esft_cuda__context *c = (esft_cuda__context *)context;
+    const void *ptrs[1] = {x};
+    esft_cuda__split sp = esft_cuda__split_of(ptrs, 1, n);
+    unsigned blocks = esft_cuda__split_grid(&sp, ESFT_CUDA__SUM_THREADS, ESFT_CUDA__SUM_BLOCKS);
+    double *scratch, block_sum = 0.0;
+    void *mem;
+    esft_status s;
+    if (n == 0) return ESFT_OK;
+    if ((s = esft_cuda__need_device(x, "gradients", err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__scratch(c, (ESFT_CUDA__SUM_BLOCKS + 1) * sizeof(double), &mem, err)) != ESFT_OK) return s;
+    scratch = (double *)mem; /* [0, blocks): the partials; [ESFT_CUDA__SUM_BLOCKS]: the sum */
+    esft_cuda__sum_squares_kernel<<<blocks, ESFT_CUDA__SUM_THREADS, 0, c->stream>>>(scratch, x, sp);
+    if ((s = esft_cuda__launched("sum of squares kernel", err)) != ESFT_OK) return s;
+    esft_cuda__sum_partials_kernel<<<1, ESFT_CUDA__SUM_THREADS, 0, c->stream>>>(scratch + ESFT_CUDA__SUM_BLOCKS,
+                                                                                scratch, blocks);
+    if ((s = esft_cuda__launched("sum of partials kernel", err)) != ESFT_OK) return s;
+    s = esft_cuda__check(cudaMemcpyAsync(&block_sum, scratch + ESFT_CUDA__SUM_BLOCKS, sizeof block_sum,
+                                         cudaMemcpyDeviceToHost, c->stream), "download the sum of squares", err);
+    if (s == ESFT_OK) s = esft_cuda__finish(c, "sum of squares", err);
+    if (s != ESFT_OK) return s;
+    /* the CPU op's check and message (esft__sum_squares_cpu) */
+    if (!isfinite(*sum + block_sum)) return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "gradient norm is not finite");
+    *sum += block_sum;
+    return ESFT_OK;
+}
+
+/* x[i] *= factor, float4 where x's alignment allows; __fmul_rn is the CPU's product. */
+__global__ static void esft_cuda__scale_kernel(float *x, esft_cuda__split sp, float factor)
+{
+    float4 *x4 = (float4 *)(x + sp.head);
+    for (size_t i = esft_cuda__thread(); i < sp.n4; i += esft_cuda__threads()) {
+        float4 q = x4[i];
+        x4[i] = make_float4(__fmul_rn(q.x, factor), __fmul_rn(q.y, factor), __fmul_rn(q.z, factor),
+                            __fmul_rn(q.w, factor));
+    }
+    for (size_t r = esft_cuda__thread(); r < sp.n_one; r += esft_cuda__threads()) {
+        size_t i = esft_cuda__one_at(&sp, r);
+        x[i] = __fmul_rn(x[i], factor);
+    }
+}
+
+static esft_status esft_cuda__scale(void *context, float *x, size_t n, float factor, esft_error *err)
+{
+    esft_cuda__context *c = (esft_cuda__context *)context;
+    const void *ptrs[1] = {x};
+    esft_cuda__split sp = esft_cuda__split_of(ptrs, 1, n);
+    esft_status s;
+    if (n == 0) return ESFT_OK;
+    if ((s = esft_cuda__need_device(x, "gradients", err)) != ESFT_OK) return s;
+    esft_cuda__scale_kernel<<<esft_cuda__split_grid(&sp, 256, 65535 * 8), 256, 0, c->stream>>>(x, sp, factor);
+    if ((s = esft_cuda__launched("scale kernel", err)) != ESFT_OK) return s;
+    return esft_cuda__finish(c, "scale", err);
 }
 
 /* ===================================================================== */
@@ -1678,6 +2300,8 @@ static const esft_backend esft_cuda__backend = {
     /* .adamw_step = */ esft_cuda__adamw_step,
     /* .adapter_forward = */ esft_cuda__pesc_forward,
     /* .adapter_backward = */ esft_cuda__pesc_backward,
+    /* .sum_squares = */ esft_cuda__sum_squares,
+    /* .scale = */ esft_cuda__scale,
 };
 
 static int esft_cuda__ready;
@@ -1697,16 +2321,27 @@ static esft_status esft_cuda__start(esft_cuda__context *c, esft_error *err)
     if (n == 0) return esft_cuda__fail(err, ESFT_ERR_BACKEND, "no CUDA device: cudaGetDeviceCount found 0");
     esft_status s = esft_cuda__check(cudaGetDevice(&c->device), "cudaGetDevice", err);
     if (s == ESFT_OK) s = esft_cuda__check(cudaGetDeviceProperties(&prop, c->device), "cudaGetDeviceProperties", err);
-    if (s == ESFT_OK) snprintf(c->device_name, sizeof c->device_name, "%s", prop.name);
+    if (s == ESFT_OK) {
+        snprintf(c->device_name, sizeof c->device_name, "%s", prop.name);
+        c->sm_count = prop.multiProcessorCount > 0 ? prop.multiProcessorCount : 1;
+    }
     if (s == ESFT_OK) s = esft_cuda__check(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking),
                                            "cudaStreamCreate", err);
-    if (s == ESFT_OK) s = esft_cuda__check(cudaMalloc((void **)&c->flag, 2 * sizeof *c->flag), "cudaMalloc flag", err);
+    if (s == ESFT_OK)
+        s = esft_cuda__check(cudaMalloc((void **)&c->flag, ESFT_CUDA__FLAGS * sizeof *c->flag), "cudaMalloc flag", err);
+    if (s == ESFT_OK)
+        s = esft_cuda__check(cudaMallocHost((void **)&c->host_flags, ESFT_CUDA__FLAGS * sizeof *c->host_flags),
+                             "cudaMallocHost flags", err);
     /* armed on the op stream (non-blocking, so unordered with the legacy stream) and waited for */
-    if (s == ESFT_OK) s = esft_cuda__check(cudaMemcpyAsync(c->flag, &none, sizeof none, cudaMemcpyHostToDevice,
-                                                           c->stream), "arm the error flag", err);
-    if (s == ESFT_OK) s = esft_cuda__check(cudaStreamSynchronize(c->stream), "arm the error flag", err);
+    for (int i = 0; i < ESFT_CUDA__FLAGS && s == ESFT_OK; i++) {
+        c->host_flags[i] = none;
+        s = esft_cuda__check(cudaMemcpyAsync(c->flag + i, &none, sizeof none, cudaMemcpyHostToDevice, c->stream),
+                             "arm the error flags", err);
+    }
+    if (s == ESFT_OK) s = esft_cuda__check(cudaStreamSynchronize(c->stream), "arm the error flags", err);
     if (s != ESFT_OK) {
         if (c->flag) (void)cudaFree(c->flag);
+        if (c->host_flags) (void)cudaFreeHost(c->host_flags);
         if (c->stream) (void)cudaStreamDestroy(c->stream);
         memset(c, 0, sizeof *c);
         (void)cudaGetLastError();

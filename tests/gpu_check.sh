@@ -99,12 +99,12 @@ step test 180 test_cuda.log env ESFT_REQUIRE_CUDA=1 "$BUILD/tests/test_cuda"
 # 4-5. compute-sanitizer on small cases (ESFT_TEST_LIGHT: the V2-Lite case at T 64)
 SAN=${SANITIZER:-$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)}
 if [ -x "$SAN" ]; then
-    for t in cuda_route_softmax_renormalised cuda_stats_rejects cuda_moe_fp32 cuda_moe_non_finite cuda_adamw \
-             cuda_pesc_fp32; do
+    for t in cuda_route_softmax_renormalised cuda_stats_rejects cuda_moe_fp32 cuda_moe_expert_gemm_modes \
+             cuda_moe_non_finite cuda_adamw cuda_clip cuda_pesc_fp32; do
         step memcheck 60 "memcheck_$t.log" env ESFT_REQUIRE_CUDA=1 ESFT_TEST_LIGHT=1 \
             "$SAN" --tool memcheck --error-exitcode 3 "$BUILD/tests/test_cuda" "$t"
     done
-    for t in cuda_route_exact_ties cuda_stats_rejects cuda_moe_fp32 cuda_pesc_fp32; do
+    for t in cuda_route_exact_ties cuda_stats_rejects cuda_moe_fp32 cuda_clip cuda_pesc_fp32; do
         step racecheck 90 "racecheck_$t.log" env ESFT_REQUIRE_CUDA=1 ESFT_TEST_LIGHT=1 \
             "$SAN" --tool racecheck --error-exitcode 3 "$BUILD/tests/test_cuda" "$t"
     done

@@ -6,7 +6,9 @@
    pass by skipping); the constructor test runs everywhere. Same seeded inputs
    go through esft_backend_cpu() and esft_backend_cuda(), by the public calls
    (esft_route_with, esft_stats_add, esft_moe_forward/_backward,
-   esft_adamw_step, esft_pesc_forward_with/_backward_with) on plain cudaMalloc memory (the backend's alloc: never
+   esft_adamw_step, esft_clip_grad_norm_with, esft_pesc_forward_with/_backward_with;
+   the AdamW op also directly, to place each block at its own offset) on plain
+   cudaMalloc memory (the backend's alloc: never
    managed memory, which would hide a host read). Outputs are poisoned (NaN
    bytes) before every run, each op runs twice and the two runs must give the
    same bits. Tolerances are stated next to each comparison (docs/cuda.md
@@ -453,6 +455,8 @@ TEST(cuda_stats_bit_identical_to_cpu)
     CHECK_MSG(compare_stats(3001, 8, 256, 1, 0, "E256 weights"), "%s", cmp_msg);
     CHECK_MSG(compare_stats(999, 2, 8, 0, 1, "E8 counts only"), "%s", cmp_msg);
     CHECK_MSG(compare_stats(5000, 4, 3000, 1, 1, "E3000 global atomics"), "%s", cmp_msg);
+    /* more pairs than the grid has threads: every block loops (grid-stride) */
+    CHECK_MSG(compare_stats(400000, 6, 64, 1, 1, "E64 400k tokens, grid-stride"), "%s", cmp_msg);
 }
 
 /* Bad ids and weights are the backend's to find (esft_stats_add never reads
@@ -816,6 +820,43 @@ TEST(cuda_moe_rejects_bad_math_and_host_memory)
     }
 }
 
+/* ESFT_CUDA_EXPERTS: every way of running the expert GEMMs (one batch per GEMM
+   kind over the experts: cuBLAS's grouped call, side streams, or the per-expert
+   loop) against the CPU, in fp32 (all must pass) and bf16. A grouped call that
+   cuBLAS refuses for bf16 (NOT_SUPPORTED, or INVALID_VALUE) is a documented
+   outcome of the explicit mode, printed; "auto" must then fall back and pass. */
+TEST(cuda_moe_expert_gemm_modes_match_cpu)
+{
+    static const char *modes[4] = {"loop", "streams", "grouped", "auto"};
+    int i;
+    NEED_GPU();
+    for (i = 0; i < 4; i++) {
+        moe_case a, b;
+        setenv("ESFT_CUDA_EXPERTS", modes[i], 1);
+        printf("  ESFT_CUDA_EXPERTS=%s\n", modes[i]);
+        rng_seed(24);
+        a = moe_case_v2();
+        CHECK_MSG(compare_moe(&a, "fp32", MOE_FP32_NMSE, MOE_FP32_MAX, 0), "%s: %s", modes[i], cmp_msg);
+        pool_release();
+        b = moe_case_v2();
+        if (compare_moe(&b, "bf16", MOE_BF16_NMSE, MOE_BF16_MAX, 0)) continue;
+        if (strcmp(modes[i], "grouped") == 0 &&
+            (strstr(cmp_msg, "NOT_SUPPORTED") != NULL || strstr(cmp_msg, "INVALID_VALUE") != NULL)) {
+            printf("    grouped bf16 refused by cuBLAS (auto falls back to streams): %s\n", cmp_msg);
+            continue;
+        }
+        CHECK_MSG(0, "%s bf16: %s", modes[i], cmp_msg);
+    }
+    setenv("ESFT_CUDA_EXPERTS", "threads", 1);
+    {
+        moe_case c = moe_case_frozen();
+        CHECK(!compare_moe(&c, "fp32", 1, 1, 0));
+        CHECK_MSG(strstr(cmp_msg, "ESFT_CUDA_EXPERTS=threads") != NULL, "message: %s", cmp_msg);
+    }
+    unsetenv("ESFT_CUDA_EXPERTS");
+    unsetenv("ESFT_CUDA_MATH");
+}
+
 /* DeepSeek-V2-Lite's layer at full width: D 2048, E 64, K 6, F 1408, FS 2816,
    8 of 64 experts, router and shared block trainable, aux per sequence. T is
    kept small (the CPU reference runs it too): 256 tokens, ESFT_TEST_LIGHT=1
@@ -877,6 +918,14 @@ TEST(cuda_moe_non_finite_inputs_named_like_the_cpu)
         CHECK_STATUS(esft_moe_forward(&lg, (float *)y_g, NULL, (const float *)x_g, ws_g, bytes, 32, &eg),
                      ESFT_ERR_NUMERIC);
         CHECK_MSG(strcmp(eg.message, ec.message) == 0, "cuda '%.100s', cpu '%.100s'", eg.message, ec.message);
+        { /* refused before anything of the caller's was written: y still holds the poison */
+            unsigned char *after = (unsigned char *)fetch(y_g, sizeof y);
+            size_t b;
+            int poisoned = after != NULL;
+            for (b = 0; poisoned && b < sizeof y; b++) poisoned = after[b] == 0xFF;
+            CHECK_MSG(poisoned, "y was written by a forward that refused a non-finite x");
+            free(after);
+        }
     }
     x[3 * 16 + 5] = 0.5f;
     x_g = dev(x, 32 * 16 * 4);
@@ -895,6 +944,61 @@ TEST(cuda_moe_non_finite_inputs_named_like_the_cpu)
     esft_moe_uninit(&lc);
     esft_moe_uninit(&lg);
     free(w); free(x); free(ws_c);
+}
+
+/* The forward's routing feeds the statistics with no second router pass: the
+   GPU layer's workspace regions (esft_moe_workspace_view_at) go straight into
+   esft_stats_add on the GPU, and give the bits the CPU accumulator gets from
+   the same routing downloaded. */
+TEST(cuda_stats_from_the_forward_routing)
+{
+    esft_moe_config cfg = esft_moe_config_init(32, 8, 2, 16, 0);
+    const int T = 96;
+    size_t ne = (size_t)8 * 16 * 32, bytes = 0, i;
+    float *w, *x;
+    void *ws, *x_g, *y_g;
+    int32_t *ids;
+    float *weights;
+    esft_moe_weights wh, wd;
+    esft_moe_workspace_view v;
+    esft_moe lg;
+    esft_stats sc, sg;
+    esft_error e;
+    NEED_GPU();
+    rng_seed(12);
+    cfg.route.renormalize = 1;
+    w = random_floats(ne, -0.3f, 0.3f);
+    x = random_floats((size_t)T * 32, -1.0f, 1.0f);
+    memset(&wh, 0, sizeof wh);
+    wh.router = w; wh.gate = w; wh.up = w; wh.down = w;
+    wd = wh;
+    wd.router = wd.gate = wd.up = wd.down = (const float *)dev(w, ne * 4);
+    CHECK_STATUS(esft_moe_workspace_size(&cfg, T, &bytes, &e), ESFT_OK);
+    ws = dev(NULL, bytes);
+    x_g = dev(x, (size_t)T * 32 * 4);
+    y_g = dev(NULL, (size_t)T * 32 * 4);
+    CHECK(wd.router && ws && x_g && y_g);
+    CHECK_STATUS(esft_moe_init(&lg, &cfg, &wh, NULL, &e), ESFT_OK);
+    CHECK_STATUS(esft_moe_set_backend(&lg, gpu(), &wd, &e), ESFT_OK);
+    CHECK_STATUS(esft_moe_forward(&lg, (float *)y_g, NULL, (const float *)x_g, ws, bytes, T, &e), ESFT_OK);
+    CHECK_STATUS(esft_moe_workspace_view_at(&cfg, T, ws, &v, &e), ESFT_OK);
+    CHECK_STATUS(esft_stats_init(&sc, 1, 8, 2, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_init(&sg, 1, 8, 2, NULL), ESFT_OK);
+    CHECK_STATUS(esft_stats_set_backend(&sg, gpu(), &e), ESFT_OK);
+    CHECK_STATUS(esft_stats_add(&sg, 0, v.ids, v.weights, NULL, T, &e), ESFT_OK);
+    ids = (int32_t *)fetch(v.ids, (size_t)T * 2 * 4);
+    weights = (float *)fetch(v.weights, (size_t)T * 2 * 4);
+    CHECK(ids && weights);
+    CHECK_STATUS(esft_stats_add(&sc, 0, ids, weights, NULL, T, &e), ESFT_OK);
+    for (i = 0; i < 8; i++) {
+        CHECK(sg.count[i] == sc.count[i]);
+        CHECK(sg.gate_sum[i] == sc.gate_sum[i]);
+    }
+    CHECK(sg.n_tokens[0] == (uint64_t)T && sc.n_tokens[0] == (uint64_t)T);
+    esft_stats_uninit(&sc);
+    esft_stats_uninit(&sg);
+    esft_moe_uninit(&lg);
+    free(w); free(x); free(ids); free(weights);
 }
 
 /* ---------------------------------------------------------------------- */
@@ -972,6 +1076,205 @@ TEST(cuda_adamw_bit_identical_to_cpu)
     free(p0); free(g); free(p); free(run1);
 }
 
+/* ---------------------------------------------------------------------- */
+/* AdamW op: the float4 path, the tails, misaligned blocks                  */
+/* ---------------------------------------------------------------------- */
+
+#define GUARD 8 /* poisoned floats before and after each guarded block (32 bytes: alignment kept) */
+
+/* A device block of n floats, `shift` floats (0..3) past a 16-byte boundary
+   (cudaMalloc aligns to 256), between GUARD poisoned floats on each side;
+   host's values copied in. NULL on failure. */
+static float *guarded(const float *host, size_t n, int shift)
+{
+    size_t total = n + 2 * GUARD + 4;
+    float *base = (float *)dev(NULL, total * 4), *d;
+    if (!poison(base, total * 4)) return NULL;
+    d = base + GUARD + shift;
+    if (n && gpu()->upload(gpu()->context, d, host, n * 4) != ESFT_OK) return NULL;
+    return d;
+}
+
+/* 1 when the GUARD floats on each side of d[0..n) still hold the poison: the
+   op wrote nothing outside its block. */
+static int guards_intact(const float *d, size_t n)
+{
+    unsigned char *before = (unsigned char *)fetch(d - GUARD, GUARD * 4);
+    unsigned char *after = (unsigned char *)fetch(d + n, GUARD * 4);
+    int i, ok = before && after;
+    for (i = 0; ok && i < GUARD * 4; i++) ok = before[i] == 0xFF && after[i] == 0xFF;
+    free(before);
+    free(after);
+    return ok;
+}
+
+/* 1 when device d[0..n) holds host want's bits; prints the first differences. */
+static int bits_equal(const char *what, const float *d, const float *want, size_t n)
+{
+    float *got = (float *)fetch(d, n * 4);
+    size_t i, bad = 0;
+    if (!got) return 0;
+    for (i = 0; i < n; i++)
+        if (memcmp(got + i, want + i, 4) != 0 && bad++ < 3)
+            printf("    %s[%lu]: cuda %.9g (0x%08x) cpu %.9g\n", what, (unsigned long)i, got[i],
+                   *(const unsigned *)(got + i), want[i]);
+    free(got);
+    return bad == 0;
+}
+
+/* The AdamW op of both backends, called directly (so each of p, g, m, v can
+   sit at its own offset), three steps from the same start: the GPU's p, m, v
+   are the CPU's bits, nothing outside the blocks is written, a second run from
+   the same start gives the same bits (implied: both equal the CPU's), and a
+   NaN in the last gradient (the tail, or the last float4) is refused with the
+   CPU's status and message, p, m, v unchanged. shift: p, g, m, v's offsets
+   in floats past a 16-byte boundary. */
+static void adamw_op_case(size_t n, const int shift[4])
+{
+    const esft_backend *cpu = esft_backend_cpu();
+    esft_adamw_config cfg = esft_adamw_config_init();
+    float *h[4], *start[4], *d[4] = {NULL, NULL, NULL, NULL}, nan_g = NAN;
+    esft_error e, ec;
+    long step;
+    int k, run;
+    cfg.lr = 1e-2f;
+    rng_seed(40 + n);
+    start[0] = random_floats(n, -1.0f, 1.0f);
+    start[1] = random_floats(n, -1e-2f, 1e-2f);
+    start[2] = (float *)calloc(n, 4);
+    start[3] = (float *)calloc(n, 4);
+    start[1][n / 2] = 0.0f; /* the eps-only denominator */
+    for (k = 0; k < 4; k++) {
+        h[k] = (float *)malloc(n * 4);
+        CHECK(start[k] && h[k]);
+        memcpy(h[k], start[k], n * 4);
+    }
+    for (step = 1; step <= 3; step++)
+        CHECK_STATUS(cpu->adamw_step(cpu->context, &cfg, h[0], h[1], h[2], h[3], n, step, &ec), ESFT_OK);
+    for (run = 0; run < 2; run++) {
+        pool_release();
+        for (k = 0; k < 4; k++) CHECK((d[k] = guarded(start[k], n, shift[k])) != NULL);
+        for (step = 1; step <= 3; step++)
+            CHECK_STATUS(gpu()->adamw_step(gpu()->context, &cfg, d[0], d[1], d[2], d[3], n, step, &e), ESFT_OK);
+        CHECK_MSG(bits_equal("p", d[0], h[0], n) && bits_equal("m", d[2], h[2], n) && bits_equal("v", d[3], h[3], n),
+                  "adamw n %lu shift %d%d%d%d run %d: not the CPU's bits", (unsigned long)n, shift[0], shift[1],
+                  shift[2], shift[3], run + 1);
+        for (k = 0; k < 4; k++) CHECK_MSG(guards_intact(d[k], n), "adamw n %lu: wrote outside block %d", (unsigned long)n, k);
+    }
+    h[1][n - 1] = NAN;
+    CHECK(cudaMemcpy(d[1] + n - 1, &nan_g, 4, cudaMemcpyHostToDevice) == cudaSuccess);
+    CHECK_STATUS(cpu->adamw_step(cpu->context, &cfg, h[0], h[1], h[2], h[3], n, 4, &ec), ESFT_ERR_NUMERIC);
+    CHECK_STATUS(gpu()->adamw_step(gpu()->context, &cfg, d[0], d[1], d[2], d[3], n, 4, &e), ESFT_ERR_NUMERIC);
+    CHECK_MSG(strcmp(e.message, ec.message) == 0, "cuda '%.100s', cpu '%.100s'", e.message, ec.message);
+    CHECK_MSG(bits_equal("p", d[0], h[0], n) && bits_equal("m", d[2], h[2], n) && bits_equal("v", d[3], h[3], n),
+              "adamw n %lu: a refused step changed p, m or v", (unsigned long)n);
+    for (k = 0; k < 4; k++) {
+        free(start[k]);
+        free(h[k]);
+    }
+}
+
+/* Sizes and offsets that reach every path of the kernel: scalar only (n < 4),
+   float4 with and without a tail (n % 4), a head peeled until all four
+   pointers reach 16 bytes together (all shifted alike), pointers that never
+   do (one shifted: all scalar), and a head longer than the block. */
+TEST(cuda_adamw_op_float4_tails_and_misaligned_blocks_bit_identical_to_cpu)
+{
+    static const int none[4] = {0, 0, 0, 0}, all1[4] = {1, 1, 1, 1}, p_only[4] = {1, 0, 0, 0},
+                     all3[4] = {3, 3, 3, 3}, mixed[4] = {2, 2, 2, 1};
+    static const struct {
+        size_t n;
+        const int *shift;
+    } cases[] = {{1, none}, {3, none}, {4, none}, {5, none}, {(1u << 20) + 3, none}, {(1u << 20) + 4, none},
+                 {100003, all1}, {100003, p_only}, {100002, mixed}, {2, all3}, {7, all3}};
+    size_t i;
+    NEED_GPU();
+    for (i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        adamw_op_case(cases[i].n, cases[i].shift);
+        if (harness_state == 1) return;
+    }
+    printf("  adamw op: %d cases (n 1 .. 2^20+4, aligned, peeled, unaligned), CPU bits\n",
+           (int)(sizeof cases / sizeof cases[0]));
+}
+
+/* ---------------------------------------------------------------------- */
+/* global-norm clipping: esft_clip_grad_norm_with on the GPU                 */
+/* ---------------------------------------------------------------------- */
+
+/* Tolerance of the norm: both sides add exact double squares, the CPU in
+   element order, the GPU in a fixed tree; the rounding of ~10^6 additions in
+   double gives ~1e-14 relative on random data, 1e-12 leaves room and still
+   catches a single lost or doubled element (>= 1e-7 relative here). */
+#define CLIP_NORM_RTOL 1e-12
+#define CLIP_BLOCKS 4
+
+/* Four blocks (one empty, odd sizes, three offsets from 16 bytes) clipped to
+   max_norm 1 on both backends: the GPU's norm within CLIP_NORM_RTOL of the
+   CPU's; every clipped float is the GPU's factor (float)(1 / (norm + 1e-6))
+   times the input, as the CPU's scale makes it; nothing outside the blocks
+   is written; a second run gives the same norm and blocks, bit for bit.
+   Measuring only (max_norm 0) changes nothing. A NaN is refused with the
+   CPU's status and message, the norm not written, no block scaled; a host
+   block is refused. */
+TEST(cuda_clip_grad_norm_matches_cpu_deterministic_and_refuses_nan)
+{
+    static const size_t sizes[CLIP_BLOCKS] = {100003, 0, 5, (1u << 20) + 1};
+    static const int shifts[CLIP_BLOCKS] = {0, 0, 1, 2};
+    float *h[CLIP_BLOCKS], *c[CLIP_BLOCKS], *d[CLIP_BLOCKS], *want = NULL, nan_g = NAN, factor;
+    double cpu_norm = 0.0, norm = 0.0, first = 0.0, measured = -1.0;
+    esft_error e, ec;
+    int b, run;
+    size_t i;
+    NEED_GPU();
+    CHECK(gpu()->sum_squares != NULL && gpu()->scale != NULL);
+    rng_seed(50);
+    for (b = 0; b < CLIP_BLOCKS; b++) {
+        h[b] = random_floats(sizes[b], -1.0f, 1.0f);
+        c[b] = (float *)malloc(sizes[b] * 4 + 4);
+        CHECK(h[b] && c[b]);
+        memcpy(c[b], h[b], sizes[b] * 4);
+    }
+    CHECK_STATUS(esft_clip_grad_norm(c, sizes, CLIP_BLOCKS, 1.0f, &cpu_norm, &ec), ESFT_OK);
+    for (run = 0; run < 2; run++) {
+        pool_release();
+        for (b = 0; b < CLIP_BLOCKS; b++) CHECK((d[b] = guarded(h[b], sizes[b], shifts[b])) != NULL);
+        CHECK_STATUS(esft_clip_grad_norm_with(gpu(), d, sizes, CLIP_BLOCKS, 1.0f, &norm, &e), ESFT_OK);
+        printf("  clip norm: cuda %.17g cpu %.17g, relative %.2g (tol %.0e)\n", norm, cpu_norm,
+               fabs(norm - cpu_norm) / cpu_norm, CLIP_NORM_RTOL);
+        CHECK(fabs(norm - cpu_norm) <= CLIP_NORM_RTOL * cpu_norm);
+        if (run == 0) first = norm;
+        CHECK_MSG(memcmp(&first, &norm, sizeof norm) == 0, "run 2's norm %.17g, run 1's %.17g", norm, first);
+        factor = (float)(1.0f / (norm + 1e-6));
+        for (b = 0; b < CLIP_BLOCKS; b++) {
+            want = (float *)malloc(sizes[b] * 4 + 4);
+            CHECK(want != NULL);
+            for (i = 0; i < sizes[b]; i++) want[i] = h[b][i] * factor;
+            CHECK_MSG(bits_equal("clipped", d[b], want, sizes[b]), "block %d, run %d", b, run + 1);
+            CHECK_MSG(guards_intact(d[b], sizes[b]), "clip wrote outside block %d", b);
+            free(want);
+        }
+    }
+    pool_release();
+    for (b = 0; b < CLIP_BLOCKS; b++) CHECK((d[b] = guarded(h[b], sizes[b], shifts[b])) != NULL);
+    CHECK_STATUS(esft_clip_grad_norm_with(gpu(), d, sizes, CLIP_BLOCKS, 0.0f, &measured, &e), ESFT_OK);
+    CHECK(memcmp(&measured, &first, sizeof first) == 0);
+    for (b = 0; b < CLIP_BLOCKS; b++) CHECK_MSG(bits_equal("measured only", d[b], h[b], sizes[b]), "block %d", b);
+    CHECK(cudaMemcpy(d[3] + 12345, &nan_g, 4, cudaMemcpyHostToDevice) == cudaSuccess);
+    c[3][12345] = NAN;
+    measured = -1.0;
+    CHECK_STATUS(esft_clip_grad_norm(c, sizes, CLIP_BLOCKS, 1.0f, &cpu_norm, &ec), ESFT_ERR_NUMERIC);
+    CHECK_STATUS(esft_clip_grad_norm_with(gpu(), d, sizes, CLIP_BLOCKS, 1.0f, &measured, &e), ESFT_ERR_NUMERIC);
+    CHECK_MSG(strcmp(e.message, ec.message) == 0, "cuda '%.100s', cpu '%.100s'", e.message, ec.message);
+    CHECK(measured == -1.0);
+    for (b = 0; b < 3; b++) CHECK_MSG(bits_equal("after NaN", d[b], h[b], sizes[b]), "block %d scaled", b);
+    CHECK_STATUS(esft_clip_grad_norm_with(gpu(), h, sizes, CLIP_BLOCKS, 1.0f, &measured, &e),
+                 ESFT_ERR_INVALID_ARGUMENT);
+    for (b = 0; b < CLIP_BLOCKS; b++) {
+        free(h[b]);
+        free(c[b]);
+    }
+}
+
 /* The GPU check's device probe (tests/gpu_check.sh runs it alone): the
    backend starts and fills every op of the table (NULL would make esft.h
    answer ESFT_ERR_UNSUPPORTED). */
@@ -981,7 +1284,7 @@ TEST(cuda_device_starts_with_every_op)
     NEED_GPU();
     b = gpu();
     CHECK(b->route && b->stats_accumulate && b->moe_forward && b->moe_backward && b->adamw_step);
-    CHECK(b->adapter_forward && b->adapter_backward);
+    CHECK(b->adapter_forward && b->adapter_backward && b->sum_squares && b->scale);
 }
 
 /* ---------------------------------------------------------------------- */

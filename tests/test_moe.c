@@ -568,6 +568,101 @@ TEST(clip_grad_norm_over_blocks)
     CHECK_STATUS(esft_clip_grad_norm(NULL, sizes, 2, 1.0f, &norm, NULL), ESFT_ERR_INVALID_ARGUMENT);
 }
 
+/* The clipping of esft.h before the backend ops, kept here as the reference:
+   one running double sum over all blocks in order, then one float factor. */
+static double clip_reference(float **blocks, const size_t *sizes, int n_blocks, float max_norm)
+{
+    double sum = 0.0, total;
+    int b;
+    size_t i;
+    for (b = 0; b < n_blocks; b++)
+        for (i = 0; i < sizes[b]; i++) sum += (double)blocks[b][i] * blocks[b][i];
+    total = sqrt(sum);
+    if (max_norm > 0.0f && total > max_norm) {
+        float scale = (float)(max_norm / (total + 1e-6));
+        for (b = 0; b < n_blocks; b++)
+            for (i = 0; i < sizes[b]; i++) blocks[b][i] *= scale;
+    }
+    return total;
+}
+
+/* esft_clip_grad_norm_with(esft_backend_cpu()) and esft_clip_grad_norm give the
+   reference's bits: the norm and every clipped float, over blocks of odd sizes
+   (an empty one among them), clipping and measuring only. */
+TEST(clip_grad_norm_with_cpu_backend_is_the_reference_bit_for_bit)
+{
+    size_t sizes[4] = {1001, 0, 3, 70000}, total = 1001 + 3 + 70000, k;
+    float *ref = (float *)malloc(total * sizeof(float)), *got = (float *)malloc(total * sizeof(float));
+    float *got2 = (float *)malloc(total * sizeof(float));
+    float *rb[4], *gb[4], *gb2[4];
+    double want, norm = -1.0, norm2 = -1.0;
+    int b, max_i;
+    static const float maxes[3] = {0.5f, 1e6f, 0.0f}; /* clips; under the limit; measure only */
+    CHECK(ref && got && got2);
+    for (max_i = 0; max_i < 3; max_i++) {
+        size_t off = 0;
+        rng_state = 77;
+        fill(ref, total, 0.01f);
+        memcpy(got, ref, total * sizeof(float));
+        memcpy(got2, ref, total * sizeof(float));
+        for (b = 0; b < 4; b++) {
+            rb[b] = ref + off; gb[b] = got + off; gb2[b] = got2 + off;
+            off += sizes[b];
+        }
+        want = clip_reference(rb, sizes, 4, maxes[max_i]);
+        CHECK_STATUS(esft_clip_grad_norm_with(esft_backend_cpu(), gb, sizes, 4, maxes[max_i], &norm, NULL), ESFT_OK);
+        CHECK_STATUS(esft_clip_grad_norm(gb2, sizes, 4, maxes[max_i], &norm2, NULL), ESFT_OK);
+        CHECK(memcmp(&norm, &want, sizeof norm) == 0 && memcmp(&norm2, &want, sizeof norm) == 0);
+        for (k = 0; k < total; k++)
+            if (memcmp(got + k, ref + k, 4) != 0 || memcmp(got2 + k, ref + k, 4) != 0) break;
+        CHECK_MSG(k == total, "max_norm %g: element %lu differs", maxes[max_i], (unsigned long)k);
+    }
+    CHECK(want > 0.5 && want < 1e6); /* the three cases are what they say */
+    free(ref); free(got); free(got2);
+}
+
+/* Refused calls change nothing: bad arguments, a backend without the ops
+   (the scale op is needed only to clip), NaN and Inf gradients. */
+TEST(clip_grad_norm_with_refuses_bad_arguments_and_non_finite_gradients)
+{
+    float a[3] = {3, 0, 0}, b[1] = {4}, keep[3];
+    float *blocks[2] = {a, b}, *holes[2] = {a, NULL};
+    size_t sizes[2] = {3, 1}, empty_second[2] = {3, 0};
+    double norm = -1.0;
+    esft_backend no_ops = *esft_backend_cpu(), old = *esft_backend_cpu();
+    esft_error err;
+    const esft_backend *cpu = esft_backend_cpu();
+    no_ops.sum_squares = NULL;
+    no_ops.scale = NULL;
+    old.api_version = 1;
+    CHECK_STATUS(esft_clip_grad_norm_with(NULL, blocks, sizes, 2, 1.0f, &norm, NULL), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(esft_clip_grad_norm_with(cpu, NULL, sizes, 2, 1.0f, &norm, NULL), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(esft_clip_grad_norm_with(cpu, blocks, NULL, 2, 1.0f, &norm, NULL), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(esft_clip_grad_norm_with(cpu, blocks, sizes, -1, 1.0f, &norm, NULL), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(esft_clip_grad_norm_with(cpu, holes, sizes, 2, 1.0f, &norm, &err), ESFT_ERR_INVALID_ARGUMENT);
+    CHECK_MSG(strcmp(err.message, "block 1 is NULL") == 0, "%s", err.message);
+    CHECK_STATUS(esft_clip_grad_norm_with(&old, blocks, sizes, 2, 1.0f, &norm, NULL), ESFT_ERR_UNSUPPORTED);
+    CHECK_STATUS(esft_clip_grad_norm_with(&no_ops, blocks, sizes, 2, 1.0f, &norm, &err), ESFT_ERR_UNSUPPORTED);
+    CHECK_MSG(strstr(err.message, "sum_squares") != NULL, "%s", err.message);
+    no_ops.sum_squares = cpu->sum_squares;
+    CHECK_STATUS(esft_clip_grad_norm_with(&no_ops, blocks, sizes, 2, 1.0f, &norm, &err), ESFT_ERR_UNSUPPORTED);
+    CHECK_MSG(strstr(err.message, "scale") != NULL, "%s", err.message);
+    CHECK(norm == -1.0 && a[0] == 3.0f && b[0] == 4.0f); /* nothing measured or scaled so far */
+    CHECK_STATUS(esft_clip_grad_norm_with(&no_ops, blocks, sizes, 2, 0.0f, &norm, NULL), ESFT_OK); /* measures */
+    CHECK_NEAR(norm, 5.0, 1e-12);
+    CHECK_STATUS(esft_clip_grad_norm_with(cpu, holes, empty_second, 2, 10.0f, &norm, NULL), ESFT_OK);
+    CHECK_NEAR(norm, 3.0, 1e-12); /* a NULL block of size 0 is no block */
+    a[1] = NAN;
+    memcpy(keep, a, sizeof keep);
+    norm = -1.0;
+    CHECK_STATUS(esft_clip_grad_norm_with(cpu, blocks, sizes, 2, 1.0f, &norm, &err), ESFT_ERR_NUMERIC);
+    CHECK_MSG(strcmp(err.message, "gradient norm is not finite") == 0, "%s", err.message);
+    a[1] = 0.0f;
+    b[0] = INFINITY;
+    CHECK_STATUS(esft_clip_grad_norm_with(cpu, blocks, sizes, 2, 1.0f, &norm, NULL), ESFT_ERR_NUMERIC);
+    CHECK(norm == -1.0 && a[0] == keep[0] && a[2] == keep[2]); /* norm not written, nothing scaled */
+}
+
 /* Bad configs and arguments: a clear status and nothing written. */
 TEST(bad_inputs_write_nothing)
 {
