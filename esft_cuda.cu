@@ -401,11 +401,17 @@ static esft_status esft_cuda__synchronize(void *context)
 #define ESFT_CUDA__ROUTE_WARPS 4
 #define ESFT_CUDA__NO_EXPERT 0x7fffffff
 
+/* Slots (t K + j) per chunk of the counting sort by expert (section 6): the
+   routing kernel counts its selections into per-chunk histograms, so the sort
+   needs no pass of its own over the ids. */
+#define ESFT_CUDA__CHUNK 1024
+
 typedef struct esft_cuda__route_params {
     int E, K, sigmoid, renormalize;
     int G, topk_group, top2_sum; /* G <= 1: no grouping */
     float scaling;
     const float *bias;           /* (E) device, or NULL */
+    int32_t *chunk_counts;       /* (chunks, E) device, zeroed: += the selections per chunk; or NULL */
 } esft_cuda__route_params;
 
 /* esft__ranks_before: higher score first, ties to the lower index. */
@@ -541,6 +547,11 @@ __global__ static void esft_cuda__route_kernel(int32_t *ids, float *weights, flo
     __syncwarp();
     if (p.G > 1) esft_cuda__limit_groups(sel, gscore, p, lane);
     esft_cuda__select(ids + (size_t)t * p.K, weights + (size_t)t * p.K, sel, prob, p, lane);
+    if (p.chunk_counts && lane == 0) /* lane 0 wrote the ids: its own writes, visible to it */
+        for (int k = 0; k < p.K; k++) {
+            size_t slot = (size_t)t * p.K + (size_t)k;
+            atomicAdd(p.chunk_counts + slot / ESFT_CUDA__CHUNK * (size_t)p.E + ids[slot], 1);
+        }
 }
 
 /* Launches the routing kernel; non-finite logits set `flag` (device memory
@@ -548,7 +559,7 @@ __global__ static void esft_cuda__route_kernel(int32_t *ids, float *weights, flo
    here first, as the CPU op checks its own. */
 static esft_status esft_cuda__route_launch(esft_cuda__context *c, const esft_route_config *cfg, int32_t *ids,
                                            float *weights, float *probs, const float *logits, int T,
-                                           unsigned long long *flag, esft_error *err)
+                                           unsigned long long *flag, int32_t *chunk_counts, esft_error *err)
 {
     esft_cuda__route_params p;
     size_t smem;
@@ -562,6 +573,7 @@ static esft_status esft_cuda__route_launch(esft_cuda__context *c, const esft_rou
     p.top2_sum = cfg->group_score == ESFT_GROUP_SCORE_TOP2_SUM;
     p.scaling = cfg->routed_scaling;
     p.bias = cfg->selection_bias;
+    p.chunk_counts = chunk_counts;
     smem = esft_cuda__route_smem_per_warp(p.E, p.G) * ESFT_CUDA__ROUTE_WARPS;
     if (smem > 48 * 1024)
         return esft_cuda__fail(err, ESFT_ERR_UNSUPPORTED, "cuda route: %d experts need %lu bytes of shared memory "
@@ -590,11 +602,12 @@ static esft_status esft_cuda__route_verdict(unsigned long long bad, int E, esft_
 
 /* Routes and waits for the verdict. */
 static esft_status esft_cuda__route_run(esft_cuda__context *c, const esft_route_config *cfg, int32_t *ids,
-                                        float *weights, float *probs, const float *logits, int T, esft_error *err)
+                                        float *weights, float *probs, const float *logits, int T,
+                                        int32_t *chunk_counts, esft_error *err)
 {
     unsigned long long bad;
     esft_status s = esft_cuda__route_launch(c, cfg, ids, weights, probs, logits, T, c->flag + ESFT_CUDA__FLAG_OP,
-                                            err);
+                                            chunk_counts, err);
     if (s == ESFT_OK) s = esft_cuda__take_flag(c, &bad, err);
     if (s == ESFT_OK) s = esft_cuda__route_verdict(bad, cfg->n_experts, err);
     return s;
@@ -611,7 +624,7 @@ static esft_status esft_cuda__route(void *context, const esft_route_config *cfg,
         (s = esft_cuda__need_device(logits, "logits", err)) != ESFT_OK ||
         (s = esft_cuda__need_device(cfg->selection_bias, "selection_bias", err)) != ESFT_OK)
         return s;
-    return esft_cuda__route_run((esft_cuda__context *)context, cfg, ids, weights, probs, logits, T, err);
+    return esft_cuda__route_run((esft_cuda__context *)context, cfg, ids, weights, probs, logits, T, NULL, err);
 }
 
 /* ===================================================================== */
@@ -786,7 +799,9 @@ static esft_status esft_cuda__gemm(esft_cuda__context *c, cublasComputeType_t ma
 static esft_status esft_cuda__scratch(esft_cuda__context *c, size_t bytes, void **out, esft_error *err)
 {
     if (bytes > c->scratch_bytes) {
-        esft_status s;
+        /* queued kernels may still use the old scratch: let them finish first */
+        esft_status s = c->scratch ? esft_cuda__finish(c, "grow scratch", err) : ESFT_OK;
+        if (s != ESFT_OK) return s;
         if (c->scratch) (void)cudaFree(c->scratch);
         c->scratch = NULL;
         c->scratch_bytes = 0;
@@ -1099,24 +1114,14 @@ static unsigned esft_cuda__grid(size_t n, unsigned threads)
     return (unsigned)(blocks > 65535 * 8 ? 65535 * 8 : blocks ? blocks : 1);
 }
 
-/* --- the permutation by expert: a stable counting sort in three kernels ---
-   Slots are cut into chunks of ESFT_CUDA__CHUNK; (1) per-chunk histograms,
-   (2) one block turns them into each chunk's first position per expert and
-   writes offsets, (3) one warp per chunk places its slots in order, 32 at a
-   time, ranking equal experts with __match_any_sync. Stable, so perm and pos
-   are the CPU's exactly (slot order within an expert). */
-#define ESFT_CUDA__CHUNK 1024
-
-__global__ static void esft_cuda__hist_kernel(int32_t *counts, const int32_t *ids, int n, int E)
-{
-    extern __shared__ int32_t esft_cuda__hist_smem[];
-    int start = blockIdx.x * ESFT_CUDA__CHUNK, end = min(n, start + ESFT_CUDA__CHUNK);
-    for (int e = threadIdx.x; e < E; e += blockDim.x) esft_cuda__hist_smem[e] = 0;
-    __syncthreads();
-    for (int i = start + threadIdx.x; i < end; i += blockDim.x) atomicAdd(esft_cuda__hist_smem + ids[i], 1);
-    __syncthreads();
-    for (int e = threadIdx.x; e < E; e += blockDim.x) counts[(size_t)blockIdx.x * E + e] = esft_cuda__hist_smem[e];
-}
+/* --- the permutation by expert: a stable counting sort ---
+   Slots are cut into chunks of ESFT_CUDA__CHUNK; (1) the routing kernel counts
+   each chunk's selections per expert as it writes them (integer atomics: the
+   same counts in any order), (2) one block turns the counts into each chunk's
+   first position per expert and writes offsets, (3) one warp per chunk places
+   its slots in order, 32 at a time, ranking equal experts with
+   __match_any_sync. Stable, so perm and pos are the CPU's exactly (slot order
+   within an expert). */
 
 __global__ static void esft_cuda__scan_kernel(int32_t *counts, int32_t *offsets, int n_chunks, int E)
 {
@@ -1163,20 +1168,27 @@ __global__ static void esft_cuda__place_kernel(int32_t *perm, int32_t *pos, cons
     }
 }
 
+/* The zeroed chunk histograms (chunks, E) for n slots, in the context's
+   scratch, for the routing kernel to fill and esft_cuda__sort_slots to use. */
+static esft_status esft_cuda__chunk_counts(esft_cuda__context *c, int n, int E, int32_t **counts, esft_error *err)
+{
+    size_t bytes = (size_t)((n + ESFT_CUDA__CHUNK - 1) / ESFT_CUDA__CHUNK) * (size_t)E * sizeof(int32_t);
+    void *scratch;
+    esft_status s = esft_cuda__scratch(c, bytes, &scratch, err);
+    if (s != ESFT_OK) return s;
+    *counts = (int32_t *)scratch;
+    return esft_cuda__check(cudaMemsetAsync(scratch, 0, bytes, c->stream), "zero the chunk histograms", err);
+}
+
 /* esft.h's esft__sort_slots on the device, for both layers: order[p] is the
    slot at sorted position p, pos (NULL: not wanted) its inverse, expert e's
-   positions are [offsets[e], offsets[e+1]). n >= 1; ids in [0, E) (the routing
-   kernel's output). Uses the context's scratch for the chunk histograms. */
+   positions are [offsets[e], offsets[e+1]). n >= 1; ids in [0, E) and counts
+   filled by the routing kernel that wrote them (esft_cuda__chunk_counts). */
 static esft_status esft_cuda__sort_slots(esft_cuda__context *c, int32_t *order, int32_t *pos, int32_t *offsets,
-                                         const int32_t *ids, int n, int E, esft_error *err)
+                                         const int32_t *ids, int32_t *counts, int n, int E, esft_error *err)
 {
     int n_chunks = (n + ESFT_CUDA__CHUNK - 1) / ESFT_CUDA__CHUNK;
-    void *scratch;
-    esft_status s = esft_cuda__scratch(c, (size_t)n_chunks * E * sizeof(int32_t), &scratch, err);
-    int32_t *counts = (int32_t *)scratch;
     size_t smem = (size_t)(E + 1) * sizeof(int32_t);
-    if (s != ESFT_OK) return s;
-    esft_cuda__hist_kernel<<<n_chunks, 256, smem, c->stream>>>(counts, ids, n, E);
     esft_cuda__scan_kernel<<<1, 256, smem, c->stream>>>(counts, offsets, n_chunks, E);
     esft_cuda__place_kernel<<<n_chunks, 32, smem, c->stream>>>(order, pos, ids, counts, n, E);
     return esft_cuda__launched("permutation kernels", err);
@@ -1483,7 +1495,7 @@ static esft_status esft_cuda__moe_forward(void *context, const esft_moe *m, floa
     esft_cuda__context *c = (esft_cuda__context *)context;
     const esft_moe_config *cfg = &m->cfg;
     int D = cfg->d_model, E = cfg->route.n_experts, K = cfg->route.top_k, n = T * K;
-    int32_t *off;
+    int32_t *off, *counts = NULL;
     unsigned long long bad_y;
     cublasComputeType_t math;
     esft_cuda__moe_ws w;
@@ -1497,10 +1509,11 @@ static esft_status esft_cuda__moe_forward(void *context, const esft_moe *m, floa
     if (s == ESFT_OK)
         s = esft_cuda__gemm(c, CUBLAS_COMPUTE_32F, 0, 1, T, E, D, 1.0f, x, D, esft_cuda__router_w(m), D, 0.0f,
                             w.logits, E, err);
+    if (s == ESFT_OK) s = esft_cuda__chunk_counts(c, n, E, &counts, err);
     if (s == ESFT_OK)
         s = esft_cuda__route_launch(c, &cfg->route, w.ids, w.weights, w.probs, w.logits, T,
-                                    c->flag + ESFT_CUDA__FLAG_LOGITS, err);
-    if (s == ESFT_OK) s = esft_cuda__sort_slots(c, w.perm, w.pos, w.offsets, w.ids, n, E, err);
+                                    c->flag + ESFT_CUDA__FLAG_LOGITS, counts, err);
+    if (s == ESFT_OK) s = esft_cuda__sort_slots(c, w.perm, w.pos, w.offsets, w.ids, counts, n, E, err);
     if (s == ESFT_OK) s = esft_cuda__moe_tables(c, m, &w, &off, err);
     if (s == ESFT_OK) s = esft_cuda__moe_verdicts(c, x, "x", D, E, err);
     if (s != ESFT_OK) return s;
@@ -1870,16 +1883,18 @@ static esft_status esft_cuda__pesc_route(esft_cuda__context *c, const esft_pesc_
 {
     int D = cfg->d_model, E = cfg->n_experts, K = cfg->top_k;
     esft_route_config rc = esft_route_config_init(E, K);
+    int32_t *counts = NULL;
     esft_status s;
     rc.renormalize = 1; /* softmax over the K chosen, as the CPU routes */
     s = esft_cuda__gemm(c, CUBLAS_COMPUTE_32F, 0, 1, T, E, D, 1.0f, u, D, params, D, 0.0f, sv->logits, E, err);
-    if (s == ESFT_OK) s = esft_cuda__route_run(c, &rc, sv->ids, sv->weights, sv->probs, sv->logits, T, err);
+    if (s == ESFT_OK) s = esft_cuda__chunk_counts(c, T * K, E, &counts, err);
+    if (s == ESFT_OK) s = esft_cuda__route_run(c, &rc, sv->ids, sv->weights, sv->probs, sv->logits, T, counts, err);
     if (s == ESFT_ERR_NUMERIC) {
         if ((s = esft_cuda__check_finite(c, u, (size_t)T * D, "u", (size_t)D, err)) != ESFT_OK) return s;
         return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "router logits overflow (u or router weights too large)");
     }
     if (s != ESFT_OK) return s;
-    return esft_cuda__sort_slots(c, sv->order, NULL, sv->offset, sv->ids, T * K, E, err);
+    return esft_cuda__sort_slots(c, sv->order, NULL, sv->offset, sv->ids, counts, T * K, E, err);
 }
 
 /* frac on the device and the auxiliary loss alpha E balance on the host. */
