@@ -150,16 +150,19 @@ static esft_status esft_cuda__need_device(const void *p, const char *name, esft_
                            "cuda: %s is host memory; pass memory from the backend's alloc/upload", name);
 }
 
-/* Reads (and re-arms) the context's error flag after an op has finished. */
+/* Waits for the op stream, then reads the OP flag (through its pinned host
+   slot, read only after the wait) and re-arms it when set; the re-arm is
+   queued on the op stream, before any later op's kernels. */
 static esft_status esft_cuda__take_flag(esft_cuda__context *c, unsigned long long *out, esft_error *err)
 {
-    const unsigned long long none = ~0ULL;
-    esft_status s = esft_cuda__check(cudaMemcpyAsync(out, c->flag, sizeof *out, cudaMemcpyDeviceToHost,
-                                                     c->stream), "read error flag", err);
-    if (s == ESFT_OK && *out != none)
-        s = esft_cuda__check(cudaMemcpyAsync(c->flag, &none, sizeof none, cudaMemcpyHostToDevice, c->stream),
-                             "reset error flag", err);
+    esft_status s = esft_cuda__check(cudaMemcpyAsync(c->host_flags + ESFT_CUDA__FLAG_OP, c->flag + ESFT_CUDA__FLAG_OP,
+                                                     sizeof *c->flag, cudaMemcpyDeviceToHost, c->stream),
+                                     "read error flag", err);
     if (s == ESFT_OK) s = esft_cuda__finish(c, "read error flag", err);
+    *out = s == ESFT_OK ? c->host_flags[ESFT_CUDA__FLAG_OP] : ~0ULL;
+    if (s == ESFT_OK && *out != ~0ULL)
+        s = esft_cuda__check(cudaMemsetAsync(c->flag + ESFT_CUDA__FLAG_OP, 0xFF, sizeof *c->flag, c->stream),
+                             "re-arm the error flag", err);
     return s;
 }
 
@@ -299,12 +302,19 @@ static esft_status esft_cuda__queue_flags(esft_cuda__context *c, esft_error *err
 /* After the wait: deferred flag `which` as copied, re-armed on the device when set. */
 static esft_status esft_cuda__deferred(esft_cuda__context *c, int which, unsigned long long *bad, esft_error *err)
 {
-    static const unsigned long long none = ~0ULL;
     *bad = c->host_flags[which];
-    if (*bad == none) return ESFT_OK;
-    c->host_flags[which] = none;
-    return esft_cuda__check(cudaMemcpyAsync(c->flag + which, &none, sizeof none, cudaMemcpyHostToDevice, c->stream),
-                            "re-arm a flag", err);
+    if (*bad == ~0ULL) return ESFT_OK;
+    c->host_flags[which] = ~0ULL;
+    return esft_cuda__check(cudaMemsetAsync(c->flag + which, 0xFF, sizeof *c->flag, c->stream), "re-arm a flag", err);
+}
+
+/* Arms the deferred flags at the start of an op: an earlier op that failed
+   between queuing a check and reading it may have left one set. */
+static esft_status esft_cuda__arm_deferred(esft_cuda__context *c, esft_error *err)
+{
+    c->host_flags[ESFT_CUDA__FLAG_INPUT] = c->host_flags[ESFT_CUDA__FLAG_LOGITS] = ~0ULL;
+    return esft_cuda__check(cudaMemsetAsync(c->flag + ESFT_CUDA__FLAG_INPUT, 0xFF, 2 * sizeof *c->flag, c->stream),
+                            "arm the deferred flags", err);
 }
 
 /* The verdict on an output of finite inputs flagged NaN or Inf at `bad` (~0:
@@ -592,12 +602,17 @@ static esft_status esft_cuda__route_launch(esft_cuda__context *c, const esft_rou
     return esft_cuda__launched("route kernel", err);
 }
 
-/* The verdict on a flagged logit (~0: none), as the CPU router words it. */
-static esft_status esft_cuda__route_verdict(unsigned long long bad, int E, esft_error *err)
+/* The verdict on a flagged logit (~0: none), once the stream has finished, as
+   the CPU router words it (the value read back says NaN or Inf). */
+static esft_status esft_cuda__route_verdict(const float *logits, unsigned long long bad, int E, esft_error *err)
 {
+    float v = 0.0f;
+    esft_status s;
     if (bad == ~0ULL) return ESFT_OK;
-    return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "router logit of token %llu, expert %llu is not finite",
-                           bad / (unsigned long long)E, bad % (unsigned long long)E);
+    s = esft_cuda__check(cudaMemcpy(&v, logits + bad, sizeof v, cudaMemcpyDeviceToHost), "read a bad logit", err);
+    if (s != ESFT_OK) return s;
+    return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "router logit of token %llu, expert %llu is %s",
+                           bad / (unsigned long long)E, bad % (unsigned long long)E, isnan(v) ? "NaN" : "Inf");
 }
 
 /* Routes and waits for the verdict. */
@@ -609,7 +624,7 @@ static esft_status esft_cuda__route_run(esft_cuda__context *c, const esft_route_
     esft_status s = esft_cuda__route_launch(c, cfg, ids, weights, probs, logits, T, c->flag + ESFT_CUDA__FLAG_OP,
                                             chunk_counts, err);
     if (s == ESFT_OK) s = esft_cuda__take_flag(c, &bad, err);
-    if (s == ESFT_OK) s = esft_cuda__route_verdict(bad, cfg->n_experts, err);
+    if (s == ESFT_OK) s = esft_cuda__route_verdict(logits, bad, cfg->n_experts, err);
     return s;
 }
 
@@ -1252,22 +1267,28 @@ __global__ static void esft_cuda__dout_kernel(float *dd, float *dw, const float 
 
 /* --- auxiliary loss --- */
 
-/* One block per sequence, threads over experts: the CPU's exact double sums
-   (counts are integers, P adds the same floats in the same order), so the
-   per-(sequence, expert) loss terms and coefficients are the CPU's bits. */
+/* One block per sequence. The block first counts the sequence's selections per
+   expert into shared memory (integer atomics over all its threads: exact in any
+   order), then each thread takes an expert and forms the CPU's double sums in
+   the CPU's order (esft__moe_aux_forward / esft__balance): P adds the same
+   floats token by token, f_e = count / (S K), the term f_e (P / S), and the
+   coefficient from f_e rounded to float first, as the CPU stores it. The host
+   adds each sequence's terms in expert order and scales the sum, as the CPU. */
 __global__ static void esft_cuda__aux_kernel(double *terms, float *coef, const int32_t *ids, const float *probs,
                                              int S, int K, int E, double scale)
 {
+    extern __shared__ int esft_cuda__aux_count[]; /* (E) */
     int s = blockIdx.x;
+    const int32_t *seq_ids = ids + (size_t)s * S * K;
+    for (int e = threadIdx.x; e < E; e += blockDim.x) esft_cuda__aux_count[e] = 0;
+    __syncthreads();
+    for (size_t i = threadIdx.x; i < (size_t)S * K; i += blockDim.x) atomicAdd(esft_cuda__aux_count + seq_ids[i], 1);
+    __syncthreads();
     for (int e = threadIdx.x; e < E; e += blockDim.x) {
-        double cnt = 0.0, P = 0.0, f;
-        for (int t = s * S; t < (s + 1) * S; t++) {
-            for (int j = 0; j < K; j++) cnt += ids[(size_t)t * K + j] == e ? 1.0 : 0.0;
-            P = __dadd_rn(P, (double)probs[(size_t)t * E + e]);
-        }
-        f = __ddiv_rn(cnt, (double)S * K);
-        terms[(size_t)s * E + e] = __dmul_rn(__dmul_rn(scale, f), __ddiv_rn(P, (double)S));
-        coef[(size_t)s * E + e] = (float)__ddiv_rn(__dmul_rn(scale, f), (double)S);
+        double P = 0.0, f = __ddiv_rn((double)esft_cuda__aux_count[e], (double)S * K);
+        for (int t = s * S; t < (s + 1) * S; t++) P = __dadd_rn(P, (double)probs[(size_t)t * E + e]);
+        terms[(size_t)s * E + e] = __dmul_rn(f, __ddiv_rn(P, (double)S));
+        coef[(size_t)s * E + e] = (float)__ddiv_rn(__dmul_rn(scale, (double)(float)f), (double)S);
     }
 }
 
@@ -1286,20 +1307,24 @@ static esft_status esft_cuda__aux_forward(esft_cuda__context *c, const esft_moe_
     int E = cfg->route.n_experts, K = cfg->route.top_k;
     int S = esft_cuda__aux_len(cfg, T), n_seq = T / S, i;
     size_t n = (size_t)n_seq * E;
-    double loss = 0.0, *terms;
+    double loss = 0.0, *terms, scale = (double)cfg->aux_alpha * E / n_seq;
     void *scratch;
     esft_status s;
     if (cfg->aux_alpha == 0.0f) { *aux_loss = 0.0f; return ESFT_OK; }
     if ((s = esft_cuda__scratch(c, n * sizeof(double), &scratch, err)) != ESFT_OK) return s;
-    esft_cuda__aux_kernel<<<n_seq, 128, 0, c->stream>>>((double *)scratch, w->aux_coef, w->ids, w->probs, S, K, E,
-                                                         (double)cfg->aux_alpha * E / n_seq);
+    esft_cuda__aux_kernel<<<n_seq, 128, (size_t)E * sizeof(int), c->stream>>>(
+        (double *)scratch, w->aux_coef, w->ids, w->probs, S, K, E, scale);
     if ((s = esft_cuda__launched("aux kernel", err)) != ESFT_OK) return s;
     terms = (double *)malloc(n * sizeof(double));
     if (!terms) return esft_cuda__fail(err, ESFT_ERR_OUT_OF_MEMORY, "cuda: %lu aux terms", (unsigned long)n);
     s = esft_cuda__check(cudaMemcpyAsync(terms, scratch, n * sizeof(double), cudaMemcpyDeviceToHost, c->stream),
                          "download aux terms", err);
     if (s == ESFT_OK) s = esft_cuda__finish(c, "aux kernel", err);
-    for (i = 0; s == ESFT_OK && i < (int)n; i++) loss += terms[i];
+    for (i = 0; s == ESFT_OK && i < n_seq; i++) { /* the CPU's order: a sequence's balance, then scaled */
+        double balance = 0.0;
+        for (int e = 0; e < E; e++) balance += terms[(size_t)i * E + e];
+        loss += scale * balance;
+    }
     free(terms);
     if (s == ESFT_OK) *aux_loss = (float)loss;
     return s;
@@ -1424,16 +1449,31 @@ static esft_status esft_cuda__moe_tables(esft_cuda__context *c, const esft_moe *
     return s;
 }
 
+/* A forward refused by the routing step (a NaN bias, too many experts, a
+   cuBLAS error) after x's check was queued: the CPU checks x first, so a bad
+   x is named instead; else the routing's own error (`failed`, in err). */
+static esft_status esft_cuda__x_before(esft_cuda__context *c, const float *x, int D, esft_status failed,
+                                       esft_error *err)
+{
+    esft_error mine;
+    unsigned long long bad;
+    esft_status s = esft_cuda__queue_flags(c, &mine);
+    if (s == ESFT_OK) s = esft_cuda__finish(c, "read the check of x", &mine);
+    if (s == ESFT_OK) s = esft_cuda__deferred(c, ESFT_CUDA__FLAG_INPUT, &bad, &mine);
+    if (s == ESFT_OK && bad != ~0ULL) return esft_cuda__finite_verdict(x, bad, "x", (size_t)D, err);
+    return failed;
+}
+
 /* The verdicts deferred to the tables' wait: the op's input (x or dy) first,
    then the router logits (a finite x with NaN router weights). */
-static esft_status esft_cuda__moe_verdicts(esft_cuda__context *c, const float *input, const char *what, int D, int E,
-                                           esft_error *err)
+static esft_status esft_cuda__moe_verdicts(esft_cuda__context *c, const float *input, const char *what, int D,
+                                           const float *logits, int E, esft_error *err)
 {
     unsigned long long bad_input, bad_logit;
     esft_status s = esft_cuda__deferred(c, ESFT_CUDA__FLAG_INPUT, &bad_input, err);
     if (s == ESFT_OK) s = esft_cuda__deferred(c, ESFT_CUDA__FLAG_LOGITS, &bad_logit, err);
     if (s == ESFT_OK) s = esft_cuda__finite_verdict(input, bad_input, what, (size_t)D, err);
-    if (s == ESFT_OK) s = esft_cuda__route_verdict(bad_logit, E, err);
+    if (s == ESFT_OK) s = esft_cuda__route_verdict(logits, bad_logit, E, err);
     return s;
 }
 
@@ -1505,7 +1545,8 @@ static esft_status esft_cuda__moe_forward(void *context, const esft_moe *m, floa
     if ((s = esft_moe_workspace_view_at(cfg, T, workspace, &w, err)) != ESFT_OK) return s;
     /* x is this backend's to check (NaN/Inf: nothing of the caller's written);
        the router runs in fp32 and the routing kernel flags non-finite logits */
-    s = esft_cuda__finite_launch(c, x, (size_t)T * D, c->flag + ESFT_CUDA__FLAG_INPUT, err);
+    s = esft_cuda__arm_deferred(c, err);
+    if (s == ESFT_OK) s = esft_cuda__finite_launch(c, x, (size_t)T * D, c->flag + ESFT_CUDA__FLAG_INPUT, err);
     if (s == ESFT_OK)
         s = esft_cuda__gemm(c, CUBLAS_COMPUTE_32F, 0, 1, T, E, D, 1.0f, x, D, esft_cuda__router_w(m), D, 0.0f,
                             w.logits, E, err);
@@ -1513,9 +1554,10 @@ static esft_status esft_cuda__moe_forward(void *context, const esft_moe *m, floa
     if (s == ESFT_OK)
         s = esft_cuda__route_launch(c, &cfg->route, w.ids, w.weights, w.probs, w.logits, T,
                                     c->flag + ESFT_CUDA__FLAG_LOGITS, counts, err);
-    if (s == ESFT_OK) s = esft_cuda__sort_slots(c, w.perm, w.pos, w.offsets, w.ids, counts, n, E, err);
+    if (s != ESFT_OK) return esft_cuda__x_before(c, x, D, s, err);
+    s = esft_cuda__sort_slots(c, w.perm, w.pos, w.offsets, w.ids, counts, n, E, err);
     if (s == ESFT_OK) s = esft_cuda__moe_tables(c, m, &w, &off, err);
-    if (s == ESFT_OK) s = esft_cuda__moe_verdicts(c, x, "x", D, E, err);
+    if (s == ESFT_OK) s = esft_cuda__moe_verdicts(c, x, "x", D, w.logits, E, err);
     if (s != ESFT_OK) return s;
     esft_cuda__gather_kernel<<<n, 128, 0, c->stream>>>(w.xg, x, w.perm, K, D);
     if ((s = esft_cuda__launched("gather kernel", err)) != ESFT_OK) return s;
@@ -1646,9 +1688,10 @@ static esft_status esft_cuda__moe_backward(void *context, const esft_moe *m, flo
     if ((s = esft_cuda__moe_check(m, dx, dy, x, workspace, err)) != ESFT_OK) return s;
     if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
     if ((s = esft_moe_workspace_view_at(cfg, T, workspace, &w, err)) != ESFT_OK) return s;
-    s = esft_cuda__finite_launch(c, dy, (size_t)T * D, c->flag + ESFT_CUDA__FLAG_INPUT, err);
+    s = esft_cuda__arm_deferred(c, err);
+    if (s == ESFT_OK) s = esft_cuda__finite_launch(c, dy, (size_t)T * D, c->flag + ESFT_CUDA__FLAG_INPUT, err);
     if (s == ESFT_OK) s = esft_cuda__moe_tables(c, m, &w, &off, err);
-    if (s == ESFT_OK) s = esft_cuda__moe_verdicts(c, dy, "dy", D, E, err);
+    if (s == ESFT_OK) s = esft_cuda__moe_verdicts(c, dy, "dy", D, NULL, E, err);
     if (s == ESFT_OK) s = esft_cuda__experts_backward(c, m, &w, off, dx, dy, T, math, err);
     if (s == ESFT_OK) s = esft_cuda__shared_backward(c, m, &w, dx, dy, x, T, math, err);
     if (s != ESFT_OK) return s;
