@@ -940,7 +940,8 @@ ESFTDEF void esft_pesc_saved_uninit(esft_pesc_saved *s);
    inputs, later dx; yg (T, D) adapter outputs or gathered dy; g (2T, R) the
    adapter's work; dw (T, K) gate-weight gradients; dlogits (T, E); wg (T) and
    dwg (T) one expert's row scales and their gradients; coef (E) the auxiliary
-   loss's dL/dP. */
+   loss's dL/dP. (The CUDA backend uses dw, dlogits and coef; it runs every
+   expert at once, on T K rows in its own scratch.) */
 typedef struct esft_pesc_work_view {
     float *xg, *yg, *g, *dw, *dlogits, *wg, *dwg, *coef;
 } esft_pesc_work_view;

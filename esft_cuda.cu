@@ -52,15 +52,18 @@
 
 /* The error flags, device words that kernels set with atomicMin to the first
    bad element they meet (~0 = none). OP is read by the op that set it at once
-   (esft_cuda__take_flag); INPUT and LOGITS are deferred: the MoE ops copy them
-   to the host with the expert offsets, so one wait serves every check (x or dy,
-   then the router logits). WRAP is the statistics' overflow word (0 = none). */
+   (esft_cuda__take_flag); INPUT, LOGITS and PARAMS are deferred: the layer ops
+   copy them to the host with the expert offsets, so one wait serves every
+   check (x, F or dy; then the router logits; PARAMS is the PESC parameter
+   block's). WRAP is the statistics' overflow word (0 = none). The deferred
+   flags are the last ones, in a row, so one copy brings them all. */
 enum {
     ESFT_CUDA__FLAG_OP = 0,
     ESFT_CUDA__FLAG_WRAP = 1,
     ESFT_CUDA__FLAG_INPUT = 2,
     ESFT_CUDA__FLAG_LOGITS = 3,
-    ESFT_CUDA__FLAGS = 4
+    ESFT_CUDA__FLAG_PARAMS = 4,
+    ESFT_CUDA__FLAGS = 5
 };
 
 /* The streams mode of the expert GEMMs: side streams, each with its own cuBLAS
@@ -295,7 +298,8 @@ static esft_status esft_cuda__check_finite(esft_cuda__context *c, const float *a
 static esft_status esft_cuda__queue_flags(esft_cuda__context *c, esft_error *err)
 {
     return esft_cuda__check(cudaMemcpyAsync(c->host_flags + ESFT_CUDA__FLAG_INPUT, c->flag + ESFT_CUDA__FLAG_INPUT,
-                                            2 * sizeof *c->flag, cudaMemcpyDeviceToHost, c->stream),
+                                            (ESFT_CUDA__FLAGS - ESFT_CUDA__FLAG_INPUT) * sizeof *c->flag,
+                                            cudaMemcpyDeviceToHost, c->stream),
                             "read deferred flags", err);
 }
 
@@ -312,8 +316,9 @@ static esft_status esft_cuda__deferred(esft_cuda__context *c, int which, unsigne
    between queuing a check and reading it may have left one set. */
 static esft_status esft_cuda__arm_deferred(esft_cuda__context *c, esft_error *err)
 {
-    c->host_flags[ESFT_CUDA__FLAG_INPUT] = c->host_flags[ESFT_CUDA__FLAG_LOGITS] = ~0ULL;
-    return esft_cuda__check(cudaMemsetAsync(c->flag + ESFT_CUDA__FLAG_INPUT, 0xFF, 2 * sizeof *c->flag, c->stream),
+    for (int i = ESFT_CUDA__FLAG_INPUT; i < ESFT_CUDA__FLAGS; i++) c->host_flags[i] = ~0ULL;
+    return esft_cuda__check(cudaMemsetAsync(c->flag + ESFT_CUDA__FLAG_INPUT, 0xFF,
+                                            (ESFT_CUDA__FLAGS - ESFT_CUDA__FLAG_INPUT) * sizeof *c->flag, c->stream),
                             "arm the deferred flags", err);
 }
 
@@ -330,18 +335,6 @@ static esft_status esft_cuda__output_verdict(const float *a, unsigned long long 
     }
     return esft_cuda__fail(err, s, "%s, from finite inputs: a weight is NaN or Inf, or the layer overflowed",
                            where.message);
-}
-
-/* An output of finite inputs checked and waited for at once (the PESC ops; the
-   MoE ops defer theirs): esft_cuda__output_verdict's status and message. */
-static esft_status esft_cuda__check_output(esft_cuda__context *c, const float *a, size_t n, const char *what,
-                                           size_t width, esft_error *err)
-{
-    unsigned long long bad;
-    esft_status s = esft_cuda__finite_launch(c, a, n, c->flag + ESFT_CUDA__FLAG_OP, err);
-    if (s != ESFT_OK || n == 0) return s;
-    if ((s = esft_cuda__take_flag(c, &bad, err)) != ESFT_OK) return s;
-    return esft_cuda__output_verdict(a, bad, what, width, err);
 }
 
 /* ===================================================================== */
@@ -1183,16 +1176,29 @@ __global__ static void esft_cuda__place_kernel(int32_t *perm, int32_t *pos, cons
     }
 }
 
-/* The zeroed chunk histograms (chunks, E) for n slots, in the context's
-   scratch, for the routing kernel to fill and esft_cuda__sort_slots to use. */
+/* Bytes of the chunk histograms (chunks, E) for n slots. */
+static size_t esft_cuda__chunk_bytes(int n, int E)
+{
+    return (size_t)((n + ESFT_CUDA__CHUNK - 1) / ESFT_CUDA__CHUNK) * (size_t)E * sizeof(int32_t);
+}
+
+/* Queues the zeroing of the chunk histograms at counts, for the routing kernel
+   to fill and esft_cuda__sort_slots to use. */
+static esft_status esft_cuda__zero_chunk_counts(esft_cuda__context *c, int32_t *counts, int n, int E, esft_error *err)
+{
+    return esft_cuda__check(cudaMemsetAsync(counts, 0, esft_cuda__chunk_bytes(n, E), c->stream),
+                            "zero the chunk histograms", err);
+}
+
+/* The zeroed chunk histograms for n slots in the context's scratch (the MoE's;
+   the PESC ops place theirs after their rows, esft_cuda__pesc_rows_at). */
 static esft_status esft_cuda__chunk_counts(esft_cuda__context *c, int n, int E, int32_t **counts, esft_error *err)
 {
-    size_t bytes = (size_t)((n + ESFT_CUDA__CHUNK - 1) / ESFT_CUDA__CHUNK) * (size_t)E * sizeof(int32_t);
     void *scratch;
-    esft_status s = esft_cuda__scratch(c, bytes, &scratch, err);
+    esft_status s = esft_cuda__scratch(c, esft_cuda__chunk_bytes(n, E), &scratch, err);
     if (s != ESFT_OK) return s;
     *counts = (int32_t *)scratch;
-    return esft_cuda__check(cudaMemsetAsync(scratch, 0, bytes, c->stream), "zero the chunk histograms", err);
+    return esft_cuda__zero_chunk_counts(c, *counts, n, E, err);
 }
 
 /* esft.h's esft__sort_slots on the device, for both layers: order[p] is the
@@ -1715,16 +1721,32 @@ static esft_status esft_cuda__moe_backward(void *context, const esft_moe *m, flo
 /* 7. PESC adapter layer: forward and backward                           */
 /* ===================================================================== */
 
-/* esft.h's esft__pesc_forward_cpu / _backward_cpu on the device, step by step:
-   router GEMM (fp32) and the routing kernel; the slots sorted by expert with
-   the MoE's counting sort; then, expert by expert in ascending order, gather
-   (through the dropout mask), W_down GEMM, GELU, W_up GEMM and a scatter-add
-   into y. Experts run one after another on the stream, and one expert's slots
-   are distinct tokens, so every y[t] receives its K adapter outputs in
-   ascending expert order, the CPU's order, without atomics: same bits on every
-   run. The scratch is saved->work, carved by esft.h's published layout
-   (esft_pesc_work_view_at): xg and yg hold one expert's rows (at most T), so
-   the layer needs no memory beyond the CPU's. */
+/* esft.h's esft__pesc_forward_cpu / _backward_cpu on the device, every expert
+   at once: router GEMM (fp32) and the routing kernel; the slots sorted by
+   expert with the MoE's counting sort; then one gather kernel over all T K
+   routed rows (through the dropout mask), one batch of W_down GEMMs over the
+   experts, one GELU kernel over all rows, one batch of W_up GEMMs (section 5's
+   batches: ESFT_CUDA_EXPERTS picks grouped, streams or loop), and one combine
+   kernel, a block per token, that adds its K adapter outputs to F in ascending
+   expert order, the CPU's order: no atomics, the same bits on every run. The
+   backward mirrors it with four batches (z = dy_g W_up, dW_up, dW_down, dx =
+   dh W_down) between one gather and one combine.
+
+   Where the rows live: in the backend's scratch (esft_cuda__scratch, grown on
+   demand, one per backend), laid out by esft_cuda__pesc_rows_at. Not in
+   saved->work: the CPU path runs expert by expert and needs only T rows there,
+   so growing the published layout to T K rows would cost every CPU user K
+   times the memory for the GPU's sake, and one saved per layer would each hold
+   it; the scratch is shared by every layer and op. saved->work keeps what both
+   backends read by its layout (dw, dlogits, coef).
+
+   Host waits: two per forward (one for the expert offsets the batches are
+   built from, which brings the aux loss's balance and the verdicts on F, the
+   parameters and the router logits with it, before y is written; one at the
+   end with y's verdict) and two per backward (the offsets with dy's verdict,
+   before any gradient is touched; the end). More only on a failure path
+   (reading the bad value, checking u after a bad logit) or when the scratch,
+   the host table or the grouped call's pointer arrays grow. */
 
 /* The dropout of the adapters' input (esft_pesc_config's dropout, seed). */
 typedef struct esft_cuda__pesc_dropout {
@@ -1771,35 +1793,83 @@ __device__ static float esft_cuda__gelu_grad(float h)
     return 0.5f * (1.0f + erff(h * 0.70710678118654752f)) + h * 0.39894228040143268f * expf(-0.5f * h * h);
 }
 
-/* Row j of xg = dropout_e(src[token of slots[j]]) (esft__pesc_gather_input);
-   with dr.on = 0 a plain gather (dy's rows in the backward). One block per row. */
-__global__ static void esft_cuda__pesc_gather_kernel(float *xg, const float *src, const int32_t *slots, int K, int D,
-                                                     int e, esft_cuda__pesc_dropout dr)
+/* Row p of `in` = dropout_e(F[t]) for the slot order[p] = t K + j of expert
+   e = ids[slot] (esft__pesc_gather_input for every expert at once); with dy,
+   row p of dyg = dy[t] as well (the backward's plain gather). One block per row. */
+__global__ static void esft_cuda__pesc_gather_kernel(float *in, float *dyg, const float *F, const float *dy,
+                                                     const int32_t *order, const int32_t *ids, int K, int D,
+                                                     esft_cuda__pesc_dropout dr)
 {
-    int t = slots[blockIdx.x] / K;
-    const float *from = src + (size_t)t * D;
-    float *to = xg + (size_t)blockIdx.x * D;
+    size_t p = blockIdx.x;
+    int slot = order[p], t = slot / K, e = ids[slot];
+    const float *from = F + (size_t)t * D;
+    float *to = in + p * D;
     for (int d = threadIdx.x; d < D; d += blockDim.x)
         to[d] = !dr.on ? from[d] : esft_cuda__pesc_keep(dr, e, t, d) ? from[d] * dr.keep_scale : 0.0f;
+    if (!dy) return;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) dyg[p * D + d] = dy[(size_t)t * D + d];
 }
 
-/* dst[token of slots[j]] += row j, through expert e's mask when dr.on
-   (esft__pesc_scatter_add for y, esft__pesc_scatter_dx for dF). One block per
-   row; one expert's slots are distinct tokens, so no two blocks share a row. */
-__global__ static void esft_cuda__pesc_scatter_kernel(float *dst, const float *rows, const int32_t *slots, int K,
-                                                      int D, int e, esft_cuda__pesc_dropout dr)
+/* Thread 0 writes token t's K sorted positions in ascending expert order to
+   at[0..K) and their experts to expert[0..K) (an insertion sort: K is small;
+   a token's experts are distinct), for the whole block. */
+__device__ static void esft_cuda__pesc_by_expert(int32_t *at, int32_t *expert, const int32_t *ids,
+                                                 const int32_t *pos, size_t t, int K)
 {
-    int t = slots[blockIdx.x] / K;
-    const float *from = rows + (size_t)blockIdx.x * D;
-    float *to = dst + (size_t)t * D;
+    if (threadIdx.x == 0)
+        for (int j = 0; j < K; j++) {
+            int32_t e = ids[t * K + j], p = pos[t * K + j];
+            int i = j;
+            for (; i > 0 && expert[i - 1] > e; i--) {
+                expert[i] = expert[i - 1];
+                at[i] = at[i - 1];
+            }
+            expert[i] = e;
+            at[i] = p;
+        }
+    __syncthreads();
+}
+
+/* out[t] = base[t] + the rows of token t's K slots, experts ascending, each
+   through its expert's dropout mask when dr.on (the product rounded before the
+   sum, as the CPU's), then + extra[t] when given: esft__pesc_scatter_add after
+   y = F (forward: out y, base F, rows the adapter outputs; y's first NaN/Inf
+   goes to flag) and esft__pesc_scatter_dx then the residual (backward: out =
+   base = dF, rows dx, extra dy). One block per token, the CPU's order of
+   additions, no atomics. Shared memory: 2 K int32. */
+__global__ static void esft_cuda__pesc_combine_kernel(float *out, const float *base, const float *rows,
+                                                      const float *extra, const int32_t *ids, const int32_t *pos,
+                                                      int K, int D, esft_cuda__pesc_dropout dr,
+                                                      unsigned long long *flag)
+{
+    extern __shared__ int32_t esft_cuda__combine_smem[];
+    int32_t *at = esft_cuda__combine_smem, *expert = at + K;
+    size_t t = blockIdx.x;
+    esft_cuda__pesc_by_expert(at, expert, ids, pos, t, K);
     for (int d = threadIdx.x; d < D; d += blockDim.x) {
-        if (!dr.on) to[d] += from[d];
-        else if (esft_cuda__pesc_keep(dr, e, t, d)) to[d] += from[d] * dr.keep_scale;
+        size_t i = t * D + d;
+        float acc = base[i];
+        for (int j = 0; j < K; j++) {
+            float v = rows[(size_t)at[j] * D + d];
+            if (!dr.on) acc += v;
+            else if (esft_cuda__pesc_keep(dr, expert[j], (int)t, d)) acc += __fmul_rn(v, dr.keep_scale);
+        }
+        if (extra) acc += extra[i];
+        out[i] = acc;
+        if (flag) esft_cuda__flag_nonfinite(acc, i, flag);
     }
 }
 
+/* pos[order[p]] = p: every slot's sorted position (the forward's sort writes
+   pos itself; the backward has only saved->order). */
+__global__ static void esft_cuda__pesc_invert_kernel(int32_t *pos, const int32_t *order, int n)
+{
+    for (size_t p = esft_cuda__thread(); p < (size_t)n; p += esft_cuda__threads()) pos[order[p]] = (int32_t)p;
+}
+
 /* g[j][r] = k_j gelu(hidden[j][r]), k_j = scale * the gate weight of slot
-   slots[j] (esft__adapter_forward_cpu's activation pass, row_scale = weights). */
+   slots[j] (esft__adapter_forward_cpu's activation pass, row_scale = weights),
+   over every expert's rows at once (n = T K R, slots = saved->order). */
 __global__ static void esft_cuda__pesc_act_kernel(float *g, const float *hidden, const float *weights,
                                                   const int32_t *slots, size_t n, int R, float scale)
 {
@@ -1812,7 +1882,7 @@ __global__ static void esft_cuda__pesc_act_kernel(float *g, const float *hidden,
 /* esft__adapter_backward_cpu's row pass, one warp per row j: from z = dy W_up
    (n, R), writes kg = k g, turns z into dh = k z gelu'(h), and dw[slot] = scale
    <z, gelu(h)> (the gate weight's gradient; the dot in double, as the CPU, in a
-   fixed warp order). kg is (n, R) past z, where the CPU's primitive keeps it. */
+   fixed warp order). Rows j are all T K rows at once (slots = saved->order). */
 __global__ static void esft_cuda__pesc_act_back_kernel(float *z, float *kg, float *dw, const float *hidden,
                                                        const float *weights, const int32_t *slots, int n, int R,
                                                        float scale)
@@ -1831,13 +1901,6 @@ __global__ static void esft_cuda__pesc_act_back_kernel(float *z, float *kg, floa
     }
     for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
     if (lane == 0) dw[slots[j]] = scale * (float)dot;
-}
-
-/* a += b over n floats (the residual path's dF += dy). */
-__global__ static void esft_cuda__add_kernel(float *a, const float *b, size_t n)
-{
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        a[i] += b[i];
 }
 
 /* esft__balance: frac[e] = count_e / (T K) and *sum = sum_e f_e (P_e / T), P_e
@@ -1909,88 +1972,233 @@ static esft_status esft_cuda__pesc_check(const float *out, const char *out_name,
     return ESFT_OK;
 }
 
-/* Host copy of the expert offsets (E + 1): the per-expert GEMMs are launched
-   from the host. Ends with the stream synchronised. */
-static esft_status esft_cuda__pesc_offsets(esft_cuda__context *c, const esft_pesc_saved *sv, int E, int32_t **off,
-                                           esft_error *err)
+/* The op's scratch for all T K routed rows, in sorted order (row p belongs to
+   slot order[p]), laid out once at the op's start so that no region grows while
+   queued work reads another. Forward: in = the gathered, dropped-out F; act =
+   k gelu(hidden); out = the adapter outputs. Backward: in = the gathered F,
+   later dx; out = the gathered dy; act = k g; dh = z, then dh. */
+typedef struct esft_cuda__pesc_rows {
+    float *in, *out;     /* (T K, D) each */
+    float *act, *dh;     /* (T K, R) each */
+    int32_t *pos;        /* (T K) the sorted position of slot t K + j */
+    int32_t *counts;     /* the routing kernel's chunk histograms (forward) */
+    double *balance;     /* (1) the aux loss's balance (forward) */
+} esft_cuda__pesc_rows;
+
+static size_t esft_cuda__round256(size_t bytes) { return (bytes + 255) & ~(size_t)255; }
+
+/* The regions above in the context's scratch, each 256-byte aligned. */
+static esft_status esft_cuda__pesc_rows_at(esft_cuda__context *c, const esft_pesc_config *cfg, int T,
+                                           esft_cuda__pesc_rows *r, esft_error *err)
 {
-    esft_status s = esft_cuda__queue_offsets(c, sv->offset, E, off, err);
-    if (s == ESFT_OK) s = esft_cuda__finish(c, "read expert offsets", err);
-    return s;
+    int n = T * cfg->top_k;
+    size_t nb = esft_cuda__round256(sizeof(double));
+    size_t nd = esft_cuda__round256((size_t)n * cfg->d_model * sizeof(float));
+    size_t nr = esft_cuda__round256((size_t)n * cfg->rank * sizeof(float));
+    size_t np = esft_cuda__round256((size_t)n * sizeof(int32_t));
+    unsigned char *at;
+    void *base;
+    esft_status s = esft_cuda__scratch(c, nb + 2 * nd + 2 * nr + np + esft_cuda__chunk_bytes(n, cfg->n_experts),
+                                       &base, err);
+    if (s != ESFT_OK) return s;
+    at = (unsigned char *)base;
+    r->balance = (double *)at;
+    r->in = (float *)(at += nb);
+    r->out = (float *)(at += nd);
+    r->act = (float *)(at += nd);
+    r->dh = (float *)(at += nr);
+    r->pos = (int32_t *)(at += nr);
+    r->counts = (int32_t *)(at + np);
+    return ESFT_OK;
 }
 
-/* Router logits (fp32), routing, slots by expert. A non-finite logit is named
-   as the CPU names it: u when u holds the NaN/Inf, else an overflow. */
+/* An operand of the per-expert GEMMs: the expert's rows of a row array (sorted
+   order, ld floats a row), or one of the expert's tensors in a block shaped as
+   the parameters (params or dparams; W_down is (R, D), W_up (D, R)). */
+typedef struct esft_cuda__pesc_operand {
+    float *base;
+    int ld;
+    int tensor; /* ESFT_CUDA__PESC_ROWS, or an esft_pesc_tensor */
+} esft_cuda__pesc_operand;
+
+#define ESFT_CUDA__PESC_ROWS (-1)
+
+static esft_cuda__pesc_operand esft_cuda__pesc_rows_of(float *rows, int ld)
+{
+    esft_cuda__pesc_operand o;
+    o.base = rows;
+    o.ld = ld;
+    o.tensor = ESFT_CUDA__PESC_ROWS;
+    return o;
+}
+
+/* The operand type serves outputs too; a read-only block (params) is only
+   ever passed as A or B, so dropping its const here writes nothing. */
+static esft_cuda__pesc_operand esft_cuda__pesc_tensor_of(const esft_pesc_config *cfg, const float *block,
+                                                         esft_pesc_tensor which)
+{
+    esft_cuda__pesc_operand o;
+    o.base = const_cast<float *>(block);
+    o.ld = which == ESFT_PESC_DOWN ? cfg->d_model : cfg->rank;
+    o.tensor = which;
+    return o;
+}
+
+static float *esft_cuda__pesc_at(const esft_pesc_config *cfg, const esft_cuda__pesc_operand *o, const int32_t *off,
+                                 int e)
+{
+    if (o->tensor == ESFT_CUDA__PESC_ROWS) return o->base + (size_t)off[e] * o->ld;
+    return o->base + esft_pesc_tensor_offset(cfg, (esft_pesc_tensor)o->tensor, e);
+}
+
+/* One GEMM kind of the adapters: C_e = op(A_e) op(B_e) (+ C_e when beta is 1)
+   for every expert e, in esft_cuda__gemm's row-major terms; M, N or K is
+   ESFT_CUDA__PESC_N where it is the expert's row count. */
+typedef struct esft_cuda__pesc_gemm {
+    int ta, tb, M, N, K;
+    esft_cuda__pesc_operand a, b, c;
+    float beta;
+} esft_cuda__pesc_gemm;
+
+#define ESFT_CUDA__PESC_N 0
+
+static int esft_cuda__pesc_dim(int dim, int rows) { return dim == ESFT_CUDA__PESC_N ? rows : dim; }
+
+/* Runs g over every expert with rows as one batch (section 5). Each problem
+   writes its own expert's rows or tensor, so no two share a C; experts without
+   rows are left out (a dW problem with K = 0 would still be C += 0). */
+static esft_status esft_cuda__pesc_batch(esft_cuda__context *c, const esft_pesc_config *cfg,
+                                         const esft_cuda__pesc_gemm *g, const int32_t *off,
+                                         cublasComputeType_t math, esft_error *err)
+{
+    esft_cuda__batch b;
+    esft_status s = esft_cuda__batch_begin(c, &b, cfg->n_experts, g->ta, g->tb, g->a.ld, g->b.ld, g->c.ld, g->beta,
+                                           err);
+    if (s != ESFT_OK) return s;
+    for (int e = 0; e < cfg->n_experts; e++) {
+        int n = off[e + 1] - off[e];
+        if (n == 0) continue;
+        esft_cuda__batch_add(&b, esft_cuda__pesc_dim(g->M, n), esft_cuda__pesc_dim(g->N, n),
+                             esft_cuda__pesc_dim(g->K, n), esft_cuda__pesc_at(cfg, &g->a, off, e),
+                             esft_cuda__pesc_at(cfg, &g->b, off, e), esft_cuda__pesc_at(cfg, &g->c, off, e));
+    }
+    return esft_cuda__batch_run(c, &b, math, err);
+}
+
+/* Shared memory of the balance kernel: E doubles and the tile. */
+static size_t esft_cuda__pesc_balance_smem(int E)
+{
+    return (size_t)E * sizeof(double) + ESFT_CUDA__BALANCE_FLOATS * sizeof(float);
+}
+
+/* Router logits (fp32), routing and the slots by expert, queued: non-finite
+   logits go to the deferred LOGITS flag (esft_cuda__pesc_verdicts names them). */
 static esft_status esft_cuda__pesc_route(esft_cuda__context *c, const esft_pesc_config *cfg, esft_pesc_saved *sv,
-                                         const float *u, const float *params, int T, esft_error *err)
+                                         const esft_cuda__pesc_rows *r, const float *u, const float *params, int T,
+                                         esft_error *err)
 {
     int D = cfg->d_model, E = cfg->n_experts, K = cfg->top_k;
     esft_route_config rc = esft_route_config_init(E, K);
-    int32_t *counts = NULL;
     esft_status s;
     rc.renormalize = 1; /* softmax over the K chosen, as the CPU routes */
     s = esft_cuda__gemm(c, CUBLAS_COMPUTE_32F, 0, 1, T, E, D, 1.0f, u, D, params, D, 0.0f, sv->logits, E, err);
-    if (s == ESFT_OK) s = esft_cuda__chunk_counts(c, T * K, E, &counts, err);
-    if (s == ESFT_OK) s = esft_cuda__route_run(c, &rc, sv->ids, sv->weights, sv->probs, sv->logits, T, counts, err);
-    if (s == ESFT_ERR_NUMERIC) {
-        if ((s = esft_cuda__check_finite(c, u, (size_t)T * D, "u", (size_t)D, err)) != ESFT_OK) return s;
-        return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "router logits overflow (u or router weights too large)");
-    }
-    if (s != ESFT_OK) return s;
-    return esft_cuda__sort_slots(c, sv->order, NULL, sv->offset, sv->ids, counts, T * K, E, err);
-}
-
-/* frac on the device and the auxiliary loss alpha E balance on the host. */
-static esft_status esft_cuda__pesc_aux(esft_cuda__context *c, const esft_pesc_config *cfg, esft_pesc_saved *sv, int T,
-                                       esft_error *err)
-{
-    int E = cfg->n_experts;
-    double balance = 0.0;
-    void *scratch;
-    size_t smem = (size_t)E * sizeof(double) + ESFT_CUDA__BALANCE_FLOATS * sizeof(float);
-    esft_status s;
-    if (E > ESFT_CUDA__BALANCE_FLOATS || smem > 48 * 1024) /* unreachable: routing stops at E ~ 1500 */
-        return esft_cuda__fail(err, ESFT_ERR_UNSUPPORTED, "cuda pesc: %d experts are too many for the balance kernel", E);
-    if ((s = esft_cuda__scratch(c, sizeof(double), &scratch, err)) != ESFT_OK) return s;
-    esft_cuda__pesc_balance_kernel<<<1, 256, smem, c->stream>>>(
-        (double *)scratch, sv->frac, sv->probs, sv->offset, T, E, cfg->top_k);
-    if ((s = esft_cuda__launched("balance kernel", err)) != ESFT_OK) return s;
-    s = esft_cuda__check(cudaMemcpyAsync(&balance, scratch, sizeof balance, cudaMemcpyDeviceToHost, c->stream),
-                         "read the balance", err);
-    if (s == ESFT_OK) s = esft_cuda__finish(c, "balance kernel", err);
-    if (s == ESFT_OK) sv->aux_loss = (float)((double)cfg->aux_alpha * E * balance);
+    if (s == ESFT_OK) s = esft_cuda__zero_chunk_counts(c, r->counts, T * K, E, err);
+    if (s == ESFT_OK)
+        s = esft_cuda__route_launch(c, &rc, sv->ids, sv->weights, sv->probs, sv->logits, T,
+                                    c->flag + ESFT_CUDA__FLAG_LOGITS, r->counts, err);
+    if (s == ESFT_OK) s = esft_cuda__sort_slots(c, sv->order, r->pos, sv->offset, sv->ids, r->counts, T * K, E, err);
     return s;
 }
 
-/* One expert's adapter on its n gathered rows into w->yg (esft__adapter_forward_cpu
-   with beta 0); hidden (n, R) is saved for the backward. */
-static esft_status esft_cuda__pesc_expert_forward(esft_cuda__context *c, const esft_pesc_config *cfg,
-                                                  esft_pesc_saved *sv, esft_pesc_work_view *w, const float *params,
-                                                  const int32_t *slots, int first, int n, int e,
-                                                  cublasComputeType_t math, esft_error *err)
+/* Queues frac (on the device) and the aux loss's balance into r->balance. */
+static esft_status esft_cuda__pesc_balance(esft_cuda__context *c, const esft_pesc_config *cfg, esft_pesc_saved *sv,
+                                           const esft_cuda__pesc_rows *r, int T, esft_error *err)
 {
-    int D = cfg->d_model, R = cfg->rank;
-    size_t nr = (size_t)n * R;
-    float *hidden = sv->hidden + (size_t)first * R;
-    esft_status s = esft_cuda__gemm(c, math, 0, 1, n, R, D, 1.0f, w->xg, D,
-                                    params + esft_pesc_tensor_offset(cfg, ESFT_PESC_DOWN, e), D, 0.0f, hidden, R, err);
-    if (s != ESFT_OK) return s;
-    esft_cuda__pesc_act_kernel<<<esft_cuda__grid(nr, 256), 256, 0, c->stream>>>(w->g, hidden, sv->weights, slots, nr,
-                                                                                R, cfg->scale);
-    if ((s = esft_cuda__launched("adapter activation kernel", err)) != ESFT_OK) return s;
-    return esft_cuda__gemm(c, math, 0, 1, n, D, R, 1.0f, w->g, R, params + esft_pesc_tensor_offset(cfg, ESFT_PESC_UP, e),
-                           R, 0.0f, w->yg, D, err);
+    int E = cfg->n_experts;
+    esft_cuda__pesc_balance_kernel<<<1, 256, esft_cuda__pesc_balance_smem(E), c->stream>>>(
+        r->balance, sv->frac, sv->probs, sv->offset, T, E, cfg->top_k);
+    return esft_cuda__launched("balance kernel", err);
 }
 
+/* The op's one wait before its batches: the expert offsets (E + 1) to the
+   host table, the aux loss's balance when balance_dev is given (a double at
+   the table's first even index past the offsets, so 8-byte aligned) and the
+   deferred flags. */
+static esft_status esft_cuda__pesc_tables(esft_cuda__context *c, const esft_pesc_saved *sv, int E,
+                                          const double *balance_dev, int32_t **off, double *balance,
+                                          esft_error *err)
+{
+    size_t at = ((size_t)E + 2) & ~(size_t)1;
+    esft_status s = esft_cuda__host_table(c, at + 2, err);
+    if (s == ESFT_OK) s = esft_cuda__queue_offsets(c, sv->offset, E, off, err);
+    if (s == ESFT_OK && balance_dev)
+        s = esft_cuda__check(cudaMemcpyAsync(c->host + at, balance_dev, sizeof(double), cudaMemcpyDeviceToHost,
+                                             c->stream), "read the balance", err);
+    if (s == ESFT_OK) s = esft_cuda__queue_flags(c, err);
+    if (s == ESFT_OK) s = esft_cuda__finish(c, "read expert offsets", err);
+    if (s == ESFT_OK && balance_dev) memcpy(balance, c->host + at, sizeof *balance);
+    return s;
+}
+
+/* The forward's verdicts, deferred to the offsets' wait, in the CPU's order:
+   F, the parameters, then the router logits (u named when it holds the
+   NaN/Inf, else an overflow, as the CPU words it). Every flag is re-armed
+   before any verdict returns. */
+static esft_status esft_cuda__pesc_verdicts(esft_cuda__context *c, const esft_pesc_config *cfg, const float *F,
+                                            const float *u, const float *params, int T, esft_error *err)
+{
+    unsigned long long bad_F, bad_params, bad_logit;
+    esft_status s = esft_cuda__deferred(c, ESFT_CUDA__FLAG_INPUT, &bad_F, err);
+    if (s == ESFT_OK) s = esft_cuda__deferred(c, ESFT_CUDA__FLAG_PARAMS, &bad_params, err);
+    if (s == ESFT_OK) s = esft_cuda__deferred(c, ESFT_CUDA__FLAG_LOGITS, &bad_logit, err);
+    if (s == ESFT_OK) s = esft_cuda__finite_verdict(F, bad_F, "F", (size_t)cfg->d_model, err);
+    if (s == ESFT_OK) s = esft_cuda__finite_verdict(params, bad_params, "params", 0, err);
+    if (s != ESFT_OK || bad_logit == ~0ULL) return s;
+    s = esft_cuda__check_finite(c, u, (size_t)T * cfg->d_model, "u", (size_t)cfg->d_model, err);
+    if (s != ESFT_OK) return s;
+    return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "router logits overflow (u or router weights too large)");
+}
+
+/* The adapters over all rows into r->out (esft__adapter_forward_cpu per expert,
+   beta 0): gather, hidden = in W_down^T (saved for the backward), act =
+   k gelu(hidden), out = act W_up^T. */
+static esft_status esft_cuda__pesc_experts_forward(esft_cuda__context *c, const esft_pesc_config *cfg,
+                                                   esft_pesc_saved *sv, const esft_cuda__pesc_rows *r, const float *F,
+                                                   const float *params, const int32_t *off, int T,
+                                                   cublasComputeType_t math, esft_error *err)
+{
+    int D = cfg->d_model, R = cfg->rank, K = cfg->top_k, n = T * K;
+    size_t nr = (size_t)n * R;
+    esft_cuda__pesc_gemm down = {0, 1, ESFT_CUDA__PESC_N, R, D, esft_cuda__pesc_rows_of(r->in, D),
+                                 esft_cuda__pesc_tensor_of(cfg, params, ESFT_PESC_DOWN),
+                                 esft_cuda__pesc_rows_of(sv->hidden, R), 0.0f};
+    esft_cuda__pesc_gemm up = {0, 1, ESFT_CUDA__PESC_N, D, R, esft_cuda__pesc_rows_of(r->act, R),
+                               esft_cuda__pesc_tensor_of(cfg, params, ESFT_PESC_UP),
+                               esft_cuda__pesc_rows_of(r->out, D), 0.0f};
+    esft_status s;
+    esft_cuda__pesc_gather_kernel<<<n, 128, 0, c->stream>>>(r->in, NULL, F, NULL, sv->order, sv->ids, K, D,
+                                                           esft_cuda__pesc_dropout_of(cfg));
+    if ((s = esft_cuda__launched("adapter gather kernel", err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__pesc_batch(c, cfg, &down, off, math, err)) != ESFT_OK) return s;
+    esft_cuda__pesc_act_kernel<<<esft_cuda__grid(nr, 256), 256, 0, c->stream>>>(r->act, sv->hidden, sv->weights,
+                                                                                sv->order, nr, R, cfg->scale);
+    if ((s = esft_cuda__launched("adapter activation kernel", err)) != ESFT_OK) return s;
+    return esft_cuda__pesc_batch(c, cfg, &up, off, math, err);
+}
+
+/* Two waits (see the section's comment): the tables with every input verdict,
+   then the end with y's. Nothing of the caller's is written before the first. */
 static esft_status esft_cuda__pesc_forward(void *context, const esft_pesc_config *cfg, float *y, float *aux_loss,
                                            const float *F, const float *u, const float *params, esft_pesc_saved *sv,
                                            int T, esft_error *err)
 {
     esft_cuda__context *c = (esft_cuda__context *)context;
     int D = cfg->d_model, E = cfg->n_experts, K = cfg->top_k;
-    esft_cuda__pesc_dropout dr = esft_cuda__pesc_dropout_of(cfg), plain = dr;
+    esft_cuda__pesc_dropout plain = esft_cuda__pesc_dropout_of(cfg);
     cublasComputeType_t math;
-    esft_pesc_work_view w;
+    esft_cuda__pesc_rows r;
+    unsigned long long bad_y;
+    double balance = 0.0;
     int32_t *off;
     esft_status s;
     sv->T = 0;
@@ -1999,31 +2207,35 @@ static esft_status esft_cuda__pesc_forward(void *context, const esft_pesc_config
         if (aux_loss) *aux_loss = 0.0f;
         return ESFT_OK;
     }
-    plain.on = 0;
+    plain.on = 0; /* y adds the adapters' outputs as they are */
     if ((s = esft_cuda__pesc_check(y, "y", F, u, params, NULL, NULL, NULL, err)) != ESFT_OK) return s;
     if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
-    if ((s = esft_pesc_work_view_at(cfg, T, sv->work, &w, err)) != ESFT_OK) return s;
-    /* F and the parameters are checked before y is written (the CPU's order) */
-    if ((s = esft_cuda__check_finite(c, F, (size_t)T * D, "F", (size_t)D, err)) != ESFT_OK) return s;
-    if ((s = esft_cuda__check_finite(c, params, esft_pesc_param_count(cfg), "params", 0, err)) != ESFT_OK) return s;
-    if ((s = esft_cuda__pesc_route(c, cfg, sv, u, params, T, err)) != ESFT_OK) return s;
-    if ((s = esft_cuda__pesc_offsets(c, sv, E, &off, err)) != ESFT_OK) return s;
-    if ((s = esft_cuda__pesc_aux(c, cfg, sv, T, err)) != ESFT_OK) return s;
-    s = esft_cuda__check(cudaMemcpyAsync(y, F, (size_t)T * D * sizeof(float), cudaMemcpyDeviceToDevice, c->stream),
-                         "copy F into y", err);
-    for (int e = 0; e < E && s == ESFT_OK; e++) {
-        const int32_t *slots = sv->order + off[e];
-        int n = off[e + 1] - off[e];
-        if (n == 0) continue;
-        esft_cuda__pesc_gather_kernel<<<n, 128, 0, c->stream>>>(w.xg, F, slots, K, D, e, dr);
-        s = esft_cuda__launched("adapter gather kernel", err);
-        if (s == ESFT_OK) s = esft_cuda__pesc_expert_forward(c, cfg, sv, &w, params, slots, off[e], n, e, math, err);
-        if (s != ESFT_OK) break;
-        esft_cuda__pesc_scatter_kernel<<<n, 128, 0, c->stream>>>(y, w.yg, slots, K, D, e, plain);
-        s = esft_cuda__launched("adapter scatter kernel", err);
-    }
-    if (s == ESFT_OK) s = esft_cuda__finish(c, "pesc forward", err);
-    if (s == ESFT_OK) s = esft_cuda__check_output(c, y, (size_t)T * D, "y", (size_t)D, err);
+    /* unreachable (routing stops at E ~ 1500), but refused before anything is queued */
+    if (E > ESFT_CUDA__BALANCE_FLOATS || esft_cuda__pesc_balance_smem(E) > 48 * 1024)
+        return esft_cuda__fail(err, ESFT_ERR_UNSUPPORTED, "cuda pesc: %d experts are too many for the balance kernel",
+                               E);
+    if ((s = esft_cuda__pesc_rows_at(c, cfg, T, &r, err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__arm_deferred(c, err)) != ESFT_OK) return s;
+    /* routing first: its launch can refuse (shared memory) before any deferred
+       flag is set, and a flag set by queued work is always read below */
+    s = esft_cuda__pesc_route(c, cfg, sv, &r, u, params, T, err);
+    if (s == ESFT_OK) s = esft_cuda__finite_launch(c, F, (size_t)T * D, c->flag + ESFT_CUDA__FLAG_INPUT, err);
+    if (s == ESFT_OK)
+        s = esft_cuda__finite_launch(c, params, esft_pesc_param_count(cfg), c->flag + ESFT_CUDA__FLAG_PARAMS, err);
+    if (s == ESFT_OK) s = esft_cuda__pesc_balance(c, cfg, sv, &r, T, err);
+    if (s == ESFT_OK) s = esft_cuda__pesc_tables(c, sv, E, r.balance, &off, &balance, err); /* wait 1 */
+    if (s == ESFT_OK) s = esft_cuda__pesc_verdicts(c, cfg, F, u, params, T, err);
+    if (s != ESFT_OK) return s;
+    sv->aux_loss = (float)((double)cfg->aux_alpha * E * balance);
+    if ((s = esft_cuda__pesc_experts_forward(c, cfg, sv, &r, F, params, off, T, math, err)) != ESFT_OK) return s;
+    esft_cuda__pesc_combine_kernel<<<T, 128, 2 * (size_t)K * sizeof(int32_t), c->stream>>>(
+        y, F, r.out, NULL, sv->ids, r.pos, K, D, plain, c->flag + ESFT_CUDA__FLAG_INPUT);
+    s = esft_cuda__launched("adapter combine kernel", err);
+    if (s == ESFT_OK) s = esft_cuda__queue_flags(c, err);
+    if (s == ESFT_OK) s = esft_cuda__finish(c, "pesc forward", err); /* wait 2 */
+    if (s == ESFT_OK) s = esft_cuda__deferred(c, ESFT_CUDA__FLAG_INPUT, &bad_y, err);
+    /* worded as esft__pesc_forward_cpu's check of y (no "from finite inputs") */
+    if (s == ESFT_OK) s = esft_cuda__finite_verdict(y, bad_y, "y", (size_t)D, err);
     if (s != ESFT_OK) return s;
     sv->cfg = *cfg;
     sv->T = T;
@@ -2031,38 +2243,48 @@ static esft_status esft_cuda__pesc_forward(void *context, const esft_pesc_config
     return ESFT_OK;
 }
 
-/* One expert's backward on its n rows (esft__adapter_backward_cpu, then dx =
-   dh W_down over xg and its scatter through the mask into dF): w->xg holds the
-   gathered input, w->yg the gathered dy. dw (T, K) gets the slots' gate-weight
-   gradients. */
-static esft_status esft_cuda__pesc_expert_backward(esft_cuda__context *c, const esft_pesc_config *cfg,
-                                                   const esft_pesc_saved *sv, esft_pesc_work_view *w, float *dF,
-                                                   float *dparams, const float *params, const int32_t *slots,
-                                                   int first, int n, int e, cublasComputeType_t math,
-                                                   esft_error *err)
+/* The adapters' backward over all rows (esft__adapter_backward_cpu per
+   expert, then dx = dh W_down and its scatter through the mask): gather F and
+   dy; dh = dy_g W_up; one warp per row forms k g, turns z into dh and writes
+   the gate weights' gradients into w->dw; dW_up += dy_g^T (k g) and dW_down +=
+   dh^T in (when dparams); dx = dh W_down over `in` (the batches run in order
+   on the op stream, so dW_down has read it); then one combine into dF, the
+   residual dy added last. */
+static esft_status esft_cuda__pesc_experts_backward(esft_cuda__context *c, const esft_pesc_config *cfg,
+                                                    const esft_pesc_saved *sv, const esft_pesc_work_view *w,
+                                                    const esft_cuda__pesc_rows *r, float *dF, float *dparams,
+                                                    const float *dy, const float *F, const float *params,
+                                                    const int32_t *off, int T, cublasComputeType_t math,
+                                                    esft_error *err)
 {
-    int D = cfg->d_model, R = cfg->rank, K = cfg->top_k;
-    const float *down = params + esft_pesc_tensor_offset(cfg, ESFT_PESC_DOWN, e);
-    const float *up = params + esft_pesc_tensor_offset(cfg, ESFT_PESC_UP, e);
-    float *z = w->g, *kg = w->g + (size_t)n * R;
-    esft_status s = esft_cuda__gemm(c, math, 0, 0, n, R, D, 1.0f, w->yg, D, up, R, 0.0f, z, R, err);
-    if (s != ESFT_OK) return s;
-    esft_cuda__pesc_act_back_kernel<<<(n + 3) / 4, 128, 0, c->stream>>>(z, kg, w->dw, sv->hidden + (size_t)first * R,
-                                                                        sv->weights, slots, n, R, cfg->scale);
+    int D = cfg->d_model, R = cfg->rank, K = cfg->top_k, n = T * K;
+    esft_cuda__pesc_dropout dr = esft_cuda__pesc_dropout_of(cfg);
+    esft_cuda__pesc_gemm z = {0, 0, ESFT_CUDA__PESC_N, R, D, esft_cuda__pesc_rows_of(r->out, D),
+                              esft_cuda__pesc_tensor_of(cfg, params, ESFT_PESC_UP),
+                              esft_cuda__pesc_rows_of(r->dh, R), 0.0f};
+    esft_cuda__pesc_gemm d_up = {1, 0, D, R, ESFT_CUDA__PESC_N, esft_cuda__pesc_rows_of(r->out, D),
+                                 esft_cuda__pesc_rows_of(r->act, R),
+                                 esft_cuda__pesc_tensor_of(cfg, dparams, ESFT_PESC_UP), 1.0f};
+    esft_cuda__pesc_gemm d_down = {1, 0, R, D, ESFT_CUDA__PESC_N, esft_cuda__pesc_rows_of(r->dh, R),
+                                   esft_cuda__pesc_rows_of(r->in, D),
+                                   esft_cuda__pesc_tensor_of(cfg, dparams, ESFT_PESC_DOWN), 1.0f};
+    esft_cuda__pesc_gemm dx = {0, 0, ESFT_CUDA__PESC_N, D, R, esft_cuda__pesc_rows_of(r->dh, R),
+                               esft_cuda__pesc_tensor_of(cfg, params, ESFT_PESC_DOWN),
+                               esft_cuda__pesc_rows_of(r->in, D), 0.0f};
+    esft_status s;
+    esft_cuda__pesc_gather_kernel<<<n, 128, 0, c->stream>>>(r->in, r->out, F, dy, sv->order, sv->ids, K, D, dr);
+    esft_cuda__pesc_invert_kernel<<<esft_cuda__grid((size_t)n, 256), 256, 0, c->stream>>>(r->pos, sv->order, n);
+    if ((s = esft_cuda__launched("adapter gather kernels", err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__pesc_batch(c, cfg, &z, off, math, err)) != ESFT_OK) return s;
+    esft_cuda__pesc_act_back_kernel<<<(n + 3) / 4, 128, 0, c->stream>>>(r->dh, r->act, w->dw, sv->hidden,
+                                                                        sv->weights, sv->order, n, R, cfg->scale);
     if ((s = esft_cuda__launched("adapter activation backward kernel", err)) != ESFT_OK) return s;
-    if (dparams) { /* dW_up += dy^T (k g), dW_down += dh^T xg */
-        s = esft_cuda__gemm(c, math, 1, 0, D, R, n, 1.0f, w->yg, D, kg, R, 1.0f,
-                            dparams + esft_pesc_tensor_offset(cfg, ESFT_PESC_UP, e), R, err);
-        if (s == ESFT_OK)
-            s = esft_cuda__gemm(c, math, 1, 0, R, D, n, 1.0f, z, R, w->xg, D, 1.0f,
-                                dparams + esft_pesc_tensor_offset(cfg, ESFT_PESC_DOWN, e), D, err);
-        if (s != ESFT_OK) return s;
-    }
-    /* dx = dh W_down over xg (read above: the stream orders it), then into dF */
-    s = esft_cuda__gemm(c, math, 0, 0, n, D, R, 1.0f, z, R, down, D, 0.0f, w->xg, D, err);
-    if (s != ESFT_OK) return s;
-    esft_cuda__pesc_scatter_kernel<<<n, 128, 0, c->stream>>>(dF, w->xg, slots, K, D, e, esft_cuda__pesc_dropout_of(cfg));
-    return esft_cuda__launched("adapter scatter kernel", err);
+    if (dparams && (s = esft_cuda__pesc_batch(c, cfg, &d_up, off, math, err)) != ESFT_OK) return s;
+    if (dparams && (s = esft_cuda__pesc_batch(c, cfg, &d_down, off, math, err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__pesc_batch(c, cfg, &dx, off, math, err)) != ESFT_OK) return s;
+    esft_cuda__pesc_combine_kernel<<<T, 128, 2 * (size_t)K * sizeof(int32_t), c->stream>>>(
+        dF, dF, r->in, dy, sv->ids, r->pos, K, D, dr, NULL);
+    return esft_cuda__launched("adapter combine kernel", err);
 }
 
 /* dlogits from the gate weights' gradient and the aux loss (the MoE's router
@@ -2087,43 +2309,36 @@ static esft_status esft_cuda__pesc_router_backward(esft_cuda__context *c, const 
     return s;
 }
 
+/* Two waits (see the section's comment): the tables with dy's verdict, before
+   any gradient is touched (a NaN in dy would spread into all of them); the end. */
 static esft_status esft_cuda__pesc_backward(void *context, const esft_pesc_config *cfg, float *dF, float *du,
                                             float *dparams, const float *dy, float daux, esft_pesc_saved *sv,
                                             const float *F, const float *u, const float *params, int T,
                                             esft_error *err)
 {
     esft_cuda__context *c = (esft_cuda__context *)context;
-    int D = cfg->d_model, E = cfg->n_experts, K = cfg->top_k;
-    size_t nd = (size_t)T * D;
-    esft_cuda__pesc_dropout dr = esft_cuda__pesc_dropout_of(cfg), plain = dr;
+    int D = cfg->d_model, E = cfg->n_experts;
     cublasComputeType_t math;
     esft_pesc_work_view w;
+    esft_cuda__pesc_rows r;
+    unsigned long long bad_dy;
     int32_t *off;
     esft_status s;
     if (T == 0) return ESFT_OK;
     if (!isfinite(daux)) return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "daux is not finite");
-    plain.on = 0;
     if ((s = esft_cuda__pesc_check(dF, "dF", F, u, params, du, dparams, dy, err)) != ESFT_OK) return s;
     if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
     if ((s = esft_pesc_work_view_at(cfg, T, sv->work, &w, err)) != ESFT_OK) return s;
-    /* before any gradient is touched: a NaN in dy would spread into all of them */
-    if ((s = esft_cuda__check_finite(c, dy, nd, "dy", (size_t)D, err)) != ESFT_OK) return s;
-    if ((s = esft_cuda__pesc_offsets(c, sv, E, &off, err)) != ESFT_OK) return s;
-    for (int e = 0; e < E && s == ESFT_OK; e++) {
-        const int32_t *slots = sv->order + off[e];
-        int n = off[e + 1] - off[e];
-        if (n == 0) continue;
-        esft_cuda__pesc_gather_kernel<<<n, 128, 0, c->stream>>>(w.xg, F, slots, K, D, e, dr);
-        esft_cuda__pesc_gather_kernel<<<n, 128, 0, c->stream>>>(w.yg, dy, slots, K, D, e, plain);
-        s = esft_cuda__launched("adapter gather kernels", err);
-        if (s == ESFT_OK)
-            s = esft_cuda__pesc_expert_backward(c, cfg, sv, &w, dF, dparams, params, slots, off[e], n, e, math, err);
-    }
-    if (s != ESFT_OK) return s;
-    esft_cuda__add_kernel<<<esft_cuda__grid(nd, 256), 256, 0, c->stream>>>(dF, dy, nd); /* the residual y = F + ... */
-    if ((s = esft_cuda__launched("residual kernel", err)) != ESFT_OK) return s;
-    s = esft_cuda__pesc_router_backward(c, cfg, sv, &w, du, dparams, u, params, daux, T, err);
-    if (s == ESFT_OK) s = esft_cuda__finish(c, "pesc backward", err);
+    if ((s = esft_cuda__pesc_rows_at(c, cfg, T, &r, err)) != ESFT_OK) return s;
+    s = esft_cuda__arm_deferred(c, err);
+    if (s == ESFT_OK) s = esft_cuda__finite_launch(c, dy, (size_t)T * D, c->flag + ESFT_CUDA__FLAG_INPUT, err);
+    if (s == ESFT_OK) s = esft_cuda__pesc_tables(c, sv, E, NULL, &off, NULL, err); /* wait 1 */
+    if (s == ESFT_OK) s = esft_cuda__deferred(c, ESFT_CUDA__FLAG_INPUT, &bad_dy, err);
+    if (s == ESFT_OK) s = esft_cuda__finite_verdict(dy, bad_dy, "dy", (size_t)D, err);
+    if (s == ESFT_OK)
+        s = esft_cuda__pesc_experts_backward(c, cfg, sv, &w, &r, dF, dparams, dy, F, params, off, T, math, err);
+    if (s == ESFT_OK) s = esft_cuda__pesc_router_backward(c, cfg, sv, &w, du, dparams, u, params, daux, T, err);
+    if (s == ESFT_OK) s = esft_cuda__finish(c, "pesc backward", err); /* wait 2 */
     return s;
 }
 
