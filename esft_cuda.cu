@@ -63,7 +63,8 @@ enum {
     ESFT_CUDA__FLAG_INPUT = 2,
     ESFT_CUDA__FLAG_LOGITS = 3,
     ESFT_CUDA__FLAG_PARAMS = 4,
-    ESFT_CUDA__FLAGS = 5
+    ESFT_CUDA__FLAG_BIAS = 5,
+    ESFT_CUDA__FLAGS = 6
 };
 
 /* The streams mode of the expert GEMMs: side streams, each with its own cuBLAS
@@ -562,7 +563,8 @@ __global__ static void esft_cuda__route_kernel(int32_t *ids, float *weights, flo
    here first, as the CPU op checks its own. */
 static esft_status esft_cuda__route_launch(esft_cuda__context *c, const esft_route_config *cfg, int32_t *ids,
                                            float *weights, float *probs, const float *logits, int T,
-                                           unsigned long long *flag, int32_t *chunk_counts, esft_error *err)
+                                           unsigned long long *flag, int32_t *chunk_counts,
+                                           unsigned long long *bias_flag, esft_error *err)
 {
     esft_cuda__route_params p;
     size_t smem;
@@ -581,7 +583,9 @@ static esft_status esft_cuda__route_launch(esft_cuda__context *c, const esft_rou
     if (smem > 48 * 1024)
         return esft_cuda__fail(err, ESFT_ERR_UNSUPPORTED, "cuda route: %d experts need %lu bytes of shared memory "
                                "(at most 48 KiB)", p.E, (unsigned long)smem);
-    if (p.bias) {
+    if (p.bias && bias_flag) { /* deferred: read with the caller's next wait (NaN bias: ids safe, refused) */
+        if ((s = esft_cuda__finite_launch(c, p.bias, (size_t)p.E, bias_flag, err)) != ESFT_OK) return s;
+    } else if (p.bias) {
         esft_error where;
         s = esft_cuda__check_finite(c, p.bias, (size_t)p.E, "selection_bias", 0, &where);
         if (s == ESFT_ERR_NUMERIC) return esft_cuda__fail(err, ESFT_ERR_INVALID_ARGUMENT, "%s", where.message);
@@ -615,7 +619,7 @@ static esft_status esft_cuda__route_run(esft_cuda__context *c, const esft_route_
 {
     unsigned long long bad;
     esft_status s = esft_cuda__route_launch(c, cfg, ids, weights, probs, logits, T, c->flag + ESFT_CUDA__FLAG_OP,
-                                            chunk_counts, err);
+                                            chunk_counts, NULL, err);
     if (s == ESFT_OK) s = esft_cuda__take_flag(c, &bad, err);
     if (s == ESFT_OK) s = esft_cuda__route_verdict(logits, bad, cfg->n_experts, err);
     return s;
@@ -1473,12 +1477,19 @@ static esft_status esft_cuda__x_before(esft_cuda__context *c, const float *x, in
 /* The verdicts deferred to the tables' wait: the op's input (x or dy) first,
    then the router logits (a finite x with NaN router weights). */
 static esft_status esft_cuda__moe_verdicts(esft_cuda__context *c, const float *input, const char *what, int D,
-                                           const float *logits, int E, esft_error *err)
+                                           const float *bias, const float *logits, int E, esft_error *err)
 {
-    unsigned long long bad_input, bad_logit;
+    unsigned long long bad_input, bad_bias, bad_logit;
     esft_status s = esft_cuda__deferred(c, ESFT_CUDA__FLAG_INPUT, &bad_input, err);
+    if (s == ESFT_OK) s = esft_cuda__deferred(c, ESFT_CUDA__FLAG_BIAS, &bad_bias, err);
     if (s == ESFT_OK) s = esft_cuda__deferred(c, ESFT_CUDA__FLAG_LOGITS, &bad_logit, err);
     if (s == ESFT_OK) s = esft_cuda__finite_verdict(input, bad_input, what, (size_t)D, err);
+    if (s == ESFT_OK && bad_bias != ~0ULL) { /* a bad argument, as the CPU router words it */
+        esft_error where;
+        s = esft_cuda__finite_verdict(bias, bad_bias, "selection_bias", 0, &where);
+        if (s == ESFT_ERR_NUMERIC) return esft_cuda__fail(err, ESFT_ERR_INVALID_ARGUMENT, "%s", where.message);
+        if (s != ESFT_OK && err) *err = where;
+    }
     if (s == ESFT_OK) s = esft_cuda__route_verdict(logits, bad_logit, E, err);
     return s;
 }
@@ -1559,11 +1570,11 @@ static esft_status esft_cuda__moe_forward(void *context, const esft_moe *m, floa
     if (s == ESFT_OK) s = esft_cuda__chunk_counts(c, n, E, &counts, err);
     if (s == ESFT_OK)
         s = esft_cuda__route_launch(c, &cfg->route, w.ids, w.weights, w.probs, w.logits, T,
-                                    c->flag + ESFT_CUDA__FLAG_LOGITS, counts, err);
+                                    c->flag + ESFT_CUDA__FLAG_LOGITS, counts, c->flag + ESFT_CUDA__FLAG_BIAS, err);
     if (s != ESFT_OK) return esft_cuda__x_before(c, x, D, s, err);
     s = esft_cuda__sort_slots(c, w.perm, w.pos, w.offsets, w.ids, counts, n, E, err);
     if (s == ESFT_OK) s = esft_cuda__moe_tables(c, m, &w, &off, err);
-    if (s == ESFT_OK) s = esft_cuda__moe_verdicts(c, x, "x", D, w.logits, E, err);
+    if (s == ESFT_OK) s = esft_cuda__moe_verdicts(c, x, "x", D, cfg->route.selection_bias, w.logits, E, err);
     if (s != ESFT_OK) return s;
     esft_cuda__gather_kernel<<<n, 128, 0, c->stream>>>(w.xg, x, w.perm, K, D);
     if ((s = esft_cuda__launched("gather kernel", err)) != ESFT_OK) return s;
@@ -1697,7 +1708,7 @@ static esft_status esft_cuda__moe_backward(void *context, const esft_moe *m, flo
     s = esft_cuda__arm_deferred(c, err);
     if (s == ESFT_OK) s = esft_cuda__finite_launch(c, dy, (size_t)T * D, c->flag + ESFT_CUDA__FLAG_INPUT, err);
     if (s == ESFT_OK) s = esft_cuda__moe_tables(c, m, &w, &off, err);
-    if (s == ESFT_OK) s = esft_cuda__moe_verdicts(c, dy, "dy", D, NULL, E, err);
+    if (s == ESFT_OK) s = esft_cuda__moe_verdicts(c, dy, "dy", D, NULL, NULL, E, err);
     if (s == ESFT_OK) s = esft_cuda__experts_backward(c, m, &w, off, dx, dy, T, math, err);
     if (s == ESFT_OK) s = esft_cuda__shared_backward(c, m, &w, dx, dy, x, T, math, err);
     if (s != ESFT_OK) return s;
@@ -2105,7 +2116,7 @@ static esft_status esft_cuda__pesc_route(esft_cuda__context *c, const esft_pesc_
     if (s == ESFT_OK) s = esft_cuda__zero_chunk_counts(c, r->counts, T * K, E, err);
     if (s == ESFT_OK)
         s = esft_cuda__route_launch(c, &rc, sv->ids, sv->weights, sv->probs, sv->logits, T,
-                                    c->flag + ESFT_CUDA__FLAG_LOGITS, r->counts, err);
+                                    c->flag + ESFT_CUDA__FLAG_LOGITS, r->counts, NULL, err);
     if (s == ESFT_OK) s = esft_cuda__sort_slots(c, sv->order, r->pos, sv->offset, sv->ids, r->counts, T * K, E, err);
     return s;
 }

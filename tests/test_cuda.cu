@@ -1017,6 +1017,57 @@ TEST(cuda_stats_from_the_forward_routing)
     free(w); free(x); free(ids); free(weights);
 }
 
+/* The selection bias is checked on the device with the other deferred checks
+   (no wait of its own), in the CPU's order: x first, then the bias, then the
+   logits. A NaN bias is ESFT_ERR_INVALID_ARGUMENT in the CPU's words with y
+   untouched; a NaN x with it is named as x; and a clean call afterwards
+   succeeds (no flag left set by the refused ones). */
+TEST(cuda_moe_bias_checked_in_the_cpu_order)
+{
+    esft_moe_config cfg = esft_moe_config_init(16, 8, 2, 8, 0);
+    size_t ne = (size_t)8 * 8 * 16, bytes = 0, i;
+    float *w = random_floats(ne, -0.2f, 0.2f), *x = random_floats(32 * 16, -1.0f, 1.0f), bias[8];
+    esft_moe_weights wh, wd;
+    esft_moe lg;
+    esft_error e;
+    void *ws, *x_g, *y_g, *bias_g;
+    int k;
+    NEED_GPU();
+    cfg.route.gating = ESFT_GATING_SIGMOID;
+    cfg.route.renormalize = 1;
+    for (i = 0; i < 8; i++) bias[i] = 0.01f * (float)i;
+    memset(&wh, 0, sizeof wh);
+    wh.router = w; wh.gate = w; wh.up = w; wh.down = w;
+    wd = wh;
+    wd.router = wd.gate = wd.up = wd.down = (const float *)dev(w, ne * 4);
+    CHECK_STATUS(esft_moe_workspace_size(&cfg, 32, &bytes, &e), ESFT_OK);
+    ws = dev(NULL, bytes);
+    y_g = dev(NULL, 32 * 16 * 4);
+    bias[5] = NAN;
+    bias_g = dev(bias, sizeof bias);
+    CHECK(wd.router && ws && y_g && bias_g);
+    CHECK_STATUS(esft_moe_init(&lg, &cfg, &wh, NULL, &e), ESFT_OK);
+    CHECK_STATUS(esft_moe_set_backend(&lg, gpu(), &wd, &e), ESFT_OK);
+    lg.cfg.route.selection_bias = (const float *)bias_g;
+    for (k = 0; k < 2; k++) { /* k 0: x clean, the bias named; k 1: x NaN too, x named */
+        x[2 * 16 + 3] = k ? NAN : 0.25f;
+        x_g = dev(x, 32 * 16 * 4);
+        CHECK(x_g && poison(y_g, 32 * 16 * 4));
+        CHECK_STATUS(esft_moe_forward(&lg, (float *)y_g, NULL, (const float *)x_g, ws, bytes, 32, &e),
+                     k ? ESFT_ERR_NUMERIC : ESFT_ERR_INVALID_ARGUMENT);
+        CHECK_MSG(strstr(e.message, k ? "x[2][3] is NaN" : "selection_bias[5] is NaN") != NULL, "message: %s",
+                  e.message);
+    }
+    bias[5] = 0.05f;
+    CHECK(copy_now(bias_g, bias, sizeof bias, cudaMemcpyHostToDevice) == cudaSuccess);
+    x[2 * 16 + 3] = 0.25f;
+    x_g = dev(x, 32 * 16 * 4);
+    CHECK(x_g);
+    CHECK_STATUS(esft_moe_forward(&lg, (float *)y_g, NULL, (const float *)x_g, ws, bytes, 32, &e), ESFT_OK);
+    esft_moe_uninit(&lg);
+    free(w); free(x);
+}
+
 /* ---------------------------------------------------------------------- */
 /* AdamW: bit-identical, through esft_adamw_step                            */
 /* ---------------------------------------------------------------------- */
