@@ -54,8 +54,8 @@
    bad element they meet (~0 = none). OP is read by the op that set it at once
    (esft_cuda__take_flag); INPUT, LOGITS and PARAMS are deferred: the layer ops
    copy them to the host with the expert offsets, so one wait serves every
-   check (x, F or dy; then the router logits; PARAMS is the PESC parameter
-   block's). WRAP is the statistics' overflow word (0 = none). The deferred
+   check (x, F or dy; the selection bias; the router logits; PARAMS is the
+   PESC parameter block's). WRAP is the statistics' overflow word (0 = none). The deferred
    flags are the last ones, in a row, so one copy brings them all. */
 enum {
     ESFT_CUDA__FLAG_OP = 0,
@@ -601,15 +601,18 @@ static esft_status esft_cuda__route_launch(esft_cuda__context *c, const esft_rou
 
 /* The verdict on a flagged logit (~0: none), once the stream has finished, as
    the CPU router words it (the value read back says NaN or Inf). */
-static esft_status esft_cuda__route_verdict(const float *logits, unsigned long long bad, int E, esft_error *err)
+static esft_status esft_cuda__route_verdict(const float *logits, unsigned long long bad, int E, int in_layer,
+                                            esft_error *err)
 {
     float v = 0.0f;
     esft_status s;
     if (bad == ~0ULL) return ESFT_OK;
     s = esft_cuda__check(cudaMemcpy(&v, logits + bad, sizeof v, cudaMemcpyDeviceToHost), "read a bad logit", err);
     if (s != ESFT_OK) return s;
+    /* the CPU's MoE layer checks its logits itself and says "not finite" */
     return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "router logit of token %llu, expert %llu is %s",
-                           bad / (unsigned long long)E, bad % (unsigned long long)E, isnan(v) ? "NaN" : "Inf");
+                           bad / (unsigned long long)E, bad % (unsigned long long)E,
+                           in_layer ? "not finite" : isnan(v) ? "NaN" : "Inf");
 }
 
 /* Routes and waits for the verdict. */
@@ -621,7 +624,7 @@ static esft_status esft_cuda__route_run(esft_cuda__context *c, const esft_route_
     esft_status s = esft_cuda__route_launch(c, cfg, ids, weights, probs, logits, T, c->flag + ESFT_CUDA__FLAG_OP,
                                             chunk_counts, NULL, err);
     if (s == ESFT_OK) s = esft_cuda__take_flag(c, &bad, err);
-    if (s == ESFT_OK) s = esft_cuda__route_verdict(logits, bad, cfg->n_experts, err);
+    if (s == ESFT_OK) s = esft_cuda__route_verdict(logits, bad, cfg->n_experts, 0, err);
     return s;
 }
 
@@ -876,6 +879,10 @@ typedef struct esft_cuda__batch {
     float **C;
 } esft_cuda__batch;
 
+/* ESFT_CUDA_EXPERTS checked at an op's start, before anything is queued (the
+   batches read it again; a bad value then can no longer happen mid-op). */
+static esft_status esft_cuda__experts_mode_check(esft_error *err);
+
 /* One bit per compute type the expert GEMMs use. */
 static unsigned esft_cuda__math_bit(cublasComputeType_t math)
 {
@@ -892,6 +899,12 @@ static esft_status esft_cuda__experts_mode_get(esft_cuda__experts_mode *out, esf
     else return esft_cuda__fail(err, ESFT_ERR_INVALID_ARGUMENT, "ESFT_CUDA_EXPERTS=%s: use auto, grouped, streams or loop",
                                 m);
     return ESFT_OK;
+}
+
+static esft_status esft_cuda__experts_mode_check(esft_error *err)
+{
+    esft_cuda__experts_mode mode;
+    return esft_cuda__experts_mode_get(&mode, err);
 }
 
 /* Host bytes per problem: the batch's own arrays, then the grouped call's
@@ -1459,8 +1472,8 @@ static esft_status esft_cuda__moe_tables(esft_cuda__context *c, const esft_moe *
     return s;
 }
 
-/* A forward refused by the routing step (a NaN bias, too many experts, a
-   cuBLAS error) after x's check was queued: the CPU checks x first, so a bad
+/* A forward refused by the routing step (too many experts, a CUDA or cuBLAS
+   error) after x's check was queued: the CPU checks x first, so a bad
    x is named instead; else the routing's own error (`failed`, in err). */
 static esft_status esft_cuda__x_before(esft_cuda__context *c, const float *x, int D, esft_status failed,
                                        esft_error *err)
@@ -1490,7 +1503,7 @@ static esft_status esft_cuda__moe_verdicts(esft_cuda__context *c, const float *i
         if (s == ESFT_ERR_NUMERIC) return esft_cuda__fail(err, ESFT_ERR_INVALID_ARGUMENT, "%s", where.message);
         if (s != ESFT_OK && err) *err = where;
     }
-    if (s == ESFT_OK) s = esft_cuda__route_verdict(logits, bad_logit, E, err);
+    if (s == ESFT_OK) s = esft_cuda__route_verdict(logits, bad_logit, E, 1, err);
     return s;
 }
 
@@ -1558,7 +1571,7 @@ static esft_status esft_cuda__moe_forward(void *context, const esft_moe *m, floa
     esft_cuda__moe_ws w;
     esft_status s;
     if ((s = esft_cuda__moe_check(m, y, x, x, workspace, err)) != ESFT_OK) return s;
-    if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__experts_mode_check(err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
     if ((s = esft_moe_workspace_view_at(cfg, T, workspace, &w, err)) != ESFT_OK) return s;
     /* x is this backend's to check (NaN/Inf: nothing of the caller's written);
        the router runs in fp32 and the routing kernel flags non-finite logits */
@@ -1703,7 +1716,7 @@ static esft_status esft_cuda__moe_backward(void *context, const esft_moe *m, flo
     esft_cuda__moe_ws w;
     esft_status s;
     if ((s = esft_cuda__moe_check(m, dx, dy, x, workspace, err)) != ESFT_OK) return s;
-    if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__experts_mode_check(err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
     if ((s = esft_moe_workspace_view_at(cfg, T, workspace, &w, err)) != ESFT_OK) return s;
     s = esft_cuda__arm_deferred(c, err);
     if (s == ESFT_OK) s = esft_cuda__finite_launch(c, dy, (size_t)T * D, c->flag + ESFT_CUDA__FLAG_INPUT, err);
@@ -2220,7 +2233,7 @@ static esft_status esft_cuda__pesc_forward(void *context, const esft_pesc_config
     }
     plain.on = 0; /* y adds the adapters' outputs as they are */
     if ((s = esft_cuda__pesc_check(y, "y", F, u, params, NULL, NULL, NULL, err)) != ESFT_OK) return s;
-    if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__experts_mode_check(err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
     /* unreachable (routing stops at E ~ 1500), but refused before anything is queued */
     if (E > ESFT_CUDA__BALANCE_FLOATS || esft_cuda__pesc_balance_smem(E) > 48 * 1024)
         return esft_cuda__fail(err, ESFT_ERR_UNSUPPORTED, "cuda pesc: %d experts are too many for the balance kernel",
@@ -2338,7 +2351,7 @@ static esft_status esft_cuda__pesc_backward(void *context, const esft_pesc_confi
     if (T == 0) return ESFT_OK;
     if (!isfinite(daux)) return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "daux is not finite");
     if ((s = esft_cuda__pesc_check(dF, "dF", F, u, params, du, dparams, dy, err)) != ESFT_OK) return s;
-    if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__experts_mode_check(err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
     if ((s = esft_pesc_work_view_at(cfg, T, sv->work, &w, err)) != ESFT_OK) return s;
     if ((s = esft_cuda__pesc_rows_at(c, cfg, T, &r, err)) != ESFT_OK) return s;
     s = esft_cuda__arm_deferred(c, err);
@@ -2566,6 +2579,44 @@ static esft_status esft_cuda__scale(void *context, float *x, size_t n, float fac
 /* 9. the table and its constructor                                      */
 /* ===================================================================== */
 
+/* The layer ops as the table holds them: a failure after work was queued
+   (a cuBLAS refusal mid-op, a launch error, an input verdict) still returns
+   with the stream finished, so the caller may free or refill its buffers at
+   once, as after success (every op ends synchronised). */
+static esft_status esft_cuda__settled(void *context, esft_status s)
+{
+    if (s != ESFT_OK) (void)cudaStreamSynchronize(((esft_cuda__context *)context)->stream);
+    return s;
+}
+
+static esft_status esft_cuda__moe_forward_op(void *context, const esft_moe *m, float *y, float *aux_loss,
+                                             const float *x, void *workspace, int T, esft_error *err)
+{
+    return esft_cuda__settled(context, esft_cuda__moe_forward(context, m, y, aux_loss, x, workspace, T, err));
+}
+
+static esft_status esft_cuda__moe_backward_op(void *context, const esft_moe *m, float *dx, const float *dy,
+                                              const float *x, void *workspace, int T, esft_error *err)
+{
+    return esft_cuda__settled(context, esft_cuda__moe_backward(context, m, dx, dy, x, workspace, T, err));
+}
+
+static esft_status esft_cuda__pesc_forward_op(void *context, const esft_pesc_config *cfg, float *y, float *aux_loss,
+                                              const float *F, const float *u, const float *params,
+                                              esft_pesc_saved *sv, int T, esft_error *err)
+{
+    return esft_cuda__settled(context, esft_cuda__pesc_forward(context, cfg, y, aux_loss, F, u, params, sv, T, err));
+}
+
+static esft_status esft_cuda__pesc_backward_op(void *context, const esft_pesc_config *cfg, float *dF, float *du,
+                                               float *dparams, const float *dy, float daux, esft_pesc_saved *sv,
+                                               const float *F, const float *u, const float *params, int T,
+                                               esft_error *err)
+{
+    return esft_cuda__settled(context, esft_cuda__pesc_backward(context, cfg, dF, du, dparams, dy, daux, sv, F, u,
+                                                                params, T, err));
+}
+
 /* nvcc takes designated initializers only in declaration order, so the table is
    positional with the field names in comments. */
 static const esft_backend esft_cuda__backend = {
@@ -2579,11 +2630,11 @@ static const esft_backend esft_cuda__backend = {
     /* .synchronize = */ esft_cuda__synchronize,
     /* .route = */ esft_cuda__route,
     /* .stats_accumulate = */ esft_cuda__stats_accumulate,
-    /* .moe_forward = */ esft_cuda__moe_forward,
-    /* .moe_backward = */ esft_cuda__moe_backward,
+    /* .moe_forward = */ esft_cuda__moe_forward_op,
+    /* .moe_backward = */ esft_cuda__moe_backward_op,
     /* .adamw_step = */ esft_cuda__adamw_step,
-    /* .adapter_forward = */ esft_cuda__pesc_forward,
-    /* .adapter_backward = */ esft_cuda__pesc_backward,
+    /* .adapter_forward = */ esft_cuda__pesc_forward_op,
+    /* .adapter_backward = */ esft_cuda__pesc_backward_op,
     /* .sum_squares = */ esft_cuda__sum_squares,
     /* .scale = */ esft_cuda__scale,
 };

@@ -1057,6 +1057,14 @@ TEST(cuda_moe_bias_checked_in_the_cpu_order)
                      k ? ESFT_ERR_NUMERIC : ESFT_ERR_INVALID_ARGUMENT);
         CHECK_MSG(strstr(e.message, k ? "x[2][3] is NaN" : "selection_bias[5] is NaN") != NULL, "message: %s",
                   e.message);
+        { /* refused before y was written */
+            unsigned char *after = (unsigned char *)fetch(y_g, 32 * 16 * 4);
+            size_t b;
+            int poisoned = after != NULL;
+            for (b = 0; poisoned && b < 32 * 16 * 4; b++) poisoned = after[b] == 0xFF;
+            CHECK_MSG(poisoned, "y was written by a refused forward");
+            free(after);
+        }
     }
     bias[5] = 0.05f;
     CHECK(copy_now(bias_g, bias, sizeof bias, cudaMemcpyHostToDevice) == cudaSuccess);
@@ -1066,6 +1074,43 @@ TEST(cuda_moe_bias_checked_in_the_cpu_order)
     CHECK_STATUS(esft_moe_forward(&lg, (float *)y_g, NULL, (const float *)x_g, ws, bytes, 32, &e), ESFT_OK);
     esft_moe_uninit(&lg);
     free(w); free(x);
+}
+
+/* A NaN router weight with a clean x: the logits are the layer's to check, and
+   the GPU names the first bad one in the CPU layer's words. */
+TEST(cuda_moe_nan_router_weight_named_like_the_cpu)
+{
+    esft_moe_config cfg = esft_moe_config_init(16, 8, 2, 8, 0);
+    size_t ne = (size_t)8 * 8 * 16, bytes = 0;
+    float *w = random_floats(ne, -0.2f, 0.2f), *r = random_floats(8 * 16, -0.2f, 0.2f);
+    float *x = random_floats(32 * 16, -1.0f, 1.0f), y[32 * 16];
+    esft_moe_weights wh, wd;
+    esft_moe lc, lg;
+    esft_error ec, eg;
+    void *ws_c, *ws_g, *x_g, *y_g;
+    NEED_GPU();
+    r[3 * 16 + 1] = NAN;
+    memset(&wh, 0, sizeof wh);
+    wh.router = r; wh.gate = w; wh.up = w; wh.down = w;
+    wd = wh;
+    wd.gate = wd.up = wd.down = (const float *)dev(w, ne * 4);
+    wd.router = (const float *)dev(r, 8 * 16 * 4);
+    CHECK_STATUS(esft_moe_workspace_size(&cfg, 32, &bytes, &ec), ESFT_OK);
+    ws_c = malloc(bytes);
+    ws_g = dev(NULL, bytes);
+    x_g = dev(x, sizeof y);
+    y_g = dev(NULL, sizeof y);
+    CHECK(ws_c && ws_g && x_g && y_g && wd.gate && wd.router);
+    CHECK_STATUS(esft_moe_init(&lc, &cfg, &wh, NULL, &ec), ESFT_OK);
+    CHECK_STATUS(esft_moe_init(&lg, &cfg, &wh, NULL, &eg), ESFT_OK);
+    CHECK_STATUS(esft_moe_set_backend(&lg, gpu(), &wd, &eg), ESFT_OK);
+    CHECK_STATUS(esft_moe_forward(&lc, y, NULL, x, ws_c, bytes, 32, &ec), ESFT_ERR_NUMERIC);
+    CHECK_STATUS(esft_moe_forward(&lg, (float *)y_g, NULL, (const float *)x_g, ws_g, bytes, 32, &eg),
+                 ESFT_ERR_NUMERIC);
+    CHECK_MSG(strcmp(eg.message, ec.message) == 0, "cuda '%.100s', cpu '%.100s'", eg.message, ec.message);
+    esft_moe_uninit(&lc);
+    esft_moe_uninit(&lg);
+    free(w); free(r); free(x); free(ws_c);
 }
 
 /* ---------------------------------------------------------------------- */
