@@ -254,6 +254,14 @@ static esft_status esft_cuda__queue_finite(esft_cuda__context *c, const float *a
     return esft_cuda__finite_launch(c, a, n, c->flag + ESFT_CUDA__FLAG_OP, err);
 }
 
+/* The flagged element a[bad], read back to name it (after the stream has
+   finished: a legacy-stream copy is not ordered with the op stream). */
+static esft_status esft_cuda__read_bad(const float *a, unsigned long long bad, float *v, esft_error *err)
+{
+    *v = 0.0f;
+    return esft_cuda__check(cudaMemcpy(v, a + bad, sizeof *v, cudaMemcpyDeviceToHost), "read a bad value", err);
+}
+
 /* After esft_cuda__queue_finite (and whatever else the op queued): waits for the
    stream, then *bad = the first NaN/Inf's index (~0 when none) and *value = it. */
 static esft_status esft_cuda__first_nonfinite(esft_cuda__context *c, const float *a, unsigned long long *bad,
@@ -262,8 +270,7 @@ static esft_status esft_cuda__first_nonfinite(esft_cuda__context *c, const float
     esft_status s = esft_cuda__take_flag(c, bad, err);
     *value = 0.0f;
     if (s != ESFT_OK || *bad == ~0ULL) return s;
-    return esft_cuda__check(cudaMemcpy(value, a + *bad, sizeof *value, cudaMemcpyDeviceToHost), "read a bad value",
-                            err);
+    return esft_cuda__read_bad(a, *bad, value, err);
 }
 
 /* The verdict on a flagged index (~0: none), once the stream has finished:
@@ -272,11 +279,10 @@ static esft_status esft_cuda__first_nonfinite(esft_cuda__context *c, const float
 static esft_status esft_cuda__finite_verdict(const float *a, unsigned long long bad, const char *what, size_t width,
                                              esft_error *err)
 {
-    float v = 0.0f;
+    float v;
     esft_status s;
     if (bad == ~0ULL) return ESFT_OK;
-    s = esft_cuda__check(cudaMemcpy(&v, a + bad, sizeof v, cudaMemcpyDeviceToHost), "read a bad value", err);
-    if (s != ESFT_OK) return s;
+    if ((s = esft_cuda__read_bad(a, bad, &v, err)) != ESFT_OK) return s;
     if (width)
         return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "%s[%llu][%llu] is %s", what, bad / width, bad % width,
                                isnan(v) ? "NaN" : "Inf");
@@ -604,11 +610,10 @@ static esft_status esft_cuda__route_launch(esft_cuda__context *c, const esft_rou
 static esft_status esft_cuda__route_verdict(const float *logits, unsigned long long bad, int E, int in_layer,
                                             esft_error *err)
 {
-    float v = 0.0f;
+    float v;
     esft_status s;
     if (bad == ~0ULL) return ESFT_OK;
-    s = esft_cuda__check(cudaMemcpy(&v, logits + bad, sizeof v, cudaMemcpyDeviceToHost), "read a bad logit", err);
-    if (s != ESFT_OK) return s;
+    if ((s = esft_cuda__read_bad(logits, bad, &v, err)) != ESFT_OK) return s;
     /* the CPU's MoE layer checks its logits itself and says "not finite" */
     return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "router logit of token %llu, expert %llu is %s",
                            bad / (unsigned long long)E, bad % (unsigned long long)E,
