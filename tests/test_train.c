@@ -110,6 +110,16 @@ static int fixture_open(fixture *f, const char *name, int sample, int per_layer,
     return fixture_open_shared(f, name, sample, per_layer, 0, why, why_n);
 }
 
+/* Opens fixture f in a test, or fails the test with the reason (why: the
+   caller's char array); a macro because failing returns from the test. */
+#define FIXTURE_OPEN_OR_FAIL(f, name, sample, per_layer, why)                 \
+    do {                                                                      \
+        if (!fixture_open(f, name, sample, per_layer, why, sizeof why)) {     \
+            fixture_close(f);                                                 \
+            HARNESS_FAIL_("%.400s", why);                                     \
+        }                                                                     \
+    } while (0)
+
 static int fixture_open_shared(fixture *f, const char *name, int sample, int per_layer, int shared, char *why,
                                size_t why_n)
 {
@@ -542,10 +552,7 @@ static void long_family(const char *name, int window)
     char why[1024], buf[2048];
     int32_t ids[150], labels[150];
     int t, i;
-    if (!fixture_open(&f, name, 0, 1, why, sizeof why)) {
-        fixture_close(&f);
-        HARNESS_FAIL_("%.400s", why);
-    }
+    FIXTURE_OPEN_OR_FAIL(&f, name, 0, 1, why);
     for (t = 0; t < 150; t++) {
         ids[t] = f.ds.ids[(t * 7) % (int)f.ds.offset[f.ds.n_samples]];
         labels[t] = t < 10 ? -100 : ids[t];
@@ -645,10 +652,7 @@ static void layer_family(const char *name, int l, int T, int window, float clip)
     int t;
     uint32_t seed = 12345u;
     gc_result r;
-    if (!fixture_open(&f, name, 0, 1, why, sizeof why)) {
-        fixture_close(&f);
-        HARNESS_FAIL_("%.400s", why);
-    }
+    FIXTURE_OPEN_OR_FAIL(&f, name, 0, 1, why);
     memset(&c, 0, sizeof c);
     f.m.cfg.sliding_window = window;
     f.m.cfg.clip_qkv = clip;
@@ -862,10 +866,7 @@ static void torch_family(const char *name, double *worst_loss, double *worst_gra
     double mean = 0.0;
     uint64_t before;
     int i, l;
-    if (!fixture_open(&f, name, 0, 1, why, sizeof why)) {
-        fixture_close(&f);
-        HARNESS_FAIL_("%.400s", why);
-    }
+    FIXTURE_OPEN_OR_FAIL(&f, name, 0, 1, why);
     if (!train_golden_open(&g, name, f.tr.expert_floats)) {
         free(g.grad);
         free(g.shared_grad);
@@ -959,10 +960,7 @@ static void torch_method(const char *name, esft_train_method method, double *wor
     int64_t n_scored = 0;
     uint64_t before;
     int i, steps;
-    if (!fixture_open(&f, name, 0, 1, why, sizeof why)) {
-        fixture_close(&f);
-        HARNESS_FAIL_("%.400s", why);
-    }
+    FIXTURE_OPEN_OR_FAIL(&f, name, 0, 1, why);
     snprintf(path, sizeof path, MODELS "%s/%s_golden.safetensors", name, method == ESFT_TRAIN_FFT ? "fft" : "lora");
     if (esft_safetensors_open(&g, path, NULL, &err) != ESFT_OK || !golden_raw_st(&g, "loss", &loss, 8) ||
         !golden_raw_st(&g, "n_scored", &n_scored, 8) || !golden_raw_st(&g, "adamw_losses", adamw, 48)) {
@@ -1061,10 +1059,7 @@ TEST(torch_pesc_llama)
     float *grad;
     int i, step;
     size_t j;
-    if (!fixture_open(&f, "llama", 0, 1, why, sizeof why)) {
-        fixture_close(&f);
-        HARNESS_FAIL_("%.400s", why);
-    }
+    FIXTURE_OPEN_OR_FAIL(&f, "llama", 0, 1, why);
     CHECK_STATUS(esft_safetensors_open(&st, MODELS "llama/pesc_golden.safetensors", NULL, &err), ESFT_OK);
     CHECK_STATUS(esft_safetensors_read(&st, esft_safetensors_find(&st, "config"), config, 0, sizeof config, &err), ESFT_OK);
     CHECK_STATUS(esft_safetensors_read(&st, esft_safetensors_find(&st, "loss"), &loss, 0, 8, &err), ESFT_OK);
@@ -1214,10 +1209,7 @@ TEST(save_refuses_fp8)
     fixture f;
     char why[1024];
     esft_error err;
-    if (!fixture_open(&f, "deepseek_v3_fp8", 0, 1, why, sizeof why)) {
-        fixture_close(&f);
-        HARNESS_FAIL_("%.400s", why);
-    }
+    FIXTURE_OPEN_OR_FAIL(&f, "deepseek_v3_fp8", 0, 1, why);
     CHECK_STATUS(esft_model_trainable_save(&f.tr, &f.m, &f.cfg, "build/test-tmp-never-written.safetensors", &err),
                  ESFT_ERR_UNSUPPORTED);
     fixture_close(&f);
@@ -1424,10 +1416,7 @@ TEST(backward_accumulates)
     float *g1;
     size_t i;
     double worst = 0.0;
-    if (!fixture_open(&f, "olmoe", 0, 1, why, sizeof why)) {
-        fixture_close(&f);
-        HARNESS_FAIL_("%.400s", why);
-    }
+    FIXTURE_OPEN_OR_FAIL(&f, "olmoe", 0, 1, why);
     g1 = (float *)malloc(f.tr.n_params * sizeof(float));
     CHECK_STATUS(esft_model_forward_backward(&f.m, &f.tr, f.ids, f.labels, f.T, 1.0f, NULL, NULL, NULL), ESFT_OK);
     memcpy(g1, f.tr.grads, f.tr.n_params * sizeof(float));
@@ -1448,10 +1437,7 @@ TEST(bad_expert_configs)
     esft_model_trainable tr;
     esft_error err;
     int32_t ids[1] = {0}, labels[1] = {-100};
-    if (!fixture_open(&f, "deepseek_v2_lite", 1, 1, why, sizeof why)) {
-        fixture_close(&f);
-        HARNESS_FAIL_("%.400s", why);
-    }
+    FIXTURE_OPEN_OR_FAIL(&f, "deepseek_v2_lite", 1, 1, why);
     /* layer 0 is dense in this model */
     f.cfg_ids[0] = 1;
     f.cfg_offset[1] = 1;
