@@ -90,6 +90,7 @@ typedef struct esft_cuda__context {
     cublasHandle_t side_blas[ESFT_CUDA__STREAMS];
     cudaEvent_t fork, join[ESFT_CUDA__STREAMS];
     int sides_ready;
+    int experts_mode;               /* esft_cuda__experts_mode of the running layer op (esft_cuda__layer_setup) */
     unsigned grouped_refused;       /* bit per math (esft_cuda__math_bit): cuBLAS refused a grouped call */
     unsigned grouped_worked;        /* bit per math: a grouped call succeeded */
     char device_name[256];
@@ -622,12 +623,11 @@ static esft_status esft_cuda__route_verdict(const float *logits, unsigned long l
 
 /* Routes and waits for the verdict. */
 static esft_status esft_cuda__route_run(esft_cuda__context *c, const esft_route_config *cfg, int32_t *ids,
-                                        float *weights, float *probs, const float *logits, int T,
-                                        int32_t *chunk_counts, esft_error *err)
+                                        float *weights, float *probs, const float *logits, int T, esft_error *err)
 {
     unsigned long long bad;
     esft_status s = esft_cuda__route_launch(c, cfg, ids, weights, probs, logits, T, c->flag + ESFT_CUDA__FLAG_OP,
-                                            chunk_counts, NULL, err);
+                                            NULL, NULL, err);
     if (s == ESFT_OK) s = esft_cuda__take_flag(c, &bad, err);
     if (s == ESFT_OK) s = esft_cuda__route_verdict(logits, bad, cfg->n_experts, 0, err);
     return s;
@@ -644,7 +644,7 @@ static esft_status esft_cuda__route(void *context, const esft_route_config *cfg,
         (s = esft_cuda__need_device(logits, "logits", err)) != ESFT_OK ||
         (s = esft_cuda__need_device(cfg->selection_bias, "selection_bias", err)) != ESFT_OK)
         return s;
-    return esft_cuda__route_run((esft_cuda__context *)context, cfg, ids, weights, probs, logits, T, NULL, err);
+    return esft_cuda__route_run((esft_cuda__context *)context, cfg, ids, weights, probs, logits, T, err);
 }
 
 /* ===================================================================== */
@@ -882,11 +882,8 @@ typedef struct esft_cuda__batch {
     int *M, *N, *K;            /* (cap) host */
     const float **A, **B;      /* (cap) host */
     float **C;
+    unsigned char *group_tables; /* host room for the grouped call's per-group arrays */
 } esft_cuda__batch;
-
-/* ESFT_CUDA_EXPERTS checked at an op's start, before anything is queued (the
-   batches read it again; a bad value then can no longer happen mid-op). */
-static esft_status esft_cuda__experts_mode_check(esft_error *err);
 
 /* One bit per compute type the expert GEMMs use. */
 static unsigned esft_cuda__math_bit(cublasComputeType_t math)
@@ -906,10 +903,18 @@ static esft_status esft_cuda__experts_mode_get(esft_cuda__experts_mode *out, esf
     return ESFT_OK;
 }
 
-static esft_status esft_cuda__experts_mode_check(esft_error *err)
+/* What a layer op reads before it queues anything: the GEMM math
+   (ESFT_CUDA_MATH), the way its expert batches run (ESFT_CUDA_EXPERTS, kept in
+   the context for the op's batches, so a bad value can never stop an op midway
+   and every batch of one op runs the same way), and the cuBLAS handle. */
+static esft_status esft_cuda__layer_setup(esft_cuda__context *c, cublasComputeType_t *math, esft_error *err)
 {
-    esft_cuda__experts_mode mode;
-    return esft_cuda__experts_mode_get(&mode, err);
+    esft_cuda__experts_mode mode = ESFT_CUDA__AUTO;
+    esft_status s = esft_cuda__math(math, err);
+    if (s == ESFT_OK) s = esft_cuda__experts_mode_get(&mode, err);
+    if (s == ESFT_OK) c->experts_mode = (int)mode;
+    if (s == ESFT_OK) s = esft_cuda__blas(c, err);
+    return s;
 }
 
 /* Host bytes per problem: the batch's own arrays, then the grouped call's
@@ -936,6 +941,7 @@ static esft_status esft_cuda__batch_begin(esft_cuda__context *c, esft_cuda__batc
     b->M = (int *)(at + 3 * (size_t)cap * sizeof(void *));
     b->N = b->M + cap;
     b->K = b->N + cap;
+    b->group_tables = (unsigned char *)(b->K + cap);
     b->ta = ta;
     b->tb = tb;
     b->lda = lda;
@@ -1046,8 +1052,7 @@ static esft_status esft_cuda__batch_pointers(esft_cuda__context *c, size_t count
 static esft_status esft_cuda__batch_grouped(esft_cuda__context *c, const esft_cuda__batch *b,
                                             cublasComputeType_t math, int *refused, esft_error *err)
 {
-    unsigned char *at = (unsigned char *)c->batch_host + (size_t)b->cap * (3 * sizeof(int) + 3 * sizeof(void *));
-    cublasOperation_t *opa = (cublasOperation_t *)at, *opb = opa + b->cap;
+    cublasOperation_t *opa = (cublasOperation_t *)b->group_tables, *opb = opa + b->cap;
     int *m = (int *)(opb + b->cap), *n = m + b->cap, *k = n + b->cap, *lda = k + b->cap, *ldb = lda + b->cap;
     int *ldc = ldb + b->cap, *size = ldc + b->cap, groups = 0;
     float *alpha = (float *)(size + b->cap), *beta = alpha + b->cap;
@@ -1093,10 +1098,10 @@ static esft_status esft_cuda__batch_grouped(esft_cuda__context *c, const esft_cu
 static esft_status esft_cuda__batch_run(esft_cuda__context *c, const esft_cuda__batch *b, cublasComputeType_t math,
                                         esft_error *err)
 {
-    esft_cuda__experts_mode mode;
-    esft_status s = esft_cuda__experts_mode_get(&mode, err);
+    esft_cuda__experts_mode mode = (esft_cuda__experts_mode)c->experts_mode;
+    esft_status s;
     int refused;
-    if (s != ESFT_OK || b->n == 0) return s;
+    if (b->n == 0) return ESFT_OK;
     if (mode == ESFT_CUDA__LOOPED) return esft_cuda__batch_loop(c, b, math, err);
     if (mode == ESFT_CUDA__STREAMED || (mode == ESFT_CUDA__AUTO && (c->grouped_refused & esft_cuda__math_bit(math))))
         return esft_cuda__batch_streams(c, b, math, err);
@@ -1576,7 +1581,7 @@ static esft_status esft_cuda__moe_forward(void *context, const esft_moe *m, floa
     esft_cuda__moe_ws w;
     esft_status s;
     if ((s = esft_cuda__moe_check(m, y, x, x, workspace, err)) != ESFT_OK) return s;
-    if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__experts_mode_check(err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__layer_setup(c, &math, err)) != ESFT_OK) return s;
     if ((s = esft_moe_workspace_view_at(cfg, T, workspace, &w, err)) != ESFT_OK) return s;
     /* x is this backend's to check (NaN/Inf: nothing of the caller's written);
        the router runs in fp32 and the routing kernel flags non-finite logits */
@@ -1721,7 +1726,7 @@ static esft_status esft_cuda__moe_backward(void *context, const esft_moe *m, flo
     esft_cuda__moe_ws w;
     esft_status s;
     if ((s = esft_cuda__moe_check(m, dx, dy, x, workspace, err)) != ESFT_OK) return s;
-    if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__experts_mode_check(err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__layer_setup(c, &math, err)) != ESFT_OK) return s;
     if ((s = esft_moe_workspace_view_at(cfg, T, workspace, &w, err)) != ESFT_OK) return s;
     s = esft_cuda__arm_deferred(c, err);
     if (s == ESFT_OK) s = esft_cuda__finite_launch(c, dy, (size_t)T * D, c->flag + ESFT_CUDA__FLAG_INPUT, err);
@@ -2238,7 +2243,7 @@ static esft_status esft_cuda__pesc_forward(void *context, const esft_pesc_config
     }
     plain.on = 0; /* y adds the adapters' outputs as they are */
     if ((s = esft_cuda__pesc_check(y, "y", F, u, params, NULL, NULL, NULL, err)) != ESFT_OK) return s;
-    if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__experts_mode_check(err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__layer_setup(c, &math, err)) != ESFT_OK) return s;
     /* unreachable (routing stops at E ~ 1500), but refused before anything is queued */
     if (E > ESFT_CUDA__BALANCE_FLOATS || esft_cuda__pesc_balance_smem(E) > 48 * 1024)
         return esft_cuda__fail(err, ESFT_ERR_UNSUPPORTED, "cuda pesc: %d experts are too many for the balance kernel",
@@ -2356,7 +2361,7 @@ static esft_status esft_cuda__pesc_backward(void *context, const esft_pesc_confi
     if (T == 0) return ESFT_OK;
     if (!isfinite(daux)) return esft_cuda__fail(err, ESFT_ERR_NUMERIC, "daux is not finite");
     if ((s = esft_cuda__pesc_check(dF, "dF", F, u, params, du, dparams, dy, err)) != ESFT_OK) return s;
-    if ((s = esft_cuda__math(&math, err)) != ESFT_OK || (s = esft_cuda__experts_mode_check(err)) != ESFT_OK || (s = esft_cuda__blas(c, err)) != ESFT_OK) return s;
+    if ((s = esft_cuda__layer_setup(c, &math, err)) != ESFT_OK) return s;
     if ((s = esft_pesc_work_view_at(cfg, T, sv->work, &w, err)) != ESFT_OK) return s;
     if ((s = esft_cuda__pesc_rows_at(c, cfg, T, &r, err)) != ESFT_OK) return s;
     s = esft_cuda__arm_deferred(c, err);
